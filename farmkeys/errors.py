@@ -1,0 +1,81 @@
+"""The one error hierarchy of farmkeys.
+
+Every error farmkeys raises on purpose derives from :class:`Error`. Each
+carries two sentences for the operator, kept apart from any traceback:
+``what`` (what is wrong) and ``todo`` (what to do about it). The CLI prints
+``farmkeys: error: <what> — <todo>`` and exits non-zero; ``--debug`` adds
+the traceback.
+
+Neither sentence may ever contain key material or a password: errors name
+certificates, master keys and endpoints by their ids, never by content.
+
+    Error
+    ├── ConfigError              the configuration is missing, malformed or invalid
+    ├── DatabaseError            the config DB cannot be reached, refused the login, or failed
+    │   └── NotInitialisedError  the config DB holds no farm yet
+    ├── FarmConflictError        the config DB holds a different farm than the config describes
+    ├── DirectoryError           the directory cannot be reached or refused an operation
+    │   ├── DirectoryAuthError   the bind credentials were rejected (never retried)
+    │   └── MasterKeyMissingError  a master key a blob names is not in the directory
+    ├── InvalidBlobError         a blob is not authentic (tampered, truncated, wrong row, wrong key)
+    ├── CertificateError         a certificate or key does not match what its row says
+    └── StoreError               the node's local store cannot be read or written
+"""
+
+from __future__ import annotations
+
+
+class Error(Exception):
+    """Base of every error farmkeys raises on purpose."""
+
+    def __init__(self, what: str, todo: str) -> None:
+        super().__init__(what, todo)
+        self.what = what
+        self.todo = todo
+
+    def diagnostics(self) -> str:
+        """The one line for the operator: what is wrong, then what to do."""
+        return f"{self.what} — {self.todo}"
+
+    def __str__(self) -> str:
+        return self.diagnostics()
+
+
+class ConfigError(Error):
+    """The configuration file or an environment override is missing, malformed or invalid."""
+
+
+class DatabaseError(Error):
+    """The config DB cannot be reached, refused the login, or a statement failed."""
+
+
+class NotInitialisedError(DatabaseError):
+    """The config DB holds no farm: `farmkeys init` has not been run against it."""
+
+
+class FarmConflictError(Error):
+    """The config DB or directory holds a farm that differs from the configuration."""
+
+
+class DirectoryError(Error):
+    """The directory (LDAP) cannot be reached or refused an operation."""
+
+
+class DirectoryAuthError(DirectoryError):
+    """The directory rejected the bind credentials. Never retried."""
+
+
+class MasterKeyMissingError(DirectoryError):
+    """A master key named by a blob is absent from the directory, or unreadable to this account."""
+
+
+class InvalidBlobError(Error):
+    """A blob is not authentic. Names the certificate, never the key."""
+
+
+class CertificateError(Error):
+    """A certificate or private key does not match what its row in the config DB says."""
+
+
+class StoreError(Error):
+    """The node's local certificate store cannot be read or written."""
