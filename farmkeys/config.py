@@ -11,8 +11,12 @@ start, so a bad value fails before any server is touched.
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
+import tomllib
+import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -124,3 +128,252 @@ class Config:
 _SECTIONS: dict[str, type[Any]] = {
     f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)
 }
+
+
+def load(
+    path: str | os.PathLike[str] | None = None, *, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Read the TOML file at ``path`` (or ``$FARMKEYS_CONFIG``), apply overrides, validate.
+
+    With neither a path nor ``FARMKEYS_CONFIG``, the configuration comes from
+    the environment alone.
+    """
+    env = os.environ if environ is None else environ
+    raw: dict[str, dict[str, Any]] = {}
+    source = path if path is not None else env.get(ENV_CONFIG)
+    if source:
+        raw = _read_file(Path(source))
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name in _ENV_NOT_CONFIG:
+            continue
+        section, key = _split_env_name(name)
+        raw.setdefault(section, {})[key] = _EnvValue(name, value)
+    return _build(raw, origin=str(source) if source else "the environment")
+
+
+class _EnvValue(str):
+    """A value that came from the environment, still a string, remembering its variable."""
+
+    variable: str
+
+    def __new__(cls, variable: str, value: str) -> _EnvValue:
+        obj = super().__new__(cls, value)
+        obj.variable = variable
+        return obj
+
+
+def _read_file(path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {path} does not exist",
+            "give the right path with --config or FARMKEYS_CONFIG",
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read config file {path}: {exc.strerror}",
+            "check its path and that this account can read it",
+        ) from None
+    try:
+        parsed = tomllib.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(
+            f"config file {path} is not valid TOML: {exc}",
+            "fix the syntax (see the README's configuration section)",
+        ) from None
+    for section, body in parsed.items():
+        if section not in _SECTIONS:
+            raise ConfigError(
+                f"config file {path} has an unknown section [{section}]",
+                f"use only {', '.join(f'[{s}]' for s in _SECTIONS)}",
+            )
+        if not isinstance(body, dict):
+            raise ConfigError(
+                f"config file {path}: {section} must be a section, not a value",
+                f"write it as [{section}] followed by its keys",
+            )
+    return {section: dict(body) for section, body in parsed.items()}
+
+
+def _split_env_name(name: str) -> tuple[str, str]:
+    rest = name[len(ENV_PREFIX) :].lower()
+    for section in _SECTIONS:
+        if rest.startswith(section + "_"):
+            return section, rest[len(section) + 1 :]
+    raise ConfigError(
+        f"environment variable {name} names no configuration section",
+        f"use FARMKEYS_<SECTION>_<KEY> with a section among {', '.join(_SECTIONS)}, or unset it",
+    )
+
+
+def _describe(section: str, key: str, value: object) -> str:
+    if isinstance(value, _EnvValue):
+        return f"environment variable {value.variable}"
+    return f"{section}.{key}"
+
+
+def _convert(section: str, key: str, value: object, kind: object) -> object:
+    """Check ``value`` against the declared type, converting strings from the environment."""
+    allowed = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+    wants = next(t for t in allowed if t is not type(None))
+    where = _describe(section, key, value)
+    if isinstance(value, _EnvValue):
+        text = str(value)
+        try:
+            if wants is bool:
+                if text.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if text.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(text)
+            return wants(text)
+        except ValueError:
+            raise ConfigError(
+                f"{where} must be {_type_name(wants)}, not {text!r}",
+                "correct the value",
+            ) from None
+    ok = isinstance(value, wants) and not (wants is not bool and isinstance(value, bool))
+    if wants is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not ok:
+        raise ConfigError(
+            f"{where} must be {_type_name(wants)}, not {type(value).__name__} {value!r}",
+            "correct the value in the config file",
+        )
+    return value
+
+
+def _type_name(kind: type[Any]) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[kind]
+
+
+def _build_section(section: str, body: dict[str, Any], origin: str) -> object:
+    cls = _SECTIONS[section]
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, object] = {}
+    for key, value in body.items():
+        if key not in fields:
+            where = (
+                f"environment variable {value.variable}"
+                if isinstance(value, _EnvValue)
+                else f"{origin}: [{section}]"
+            )
+            raise ConfigError(
+                f"{where} has an unknown key {key!r}",
+                f"use only {', '.join(fields)} in [{section}]",
+            )
+        values[key] = _convert(section, key, value, hints[key])
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in values
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        key = missing[0]
+        raise ConfigError(
+            f"{section}.{key} is not set in {origin}",
+            f"set it in [{section}] or with FARMKEYS_{section.upper()}_{key.upper()}",
+        )
+    return cls(**values)
+
+
+def _build(raw: dict[str, dict[str, Any]], *, origin: str) -> Config:
+    sections: dict[str, Any] = {
+        name: _build_section(name, raw[name], origin) for name in _SECTIONS if name in raw
+    }
+    for required in ("farm", "database", "directory"):
+        if required not in sections:
+            # Build the empty section so the error names its first missing key.
+            _build_section(required, {}, origin)
+    config = Config(**sections)
+    _validate(config)
+    return config
+
+
+def _require(condition: bool, what: str, todo: str) -> None:
+    if not condition:
+        raise ConfigError(what, todo)
+
+
+def _validate(config: Config) -> None:
+    name = config.farm.name
+    _require(
+        0 < len(name) <= MAX_FARM_NAME and name.isprintable() and name == name.strip(),
+        f"farm.name must be 1 to {MAX_FARM_NAME} printable characters without surrounding "
+        f"spaces, not {name!r}",
+        "choose a short name; it appears in the certificate subjects",
+    )
+    node = config.node
+    _require(
+        0 < len(node.id) <= 255 and node.id.isprintable(),
+        f"node.id must be 1 to 255 printable characters, not {node.id!r}",
+        "set node.id to this server's name",
+    )
+    _require(
+        Path(node.store).is_absolute(),
+        f"node.store must be an absolute path, not {node.store!r}",
+        "give the full path of the store folder",
+    )
+    _require(
+        config.database.dsn.strip() != "",
+        "database.dsn is empty",
+        "set it to a libpq connection string or postgresql:// URL",
+    )
+    _require(
+        config.database.connect_timeout_seconds > 0,
+        "database.connect_timeout_seconds must be positive",
+        "set it to a few seconds",
+    )
+    d = config.directory
+    _require(
+        d.url.startswith(("ldap://", "ldaps://")),
+        f"directory.url must start with ldap:// or ldaps://, not {d.url!r}",
+        "give the directory's LDAP URL, for example ldap://dc.example:389",
+    )
+    _require(
+        (d.password is None) != (d.password_file is None),
+        "give exactly one of directory.password and directory.password_file",
+        "prefer password_file, readable by the service account alone",
+    )
+    _require(
+        d.layout in LAYOUTS,
+        f"directory.layout {d.layout!r} is not supported",
+        f"use one of {', '.join(LAYOUTS)}",
+    )
+    _require(
+        d.ca_file is None or d.url.startswith("ldaps://") or d.start_tls,
+        "directory.ca_file is set but the connection is not encrypted",
+        "use an ldaps:// URL or set directory.start_tls = true",
+    )
+    _require(
+        d.timeout_seconds > 0,
+        "directory.timeout_seconds must be positive",
+        "set it to a few seconds",
+    )
+    p = config.policy
+    _require(
+        p.key in KEY_TYPES,
+        f"policy.key {p.key!r} is not supported",
+        f"use one of {', '.join(KEY_TYPES)}",
+    )
+    for key in ("certificate_duration", "threshold_unit_seconds"):
+        _require(getattr(p, key) > 0, f"policy.{key} must be positive", "correct the value")
+    for key in ("generation_threshold", "promotion_threshold", "critical_threshold"):
+        _require(getattr(p, key) >= 0, f"policy.{key} must not be negative", "correct the value")
+    _require(
+        p.critical_threshold <= p.generation_threshold < p.certificate_duration,
+        "policy thresholds must satisfy critical_threshold <= generation_threshold "
+        "< certificate_duration",
+        "correct [policy]; AD FS's defaults are 2, 20 and 365 days",
+    )
+    r = config.retry
+    _require(
+        r.total_seconds >= 0 and 0 < r.initial_backoff_seconds <= r.max_backoff_seconds,
+        "retry settings must satisfy total_seconds >= 0 and "
+        "0 < initial_backoff_seconds <= max_backoff_seconds",
+        "correct [retry]",
+    )

@@ -1,0 +1,450 @@
+"""The config DB: one shared PostgreSQL database, reached with psycopg 3.
+
+It holds the farm (its name and DKM group), the certificate rows (public
+certificate, role, dates, and the private key only as a sealed blob), and
+what each node last installed. Migrations are the numbered plain-SQL files of
+``sql/``, applied in order and recorded in ``farmkeys_migration``.
+
+Connecting is retried with backoff for transient failures; a refused login
+(wrong password, unknown role or database) fails at once. Every error names
+the endpoint as ``host:port/dbname as user``, never the password.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any, Self
+
+import psycopg
+from psycopg import errors as pgerrors
+from psycopg.abc import Params
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from farmkeys._retry import RetryExhaustedError, call_with_retry
+from farmkeys.config import DatabaseConfig, RetryConfig
+from farmkeys.errors import DatabaseError, NotInitialisedError
+
+log = logging.getLogger(__name__)
+
+MIGRATION_TABLE = "farmkeys_migration"
+_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+# Serialises migrations and `init` across every node that runs them at once.
+_ADVISORY_LOCK = 0x666B_6579  # "fkey"
+
+# FATAL errors at connect time that pass: the server is starting, stopping or full.
+_TRANSIENT_FATAL = (
+    "starting up",
+    "shutting down",
+    "in recovery mode",
+    "too many clients",
+    "remaining connection slots",
+)
+
+
+@dataclass(frozen=True)
+class Farm:
+    name: str
+    dkm_group: uuid.UUID
+    dkm_container: str
+    schema_version: int
+
+
+@dataclass(frozen=True)
+class CertificateRow:
+    id: uuid.UUID
+    purpose: str
+    role: str
+    thumbprint: str
+    sha256: str
+    subject: str
+    key_type: str
+    not_before: datetime
+    not_after: datetime
+    der: bytes
+    master_key: uuid.UUID
+    blob: bytes
+    created_at: datetime
+    role_since: datetime
+
+    @property
+    def identity(self) -> tuple[str, str, str]:
+        return (self.purpose, self.role, self.thumbprint)
+
+
+@dataclass(frozen=True)
+class NodeRow:
+    id: str
+    last_sync: datetime | None
+    last_seen: datetime
+    generation: int | None
+    installed: tuple[tuple[str, str, str], ...]
+    last_error: str | None
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def migrations() -> list[Migration]:
+    """The migrations shipped with this farmkeys, in order."""
+    found = []
+    for entry in _migration_files():
+        match = _MIGRATION_NAME.match(entry.name)
+        if match:
+            found.append(Migration(int(match.group(1)), entry.name, entry.read_text("utf-8")))
+    found.sort(key=lambda m: m.version)
+    return found
+
+
+def _migration_files() -> list[Path]:
+    # Installed: packaged as farmkeys._sql. From a checkout: the repository's sql/.
+    checkout = Path(__file__).resolve().parent.parent / "sql"
+    if checkout.is_dir():
+        return sorted(checkout.iterdir())
+    packaged = resources.files("farmkeys._sql")
+    return sorted(Path(str(p)) for p in packaged.iterdir())
+
+
+def describe_dsn(dsn: str) -> str:
+    """``host:port/dbname as user``: the endpoint without any password."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "the config DB (unparsable dsn)"
+    host = str(info.get("host") or info.get("hostaddr") or "localhost")
+    port = str(info.get("port") or 5432)
+    dbname = str(info.get("dbname") or info.get("user") or "?")
+    user = info.get("user")
+    return f"{host}:{port}/{dbname}" + (f" as {user}" if user else "")
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    text = str(exc)
+    if "FATAL:" not in text:
+        return True  # refused, timed out, reset: the server was not there to say no
+    return any(marker in text for marker in _TRANSIENT_FATAL)
+
+
+def _cause(exc: BaseException) -> str:
+    """The server's reason, on one line, without libpq's boilerplate."""
+    text = " ".join(str(exc).split())
+    text = text.removeprefix("connection failed: ")
+    return re.sub(r"\s*Is the server running on that host.*$", "", text)
+
+
+class ConfigDB:
+    """A connection to the config DB, opened lazily and reopened after a loss."""
+
+    def __init__(self, config: DatabaseConfig, retry: RetryConfig) -> None:
+        try:
+            psycopg.conninfo.conninfo_to_dict(config.dsn)
+        except psycopg.ProgrammingError:
+            raise DatabaseError(
+                "database.dsn is not a valid libpq connection string or URL",
+                "correct database.dsn",
+            ) from None
+        self._config = config
+        self._retry = retry
+        self._conn: psycopg.Connection[dict[str, Any]] | None = None
+        self.endpoint = describe_dsn(config.dsn)
+        self.statements = 0  # statements sent, for tests that prove how much a sync costs
+
+    # -- connection -----------------------------------------------------------
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def connection(self) -> psycopg.Connection[dict[str, Any]]:
+        """The open connection, connecting (with retries) when there is none."""
+        if self._conn is not None and not self._conn.closed:
+            return self._conn
+
+        def attempt() -> psycopg.Connection[dict[str, Any]]:
+            return psycopg.connect(
+                self._config.dsn,
+                autocommit=True,
+                connect_timeout=self._config.connect_timeout_seconds,
+                row_factory=dict_row,
+                application_name="farmkeys",
+            )
+
+        try:
+            self._conn = call_with_retry(
+                attempt,
+                policy=self._retry,
+                is_transient=_is_transient,
+                what=f"config DB {self.endpoint}",
+            )
+        except RetryExhaustedError as exc:
+            raise DatabaseError(
+                f"cannot reach the config DB at {self.endpoint} {exc.summary()}: "
+                f"{_cause(exc.last)}",
+                "check that PostgreSQL is running and reachable from this node",
+            ) from exc
+        except psycopg.OperationalError as exc:
+            raise DatabaseError(
+                f"the config DB at {self.endpoint} refused the login: {_cause(exc)}",
+                "check database.dsn: the user, its password and the database name",
+            ) from exc
+        return self._conn
+
+    def _execute(
+        self, cur: psycopg.Cursor[dict[str, Any]], query: str, params: Params | None = None
+    ) -> None:
+        self.statements += 1
+        try:
+            cur.execute(query, params)
+        except pgerrors.UndefinedTable as exc:
+            raise NotInitialisedError(
+                f"the config DB at {self.endpoint} holds no farmkeys farm",
+                "run `farmkeys init` once for the farm",
+            ) from exc
+        except psycopg.OperationalError as exc:
+            self.close()
+            raise DatabaseError(
+                f"lost the config DB at {self.endpoint}: {_cause(exc)}",
+                "check that PostgreSQL is running; the operation can be run again",
+            ) from exc
+        except psycopg.Error as exc:
+            raise DatabaseError(
+                f"the config DB at {self.endpoint} failed a statement: {_cause(exc)}",
+                "check the server's log; if the schema is old, run `farmkeys db upgrade`",
+            ) from exc
+
+    def fetch(self, query: str, params: Params | None = None) -> list[dict[str, Any]]:
+        """Run one statement and return its rows, reconnecting once if the connection was lost."""
+        for attempt in (1, 2):
+            conn = self.connection()
+            try:
+                with conn.cursor() as cur:
+                    self._execute(cur, query, params)
+                    return cur.fetchall() if cur.description else []
+            except DatabaseError:
+                if attempt == 2 or self._conn is not None:
+                    raise
+                log.warning("config DB %s: connection lost; reconnecting", self.endpoint)
+        raise AssertionError("unreachable")
+
+    @contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        """One transaction: everything in it commits together or not at all."""
+        conn = self.connection()
+        try:
+            with conn.transaction(), conn.cursor() as cur:
+                yield Transaction(self, cur)
+        except psycopg.OperationalError as exc:
+            self.close()
+            raise DatabaseError(
+                f"lost the config DB at {self.endpoint} during a transaction: {_cause(exc)}",
+                "nothing was changed; run the operation again",
+            ) from exc
+
+    # -- migrations -----------------------------------------------------------
+
+    def applied_migrations(self) -> set[int]:
+        exists = self.fetch("SELECT to_regclass(%s) IS NOT NULL AS ok", (MIGRATION_TABLE,))
+        if not exists[0]["ok"]:
+            return set()
+        return {r["version"] for r in self.fetch("SELECT version FROM farmkeys_migration")}
+
+    def upgrade(self) -> list[str]:
+        """Apply the migrations not yet applied, each in its own transaction; their names."""
+        applied: list[str] = []
+        self.fetch("SELECT pg_advisory_lock(%s)", (_ADVISORY_LOCK,))
+        try:
+            self.fetch(
+                "CREATE TABLE IF NOT EXISTS farmkeys_migration ("
+                " version integer PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = self.applied_migrations()
+            known = migrations()
+            newest = max((m.version for m in known), default=0)
+            if done and max(done) > newest:
+                raise DatabaseError(
+                    f"the config DB at {self.endpoint} is at schema version {max(done)}, "
+                    f"newer than this farmkeys knows ({newest})",
+                    "upgrade farmkeys on this node",
+                )
+            for migration in known:
+                if migration.version in done:
+                    continue
+                with self.transaction() as tx:
+                    tx.execute(migration.sql)
+                    tx.execute(
+                        "INSERT INTO farmkeys_migration (version, name) VALUES (%s, %s)",
+                        (migration.version, migration.name),
+                    )
+                log.info("config DB %s: applied migration %s", self.endpoint, migration.name)
+                applied.append(migration.name)
+        finally:
+            if self._conn is not None:
+                self.fetch("SELECT pg_advisory_unlock(%s)", (_ADVISORY_LOCK,))
+        return applied
+
+    @contextmanager
+    def init_lock(self) -> Iterator[None]:
+        """Hold the farm-wide advisory lock that serialises `init` across nodes."""
+        self.fetch("SELECT pg_advisory_lock(%s)", (_ADVISORY_LOCK,))
+        try:
+            yield
+        finally:
+            if self._conn is not None:
+                self.fetch("SELECT pg_advisory_unlock(%s)", (_ADVISORY_LOCK,))
+
+    # -- reads ----------------------------------------------------------------
+
+    def farm(self) -> Farm | None:
+        rows = self.fetch(
+            "SELECT name, dkm_group, dkm_container,"
+            " (SELECT max(version) FROM farmkeys_migration) AS schema_version FROM farm"
+        )
+        return _farm(rows[0]) if rows else None
+
+    def live_set(self) -> tuple[Farm, list[CertificateRow]]:
+        """The farm and its live (not archived) certificates, in one query."""
+        rows = self.fetch(
+            "SELECT f.name, f.dkm_group, f.dkm_container,"
+            " (SELECT max(version) FROM farmkeys_migration) AS schema_version, c.*"
+            " FROM farm f LEFT JOIN certificate c ON c.role <> 'archived'"
+            " ORDER BY c.purpose, c.role, c.not_after"
+        )
+        if not rows:
+            raise NotInitialisedError(
+                f"the config DB at {self.endpoint} holds no farmkeys farm",
+                "run `farmkeys init` once for the farm",
+            )
+        farm = _farm(rows[0])
+        return farm, [_certificate(r) for r in rows if r["id"] is not None]
+
+    def certificates(self, *, include_archived: bool = True) -> list[CertificateRow]:
+        rows = self.fetch(
+            "SELECT * FROM certificate WHERE %s OR role <> 'archived'"
+            " ORDER BY purpose, not_after, id",
+            (include_archived,),
+        )
+        return [_certificate(r) for r in rows]
+
+    def nodes(self) -> list[NodeRow]:
+        rows = self.fetch("SELECT * FROM node ORDER BY id")
+        return [
+            NodeRow(
+                id=r["id"],
+                last_sync=r["last_sync"],
+                last_seen=r["last_seen"],
+                generation=r["generation"],
+                installed=tuple((i["purpose"], i["role"], i["thumbprint"]) for i in r["installed"]),
+                last_error=r["last_error"],
+            )
+            for r in rows
+        ]
+
+    # -- writes ---------------------------------------------------------------
+
+    def record_sync(
+        self, node_id: str, *, generation: int, installed: Sequence[tuple[str, str, str]]
+    ) -> None:
+        """Record that ``node_id`` now has ``installed`` in its store."""
+        doc = [{"purpose": p, "role": r, "thumbprint": t} for p, r, t in sorted(installed)]
+        self.fetch(
+            "INSERT INTO node (id, last_sync, last_seen, generation, installed, last_error)"
+            " VALUES (%(id)s, now(), now(), %(gen)s, %(doc)s, NULL)"
+            " ON CONFLICT (id) DO UPDATE SET last_sync = now(), last_seen = now(),"
+            " generation = EXCLUDED.generation, installed = EXCLUDED.installed, last_error = NULL",
+            {"id": node_id, "gen": generation, "doc": Jsonb(doc)},
+        )
+
+    def record_sync_error(self, node_id: str, message: str) -> None:
+        """Record a failed sync's one-line error, so `status` can show it."""
+        self.fetch(
+            "INSERT INTO node (id, last_seen, last_error) VALUES (%s, now(), %s)"
+            " ON CONFLICT (id) DO UPDATE SET last_seen = now(), last_error = EXCLUDED.last_error",
+            (node_id, message),
+        )
+
+
+class Transaction:
+    """Statements inside one open transaction of a :class:`ConfigDB`."""
+
+    def __init__(self, db: ConfigDB, cur: psycopg.Cursor[dict[str, Any]]) -> None:
+        self._db = db
+        self._cur = cur
+
+    def execute(self, query: str, params: Params | None = None) -> list[dict[str, Any]]:
+        self._db._execute(self._cur, query, params)
+        return self._cur.fetchall() if self._cur.description else []
+
+    def create_farm(self, *, name: str, dkm_group: uuid.UUID, dkm_container: str) -> None:
+        self.execute(
+            "INSERT INTO farm (name, dkm_group, dkm_container) VALUES (%s, %s, %s)",
+            (name, dkm_group, dkm_container),
+        )
+
+    def insert_certificate(self, row: NewCertificate) -> None:
+        self.execute(
+            "INSERT INTO certificate (id, purpose, role, thumbprint, sha256, subject, key_type,"
+            " not_before, not_after, der, master_key, blob)"
+            " VALUES (%(id)s, %(purpose)s, %(role)s, %(thumbprint)s, %(sha256)s, %(subject)s,"
+            " %(key_type)s, %(not_before)s, %(not_after)s, %(der)s, %(master_key)s, %(blob)s)",
+            row.__dict__,
+        )
+
+
+@dataclass(frozen=True)
+class NewCertificate:
+    """A certificate row about to be inserted."""
+
+    id: uuid.UUID
+    purpose: str
+    role: str
+    thumbprint: str
+    sha256: str
+    subject: str
+    key_type: str
+    not_before: datetime
+    not_after: datetime
+    der: bytes
+    master_key: uuid.UUID
+    blob: bytes
+
+
+def _farm(row: dict[str, Any]) -> Farm:
+    return Farm(
+        name=row["name"],
+        dkm_group=row["dkm_group"],
+        dkm_container=row["dkm_container"],
+        schema_version=row["schema_version"] or 0,
+    )
+
+
+_CERTIFICATE_FIELDS = tuple(CertificateRow.__dataclass_fields__)
+
+
+def _certificate(row: dict[str, Any]) -> CertificateRow:
+    values = {name: row[name] for name in _CERTIFICATE_FIELDS}
+    values["der"] = bytes(values["der"])
+    values["blob"] = bytes(values["blob"])
+    values["thumbprint"] = values["thumbprint"].strip()
+    return CertificateRow(**values)

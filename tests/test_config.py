@@ -1,0 +1,168 @@
+"""Configuration: a TOML file plus FARMKEYS_* overrides, validated before anything runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from farmkeys import config
+from farmkeys.errors import ConfigError
+
+MINIMAL = """
+[farm]
+name = "contoso"
+[node]
+id = "node-a"
+store = "/var/lib/farmkeys/store"
+[database]
+dsn = "postgresql://farmkeys@db.example/farmkeys"
+[directory]
+url = "ldap://dc.example:389"
+bind_dn = "cn=svc-farm,ou=people,dc=example"
+password_file = "/etc/farmkeys/directory-password"
+container = "ou=dkm,dc=example"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "farmkeys.toml"
+    path.write_text(text)
+    return path
+
+
+def test_minimal_file_loads_with_ad_fs_defaults(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, MINIMAL), environ={})
+    assert cfg.farm.name == "contoso"
+    assert cfg.node.id == "node-a"
+    assert cfg.directory.layout == "openldap"
+    assert cfg.policy.key == "rsa-2048"
+    assert cfg.policy.certificate_duration == 365
+    assert cfg.policy.generation_threshold == 20
+    assert cfg.policy.promotion_threshold == 5
+    assert cfg.policy.critical_threshold == 2
+    assert cfg.policy.threshold_unit_seconds == 86400
+
+
+def test_environment_overrides_every_key_by_section_and_name(tmp_path: Path) -> None:
+    env = {
+        "FARMKEYS_DATABASE_DSN": "postgresql://other@127.0.0.1/x",
+        "FARMKEYS_NODE_ID": "node-b",
+        "FARMKEYS_DIRECTORY_PASSWORD_FILE": "/run/secrets/pw",
+        "FARMKEYS_DIRECTORY_START_TLS": "true",
+        "FARMKEYS_POLICY_THRESHOLD_UNIT_SECONDS": "1",
+        "FARMKEYS_RETRY_TOTAL_SECONDS": "2.5",
+    }
+    cfg = config.load(write(tmp_path, MINIMAL), environ=env)
+    assert cfg.database.dsn == "postgresql://other@127.0.0.1/x"
+    assert cfg.node.id == "node-b"
+    assert cfg.directory.password_file == "/run/secrets/pw"
+    assert cfg.directory.start_tls is True
+    assert cfg.policy.threshold_unit_seconds == 1
+    assert cfg.retry.total_seconds == 2.5
+
+
+def test_config_path_comes_from_farmkeys_config(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL)
+    assert config.load(environ={"FARMKEYS_CONFIG": str(path)}).farm.name == "contoso"
+
+
+def test_environment_alone_is_a_complete_configuration() -> None:
+    env = {
+        "FARMKEYS_FARM_NAME": "fabrikam",
+        "FARMKEYS_DATABASE_DSN": "postgresql://x@127.0.0.1/y",
+        "FARMKEYS_DIRECTORY_URL": "ldap://127.0.0.1:389",
+        "FARMKEYS_DIRECTORY_BIND_DN": "cn=svc",
+        "FARMKEYS_DIRECTORY_PASSWORD": "pw",
+        "FARMKEYS_DIRECTORY_CONTAINER": "ou=dkm",
+    }
+    assert config.load(environ=env).farm.name == "fabrikam"
+
+
+def test_node_id_defaults_to_the_host_name(tmp_path: Path) -> None:
+    import socket
+
+    text = MINIMAL.replace('id = "node-a"\n', "")
+    assert config.load(write(tmp_path, text), environ={}).node.id == socket.gethostname()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (MINIMAL + "\n[bogus]\nx = 1\n", "unknown section [bogus]"),
+        (MINIMAL.replace("[node]", "[node]\nstroe = '/x'"), "unknown key 'stroe'"),
+        (MINIMAL + "\n[policy]\ncertificate_duration = 'long'\n", "must be an integer"),
+        (MINIMAL + "\n[policy]\ncertificate_duration = true\n", "must be an integer"),
+        (MINIMAL + "\n[policy]\nkey = 'dsa-1024'\n", "policy.key 'dsa-1024' is not supported"),
+        (MINIMAL + "\n[directory]\n", "not valid TOML"),
+        ("this is = = not toml", "not valid TOML"),
+        (MINIMAL.replace('name = "contoso"', 'name = ""'), "farm.name must be"),
+        (MINIMAL.replace('name = "contoso"', f'name = "{"x" * 48}"'), "farm.name must be"),
+        (MINIMAL.replace("ldap://dc", "http://dc"), "must start with ldap://"),
+        (MINIMAL.replace('"/var/lib/farmkeys/store"', '"relative/store"'), "absolute path"),
+        (MINIMAL.replace('password_file = "/etc/farmkeys/directory-password"', ""), "exactly one"),
+        (MINIMAL.replace('dsn = "postgresql://farmkeys@db.example/farmkeys"\n', ""), "dsn"),
+        (
+            MINIMAL + "\n[policy]\ngeneration_threshold = 1\ncritical_threshold = 3\n",
+            "critical_threshold <= generation_threshold",
+        ),
+    ],
+)
+def test_bad_file_is_one_clear_config_error(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config.load(write(tmp_path, text), environ={})
+    line = caught.value.diagnostics()
+    assert message in line
+    assert "\n" not in line
+    assert " — " in line
+
+
+def test_ad_layout_is_refused_until_it_is_built(tmp_path: Path) -> None:
+    text = MINIMAL.replace("[directory]", '[directory]\nlayout = "ad"')
+    with pytest.raises(ConfigError, match="layout 'ad' is not supported"):
+        config.load(write(tmp_path, text), environ={})
+
+
+def test_missing_file_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"config file .*nope\.toml does not exist"):
+        config.load(tmp_path / "nope.toml", environ={})
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"FARMKEYS_NODE_STROE": "/x"}, "FARMKEYS_NODE_STROE has an unknown key 'stroe'"),
+        ({"FARMKEYS_NOSUCH_KEY": "1"}, "FARMKEYS_NOSUCH_KEY names no configuration section"),
+        ({"FARMKEYS_POLICY_CERTIFICATE_DURATION": "a year"}, "must be an integer"),
+        ({"FARMKEYS_DIRECTORY_START_TLS": "maybe"}, "must be true or false"),
+    ],
+)
+def test_bad_environment_override_is_a_config_error(
+    tmp_path: Path, env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config.load(write(tmp_path, MINIMAL), environ=env)
+
+
+def test_hook_variables_are_not_configuration(tmp_path: Path) -> None:
+    env = {"FARMKEYS_STORE": "/x", "FARMKEYS_CHANGED": "AB"}
+    assert config.load(write(tmp_path, MINIMAL), environ=env).farm.name == "contoso"
+
+
+def test_password_file_is_read_and_never_shown_in_repr(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret-pass\n")
+    text = MINIMAL.replace("/etc/farmkeys/directory-password", str(secret))
+    cfg = config.load(write(tmp_path, text), environ={})
+    assert cfg.directory.read_password() == "s3cret-pass"
+    inline = config.load(
+        write(tmp_path, text.replace(f'password_file = "{secret}"', 'password = "inline-pw"')),
+        environ={},
+    )
+    assert "inline-pw" not in repr(inline)
+
+
+def test_unreadable_password_file_is_a_config_error(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, MINIMAL.replace("/etc/farmkeys", str(tmp_path))), environ={})
+    with pytest.raises(ConfigError, match=r"cannot read directory\.password_file"):
+        cfg.directory.read_password()
