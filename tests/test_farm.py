@@ -1,0 +1,441 @@
+"""farmkeys end to end: init, sync on several nodes, status — against real PostgreSQL and slapd."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+from farmtools import TestFarm, one_error_line, snapshot
+
+from farmkeys import cli, dkm
+from farmkeys._slapd import LocalSlapd
+from farmkeys.config import load
+from farmkeys.configdb import ConfigDB
+from farmkeys.directory import Directory
+from farmkeys.node import farm_status, sync
+from farmkeys.store import Store
+
+
+@pytest.fixture
+def farm(tmp_path: Path, slapd: LocalSlapd, pg_dsn: str) -> TestFarm:
+    return TestFarm(root=tmp_path, slapd=slapd, dsn=pg_dsn)
+
+
+@pytest.fixture
+def initialised(farm: TestFarm) -> TestFarm:
+    result = farm.run("init")
+    assert result.code == 0, result.err
+    return farm
+
+
+def db_rows(dsn: str, query: str) -> list[tuple[object, ...]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(query).fetchall()  # type: ignore[arg-type]
+
+
+# -- init ---------------------------------------------------------------------------------
+
+
+def test_init_creates_schema_directory_container_and_two_primaries(farm: TestFarm) -> None:
+    result = farm.run("init")
+    assert result.code == 0, result.err
+    assert "applied migration 0001_initial.sql" in result.out
+    assert "created farm 'contoso'" in result.out
+
+    rows = db_rows(farm.dsn, "SELECT purpose, role, subject, key_type FROM certificate ORDER BY 1")
+    assert rows == [
+        ("decryption", "primary", "CN=contoso Token Decryption", "rsa-2048"),
+        ("signing", "primary", "CN=contoso Token Signing", "rsa-2048"),
+    ]
+    (group,) = db_rows(farm.dsn, "SELECT dkm_group FROM farm")[0]
+    versions = db_rows(farm.dsn, "SELECT version FROM farmkeys_migration")
+    assert versions == [(1,)]
+
+    cfg = load(farm.config())
+    with Directory(cfg.directory, cfg.retry) as directory:
+        keys = directory.list_keys(group)  # type: ignore[arg-type]
+    assert len(keys) == 1 and keys[0].current
+    (named,) = db_rows(farm.dsn, "SELECT DISTINCT master_key FROM certificate")[0]
+    assert named == keys[0].id
+
+
+def test_init_twice_changes_nothing_and_says_so(initialised: TestFarm) -> None:
+    farm = initialised
+    before = db_rows(farm.dsn, "SELECT id, role, thumbprint, blob FROM certificate ORDER BY id")
+    group_before = db_rows(farm.dsn, "SELECT dkm_group FROM farm")
+    result = farm.run("init")
+    assert result.code == 0, result.err
+    assert "already initialised" in result.out and "nothing changed" in result.out
+    assert (
+        db_rows(farm.dsn, "SELECT id, role, thumbprint, blob FROM certificate ORDER BY id")
+        == before
+    )
+    assert db_rows(farm.dsn, "SELECT dkm_group FROM farm") == group_before
+
+
+def test_init_with_another_farm_name_is_refused(initialised: TestFarm) -> None:
+    initialised.name = "fabrikam"
+    result = initialised.run("init")
+    assert result.code == 1
+    assert "already holds farm 'contoso', not 'fabrikam'" in one_error_line(result)
+
+
+def test_db_upgrade_applies_only_new_migrations(farm: TestFarm) -> None:
+    first = farm.run("db", "upgrade")
+    assert first.code == 0 and "applied migration 0001_initial.sql" in first.out
+    again = farm.run("db", "upgrade")
+    assert again.code == 0 and "up to date; nothing changed" in again.out
+
+
+@pytest.mark.parametrize("key", ["rsa-3072", "ec-p256"])
+def test_init_honours_the_key_type_policy(farm: TestFarm, key: str) -> None:
+    assert farm.run("init", policy={"key": key}).code == 0
+    assert db_rows(farm.dsn, "SELECT DISTINCT key_type FROM certificate") == [(key,)]
+    assert farm.run("sync", policy={"key": key}).code == 0
+
+
+def test_init_warns_when_an_anonymous_bind_can_read_the_container(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    with LocalSlapd(tmp_path / "open-slapd", anonymous_read_dkm=True) as open_slapd:
+        farm = TestFarm(root=tmp_path, slapd=open_slapd, dsn=pg_dsn)
+        result = farm.run("init")
+    assert result.code == 0, result.err
+    assert "warning: an anonymous bind can read the DKM container" in result.err
+
+
+def test_init_without_directory_rights_leaves_no_farm(farm: TestFarm) -> None:
+    result = farm.run(
+        "init",
+        directory={
+            "bind_dn": farm.slapd.other_dn,
+            "password": farm.slapd.other_password,
+            "password_file": None,
+        },
+    )
+    assert result.code == 1
+    line = one_error_line(result)
+    assert "may not create entries" in line and farm.slapd.other_dn in line
+    assert farm.slapd.other_password not in result.err
+    assert db_rows(farm.dsn, "SELECT count(*) FROM farm") == [(0,)]
+
+
+# -- sync -----------------------------------------------------------------------------------
+
+
+def test_three_nodes_sync_the_same_certificates(initialised: TestFarm) -> None:
+    farm = initialised
+    for node in ("node-a", "node-b", "node-c"):
+        result = farm.run("sync", node=node)
+        assert result.code == 0, result.err
+        assert f"{node}: installed generation 1" in result.out
+
+    manifests = [
+        json.loads((farm.store(n) / "manifest.json").read_text())
+        for n in ("node-a", "node-b", "node-c")
+    ]
+    sets = [
+        {(c["purpose"], c["role"], c["thumbprint"]) for c in m["certificates"]} for m in manifests
+    ]
+    assert sets[0] == sets[1] == sets[2]
+    expected = set(db_rows(farm.dsn, "SELECT purpose, role, thumbprint FROM certificate"))
+    assert sets[0] == expected
+    assert [m["node"] for m in manifests] == ["node-a", "node-b", "node-c"]
+
+    status = farm.run("status", "--json")
+    assert status.code == 0, status.out + status.err
+    doc = status.json
+    assert doc["health"] == "ok" and doc["problems"] == []
+    assert [n["id"] for n in doc["nodes"]] == ["node-a", "node-b", "node-c"]
+    assert all(n["in_sync"] for n in doc["nodes"])
+
+
+def test_store_layout_and_permissions(initialised: TestFarm) -> None:
+    farm = initialised
+    assert farm.run("sync").code == 0
+    store = farm.store()
+    assert stat.S_IMODE(store.stat().st_mode) == 0o700
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert set(manifest) >= {"node", "generation", "installed_at", "certificates"}
+    for entry in manifest["certificates"]:
+        purpose, thumb = entry["purpose"], entry["thumbprint"]
+        assert entry["files"] == {
+            "cert": f"{purpose}/{thumb}.pem",
+            "key": f"{purpose}/{thumb}.key",
+            "pkcs12": f"{purpose}/{thumb}.p12",
+        }
+        for suffix in ("key", "p12"):
+            for name in (thumb, "primary"):
+                mode = stat.S_IMODE((store / purpose / f"{name}.{suffix}").stat().st_mode)
+                assert mode == 0o600, (name, suffix, oct(mode))
+        assert (store / purpose / "primary.pem").read_bytes() == (
+            store / purpose / f"{thumb}.pem"
+        ).read_bytes()
+        # The .p12 has no password and opens with the openssl command line.
+        out = subprocess.run(
+            [
+                "openssl",
+                "pkcs12",
+                "-in",
+                str(store / purpose / "primary.p12"),
+                "-passin",
+                "pass:",
+                "-nodes",
+                "-nokeys",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert "BEGIN CERTIFICATE" in out
+
+
+def test_second_sync_changes_nothing_and_reads_no_key(initialised: TestFarm) -> None:
+    farm = initialised
+    assert farm.run("sync").code == 0
+    before = snapshot(farm.store())
+    again = farm.run("sync")
+    assert again.code == 0 and "already in sync at generation 1" in again.out
+    assert snapshot(farm.store()) == before
+
+
+def test_sync_costs_one_query_and_one_directory_read_per_key_whatever_the_history(
+    initialised: TestFarm,
+) -> None:
+    farm = initialised
+    # Forty archived certificates sealed under a master key that no longer exists:
+    # if sync read any of them, it would fail.
+    with psycopg.connect(farm.dsn) as conn:
+        conn.execute(
+            "INSERT INTO certificate (id, purpose, role, thumbprint, sha256, subject, key_type,"
+            " not_before, not_after, der, master_key, blob)"
+            " SELECT gen_random_uuid(), c.purpose, 'archived',"
+            "  upper(substr(md5(random()::text) || md5(random()::text), 1, 40)),"
+            "  upper(md5(random()::text) || md5(random()::text)), c.subject, c.key_type,"
+            "  c.not_before - interval '2 years', c.not_after - interval '2 years', c.der,"
+            "  gen_random_uuid(), c.blob"
+            " FROM certificate c, generate_series(1, 20)"
+        )
+    cfg = load(farm.config())
+    store = Store(cfg.store, node_id=cfg.node.id)
+    from datetime import UTC, datetime
+
+    with ConfigDB(cfg.database, cfg.retry) as db, Directory(cfg.directory, cfg.retry) as directory:
+        sync(cfg, db, directory, store, now=datetime.now(UTC))
+        assert directory.key_reads == 1
+        first = db.statements
+        assert first == 2  # the live set, then the report of what was installed
+        # The store changes under us (another process wiped it): reinstall, no new key read.
+        (farm.store() / "current").unlink()
+        sync(cfg, db, directory, store, now=datetime.now(UTC))
+        assert directory.key_reads == 1
+        assert db.statements - first == 2
+
+
+def test_sync_before_init_fails_and_touches_nothing(farm: TestFarm) -> None:
+    result = farm.run("sync")
+    assert result.code == 1
+    assert "holds no farmkeys farm" in one_error_line(result)
+    assert "farmkeys init" in result.err
+    assert not farm.store().exists()
+
+
+def corrupt_and_sync(farm: TestFarm, update: str) -> tuple[str, dict[str, tuple[int, bytes | str]]]:
+    assert farm.run("sync").code == 0
+    before = snapshot(farm.store())
+    # A new certificate appears (so the store must change), and its blob is bad.
+    with psycopg.connect(farm.dsn) as conn:
+        conn.execute(
+            "INSERT INTO certificate (id, purpose, role, thumbprint, sha256, subject, key_type,"
+            " not_before, not_after, der, master_key, blob)"
+            " SELECT gen_random_uuid(), purpose, 'secondary', 'AB' || substr(thumbprint, 3),"
+            "  sha256, subject, key_type, not_before, not_after, der, master_key, blob"
+            " FROM certificate WHERE purpose = 'signing' AND role = 'primary'"
+        )
+        conn.execute(update)  # type: ignore[arg-type]
+    result = farm.run("sync")
+    assert result.code == 1
+    assert snapshot(farm.store()) == before
+    return one_error_line(result), before
+
+
+def test_blob_with_one_byte_flipped_fails_and_the_store_is_kept(initialised: TestFarm) -> None:
+    farm = initialised
+    line, _ = corrupt_and_sync(
+        farm,
+        "UPDATE certificate SET blob = overlay(blob placing"
+        " decode(lpad(to_hex(get_byte(blob, 60) # 1), 2, '0'), 'hex') from 61 for 1)"
+        " WHERE role = 'primary' AND purpose = 'decryption'",
+    )
+    assert "decryption certificate" in line and "not authentic" in line
+
+
+def test_blob_copied_into_another_row_fails(initialised: TestFarm) -> None:
+    farm = initialised
+    line, _ = corrupt_and_sync(
+        farm,
+        "UPDATE certificate SET blob = (SELECT blob FROM certificate WHERE role = 'primary'"
+        " AND purpose = 'signing') WHERE role = 'primary' AND purpose = 'decryption'",
+    )
+    assert "not authentic" in line
+
+
+def test_blob_whose_master_key_is_missing_fails_naming_the_key(initialised: TestFarm) -> None:
+    farm = initialised
+    cfg = load(farm.config())
+    (group,) = db_rows(farm.dsn, "SELECT dkm_group FROM farm")[0]
+    missing = uuid.uuid4()
+    with Directory(cfg.directory, cfg.retry) as directory:
+        key = directory.master_key(group, directory.current_key_id(group))  # type: ignore[arg-type]
+    (cert_id, blob) = db_rows(
+        farm.dsn, "SELECT id, blob FROM certificate WHERE purpose = 'signing'"
+    )[0]
+    context = dkm.BlobContext(farm=str(group), certificate_id=str(cert_id), purpose="signing")
+    plain = dkm.open_blob(bytes(blob), master_key=key, context=context)  # type: ignore[arg-type]
+    resealed = dkm.seal(plain, master_key=bytes(32), master_key_id=missing, context=context)
+    assert farm.run("sync").code == 0
+    before = snapshot(farm.store())
+    with psycopg.connect(farm.dsn) as conn:
+        conn.execute(
+            "UPDATE certificate SET blob = %s, master_key = %s, role = 'secondary' WHERE id = %s",
+            (resealed, missing, cert_id),
+        )
+        conn.execute(
+            "INSERT INTO certificate (id, purpose, role, thumbprint, sha256, subject, key_type,"
+            " not_before, not_after, der, master_key, blob)"
+            " SELECT gen_random_uuid(), purpose, 'primary', 'AB' || substr(thumbprint, 3),"
+            "  sha256, subject, key_type, not_before, not_after, der, master_key, blob"
+            " FROM certificate WHERE purpose = 'decryption'"
+        )
+    result = farm.run("sync")
+    assert result.code == 1
+    line = one_error_line(result)
+    assert f"master key {missing}" in line and "missing from the directory" in line
+    assert snapshot(farm.store()) == before
+    doc = farm.run("status", "--json").json
+    assert any("last sync failed" in p for p in doc["problems"])
+
+
+def test_a_write_failing_midway_leaves_the_store_as_it_was(initialised: TestFarm) -> None:
+    import resource
+    import signal
+
+    farm = initialised
+    assert farm.run("sync").code == 0
+    before = snapshot(farm.store())
+    with psycopg.connect(farm.dsn) as conn:
+        conn.execute("UPDATE certificate SET role = 'retired' WHERE purpose = 'signing'")
+        conn.execute(
+            "INSERT INTO certificate (id, purpose, role, thumbprint, sha256, subject, key_type,"
+            " not_before, not_after, der, master_key, blob)"
+            " SELECT gen_random_uuid(), purpose, 'primary', 'AB' || substr(thumbprint, 3),"
+            "  sha256, subject, key_type, not_before, not_after, der, master_key, blob"
+            " FROM certificate WHERE purpose = 'decryption'"
+        )
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1500, 1500))
+
+    result = farm.spawn("sync", preexec=small_files)
+    assert result.code == 1, result.err
+    line = one_error_line(result)
+    assert str(farm.store()) in line
+    assert snapshot(farm.store()) == before
+
+
+# -- status -------------------------------------------------------------------------------
+
+
+def test_status_json_has_every_documented_field(initialised: TestFarm) -> None:
+    farm = initialised
+    assert farm.run("sync").code == 0
+    doc = farm.run("status", "--json").json
+    assert set(doc["farm"]) >= {"name", "dkm_group"}
+    assert doc["farm"]["name"] == "contoso"
+    assert doc["health"] == "ok"
+    for cert in doc["certificates"]:
+        assert set(cert) >= {
+            "id",
+            "purpose",
+            "role",
+            "thumbprint",
+            "sha256",
+            "not_before",
+            "not_after",
+            "master_key",
+        }
+        assert len(cert["thumbprint"]) == 40 and cert["thumbprint"] == cert["thumbprint"].upper()
+        assert cert["not_after"].endswith("+00:00")
+    (key,) = doc["master_keys"]
+    assert key["current"] is True and key["created_at"]
+    (node,) = doc["nodes"]
+    assert node["in_sync"] and len(node["installed"]) == 2 and node["last_sync"]
+
+
+def test_status_for_a_person_shows_the_farm(initialised: TestFarm) -> None:
+    farm = initialised
+    assert farm.run("sync").code == 0
+    result = farm.run("status")
+    assert result.code == 0
+    assert "farm      contoso" in result.out and "health    OK" in result.out
+    assert "node-a" in result.out and "in sync" in result.out
+
+
+def test_status_warns_when_a_node_has_not_installed_the_live_set(initialised: TestFarm) -> None:
+    farm = initialised
+    assert farm.run("sync").code == 0
+    with psycopg.connect(farm.dsn) as conn:
+        conn.execute(
+            "UPDATE certificate SET role = 'archived' WHERE purpose = 'signing';"
+            "INSERT INTO certificate (id, purpose, role, thumbprint, sha256, subject, key_type,"
+            " not_before, not_after, der, master_key, blob)"
+            " SELECT gen_random_uuid(), 'signing', 'primary', 'AB' || substr(thumbprint, 3),"
+            "  sha256, subject, key_type, not_before, not_after, der, master_key, blob"
+            " FROM certificate WHERE purpose = 'signing'"
+        )
+    result = farm.run("status", "--json")
+    assert result.code == 1
+    assert "node node-a has not installed the live certificate set" in result.json["problems"]
+
+
+def test_status_is_critical_inside_the_critical_threshold(
+    initialised: TestFarm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    farm = initialised
+    assert farm.run("sync").code == 0
+    monkeypatch.setattr(cli, "_now", lambda: datetime.now(UTC) + timedelta(days=364))
+    result = farm.run("status", "--json")
+    assert result.code == 2
+    assert result.json["health"] == "critical"
+    assert any("inside the critical threshold" in p for p in result.json["problems"])
+    cfg = load(farm.config())
+    with ConfigDB(cfg.database, cfg.retry) as db:
+        warn = farm_status(cfg, db, None, now=datetime.now(UTC) + timedelta(days=350))
+    assert warn["health"] == "warning"
+    assert any("has no secondary yet" in p for p in warn["problems"])
+
+
+def test_status_exits_3_when_the_config_db_is_unreachable(initialised: TestFarm) -> None:
+    result = initialised.run("status", database={"dsn": "postgresql://postgres@127.0.0.1:1/x"})
+    assert result.code == 3
+    line = one_error_line(result)
+    assert "cannot reach the config DB at 127.0.0.1:1/x as postgres" in line
+    assert "attempts" in line
+
+
+def test_status_with_the_directory_down_still_reports_the_farm(initialised: TestFarm) -> None:
+    farm = initialised
+    assert farm.run("sync").code == 0
+    result = farm.run("status", "--json", directory={"url": "ldap://127.0.0.1:1"})
+    assert result.code == 1
+    doc = result.json
+    assert any("cannot list master keys" in p for p in doc["problems"])
+    assert doc["master_keys"][0]["current"] is None
