@@ -1,0 +1,739 @@
+"""The node's local certificate store: the only place decrypted private keys touch disk.
+
+The federation service reads the store; it must never see half a rollover.
+Every install therefore writes a complete new *generation* and switches to it
+with one atomic rename of a symlink. The layout, of which the first six lines
+are the federation service's interface and keep their names::
+
+    <store>/                              0700
+      manifest.json -> current/manifest.json
+      signing -> current/signing
+      decryption -> current/decryption
+      signing/<THUMBPRINT>.pem            certificate, PEM (SHA-1 thumbprint, upper-case hex)
+      signing/<THUMBPRINT>.key            private key, unencrypted PKCS#8 PEM, 0600
+      signing/<THUMBPRINT>.p12            PKCS#12 with both, no password, 0600
+      signing/primary.pem|.key|.p12       hard links to the primary's thumbprint files
+      signing/secondary.pem|.key|.p12     the same for the secondary, when there is one
+      decryption/...                      the same for the decryption certificates
+      current -> .generations/<n>         the installed set, switched by one rename
+      .generations/<n>/                   0700; manifest.json, signing/, decryption/
+      .lock                               flock()ed by an install, serialising installs
+
+An install, holding ``.lock``:
+
+1. writes the whole set into ``.generations/.new-XXXXXXXX/``, fsyncing every
+   file and folder, then renames it to ``.generations/<n>`` (n = previous + 1)
+   and fsyncs ``.generations``;
+2. creates the fixed links ``manifest.json``, ``signing`` and ``decryption``
+   if they are missing (once, on the first install);
+3. switches: a symlink ``.current-XXXXXXXX -> .generations/<n>`` replaces
+   ``current`` with ``os.replace``; then fsyncs the store folder;
+4. deletes every generation except the new one and the previous one, so a
+   reader caught mid-switch can finish reading the previous set.
+
+Anything failing before step 3 removes the partial generation and leaves the
+installed set byte for byte as it was.
+
+A reader opening one path always gets one generation's file. A reader that
+needs several files from the same set should resolve ``<store>/current``
+once (``os.path.realpath``) and read below that; since only the previous
+generation is kept, such a path may vanish two installs later
+(``FileNotFoundError``: start over), while files already open stay readable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import re
+import shutil
+import stat
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
+from farmkeys.errors import StoreError
+
+PURPOSES = ("signing", "decryption")
+ROLES = ("primary", "secondary", "retired")
+# Roles that get a role-named alias (primary.pem, ...); at most one per purpose.
+ALIASED_ROLES = ("primary", "secondary")
+# Manifest "files" key -> file name suffix.
+FILE_SUFFIXES = {"cert": ".pem", "key": ".key", "pkcs12": ".p12"}
+
+MANIFEST_NAME = "manifest.json"
+CURRENT_NAME = "current"
+GENERATIONS_NAME = ".generations"
+LOCK_NAME = ".lock"
+# The fixed links in the store folder: name -> target.
+FIXED_LINKS = {name: f"{CURRENT_NAME}/{name}" for name in (MANIFEST_NAME, *PURPOSES)}
+
+FOLDER_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+PUBLIC_FILE_MODE = 0o644
+# How long an install waits for another install on this node to finish.
+LOCK_TIMEOUT_SECONDS = 60.0
+# A manifest larger than this is corrupt, not read.
+MAX_MANIFEST_BYTES = 1 << 20
+
+_PKCS8_PEM_HEADER = b"-----BEGIN PRIVATE KEY-----"
+_THUMBPRINT = re.compile(r"[0-9A-F]{40}")
+_GENERATION = re.compile(r"[1-9][0-9]{0,17}")
+_STAGING_PREFIX = ".new-"
+_LINK_PREFIX = ".current-"
+_SYNC_AGAIN = "run `farmkeys sync` to install the certificate set again"
+
+
+@dataclass(frozen=True)
+class CertificateFiles:
+    """One certificate to install, with its decrypted private key.
+
+    Validated when made: ``ValueError`` names the certificate, never the key.
+    """
+
+    purpose: str
+    role: str
+    thumbprint: str
+    not_after: datetime
+    certificate_pem: bytes
+    private_key_pem: bytes = field(repr=False)
+    pkcs12: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        _check_names(self.purpose, self.role, self.thumbprint)
+        _require_aware(self.not_after, f"not_after of certificate {self.thumbprint}")
+        for name in ("certificate_pem", "private_key_pem", "pkcs12"):
+            value = getattr(self, name)
+            if not isinstance(value, bytes) or not value:
+                raise ValueError(f"{name} of certificate {self.thumbprint} must be non-empty bytes")
+        if not self.private_key_pem.lstrip().startswith(_PKCS8_PEM_HEADER):
+            raise ValueError(
+                f"the private key of certificate {self.thumbprint} is not an unencrypted PKCS#8 PEM"
+            )
+        try:
+            certificate = x509.load_pem_x509_certificate(self.certificate_pem)
+        except ValueError:
+            raise ValueError(
+                f"certificate_pem of certificate {self.thumbprint} is not a PEM certificate"
+            ) from None
+        actual = certificate.fingerprint(hashes.SHA1()).hex().upper()  # noqa: S303 - AD FS's FindValue
+        if actual != self.thumbprint:
+            raise ValueError(
+                f"certificate_pem given for thumbprint {self.thumbprint} has thumbprint {actual}"
+            )
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """One installed certificate; ``files`` maps cert/key/pkcs12 to paths relative to the store."""
+
+    purpose: str
+    role: str
+    thumbprint: str
+    not_after: datetime
+    files: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What one generation of the store holds; written as ``manifest.json``."""
+
+    node: str
+    generation: int
+    installed_at: datetime
+    certificates: tuple[ManifestEntry, ...]
+
+    def to_json(self) -> str:
+        document = {
+            "node": self.node,
+            "generation": self.generation,
+            "installed_at": self.installed_at.isoformat(),
+            "certificates": [
+                {
+                    "purpose": entry.purpose,
+                    "role": entry.role,
+                    "thumbprint": entry.thumbprint,
+                    "not_after": entry.not_after.isoformat(),
+                    "files": dict(entry.files),
+                }
+                for entry in self.certificates
+            ],
+        }
+        return json.dumps(document, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        """Parse and check a manifest; :class:`StoreError` says what is wrong with it."""
+        try:
+            return _parse_manifest(json.loads(text))
+        except ValueError as exc:  # json.JSONDecodeError is a ValueError
+            raise StoreError(f"the store manifest is malformed: {exc}", _SYNC_AGAIN) from None
+
+    def identity(self) -> frozenset[tuple[str, str, str]]:
+        """The installed set as ``{(purpose, role, thumbprint)}``."""
+        return frozenset((e.purpose, e.role, e.thumbprint) for e in self.certificates)
+
+
+class Store:
+    """The certificate store folder of this node. See the module docstring for its layout."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        node_id: str,
+        lock_timeout_seconds: float = LOCK_TIMEOUT_SECONDS,
+    ) -> None:
+        if not isinstance(node_id, str) or not node_id:
+            raise ValueError("node_id must be a non-empty string")
+        if lock_timeout_seconds < 0:
+            raise ValueError("lock_timeout_seconds must not be negative")
+        self.path = Path(path).absolute()
+        self.node_id = node_id
+        self.lock_timeout_seconds = lock_timeout_seconds
+
+    # -- reading --------------------------------------------------------------
+
+    def manifest(self) -> Manifest | None:
+        """What is installed now; ``None`` if nothing yet. :class:`StoreError` if unreadable."""
+        generation = self._current_generation()
+        if generation is None:
+            return None
+        return self._read_manifest(generation)
+
+    def matches(self, wanted: frozenset[tuple[str, str, str]]) -> bool:
+        """Whether the installed set is exactly ``wanted`` and all of its files are in place.
+
+        ``wanted`` is ``{(purpose, role, thumbprint)}``, as :meth:`Manifest.identity`.
+        Checks one generation (``current`` is resolved once): every file the
+        manifest names, the role aliases, and the fixed links. A store that
+        cannot be read or is corrupt does not match (an install repairs it or
+        says why it cannot).
+        """
+        try:
+            generation = self._current_generation()
+            if generation is None:
+                return False
+            manifest = self._read_manifest(generation)
+        except StoreError:
+            return False
+        if manifest.identity() != wanted:
+            return False
+        for name, target in FIXED_LINKS.items():
+            try:
+                if os.readlink(self.path / name) != target:
+                    return False
+            except OSError:
+                return False
+        folder = self._generation_dir(generation)
+        for entry in manifest.certificates:
+            paths = [folder / relative for relative in entry.files.values()]
+            if entry.role in ALIASED_ROLES:
+                paths += [
+                    folder / entry.purpose / f"{entry.role}{s}" for s in FILE_SUFFIXES.values()
+                ]
+            if not all(_is_regular_file(p) for p in paths):
+                return False
+        return True
+
+    # -- installing -----------------------------------------------------------
+
+    def install(self, certificates: Sequence[CertificateFiles], *, now: datetime) -> Manifest:
+        """Install ``certificates`` as the new generation and switch to it atomically.
+
+        ``now`` becomes the manifest's ``installed_at``. ``ValueError`` for a
+        set that cannot be installed as given (before anything is written);
+        :class:`StoreError` if the store cannot be written, in which case the
+        installed set is left exactly as it was.
+        """
+        _require_aware(now, "now")
+        ordered = _validate_set(certificates)
+        self._prepare_folder()
+        with self._locked():
+            self._check_layout()
+            previous = self._current_generation()
+            generation = (previous or 0) + 1
+            manifest = Manifest(
+                node=self.node_id,
+                generation=generation,
+                installed_at=now,
+                certificates=tuple(_entry_for(c) for c in ordered),
+            )
+            self._write_and_switch(manifest, ordered, previous)
+            self._remove_generations(keep={generation, previous})
+        return manifest
+
+    def _write_and_switch(
+        self,
+        manifest: Manifest,
+        certificates: Sequence[CertificateFiles],
+        previous: int | None,
+    ) -> None:
+        generations = self.path / GENERATIONS_NAME
+        final = self._generation_dir(manifest.generation)
+        staging: Path | None = None
+        link: Path | None = None
+        switched = False
+        try:
+            _remove_leftovers(self.path, generations, stale=final)
+            staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=generations))
+            os.chmod(staging, FOLDER_MODE)
+            _write_generation(staging, manifest, certificates)
+            os.rename(staging, final)
+            staging = None
+            _fsync_folder(generations)
+            self._ensure_fixed_links()
+            link = self.path / f"{_LINK_PREFIX}{os.urandom(6).hex()}"
+            os.symlink(f"{GENERATIONS_NAME}/{manifest.generation}", link)
+            os.replace(link, self.path / CURRENT_NAME)
+            switched = True
+        except OSError as exc:
+            outcome = (
+                "the installed certificates were left as they were"
+                if previous is not None
+                else "nothing was installed"
+            )
+            raise StoreError(
+                f"cannot write the new certificate set into {self.path}: {_describe(exc)}",
+                f"{_hint(exc)}; {outcome}",
+            ) from exc
+        finally:
+            if not switched:
+                for partial in (staging, final):
+                    if partial is not None:
+                        shutil.rmtree(partial, ignore_errors=True)
+                if link is not None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(link)
+        # The switch is visible; making it durable is best effort, as losing it
+        # in a crash brings back the previous, complete set.
+        with contextlib.suppress(OSError):
+            _fsync_folder(self.path)
+
+    def _prepare_folder(self) -> None:
+        """Create the store (0700) or tighten it; refuse a folder that is not a store."""
+        try:
+            try:
+                status = os.stat(self.path)
+            except FileNotFoundError:
+                _make_folders(self.path)
+                status = os.stat(self.path)
+            if not stat.S_ISDIR(status.st_mode):
+                raise StoreError(
+                    f"the store {self.path} is not a folder",
+                    "point node.store at a folder of its own",
+                )
+            if stat.S_IMODE(status.st_mode) & 0o077:
+                os.chmod(self.path, FOLDER_MODE)
+            with os.scandir(self.path) as entries:
+                names = {entry.name for entry in entries}
+            if names and not self._has_layout(names):
+                raise StoreError(
+                    f"the store folder {self.path} holds other files and no farmkeys store",
+                    "point node.store at an empty or new folder; farmkeys will not clobber it",
+                )
+            generations = self.path / GENERATIONS_NAME
+            try:
+                os.mkdir(generations, FOLDER_MODE)
+            except FileExistsError:
+                pass
+            else:
+                os.chmod(generations, FOLDER_MODE)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot prepare the store folder {self.path}: {_describe(exc)}",
+                f"{_hint(exc)}; the installed certificates were left as they were",
+            ) from exc
+
+    def _has_layout(self, names: set[str]) -> bool:
+        if CURRENT_NAME in names and (self.path / CURRENT_NAME).is_symlink():
+            return True
+        generations = self.path / GENERATIONS_NAME
+        return GENERATIONS_NAME in names and generations.is_dir() and not generations.is_symlink()
+
+    def _check_layout(self) -> None:
+        """Refuse to replace anything in the store that is not one of our links."""
+        for name in (CURRENT_NAME, *FIXED_LINKS):
+            path = self.path / name
+            if os.path.lexists(path) and not path.is_symlink():
+                raise StoreError(
+                    f"{path} in the store is not a link, as farmkeys made it",
+                    "move it out of the store folder, then sync again",
+                )
+
+    def _ensure_fixed_links(self) -> None:
+        for name, target in FIXED_LINKS.items():
+            path = self.path / name
+            with contextlib.suppress(FileNotFoundError):
+                if os.readlink(path) == target:
+                    continue
+            temporary = self.path / f"{_LINK_PREFIX}{os.urandom(6).hex()}"
+            os.symlink(target, temporary)
+            try:
+                os.replace(temporary, path)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
+                raise
+
+    def _remove_generations(self, keep: set[int | None]) -> None:
+        """Best effort: delete every generation but ``keep`` (the switch has happened)."""
+        names = {str(generation) for generation in keep if generation is not None}
+        generations = self.path / GENERATIONS_NAME
+        try:
+            with os.scandir(generations) as entries:
+                doomed = [Path(entry.path) for entry in entries if entry.name not in names]
+        except OSError:
+            return
+        for path in doomed:
+            if path.is_symlink() or not path.is_dir():
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        lock = self.path / LOCK_NAME
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            descriptor = os.open(lock, flags, PRIVATE_FILE_MODE)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot open the store lock {lock}: {_describe(exc)}",
+                f"{_hint(exc)}; the installed certificates were left as they were",
+            ) from exc
+        try:
+            self._acquire(descriptor, lock)
+            yield
+        finally:
+            os.close(descriptor)  # releases the lock
+
+    def _acquire(self, descriptor: int, lock: Path) -> None:
+        deadline = time.monotonic() + self.lock_timeout_seconds
+        delay = 0.01
+        while True:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot lock the store {lock}: {_describe(exc)}",
+                    "check that the store's file system supports flock()",
+                ) from exc
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise StoreError(
+                    f"another install into {self.path} still held {lock} after "
+                    f"{self.lock_timeout_seconds:g} s",
+                    f"find the process holding it (fuser {lock}), let it finish, then sync again",
+                )
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.25)
+
+    # -- paths and generations ------------------------------------------------
+
+    def _generation_dir(self, generation: int) -> Path:
+        return self.path / GENERATIONS_NAME / str(generation)
+
+    def _current_generation(self) -> int | None:
+        """The generation ``current`` points at, read once; ``None`` if there is none."""
+        link = self.path / CURRENT_NAME
+        try:
+            target = os.readlink(link)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                raise StoreError(
+                    f"{link} in the store is not a link, as farmkeys made it",
+                    "move it out of the store folder, then sync again",
+                ) from None
+            raise StoreError(
+                f"cannot read the installed certificate set in {self.path}: {_describe(exc)}",
+                _hint(exc),
+            ) from exc
+        prefix = f"{GENERATIONS_NAME}/"
+        name = target[len(prefix) :] if target.startswith(prefix) else ""
+        if not _GENERATION.fullmatch(name):
+            raise StoreError(
+                f"{link} points at {target!r}, not at a generation of the store",
+                _SYNC_AGAIN,
+            )
+        return int(name)
+
+    def _read_manifest(self, generation: int) -> Manifest:
+        path = self._generation_dir(generation) / MANIFEST_NAME
+        try:
+            descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            with os.fdopen(descriptor, "rb") as file:
+                raw = file.read(MAX_MANIFEST_BYTES + 1)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot read the manifest of the store {self.path}: {_describe(exc)}",
+                _hint(exc) if exc.errno in (errno.EACCES, errno.EPERM) else _SYNC_AGAIN,
+            ) from exc
+        try:
+            if len(raw) > MAX_MANIFEST_BYTES:
+                raise ValueError(f"larger than {MAX_MANIFEST_BYTES} bytes")
+            manifest = _parse_manifest(json.loads(raw.decode("utf-8")))
+            if manifest.generation != generation:
+                raise ValueError(
+                    f"says generation {manifest.generation} in generation {generation}"
+                )
+        except ValueError as exc:  # also UnicodeDecodeError, json.JSONDecodeError
+            raise StoreError(
+                f"the manifest of the store {self.path} is malformed: {_reason(exc)}",
+                _SYNC_AGAIN,
+            ) from None
+        return manifest
+
+
+# -- writing a generation -----------------------------------------------------
+
+
+def _write_generation(
+    folder: Path, manifest: Manifest, certificates: Sequence[CertificateFiles]
+) -> None:
+    for purpose in PURPOSES:
+        os.mkdir(folder / purpose, FOLDER_MODE)
+        os.chmod(folder / purpose, FOLDER_MODE)
+    for certificate in certificates:
+        base = folder / certificate.purpose
+        contents = {
+            ".pem": (certificate.certificate_pem, PUBLIC_FILE_MODE),
+            ".key": (certificate.private_key_pem, PRIVATE_FILE_MODE),
+            ".p12": (certificate.pkcs12, PRIVATE_FILE_MODE),
+        }
+        for suffix, (data, mode) in contents.items():
+            _write_file(base / f"{certificate.thumbprint}{suffix}", data, mode)
+        if certificate.role in ALIASED_ROLES:
+            for suffix in contents:
+                os.link(
+                    base / f"{certificate.thumbprint}{suffix}",
+                    base / f"{certificate.role}{suffix}",
+                )
+    _write_file(folder / MANIFEST_NAME, manifest.to_json().encode("utf-8"), PUBLIC_FILE_MODE)
+    for purpose in PURPOSES:
+        _fsync_folder(folder / purpose)
+    _fsync_folder(folder)
+
+
+def _write_file(path: Path, data: bytes, mode: int) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    descriptor = os.open(path, flags, mode)
+    try:
+        os.fchmod(descriptor, mode)  # whatever the umask
+        view = memoryview(data)
+        while view:
+            written = os.write(descriptor, view)
+            if written <= 0:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            view = view[written:]
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_folder(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _make_folders(path: Path) -> None:
+    """Create ``path`` and its missing parents, each 0700."""
+    missing: list[Path] = []
+    while not os.path.lexists(path) and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder, FOLDER_MODE)
+        except FileExistsError:
+            continue
+        os.chmod(folder, FOLDER_MODE)
+
+
+def _remove_leftovers(store: Path, generations: Path, *, stale: Path) -> None:
+    """Remove what crashed installs left behind; called holding the lock, before the switch."""
+    with os.scandir(store) as entries:
+        for entry in entries:
+            if entry.name.startswith(_LINK_PREFIX) and entry.is_symlink():
+                os.unlink(entry.path)
+    with os.scandir(generations) as entries:
+        for entry in entries:
+            if entry.name.startswith(_STAGING_PREFIX) and not entry.is_symlink():
+                shutil.rmtree(entry.path)
+    # The generation about to be written, if a crash left it between rename and switch.
+    if os.path.lexists(stale):
+        shutil.rmtree(stale)
+
+
+def _is_regular_file(path: Path) -> bool:
+    """Whether ``path`` is a regular file itself (not a link to one)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _entry_for(certificate: CertificateFiles) -> ManifestEntry:
+    return ManifestEntry(
+        purpose=certificate.purpose,
+        role=certificate.role,
+        thumbprint=certificate.thumbprint,
+        not_after=certificate.not_after,
+        files=_files_of(certificate.purpose, certificate.thumbprint),
+    )
+
+
+def _files_of(purpose: str, thumbprint: str) -> dict[str, str]:
+    return {kind: f"{purpose}/{thumbprint}{suffix}" for kind, suffix in FILE_SUFFIXES.items()}
+
+
+# -- validation ---------------------------------------------------------------
+
+
+def _check_names(purpose: object, role: object, thumbprint: object) -> None:
+    if purpose not in PURPOSES:
+        raise ValueError(f"purpose must be one of {', '.join(PURPOSES)}, not {purpose!r}")
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+    if not isinstance(thumbprint, str) or not _THUMBPRINT.fullmatch(thumbprint):
+        raise ValueError(f"thumbprint must be 40 upper-case hex digits, not {thumbprint!r}")
+
+
+def _require_aware(value: object, name: str) -> None:
+    if not isinstance(value, datetime) or value.utcoffset() is None:
+        raise ValueError(f"{name} must be a timezone-aware datetime")
+
+
+def _check_set(identities: Iterable[tuple[str, str, str]]) -> None:
+    """At most one primary and one secondary per purpose; no certificate twice per purpose."""
+    thumbprints: set[tuple[str, str]] = set()
+    roles: set[tuple[str, str]] = set()
+    for purpose, role, thumbprint in identities:
+        if (purpose, thumbprint) in thumbprints:
+            raise ValueError(f"{purpose} certificate {thumbprint} is listed twice")
+        thumbprints.add((purpose, thumbprint))
+        if role in ALIASED_ROLES:
+            if (purpose, role) in roles:
+                raise ValueError(f"more than one {role} {purpose} certificate")
+            roles.add((purpose, role))
+
+
+def _validate_set(certificates: Sequence[CertificateFiles]) -> list[CertificateFiles]:
+    for certificate in certificates:
+        if not isinstance(certificate, CertificateFiles):
+            raise TypeError(f"expected CertificateFiles, not {type(certificate).__name__}")
+    _check_set((c.purpose, c.role, c.thumbprint) for c in certificates)
+    return sorted(
+        certificates,
+        key=lambda c: (PURPOSES.index(c.purpose), ROLES.index(c.role), c.thumbprint),
+    )
+
+
+def _parse_manifest(document: object) -> Manifest:
+    """The manifest in ``document`` (parsed JSON); ``ValueError`` says what is wrong."""
+    top = _object(document, "the manifest", ("node", "generation", "installed_at", "certificates"))
+    node = top["node"]
+    if not isinstance(node, str) or not node:
+        raise ValueError("node must be a non-empty string")
+    generation = top["generation"]
+    if type(generation) is not int or generation < 1:
+        raise ValueError("generation must be a positive integer")
+    installed_at = _timestamp(top["installed_at"], "installed_at")
+    listed = top["certificates"]
+    if not isinstance(listed, list):
+        raise ValueError("certificates must be a list")
+    entries: list[ManifestEntry] = []
+    for index, item in enumerate(listed):
+        where = f"certificates[{index}]"
+        fields = _object(item, where, ("purpose", "role", "thumbprint", "not_after", "files"))
+        try:
+            _check_names(fields["purpose"], fields["role"], fields["thumbprint"])
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        purpose, thumbprint = fields["purpose"], fields["thumbprint"]
+        files = fields["files"]
+        if files != _files_of(purpose, thumbprint):
+            raise ValueError(f"{where}.files must name {purpose}/{thumbprint}.pem, .key and .p12")
+        entries.append(
+            ManifestEntry(
+                purpose=purpose,
+                role=fields["role"],
+                thumbprint=thumbprint,
+                not_after=_timestamp(fields["not_after"], f"{where}.not_after"),
+                files=dict(files),
+            )
+        )
+    _check_set((e.purpose, e.role, e.thumbprint) for e in entries)
+    return Manifest(
+        node=node, generation=generation, installed_at=installed_at, certificates=tuple(entries)
+    )
+
+
+def _object(value: object, where: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} must be an object")
+    if set(value) != set(keys):
+        raise ValueError(f"{where} must have exactly the keys {', '.join(keys)}")
+    return value
+
+
+def _timestamp(value: object, where: str) -> datetime:
+    if not isinstance(value, str):
+        raise ValueError(f"{where} must be an ISO 8601 string")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"{where} is not an ISO 8601 timestamp") from None
+    if parsed.utcoffset() is None:
+        raise ValueError(f"{where} has no time zone")
+    return parsed
+
+
+# -- errors -------------------------------------------------------------------
+
+
+def _describe(exc: OSError) -> str:
+    """``[Errno 13] Permission denied``: the OS error, without file names or data."""
+    if exc.errno is None:
+        return exc.__class__.__name__
+    return f"[Errno {exc.errno}] {exc.strerror or os.strerror(exc.errno)}"
+
+
+def _reason(exc: ValueError) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return "not UTF-8"
+    return str(exc)
+
+
+_HINTS = {
+    errno.EACCES: "make the store folder writable by the service account",
+    errno.EPERM: "make the store folder writable by the service account",
+    errno.ENOSPC: "free space on the store's file system",
+    errno.EDQUOT: "raise the service account's disk quota on the store's file system",
+    errno.EFBIG: "raise the service's file size limit (ulimit -f)",
+    errno.EROFS: "mount the store's file system read-write",
+    errno.ENOTDIR: "point node.store at a folder",
+}
+
+
+def _hint(exc: OSError) -> str:
+    return _HINTS.get(exc.errno or 0, "check the store folder and its file system")
