@@ -131,3 +131,34 @@ def one_error_line(result: Result) -> str:
     assert len(errors) == 1, result.err
     assert " — " in errors[0], errors[0]
     return errors[0]
+
+
+def add_certificate(farm: TestFarm, *, purpose: str, role: str) -> str:
+    """Generate a real certificate sealed under the farm's current master key; its thumbprint.
+
+    What the leader's rollover will do, done by hand so tests can change the live set.
+    """
+    from datetime import UTC, datetime
+
+    from farmkeys.config import load
+    from farmkeys.configdb import ConfigDB
+    from farmkeys.directory import Directory
+    from farmkeys.node import new_certificate
+
+    cfg = load(farm.config())
+    with ConfigDB(cfg.database, cfg.retry) as db, Directory(cfg.directory, cfg.retry) as dirx:
+        found = db.farm()
+        assert found is not None
+        key_id = dirx.current_key_id(found.dkm_group)
+        row = new_certificate(
+            cfg,
+            dkm_group=found.dkm_group,
+            purpose=purpose,
+            role=role,
+            master_key_id=key_id,
+            master_key=dirx.master_key(found.dkm_group, key_id),
+            now=datetime.now(UTC),
+        )
+        with db.transaction() as tx:
+            tx.insert_certificate(row)
+    return row.thumbprint

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from farmtools import TestFarm, one_error_line, snapshot
+from farmtools import TestFarm, add_certificate, one_error_line, snapshot
 
 from farmkeys import cli, dkm
 from farmkeys._slapd import LocalSlapd
@@ -35,7 +35,7 @@ def initialised(farm: TestFarm) -> TestFarm:
 
 def db_rows(dsn: str, query: str) -> list[tuple[object, ...]]:
     with psycopg.connect(dsn) as conn:
-        return conn.execute(query).fetchall()  # type: ignore[arg-type]
+        return conn.execute(query).fetchall()
 
 
 # -- init ---------------------------------------------------------------------------------
@@ -58,7 +58,7 @@ def test_init_creates_schema_directory_container_and_two_primaries(farm: TestFar
 
     cfg = load(farm.config())
     with Directory(cfg.directory, cfg.retry) as directory:
-        keys = directory.list_keys(group)  # type: ignore[arg-type]
+        keys = directory.list_keys(group)
     assert len(keys) == 1 and keys[0].current
     (named,) = db_rows(farm.dsn, "SELECT DISTINCT master_key FROM certificate")[0]
     assert named == keys[0].id
@@ -245,44 +245,36 @@ def test_sync_before_init_fails_and_touches_nothing(farm: TestFarm) -> None:
     assert not farm.store().exists()
 
 
-def corrupt_and_sync(farm: TestFarm, update: str) -> tuple[str, dict[str, tuple[int, bytes | str]]]:
+def corrupt_and_sync(farm: TestFarm, update: str) -> str:
+    """Sync, add a real secondary (so the store must change), corrupt a blob, sync again."""
     assert farm.run("sync").code == 0
     before = snapshot(farm.store())
-    # A new certificate appears (so the store must change), and its blob is bad.
+    add_certificate(farm, purpose="signing", role="secondary")
     with psycopg.connect(farm.dsn) as conn:
-        conn.execute(
-            "INSERT INTO certificate (id, purpose, role, thumbprint, sha256, subject, key_type,"
-            " not_before, not_after, der, master_key, blob)"
-            " SELECT gen_random_uuid(), purpose, 'secondary', 'AB' || substr(thumbprint, 3),"
-            "  sha256, subject, key_type, not_before, not_after, der, master_key, blob"
-            " FROM certificate WHERE purpose = 'signing' AND role = 'primary'"
-        )
-        conn.execute(update)  # type: ignore[arg-type]
+        conn.execute(update)
     result = farm.run("sync")
     assert result.code == 1
     assert snapshot(farm.store()) == before
-    return one_error_line(result), before
+    return one_error_line(result)
 
 
 def test_blob_with_one_byte_flipped_fails_and_the_store_is_kept(initialised: TestFarm) -> None:
-    farm = initialised
-    line, _ = corrupt_and_sync(
-        farm,
+    line = corrupt_and_sync(
+        initialised,
         "UPDATE certificate SET blob = overlay(blob placing"
         " decode(lpad(to_hex(get_byte(blob, 60) # 1), 2, '0'), 'hex') from 61 for 1)"
-        " WHERE role = 'primary' AND purpose = 'decryption'",
+        " WHERE role = 'secondary'",
     )
-    assert "decryption certificate" in line and "not authentic" in line
+    assert "signing certificate" in line and "not authentic" in line
 
 
 def test_blob_copied_into_another_row_fails(initialised: TestFarm) -> None:
-    farm = initialised
-    line, _ = corrupt_and_sync(
-        farm,
-        "UPDATE certificate SET blob = (SELECT blob FROM certificate WHERE role = 'primary'"
-        " AND purpose = 'signing') WHERE role = 'primary' AND purpose = 'decryption'",
+    line = corrupt_and_sync(
+        initialised,
+        "UPDATE certificate SET blob = (SELECT blob FROM certificate WHERE role = 'secondary')"
+        " WHERE role = 'primary' AND purpose = 'signing'",
     )
-    assert "not authentic" in line
+    assert "signing certificate" in line and "not authentic" in line
 
 
 def test_blob_whose_master_key_is_missing_fails_naming_the_key(initialised: TestFarm) -> None:
@@ -291,34 +283,33 @@ def test_blob_whose_master_key_is_missing_fails_naming_the_key(initialised: Test
     (group,) = db_rows(farm.dsn, "SELECT dkm_group FROM farm")[0]
     missing = uuid.uuid4()
     with Directory(cfg.directory, cfg.retry) as directory:
-        key = directory.master_key(group, directory.current_key_id(group))  # type: ignore[arg-type]
+        key = directory.master_key(group, directory.current_key_id(group))
     (cert_id, blob) = db_rows(
         farm.dsn, "SELECT id, blob FROM certificate WHERE purpose = 'signing'"
     )[0]
     context = dkm.BlobContext(farm=str(group), certificate_id=str(cert_id), purpose="signing")
-    plain = dkm.open_blob(bytes(blob), master_key=key, context=context)  # type: ignore[arg-type]
+    plain = dkm.open_blob(bytes(blob), master_key=key, context=context)
     resealed = dkm.seal(plain, master_key=bytes(32), master_key_id=missing, context=context)
     assert farm.run("sync").code == 0
     before = snapshot(farm.store())
     with psycopg.connect(farm.dsn) as conn:
         conn.execute(
-            "UPDATE certificate SET blob = %s, master_key = %s, role = 'secondary' WHERE id = %s",
+            "UPDATE certificate SET blob = %s, master_key = %s WHERE id = %s",
             (resealed, missing, cert_id),
         )
-        conn.execute(
-            "INSERT INTO certificate (id, purpose, role, thumbprint, sha256, subject, key_type,"
-            " not_before, not_after, der, master_key, blob)"
-            " SELECT gen_random_uuid(), purpose, 'primary', 'AB' || substr(thumbprint, 3),"
-            "  sha256, subject, key_type, not_before, not_after, der, master_key, blob"
-            " FROM certificate WHERE purpose = 'decryption'"
-        )
+    add_certificate(farm, purpose="decryption", role="secondary")  # node-a must reinstall
+
     result = farm.run("sync")
     assert result.code == 1
     line = one_error_line(result)
     assert f"master key {missing}" in line and "missing from the directory" in line
     assert snapshot(farm.store()) == before
+    fresh = farm.run("sync", node="node-b")
+    assert fresh.code == 1
+    assert f"master key {missing}" in one_error_line(fresh)
+    assert not (farm.store("node-b") / "manifest.json").exists()
     doc = farm.run("status", "--json").json
-    assert any("last sync failed" in p for p in doc["problems"])
+    assert any("node-a's last sync failed" in p for p in doc["problems"])
 
 
 def test_a_write_failing_midway_leaves_the_store_as_it_was(initialised: TestFarm) -> None:
@@ -328,15 +319,7 @@ def test_a_write_failing_midway_leaves_the_store_as_it_was(initialised: TestFarm
     farm = initialised
     assert farm.run("sync").code == 0
     before = snapshot(farm.store())
-    with psycopg.connect(farm.dsn) as conn:
-        conn.execute("UPDATE certificate SET role = 'retired' WHERE purpose = 'signing'")
-        conn.execute(
-            "INSERT INTO certificate (id, purpose, role, thumbprint, sha256, subject, key_type,"
-            " not_before, not_after, der, master_key, blob)"
-            " SELECT gen_random_uuid(), purpose, 'primary', 'AB' || substr(thumbprint, 3),"
-            "  sha256, subject, key_type, not_before, not_after, der, master_key, blob"
-            " FROM certificate WHERE purpose = 'decryption'"
-        )
+    add_certificate(farm, purpose="signing", role="secondary")
 
     def small_files() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -345,8 +328,9 @@ def test_a_write_failing_midway_leaves_the_store_as_it_was(initialised: TestFarm
     result = farm.spawn("sync", preexec=small_files)
     assert result.code == 1, result.err
     line = one_error_line(result)
-    assert str(farm.store()) in line
+    assert str(farm.store()) in line and "left as they were" in line
     assert snapshot(farm.store()) == before
+    assert farm.run("sync").code == 0  # and once the limit is gone, the sync goes through
 
 
 # -- status -------------------------------------------------------------------------------
@@ -391,14 +375,8 @@ def test_status_warns_when_a_node_has_not_installed_the_live_set(initialised: Te
     farm = initialised
     assert farm.run("sync").code == 0
     with psycopg.connect(farm.dsn) as conn:
-        conn.execute(
-            "UPDATE certificate SET role = 'archived' WHERE purpose = 'signing';"
-            "INSERT INTO certificate (id, purpose, role, thumbprint, sha256, subject, key_type,"
-            " not_before, not_after, der, master_key, blob)"
-            " SELECT gen_random_uuid(), 'signing', 'primary', 'AB' || substr(thumbprint, 3),"
-            "  sha256, subject, key_type, not_before, not_after, der, master_key, blob"
-            " FROM certificate WHERE purpose = 'signing'"
-        )
+        conn.execute("UPDATE certificate SET role = 'archived' WHERE purpose = 'signing'")
+    add_certificate(farm, purpose="signing", role="primary")
     result = farm.run("status", "--json")
     assert result.code == 1
     assert "node node-a has not installed the live certificate set" in result.json["problems"]

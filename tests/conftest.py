@@ -1,0 +1,127 @@
+"""Shared fixtures.
+
+Grouped by the server they stand up; each group is self-contained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from farmkeys._slapd import LocalSlapd, SlapdError, find_slapd
+from farmkeys.config import DirectoryConfig, RetryConfig
+from farmkeys.directory import Directory
+
+# PostgreSQL: a throwaway database per test (tests/pg.py).
+pytest_plugins = ["pg"]
+
+# ---------------------------------------------------------------------------------
+# Directory: a real slapd on loopback (farmkeys._slapd.LocalSlapd)
+# ---------------------------------------------------------------------------------
+
+# Short enough that a test of "retries, then gives up" takes about a second.
+FAST_RETRY = RetryConfig(total_seconds=2.0, initial_backoff_seconds=0.05, max_backoff_seconds=0.5)
+
+
+def start_slapd(workdir: Path, **options: Any) -> LocalSlapd:
+    """Start a LocalSlapd, failing the test (never skipping it) if slapd is unusable."""
+    if find_slapd() is None:
+        pytest.fail(
+            "slapd is not installed (looked for /usr/sbin/slapd and $FARMKEYS_SLAPD); the "
+            "directory tests need a real OpenLDAP server — apt-get install slapd ldap-utils",
+            pytrace=False,
+        )
+    server = LocalSlapd(workdir, **options)
+    try:
+        server.start()
+    except SlapdError as exc:
+        pytest.fail(f"could not start the test slapd: {exc}", pytrace=False)
+    return server
+
+
+@pytest.fixture(scope="session")
+def slapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSlapd]:
+    """One seeded slapd for the whole session, stopped at the end.
+
+    A test that stops it must start it again before it returns.
+    """
+    server = start_slapd(tmp_path_factory.mktemp("slapd"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def make_slapd(tmp_path: Path) -> Iterator[Callable[..., LocalSlapd]]:
+    """Start extra slapds for one test: ``make_slapd(anonymous_read_dkm=True)``. Stopped after."""
+    started: list[LocalSlapd] = []
+
+    def make(**options: Any) -> LocalSlapd:
+        server = start_slapd(tmp_path / f"slapd-{len(started)}", **options)
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def fast_retry() -> RetryConfig:
+    """A retry budget of 2 s, so tests of exhausted retries stay quick."""
+    return FAST_RETRY
+
+
+@pytest.fixture
+def directory_config(slapd: LocalSlapd, tmp_path: Path) -> DirectoryConfig:
+    """The farm's service account on the session slapd, its password in a 0600 file."""
+    password_file = slapd.write_password_file(tmp_path / "directory.password")
+    return DirectoryConfig(
+        url=slapd.url,
+        bind_dn=slapd.service_dn,
+        container=slapd.container,
+        password_file=str(password_file),
+        timeout_seconds=2,
+    )
+
+
+MakeDirectory = Callable[..., Directory]
+
+
+@pytest.fixture
+def make_directory(
+    directory_config: DirectoryConfig, fast_retry: RetryConfig
+) -> Iterator[MakeDirectory]:
+    """Build Directory objects from the service account's config with fields replaced.
+
+    ``make_directory()`` is the service account; ``make_directory(bind_dn=...,
+    password=..., password_file=None)`` another account. Closed at teardown.
+    """
+    made: list[Directory] = []
+
+    def make(*, retry: RetryConfig | None = None, **changes: Any) -> Directory:
+        config = dataclasses.replace(directory_config, **changes)
+        directory = Directory(config, retry or fast_retry)
+        made.append(directory)
+        return directory
+
+    yield make
+    for directory in made:
+        directory.close()
+
+
+@pytest.fixture
+def service_directory(make_directory: MakeDirectory) -> Directory:
+    """A Directory bound (lazily) as the farm's service account."""
+    return make_directory()
+
+
+@pytest.fixture
+def other_directory(make_directory: MakeDirectory, slapd: LocalSlapd) -> Directory:
+    """A Directory bound (lazily) as alice, an ordinary account with no rights on ou=dkm."""
+    return make_directory(bind_dn=slapd.other_dn, password=slapd.other_password, password_file=None)
