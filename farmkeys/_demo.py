@@ -87,12 +87,14 @@ def main() -> int:
         code = _farmkeys("status", config=configs["node-a"])
         print(f"\nstatus exit code {code} (0 ok, 1 warning, 2 critical, 3 unknown)")
         for node in NODES:
-            tree = sorted(
-                str(p.relative_to(root / "stores" / node))
-                for p in (root / "stores" / node).rglob("*")
-                if not p.relative_to(root / "stores" / node).parts[0].startswith(".")
+            store = root / "stores" / node
+            files = sorted(
+                f"{purpose}/{p.name}"
+                for purpose in ("signing", "decryption")
+                for p in (store / purpose).iterdir()
+                if p.name.startswith(("primary", "secondary"))
             )
-            print(f"store of {node}: {', '.join(tree)}")
+            print(f"store of {node} ({store}): manifest.json, {', '.join(files)}")
         return code
 
 

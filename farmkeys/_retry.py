@@ -62,12 +62,13 @@ def call_with_retry(
             "%s: attempt %d failed (%s); retrying in %.1f s",
             what,
             state.attempt_number,
-            exc,
+            " ".join(str(exc).split()),
             state.upcoming_sleep,
         )
 
     retrying = tenacity.Retrying(
-        stop=tenacity.stop_after_delay(policy.total_seconds),
+        # Stop before a sleep would carry the total wait past the budget.
+        stop=tenacity.stop_before_delay(policy.total_seconds),
         wait=tenacity.wait_random_exponential(
             multiplier=policy.initial_backoff_seconds, max=policy.max_backoff_seconds
         ),
