@@ -298,6 +298,5 @@ def load_certificate_der(data: bytes) -> x509.Certificate:
     except (ValueError, TypeError):
         raise CertificateError(
             "the stored certificate is not a valid DER-encoded X.509 certificate",
-            "restore the row from a backup or run `farmkeys rollover --urgent` "
-            "to replace the certificate",
+            "restore the row from a backup, or replace the certificate as docs/operations.md shows",
         ) from None

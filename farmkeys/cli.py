@@ -15,7 +15,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 from farmkeys import __version__, node
 from farmkeys import config as config_module
@@ -29,7 +29,7 @@ log = logging.getLogger("farmkeys")
 
 EXIT_OK = 0
 EXIT_ERROR = 1
-EXIT_USAGE = 2
+EXIT_USAGE = 64  # sysexits' EX_USAGE: apart from status's 0-3
 STATUS_EXIT = {"ok": 0, "warning": 1, "critical": 2}
 STATUS_UNKNOWN = 3
 
@@ -38,8 +38,16 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, exiting with EXIT_USAGE so a typo never reads as `status` critical (2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"farmkeys: error: {message} — see `farmkeys --help`\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--config",
         metavar="PATH",
@@ -52,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="log in detail and show the traceback of an error",
     )
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="farmkeys",
         parents=[common],
         description="Token-signing and token-decryption certificates for a federation farm, "
@@ -114,9 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handlers[args.command](args, config)
     except Error as exc:
         _report(exc, debug)
-        if args.command == "status" and isinstance(exc, DatabaseError):
-            return STATUS_UNKNOWN
-        return EXIT_ERROR
+        # For monitoring, a status that failed is a status that cannot tell.
+        return STATUS_UNKNOWN if args.command == "status" else EXIT_ERROR
     except KeyboardInterrupt:
         print("farmkeys: interrupted", file=sys.stderr)
         return 130

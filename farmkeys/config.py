@@ -230,7 +230,7 @@ def _convert(section: str, key: str, value: object, kind: object) -> object:
             return wants(text)
         except ValueError:
             raise ConfigError(
-                f"{where} must be {_type_name(wants)}, not {text!r}",
+                f"{where} must be {_type_name(wants)}, not {_shown(key, text)}",
                 "correct the value",
             ) from None
     ok = isinstance(value, wants) and not (wants is not bool and isinstance(value, bool))
@@ -238,10 +238,18 @@ def _convert(section: str, key: str, value: object, kind: object) -> object:
         return float(value)
     if not ok:
         raise ConfigError(
-            f"{where} must be {_type_name(wants)}, not {type(value).__name__} {value!r}",
+            f"{where} must be {_type_name(wants)}, not {type(value).__name__} {_shown(key, value)}",
             "correct the value in the config file",
         )
     return value
+
+
+# Keys whose values may be secret: an error names their type, never their value.
+_SECRET_KEYS = frozenset({"password", "dsn"})
+
+
+def _shown(key: str, value: object) -> str:
+    return "(value hidden)" if key in _SECRET_KEYS else repr(value)
 
 
 def _type_name(kind: type[Any]) -> str:

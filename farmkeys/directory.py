@@ -31,6 +31,7 @@ repr: keys and entries are named by their GUIDs and DNs only.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import re
 import secrets
@@ -117,6 +118,15 @@ def _is_transient(exc: BaseException) -> bool:
     return False
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _parse_generalized_time(value: str) -> datetime | None:
     match = _GENERALIZED_TIME.match(value.strip())
     if match is None:
@@ -157,6 +167,7 @@ class Directory:
         self._lock = threading.RLock()
         self._keys: dict[tuple[uuid.UUID, uuid.UUID], bytes] = {}
         self._key_reads = 0
+        self._warned_plaintext = False
 
     @staticmethod
     def _validate(config: DirectoryConfig) -> bool:
@@ -710,6 +721,15 @@ class Directory:
             # ldap3 keeps the password and shows it in the connection's repr.
             conn.password = None
         log.debug("bound to %s as %s", self.endpoint, self._config.bind_dn)
+        if not (self._use_ssl or self._config.start_tls or self._warned_plaintext):
+            self._warned_plaintext = True
+            host = urlsplit(self._config.url).hostname or ""
+            if not _is_loopback(host):
+                log.warning(
+                    "the directory at %s is reached without TLS: the bind password and the "
+                    "master keys cross the network in the clear; use ldaps:// or start_tls",
+                    self.endpoint,
+                )
         return conn
 
     def _open_anonymous(self) -> ldap3.Connection | None:

@@ -29,7 +29,8 @@ master key used elsewhere later (another algorithm id, another format) never
 meets the same primitive twice under the same key.
 
 Associated data: the whole 34-byte header, then ``AD_LABEL`` (the ASCII
-bytes "farmkeys blob v1 row", no terminator), then the farm name, the
+bytes "farmkeys blob v1 row", no terminator), then the farm id (the
+farm's DKM group GUID as text), the
 certificate id and the purpose, each as a 2-byte big-endian length followed
 by that many bytes of UTF-8. Every field has an explicit length, so no two
 different contexts encode to the same bytes. Authenticating the header means
@@ -104,13 +105,13 @@ MIN_BLOB_BYTES: Final = HEADER_BYTES + TAG_BYTES
 MAX_BLOB_BYTES: Final = HEADER_BYTES + MAX_PLAINTEXT_BYTES + TAG_BYTES
 
 MAX_CONTEXT_FIELD_BYTES: Final = 0xFFFF
-"""The longest farm name, certificate id or purpose, in UTF-8 bytes (a 2-byte length)."""
+"""The longest farm id, certificate id or purpose, in UTF-8 bytes (a 2-byte length)."""
 
 HKDF_INFO: Final = b"farmkeys blob v1 aes-256-gcm"
 AD_LABEL: Final = b"farmkeys blob v1 row"
 
 _NOT_AUTHENTIC_TODO: Final = (
-    "restore the row from a backup or run `farmkeys rollover --urgent` to replace the certificate"
+    "restore the row from a backup, or replace the certificate as docs/operations.md shows"
 )
 
 

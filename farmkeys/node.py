@@ -150,13 +150,22 @@ def init_farm(config: Config, db: ConfigDB, directory: Directory, *, now: dateti
                     report.created_certificates = _add_missing_primaries(
                         config, tx, farm.dkm_group, key_id, key, existing=live, now=now
                     )
-    if report.dkm_group is not None and directory.anonymous_can_read(report.dkm_group):
+    if report.dkm_group is not None and _anonymous_can_read(directory, report):
         report.warnings.append(
             "an anonymous bind can read the DKM container"
             f" {directory.container_dn(report.dkm_group)}"
             " — restrict it to the service account as docs/directory-setup.md shows"
         )
     return report
+
+
+def _anonymous_can_read(directory: Directory, report: InitReport) -> bool:
+    assert report.dkm_group is not None
+    try:
+        return directory.anonymous_can_read(report.dkm_group)
+    except Error as exc:
+        report.warnings.append(f"could not check anonymous access to the DKM container: {exc}")
+        return False
 
 
 def _add_missing_primaries(
@@ -275,12 +284,25 @@ def open_certificate(farm: Farm, row: CertificateRow, directory: Directory) -> C
             "restore the row from a backup or replace the certificate",
         )
     key = directory.master_key(farm.dkm_group, named)
-    generated = certs.from_pkcs12(dkm.open_blob(row.blob, master_key=key, context=context))
+    pkcs12 = dkm.open_blob(row.blob, master_key=key, context=context)
+    try:
+        generated = certs.from_pkcs12(pkcs12)
+    except CertificateError as exc:
+        raise CertificateError(
+            f"the blob of {row.purpose} certificate {row.id} opened but holds no usable"
+            f" PKCS#12: {exc.what}",
+            "restore the row from a backup or replace the certificate",
+        ) from None
     cert = generated.certificate
-    if certs.thumbprint(cert) != row.thumbprint or certs.certificate_der(cert) != row.der:
+    if (
+        certs.thumbprint(cert) != row.thumbprint
+        or certs.certificate_der(cert) != row.der
+        or cert.not_valid_before_utc != row.not_before
+        or cert.not_valid_after_utc != row.not_after
+    ):
         raise CertificateError(
             f"the blob of {row.purpose} certificate {row.id} holds a certificate other than"
-            f" {row.thumbprint}",
+            f" its row describes ({row.thumbprint})",
             "restore the row from a backup or replace the certificate",
         )
     if not certs.key_matches(cert, generated.key):
@@ -293,7 +315,7 @@ def open_certificate(farm: Farm, row: CertificateRow, directory: Directory) -> C
         purpose=row.purpose,
         role=row.role,
         thumbprint=row.thumbprint,
-        not_after=row.not_after,
+        not_after=cert.not_valid_after_utc,
         certificate_pem=certs.certificate_pem(cert),
         private_key_pem=certs.private_key_pem(generated.key),
         pkcs12=certs.to_pkcs12(cert, generated.key, friendly_name=row.subject),

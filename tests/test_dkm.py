@@ -207,7 +207,7 @@ def test_not_authentic_error_names_the_certificate_and_purpose_but_never_the_key
     assert "cert-42" in error.what
     assert "signing" in error.what
     assert "not authentic" in error.what
-    assert "rollover --urgent" in error.todo
+    assert "replace the certificate" in error.todo
     for key in (KEY, OTHER_KEY):
         assert key.hex() not in text.lower()
         assert repr(key) not in text

@@ -55,7 +55,7 @@ def test_bad_config_file_is_one_line_and_exit_1(
         path.write_text(text)
     for command in (["sync"], ["init"], ["status"], ["db", "upgrade"]):
         result = run_cli(*command, "--config", str(path), capsys=capsys)
-        assert result.code == 1
+        assert result.code == (3 if command == ["status"] else 1)  # status: cannot tell
         assert message in one_error_line(result)
         assert result.out == ""
 
@@ -67,6 +67,24 @@ def test_bad_environment_override_is_one_line_and_exit_1(
     result = run_cli("sync", "--config", str(synced.config()), capsys=capsys)
     assert result.code == 1
     assert "FARMKEYS_POLICY_CERTIFICATE_DURATION must be an integer" in one_error_line(result)
+
+
+def test_a_secret_of_the_wrong_type_is_not_echoed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "farmkeys.toml"
+    path.write_text("[directory]\npassword = 918273645\n")
+    result = run_cli("sync", "--config", str(path), capsys=capsys)
+    line = one_error_line(result)
+    assert "directory.password must be a string" in line
+    assert "918273645" not in result.err
+
+
+def test_a_usage_error_exits_64_never_a_status_code(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        cli.main(["status", "--jsno"])
+    assert done.value.code == 64
+    assert "unrecognized arguments: --jsno" in capsys.readouterr().err
 
 
 def test_debug_adds_the_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
