@@ -59,7 +59,9 @@ class Farm:
 
 
 @dataclass(frozen=True)
-class CertificateRow:
+class NewCertificate:
+    """A certificate row about to be inserted."""
+
     id: uuid.UUID
     purpose: str
     role: str
@@ -72,6 +74,12 @@ class CertificateRow:
     der: bytes
     master_key: uuid.UUID
     blob: bytes
+
+
+@dataclass(frozen=True)
+class CertificateRow(NewCertificate):
+    """A certificate row as stored, with the times the database keeps."""
+
     created_at: datetime
     role_since: datetime
 
@@ -410,24 +418,6 @@ class Transaction:
             " %(key_type)s, %(not_before)s, %(not_after)s, %(der)s, %(master_key)s, %(blob)s)",
             row.__dict__,
         )
-
-
-@dataclass(frozen=True)
-class NewCertificate:
-    """A certificate row about to be inserted."""
-
-    id: uuid.UUID
-    purpose: str
-    role: str
-    thumbprint: str
-    sha256: str
-    subject: str
-    key_type: str
-    not_before: datetime
-    not_after: datetime
-    der: bytes
-    master_key: uuid.UUID
-    blob: bytes
 
 
 def _farm(row: dict[str, Any]) -> Farm:

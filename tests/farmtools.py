@@ -71,6 +71,14 @@ class TestFarm:
         path.write_text(_toml(values))
         return path
 
+    def other_account(self) -> dict[str, Any]:
+        """Directory settings binding as alice, an ordinary account with no rights on ou=dkm."""
+        return {
+            "bind_dn": self.slapd.other_dn,
+            "password": self.slapd.other_password,
+            "password_file": None,
+        }
+
     def run(self, *args: str, node: str = "node-a", **sections: dict[str, Any]) -> Result:
         """Run the CLI in this process with ``--config`` for ``node``."""
         out, err = io.StringIO(), io.StringIO()

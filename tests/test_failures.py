@@ -157,11 +157,7 @@ def test_directory_account_without_rights_cannot_sync(synced: TestFarm) -> None:
     before = snapshot(synced.store())
     result = synced.run(
         "sync",
-        directory={
-            "bind_dn": synced.slapd.other_dn,
-            "password": synced.slapd.other_password,
-            "password_file": None,
-        },
+        directory=synced.other_account(),
     )
     assert result.code == 1
     line = one_error_line(result)

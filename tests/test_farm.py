@@ -112,11 +112,7 @@ def test_init_warns_when_an_anonymous_bind_can_read_the_container(
 def test_init_without_directory_rights_leaves_no_farm(farm: TestFarm) -> None:
     result = farm.run(
         "init",
-        directory={
-            "bind_dn": farm.slapd.other_dn,
-            "password": farm.slapd.other_password,
-            "password_file": None,
-        },
+        directory=farm.other_account(),
     )
     assert result.code == 1
     line = one_error_line(result)
