@@ -15,7 +15,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
 from farmkeys import __version__, node
@@ -23,7 +23,7 @@ from farmkeys import config as config_module
 from farmkeys.config import Config
 from farmkeys.configdb import ConfigDB
 from farmkeys.directory import Directory
-from farmkeys.errors import DatabaseError, Error
+from farmkeys.errors import DatabaseError, Error, NotInitialisedError
 from farmkeys.store import Store
 
 log = logging.getLogger("farmkeys")
@@ -104,19 +104,84 @@ def _parser() -> argparse.ArgumentParser:
         "well, 1 on a warning, 2 when critical, 3 when the config DB cannot be reached.",
     )
     status.add_argument("--json", action="store_true", help="print JSON for a machine")
+    commands.add_parser(
+        "serve",
+        parents=[common],
+        help="run the node service: lease, rollover schedule, re-sync on change",
+        description="Run this node's long-lived service: compete for the leader lease, run the "
+        "rollover check on schedule while leading, re-sync the store within a second of any "
+        "change, heartbeat, and run hooks.on_change after the store changed. Logs to stderr; "
+        "SIGTERM or SIGINT stops it cleanly and releases the lease.",
+    )
+    rollover = commands.add_parser(
+        "rollover",
+        parents=[common],
+        help="add a secondary now, or with --urgent replace the primary at once",
+        description="Ask the leader to roll certificates over now and print its answer. Without "
+        "--urgent, add a secondary (AD FS's Update-AdfsCertificate); with it, generate a new "
+        "primary at once and archive the replaced certificates (-Urgent). When no node leads, "
+        "this command takes the lease for the operation itself.",
+    )
+    rollover.add_argument(
+        "--purpose",
+        choices=("signing", "decryption", "all"),
+        default="all",
+        help="which certificates (default: all)",
+    )
+    rollover.add_argument("--urgent", action="store_true", help="replace the primary at once")
+    rollover.add_argument(
+        "--wait",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="how long to wait for the leader's answer (default: 120)",
+    )
+    events = commands.add_parser(
+        "events",
+        parents=[common],
+        help="show the audit log",
+        description="Show what changed the farm: when, what, which node, under which term.",
+    )
+    events.add_argument(
+        "--since",
+        metavar="TIME",
+        type=_since,
+        help="only events from TIME on: ISO 8601 (2026-11-01T00:00Z) or an age: 30m, 12h, 7d",
+    )
+    events.add_argument("--json", action="store_true", help="print JSON for a machine")
     return parser
+
+
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _since(text: str) -> datetime:
+    """An ISO 8601 time (UTC when it names no zone), or an age before now."""
+    value = text.strip()
+    if value[-1:] in _AGE_UNITS and value[:-1].isdigit():
+        return _now() - timedelta(seconds=int(value[:-1]) * _AGE_UNITS[value[-1]])
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither an ISO 8601 time nor an age like 30m, 12h or 7d"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process's exit code."""
     args = _parser().parse_args(argv)
     debug = bool(getattr(args, "debug", False))
-    _configure_logging(debug)
+    _configure_logging(debug, service=args.command == "serve")
     handlers: dict[str, Callable[[argparse.Namespace, Config], int]] = {
         "init": _init,
         "db": _db_upgrade,
         "sync": _sync,
         "status": _status,
+        "serve": _serve,
+        "rollover": _rollover,
+        "events": _events,
     }
     try:
         config = config_module.load(getattr(args, "config", None))
@@ -136,12 +201,15 @@ def _report(exc: Error, debug: bool) -> None:
     print(f"farmkeys: error: {exc.diagnostics()}", file=sys.stderr)
 
 
-def _configure_logging(debug: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.WARNING,
-        format="farmkeys: %(levelname)s: %(name)s: %(message)s",
-        stream=sys.stderr,
+def _configure_logging(debug: bool, *, service: bool = False) -> None:
+    # A service tells what it does; a command speaks only when something is wrong.
+    level = logging.DEBUG if debug else logging.INFO if service else logging.WARNING
+    fmt = (
+        "%(asctime)s farmkeys %(levelname)s %(name)s: %(message)s"
+        if service
+        else "farmkeys: %(levelname)s: %(name)s: %(message)s"
     )
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
     # Libraries' own debug output may echo requests and responses: keep them quiet.
     for noisy in ("ldap3", "psycopg", "tenacity"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -220,6 +288,70 @@ def _status(args: argparse.Namespace, config: Config) -> int:
     return STATUS_EXIT[doc["health"]]
 
 
+def _serve(args: argparse.Namespace, config: Config) -> int:
+    from farmkeys.serve import Service
+
+    return Service(config).run()
+
+
+def _rollover(args: argparse.Namespace, config: Config) -> int:
+    with (
+        ConfigDB(config.database, config.retry) as db,
+        Directory(config.directory, config.retry) as directory,
+    ):
+        outcome = node.request_rollover(
+            config,
+            db,
+            directory,
+            purpose=args.purpose,
+            urgent=args.urgent,
+            timeout_seconds=args.wait,
+        )
+    print(
+        f"rollover request {outcome.request}, answered by {outcome.done_by} (term {outcome.term}):"
+    )
+    for line in outcome.result.splitlines():
+        print(f"  {line}")
+    return EXIT_OK if outcome.ok else EXIT_ERROR
+
+
+def _events(args: argparse.Namespace, config: Config) -> int:
+    with ConfigDB(config.database, config.retry) as db:
+        farm = db.farm()
+        if farm is None:
+            raise NotInitialisedError(
+                f"the config DB at {db.endpoint} holds no farmkeys farm",
+                "run `farmkeys init` once for the farm",
+            )
+        db.require_current_schema(farm)
+        rows = db.events(since=args.since)
+    docs = [
+        {
+            "id": r["id"],
+            "at": r["at"].isoformat(),
+            "node": r["node"],
+            "term": r["term"],
+            "action": r["action"],
+            "purpose": r["purpose"],
+            "certificate": None if r["certificate"] is None else str(r["certificate"]),
+            "thumbprint": r["thumbprint"],
+            "detail": r["detail"],
+        }
+        for r in rows
+    ]
+    if args.json:
+        print(json.dumps(docs, indent=2))
+        return EXIT_OK
+    for d in docs:
+        term = "-" if d["term"] is None else d["term"]
+        what = " ".join(x for x in (d["action"], d["purpose"], d["thumbprint"]) if x)
+        line = f"{d['at'][:19]}  {d['node']:<12} term {term!s:<4} {what}  {d['detail']}"
+        print(line.rstrip())
+    if not docs:
+        print("no events")
+    return EXIT_OK
+
+
 def render_status(doc: dict[str, Any]) -> str:
     """The status document as a person reads it."""
     farm = doc["farm"]
@@ -228,11 +360,20 @@ def render_status(doc: dict[str, Any]) -> str:
         f"health    {doc['health'].upper()}",
     ]
     lines += [f"  - {p}" for p in doc["problems"]]
+    leader = doc.get("leader")
+    lines.append(
+        f"leader    {leader['node']} (term {leader['term']},"
+        f" lease until {leader['expires_at'][:19]})"
+        if leader
+        else "leader    none"
+    )
     lines += ["", "certificates"]
     for c in doc["certificates"]:
+        nxt = c.get("next_action")
+        then = f"  next: {nxt['action']} at {nxt['at'][:19]}" if nxt else ""
         lines.append(
             f"  {c['purpose']:<10} {c['role']:<9} {c['thumbprint']}"
-            f"  valid {c['not_before'][:19]} .. {c['not_after'][:19]}  key {c['master_key']}"
+            f"  valid {c['not_before'][:19]} .. {c['not_after'][:19]}  key {c['master_key']}{then}"
         )
     lines += ["", "master keys"]
     for k in doc["master_keys"]:

@@ -45,6 +45,7 @@ class FarmConfig:
 class NodeConfig:
     id: str = field(default_factory=socket.gethostname)
     store: str = "/var/lib/farmkeys/store"
+    poll_seconds: float = 60.0  # `serve` re-checks this often even without a notification
 
 
 @dataclass(frozen=True)
@@ -96,10 +97,27 @@ class PolicyConfig:
     promotion_threshold: int = 5
     critical_threshold: int = 2
     threshold_unit_seconds: int = 86400
+    rollover_interval_seconds: float = 43200.0  # AD FS's 720 minutes
 
     def units(self, n: int) -> timedelta:
         """``n`` threshold units as a duration."""
         return timedelta(seconds=n * self.threshold_unit_seconds)
+
+
+@dataclass(frozen=True)
+class LeaseConfig:
+    """The leader lease, judged by the config DB's clock."""
+
+    ttl_seconds: float = 15.0
+    renew_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
+class HooksConfig:
+    """Commands `serve` runs when this node's store changed."""
+
+    on_change: str | None = None  # a command line, run without a shell
+    timeout_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -118,6 +136,8 @@ class Config:
     directory: DirectoryConfig
     node: NodeConfig = field(default_factory=NodeConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    lease: LeaseConfig = field(default_factory=LeaseConfig)
+    hooks: HooksConfig = field(default_factory=HooksConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
 
     @property
@@ -378,6 +398,25 @@ def _validate(config: Config) -> None:
         "< certificate_duration",
         "correct [policy]; AD FS's defaults are 2, 20 and 365 days",
     )
+    _require(
+        p.rollover_interval_seconds > 0,
+        "policy.rollover_interval_seconds must be positive",
+        "AD FS checks every 43200 seconds (720 minutes)",
+    )
+    _require(node.poll_seconds > 0, "node.poll_seconds must be positive", "the default is 60")
+    lease = config.lease
+    _require(
+        0 < lease.renew_seconds < lease.ttl_seconds,
+        "lease.renew_seconds must be positive and shorter than lease.ttl_seconds",
+        "renew well within the lease; the defaults are 5 and 15",
+    )
+    hooks = config.hooks
+    _require(
+        hooks.on_change is None or hooks.on_change.strip() != "",
+        "hooks.on_change is empty",
+        "give the command to run, or leave the key out",
+    )
+    _require(hooks.timeout_seconds > 0, "hooks.timeout_seconds must be positive", "correct it")
     r = config.retry
     _require(
         r.total_seconds >= 0 and 0 < r.initial_backoff_seconds <= r.max_backoff_seconds,

@@ -36,6 +36,10 @@ from farmkeys.errors import DatabaseError, NotInitialisedError
 log = logging.getLogger(__name__)
 
 MIGRATION_TABLE = "farmkeys_migration"
+# NOTIFY channels: the live set changed; a rollover was requested or answered.
+CHANGED_CHANNEL = "farmkeys_changed"
+REQUEST_CHANNEL = "farmkeys_request"
+DONE_CHANNEL = "farmkeys_request_done"
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 # Serialises migrations and `init` across every node that runs them at once.
 _ADVISORY_LOCK = 0x666B_6579  # "fkey"
@@ -96,6 +100,9 @@ class NodeRow:
     generation: int | None
     installed: tuple[tuple[str, str, str], ...]
     last_error: str | None
+    heartbeat_at: datetime | None = None
+    directory_error: str | None = None
+    hook_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -331,6 +338,16 @@ class ConfigDB:
         )
         return _farm(rows[0]) if rows else None
 
+    def require_current_schema(self, farm: Farm) -> None:
+        """Refuse to go on with a schema older than this farmkeys needs."""
+        newest = max(m.version for m in migrations())
+        if farm.schema_version < newest:
+            raise DatabaseError(
+                f"the config DB at {self.endpoint} is at schema version {farm.schema_version};"
+                f" this farmkeys needs {newest}",
+                "run `farmkeys db upgrade` once",
+            )
+
     def live_set(self) -> tuple[Farm, list[CertificateRow]]:
         """The farm and its live (not archived) certificates, in one query."""
         rows = self.fetch(
@@ -365,6 +382,9 @@ class ConfigDB:
                 generation=r["generation"],
                 installed=tuple((i["purpose"], i["role"], i["thumbprint"]) for i in r["installed"]),
                 last_error=r["last_error"],
+                heartbeat_at=r.get("heartbeat_at"),
+                directory_error=r.get("directory_error"),
+                hook_error=r.get("hook_error"),
             )
             for r in rows
         ]
@@ -384,6 +404,49 @@ class ConfigDB:
             {"id": node_id, "gen": generation, "doc": Jsonb(doc)},
         )
 
+    def heartbeat(self, node_id: str, *, directory_error: str | None) -> None:
+        """`serve` is alive on ``node_id``; and how it last saw the directory."""
+        self.fetch(
+            "INSERT INTO node (id, last_seen, heartbeat_at, directory_error)"
+            " VALUES (%s, now(), now(), %s)"
+            " ON CONFLICT (id) DO UPDATE SET last_seen = now(), heartbeat_at = now(),"
+            " directory_error = EXCLUDED.directory_error",
+            (node_id, directory_error),
+        )
+
+    def stopped_serving(self, node_id: str) -> None:
+        """`serve` stopped cleanly on ``node_id``: no heartbeat is owed any more."""
+        self.fetch("UPDATE node SET heartbeat_at = NULL WHERE id = %s", (node_id,))
+
+    def record_hook(self, node_id: str, *, error: str | None) -> None:
+        """The outcome of the on_change hook: ``error`` is None when it succeeded."""
+        self.fetch(
+            "UPDATE node SET hook_error = %s, hook_at = now() WHERE id = %s", (error, node_id)
+        )
+
+    def events(self, *, since: datetime | None = None) -> list[dict[str, Any]]:
+        """The audit log, oldest first."""
+        return self.fetch(
+            "SELECT id, at, node, term, action, purpose, certificate, thumbprint, detail"
+            " FROM audit_event WHERE %(since)s::timestamptz IS NULL OR at >= %(since)s"
+            " ORDER BY at, id",
+            {"since": since},
+        )
+
+    def request_rollover(self, *, node_id: str, purpose: str, urgent: bool) -> int:
+        """Queue a rollover for the leader and wake it; the request's id."""
+        with self.transaction() as tx:
+            rows = tx.execute(
+                "INSERT INTO rollover_request (requested_by, purpose, urgent)"
+                " VALUES (%s, %s, %s) RETURNING id",
+                (node_id, purpose, urgent),
+            )
+            tx.notify(REQUEST_CHANNEL, str(rows[0]["id"]))
+        return int(rows[0]["id"])
+
+    def rollover_request(self, request_id: int) -> dict[str, Any]:
+        return self.fetch("SELECT * FROM rollover_request WHERE id = %s", (request_id,))[0]
+
     def record_sync_error(self, node_id: str, message: str) -> None:
         """Record a failed sync's one-line error, so `status` can show it."""
         self.fetch(
@@ -395,6 +458,41 @@ class ConfigDB:
 
 class Transaction:
     """Statements inside one open transaction of a :class:`ConfigDB`."""
+
+    def live_certificates(self) -> list[CertificateRow]:
+        """The live rows, locked until the transaction ends."""
+        rows = self.execute(
+            "SELECT * FROM certificate WHERE role <> 'archived'"
+            " ORDER BY purpose, not_after, id FOR UPDATE"
+        )
+        return [_certificate(r) for r in rows]
+
+    def set_role(self, certificate_id: uuid.UUID, role: str) -> None:
+        self.execute(
+            "UPDATE certificate SET role = %s, role_since = now() WHERE id = %s",
+            (role, certificate_id),
+        )
+
+    def audit(
+        self,
+        *,
+        node: str,
+        term: int | None,
+        action: str,
+        purpose: str | None = None,
+        certificate: uuid.UUID | None = None,
+        thumbprint: str | None = None,
+        detail: str = "",
+    ) -> None:
+        self.execute(
+            "INSERT INTO audit_event (node, term, action, purpose, certificate, thumbprint,"
+            " detail) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            (node, term, action, purpose, certificate, thumbprint, detail),
+        )
+
+    def notify(self, channel: str, payload: str = "") -> None:
+        """Wake the listeners of ``channel`` when this transaction commits."""
+        self.execute("SELECT pg_notify(%s, %s)", (channel, payload))
 
     def __init__(self, db: ConfigDB, cur: psycopg.Cursor[dict[str, Any]]) -> None:
         self._db = db

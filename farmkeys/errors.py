@@ -14,6 +14,8 @@ certificates, master keys and endpoints by their ids, never by content.
     ├── DatabaseError            the config DB cannot be reached, refused the login, or failed
     │   └── NotInitialisedError  the config DB holds no farm yet
     ├── FarmConflictError        the config DB holds a different farm than the config describes
+    ├── LeaseLostError           this process no longer holds the leader lease it wrote under
+    ├── LeaderTimeoutError       the leader did not answer a rollover request in time
     ├── DirectoryError           the directory cannot be reached or refused an operation
     │   ├── DirectoryAuthError   the bind credentials were rejected (never retried)
     │   └── MasterKeyMissingError  a master key a blob names is not in the directory
@@ -55,6 +57,14 @@ class NotInitialisedError(DatabaseError):
 
 class FarmConflictError(Error):
     """The config DB or directory holds a farm that differs from the configuration."""
+
+
+class LeaseLostError(Error):
+    """A leader write was refused: this process no longer holds the lease term it believed."""
+
+
+class LeaderTimeoutError(Error):
+    """The leader did not answer a `farmkeys rollover` request in time."""
 
 
 class DirectoryError(Error):

@@ -8,6 +8,7 @@ clock, and the CLI stays a thin shell around them.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,7 +16,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from farmkeys import certs, dkm
-from farmkeys.config import Config
+from farmkeys import policy as rollover_policy
+from farmkeys.config import Config, PolicyConfig
 from farmkeys.configdb import CertificateRow, ConfigDB, Farm, NewCertificate, Transaction
 from farmkeys.directory import Directory, MasterKeyInfo
 from farmkeys.errors import (
@@ -24,6 +26,7 @@ from farmkeys.errors import (
     Error,
     FarmConflictError,
     InvalidBlobError,
+    LeaderTimeoutError,
     NotInitialisedError,
 )
 from farmkeys.store import CertificateFiles, Manifest, Store
@@ -130,6 +133,12 @@ def init_farm(config: Config, db: ConfigDB, directory: Directory, *, now: dateti
                         dkm_group=group,
                         dkm_container=directory.container_dn(group),
                     )
+                    tx.audit(
+                        node=config.node.id,
+                        term=None,
+                        action="init",
+                        detail=f"created farm {config.farm.name} with DKM group {group}",
+                    )
                     report.created_certificates = _add_missing_primaries(
                         config, tx, group, key_id, key, existing=(), now=now
                     )
@@ -193,6 +202,15 @@ def _add_missing_primaries(
             now=now,
         )
         tx.insert_certificate(row)
+        tx.audit(
+            node=config.node.id,
+            term=None,
+            action="generate_and_promote",
+            purpose=purpose,
+            certificate=row.id,
+            thumbprint=row.thumbprint,
+            detail="farmkeys init: the farm had no primary",
+        )
         created.append(f"{purpose} primary {row.thumbprint}")
     return created
 
@@ -234,6 +252,7 @@ def _undo_container(directory: Directory, group: uuid.UUID) -> None:
 @dataclass(frozen=True)
 class SyncReport:
     node: str
+    dkm_group: uuid.UUID
     manifest: Manifest
     changed: bool
 
@@ -271,7 +290,9 @@ def sync(
             ", ".join(f"{p} {r} {t}" for p, r, t in sorted(wanted)),
         )
     db.record_sync(config.node.id, generation=manifest.generation, installed=sorted(wanted))
-    return SyncReport(node=config.node.id, manifest=manifest, changed=changed)
+    return SyncReport(
+        node=config.node.id, dkm_group=farm.dkm_group, manifest=manifest, changed=changed
+    )
 
 
 def open_certificate(farm: Farm, row: CertificateRow, directory: Directory) -> CertificateFiles:
@@ -353,6 +374,7 @@ def farm_status(
             f"the config DB at {db.endpoint} holds no farmkeys farm",
             "run `farmkeys init` once for the farm",
         )
+    db.require_current_schema(farm)
     rows = db.certificates()
     nodes = db.nodes()
     problems = _Problems()
@@ -403,8 +425,13 @@ def farm_status(
                     " the directory",
                 )
 
+    lease = _lease(db)
+    if lease is None or not lease["valid"]:
+        problems.add("warning", "no node holds the leader lease; is `farmkeys serve` running?")
+
     if not nodes:
         problems.add("warning", "no node has synced yet; run `farmkeys sync` on each node")
+    silent_after = timedelta(seconds=3 * config.lease.ttl_seconds)
     node_docs = []
     for n in nodes:
         in_sync = frozenset(n.installed) == live_set
@@ -412,6 +439,15 @@ def farm_status(
             problems.add("warning", f"node {n.id} has not installed the live certificate set")
         if n.last_error:
             problems.add("warning", f"node {n.id}'s last sync failed: {n.last_error}")
+        if n.heartbeat_at is not None and now - n.heartbeat_at > silent_after:
+            problems.add(
+                "warning",
+                f"node {n.id} has not been heard from since {n.heartbeat_at.isoformat()}",
+            )
+        if n.directory_error and n.heartbeat_at is not None:
+            problems.add("warning", f"node {n.id} cannot reach the directory: {n.directory_error}")
+        if n.hook_error:
+            problems.add("warning", f"node {n.id}'s on_change hook failed: {n.hook_error}")
         node_docs.append(
             {
                 "id": n.id,
@@ -421,6 +457,9 @@ def farm_status(
                 "installed": [t for _, _, t in sorted(n.installed)],
                 "in_sync": in_sync,
                 "last_error": n.last_error,
+                "heartbeat_at": _iso(n.heartbeat_at),
+                "directory_error": n.directory_error,
+                "hook_error": n.hook_error,
             }
         )
 
@@ -433,14 +472,42 @@ def farm_status(
         },
         "health": problems.health,
         "problems": [text for _, text in problems.items],
-        "certificates": [_certificate_json(r) for r in rows],
+        "leader": _leader_json(lease),
+        "certificates": [_certificate_json(r, _next(policy, now, live, r)) for r in rows],
         "master_keys": master_keys,
         "nodes": node_docs,
         "checked_at": _iso(now),
     }
 
 
-def _certificate_json(row: CertificateRow) -> dict[str, Any]:
+def _lease(db: ConfigDB) -> dict[str, Any] | None:
+    rows = db.fetch(
+        "SELECT holder_node, term, expires_at, holder IS NOT NULL AND expires_at > now() AS valid"
+        " FROM leader_lease"
+    )
+    return rows[0] if rows else None
+
+
+def _leader_json(lease: dict[str, Any] | None) -> dict[str, Any] | None:
+    if lease is None or not lease["valid"]:
+        return None
+    return {
+        "node": lease["holder_node"],
+        "term": lease["term"],
+        "expires_at": _iso(lease["expires_at"]),
+    }
+
+
+def _next(
+    policy: PolicyConfig, now: datetime, live: Sequence[CertificateRow], row: CertificateRow
+) -> dict[str, Any] | None:
+    if row.role not in LIVE_ROLES:
+        return None
+    scheduled = rollover_policy.next_action(policy, now, live, row.id)
+    return None if scheduled is None else {"action": scheduled.action, "at": _iso(scheduled.at)}
+
+
+def _certificate_json(row: CertificateRow, next_action: dict[str, Any] | None) -> dict[str, Any]:
     return {
         "id": str(row.id),
         "purpose": row.purpose,
@@ -453,6 +520,7 @@ def _certificate_json(row: CertificateRow) -> dict[str, Any]:
         "not_after": _iso(row.not_after),
         "master_key": str(row.master_key),
         "created_at": _iso(row.created_at),
+        "next_action": next_action,
     }
 
 
@@ -478,3 +546,77 @@ def _human(delta: timedelta) -> str:
     if seconds >= 120:
         return f"{seconds // 60} minutes"
     return f"{seconds} seconds"
+
+
+# -- rollover on request -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RolloverOutcome:
+    request: int
+    ok: bool
+    done_by: str | None
+    term: int | None
+    result: str
+
+
+def request_rollover(
+    config: Config,
+    db: ConfigDB,
+    directory: Directory,
+    *,
+    purpose: str,
+    urgent: bool,
+    timeout_seconds: float,
+) -> RolloverOutcome:
+    """Ask the leader for a rollover and wait for its answer.
+
+    When no process holds the lease, take it for the operation, answer the
+    request under the fence, and give the lease back. Either way exactly one
+    writer acts. A request nobody answered in time is withdrawn, so it cannot
+    surprise anyone later.
+    """
+    # Imported here: rollover builds on this module.
+    from farmkeys.election import Election, read_lease
+    from farmkeys.rollover import Leader
+
+    farm = db.farm()
+    if farm is None:
+        raise NotInitialisedError(
+            f"the config DB at {db.endpoint} holds no farmkeys farm",
+            "run `farmkeys init` once for the farm",
+        )
+    db.require_current_schema(farm)
+    request = db.request_rollover(node_id=config.node.id, purpose=purpose, urgent=urgent)
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        row = db.rollover_request(request)
+        if row["done_at"] is not None:
+            return RolloverOutcome(
+                request, bool(row["ok"]), row["done_by"], row["term"], row["result"] or ""
+            )
+        if not read_lease(db).valid:
+            election = Election(db, node_id=config.node.id, lease=config.lease)
+            if election.try_acquire():
+                log.info("no node leads; %s took the lease for this rollover", config.node.id)
+                try:
+                    Leader(config, db, directory, election).answer_requests()
+                finally:
+                    election.release()
+                continue
+        if time.monotonic() >= deadline:
+            withdrawn = db.fetch(
+                "UPDATE rollover_request SET done_at = now(), ok = false,"
+                " result = 'withdrawn: no leader answered in time'"
+                " WHERE id = %s AND done_at IS NULL RETURNING id",
+                (request,),
+            )
+            if withdrawn:
+                lease = read_lease(db)
+                raise LeaderTimeoutError(
+                    f"the leader ({lease.holder_node or 'none'}) did not answer rollover"
+                    f" request {request} within {timeout_seconds:.0f} s; it was withdrawn",
+                    "check `farmkeys serve` on the leader (`farmkeys status`), then try again",
+                )
+            continue  # answered as we withdrew it: report the answer
+        time.sleep(0.2)

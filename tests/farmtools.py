@@ -170,3 +170,19 @@ def add_certificate(farm: TestFarm, *, purpose: str, role: str) -> str:
         with db.transaction() as tx:
             tx.insert_certificate(row)
     return row.thumbprint
+
+
+def hold_lease(farm: TestFarm, node: str = "node-a", ttl_seconds: float = 600.0) -> int:
+    """Take the leader lease as ``node`` for the rest of the test (as `serve` would); the term."""
+    from farmkeys.config import LeaseConfig, load
+    from farmkeys.configdb import ConfigDB
+    from farmkeys.election import Election
+
+    cfg = load(farm.config(node))
+    with ConfigDB(cfg.database, cfg.retry) as db:
+        election = Election(
+            db, node_id=node, lease=LeaseConfig(ttl_seconds=ttl_seconds, renew_seconds=1.0)
+        )
+        assert election.try_acquire()
+        assert election.term is not None
+        return election.term

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from farmtools import TestFarm, add_certificate, one_error_line, snapshot
+from farmtools import TestFarm, add_certificate, hold_lease, one_error_line, snapshot
 
 from farmkeys import cli, dkm
 from farmkeys._slapd import LocalSlapd
@@ -53,8 +53,8 @@ def test_init_creates_schema_directory_container_and_two_primaries(farm: TestFar
         ("signing", "primary", "CN=contoso Token Signing", "rsa-2048"),
     ]
     (group,) = db_rows(farm.dsn, "SELECT dkm_group FROM farm")[0]
-    versions = db_rows(farm.dsn, "SELECT version FROM farmkeys_migration")
-    assert versions == [(1,)]
+    versions = db_rows(farm.dsn, "SELECT version FROM farmkeys_migration ORDER BY 1")
+    assert versions == [(1,), (2,)]
 
     cfg = load(farm.config())
     with Directory(cfg.directory, cfg.retry) as directory:
@@ -143,6 +143,7 @@ def test_three_nodes_sync_the_same_certificates(initialised: TestFarm) -> None:
     assert sets[0] == expected
     assert [m["node"] for m in manifests] == ["node-a", "node-b", "node-c"]
 
+    hold_lease(farm)
     status = farm.run("status", "--json")
     assert status.code == 0, status.out + status.err
     doc = status.json
@@ -335,8 +336,12 @@ def test_a_write_failing_midway_leaves_the_store_as_it_was(initialised: TestFarm
 def test_status_json_has_every_documented_field(initialised: TestFarm) -> None:
     farm = initialised
     assert farm.run("sync").code == 0
+    term = hold_lease(farm)
     doc = farm.run("status", "--json").json
     assert set(doc["farm"]) >= {"name", "dkm_group"}
+    assert doc["leader"]["node"] == "node-a"
+    assert doc["leader"]["term"] == term
+    assert doc["leader"]["expires_at"].endswith("+00:00")
     assert doc["farm"]["name"] == "contoso"
     assert doc["health"] == "ok"
     for cert in doc["certificates"]:
@@ -351,6 +356,8 @@ def test_status_json_has_every_documented_field(initialised: TestFarm) -> None:
             "master_key",
         }
         assert len(cert["thumbprint"]) == 40 and cert["thumbprint"] == cert["thumbprint"].upper()
+        assert cert["next_action"]["action"] == "generate_secondary"
+        assert cert["next_action"]["at"] < cert["not_after"]
         assert cert["not_after"].endswith("+00:00")
     (key,) = doc["master_keys"]
     assert key["current"] is True and key["created_at"]
@@ -361,10 +368,22 @@ def test_status_json_has_every_documented_field(initialised: TestFarm) -> None:
 def test_status_for_a_person_shows_the_farm(initialised: TestFarm) -> None:
     farm = initialised
     assert farm.run("sync").code == 0
+    hold_lease(farm)
     result = farm.run("status")
-    assert result.code == 0
+    assert result.code == 0, result.out
     assert "farm      contoso" in result.out and "health    OK" in result.out
     assert "node-a" in result.out and "in sync" in result.out
+    assert "leader    node-a (term 1" in result.out
+    assert "next: generate_secondary at" in result.out
+
+
+def test_status_warns_when_no_node_holds_the_lease(initialised: TestFarm) -> None:
+    farm = initialised
+    assert farm.run("sync").code == 0
+    result = farm.run("status", "--json")
+    assert result.code == 1
+    assert result.json["leader"] is None
+    assert any("no node holds the leader lease" in p for p in result.json["problems"])
 
 
 def test_status_warns_when_a_node_has_not_installed_the_live_set(initialised: TestFarm) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from cryptography.hazmat.primitives import serialization
-from farmtools import TestFarm, add_certificate, one_error_line
+from farmtools import TestFarm, add_certificate, hold_lease, one_error_line
 from pg import ADMIN_DSN
 
 from farmkeys._slapd import LocalSlapd
@@ -84,6 +84,7 @@ def test_no_output_or_log_line_carries_a_master_key_or_a_password(farm: TestFarm
         farm.slapd.admin_password,
     ]
 
+    hold_lease(farm)
     outputs = []
     for args in (("init",), ("sync",), ("status",), ("status", "--json"), ("db", "upgrade")):
         result = farm.spawn("--debug", *args)

@@ -1,0 +1,334 @@
+"""Rollover decisions: AD FS's AutoCertificateRollover as a pure function.
+
+:func:`decide` maps (policy, now, certificate rows) to the actions that are
+due; :func:`next_action` tells ``farmkeys status`` what will happen next to
+one certificate and when. Neither does I/O nor reads a clock: ``now`` is a
+timezone-aware datetime passed in (the leader passes the database's clock).
+
+Thresholds are in threshold units (``policy.units``, one day by default):
+``G`` = generation_threshold, ``M`` = promotion_threshold, ``C`` =
+critical_threshold. Every boundary is inclusive: at exactly the boundary
+instant the action is due, one second earlier it is not.
+
+Each purpose (``signing``, ``decryption``) is decided on its own, from its
+rows alone. Archived rows are ignored. A purpose may have at most one
+primary and one secondary (the database enforces it; :func:`decide` raises
+:class:`ValueError` if the rows say otherwise).
+
+1. Every retired row R with ``now >= R.not_after`` is archived.
+2. A secondary S is *usable* when ``S.not_before <= now < S.not_after``.
+   An unusable secondary is archived (the reason says whether it expired or
+   is not valid yet) and from then on treated as absent.
+3. No primary: a usable secondary S is promoted; without one, a new
+   certificate is generated and promoted at once (also on an empty farm).
+4. A primary P and no usable secondary:
+
+   - ``now >= P.not_after - C``: generate and promote at once (this covers
+     a P that has already expired);
+   - else ``now >= P.not_after - G``: generate a secondary.
+
+5. A primary P and a usable secondary S:
+
+   - ``now >= S.created_at + M``: promote S;
+   - else ``now >= P.not_after - C``: promote S at once, since a usable
+     successor exists inside the critical window.
+
+6. Anything else: nothing is due for that purpose.
+
+The returned list holds every archive first (signing before decryption,
+oldest ``not_after`` first), then at most one other action per purpose
+(signing before decryption).
+
+Whoever applies the actions retires the replaced primary on ``promote`` and
+``generate_and_promote``, and gives a generated certificate ``created_at =
+not_before = now`` (``not_before`` may be earlier, never later, or the new
+secondary is not usable and would be archived and generated again). With
+that, :func:`decide` converges: called again at the same ``now`` it never
+repeats an action. It may add a follow-up instead, which is why the applier
+calls it until it returns ``[]``: a primary replaced after its ``not_after``
+is retired by the applier and archived by the next call; a secondary
+promoted inside its own critical window is replaced by the next call. It
+settles within three calls that return actions.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Final, Literal, Protocol
+
+from farmkeys.config import PolicyConfig
+
+PURPOSES: Final = ("signing", "decryption")
+ROLES: Final = ("primary", "secondary", "retired", "archived")
+
+ActionKind = Literal["generate", "promote", "generate_and_promote", "archive"]
+ScheduledKind = Literal[
+    "generate_secondary", "promote", "retire", "archive", "generate_and_promote"
+]
+
+_SECONDS_PER_DAY: Final = 86400
+
+
+class CertificateState(Protocol):
+    """What the policy reads of a certificate row (``configdb.CertificateRow`` has it)."""
+
+    @property
+    def id(self) -> uuid.UUID: ...
+    @property
+    def purpose(self) -> str: ...
+    @property
+    def role(self) -> str: ...
+    @property
+    def not_before(self) -> datetime: ...
+    @property
+    def not_after(self) -> datetime: ...
+    @property
+    def created_at(self) -> datetime: ...
+
+
+@dataclass(frozen=True)
+class Action:
+    """One step that is due now.
+
+    ``certificate_id`` is the row acted on: the secondary for ``promote``, the
+    row for ``archive``, ``None`` for ``generate`` and ``generate_and_promote``
+    (the certificate does not exist yet). ``reason`` is one sentence for the
+    audit log and the operator.
+    """
+
+    kind: ActionKind
+    purpose: str
+    certificate_id: uuid.UUID | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class Scheduled:
+    """The next thing that happens to one certificate, and when (possibly already past)."""
+
+    action: ScheduledKind
+    at: datetime
+
+
+def decide(policy: PolicyConfig, now: datetime, rows: Sequence[CertificateState]) -> list[Action]:
+    """The actions due at ``now``, archives first; ``[]`` when nothing is due."""
+    _require_aware("now", now)
+    archives: list[Action] = []
+    steps: list[Action] = []
+    for purpose, live in _by_purpose(rows).items():
+        for retired in sorted(live.retired, key=lambda r: (r.not_after, str(r.id))):
+            if now >= retired.not_after:
+                archives.append(
+                    Action(
+                        "archive",
+                        purpose,
+                        retired.id,
+                        f"the retired certificate expired at {_iso(retired.not_after)}",
+                    )
+                )
+        secondary = live.secondary
+        if secondary is not None and not _usable(secondary, now):
+            archives.append(
+                Action("archive", purpose, secondary.id, _unusable_reason(secondary, now))
+            )
+            secondary = None
+        step = _step(policy, now, purpose, live.primary, secondary)
+        if step is not None:
+            steps.append(step)
+    return archives + steps
+
+
+def next_action(
+    policy: PolicyConfig,
+    now: datetime,
+    rows: Sequence[CertificateState],
+    certificate_id: uuid.UUID,
+) -> Scheduled | None:
+    """The next scheduled action of one certificate, by the rules of :func:`decide`.
+
+    - primary without a usable secondary: ``generate_secondary`` at
+      ``P.not_after - G``; once that moment has passed (or when it coincides
+      with the critical one), ``generate_and_promote`` at ``P.not_after - C``;
+    - primary with a usable secondary: ``retire`` when the secondary is
+      promoted, at ``min(S.created_at + M, P.not_after - C)``;
+    - usable secondary: ``promote`` at that same moment, or at ``now`` when
+      there is no primary; an unusable secondary: ``archive`` at ``now``;
+    - retired: ``archive`` at its ``not_after``;
+    - archived, or an id not among ``rows``: ``None``.
+
+    ``at`` may lie in the past: the action is then overdue.
+    """
+    _require_aware("now", now)
+    by_purpose = _by_purpose(rows)
+    row = next((r for r in rows if r.id == certificate_id), None)
+    if row is None or row.role == "archived":
+        return None
+    live = by_purpose[row.purpose]
+    if row.role == "retired":
+        return Scheduled("archive", row.not_after)
+    if row.role == "secondary":
+        if not _usable(row, now):
+            return Scheduled("archive", now)
+        if live.primary is None:
+            return Scheduled("promote", now)
+        return Scheduled("promote", _promotion_at(policy, live.primary, row))
+    # The primary.
+    secondary = live.secondary
+    if secondary is not None and _usable(secondary, now):
+        return Scheduled("retire", _promotion_at(policy, row, secondary))
+    generation_at = row.not_after - policy.units(policy.generation_threshold)
+    critical_at = row.not_after - policy.units(policy.critical_threshold)
+    if now < generation_at < critical_at:
+        return Scheduled("generate_secondary", generation_at)
+    return Scheduled("generate_and_promote", critical_at)
+
+
+# --- internals -------------------------------------------------------------
+
+
+@dataclass
+class _Live:
+    """The rows of one purpose that are not archived."""
+
+    primary: CertificateState | None = None
+    secondary: CertificateState | None = None
+    retired: list[CertificateState] = field(default_factory=list)
+
+
+def _by_purpose(rows: Sequence[CertificateState]) -> dict[str, _Live]:
+    """The live rows grouped by purpose (every purpose present), checked for sense."""
+    grouped = {purpose: _Live() for purpose in PURPOSES}
+    for row in rows:
+        if row.purpose not in grouped:
+            raise ValueError(f"certificate {row.id} has an unknown purpose {row.purpose!r}")
+        if row.role not in ROLES:
+            raise ValueError(f"certificate {row.id} has an unknown role {row.role!r}")
+        if row.role == "archived":
+            continue
+        for name in ("not_before", "not_after", "created_at"):
+            _require_aware(f"certificate {row.id} {name}", getattr(row, name))
+        live = grouped[row.purpose]
+        if row.role == "retired":
+            live.retired.append(row)
+            continue
+        held = live.primary if row.role == "primary" else live.secondary
+        if held is not None:
+            raise ValueError(
+                f"{row.purpose} has two {row.role} certificates ({held.id} and {row.id}); "
+                "there may be at most one"
+            )
+        if row.role == "primary":
+            live.primary = row
+        else:
+            live.secondary = row
+    return grouped
+
+
+def _step(
+    policy: PolicyConfig,
+    now: datetime,
+    purpose: str,
+    primary: CertificateState | None,
+    secondary: CertificateState | None,
+) -> Action | None:
+    """The one non-archive action due for a purpose; ``secondary`` is usable or ``None``."""
+    if primary is None:
+        if secondary is not None:
+            return Action(
+                "promote",
+                purpose,
+                secondary.id,
+                f"there is no primary and the secondary has been valid since "
+                f"{_iso(secondary.not_before)}",
+            )
+        return Action(
+            "generate_and_promote",
+            purpose,
+            None,
+            "there is neither a primary nor a usable secondary",
+        )
+    critical = policy.units(policy.critical_threshold)
+    in_critical = now >= primary.not_after - critical
+    if secondary is None:
+        if in_critical:
+            return Action(
+                "generate_and_promote",
+                purpose,
+                None,
+                f"{_nearness(primary, now, policy)} and there is no usable secondary",
+            )
+        generation = policy.units(policy.generation_threshold)
+        if now >= primary.not_after - generation:
+            return Action(
+                "generate",
+                purpose,
+                None,
+                f"the primary expires at {_iso(primary.not_after)}, within "
+                f"{_threshold('generation_threshold', policy.generation_threshold, policy)}",
+            )
+        return None
+    promotion = policy.units(policy.promotion_threshold)
+    if now >= secondary.created_at + promotion:
+        return Action(
+            "promote",
+            purpose,
+            secondary.id,
+            f"the secondary was generated at {_iso(secondary.created_at)}, at least "
+            f"{_threshold('promotion_threshold', policy.promotion_threshold, policy)} ago",
+        )
+    if in_critical:
+        return Action(
+            "promote",
+            purpose,
+            secondary.id,
+            f"{_nearness(primary, now, policy)} and the secondary is ready to replace it",
+        )
+    return None
+
+
+def _promotion_at(
+    policy: PolicyConfig, primary: CertificateState, secondary: CertificateState
+) -> datetime:
+    return min(
+        secondary.created_at + policy.units(policy.promotion_threshold),
+        primary.not_after - policy.units(policy.critical_threshold),
+    )
+
+
+def _usable(secondary: CertificateState, now: datetime) -> bool:
+    return secondary.not_before <= now < secondary.not_after
+
+
+def _unusable_reason(secondary: CertificateState, now: datetime) -> str:
+    if now >= secondary.not_after:
+        return f"the secondary expired at {_iso(secondary.not_after)} before it was promoted"
+    return f"the secondary is not valid until {_iso(secondary.not_before)}"
+
+
+def _nearness(primary: CertificateState, now: datetime, policy: PolicyConfig) -> str:
+    """How close the primary is to its end, once inside the critical window."""
+    if now >= primary.not_after:
+        return f"the primary expired at {_iso(primary.not_after)}"
+    return (
+        f"the primary expires at {_iso(primary.not_after)}, within "
+        f"{_threshold('critical_threshold', policy.critical_threshold, policy)},"
+    )
+
+
+def _threshold(name: str, n: int, policy: PolicyConfig) -> str:
+    unit = policy.threshold_unit_seconds
+    if unit == _SECONDS_PER_DAY:
+        return f"{name} ({n} day{'' if n == 1 else 's'})"
+    return f"{name} ({n} × {unit} s)"
+
+
+def _iso(when: datetime) -> str:
+    return when.astimezone(UTC).isoformat()
+
+
+def _require_aware(name: str, when: datetime) -> None:
+    if when.tzinfo is None or when.utcoffset() is None:
+        raise ValueError(f"{name} must be a timezone-aware datetime, not {when!r}")

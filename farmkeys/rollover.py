@@ -1,0 +1,205 @@
+"""The leader's writes: applying rollover decisions and answering rollover requests.
+
+What to do is decided by :mod:`farmkeys.policy`, a pure function; this
+module only carries it out, inside :meth:`farmkeys.election.Election.fenced`
+transactions, so every step is done once, by the one process that holds the
+lease, and is recorded in the audit log with its term. Each transaction ends
+by NOTIFYing the nodes, which re-sync within a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from farmkeys import certs, policy
+from farmkeys.config import Config
+from farmkeys.configdb import CHANGED_CHANNEL, DONE_CHANNEL, CertificateRow, ConfigDB, Farm
+from farmkeys.directory import Directory
+from farmkeys.election import Election, Fence
+from farmkeys.errors import NotInitialisedError
+from farmkeys.node import new_certificate
+
+log = logging.getLogger(__name__)
+
+# decide() converges in a few rounds (archive, then promote, then generate);
+# a bound keeps a bug from looping inside one check.
+MAX_ROUNDS = 6
+
+
+@dataclass(frozen=True)
+class Applied:
+    """One step the leader carried out."""
+
+    action: str
+    purpose: str
+    thumbprint: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.purpose} {self.thumbprint}: {self.detail}"
+
+
+class Leader:
+    """The writes a lease holder makes, each in a fenced transaction."""
+
+    def __init__(
+        self, config: Config, db: ConfigDB, directory: Directory, election: Election
+    ) -> None:
+        self._config = config
+        self._db = db
+        self._directory = directory
+        self._election = election
+
+    def _farm(self) -> Farm:
+        farm = self._db.farm()
+        if farm is None:
+            raise NotInitialisedError(
+                f"the config DB at {self._db.endpoint} holds no farmkeys farm",
+                "run `farmkeys init` once for the farm",
+            )
+        return farm
+
+    def check(self) -> list[Applied]:
+        """Run the rollover check: apply what the policy says is due, until nothing is."""
+        farm = self._farm()
+        done: list[Applied] = []
+        for _ in range(MAX_ROUNDS):
+            with self._election.fenced(self._db) as fence:
+                rows = fence.tx.live_certificates()
+                actions = policy.decide(self._config.policy, fence.now, rows)
+                if not actions:
+                    break
+                for action in actions:
+                    done.append(self._apply(fence, farm, rows, action))
+                fence.tx.notify(CHANGED_CHANNEL, f"term {fence.term}")
+        for step in done:
+            log.info("rollover: %s", step)
+        return done
+
+    def _apply(
+        self, fence: Fence, farm: Farm, rows: Sequence[CertificateRow], action: policy.Action
+    ) -> Applied:
+        by_id = {r.id: r for r in rows}
+        if action.kind == "archive":
+            assert action.certificate_id is not None
+            row = by_id[action.certificate_id]
+            fence.tx.set_role(row.id, "archived")
+            return self._audit(fence, "archive", row.purpose, row.id, row.thumbprint, action.reason)
+        if action.kind == "promote":
+            assert action.certificate_id is not None
+            self._retire_primary(fence, rows, action.purpose, reason=action.reason)
+            row = by_id[action.certificate_id]
+            fence.tx.set_role(row.id, "primary")
+            return self._audit(fence, "promote", row.purpose, row.id, row.thumbprint, action.reason)
+        if action.kind == "generate":
+            return self._generate(fence, farm, action.purpose, "secondary", action.reason)
+        if action.kind == "generate_and_promote":
+            self._retire_primary(fence, rows, action.purpose, reason=action.reason)
+            return self._generate(fence, farm, action.purpose, "primary", action.reason)
+        raise AssertionError(f"unknown action {action.kind}")
+
+    def _retire_primary(
+        self, fence: Fence, rows: Sequence[CertificateRow], purpose: str, *, reason: str
+    ) -> None:
+        """The primary of ``purpose`` becomes retired: still installed and published."""
+        for row in rows:
+            if row.purpose == purpose and row.role == "primary":
+                fence.tx.set_role(row.id, "retired")
+                self._audit(fence, "retire", purpose, row.id, row.thumbprint, f"replaced: {reason}")
+
+    def _generate(self, fence: Fence, farm: Farm, purpose: str, role: str, reason: str) -> Applied:
+        key_id = self._directory.current_key_id(farm.dkm_group)
+        row = new_certificate(
+            self._config,
+            dkm_group=farm.dkm_group,
+            purpose=purpose,
+            role=role,
+            master_key_id=key_id,
+            master_key=self._directory.master_key(farm.dkm_group, key_id),
+            now=fence.now,
+        )
+        fence.tx.insert_certificate(row)
+        action = "generate" if role == "secondary" else "generate_and_promote"
+        return self._audit(fence, action, purpose, row.id, row.thumbprint, reason)
+
+    def _audit(
+        self,
+        fence: Fence,
+        action: str,
+        purpose: str,
+        certificate: uuid.UUID,
+        thumbprint: str,
+        detail: str,
+    ) -> Applied:
+        fence.tx.audit(
+            node=self._election.node_id,
+            term=fence.term,
+            action=action,
+            purpose=purpose,
+            certificate=certificate,
+            thumbprint=thumbprint,
+            detail=detail,
+        )
+        return Applied(action, purpose, thumbprint, detail)
+
+    # -- operator requests -------------------------------------------------------------
+
+    def answer_requests(self) -> int:
+        """Carry out every pending `farmkeys rollover` request; how many were answered."""
+        farm = self._farm()
+        answered = 0
+        while True:
+            with self._election.fenced(self._db) as fence:
+                pending = fence.tx.execute(
+                    "SELECT id, purpose, urgent FROM rollover_request WHERE done_at IS NULL"
+                    " ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED"
+                )
+                if not pending:
+                    return answered
+                request = pending[0]
+                purposes = certs.PURPOSES if request["purpose"] == "all" else (request["purpose"],)
+                rows = fence.tx.live_certificates()
+                lines = [
+                    self._requested(fence, farm, rows, purpose, urgent=request["urgent"])
+                    for purpose in purposes
+                ]
+                fence.tx.execute(
+                    "UPDATE rollover_request SET done_at = now(), done_by = %s, term = %s,"
+                    " ok = true, result = %s WHERE id = %s",
+                    (self._election.node_id, fence.term, "\n".join(lines), request["id"]),
+                )
+                fence.tx.notify(CHANGED_CHANNEL, f"term {fence.term}")
+                fence.tx.notify(DONE_CHANNEL, str(request["id"]))
+                answered += 1
+            log.info("rollover request %d answered: %s", request["id"], "; ".join(lines))
+
+    def _requested(
+        self,
+        fence: Fence,
+        farm: Farm,
+        rows: Sequence[CertificateRow],
+        purpose: str,
+        *,
+        urgent: bool,
+    ) -> str:
+        mine = [r for r in rows if r.purpose == purpose]
+        reason = "requested by the operator" + (" (urgent)" if urgent else "")
+        if urgent:
+            # AD FS's -Urgent: the replaced primary, and any secondary made before it,
+            # are archived at once, not kept installed.
+            for row in mine:
+                if row.role in ("primary", "secondary"):
+                    fence.tx.set_role(row.id, "archived")
+                    self._audit(
+                        fence, "archive", purpose, row.id, row.thumbprint, f"replaced: {reason}"
+                    )
+            made = self._generate(fence, farm, purpose, "primary", reason)
+            return f"{purpose}: new primary {made.thumbprint}; the replaced certificates archived"
+        secondary = next((r for r in mine if r.role == "secondary"), None)
+        if secondary is not None:
+            return f"{purpose}: already has secondary {secondary.thumbprint}; nothing done"
+        made = self._generate(fence, farm, purpose, "secondary", reason)
+        return f"{purpose}: new secondary {made.thumbprint}"

@@ -1,0 +1,331 @@
+"""`farmkeys serve`: the long-lived node service.
+
+Every node runs one. It
+
+- keeps its store in step with the farm: it LISTENs on the config DB and
+  re-syncs within a second of a change, and polls every ``node.poll_seconds``
+  in case a notification was lost (a reconnect, a restarted server);
+- competes for the leader lease, renewing it every ``lease.renew_seconds``,
+  and heartbeats so `status` shows it is alive;
+- while it leads, runs the rollover check every
+  ``policy.rollover_interval_seconds`` and answers `farmkeys rollover`
+  requests, each write fenced by the lease term;
+- after its store changed, runs ``hooks.on_change`` so the federation service
+  can reload.
+
+Threads: the main thread listens and syncs; APScheduler's background
+scheduler runs the lease, directory-probe and rollover jobs. Each has its
+own config DB connection, so a slow one never stalls another; the
+directory (and its in-memory key cache) is shared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from types import FrameType
+
+import psycopg
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from farmkeys import node
+from farmkeys.config import Config, RetryConfig
+from farmkeys.configdb import CHANGED_CHANNEL, REQUEST_CHANNEL, ConfigDB
+from farmkeys.directory import Directory
+from farmkeys.election import Election
+from farmkeys.errors import DatabaseError, Error, LeaseLostError
+from farmkeys.rollover import Leader
+from farmkeys.store import Manifest, Store
+
+log = logging.getLogger(__name__)
+
+# How often the main thread wakes to notice a stop request while it waits.
+_WAKE_SECONDS = 0.5
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Service:
+    """One node's `farmkeys serve`."""
+
+    def __init__(self, config: Config, *, stop: threading.Event | None = None) -> None:
+        self.config = config
+        self.node_id = config.node.id
+        self.stop = stop or threading.Event()
+        self.store = Store(config.store, node_id=self.node_id)
+        self.directory = Directory(config.directory, config.retry)
+        # The probe makes one attempt: it reports the directory's state, it does not wait it out.
+        self._probe = Directory(config.directory, RetryConfig(total_seconds=0.0))
+        # The lease must be renewed within its ttl: its connection gives up sooner.
+        lease_retry = RetryConfig(
+            total_seconds=min(config.retry.total_seconds, config.lease.renew_seconds),
+            initial_backoff_seconds=min(0.1, config.lease.renew_seconds / 4),
+            max_backoff_seconds=max(0.1, config.lease.renew_seconds / 2),
+        )
+        self._sync_db = ConfigDB(config.database, config.retry)
+        self._lease_db = ConfigDB(config.database, lease_retry)
+        self._leader_db = ConfigDB(config.database, config.retry)
+        self.election = Election(self._lease_db, node_id=self.node_id, lease=config.lease)
+        self.leader = Leader(config, self._leader_db, self.directory, self.election)
+        self._renewed_at = 0.0
+        self._directory_error: str | None = None
+        self._group: uuid.UUID | None = None  # the farm's DKM group, known after a sync
+        self.scheduler = BackgroundScheduler(
+            timezone=UTC,
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+        )
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until SIGTERM or SIGINT (or ``stop`` is set); the exit code."""
+        self._install_signal_handlers()
+        now = _utcnow()
+        self.scheduler.add_job(
+            self._lease_tick,
+            "interval",
+            id="lease",
+            seconds=self.config.lease.renew_seconds,
+            next_run_time=now,
+        )
+        self.scheduler.add_job(
+            self._probe_tick,
+            "interval",
+            id="directory",
+            seconds=self.config.lease.renew_seconds,
+            next_run_time=now,
+        )
+        self.scheduler.add_job(
+            self._rollover_tick,
+            "interval",
+            id="rollover",
+            seconds=self.config.policy.rollover_interval_seconds,
+        )
+        log.info("%s serving farm %s from %s", self.node_id, self.config.farm.name, self.store.path)
+        self.scheduler.start()
+        try:
+            self._listen()
+        finally:
+            self._shutdown()
+        return 0
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handle(signum: int, _frame: FrameType | None) -> None:
+            log.info("%s received %s; stopping", self.node_id, signal.Signals(signum).name)
+            self.stop.set()
+
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)
+
+    def _shutdown(self) -> None:
+        self.scheduler.shutdown(wait=True)
+        for what, action in (
+            ("release the lease", self.election.release),
+            ("record the stop", lambda: self._sync_db.stopped_serving(self.node_id)),
+        ):
+            try:
+                action()
+            except Error as exc:
+                log.warning("%s could not %s: %s", self.node_id, what, exc.what)
+        for db in (self._sync_db, self._lease_db, self._leader_db):
+            db.close()
+        self.directory.close()
+        self._probe.close()
+        log.info("%s stopped", self.node_id)
+
+    # -- listening and syncing (main thread) ---------------------------------------------
+
+    def _listen(self) -> None:
+        conn: psycopg.Connection[tuple[object, ...]] | None = None
+        next_poll = 0.0  # sync at once
+        while not self.stop.is_set():
+            if conn is None:
+                conn = self._connect_listener()
+                if conn is None:
+                    self.stop.wait(1.0)
+                    continue
+                next_poll = 0.0  # catch up on whatever was missed while disconnected
+            if time.monotonic() >= next_poll:
+                self.sync()
+                next_poll = time.monotonic() + self.config.node.poll_seconds
+            wait = max(0.0, min(_WAKE_SECONDS, next_poll - time.monotonic()))
+            try:
+                for note in conn.notifies(timeout=wait, stop_after=1):
+                    if note.channel == CHANGED_CHANNEL:
+                        self.sync()
+                    elif note.channel == REQUEST_CHANNEL and self.election.leading:
+                        self._run_rollover_now()
+            except psycopg.Error as exc:
+                log.warning(
+                    "%s lost its config DB listener (%s); reconnecting",
+                    self.node_id,
+                    " ".join(str(exc).split()),
+                )
+                conn.close()
+                conn = None
+        if conn is not None:
+            conn.close()
+
+    def _connect_listener(self) -> psycopg.Connection[tuple[object, ...]] | None:
+        try:
+            conn = psycopg.connect(
+                self.config.database.dsn,
+                autocommit=True,
+                connect_timeout=self.config.database.connect_timeout_seconds,
+                application_name=f"farmkeys listener {self.node_id}",
+            )
+            conn.execute(f"LISTEN {CHANGED_CHANNEL}")
+            conn.execute(f"LISTEN {REQUEST_CHANNEL}")
+        except psycopg.Error as exc:
+            log.warning(
+                "%s cannot listen on the config DB at %s: %s",
+                self.node_id,
+                self._sync_db.endpoint,
+                " ".join(str(exc).split()),
+            )
+            return None
+        return conn
+
+    def sync(self) -> bool:
+        """Sync the store now; True when it changed. Failures are logged and recorded."""
+        before = self._manifest()
+        try:
+            report = node.sync(
+                self.config, self._sync_db, self.directory, self.store, now=_utcnow()
+            )
+        except Error as exc:
+            log.warning("%s: sync failed: %s", self.node_id, exc.diagnostics())
+            if not isinstance(exc, DatabaseError):
+                with contextlib.suppress(Error):
+                    self._sync_db.record_sync_error(self.node_id, exc.diagnostics())
+            return False
+        self._group = report.dkm_group
+        if report.changed:
+            self._run_hook(before, report.manifest)
+        return report.changed
+
+    def _manifest(self) -> Manifest | None:
+        try:
+            return self.store.manifest()
+        except Error:
+            return None
+
+    def _run_hook(self, before: Manifest | None, after: Manifest) -> None:
+        command = self.config.hooks.on_change
+        if not command:
+            return
+        old = before.identity() if before else frozenset()
+        changed = sorted({t for (_, _, t) in after.identity() - old})
+        env = {
+            **os.environ,
+            "FARMKEYS_STORE": str(self.store.path),
+            "FARMKEYS_CHANGED": " ".join(changed),
+        }
+        error: str | None = None
+        try:
+            done = subprocess.run(
+                shlex.split(command),
+                env=env,
+                timeout=self.config.hooks.timeout_seconds,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if done.returncode != 0:
+                tail = " ".join((done.stderr or done.stdout).split())[-200:]
+                error = f"on_change hook exited {done.returncode}: {tail}"
+        except (OSError, subprocess.SubprocessError, ValueError) as exc:
+            error = f"on_change hook could not run: {exc}"
+        if error:
+            log.warning("%s: %s", self.node_id, error)
+        else:
+            log.info("%s: on_change hook ran for %s", self.node_id, " ".join(changed))
+        try:
+            self._sync_db.record_hook(self.node_id, error=error)
+        except Error as exc:
+            log.warning("%s could not record the hook's outcome: %s", self.node_id, exc.what)
+
+    # -- scheduled jobs (scheduler threads) ---------------------------------------------
+
+    def _lease_tick(self) -> None:
+        was_leading = self.election.leading
+        try:
+            leading = self.election.try_acquire()
+            self._renewed_at = time.monotonic()
+            self._lease_db.heartbeat(self.node_id, directory_error=self._directory_error)
+        except Error as exc:
+            log.warning("%s cannot renew the lease: %s", self.node_id, exc.diagnostics())
+            expired = time.monotonic() - self._renewed_at >= self.config.lease.ttl_seconds
+            if was_leading and expired:
+                log.warning("%s: the lease has run out unrenewed; stepping down", self.node_id)
+                self.election.step_down()
+            return
+        if leading and not was_leading:
+            self._record_leadership()
+            self._run_rollover_now()
+
+    def _record_leadership(self) -> None:
+        try:
+            with self._lease_db.transaction() as tx:
+                tx.audit(
+                    node=self.node_id,
+                    term=self.election.term,
+                    action="lead",
+                    detail=f"{self.election.identity} took the lease",
+                )
+        except Error as exc:
+            log.warning("%s could not record its leadership: %s", self.node_id, exc.what)
+
+    def _probe_tick(self) -> None:
+        group = self._group
+        if group is None:
+            return  # not synced yet: nothing to look for
+        try:
+            self._probe.current_key_id(group)
+            self._directory_error = None
+        except Error as exc:
+            if self._directory_error is None:
+                log.warning("%s cannot reach the directory: %s", self.node_id, exc.what)
+            self._directory_error = exc.what
+        finally:
+            self._probe.close()
+
+    def _run_rollover_now(self) -> None:
+        job = self.scheduler.get_job("rollover")
+        if job is not None:
+            job.modify(next_run_time=_utcnow())
+
+    def _rollover_tick(self) -> None:
+        if not self.election.leading:
+            return
+        try:
+            self.leader.answer_requests()
+            self.leader.check()
+        except LeaseLostError as exc:
+            log.warning("%s: write refused by the fence: %s", self.node_id, exc.diagnostics())
+        except Error as exc:
+            retry_in = min(
+                self.config.policy.rollover_interval_seconds, self.config.node.poll_seconds
+            )
+            log.warning(
+                "%s: rollover check failed: %s; retrying in %.0f s",
+                self.node_id,
+                exc.diagnostics(),
+                retry_in,
+            )
+            job = self.scheduler.get_job("rollover")
+            if job is not None:
+                job.modify(next_run_time=_utcnow() + timedelta(seconds=retry_in))
