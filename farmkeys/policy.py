@@ -150,8 +150,9 @@ def next_action(
     """The next scheduled action of one certificate, by the rules of :func:`decide`.
 
     - primary without a usable secondary: ``generate_secondary`` at
-      ``P.not_after - G``; once that moment has passed (or when it coincides
-      with the critical one), ``generate_and_promote`` at ``P.not_after - C``;
+      ``P.not_after - G`` (overdue once that has passed, as the next check
+      will generate); from the critical moment on (or when the two coincide),
+      ``generate_and_promote`` at ``P.not_after - C``;
     - primary with a usable secondary: ``retire`` when the secondary is
       promoted, at ``min(S.created_at + M, P.not_after - C)``;
     - usable secondary: ``promote`` at that same moment, or at ``now`` when
@@ -181,8 +182,8 @@ def next_action(
         return Scheduled("retire", _promotion_at(policy, row, secondary))
     generation_at = row.not_after - policy.units(policy.generation_threshold)
     critical_at = row.not_after - policy.units(policy.critical_threshold)
-    if now < generation_at < critical_at:
-        return Scheduled("generate_secondary", generation_at)
+    if generation_at < critical_at and now < critical_at:
+        return Scheduled("generate_secondary", generation_at)  # overdue once generation_at passed
     return Scheduled("generate_and_promote", critical_at)
 
 

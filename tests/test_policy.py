@@ -489,9 +489,7 @@ def test_accepts_the_config_db_row_type() -> None:
         role_since=now - DAYS.units(345),
     )
     assert [a.kind for a in only(decide(DAYS, now, [row]), "signing")] == ["generate"]
-    assert next_action(DAYS, now, [row], row.id) == Scheduled(
-        "generate_and_promote", now + DAYS.units(18)
-    )
+    assert next_action(DAYS, now, [row], row.id) == Scheduled("generate_secondary", now)
 
 
 def test_naive_now_is_refused() -> None:
@@ -524,7 +522,15 @@ def test_next_action_of_a_primary_is_generating_its_secondary() -> None:
     )
 
 
-def test_next_action_of_a_primary_past_generation_is_an_overdue_generate_and_promote() -> None:
+def test_next_action_between_generation_and_critical_is_an_overdue_generate_secondary() -> None:
+    now = ANCHOR
+    p = new_row("primary", created=now - DAYS.units(355), not_after=now + DAYS.units(10))
+    assert next_action(DAYS, now, [p], p.id) == Scheduled(
+        "generate_secondary", now - DAYS.units(10)
+    )
+
+
+def test_next_action_of_a_primary_past_critical_is_an_overdue_generate_and_promote() -> None:
     now = ANCHOR
     p = new_row("primary", created=now - DAYS.units(366), not_after=now - DAYS.units(1))
     assert next_action(DAYS, now, [p], p.id) == Scheduled(
