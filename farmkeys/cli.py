@@ -211,7 +211,7 @@ def _configure_logging(debug: bool, *, service: bool = False) -> None:
     )
     logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
     # Libraries' own debug output may echo requests and responses: keep them quiet.
-    for noisy in ("ldap3", "psycopg", "tenacity"):
+    for noisy in ("ldap3", "psycopg", "tenacity", "apscheduler"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
