@@ -432,3 +432,32 @@ def test_status_with_the_directory_down_still_reports_the_farm(initialised: Test
     doc = result.json
     assert any("cannot list master keys" in p for p in doc["problems"])
     assert doc["master_keys"][0]["current"] is None
+
+
+# -- events ---------------------------------------------------------------------------------
+
+
+def test_events_show_what_init_did(initialised: TestFarm) -> None:
+    farm = initialised
+    events = farm.run("events", "--json")
+    assert events.code == 0
+    actions = [(e["action"], e["purpose"], e["term"], e["node"]) for e in events.json]
+    assert actions == [
+        ("init", None, None, "node-a"),
+        ("generate_and_promote", "signing", None, "node-a"),
+        ("generate_and_promote", "decryption", None, "node-a"),
+    ]
+    thumbprints = {t for (t,) in db_rows(farm.dsn, "SELECT thumbprint FROM certificate")}
+    assert {e["thumbprint"] for e in events.json[1:]} == thumbprints
+    assert all(e["at"].endswith("+00:00") for e in events.json)
+
+    text = farm.run("events", "--since", "1h")
+    assert text.code == 0
+    assert "init" in text.out and "generate_and_promote signing" in text.out
+    assert farm.run("events", "--since", "2099-01-01T00:00:00Z").out.strip() == "no events"
+
+
+def test_events_since_must_be_a_time_or_an_age(initialised: TestFarm) -> None:
+    with pytest.raises(SystemExit) as done:
+        initialised.run("events", "--since", "yesterday")
+    assert done.value.code == 64

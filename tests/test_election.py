@@ -1,0 +1,179 @@
+"""The leader lease and its fence, against the real config DB.
+
+A "pause" is simulated by moving the lease's expiry into the past, which is
+what the database's clock would show after a long stop: no sleeping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from farmtools import TestFarm
+
+from farmkeys._slapd import LocalSlapd
+from farmkeys.config import Config, LeaseConfig, load
+from farmkeys.configdb import ConfigDB
+from farmkeys.directory import Directory
+from farmkeys.election import Election, read_lease
+from farmkeys.errors import LeaseLostError
+from farmkeys.rollover import Leader
+
+LEASE = LeaseConfig(ttl_seconds=30, renew_seconds=10)
+
+
+@pytest.fixture
+def farm(tmp_path: Path, slapd: LocalSlapd, pg_dsn: str) -> TestFarm:
+    farm = TestFarm(root=tmp_path, slapd=slapd, dsn=pg_dsn)
+    assert farm.run("init").code == 0
+    return farm
+
+
+@pytest.fixture
+def config(farm: TestFarm) -> Config:
+    return load(farm.config())
+
+
+@pytest.fixture
+def db(config: Config) -> Iterator[ConfigDB]:
+    with ConfigDB(config.database, config.retry) as db:
+        yield db
+
+
+def expire_lease(dsn: str) -> None:
+    """What the database clock shows once the holder has been stopped for longer than the ttl."""
+    with psycopg.connect(dsn) as conn:
+        conn.execute("UPDATE leader_lease SET expires_at = now() - interval '1 second'")
+
+
+def certificate_table(dsn: str) -> list[tuple[object, ...]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT id, role, role_since FROM certificate ORDER BY id").fetchall()
+
+
+def test_one_process_leads_and_renewing_keeps_the_term(db: ConfigDB) -> None:
+    a = Election(db, node_id="node-a", lease=LEASE)
+    b = Election(db, node_id="node-b", lease=LEASE)
+    assert a.try_acquire()
+    assert not b.try_acquire()
+    assert a.term == 1
+    assert b.term is None
+    assert a.try_acquire()
+    assert a.term == 1
+    lease = read_lease(db)
+    assert lease.holder == a.identity
+    assert lease.holder_node == "node-a"
+    assert lease.valid
+
+
+def test_two_processes_of_one_node_are_different_holders(db: ConfigDB) -> None:
+    first = Election(db, node_id="node-a", lease=LEASE)
+    second = Election(db, node_id="node-a", lease=LEASE)
+    assert first.try_acquire()
+    assert not second.try_acquire()
+
+
+def test_an_expired_lease_is_taken_over_under_a_higher_term(db: ConfigDB, farm: TestFarm) -> None:
+    a = Election(db, node_id="node-a", lease=LEASE)
+    b = Election(db, node_id="node-b", lease=LEASE)
+    assert a.try_acquire()
+    expire_lease(farm.dsn)
+    assert b.try_acquire()
+    assert b.term == 2
+    assert not a.try_acquire()
+    assert a.term is None
+
+
+def test_a_stale_leader_cannot_write_after_a_takeover(
+    db: ConfigDB, farm: TestFarm, config: Config
+) -> None:
+    a = Election(db, node_id="node-a", lease=LEASE)
+    b = Election(db, node_id="node-b", lease=LEASE)
+    assert a.try_acquire()
+    expire_lease(farm.dsn)
+    assert b.try_acquire()
+    # a wakes up still believing it leads under term 1.
+    assert a.term == 1
+    with (
+        pytest.raises(LeaseLostError, match="no longer holds the leader lease of term 1"),
+        a.fenced() as fence,
+    ):
+        fence.tx.audit(node="node-a", term=fence.term, action="must-not-happen")
+    assert a.term is None  # it stepped down
+    # Its rollover work is refused the same way, with a certificate due for a secondary.
+    with psycopg.connect(farm.dsn) as conn:
+        conn.execute("UPDATE certificate SET not_after = now() + interval '1 day'")
+    before = certificate_table(farm.dsn)
+    a._term = 1  # the stale belief again, as after SIGCONT
+    with Directory(config.directory, config.retry) as directory, pytest.raises(LeaseLostError):
+        Leader(config, db, directory, a).check()
+    with psycopg.connect(farm.dsn) as conn:
+        assert conn.execute(
+            "SELECT count(*) FROM audit_event WHERE term = 1 OR action = 'must-not-happen'"
+        ).fetchone() == (0,)
+    assert certificate_table(farm.dsn) == before
+
+
+def test_the_fence_refuses_an_expired_lease_even_before_a_takeover(
+    db: ConfigDB, farm: TestFarm
+) -> None:
+    a = Election(db, node_id="node-a", lease=LEASE)
+    assert a.try_acquire()
+    expire_lease(farm.dsn)
+    with pytest.raises(LeaseLostError, match="has expired"), a.fenced():
+        pass
+
+
+def test_the_leader_writes_under_its_term(db: ConfigDB, farm: TestFarm, config: Config) -> None:
+    a = Election(db, node_id="node-a", lease=LEASE)
+    assert a.try_acquire()
+    with psycopg.connect(farm.dsn) as conn:
+        conn.execute("UPDATE certificate SET not_after = now() + interval '10 days'")
+    with Directory(config.directory, config.retry) as directory:
+        done = Leader(config, db, directory, a).check()
+    assert sorted((d.action, d.purpose) for d in done) == [
+        ("generate", "decryption"),
+        ("generate", "signing"),
+    ]
+    with psycopg.connect(farm.dsn) as conn:
+        rows = conn.execute(
+            "SELECT action, term, node FROM audit_event WHERE action = 'generate'"
+        ).fetchall()
+    assert rows == [("generate", 1, "node-a"), ("generate", 1, "node-a")]
+
+
+def test_release_frees_the_lease_and_the_next_holder_gets_a_new_term(db: ConfigDB) -> None:
+    a = Election(db, node_id="node-a", lease=LEASE)
+    b = Election(db, node_id="node-b", lease=LEASE)
+    assert a.try_acquire()
+    a.release()
+    assert not read_lease(db).valid
+    assert b.try_acquire()
+    assert b.term == 2
+
+
+def test_the_database_allows_one_primary_and_one_secondary_per_purpose(farm: TestFarm) -> None:
+    copy = (
+        "INSERT INTO certificate (id, purpose, role, thumbprint, sha256, subject, key_type,"
+        " not_before, not_after, der, master_key, blob)"
+        " SELECT gen_random_uuid(), purpose, %s, 'AB' || substr(thumbprint, 3), sha256,"
+        " subject, key_type, not_before, not_after, der, master_key, blob"
+        " FROM certificate WHERE purpose = 'signing'"
+    )
+    with (
+        psycopg.connect(farm.dsn) as conn,
+        pytest.raises(psycopg.errors.UniqueViolation, match="certificate_one_primary"),
+    ):
+        conn.execute(copy, ("primary",))
+    with psycopg.connect(farm.dsn) as conn:
+        conn.execute(copy, ("secondary",))
+    second = copy.replace("'AB'", "'CD'").replace(
+        "purpose = 'signing'", "purpose = 'signing' AND role = 'primary'"
+    )
+    with (
+        psycopg.connect(farm.dsn) as conn,
+        pytest.raises(psycopg.errors.UniqueViolation, match="certificate_one_secondary"),
+    ):
+        conn.execute(second, ("secondary",))
