@@ -3,8 +3,11 @@
 ``make demo`` runs this. It starts a private slapd under ``.demo/``, creates
 the database ``farmkeys_demo`` on the local PostgreSQL (dropping an earlier
 demo's), writes a config file for three nodes, then runs the real command
-line: ``farmkeys init``, ``farmkeys sync`` on every node, ``farmkeys status``.
-Everything listens on 127.0.0.1; slapd is stopped at the end.
+line: ``farmkeys init``, ``farmkeys sync`` on every node, ``farmkeys serve``
+on every node in the background, ``farmkeys rollover --purpose signing``
+(answered by whichever node leads, and installed by all within a second),
+``farmkeys status`` and ``farmkeys events``. Everything listens on
+127.0.0.1; the services and slapd are stopped at the end.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psycopg
@@ -22,7 +27,7 @@ from farmkeys._slapd import LocalSlapd
 
 ADMIN_DSN = os.environ.get("FARMKEYS_DEMO_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 DATABASE = "farmkeys_demo"
-NODES = ("node-a", "node-b", "node-c")
+NODES = ("node-a", "node-b", "node-c")  # three: _wait_for_leader counts them
 
 
 def _recreate_database() -> str:
@@ -67,6 +72,49 @@ def _farmkeys(*args: str, config: Path) -> int:
     return subprocess.run(argv, check=False).returncode
 
 
+def _start_services(root: Path, configs: dict[str, Path]) -> list[subprocess.Popen[bytes]]:
+    """`farmkeys serve` on every node, as their service managers would run it."""
+    print("\n$ farmkeys serve  (on each node, in the background)", flush=True)
+    services = []
+    for node, config in configs.items():
+        log = (root / f"{node}.log").open("wb")
+        services.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "farmkeys", "serve", "--config", str(config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
+    return services
+
+
+def _poll(dsn: str, query: str, *, seconds: float = 30.0) -> bool:
+    deadline = time.monotonic() + seconds
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            row = conn.execute(query).fetchone()
+            if row and row[0]:
+                return True
+            time.sleep(0.2)
+    return False
+
+
+def _wait_for_leader(dsn: str) -> bool:
+    return _poll(
+        dsn, "SELECT holder IS NOT NULL AND expires_at > now() FROM leader_lease"
+    ) and _poll(dsn, "SELECT count(*) = 3 FROM node WHERE heartbeat_at IS NOT NULL")
+
+
+def _wait_for_nodes(dsn: str) -> bool:
+    """Every node has installed the live set."""
+    return _poll(
+        dsn,
+        "SELECT bool_and(n.installed @> live.set AND live.set @> n.installed) FROM node n,"
+        " (SELECT jsonb_agg(jsonb_build_object('purpose', purpose, 'role', role,"
+        "  'thumbprint', thumbprint)) AS set FROM certificate WHERE role <> 'archived') live",
+    )
+
+
 def main() -> int:
     root = Path(".demo").resolve()
     if root.exists():
@@ -84,8 +132,24 @@ def main() -> int:
             if _farmkeys(command, config=config) != 0:
                 print(f"demo: `farmkeys {command}` failed", file=sys.stderr)
                 return 1
-        code = _farmkeys("status", config=configs["node-a"])
-        print(f"\nstatus exit code {code} (0 ok, 1 warning, 2 critical, 3 unknown)")
+        services = _start_services(root, configs)
+        try:
+            if not _wait_for_leader(dsn):
+                print("demo: no node took the leader lease", file=sys.stderr)
+                return 1
+            if _farmkeys("rollover", "--purpose", "signing", config=configs["node-c"]) != 0:
+                print("demo: `farmkeys rollover` failed", file=sys.stderr)
+                return 1
+            _wait_for_nodes(dsn)
+            code = _farmkeys("status", config=configs["node-a"])
+            print(f"\nstatus exit code {code} (0 ok, 1 warning, 2 critical, 3 unknown)")
+            _farmkeys("events", config=configs["node-a"])
+        finally:
+            for process in services:
+                process.send_signal(signal.SIGTERM)
+            for process in services:
+                process.wait(timeout=30)
+        print(f"\nservice logs: {root}/<node>.log")
         for node in NODES:
             store = root / "stores" / node
             files = sorted(
