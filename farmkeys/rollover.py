@@ -19,7 +19,7 @@ from farmkeys.config import Config
 from farmkeys.configdb import CHANGED_CHANNEL, DONE_CHANNEL, CertificateRow, ConfigDB, Farm
 from farmkeys.directory import Directory
 from farmkeys.election import Election, Fence
-from farmkeys.errors import NotInitialisedError
+from farmkeys.errors import DirectoryError, NotInitialisedError
 from farmkeys.node import new_certificate
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,8 @@ class Leader:
         self._db = db
         self._directory = directory
         self._election = election
+        self._key: tuple[uuid.UUID, bytes] | None = None  # the current master key, in memory
+        self._key_error: DirectoryError | None = None
 
     def _farm(self) -> Farm:
         farm = self._db.farm()
@@ -62,9 +64,29 @@ class Leader:
             )
         return farm
 
+    def _refresh_key(self, farm: Farm) -> None:
+        """Read the current master key before any transaction opens.
+
+        Directory I/O never happens while the lease row is locked: a slow or
+        unreachable directory must not hold up lease renewals. If the directory
+        cannot be read, the last key read stays in use (it is still valid; a
+        new blob sealed under it opens as well as any other).
+        """
+        try:
+            key_id = self._directory.current_key_id(farm.dkm_group)
+            self._key = (key_id, self._directory.master_key(farm.dkm_group, key_id))
+        except DirectoryError as exc:
+            if self._key is None:
+                self._key_error = exc
+            else:
+                log.warning(
+                    "directory unavailable; sealing under the last master key read: %s", exc.what
+                )
+
     def check(self) -> list[Applied]:
         """Run the rollover check: apply what the policy says is due, until nothing is."""
         farm = self._farm()
+        self._refresh_key(farm)
         done: list[Applied] = []
         for _ in range(MAX_ROUNDS):
             with self._election.fenced(self._db) as fence:
@@ -111,14 +133,19 @@ class Leader:
                 self._audit(fence, "retire", purpose, row.id, row.thumbprint, f"replaced: {reason}")
 
     def _generate(self, fence: Fence, farm: Farm, purpose: str, role: str, reason: str) -> Applied:
-        key_id = self._directory.current_key_id(farm.dkm_group)
+        if self._key is None:
+            # Raising rolls the whole transaction back: nothing half-done.
+            raise self._key_error or DirectoryError(
+                "the current master key has not been read", "check the directory"
+            )
+        key_id, key = self._key
         row = new_certificate(
             self._config,
             dkm_group=farm.dkm_group,
             purpose=purpose,
             role=role,
             master_key_id=key_id,
-            master_key=self._directory.master_key(farm.dkm_group, key_id),
+            master_key=key,
             now=fence.now,
         )
         fence.tx.insert_certificate(row)
@@ -150,6 +177,7 @@ class Leader:
     def answer_requests(self) -> int:
         """Carry out every pending `farmkeys rollover` request; how many were answered."""
         farm = self._farm()
+        self._refresh_key(farm)
         answered = 0
         while True:
             with self._election.fenced(self._db) as fence:
