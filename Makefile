@@ -2,6 +2,7 @@
 #
 #   make demo   a local demo farm on real PostgreSQL and OpenLDAP (loopback only)
 #   make test   ruff, mypy and the whole test suite against the same real servers
+#   make bench  the propagation and failover benchmark (prints figures)
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -44,6 +45,10 @@ servers:
 	  pg_ctlcluster --skip-systemctl-redirect $(PG_VERSION) main start; \
 	  for i in $$(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done; \
 	fi
+
+# Figures, not a pass/fail: propagation to N nodes and failover time.
+bench: setup
+	$(PY) tests/bench/bench_propagation.py
 
 clean:
 	rm -rf $(VENV) .demo .mypy_cache .ruff_cache .pytest_cache

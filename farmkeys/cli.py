@@ -386,7 +386,11 @@ def render_status(doc: dict[str, Any]) -> str:
     for n in doc["nodes"]:
         state = "in sync" if n["in_sync"] else "NOT IN SYNC"
         last = (n["last_sync"] or "never")[:19]
-        lines.append(f"  {n['id']:<20} {state:<12} last sync {last}  generation {n['generation']}")
+        contact = (n.get("heartbeat_at") or n["last_seen"] or "never")[:19]
+        lines.append(
+            f"  {n['id']:<20} {state:<12} last sync {last}  generation {n['generation']}"
+            f"  last contact {contact}"
+        )
     return "\n".join(lines)
 
 

@@ -36,10 +36,9 @@ from farmkeys.errors import DatabaseError, NotInitialisedError
 log = logging.getLogger(__name__)
 
 MIGRATION_TABLE = "farmkeys_migration"
-# NOTIFY channels: the live set changed; a rollover was requested or answered.
+# NOTIFY channels: the live set changed; a rollover was requested.
 CHANGED_CHANNEL = "farmkeys_changed"
 REQUEST_CHANNEL = "farmkeys_request"
-DONE_CHANNEL = "farmkeys_request_done"
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 # Serialises migrations and `init` across every node that runs them at once.
 _ADVISORY_LOCK = 0x666B_6579  # "fkey"
@@ -164,7 +163,16 @@ def _cause(exc: BaseException) -> str:
 class ConfigDB:
     """A connection to the config DB, opened lazily and reopened after a loss."""
 
-    def __init__(self, config: DatabaseConfig, retry: RetryConfig) -> None:
+    def __init__(
+        self,
+        config: DatabaseConfig,
+        retry: RetryConfig,
+        *,
+        idle_in_transaction_seconds: float = 60.0,
+    ) -> None:
+        """``idle_in_transaction_seconds``: the server ends a transaction whose client
+        went silent inside it (a stopped or partitioned process) after this long,
+        releasing its locks: a frozen leader never holds the lease row for good."""
         try:
             psycopg.conninfo.conninfo_to_dict(config.dsn)
         except psycopg.ProgrammingError:
@@ -174,6 +182,7 @@ class ConfigDB:
             ) from None
         self._config = config
         self._retry = retry
+        self._idle_ms = max(1, int(idle_in_transaction_seconds * 1000))
         self._conn: psycopg.Connection[dict[str, Any]] | None = None
         self.endpoint = describe_dsn(config.dsn)
         self.statements = 0  # statements sent, for tests that prove how much a sync costs
@@ -203,6 +212,9 @@ class ConfigDB:
                 connect_timeout=self._config.connect_timeout_seconds,
                 row_factory=dict_row,
                 application_name="farmkeys",
+                # Times come back in UTC whatever the server's zone; a silent client's
+                # open transaction is ended by the server.
+                options=f"-c TimeZone=UTC -c idle_in_transaction_session_timeout={self._idle_ms}",
             )
 
         try:

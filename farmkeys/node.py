@@ -439,7 +439,8 @@ def farm_status(
             problems.add("warning", f"node {n.id} has not installed the live certificate set")
         if n.last_error:
             problems.add("warning", f"node {n.id}'s last sync failed: {n.last_error}")
-        if n.heartbeat_at is not None and now - n.heartbeat_at > silent_after:
+        db_now = lease["now"] if lease is not None else now
+        if n.heartbeat_at is not None and db_now - n.heartbeat_at > silent_after:
             problems.add(
                 "warning",
                 f"node {n.id} has not been heard from since {n.heartbeat_at.isoformat()}",
@@ -482,8 +483,8 @@ def farm_status(
 
 def _lease(db: ConfigDB) -> dict[str, Any] | None:
     rows = db.fetch(
-        "SELECT holder_node, term, expires_at, holder IS NOT NULL AND expires_at > now() AS valid"
-        " FROM leader_lease"
+        "SELECT holder_node, term, expires_at, now() AS now,"
+        " holder IS NOT NULL AND expires_at > now() AS valid FROM leader_lease"
     )
     return rows[0] if rows else None
 
@@ -601,17 +602,14 @@ def request_rollover(
                 log.info("no node leads; %s took the lease for this rollover", config.node.id)
                 try:
                     Leader(config, db, directory, election).answer_requests()
+                except Error as exc:
+                    _withdraw(db, request, f"withdrawn: {exc.what}")
+                    raise
                 finally:
                     election.release()
                 continue
         if time.monotonic() >= deadline:
-            withdrawn = db.fetch(
-                "UPDATE rollover_request SET done_at = now(), ok = false,"
-                " result = 'withdrawn: no leader answered in time'"
-                " WHERE id = %s AND done_at IS NULL RETURNING id",
-                (request,),
-            )
-            if withdrawn:
+            if _withdraw(db, request, "withdrawn: no leader answered in time"):
                 lease = read_lease(db)
                 raise LeaderTimeoutError(
                     f"the leader ({lease.holder_node or 'none'}) did not answer rollover"
@@ -620,3 +618,13 @@ def request_rollover(
                 )
             continue  # answered as we withdrew it: report the answer
         time.sleep(0.2)
+
+
+def _withdraw(db: ConfigDB, request: int, why: str) -> bool:
+    """Mark a request that nobody carried out as done and failed; False if it was answered."""
+    rows = db.fetch(
+        "UPDATE rollover_request SET done_at = now(), ok = false, result = %s"
+        " WHERE id = %s AND done_at IS NULL RETURNING id",
+        (why, request),
+    )
+    return bool(rows)

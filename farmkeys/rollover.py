@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from farmkeys import certs, policy
 from farmkeys.config import Config
-from farmkeys.configdb import CHANGED_CHANNEL, DONE_CHANNEL, CertificateRow, ConfigDB, Farm
+from farmkeys.configdb import CHANGED_CHANNEL, CertificateRow, ConfigDB, Farm
 from farmkeys.directory import Directory
 from farmkeys.election import Election, Fence
 from farmkeys.errors import DirectoryError, NotInitialisedError
@@ -200,7 +200,6 @@ class Leader:
                     (self._election.node_id, fence.term, "\n".join(lines), request["id"]),
                 )
                 fence.tx.notify(CHANGED_CHANNEL, f"term {fence.term}")
-                fence.tx.notify(DONE_CHANNEL, str(request["id"]))
                 answered += 1
             log.info("rollover request %d answered: %s", request["id"], "; ".join(lines))
 

@@ -72,9 +72,11 @@ class Service:
             initial_backoff_seconds=min(0.1, config.lease.renew_seconds / 4),
             max_backoff_seconds=max(0.1, config.lease.renew_seconds / 2),
         )
-        self._sync_db = ConfigDB(config.database, config.retry)
-        self._lease_db = ConfigDB(config.database, lease_retry)
-        self._leader_db = ConfigDB(config.database, config.retry)
+        idle = config.lease.ttl_seconds
+        self._sync_db = ConfigDB(config.database, config.retry, idle_in_transaction_seconds=idle)
+        self._lease_db = ConfigDB(config.database, lease_retry, idle_in_transaction_seconds=idle)
+        self._leader_db = ConfigDB(config.database, config.retry, idle_in_transaction_seconds=idle)
+        self._led_term: int | None = None  # the last term recorded as a `lead` event
         self.election = Election(self._lease_db, node_id=self.node_id, lease=config.lease)
         self.leader = Leader(config, self._leader_db, self.directory, self.election)
         self._renewed_at = 0.0
@@ -285,10 +287,24 @@ class Service:
                 self.election.step_down()
             return
         if leading and not was_leading:
-            self._record_leadership()
+            if self.election.term != self._led_term:
+                self._record_leadership()
+            self._run_rollover_now()
+        elif leading and self._requests_pending():
+            # A request whose notification met a running check: answer it now.
             self._run_rollover_now()
 
+    def _requests_pending(self) -> bool:
+        try:
+            rows = self._lease_db.fetch(
+                "SELECT EXISTS (SELECT 1 FROM rollover_request WHERE done_at IS NULL) AS pending"
+            )
+        except Error:
+            return False
+        return bool(rows[0]["pending"])
+
     def _record_leadership(self) -> None:
+        self._led_term = self.election.term
         try:
             with self._lease_db.transaction() as tx:
                 tx.audit(
