@@ -75,13 +75,15 @@ class Leader:
         try:
             key_id = self._directory.current_key_id(farm.dkm_group)
             self._key = (key_id, self._directory.master_key(farm.dkm_group, key_id))
+            self._key_error = None
         except DirectoryError as exc:
             if self._key is None:
                 self._key_error = exc
-            else:
+            elif self._key_error is None:  # once per outage
                 log.warning(
                     "directory unavailable; sealing under the last master key read: %s", exc.what
                 )
+                self._key_error = exc
 
     def check(self) -> list[Applied]:
         """Run the rollover check: apply what the policy says is due, until nothing is."""

@@ -44,7 +44,7 @@ class TestFarm:
     def store(self, node: str = "node-a") -> Path:
         return self.root / "stores" / node
 
-    def config(self, node: str = "node-a", **sections: dict[str, Any]) -> Path:
+    def config(self, node: str = "node-a", /, **sections: dict[str, Any]) -> Path:
         """Write the TOML config of ``node``, ``sections`` overriding the defaults; its path."""
         password_file = self.slapd.write_password_file(self.root / "directory.password")
         values: dict[str, dict[str, Any]] = {
@@ -186,3 +186,210 @@ def hold_lease(farm: TestFarm, node: str = "node-a", ttl_seconds: float = 600.0)
         assert election.try_acquire()
         assert election.term is not None
         return election.term
+
+
+# -- `farmkeys serve` as real processes (tests/test_serve.py, tests/bench/) -----------------
+
+import signal  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Iterable  # noqa: E402
+
+import psycopg  # noqa: E402
+
+Identity = frozenset[tuple[str, str, str]]  # {(purpose, role, thumbprint)}
+
+
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float,
+    what: str,
+    *,
+    interval: float = 0.05,
+    detail: Callable[[], str] | None = None,
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned); fail after ``timeout``.
+
+    The failure names ``what`` was awaited and adds ``detail()`` (logs, last state).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            extra = f"\n{detail()}" if detail is not None else ""
+            raise AssertionError(f"timed out after {timeout:.1f} s waiting until {what}{extra}")
+        time.sleep(interval)
+
+
+def db_query(dsn: str, query: str, params: Any = None) -> list[dict[str, Any]]:
+    """One query on a fresh connection (so a restarted server costs the caller nothing)."""
+    from psycopg.rows import dict_row
+
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=2, row_factory=dict_row) as conn:
+        return conn.execute(query, params).fetchall()
+
+
+def db_now(dsn: str) -> Any:
+    """The database's clock."""
+    return db_query(dsn, "SELECT now() AS now")[0]["now"]
+
+
+def lease_row(dsn: str) -> dict[str, Any]:
+    """The leader lease as the database sees it, with ``valid`` judged by its clock."""
+    return db_query(
+        dsn,
+        "SELECT holder, holder_node, term, acquired_at, expires_at,"
+        " holder IS NOT NULL AND expires_at > now() AS valid FROM leader_lease",
+    )[0]
+
+
+def live_identity(dsn: str) -> Identity:
+    """The farm's live (not archived) certificate set in the config DB."""
+    rows = db_query(
+        dsn, "SELECT purpose, role, thumbprint FROM certificate WHERE role <> 'archived'"
+    )
+    return frozenset((r["purpose"], r["role"], r["thumbprint"]) for r in rows)
+
+
+def manifest_identity(store: Path) -> Identity | None:
+    """What a store's manifest.json says is installed; None when there is none (yet)."""
+    try:
+        doc = json.loads((store / "manifest.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return frozenset((c["purpose"], c["role"], c["thumbprint"]) for c in doc["certificates"])
+
+
+@dataclass
+class ServeProcess:
+    """One `farmkeys serve` subprocess and its log file (stdout and stderr)."""
+
+    node: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def tail(self, lines: int = 25) -> str:
+        try:
+            text = self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+
+class ServeNodes:
+    """`farmkeys serve` on several nodes of a TestFarm, as separate processes.
+
+    Use it as a context manager: every process it started is killed on exit,
+    whatever happened (a SIGSTOPped one too).
+    """
+
+    def __init__(self, farm: TestFarm, log_dir: Path | None = None) -> None:
+        self.farm = farm
+        self.log_dir = log_dir or farm.root / "logs"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.procs: dict[str, ServeProcess] = {}
+        self._all: list[ServeProcess] = []
+
+    def __enter__(self) -> ServeNodes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill_all()
+
+    def start(self, node: str, **sections: dict[str, Any]) -> ServeProcess:
+        """Start `farmkeys serve` for ``node`` (config sections as for TestFarm.config)."""
+        config = self.farm.config(node, **sections)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FARMKEYS_")}
+        log = self.log_dir / f"{node}.log"
+        with log.open("ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "farmkeys", "serve", "--config", str(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                env=env,
+                cwd=REPO,
+            )
+        started = ServeProcess(node, proc, log)
+        self.procs[node] = started
+        self._all.append(started)
+        return started
+
+    def start_all(self, nodes: Iterable[str], **sections: dict[str, Any]) -> None:
+        for node in nodes:
+            self.start(node, **sections)
+
+    def by_holder(self, holder: str | None) -> ServeProcess:
+        """The process named by a lease holder ("node/host:pid/suffix")."""
+        assert holder, f"no holder\n{self.logs()}"
+        pid = int(holder.split("/")[1].rsplit(":", 1)[1])
+        found = [p for p in self.procs.values() if p.pid == pid]
+        assert found, f"lease holder {holder} is none of our processes\n{self.logs()}"
+        return found[0]
+
+    def logs(self, lines: int = 25) -> str:
+        """The tail of every node's log, for assertion messages."""
+        return "\n".join(
+            f"--- {p.node} (pid {p.pid}, {'running' if p.alive() else f'exit {p.proc.returncode}'})"
+            f" {p.log}:\n{p.tail(lines)}"
+            for p in self._all
+        )
+
+    def stop(self, node: str, timeout: float = 10.0) -> int:
+        """SIGTERM one node and wait for it; its exit code."""
+        proc = self.procs[node].proc
+        proc.send_signal(signal.SIGTERM)
+        return proc.wait(timeout)
+
+    def kill_all(self) -> None:
+        for p in self._all:
+            if p.proc.poll() is None:
+                for sig in (signal.SIGCONT, signal.SIGKILL):
+                    with contextlib.suppress(ProcessLookupError):
+                        p.proc.send_signal(sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.proc.wait(10)
+
+
+class ManifestWatcher:
+    """A thread that reads every store's manifest every ``interval`` and records each change.
+
+    ``changes[node]`` is a list of ``(time.time(), identity)``, one per newly seen set.
+    """
+
+    def __init__(self, stores: dict[str, Path], interval: float = 0.02) -> None:
+        self.stores = stores
+        self.interval = interval
+        self.changes: dict[str, list[tuple[float, Identity]]] = {n: [] for n in stores}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="manifest-watcher", daemon=True)
+
+    def __enter__(self) -> ManifestWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for node, store in self.stores.items():
+                seen = manifest_identity(store)
+                if seen is not None and (
+                    not self.changes[node] or self.changes[node][-1][1] != seen
+                ):
+                    self.changes[node].append((time.time(), seen))
+            self._stop.wait(self.interval)
+
+    def current(self, node: str) -> Identity | None:
+        return self.changes[node][-1][1] if self.changes[node] else None

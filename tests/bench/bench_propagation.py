@@ -1,0 +1,276 @@
+"""Benchmark: how fast a change reaches every node; how fast a killed leader is replaced.
+
+Not part of the test run (pytest collects test_*.py only). From the repository root:
+
+    /tmp/venv/bin/python tests/bench/bench_propagation.py
+    /tmp/venv/bin/python tests/bench/bench_propagation.py --nodes 3 10 --rollovers 5 --failovers 3
+
+It needs what the tests need: slapd installed, and PostgreSQL at $FARMKEYS_TEST_PG
+(default postgresql://postgres@127.0.0.1:5432/postgres). It starts its own slapd
+(farmkeys._slapd.LocalSlapd in a temporary folder) and, for each N, its own
+database (farmkeys_bench_<random>) and N `farmkeys serve` processes; all of it
+is stopped, dropped and removed at the end, whatever happens.
+
+(a) Propagation. The bench asks the leader for `rollover --urgent --purpose
+    signing` (node.request_rollover, what the CLI runs): one transaction
+    replaces the signing primary. It times
+    - from commit: the bench LISTENs on the farm's change channel itself; the
+      NOTIFY arrives when the transaction commits;
+    - from the transaction's start (audit_event.at: includes key generation);
+    to the first and to the last of the N nodes whose store names the new
+    primary (each store's `current` link and manifest.json read every ~5 ms).
+    Nodes poll every 60 s, so only LISTEN/NOTIFY can explain sub-second times.
+(b) Failover. SIGKILL the leader; time until leader_lease shows a higher term
+    (read every 10 ms). The killed node is restarted before the next trial.
+
+Every node, the leader and the bench share one machine and its clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: farmtools, pg
+
+import psycopg
+from farmtools import (
+    ServeNodes,
+    TestFarm,
+    db_query,
+    lease_row,
+    live_identity,
+    manifest_identity,
+    wait_until,
+)
+from pg import ADMIN_DSN, dsn_for
+
+from farmkeys import node as farm_node
+from farmkeys._slapd import LocalSlapd
+from farmkeys.config import load
+from farmkeys.configdb import CHANGED_CHANNEL, ConfigDB
+from farmkeys.directory import Directory
+
+TTL = 2.0
+RENEW = 0.5
+POLL = 60.0
+OVERRIDES: dict[str, dict[str, Any]] = {
+    # AD FS's defaults: nothing rolls over by itself; every change is the bench's.
+    "policy": {"rollover_interval_seconds": 3600},
+    "lease": {"ttl_seconds": TTL, "renew_seconds": RENEW},
+    "node": {"poll_seconds": POLL},
+    "retry": {"total_seconds": 1.0, "initial_backoff_seconds": 0.05, "max_backoff_seconds": 0.2},
+}
+
+
+@dataclass
+class Figures:
+    nodes: int
+    from_commit_last: list[float] = field(default_factory=list)
+    from_commit_first: list[float] = field(default_factory=list)
+    from_start_last: list[float] = field(default_factory=list)
+    failover: list[float] = field(default_factory=list)
+    lease_left: list[float] = field(default_factory=list)
+
+
+def signing_primary(store: Path) -> str | None:
+    identity = manifest_identity(store)
+    return next((t for p, r, t in identity or () if p == "signing" and r == "primary"), None)
+
+
+def watch_stores(stores: list[Path], old: str, installed: dict[Path, float], stop: threading.Event):
+    """Note when each store's signing primary stops being ``old`` (current link polled ~5 ms)."""
+    links = {s: None for s in stores}
+    while not stop.is_set() and len(installed) < len(stores):
+        for store in stores:
+            if store in installed:
+                continue
+            try:
+                link = os.readlink(store / "current")
+            except OSError:
+                continue
+            if link != links[store]:
+                links[store] = link
+                now = time.time()
+                primary = signing_primary(store)
+                if primary is not None and primary != old:
+                    installed[store] = now
+        time.sleep(0.005)
+
+
+def one_rollover(farm: TestFarm, stores: list[Path], figures: Figures) -> None:
+    old = signing_primary(stores[0])
+    assert old is not None and all(signing_primary(s) == old for s in stores)
+    installed: dict[Path, float] = {}
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch_stores, args=(stores, old, installed, stop))
+    cfg = load(farm.config("bench"))
+    outcome: list[Any] = []
+
+    def request() -> None:
+        with ConfigDB(cfg.database, cfg.retry) as db, Directory(cfg.directory, cfg.retry) as d:
+            outcome.append(
+                farm_node.request_rollover(
+                    cfg, db, d, purpose="signing", urgent=True, timeout_seconds=30
+                )
+            )
+
+    with psycopg.connect(farm.dsn, autocommit=True) as listener:
+        listener.execute(f"LISTEN {CHANGED_CHANNEL}")
+        watcher.start()
+        asker = threading.Thread(target=request)
+        asker.start()
+        committed = None
+        for _ in listener.notifies(timeout=30, stop_after=1):
+            committed = time.time()
+        asker.join(35)
+        watcher.join(15)
+        stop.set()
+    assert committed is not None, "no change was announced"
+    assert outcome and outcome[0].ok, outcome
+    assert len(installed) == len(stores), f"only {len(installed)} of {len(stores)} nodes installed"
+    new = signing_primary(stores[0])
+    started = db_query(
+        farm.dsn,
+        "SELECT at FROM audit_event WHERE action = 'generate_and_promote' AND thumbprint = %s",
+        (new,),
+    )[0]["at"].timestamp()
+    last, first = max(installed.values()), min(installed.values())
+    figures.from_commit_last.append(last - committed)
+    figures.from_commit_first.append(first - committed)
+    figures.from_start_last.append(last - started)
+
+
+def one_failover(farm: TestFarm, nodes: ServeNodes, figures: Figures) -> None:
+    old = lease_row(farm.dsn)
+    assert old["valid"], old
+    leader = nodes.by_holder(old["holder"])
+    left = db_query(farm.dsn, "SELECT expires_at - now() AS left FROM leader_lease")[0]["left"]
+    killed = time.time()
+    leader.proc.send_signal(signal.SIGKILL)
+    leader.proc.wait(5)
+    while True:
+        lease = lease_row(farm.dsn)
+        if lease["valid"] and lease["term"] > old["term"]:
+            break
+        if time.time() - killed > 4 * TTL + 10:
+            raise AssertionError(f"no node took over:\n{nodes.logs()}")
+        time.sleep(0.01)
+    figures.failover.append(time.time() - killed)
+    figures.lease_left.append(left.total_seconds())
+    # Back to N nodes before the next trial.
+    restarted = db_query(farm.dsn, "SELECT now() AS now")[0]["now"]
+    nodes.start(leader.node)
+    wait_until(
+        lambda: db_query(
+            farm.dsn,
+            "SELECT 1 FROM node WHERE id = %s AND heartbeat_at > %s",
+            (leader.node, restarted),
+        ),
+        30,
+        f"{leader.node} serves again",
+        detail=nodes.logs,
+    )
+
+
+def run_farm(root: Path, slapd: LocalSlapd, n: int, rollovers: int, failovers: int) -> Figures:
+    name = f"farmkeys_bench_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    figures = Figures(nodes=n)
+    root.mkdir(parents=True)
+    try:
+        farm = TestFarm(root=root, slapd=slapd, dsn=dsn_for(name), overrides=OVERRIDES)
+        result = farm.run("init")
+        assert result.code == 0, result.err
+        names = [f"node-{i:02d}" for i in range(n)]
+        stores = [farm.store(x) for x in names]
+        with ServeNodes(farm) as nodes:
+            nodes.start_all(names)
+            first = live_identity(farm.dsn)
+            wait_until(
+                lambda: (
+                    all(manifest_identity(s) == first for s in stores)
+                    and lease_row(farm.dsn)["valid"]
+                ),
+                60,
+                f"{n} nodes serve",
+                detail=nodes.logs,
+            )
+            for _ in range(rollovers):
+                one_rollover(farm, stores, figures)
+                time.sleep(0.5)  # let every node report its sync before the next change
+            for _ in range(failovers):
+                one_failover(farm, nodes, figures)
+    finally:
+        with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    return figures
+
+
+def _ms(values: list[float]) -> str:
+    return f"{statistics.median(values) * 1000:8.0f} {max(values) * 1000:8.0f}"
+
+
+def _s(values: list[float]) -> str:
+    return f"{statistics.median(values):8.2f} {max(values):8.2f}"
+
+
+def report(all_figures: list[Figures]) -> str:
+    lines = [
+        f"farmkeys propagation and failover — {os.cpu_count()} CPUs, lease ttl {TTL} s,"
+        f" renew {RENEW} s, node poll {POLL:.0f} s (so only NOTIFY is fast)",
+        "",
+        f"{'N':>3}  {'measure':<44} {'median':>8} {'max':>8}  samples",
+    ]
+    for f in all_figures:
+        rows = [
+            ("commit -> last node installed (ms)", _ms(f.from_commit_last), f.from_commit_last),
+            ("commit -> first node installed (ms)", _ms(f.from_commit_first), f.from_commit_first),
+            ("tx start -> last node installed (ms)", _ms(f.from_start_last), f.from_start_last),
+            ("kill -9 of leader -> new term (s)", _s(f.failover), f.failover),
+            ("  of which lease still valid at kill (s)", _s(f.lease_left), f.lease_left),
+        ]
+        for label, figures, values in rows:
+            lines.append(f"{f.nodes:>3}  {label:<44} {figures}  {len(values)}")
+    lines += [
+        "",
+        "tx start: the leader's transaction began (audit_event.at); it includes generating",
+        "the key pair. Failover is bounded by the lease left at the kill plus one renew period.",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, nargs="+", default=[3, 10])
+    parser.add_argument("--rollovers", type=int, default=5)
+    parser.add_argument("--failovers", type=int, default=3)
+    args = parser.parse_args()
+    top = Path(tempfile.mkdtemp(prefix="farmkeys-bench-"))
+    results = []
+    try:
+        with LocalSlapd(top / "slapd") as slapd:
+            for n in args.nodes:
+                started = time.monotonic()
+                results.append(run_farm(top / f"n{n}", slapd, n, args.rollovers, args.failovers))
+                print(f"N={n}: done in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+    print(report(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
