@@ -23,7 +23,7 @@ from farmkeys import config as config_module
 from farmkeys.config import Config
 from farmkeys.configdb import ConfigDB
 from farmkeys.directory import Directory
-from farmkeys.errors import DatabaseError, Error, NotInitialisedError
+from farmkeys.errors import DatabaseError, Error
 from farmkeys.store import Store
 
 log = logging.getLogger("farmkeys")
@@ -317,13 +317,7 @@ def _rollover(args: argparse.Namespace, config: Config) -> int:
 
 def _events(args: argparse.Namespace, config: Config) -> int:
     with ConfigDB(config.database, config.retry) as db:
-        farm = db.farm()
-        if farm is None:
-            raise NotInitialisedError(
-                f"the config DB at {db.endpoint} holds no farmkeys farm",
-                "run `farmkeys init` once for the farm",
-            )
-        db.require_current_schema(farm)
+        db.require_farm()
         rows = db.events(since=args.since)
     docs = [
         {

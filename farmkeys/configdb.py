@@ -244,10 +244,7 @@ class ConfigDB:
         try:
             cur.execute(query, params)
         except pgerrors.UndefinedTable as exc:
-            raise NotInitialisedError(
-                f"the config DB at {self.endpoint} holds no farmkeys farm",
-                "run `farmkeys init` once for the farm",
-            ) from exc
+            raise self._no_farm() from exc
         except psycopg.OperationalError as exc:
             self.close()
             raise DatabaseError(
@@ -350,6 +347,20 @@ class ConfigDB:
         )
         return _farm(rows[0]) if rows else None
 
+    def _no_farm(self) -> NotInitialisedError:
+        return NotInitialisedError(
+            f"the config DB at {self.endpoint} holds no farmkeys farm",
+            "run `farmkeys init` once for the farm",
+        )
+
+    def require_farm(self) -> Farm:
+        """The farm, at the schema this farmkeys needs; raises when there is none."""
+        farm = self.farm()
+        if farm is None:
+            raise self._no_farm()
+        self.require_current_schema(farm)
+        return farm
+
     def require_current_schema(self, farm: Farm) -> None:
         """Refuse to go on with a schema older than this farmkeys needs."""
         newest = max(m.version for m in migrations())
@@ -369,10 +380,7 @@ class ConfigDB:
             " ORDER BY c.purpose, c.role, c.not_after"
         )
         if not rows:
-            raise NotInitialisedError(
-                f"the config DB at {self.endpoint} holds no farmkeys farm",
-                "run `farmkeys init` once for the farm",
-            )
+            raise self._no_farm()
         farm = _farm(rows[0])
         return farm, [_certificate(r) for r in rows if r["id"] is not None]
 

@@ -368,13 +368,7 @@ def farm_status(
     Reads the config DB (raising if it cannot) and the directory's key list
     (never key material; a directory failure becomes a problem, not an error).
     """
-    farm = db.farm()
-    if farm is None:
-        raise NotInitialisedError(
-            f"the config DB at {db.endpoint} holds no farmkeys farm",
-            "run `farmkeys init` once for the farm",
-        )
-    db.require_current_schema(farm)
+    farm = db.require_farm()
     rows = db.certificates()
     nodes = db.nodes()
     problems = _Problems()
@@ -581,13 +575,7 @@ def request_rollover(
     from farmkeys.election import Election, read_lease
     from farmkeys.rollover import Leader
 
-    farm = db.farm()
-    if farm is None:
-        raise NotInitialisedError(
-            f"the config DB at {db.endpoint} holds no farmkeys farm",
-            "run `farmkeys init` once for the farm",
-        )
-    db.require_current_schema(farm)
+    db.require_farm()
     request = db.request_rollover(node_id=config.node.id, purpose=purpose, urgent=urgent)
     deadline = time.monotonic() + timeout_seconds
     while True:

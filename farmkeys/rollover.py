@@ -19,7 +19,7 @@ from farmkeys.config import Config
 from farmkeys.configdb import CHANGED_CHANNEL, CertificateRow, ConfigDB, Farm
 from farmkeys.directory import Directory
 from farmkeys.election import Election, Fence
-from farmkeys.errors import DirectoryError, NotInitialisedError
+from farmkeys.errors import DirectoryError
 from farmkeys.node import new_certificate
 
 log = logging.getLogger(__name__)
@@ -55,15 +55,6 @@ class Leader:
         self._key: tuple[uuid.UUID, bytes] | None = None  # the current master key, in memory
         self._key_error: DirectoryError | None = None
 
-    def _farm(self) -> Farm:
-        farm = self._db.farm()
-        if farm is None:
-            raise NotInitialisedError(
-                f"the config DB at {self._db.endpoint} holds no farmkeys farm",
-                "run `farmkeys init` once for the farm",
-            )
-        return farm
-
     def _refresh_key(self, farm: Farm) -> None:
         """Read the current master key before any transaction opens.
 
@@ -87,7 +78,7 @@ class Leader:
 
     def check(self) -> list[Applied]:
         """Run the rollover check: apply what the policy says is due, until nothing is."""
-        farm = self._farm()
+        farm = self._db.require_farm()
         self._refresh_key(farm)
         done: list[Applied] = []
         for _ in range(MAX_ROUNDS):
@@ -178,7 +169,7 @@ class Leader:
 
     def answer_requests(self) -> int:
         """Carry out every pending `farmkeys rollover` request; how many were answered."""
-        farm = self._farm()
+        farm = self._db.require_farm()
         self._refresh_key(farm)
         answered = 0
         while True:

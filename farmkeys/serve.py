@@ -41,7 +41,7 @@ from farmkeys.config import Config, RetryConfig
 from farmkeys.configdb import CHANGED_CHANNEL, REQUEST_CHANNEL, ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.election import Election
-from farmkeys.errors import DatabaseError, Error, LeaseLostError, NotInitialisedError
+from farmkeys.errors import DatabaseError, Error, LeaseLostError
 from farmkeys.rollover import Leader
 from farmkeys.store import Manifest, Store
 
@@ -95,13 +95,7 @@ class Service:
         Refuses to start (raising) on a config DB without a farm or with an
         older schema: a service manager restarting it is the right retry.
         """
-        farm = self._sync_db.farm()
-        if farm is None:
-            raise NotInitialisedError(
-                f"the config DB at {self._sync_db.endpoint} holds no farmkeys farm",
-                "run `farmkeys init` once for the farm, then start `farmkeys serve`",
-            )
-        self._sync_db.require_current_schema(farm)
+        self._sync_db.require_farm()
         self._install_signal_handlers()
         now = _utcnow()
         self.scheduler.add_job(
