@@ -53,7 +53,7 @@ from farmkeys.config import PolicyConfig
 NODES = ("node-a", "node-b", "node-c")
 PURPOSES = ("signing", "decryption")
 
-TTL = 2.0
+TTL = 3.0  # generous: a renewal delayed on a loaded 2-core machine must not lapse
 RENEW = 0.5
 INTERVAL = 1.0
 FAST_POLICY: dict[str, Any] = {
