@@ -98,26 +98,15 @@ class Service:
         self._sync_db.require_farm()
         self._install_signal_handlers()
         now = _utcnow()
-        self.scheduler.add_job(
-            self._lease_tick,
-            "interval",
-            id="lease",
-            seconds=self.config.lease.renew_seconds,
-            next_run_time=now,
+        renew = self.config.lease.renew_seconds
+        jobs = (
+            ("lease", self._lease_tick, renew, now),
+            ("directory", self._probe_tick, renew, now),
+            ("rollover", self._rollover_tick, self.config.policy.rollover_interval_seconds, None),
         )
-        self.scheduler.add_job(
-            self._probe_tick,
-            "interval",
-            id="directory",
-            seconds=self.config.lease.renew_seconds,
-            next_run_time=now,
-        )
-        self.scheduler.add_job(
-            self._rollover_tick,
-            "interval",
-            id="rollover",
-            seconds=self.config.policy.rollover_interval_seconds,
-        )
+        for job_id, tick, seconds, first in jobs:
+            kwargs = {} if first is None else {"next_run_time": first}
+            self.scheduler.add_job(tick, "interval", id=job_id, seconds=seconds, **kwargs)
         log.info("%s serving farm %s from %s", self.node_id, self.config.farm.name, self.store.path)
         self.scheduler.start()
         try:

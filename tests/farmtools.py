@@ -6,11 +6,17 @@ import contextlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
+
+import psycopg
 
 from farmkeys import cli
 from farmkeys._slapd import LocalSlapd
@@ -190,12 +196,6 @@ def hold_lease(farm: TestFarm, node: str = "node-a", ttl_seconds: float = 600.0)
 
 # -- `farmkeys serve` as real processes (tests/test_serve.py, tests/bench/) -----------------
 
-import signal  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable, Iterable  # noqa: E402
-
-import psycopg  # noqa: E402
 
 Identity = frozenset[tuple[str, str, str]]  # {(purpose, role, thumbprint)}
 
@@ -360,26 +360,40 @@ class ServeNodes:
                 p.proc.wait(10)
 
 
-class ManifestWatcher:
-    """A thread that reads every store's manifest every ``interval`` and records each change.
+class BackgroundThread:
+    """A daemon thread that runs ``_run`` while the ``with`` block lasts; ``_stop`` ends it."""
 
-    ``changes[node]`` is a list of ``(time.time(), identity)``, one per newly seen set.
-    """
+    name = "background"
 
-    def __init__(self, stores: dict[str, Path], interval: float = 0.02) -> None:
-        self.stores = stores
-        self.interval = interval
-        self.changes: dict[str, list[tuple[float, Identity]]] = {n: [] for n in stores}
+    def __init__(self) -> None:
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="manifest-watcher", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
 
-    def __enter__(self) -> ManifestWatcher:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(5)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class ManifestWatcher(BackgroundThread):
+    """A thread that reads every store's manifest every ``interval`` and records each change.
+
+    ``changes[node]`` is a list of ``(time.time(), identity)``, one per newly seen set.
+    """
+
+    name = "manifest-watcher"
+
+    def __init__(self, stores: dict[str, Path], interval: float = 0.02) -> None:
+        self.stores = stores
+        self.interval = interval
+        self.changes: dict[str, list[tuple[float, Identity]]] = {n: [] for n in stores}
+        super().__init__()
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -21,7 +21,6 @@ import itertools
 import re
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -32,6 +31,7 @@ from typing import Any
 import psycopg
 import pytest
 from farmtools import (
+    BackgroundThread,
     Identity,
     ManifestWatcher,
     ServeNodes,
@@ -327,25 +327,18 @@ def check_propagation(
             )
 
 
-class RoleSampler:
+class RoleSampler(BackgroundThread):
     """A thread reading the certificate roles every 0.1 s: one primary and at most one
     secondary per purpose at every sample."""
+
+    name = "role-sampler"
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
         self.samples = 0
         self.violations: list[str] = []
         self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="role-sampler", daemon=True)
-
-    def __enter__(self) -> RoleSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
+        super().__init__()
 
     def _run(self) -> None:
         with psycopg.connect(self.dsn, autocommit=True) as conn:

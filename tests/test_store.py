@@ -480,10 +480,11 @@ def reachable_folder() -> Iterator[Path]:
     shutil.rmtree(folder)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the install as another user")
 def test_a_read_only_generations_folder_leaves_the_previous_set_byte_for_byte(
     tmp_path, reachable_folder, first_set, rolled_set
 ):
+    # The test command runs as root (it installs slapd); without root this must fail, not skip.
+    assert os.geteuid() == 0, "run the tests as root (make test): this one switches users"
     store = Store(reachable_folder / "store", node_id="node-1")
     store.install(first_set, now=NOW)
     # The service account owns the store and its lock, but may not add a generation.
