@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psycopg
 
-from farmkeys._slapd import LocalSlapd
+from farmkeys.lab.slapd import LocalSlapd
 
 ADMIN_DSN = os.environ.get("FARMKEYS_DEMO_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 DATABASE = "farmkeys_demo"

@@ -4,7 +4,9 @@ Every node runs one. It
 
 - keeps its store in step with the farm: it LISTENs on the config DB and
   re-syncs within a second of a change, and polls every ``node.poll_seconds``
-  in case a notification was lost (a reconnect, a restarted server);
+  in case a notification was lost (a reconnect, a restarted server); a sync
+  that failed is tried again after 1, 2, 4 ... s (at most 30 s or the poll),
+  so a change it was told about is never left waiting for the next poll;
 - competes for the leader lease, renewing it every ``lease.renew_seconds``,
   and heartbeats so `status` shows it is alive;
 - while it leads, runs the rollover check every
@@ -49,6 +51,22 @@ log = logging.getLogger(__name__)
 
 # How often the main thread wakes to notice a stop request while it waits.
 _WAKE_SECONDS = 0.5
+# After a failed sync the node tries again after 1 s, then 2, 4, ... up to this (or the poll).
+_SYNC_RETRY_FIRST_SECONDS = 1.0
+_SYNC_RETRY_MAX_SECONDS = 30.0
+
+
+def sync_retry_delay(failures: int, poll_seconds: float) -> float:
+    """Seconds until the next sync after ``failures`` failed ones in a row (0: the poll period).
+
+    A change the node was told about but could not install (the directory or
+    the config DB away for a moment) is retried within seconds, not left for
+    the next poll.
+    """
+    if failures <= 0:
+        return poll_seconds
+    backoff: float = _SYNC_RETRY_FIRST_SECONDS * 2.0 ** min(failures - 1, 16)
+    return min(backoff, _SYNC_RETRY_MAX_SECONDS, poll_seconds)
 
 
 def _utcnow() -> datetime:
@@ -82,6 +100,7 @@ class Service:
         self._renewed_at = 0.0
         self._directory_error: str | None = None
         self._group: uuid.UUID | None = None  # the farm's DKM group, known after a sync
+        self._failed_syncs = 0  # in a row; the next sync is retried sooner than the poll
         self.scheduler = BackgroundScheduler(
             timezone=UTC,
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
@@ -156,12 +175,13 @@ class Service:
                 next_poll = 0.0  # catch up on whatever was missed while disconnected
             if time.monotonic() >= next_poll:
                 self.sync()
-                next_poll = time.monotonic() + self.config.node.poll_seconds
+                next_poll = time.monotonic() + self._next_sync_in()
             wait = max(0.0, min(_WAKE_SECONDS, next_poll - time.monotonic()))
             try:
                 for note in conn.notifies(timeout=wait, stop_after=1):
                     if note.channel == CHANGED_CHANNEL:
                         self.sync()
+                        next_poll = min(next_poll, time.monotonic() + self._next_sync_in())
                     elif note.channel == REQUEST_CHANNEL and self.election.leading:
                         self._run_rollover_now()
             except psycopg.Error as exc:
@@ -195,23 +215,34 @@ class Service:
             return None
         return conn
 
+    def _next_sync_in(self) -> float:
+        return sync_retry_delay(self._failed_syncs, self.config.node.poll_seconds)
+
     def sync(self) -> bool:
-        """Sync the store now; True when it changed. Failures are logged and recorded."""
+        """Sync the store now; True when it succeeded. Failures are logged and recorded,
+        and counted so the next attempt comes sooner than the poll (:func:`sync_retry_delay`)."""
         before = self._manifest()
         try:
             report = node.sync(
                 self.config, self._sync_db, self.directory, self.store, now=_utcnow()
             )
         except Error as exc:
-            log.warning("%s: sync failed: %s", self.node_id, exc.diagnostics())
+            self._failed_syncs += 1
+            log.warning(
+                "%s: sync failed: %s; trying again in %.0f s",
+                self.node_id,
+                exc.diagnostics(),
+                self._next_sync_in(),
+            )
             if not isinstance(exc, DatabaseError):
                 with contextlib.suppress(Error):
                     self._sync_db.record_sync_error(self.node_id, exc.diagnostics())
             return False
+        self._failed_syncs = 0
         self._group = report.dkm_group
         if report.changed:
             self._run_hook(before, report.manifest)
-        return report.changed
+        return True
 
     def _manifest(self) -> Manifest | None:
         try:

@@ -12,15 +12,15 @@ from typing import Any
 
 import pytest
 
-from farmkeys._slapd import LocalSlapd, SlapdError, find_slapd
 from farmkeys.config import DirectoryConfig, RetryConfig
 from farmkeys.directory import Directory
+from farmkeys.lab.slapd import LocalSlapd, SlapdError, find_slapd
 
 # PostgreSQL: a throwaway database per test (tests/pg.py).
 pytest_plugins = ["pg"]
 
 # ---------------------------------------------------------------------------------
-# Directory: a real slapd on loopback (farmkeys._slapd.LocalSlapd)
+# Directory: a real slapd on loopback (farmkeys.lab.slapd.LocalSlapd)
 # ---------------------------------------------------------------------------------
 
 # Short enough that a test of "retries, then gives up" takes about a second.

@@ -19,7 +19,7 @@ from typing import Any, Self
 import psycopg
 
 from farmkeys import cli
-from farmkeys._slapd import LocalSlapd
+from farmkeys.lab.slapd import LocalSlapd
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -375,16 +375,50 @@ class BackgroundThread:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join(5)
+        self._thread.join(10)
+        assert not self._thread.is_alive(), f"the {self.name} thread did not stop"
 
     def _run(self) -> None:
         raise NotImplementedError
 
 
-class ManifestWatcher(BackgroundThread):
-    """A thread that reads every store's manifest every ``interval`` and records each change.
+def installed_set(store: Path) -> tuple[float, Identity] | None:
+    """What a store has installed and when it switched to it; None before its first install.
 
-    ``changes[node]`` is a list of ``(time.time(), identity)``, one per newly seen set.
+    The time is the mtime of the ``current`` link: the store makes that link
+    just before it renames it into place, so it is the switch's own time,
+    whenever the caller happens to look. Read consistently: the link is
+    resolved once and must be the same link after the manifest was read.
+    """
+    link = store / "current"
+    for _ in range(1000):
+        try:
+            before = os.lstat(link)
+            target = os.readlink(link)
+            doc = json.loads((store / target / "manifest.json").read_text())
+            after = os.lstat(link)
+        except FileNotFoundError:
+            if not os.path.lexists(link):
+                return None  # nothing installed yet
+            continue  # the generation read was removed two switches later: look again
+        except json.JSONDecodeError:
+            continue
+        if (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns):
+            found = frozenset(
+                (c["purpose"], c["role"], c["thumbprint"]) for c in doc["certificates"]
+            )
+            return before.st_mtime, found
+    raise AssertionError(f"{store}: `current` changed under every one of 1000 reads")
+
+
+class ManifestWatcher(BackgroundThread):
+    """A thread that looks at every store every ``interval`` and records each set it switched to.
+
+    ``changes[node]`` is a list of ``(switch time, identity)``, one per newly
+    seen set; the switch time is the store's own (see :func:`installed_set`),
+    so a watcher that runs late on a loaded machine still records when each
+    node really switched. It looks once more after it was told to stop, so a
+    switch made just before the ``with`` block ends is never missed.
     """
 
     name = "manifest-watcher"
@@ -396,14 +430,20 @@ class ManifestWatcher(BackgroundThread):
         super().__init__()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            for node, store in self.stores.items():
-                seen = manifest_identity(store)
-                if seen is not None and (
-                    not self.changes[node] or self.changes[node][-1][1] != seen
-                ):
-                    self.changes[node].append((time.time(), seen))
+        while True:
+            stopping = self._stop.is_set()
+            self._look()
+            if stopping:
+                return
             self._stop.wait(self.interval)
+
+    def _look(self) -> None:
+        for node, store in self.stores.items():
+            seen = installed_set(store)
+            if seen is not None and (
+                not self.changes[node] or self.changes[node][-1][1] != seen[1]
+            ):
+                self.changes[node].append(seen)
 
     def current(self, node: str) -> Identity | None:
         return self.changes[node][-1][1] if self.changes[node] else None

@@ -1,59 +1,69 @@
-"""A throwaway PostgreSQL database per test, on the machine's real server.
+"""PostgreSQL for the tests: one private cluster per session, a throwaway database per test.
 
-The server is the one at $FARMKEYS_TEST_PG (default postgresql://postgres@127.0.0.1:5432/postgres).
-Each database gets a unique name and is dropped afterwards; no other database is touched.
+The cluster is farmkeys.lab.postgres.LocalPostgres: initdb in the session's
+temporary folder, a free port on 127.0.0.1, stopped and deleted at the end.
+The machine's own PostgreSQL, if it has one, is never touched.
 """
 
 from __future__ import annotations
 
-import os
+import secrets
 import uuid
 from collections.abc import Iterator
 
 import psycopg
 import pytest
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
-ADMIN_DSN = os.environ.get("FARMKEYS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+from farmkeys.lab.postgres import LocalPostgres, PostgresError, find_bindir
 
 
-def _admin() -> psycopg.Connection[tuple[object, ...]]:
-    try:
-        return psycopg.connect(ADMIN_DSN, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPostgres]:
+    """The session's private PostgreSQL. A test that stops it must start it again."""
+    if find_bindir() is None:
         pytest.fail(
-            f"the test PostgreSQL at {ADMIN_DSN} is not reachable ({exc}); start it with "
-            "`pg_ctlcluster --skip-systemctl-redirect 15 main start` or run `make test`",
+            "PostgreSQL is not installed (no initdb in /usr/lib/postgresql/*/bin or $PATH); "
+            "the tests need a real server — apt-get install postgresql, or run `make test`",
             pytrace=False,
         )
-
-
-def dsn_for(dbname: str) -> str:
-    info = psycopg.conninfo.conninfo_to_dict(ADMIN_DSN)
-    info["dbname"] = dbname
-    return psycopg.conninfo.make_conninfo(**{k: str(v) for k, v in info.items()})
+    server = LocalPostgres(tmp_path_factory.mktemp("postgres"))
+    try:
+        server.start()
+    except PostgresError as exc:
+        pytest.fail(f"could not start the test PostgreSQL: {exc}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.remove()
 
 
 @pytest.fixture
-def pg_dsn() -> Iterator[str]:
+def pg_dsn(postgres: LocalPostgres) -> Iterator[str]:
     """The DSN of a new, empty database, dropped after the test."""
     name = f"farmkeys_test_{uuid.uuid4().hex[:12]}"
-    with _admin() as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
+    dsn = postgres.create_database(name)
     try:
-        yield dsn_for(name)
+        yield dsn
     finally:
-        with _admin() as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        postgres.start()  # a test that stopped the server and failed before starting it again
+        postgres.drop_database(name)
 
 
 @pytest.fixture
-def pg_role() -> Iterator[str]:
-    """A role that exists but may not log in, dropped after the test."""
+def pg_role(postgres: LocalPostgres) -> Iterator[str]:
+    """The DSN of a role that exists, has a right password, but may not log in; dropped after."""
     name = f"farmkeys_nologin_{uuid.uuid4().hex[:8]}"
-    with _admin() as admin:
-        admin.execute(f'CREATE ROLE "{name}" NOLOGIN')
+    password = secrets.token_hex(16)
+    with psycopg.connect(postgres.admin_dsn, autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("CREATE ROLE {} NOLOGIN PASSWORD {}").format(
+                sql.Identifier(name), sql.Literal(password)
+            )
+        )
     try:
-        yield name
+        yield make_conninfo(postgres.dsn_for("postgres", user=name), password=password)
     finally:
-        with _admin() as admin:
+        with psycopg.connect(postgres.admin_dsn, autocommit=True) as admin:
             admin.execute(f'DROP ROLE IF EXISTS "{name}"')

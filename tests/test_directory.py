@@ -14,7 +14,6 @@ from typing import Any
 import ldap3
 import pytest
 
-from farmkeys._slapd import LocalSlapd, _free_port, acl_lines
 from farmkeys.config import DirectoryConfig, RetryConfig
 from farmkeys.directory import (
     MASTER_KEY_LENGTH,
@@ -28,6 +27,8 @@ from farmkeys.errors import (
     FarmConflictError,
     MasterKeyMissingError,
 )
+from farmkeys.lab._net import free_port
+from farmkeys.lab.slapd import LocalSlapd, acl_lines
 
 MakeDirectory = Callable[..., Directory]
 
@@ -343,7 +344,7 @@ def test_unreachable_directory_is_retried_then_named(
     make_directory: MakeDirectory, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="farmkeys._retry")
-    url = f"ldap://127.0.0.1:{_free_port()}"
+    url = f"ldap://127.0.0.1:{free_port()}"
     retry = RetryConfig(total_seconds=1.0, initial_backoff_seconds=0.05, max_backoff_seconds=0.2)
     directory = make_directory(url=url, retry=retry)
     with pytest.raises(DirectoryError) as caught:
@@ -421,7 +422,7 @@ def test_bad_configuration_fails_when_the_directory_is_made(
 
 def test_making_a_directory_does_no_io(fast_retry: RetryConfig) -> None:
     config = DirectoryConfig(
-        url=f"ldap://127.0.0.1:{_free_port()}",
+        url=f"ldap://127.0.0.1:{free_port()}",
         bind_dn="cn=svc-farm,ou=people,dc=farmkeys,dc=test",
         container="ou=dkm,dc=farmkeys,dc=test",
         password_file="/nonexistent/password",

@@ -13,12 +13,12 @@ import psycopg
 import pytest
 from farmtools import TestFarm
 
-from farmkeys._slapd import LocalSlapd
 from farmkeys.config import Config, LeaseConfig, load
 from farmkeys.configdb import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.election import Election, read_lease
 from farmkeys.errors import LeaseLostError
+from farmkeys.lab.slapd import LocalSlapd
 from farmkeys.rollover import Leader
 
 LEASE = LeaseConfig(ttl_seconds=30, renew_seconds=10)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import psycopg
 import pytest
 from farmtools import Result, TestFarm, add_certificate, one_error_line, snapshot
 
 from farmkeys import cli
-from farmkeys._slapd import LocalSlapd
+from farmkeys.lab.slapd import LocalSlapd
 
 
 @pytest.fixture
@@ -117,10 +118,8 @@ def test_unreachable_config_db_is_retried_then_named(synced: TestFarm) -> None:
 
 
 def test_config_db_refusing_the_login_is_not_retried(synced: TestFarm, pg_role: str) -> None:
-    from pg import dsn_for
-
-    dbname = synced.dsn.rsplit("dbname=", 1)[-1].split()[0]
-    dsn = dsn_for(dbname).replace("user=postgres", f"user={pg_role}")
+    dbname = psycopg.conninfo.conninfo_to_dict(synced.dsn)["dbname"]
+    dsn = psycopg.conninfo.make_conninfo(pg_role, dbname=str(dbname))
     before = snapshot(synced.store())
     result = synced.spawn("sync", database={"dsn": dsn})
     assert result.code == 1

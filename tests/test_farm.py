@@ -13,10 +13,10 @@ import pytest
 from farmtools import TestFarm, add_certificate, hold_lease, one_error_line, snapshot
 
 from farmkeys import cli, dkm
-from farmkeys._slapd import LocalSlapd
 from farmkeys.config import load
 from farmkeys.configdb import ConfigDB
 from farmkeys.directory import Directory
+from farmkeys.lab.slapd import LocalSlapd
 from farmkeys.node import farm_status, sync
 from farmkeys.store import Store
 

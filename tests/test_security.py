@@ -10,11 +10,11 @@ import psycopg
 import pytest
 from cryptography.hazmat.primitives import serialization
 from farmtools import TestFarm, add_certificate, hold_lease, one_error_line
-from pg import ADMIN_DSN
 
-from farmkeys._slapd import LocalSlapd
 from farmkeys.config import load
 from farmkeys.directory import Directory
+from farmkeys.lab.postgres import LocalPostgres, find_bindir
+from farmkeys.lab.slapd import LocalSlapd
 
 
 @pytest.fixture
@@ -39,26 +39,18 @@ def private_key_ders(store: Path) -> set[bytes]:
     return found
 
 
-def test_a_pg_dump_of_the_config_db_holds_no_private_key(farm: TestFarm) -> None:
+def test_a_pg_dump_of_the_config_db_holds_no_private_key(
+    farm: TestFarm, postgres: LocalPostgres
+) -> None:
     add_certificate(farm, purpose="signing", role="secondary")
     assert farm.run("sync").code == 0
     ders = private_key_ders(farm.store())
     assert len(ders) == 6  # three certificates installed, two encodings each
 
-    dbname = psycopg.conninfo.conninfo_to_dict(farm.dsn)["dbname"]
-    admin = psycopg.conninfo.conninfo_to_dict(ADMIN_DSN)
+    bindir = find_bindir()
+    assert bindir is not None
     dump = subprocess.run(
-        [
-            "pg_dump",
-            "-h",
-            str(admin.get("host", "127.0.0.1")),
-            "-p",
-            str(admin.get("port", 5432)),
-            "-U",
-            str(admin.get("user", "postgres")),
-            "--no-password",
-            str(dbname),
-        ],
+        [str(bindir / "pg_dump"), "--no-password", "--dbname", farm.dsn],
         capture_output=True,
         check=True,
     ).stdout

@@ -20,7 +20,6 @@ import copy
 import itertools
 import re
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -47,8 +46,10 @@ from farmtools import (
 )
 
 from farmkeys import policy as rollover_policy
-from farmkeys._slapd import LocalSlapd
 from farmkeys.config import PolicyConfig
+from farmkeys.lab.postgres import LocalPostgres
+from farmkeys.lab.slapd import LocalSlapd
+from farmkeys.serve import sync_retry_delay
 
 NODES = ("node-a", "node-b", "node-c")
 PURPOSES = ("signing", "decryption")
@@ -85,8 +86,6 @@ PROPAGATION = 3.0  # every node installs a committed change within this (generou
 ON_TIME = INTERVAL + 2.0  # a step done later than this after it was due is late
 FAILOVER_SLACK = TTL + RENEW  # a step due while nobody leads may wait this much longer
 START = 30.0  # three processes start and sync on a loaded machine
-
-PG_CLUSTER = ("15", "main")
 
 
 # -- fixtures --------------------------------------------------------------------------------
@@ -517,21 +516,6 @@ def test_a_paused_leader_is_fenced_and_steps_down(farm: TestFarm, nodes: ServeNo
 # -- 4. the config DB goes away ------------------------------------------------------------------
 
 
-def _pg_ready() -> bool:
-    return subprocess.run(["pg_isready", "-h", "127.0.0.1", "-q"], check=False).returncode == 0
-
-
-def ensure_postgres_up() -> None:
-    if not _pg_ready():
-        subprocess.run(
-            ["pg_ctlcluster", "--skip-systemctl-redirect", *PG_CLUSTER, "start"],
-            check=False,
-            capture_output=True,
-            timeout=60,
-        )
-    wait_until(_pg_ready, 60, "PostgreSQL accepts connections again", interval=0.2)
-
-
 def recovered(farm: TestFarm, since: datetime) -> bool:
     """A leader, every node's listener connected, every node heartbeating since ``since``."""
     try:
@@ -552,7 +536,7 @@ def recovered(farm: TestFarm, since: datetime) -> bool:
 
 
 def test_nodes_reconnect_after_their_connections_are_terminated_and_postgres_restarts(
-    farm: TestFarm, nodes: ServeNodes
+    farm: TestFarm, nodes: ServeNodes, postgres: LocalPostgres
 ) -> None:
     init_and_serve(farm, nodes)
     due = first_generation_due(farm)
@@ -573,13 +557,7 @@ def test_nodes_reconnect_after_their_connections_are_terminated_and_postgres_res
     )
 
     try:
-        subprocess.run(
-            ["pg_ctlcluster", "--skip-systemctl-redirect", *PG_CLUSTER, "restart"],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-        ensure_postgres_up()
+        postgres.restart()  # the session's private cluster: same port, same data
         restarted_at = db_now(farm.dsn)
         wait_until(
             lambda: recovered(farm, restarted_at),
@@ -589,7 +567,7 @@ def test_nodes_reconnect_after_their_connections_are_terminated_and_postgres_res
             detail=nodes.logs,
         )
     finally:
-        ensure_postgres_up()
+        postgres.start()
     assert seconds_until(due) > 0, "the outage outlasted the first step; the test proves less"
 
     # They catch up: the first step after the outage reaches every store.
@@ -818,3 +796,44 @@ def test_sigterm_releases_the_lease(farm: TestFarm, nodes: ServeNodes) -> None:
     beat = db_query(farm.dsn, "SELECT heartbeat_at FROM node WHERE id = %s", (leader.node,))
     assert beat == [{"heartbeat_at": None}]  # a clean stop owes no heartbeat
     assert f"{leader.node} stopped" in leader.log.read_text()
+
+
+# -- 9. a failed sync is retried, not left for the next poll -----------------------------------
+
+
+def test_sync_retry_delay_doubles_from_one_second_up_to_the_cap_or_the_poll() -> None:
+    delays = [sync_retry_delay(n, poll_seconds=60.0) for n in range(8)]
+    assert delays == [60.0, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert sync_retry_delay(3, poll_seconds=2.5) == 2.5
+    assert sync_retry_delay(10_000, poll_seconds=60.0) == 30.0
+
+
+def test_a_node_started_while_the_directory_is_down_installs_soon_after_it_returns(
+    farm: TestFarm, nodes: ServeNodes, slapd: LocalSlapd
+) -> None:
+    # The poll is a minute away: only the retry of the failed sync can install in time.
+    farm.overrides["node"] = {"poll_seconds": 60}
+    farm.overrides["policy"] = dict(CALM_POLICY)
+    assert farm.run("init").code == 0
+    live = live_identity(farm.dsn)
+    slapd.stop()
+    try:
+        node = nodes.start("node-a")
+        wait_until(
+            lambda: "sync failed" in node.log.read_text(),
+            START,
+            "node-a's first sync fails without the directory",
+            detail=nodes.logs,
+        )
+        assert manifest_identity(farm.store("node-a")) is None
+    finally:
+        slapd.start()
+    back = time.monotonic()
+    wait_until(
+        lambda: manifest_identity(farm.store("node-a")) == live,
+        10.0,
+        "node-a installs the farm within seconds of the directory's return",
+        detail=nodes.logs,
+    )
+    assert time.monotonic() - back < 10.0
+    assert node.alive(), node.tail()

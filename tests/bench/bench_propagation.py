@@ -7,7 +7,7 @@ Not part of the test run (pytest collects test_*.py only). From the repository r
 
 It needs what the tests need: slapd installed, and PostgreSQL at $FARMKEYS_TEST_PG
 (default postgresql://postgres@127.0.0.1:5432/postgres). It starts its own slapd
-(farmkeys._slapd.LocalSlapd in a temporary folder) and, for each N, its own
+(farmkeys.lab.slapd.LocalSlapd in a temporary folder) and, for each N, its own
 database (farmkeys_bench_<random>) and N `farmkeys serve` processes; all of it
 is stopped, dropped and removed at the end, whatever happens.
 
@@ -57,10 +57,10 @@ from farmtools import (
 from pg import ADMIN_DSN, dsn_for
 
 from farmkeys import node as farm_node
-from farmkeys._slapd import LocalSlapd
 from farmkeys.config import load
 from farmkeys.configdb import CHANGED_CHANNEL, ConfigDB
 from farmkeys.directory import Directory
+from farmkeys.lab.slapd import LocalSlapd
 
 TTL = 2.0
 RENEW = 0.5

@@ -27,7 +27,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -36,6 +35,8 @@ from typing import Self
 
 import ldap3
 from ldap3.utils.hashed import hashed
+
+from farmkeys.lab._net import accepts, free_port
 
 log = logging.getLogger(__name__)
 
@@ -106,21 +107,6 @@ def acl_lines(container: str, service_dn: str, *, anonymous_read: bool = False) 
         f"    by users read\n"
         f"    by * none\n"
     )
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 class LocalSlapd:
@@ -202,7 +188,7 @@ class LocalSlapd:
             )
         (self.workdir / "data").mkdir(parents=True, exist_ok=True)
         if self.port == 0:
-            self.port = _free_port()
+            self.port = free_port()
         self._write_conf()
         listen = f"ldap://127.0.0.1:{self.port}/"
         log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
@@ -268,7 +254,7 @@ class LocalSlapd:
         rootpw = hashed(ldap3.HASHED_SALTED_SHA, self.admin_password)
         acl = acl_lines(self.container, self.service_dn, anonymous_read=self.anonymous_read_dkm)
         text = (
-            "# Written by farmkeys._slapd.LocalSlapd; a disposable test directory.\n"
+            "# Written by farmkeys.lab.slapd.LocalSlapd; a disposable test directory.\n"
             f"{includes}"
             f'pidfile "{self.workdir / "slapd.pid"}"\n'
             f'argsfile "{self.workdir / "slapd.args"}"\n'
@@ -299,7 +285,7 @@ class LocalSlapd:
                     f"slapd exited with status {code} before listening on {self.url}; "
                     f"its output:\n{self._log_tail(log_offset)}"
                 )
-            if _accepts(self.port):
+            if accepts(self.port):
                 return
             time.sleep(0.05)
         self.stop()
