@@ -3,14 +3,14 @@
 #   make demo   a local demo farm on real PostgreSQL and OpenLDAP (loopback only)
 #   make test   ruff, mypy and the whole test suite against the same real servers
 #   make bench  the propagation and failover benchmark (prints figures)
+#   make soak   a randomized fault soak of serve nodes (SOAK_ARGS="--duration 1200 --seed 7")
 
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PG_VERSION ?= 15
 
-.PHONY: demo test lint setup servers bench clean
+.PHONY: demo test lint setup servers bench soak clean
 
 demo: setup
 	$(PY) -m farmkeys._demo
@@ -31,24 +31,31 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-# OpenLDAP's slapd (the tests and the demo start private ones) and a running PostgreSQL.
+# What the demo, the tests, the soak and the bench start privately: OpenLDAP's slapd and a
+# PostgreSQL cluster of their own (farmkeys.lab). Installed from Debian when missing; the
+# packages' own servers are not used, and no cluster of the machine's is created or started.
 servers:
-	@if [ ! -x /usr/sbin/slapd ] || ! command -v ldapsearch >/dev/null; then \
-	  echo "installing slapd and ldap-utils from Debian"; \
+	@if [ ! -x /usr/sbin/slapd ] || ! command -v ldapsearch >/dev/null \
+	   || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  echo "installing slapd, ldap-utils and postgresql from Debian"; \
+	  mkdir -p /etc/postgresql-common/createcluster.d && \
+	  { [ -e /etc/postgresql-common/createcluster.d/farmkeys.conf ] || \
+	    echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.d/farmkeys.conf; } && \
 	  apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq slapd ldap-utils >/dev/null; \
+	  DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq \
+	    slapd ldap-utils postgresql >/dev/null; \
 	fi
-	@# The package's own slapd is not needed: ours listen on loopback only.
+	@# The slapd package starts a server of its own on install: ours listen on loopback only.
 	@if [ -f /var/run/slapd/slapd.pid ]; then kill "$$(cat /var/run/slapd/slapd.pid)" 2>/dev/null || true; fi
-	@if ! pg_isready -q -h 127.0.0.1 -p 5432; then \
-	  echo "starting PostgreSQL $(PG_VERSION)"; \
-	  pg_ctlcluster --skip-systemctl-redirect $(PG_VERSION) main start; \
-	  for i in $$(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done; \
-	fi
 
 # Figures, not a pass/fail: propagation to N nodes and failover time.
 bench: setup
 	$(PY) tests/bench/bench_propagation.py
+
+# Faults at random while serve nodes roll certificates over; exits 1 on a broken invariant.
+SOAK_ARGS ?=
+soak: setup
+	$(PY) tests/soak/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .demo .mypy_cache .ruff_cache .pytest_cache

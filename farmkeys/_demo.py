@@ -1,18 +1,18 @@
 """A local demo farm on real parts: PostgreSQL and OpenLDAP on loopback.
 
-``make demo`` runs this. It starts a private slapd under ``.demo/``, creates
-the database ``farmkeys_demo`` on the local PostgreSQL (dropping an earlier
-demo's), writes a config file for three nodes, then runs the real command
+``make demo`` runs this. It starts a private slapd and a private PostgreSQL
+cluster under ``.demo/`` (the machine's own PostgreSQL, if any, is never
+touched), creates the database ``farmkeys_demo`` in it, writes a config file
+for three nodes, then runs the real command
 line: ``farmkeys init``, ``farmkeys sync`` on every node, ``farmkeys serve``
 on every node in the background, ``farmkeys rollover --purpose signing``
 (answered by whichever node leads, and installed by all within a second),
 ``farmkeys status`` and ``farmkeys events``. Everything listens on
-127.0.0.1; the services and slapd are stopped at the end.
+127.0.0.1; the services, slapd and PostgreSQL are stopped at the end.
 """
 
 from __future__ import annotations
 
-import os
 import shlex
 import shutil
 import signal
@@ -23,20 +23,11 @@ from pathlib import Path
 
 import psycopg
 
+from farmkeys.lab.postgres import LocalPostgres
 from farmkeys.lab.slapd import LocalSlapd
 
-ADMIN_DSN = os.environ.get("FARMKEYS_DEMO_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 DATABASE = "farmkeys_demo"
 NODES = ("node-a", "node-b", "node-c")  # three: _wait_for_leader counts them
-
-
-def _recreate_database() -> str:
-    with psycopg.connect(ADMIN_DSN, autocommit=True, connect_timeout=5) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
-        admin.execute(f'CREATE DATABASE "{DATABASE}"')
-    info = psycopg.conninfo.conninfo_to_dict(ADMIN_DSN)
-    info["dbname"] = DATABASE
-    return psycopg.conninfo.make_conninfo(**{k: str(v) for k, v in info.items()})
 
 
 def _write_config(root: Path, slapd: LocalSlapd, dsn: str, node: str) -> Path:
@@ -121,10 +112,10 @@ def main() -> int:
         shutil.rmtree(root)
     root.mkdir(mode=0o700)
     print(f"demo farm in {root}")
-    with LocalSlapd(root / "slapd") as slapd:
+    with LocalSlapd(root / "slapd") as slapd, LocalPostgres(root / "postgres") as postgres:
         print(f"directory: private slapd at {slapd.url} (suffix {slapd.suffix})")
-        dsn = _recreate_database()
-        print(f"config DB: {DATABASE} on {ADMIN_DSN.rsplit('/', 1)[0]}")
+        dsn = postgres.create_database(DATABASE)
+        print(f"config DB: {DATABASE} on a private PostgreSQL at 127.0.0.1:{postgres.port}")
         configs = {node: _write_config(root, slapd, dsn, node) for node in NODES}
         steps = [("init", configs["node-a"]), ("init", configs["node-b"])]
         steps += [("sync", configs[node]) for node in NODES]

@@ -2,14 +2,14 @@
 
 Not part of the test run (pytest collects test_*.py only). From the repository root:
 
-    /tmp/venv/bin/python tests/bench/bench_propagation.py
-    /tmp/venv/bin/python tests/bench/bench_propagation.py --nodes 3 10 --rollovers 5 --failovers 3
+    make bench
+    .venv/bin/python tests/bench/bench_propagation.py --nodes 3 10 --rollovers 5 --failovers 3
 
-It needs what the tests need: slapd installed, and PostgreSQL at $FARMKEYS_TEST_PG
-(default postgresql://postgres@127.0.0.1:5432/postgres). It starts its own slapd
-(farmkeys.lab.slapd.LocalSlapd in a temporary folder) and, for each N, its own
-database (farmkeys_bench_<random>) and N `farmkeys serve` processes; all of it
-is stopped, dropped and removed at the end, whatever happens.
+It needs what the tests need: slapd and PostgreSQL installed (`make setup`).
+It starts its own slapd and PostgreSQL (farmkeys.lab, in a temporary folder,
+on free loopback ports) and, for each N, its own database and N `farmkeys
+serve` processes; all of it is stopped and removed at the end, whatever
+happens.
 
 (a) Propagation. The bench asks the leader for `rollover --urgent --purpose
     signing` (node.request_rollover, what the CLI runs): one transaction
@@ -54,12 +54,12 @@ from farmtools import (
     manifest_identity,
     wait_until,
 )
-from pg import ADMIN_DSN, dsn_for
 
 from farmkeys import node as farm_node
 from farmkeys.config import load
 from farmkeys.configdb import CHANGED_CHANNEL, ConfigDB
 from farmkeys.directory import Directory
+from farmkeys.lab.postgres import LocalPostgres
 from farmkeys.lab.slapd import LocalSlapd
 
 TTL = 2.0
@@ -184,14 +184,15 @@ def one_failover(farm: TestFarm, nodes: ServeNodes, figures: Figures) -> None:
     )
 
 
-def run_farm(root: Path, slapd: LocalSlapd, n: int, rollovers: int, failovers: int) -> Figures:
+def run_farm(
+    root: Path, slapd: LocalSlapd, postgres: LocalPostgres, n: int, rollovers: int, failovers: int
+) -> Figures:
     name = f"farmkeys_bench_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
+    dsn = postgres.create_database(name)
     figures = Figures(nodes=n)
     root.mkdir(parents=True)
     try:
-        farm = TestFarm(root=root, slapd=slapd, dsn=dsn_for(name), overrides=OVERRIDES)
+        farm = TestFarm(root=root, slapd=slapd, dsn=dsn, overrides=OVERRIDES)
         result = farm.run("init")
         assert result.code == 0, result.err
         names = [f"node-{i:02d}" for i in range(n)]
@@ -214,8 +215,7 @@ def run_farm(root: Path, slapd: LocalSlapd, n: int, rollovers: int, failovers: i
             for _ in range(failovers):
                 one_failover(farm, nodes, figures)
     finally:
-        with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        postgres.drop_database(name)
     return figures
 
 
@@ -261,10 +261,11 @@ def main() -> int:
     top = Path(tempfile.mkdtemp(prefix="farmkeys-bench-"))
     results = []
     try:
-        with LocalSlapd(top / "slapd") as slapd:
+        with LocalSlapd(top / "slapd") as slapd, LocalPostgres(top / "postgres") as postgres:
             for n in args.nodes:
                 started = time.monotonic()
-                results.append(run_farm(top / f"n{n}", slapd, n, args.rollovers, args.failovers))
+                root = top / f"n{n}"
+                results.append(run_farm(root, slapd, postgres, n, args.rollovers, args.failovers))
                 print(f"N={n}: done in {time.monotonic() - started:.0f} s", file=sys.stderr)
     finally:
         shutil.rmtree(top, ignore_errors=True)
