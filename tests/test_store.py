@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -794,3 +795,29 @@ def test_the_lowercase_thumbprint_is_refused(pki):
 
     with pytest.raises(ValueError, match="40 upper-case hex"):
         replace(good, thumbprint=good.thumbprint.lower())
+
+
+# -- the serve tests' watcher (tests/farmtools.py) reads stores as the federation service would --
+
+
+def test_the_watcher_records_each_switch_at_the_stores_own_time_even_when_it_looks_late(
+    store, first_set, rolled_set
+):
+    from farmtools import ManifestWatcher
+
+    store.install(first_set, now=datetime.now(UTC))
+    # It looks only once a minute: every record below comes from its first and its last look.
+    with ManifestWatcher({"n": store.path}, interval=60.0) as watcher:
+        time.sleep(0.3)  # the first look happens at once
+        before = time.time()
+        store.install(rolled_set, now=datetime.now(UTC))
+        after = time.time()
+        time.sleep(0.3)
+    # Left the `with` just after a switch and long before the next look: still recorded,
+    # at the moment the store switched, not when the watcher got round to it.
+    assert [found for _, found in watcher.changes["n"]] == [
+        identity(first_set),
+        identity(rolled_set),
+    ]
+    switched = watcher.changes["n"][1][0]
+    assert before - 0.02 <= switched <= after + 0.02
