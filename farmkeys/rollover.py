@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from farmkeys import certs, policy
-from farmkeys.config import Config
+from farmkeys.config import Config, RetryConfig
 from farmkeys.configdb import CHANGED_CHANNEL, CertificateRow, ConfigDB, Farm
 from farmkeys.directory import Directory
 from farmkeys.election import Election, Fence
@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 # decide() converges in a few rounds (archive, then promote, then generate);
 # a bound keeps a bug from looping inside one check.
 MAX_ROUNDS = 6
+# How the leader re-reads a master key it already holds: once, no retries.
+_ONE_ATTEMPT = RetryConfig(total_seconds=0.0)
 
 
 @dataclass(frozen=True)
@@ -62,10 +64,20 @@ class Leader:
         unreachable directory must not hold up lease renewals. If the directory
         cannot be read, the last key read stays in use (it is still valid; a
         new blob sealed under it opens as well as any other).
+
+        Once a key is known, the directory gets one attempt, on a connection
+        of its own: an outage must not hold up a promotion or an archive (which
+        need no key) for the retry budget, nor the node's syncs, which share
+        the patient connection and its lock.
         """
         try:
-            key_id = self._directory.current_key_id(farm.dkm_group)
-            self._key = (key_id, self._directory.master_key(farm.dkm_group, key_id))
+            if self._key is None:
+                key_id = self._directory.current_key_id(farm.dkm_group)
+            else:
+                with Directory(self._config.directory, _ONE_ATTEMPT) as once:
+                    key_id = once.current_key_id(farm.dkm_group)
+            if self._key is None or self._key[0] != key_id:
+                self._key = (key_id, self._directory.master_key(farm.dkm_group, key_id))
             self._key_error = None
         except DirectoryError as exc:
             if self._key is None:
@@ -76,10 +88,22 @@ class Leader:
                 )
                 self._key_error = exc
 
-    def check(self) -> list[Applied]:
-        """Run the rollover check: apply what the policy says is due, until nothing is."""
+    def tick(self) -> list[Applied]:
+        """What `serve` runs on schedule: answer pending requests, then the rollover check,
+        with one read of the master key for both."""
         farm = self._db.require_farm()
         self._refresh_key(farm)
+        self.answer_requests(farm=farm)
+        return self.check(farm=farm)
+
+    def check(self, *, farm: Farm | None = None) -> list[Applied]:
+        """Run the rollover check: apply what the policy says is due, until nothing is.
+
+        ``farm``: given by :meth:`tick`, which has just read the master key.
+        """
+        if farm is None:
+            farm = self._db.require_farm()
+            self._refresh_key(farm)
         done: list[Applied] = []
         for _ in range(MAX_ROUNDS):
             with self._election.fenced(self._db) as fence:
@@ -167,10 +191,14 @@ class Leader:
 
     # -- operator requests -------------------------------------------------------------
 
-    def answer_requests(self) -> int:
-        """Carry out every pending `farmkeys rollover` request; how many were answered."""
-        farm = self._db.require_farm()
-        self._refresh_key(farm)
+    def answer_requests(self, *, farm: Farm | None = None) -> int:
+        """Carry out every pending `farmkeys rollover` request; how many were answered.
+
+        ``farm``: given by :meth:`tick`, which has just read the master key.
+        """
+        if farm is None:
+            farm = self._db.require_farm()
+            self._refresh_key(farm)
         answered = 0
         while True:
             with self._election.fenced(self._db) as fence:

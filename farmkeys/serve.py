@@ -155,11 +155,15 @@ class Service:
                 action()
             except Error as exc:
                 log.warning("%s could not %s: %s", self.node_id, what, exc.what)
+        self.close()
+        log.info("%s stopped", self.node_id)
+
+    def close(self) -> None:
+        """Close every connection this service opened (the lease is left as it is)."""
         for db in (self._sync_db, self._lease_db, self._leader_db):
             db.close()
         self.directory.close()
         self._probe.close()
-        log.info("%s stopped", self.node_id)
 
     # -- listening and syncing (main thread) ---------------------------------------------
 
@@ -292,7 +296,6 @@ class Service:
         try:
             leading = self.election.try_acquire()
             self._renewed_at = time.monotonic()
-            self._lease_db.heartbeat(self.node_id, directory_error=self._directory_error)
         except Error as exc:
             log.warning("%s cannot renew the lease: %s", self.node_id, exc.diagnostics())
             expired = time.monotonic() - self._renewed_at >= self.config.lease.ttl_seconds
@@ -300,13 +303,17 @@ class Service:
                 log.warning("%s: the lease has run out unrenewed; stepping down", self.node_id)
                 self.election.step_down()
             return
-        if leading and not was_leading:
-            if self.election.term != self._led_term:
-                self._record_leadership()
+        if leading and self.election.term != self._led_term:
+            # A new term (or one whose `lead` event could not be written yet).
+            self._record_leadership()
             self._run_rollover_now()
         elif leading and self._requests_pending():
             # A request whose notification met a running check: answer it now.
             self._run_rollover_now()
+        try:
+            self._lease_db.heartbeat(self.node_id, directory_error=self._directory_error)
+        except Error as exc:
+            log.warning("%s cannot heartbeat: %s", self.node_id, exc.diagnostics())
 
     def _requests_pending(self) -> bool:
         try:
@@ -318,17 +325,24 @@ class Service:
         return bool(rows[0]["pending"])
 
     def _record_leadership(self) -> None:
-        self._led_term = self.election.term
+        """The `lead` event that opens a term, written under the fence like any leader write,
+        so a process that lost the term meanwhile cannot write it late."""
+        term = self.election.term
         try:
-            with self._lease_db.transaction() as tx:
-                tx.audit(
+            with self.election.fenced(self._lease_db) as fence:
+                fence.tx.audit(
                     node=self.node_id,
-                    term=self.election.term,
+                    term=fence.term,
                     action="lead",
                     detail=f"{self.election.identity} took the lease",
                 )
+        except LeaseLostError as exc:
+            log.warning("%s: lead event refused by the fence: %s", self.node_id, exc.what)
+            return
         except Error as exc:
             log.warning("%s could not record its leadership: %s", self.node_id, exc.what)
+            return  # tried again at the next renewal
+        self._led_term = term
 
     def _probe_tick(self) -> None:
         group = self._group
@@ -353,8 +367,7 @@ class Service:
         if not self.election.leading:
             return
         try:
-            self.leader.answer_requests()
-            self.leader.check()
+            self.leader.tick()
         except LeaseLostError as exc:
             log.warning("%s: write refused by the fence: %s", self.node_id, exc.diagnostics())
         except Error as exc:

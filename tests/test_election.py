@@ -6,12 +6,14 @@ what the database's clock would show after a long stop: no sleeping.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-from farmtools import TestFarm
+from farmtools import TestFarm, add_certificate
 
 from farmkeys.config import Config, LeaseConfig, load
 from farmkeys.configdb import ConfigDB
@@ -20,6 +22,7 @@ from farmkeys.election import Election, read_lease
 from farmkeys.errors import LeaseLostError
 from farmkeys.lab.slapd import LocalSlapd
 from farmkeys.rollover import Leader
+from farmkeys.serve import Service
 
 LEASE = LeaseConfig(ttl_seconds=30, renew_seconds=10)
 
@@ -177,3 +180,56 @@ def test_the_database_allows_one_primary_and_one_secondary_per_purpose(farm: Tes
         pytest.raises(psycopg.errors.UniqueViolation, match="certificate_one_secondary"),
     ):
         conn.execute(second, ("secondary",))
+
+
+def test_a_due_promotion_waits_for_no_directory_retries_once_the_key_is_known(
+    db: ConfigDB,
+    farm: TestFarm,
+    config: Config,
+    slapd: LocalSlapd,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A retry budget far longer than a promotion may wait: spending it would show below.
+    patient = dataclasses.replace(config.retry, total_seconds=3.0)
+    a = Election(db, node_id="node-a", lease=LEASE)
+    assert a.try_acquire()
+    with Directory(config.directory, patient) as directory:
+        leader = Leader(dataclasses.replace(config, retry=patient), db, directory, a)
+        assert leader.tick() == []  # nothing due; the master key is now known
+        secondary = add_certificate(farm, purpose="signing", role="secondary")
+        with psycopg.connect(farm.dsn) as conn:  # generated 6 days ago: promotion is due
+            conn.execute(
+                "UPDATE certificate SET created_at = now() - interval '6 days'"
+                " WHERE role = 'secondary'"
+            )
+        slapd.stop()
+        try:
+            caplog.clear()
+            with caplog.at_level(logging.WARNING):
+                done = leader.tick()
+        finally:
+            slapd.start()
+    assert [(d.action, d.purpose, d.thumbprint) for d in done] == [
+        ("promote", "signing", secondary)
+    ]
+    retries = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert retries == [], retries  # one attempt, no retry budget spent
+    assert any("sealing under the last master key read" in r.getMessage() for r in caplog.records)
+
+
+def test_a_lead_event_is_fenced_so_a_lost_term_is_never_recorded_late(
+    db: ConfigDB, farm: TestFarm, config: Config
+) -> None:
+    service = Service(config)
+    try:
+        assert service.election.try_acquire()  # term 1 ...
+        expire_lease(farm.dsn)
+        other = Election(db, node_id="node-b", lease=LEASE)
+        assert other.try_acquire()  # ... taken over (term 2) before its `lead` event was written
+        service._record_leadership()
+    finally:
+        service.close()
+    with psycopg.connect(farm.dsn) as conn:
+        leads = conn.execute("SELECT term, node FROM audit_event WHERE action = 'lead'").fetchall()
+    assert leads == []
+    assert service.election.term is None  # it stepped down
