@@ -19,7 +19,7 @@ one at a time, each undone before the next:
     stop        SIGSTOP of a node, SIGCONT after 1 .. 6 s (longer than the 3 s lease)
     terminate   pg_terminate_backend of every connection the farm has open
     directory   slapd stopped for 1 .. 5 s
-    pg-restart  the private PostgreSQL restarted (same port, same data)
+    pg-restart  the private PostgreSQL stopped, started again 0 .. 3 s later (same port, data)
 
 A node fault picks one of the nodes or "the leader" (whichever node holds the
 lease at that moment; a spare pick when nobody does). Every choice comes from
@@ -121,13 +121,13 @@ OVERRIDES: dict[str, dict[str, Any]] = {
 
 LEADER = "leader"  # a node fault's target: whichever node holds the lease
 KINDS = ("kill", "stop", "terminate", "directory", "pg-restart")
-# The random length, in seconds, of each kind's pause: restart delay, SIGSTOP, outage.
+# The random length, in seconds, of each kind's pause: restart delay, SIGSTOP, outages.
 PAUSES: dict[str, tuple[float, float]] = {
     "kill": (0.2, 3.0),
     "stop": (1.0, 6.0),
     "terminate": (0.0, 0.0),
     "directory": (1.0, 5.0),
-    "pg-restart": (0.0, 0.0),
+    "pg-restart": (0.0, 3.0),
 }
 LABELS = {
     "kill": "kill -9",
@@ -510,9 +510,13 @@ class Soak:
             self.sleep(fault.pause)
             self.slapd.start()
         elif fault.kind == "pg-restart":
-            self._line(f"{label} postgres")
+            self._line(f"{label} postgres; back in {fault.pause:.1f} s")
             began = time.monotonic()
-            self.postgres.restart()
+            self.postgres.stop()
+            try:
+                self.sleep(fault.pause)
+            finally:
+                self.postgres.start()
             self._line(f"{'':<21} postgres back after {time.monotonic() - began:.1f} s")
         else:
             raise AssertionError(f"unknown fault kind {fault.kind}")
