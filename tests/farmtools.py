@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import os
 import signal
@@ -260,6 +261,36 @@ def manifest_identity(store: Path) -> Identity | None:
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     return frozenset((c["purpose"], c["role"], c["thumbprint"]) for c in doc["certificates"])
+
+
+# What each leader action in the audit log makes of its certificate (None: no longer live).
+ROLE_AFTER: dict[str, str | None] = {
+    "generate": "secondary",
+    "generate_and_promote": "primary",
+    "promote": "primary",
+    "retire": "retired",
+    "archive": None,
+}
+
+
+def live_sets(found: list[dict[str, Any]]) -> list[tuple[Any, Identity]]:
+    """Every live set the farm had, replayed from the audit log: (transaction time, set).
+
+    ``found``: audit events ordered by (at, id); the events of one transaction
+    share its ``at``, so each transaction gives one set.
+    """
+    certs: dict[Any, tuple[str, str, str]] = {}
+    sets = []
+    steps = [e for e in found if e["certificate"] is not None]
+    for at, group in itertools.groupby(steps, key=lambda e: e["at"]):
+        for e in group:
+            role = ROLE_AFTER[e["action"]]
+            if role is None:
+                certs.pop(e["certificate"], None)
+            else:
+                certs[e["certificate"]] = (e["purpose"], role, e["thumbprint"])
+        sets.append((at, frozenset(certs.values())))
+    return sets
 
 
 @dataclass

@@ -27,7 +27,7 @@ from farmkeys.errors import (
     FarmConflictError,
     MasterKeyMissingError,
 )
-from farmkeys.lab._net import free_port
+from farmkeys.lab._common import free_port
 from farmkeys.lab.slapd import LocalSlapd, acl_lines
 
 MakeDirectory = Callable[..., Directory]

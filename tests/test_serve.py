@@ -40,6 +40,7 @@ from farmtools import (
     db_query,
     lease_row,
     live_identity,
+    live_sets,
     manifest_identity,
     snapshot,
     wait_until,
@@ -209,15 +210,6 @@ def terminate_together(procs: list[ServeProcess], timeout: float = 10.0) -> list
 # -- the timeline, as the audit log tells it -----------------------------------------------------
 
 
-_ROLE_AFTER = {
-    "generate": "secondary",
-    "generate_and_promote": "primary",
-    "promote": "primary",
-    "retire": "retired",
-    "archive": None,
-}
-
-
 def check_timeline(farm: TestFarm, *, late: float, end: datetime) -> list[dict[str, Any]]:
     """Assert the audit log shows each purpose following the policy; the events.
 
@@ -272,22 +264,6 @@ def check_timeline(farm: TestFarm, *, late: float, end: datetime) -> list[dict[s
     ]
     assert not overdue, f"steps left undone at {end.isoformat()}: {overdue}\n{table}"
     return found
-
-
-def live_sets(found: list[dict[str, Any]]) -> list[tuple[datetime, Identity]]:
-    """Every live set the farm had, replayed from the audit log: (transaction time, set)."""
-    certs: dict[Any, tuple[str, str, str]] = {}
-    sets = []
-    steps = [e for e in found if e["certificate"] is not None]
-    for at, group in itertools.groupby(steps, key=lambda e: e["at"]):
-        for e in group:
-            role = _ROLE_AFTER[e["action"]]
-            if role is None:
-                del certs[e["certificate"]]
-            else:
-                certs[e["certificate"]] = (e["purpose"], role, e["thumbprint"])
-        sets.append((at, frozenset(certs.values())))
-    return sets
 
 
 def check_propagation(

@@ -42,7 +42,7 @@ from typing import Self
 import psycopg
 import psycopg.conninfo
 
-from farmkeys.lab._net import LOOPBACK, accepts, free_port
+from farmkeys.lab._common import LOOPBACK, accepts, free_port, log_tail, stop_child
 
 log = logging.getLogger(__name__)
 
@@ -217,15 +217,8 @@ class LocalPostgres:
         Data and port are kept for the next :meth:`start`.
         """
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGQUIT if mode == "immediate" else signal.SIGINT)
-        try:
-            process.wait(timeout=STOP_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            log.warning("postgres %d did not stop; killing it", process.pid)
-            process.kill()
-            process.wait(timeout=STOP_TIMEOUT_SECONDS)
+        sig = signal.SIGQUIT if mode == "immediate" else signal.SIGINT
+        stop_child(process, sig=sig, timeout=STOP_TIMEOUT_SECONDS, name="postgres")
 
     def restart(self, *, mode: str = "fast") -> None:
         """Stop, then start again on the same port with the same data."""
@@ -341,13 +334,7 @@ class LocalPostgres:
         )
 
     def _log_tail(self, offset: int) -> str:
-        try:
-            with self.log_path.open("rb") as f:
-                f.seek(offset)
-                text = f.read().decode("utf-8", "replace").strip()
-        except OSError:
-            return "(no log)"
-        return text[-4000:] or "(no log)"
+        return log_tail(self.log_path, offset, empty="(no log)")
 
 
 def _check_name(name: str) -> None:

@@ -36,7 +36,7 @@ from typing import Self
 import ldap3
 from ldap3.utils.hashed import hashed
 
-from farmkeys.lab._net import accepts, free_port
+from farmkeys.lab._common import accepts, free_port, log_tail, stop_child
 
 log = logging.getLogger(__name__)
 
@@ -209,15 +209,7 @@ class LocalSlapd:
     def stop(self) -> None:
         """Stop slapd: SIGTERM, wait, then SIGKILL. Data and port are kept."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=STOP_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            log.warning("slapd %d ignored SIGTERM; killing it", process.pid)
-            process.kill()
-            process.wait(timeout=STOP_TIMEOUT_SECONDS)
+        stop_child(process, sig=signal.SIGTERM, timeout=STOP_TIMEOUT_SECONDS, name="slapd")
 
     def __enter__(self) -> Self:
         self.start()
@@ -295,13 +287,7 @@ class LocalSlapd:
         )
 
     def _log_tail(self, offset: int) -> str:
-        try:
-            with self.log_path.open("rb") as f:
-                f.seek(offset)
-                text = f.read().decode("utf-8", "replace").strip()
-        except OSError:
-            return "(no output)"
-        return text[-4000:] or "(no output)"
+        return log_tail(self.log_path, offset)
 
     def _seed(self) -> None:
         server = ldap3.Server(self.url, get_info=ldap3.NONE, connect_timeout=5)

@@ -61,7 +61,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import itertools
 import random
 import shlex
 import shutil
@@ -92,6 +91,7 @@ from farmtools import (
     db_query,
     lease_row,
     live_identity,
+    live_sets,
     manifest_identity,
     wait_until,
 )
@@ -685,36 +685,6 @@ class Soak:
                         f" (of {len(sets)})",
                     )
                 previous = i if previous is None else max(previous, i)
-
-
-# -- the audit log's live sets (as tests/test_serve.py replays them) --------------------------
-
-_ROLE_AFTER = {
-    "generate": "secondary",
-    "generate_and_promote": "primary",
-    "promote": "primary",
-    "retire": "retired",
-    "archive": None,
-}
-
-
-def live_sets(found: list[dict[str, Any]]) -> list[tuple[datetime, Identity]]:
-    """Every live set the farm had, replayed from the audit log: (transaction time, set).
-
-    The events of one transaction share its ``at``; ``found`` is ordered by (at, id).
-    """
-    certs: dict[Any, tuple[str, str, str]] = {}
-    sets = []
-    steps = [e for e in found if e["certificate"] is not None]
-    for at, group in itertools.groupby(steps, key=lambda e: e["at"]):
-        for e in group:
-            role = _ROLE_AFTER[e["action"]]
-            if role is None:
-                certs.pop(e["certificate"], None)
-            else:
-                certs[e["certificate"]] = (e["purpose"], role, e["thumbprint"])
-        sets.append((at, frozenset(certs.values())))
-    return sets
 
 
 # -- output ----------------------------------------------------------------------------------
