@@ -91,10 +91,15 @@ class Leader:
     def tick(self) -> list[Applied]:
         """What `serve` runs on schedule: answer pending requests, then the rollover check,
         with one read of the master key for both."""
-        farm = self._db.require_farm()
-        self._refresh_key(farm)
+        farm = self._farm_and_key()
         self.answer_requests(farm=farm)
         return self.check(farm=farm)
+
+    def _farm_and_key(self) -> Farm:
+        """The farm, with the current master key read (outside any transaction)."""
+        farm = self._db.require_farm()
+        self._refresh_key(farm)
+        return farm
 
     def check(self, *, farm: Farm | None = None) -> list[Applied]:
         """Run the rollover check: apply what the policy says is due, until nothing is.
@@ -102,8 +107,7 @@ class Leader:
         ``farm``: given by :meth:`tick`, which has just read the master key.
         """
         if farm is None:
-            farm = self._db.require_farm()
-            self._refresh_key(farm)
+            farm = self._farm_and_key()
         done: list[Applied] = []
         for _ in range(MAX_ROUNDS):
             with self._election.fenced(self._db) as fence:
@@ -197,8 +201,7 @@ class Leader:
         ``farm``: given by :meth:`tick`, which has just read the master key.
         """
         if farm is None:
-            farm = self._db.require_farm()
-            self._refresh_key(farm)
+            farm = self._farm_and_key()
         answered = 0
         while True:
             with self._election.fenced(self._db) as fence:

@@ -254,13 +254,26 @@ def live_identity(dsn: str) -> Identity:
     return frozenset((r["purpose"], r["role"], r["thumbprint"]) for r in rows)
 
 
+def audit_events(farm: TestFarm) -> list[dict[str, Any]]:
+    """The farm's whole audit log, ordered by (at, id): a transaction's events together."""
+    return db_query(
+        farm.dsn,
+        "SELECT id, at, node, term, action, purpose, certificate, thumbprint, detail"
+        " FROM audit_event ORDER BY at, id",
+    )
+
+
+def _manifest_set(doc: dict[str, Any]) -> Identity:
+    return frozenset((c["purpose"], c["role"], c["thumbprint"]) for c in doc["certificates"])
+
+
 def manifest_identity(store: Path) -> Identity | None:
     """What a store's manifest.json says is installed; None when there is none (yet)."""
     try:
         doc = json.loads((store / "manifest.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-    return frozenset((c["purpose"], c["role"], c["thumbprint"]) for c in doc["certificates"])
+    return _manifest_set(doc)
 
 
 # What each leader action in the audit log makes of its certificate (None: no longer live).
@@ -435,10 +448,7 @@ def installed_set(store: Path) -> tuple[float, Identity] | None:
         except json.JSONDecodeError:
             continue
         if (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns):
-            found = frozenset(
-                (c["purpose"], c["role"], c["thumbprint"]) for c in doc["certificates"]
-            )
-            return before.st_mtime, found
+            return before.st_mtime, _manifest_set(doc)
     raise AssertionError(f"{store}: `current` changed under every one of 1000 reads")
 
 

@@ -36,6 +36,7 @@ from farmtools import (
     ServeNodes,
     ServeProcess,
     TestFarm,
+    audit_events,
     db_now,
     db_query,
     lease_row,
@@ -157,16 +158,8 @@ def _state(farm: TestFarm, nodes: ServeNodes, names: tuple[str, ...] = NODES) ->
     return "\n".join(lines) + "\n" + nodes.logs()
 
 
-def events(farm: TestFarm) -> list[dict[str, Any]]:
-    return db_query(
-        farm.dsn,
-        "SELECT id, at, node, term, action, purpose, certificate, thumbprint, detail"
-        " FROM audit_event ORDER BY at, id",
-    )
-
-
 def count_events(farm: TestFarm, action: str) -> int:
-    return sum(1 for e in events(farm) if e["action"] == action and e["term"] is not None)
+    return sum(1 for e in audit_events(farm) if e["action"] == action and e["term"] is not None)
 
 
 def first_generation_due(farm: TestFarm) -> datetime:
@@ -188,7 +181,7 @@ def wait_for_events(
         max(0.0, seconds_until(due)) + late + 2.0,
         f"{count} {action} events (due at {due.isoformat()})",
         interval=0.1,
-        detail=lambda: _event_table(events(farm)) + "\n" + nodes.logs(),
+        detail=lambda: _event_table(audit_events(farm)) + "\n" + nodes.logs(),
     )
 
 
@@ -223,7 +216,7 @@ def check_timeline(farm: TestFarm, *, late: float, end: datetime) -> list[dict[s
     """
     policy = PolicyConfig(**FAST_POLICY)
     unit = policy.units
-    found = events(farm)
+    found = audit_events(farm)
     table = _event_table(found)
     rows = db_query(
         farm.dsn,
@@ -621,7 +614,7 @@ def test_nodes_keep_serving_while_the_directory_is_down(
     )
     live = wait_converged(farm, nodes)
     assert sorted(r for _, r, _ in live) == ["primary", "primary", "secondary", "secondary"]
-    assert count_events(farm, "generate") == 2, _event_table(events(farm))
+    assert count_events(farm, "generate") == 2, _event_table(audit_events(farm))
 
 
 # -- 6. `farmkeys rollover` ----------------------------------------------------------------------
@@ -652,7 +645,7 @@ def test_rollover_command_asks_the_leader_and_is_done_once(
     after = roles(farm)
     assert after["signing"] == {**first["signing"], "secondary": [secondary]}
     assert after["decryption"] == first["decryption"]
-    made = [e for e in events(farm) if e["action"] == "generate"]
+    made = [e for e in audit_events(farm) if e["action"] == "generate"]
     assert [(e["thumbprint"], e["node"], e["term"]) for e in made] == [(secondary, leader, term)]
     wait_converged(farm, nodes)
 
@@ -668,7 +661,7 @@ def test_rollover_command_asks_the_leader_and_is_done_once(
         assert "retired" not in now[purpose]
     assert sorted(now["signing"]["archived"]) == sorted([*first["signing"]["primary"], secondary])
     assert now["decryption"]["archived"] == first["decryption"]["primary"]
-    urgent = [e for e in events(farm) if e["action"] in ("archive", "generate_and_promote")]
+    urgent = [e for e in audit_events(farm) if e["action"] in ("archive", "generate_and_promote")]
     urgent = [e for e in urgent if e["term"] is not None]
     assert sorted((e["action"], e["purpose"]) for e in urgent) == [
         ("archive", "decryption"),
@@ -693,7 +686,7 @@ def test_rollover_without_a_leader_takes_the_lease_and_gives_it_back(farm: TestF
     lease = lease_row(farm.dsn)
     assert lease["holder"] is None and lease["holder_node"] is None, lease
     assert lease["term"] == 1
-    made = [e for e in events(farm) if e["action"] == "generate"]
+    made = [e for e in audit_events(farm) if e["action"] == "generate"]
     assert sorted((e["purpose"], e["node"], e["term"]) for e in made) == [
         ("decryption", "node-a", 1),
         ("signing", "node-a", 1),
@@ -767,7 +760,7 @@ def test_sigterm_releases_the_lease(farm: TestFarm, nodes: ServeNodes) -> None:
     took = time.monotonic() - started
     assert took < ttl / 3, f"takeover took {took:.1f} s: as if the lease ran out"
     assert new["term"] == old["term"] + 1 and new["holder_node"] != leader.node
-    leads = [e for e in events(farm) if e["action"] == "lead" and e["term"] == new["term"]]
+    leads = [e for e in audit_events(farm) if e["action"] == "lead" and e["term"] == new["term"]]
     assert [e["node"] for e in leads] == [new["holder_node"]]
     beat = db_query(farm.dsn, "SELECT heartbeat_at FROM node WHERE id = %s", (leader.node,))
     assert beat == [{"heartbeat_at": None}]  # a clean stop owes no heartbeat
@@ -804,12 +797,10 @@ def test_a_node_started_while_the_directory_is_down_installs_soon_after_it_retur
         assert manifest_identity(farm.store("node-a")) is None
     finally:
         slapd.start()
-    back = time.monotonic()
     wait_until(
         lambda: manifest_identity(farm.store("node-a")) == live,
         10.0,
         "node-a installs the farm within seconds of the directory's return",
         detail=nodes.logs,
     )
-    assert time.monotonic() - back < 10.0
     assert node.alive(), node.tail()

@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import psycopg
 import psycopg.conninfo
@@ -203,9 +203,7 @@ class LocalPostgres:
                 stdout=log_file,
                 stderr=log_file,
                 cwd="/",
-                user=self._account.pw_uid if self._account else None,
-                group=self._account.pw_gid if self._account else None,
-                extra_groups=[] if self._account else None,
+                **self._as_account(),
                 start_new_session=True,  # a Ctrl-C of the caller's terminal is not its stop
             )
         self._wait_until_ready(offset)
@@ -292,9 +290,7 @@ class LocalPostgres:
                 capture_output=True,
                 text=True,
                 cwd="/",
-                user=self._account.pw_uid if self._account else None,
-                group=self._account.pw_gid if self._account else None,
-                extra_groups=[] if self._account else None,
+                **self._as_account(),
                 check=False,
                 timeout=120,
             )
@@ -332,6 +328,12 @@ class LocalPostgres:
             f"postgres did not accept logins on port {self.port} within "
             f"{START_TIMEOUT_SECONDS:.0f} s ({last}); its log:\n{self._log_tail(log_offset)}"
         )
+
+    def _as_account(self) -> dict[str, Any]:
+        """subprocess options that run initdb and the server as ``_account`` (none: as us)."""
+        if self._account is None:
+            return {}
+        return {"user": self._account.pw_uid, "group": self._account.pw_gid, "extra_groups": []}
 
     def _log_tail(self, offset: int) -> str:
         return log_tail(self.log_path, offset, empty="(no log)")

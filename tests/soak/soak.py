@@ -88,6 +88,7 @@ from farmtools import (
     ManifestWatcher,
     ServeNodes,
     TestFarm,
+    audit_events,
     db_query,
     lease_row,
     live_identity,
@@ -166,10 +167,6 @@ NEW_EVENTS_SQL = (
     " WHERE id > %s AND term IS NOT NULL ORDER BY id"
 )
 ID_LOOKBACK = 500
-EVENTS_SQL = (
-    "SELECT id, at, node, term, action, purpose, certificate, thumbprint, detail"
-    " FROM audit_event ORDER BY at, id"
-)
 
 _interrupted = threading.Event()
 
@@ -619,7 +616,7 @@ class Soak:
 
     def check_audit(self, watcher: ManifestWatcher) -> None:
         """2 and 3, from the audit log: term order, one writer per term, installs replayed."""
-        found = db_query(self.farm.dsn, EVENTS_SQL)
+        found = audit_events(self.farm)
         led = [e for e in found if e["term"] is not None]
         self.figures.steps = Counter(e["action"] for e in led if e["action"] != "lead")
         self.figures.terms = len({e["term"] for e in led})
