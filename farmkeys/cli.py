@@ -1,4 +1,4 @@
-"""The `farmkeys` command: a thin shell over :mod:`farmkeys.node`.
+"""The `farmkeys` command: a thin shell over the modules that do the work.
 
 Expected failures (every :class:`farmkeys.errors.Error`) print one line,
 ``farmkeys: error: <what is wrong> — <what to do>``, to stderr and exit 1;
@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
-from farmkeys import __version__, node
+from farmkeys import __version__, init, rollover, status, sync
 from farmkeys import config as config_module
 from farmkeys.config import Config
 from farmkeys.configdb import ConfigDB
@@ -220,7 +220,7 @@ def _init(args: argparse.Namespace, config: Config) -> int:
         ConfigDB(config.database, config.retry) as db,
         Directory(config.directory, config.retry) as directory,
     ):
-        report = node.init_farm(config, db, directory, now=_now())
+        report = init.init_farm(config, db, directory, now=_now())
     for warning in report.warnings:
         print(f"farmkeys: warning: {warning}", file=sys.stderr)
     if not report.changed:
@@ -255,7 +255,7 @@ def _sync(args: argparse.Namespace, config: Config) -> int:
         Directory(config.directory, config.retry) as directory,
     ):
         try:
-            report = node.sync(config, db, directory, store, now=_now())
+            report = sync.sync(config, db, directory, store, now=_now())
         except Error as exc:
             if not isinstance(exc, DatabaseError):
                 _record_failure(db, config.node.id, exc)
@@ -280,7 +280,7 @@ def _status(args: argparse.Namespace, config: Config) -> int:
         ConfigDB(config.database, config.retry) as db,
         Directory(config.directory, config.retry) as directory,
     ):
-        doc = node.farm_status(config, db, directory, now=_now())
+        doc = status.farm_status(config, db, directory, now=_now())
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
@@ -299,7 +299,7 @@ def _rollover(args: argparse.Namespace, config: Config) -> int:
         ConfigDB(config.database, config.retry) as db,
         Directory(config.directory, config.retry) as directory,
     ):
-        outcome = node.request_rollover(
+        outcome = rollover.request_rollover(
             config,
             db,
             directory,

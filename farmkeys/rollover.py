@@ -1,5 +1,8 @@
 """The leader's writes: applying rollover decisions and answering rollover requests.
 
+Also the one writer of sealed certificates (:func:`new_certificate`), which
+`init` uses too, and the operator's side of a request (:func:`request_rollover`).
+
 What to do is decided by :mod:`farmkeys.policy`, a pure function; this
 module only carries it out, inside :meth:`farmkeys.election.Election.fenced`
 transactions, so every step is done once, by the one process that holds the
@@ -10,17 +13,19 @@ by NOTIFYing the nodes, which re-sync within a second.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
-from farmkeys import certs, policy
+from farmkeys import certs, dkm, policy
 from farmkeys.config import Config, RetryConfig
-from farmkeys.configdb import CHANGED_CHANNEL, CertificateRow, ConfigDB, Farm
+from farmkeys.configdb import CHANGED_CHANNEL, CertificateRow, ConfigDB, Farm, NewCertificate
 from farmkeys.directory import Directory
-from farmkeys.election import Election, Fence
-from farmkeys.errors import DirectoryError
-from farmkeys.node import new_certificate
+from farmkeys.election import Election, Fence, read_lease
+from farmkeys.errors import DirectoryError, Error, LeaderTimeoutError
+from farmkeys.sync import blob_context
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,53 @@ class Applied:
 
     def __str__(self) -> str:
         return f"{self.action} {self.purpose} {self.thumbprint}: {self.detail}"
+
+
+def new_certificate(
+    config: Config,
+    *,
+    dkm_group: uuid.UUID,
+    purpose: str,
+    role: str,
+    master_key_id: uuid.UUID,
+    master_key: bytes,
+    now: datetime,
+) -> NewCertificate:
+    """Generate a key and certificate for ``purpose`` and seal it, ready for its row."""
+    not_before = now.replace(microsecond=0)
+    generated = certs.generate(
+        farm_name=config.farm.name,
+        purpose=purpose,
+        key_type=config.policy.key,
+        not_before=not_before,
+        not_after=not_before + config.policy.units(config.policy.certificate_duration),
+    )
+    cert = generated.certificate
+    cert_id = uuid.uuid4()
+    thumb = certs.thumbprint(cert)
+    pkcs12 = certs.to_pkcs12(
+        cert, generated.key, friendly_name=f"{config.farm.name} token {purpose} {thumb}"
+    )
+    blob = dkm.seal(
+        pkcs12,
+        master_key=master_key,
+        master_key_id=master_key_id,
+        context=blob_context(dkm_group, cert_id, purpose),
+    )
+    return NewCertificate(
+        id=cert_id,
+        purpose=purpose,
+        role=role,
+        thumbprint=thumb,
+        sha256=certs.sha256_fingerprint(cert),
+        subject=cert.subject.rfc4514_string(),
+        key_type=config.policy.key,
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
+        der=certs.certificate_der(cert),
+        master_key=master_key_id,
+        blob=blob,
+    )
 
 
 class Leader:
@@ -254,3 +306,74 @@ class Leader:
             return f"{purpose}: already has secondary {secondary.thumbprint}; nothing done"
         made = self._generate(fence, farm, purpose, "secondary", reason)
         return f"{purpose}: new secondary {made.thumbprint}"
+
+
+# -- rollover on request -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RolloverOutcome:
+    request: int
+    ok: bool
+    done_by: str | None
+    term: int | None
+    result: str
+
+
+def request_rollover(
+    config: Config,
+    db: ConfigDB,
+    directory: Directory,
+    *,
+    purpose: str,
+    urgent: bool,
+    timeout_seconds: float,
+) -> RolloverOutcome:
+    """Ask the leader for a rollover and wait for its answer.
+
+    When no process holds the lease, take it for the operation, answer the
+    request under the fence, and give the lease back. Either way exactly one
+    writer acts. A request nobody answered in time is withdrawn, so it cannot
+    surprise anyone later.
+    """
+    db.require_farm()
+    request = db.request_rollover(node_id=config.node.id, purpose=purpose, urgent=urgent)
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        row = db.rollover_request(request)
+        if row["done_at"] is not None:
+            return RolloverOutcome(
+                request, bool(row["ok"]), row["done_by"], row["term"], row["result"] or ""
+            )
+        if not read_lease(db).valid:
+            election = Election(db, node_id=config.node.id, lease=config.lease)
+            if election.try_acquire():
+                log.info("no node leads; %s took the lease for this rollover", config.node.id)
+                try:
+                    Leader(config, db, directory, election).answer_requests()
+                except Error as exc:
+                    _withdraw(db, request, f"withdrawn: {exc.what}")
+                    raise
+                finally:
+                    election.release()
+                continue
+        if time.monotonic() >= deadline:
+            if _withdraw(db, request, "withdrawn: no leader answered in time"):
+                lease = read_lease(db)
+                raise LeaderTimeoutError(
+                    f"the leader ({lease.holder_node or 'none'}) did not answer rollover"
+                    f" request {request} within {timeout_seconds:.0f} s; it was withdrawn",
+                    "check `farmkeys serve` on the leader (`farmkeys status`), then try again",
+                )
+            continue  # answered as we withdrew it: report the answer
+        time.sleep(0.2)
+
+
+def _withdraw(db: ConfigDB, request: int, why: str) -> bool:
+    """Mark a request that nobody carried out as done and failed; False if it was answered."""
+    rows = db.fetch(
+        "UPDATE rollover_request SET done_at = now(), ok = false, result = %s"
+        " WHERE id = %s AND done_at IS NULL RETURNING id",
+        (why, request),
+    )
+    return bool(rows)

@@ -38,7 +38,7 @@ from types import FrameType
 import psycopg
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from farmkeys import node
+from farmkeys import sync as node_sync
 from farmkeys.config import Config, RetryConfig
 from farmkeys.configdb import CHANGED_CHANNEL, REQUEST_CHANNEL, ConfigDB
 from farmkeys.directory import Directory
@@ -227,7 +227,7 @@ class Service:
         and counted so the next attempt comes sooner than the poll (:func:`sync_retry_delay`)."""
         before = self._manifest()
         try:
-            report = node.sync(
+            report = node_sync.sync(
                 self.config, self._sync_db, self.directory, self.store, now=_utcnow()
             )
         except Error as exc:

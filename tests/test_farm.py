@@ -17,8 +17,9 @@ from farmkeys.config import load
 from farmkeys.configdb import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.lab.slapd import LocalSlapd
-from farmkeys.node import farm_status, sync
+from farmkeys.status import farm_status
 from farmkeys.store import Store
+from farmkeys.sync import sync
 
 
 @pytest.fixture

@@ -1,0 +1,134 @@
+"""What a node does to install the farm's live certificates into its store.
+
+`farmkeys sync` (the service's start-up hook) and `serve` (on every change)
+both run :func:`sync`. Takes its collaborators and the time as arguments, so
+tests run it against real servers without a clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from farmkeys import certs, dkm
+from farmkeys.config import Config
+from farmkeys.configdb import CertificateRow, ConfigDB, Farm
+from farmkeys.directory import Directory
+from farmkeys.errors import (
+    CertificateError,
+    InvalidBlobError,
+    NotInitialisedError,
+)
+from farmkeys.store import CertificateFiles, Manifest, Store
+
+log = logging.getLogger(__name__)
+
+
+LIVE_ROLES = ("primary", "secondary", "retired")
+
+
+def blob_context(
+    farm: Farm | uuid.UUID, certificate_id: uuid.UUID, purpose: str
+) -> dkm.BlobContext:
+    """What a certificate's blob is bound to: its farm's DKM group, its id and its purpose."""
+    group = farm.dkm_group if isinstance(farm, Farm) else farm
+    return dkm.BlobContext(farm=str(group), certificate_id=str(certificate_id), purpose=purpose)
+
+
+# -- sync ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    node: str
+    dkm_group: uuid.UUID
+    manifest: Manifest
+    changed: bool
+
+
+def sync(
+    config: Config, db: ConfigDB, directory: Directory, store: Store, *, now: datetime
+) -> SyncReport:
+    """Install the farm's live certificates into this node's store, then report them.
+
+    One query reads the live set; each master key is read from the directory
+    at most once per process (the directory caches it in memory); archived
+    certificates are never read. When the store already holds the live set,
+    nothing is decrypted or written. Every blob is opened and checked before
+    the store is touched, and the store switches all at once, so a failure
+    leaves the installed certificates as they were.
+    """
+    farm, rows = db.live_set()
+    if not any(r.role == "primary" for r in rows):
+        raise NotInitialisedError(
+            f"farm {farm.name!r} has no primary certificates in the config DB at {db.endpoint}",
+            "run `farmkeys init` to generate them",
+        )
+    wanted = frozenset(r.identity for r in rows)
+    if store.matches(wanted):
+        manifest = store.manifest()
+        assert manifest is not None
+        changed = False
+    else:
+        files = [open_certificate(farm, row, directory) for row in rows]
+        manifest = store.install(files, now=now)
+        changed = True
+        log.info(
+            "installed generation %d: %s",
+            manifest.generation,
+            ", ".join(f"{p} {r} {t}" for p, r, t in sorted(wanted)),
+        )
+    db.record_sync(config.node.id, generation=manifest.generation, installed=sorted(wanted))
+    return SyncReport(
+        node=config.node.id, dkm_group=farm.dkm_group, manifest=manifest, changed=changed
+    )
+
+
+def open_certificate(farm: Farm, row: CertificateRow, directory: Directory) -> CertificateFiles:
+    """Decrypt and verify one certificate row, ready for the store."""
+    context = blob_context(farm, row.id, row.purpose)
+    named = dkm.master_key_id(row.blob, context=context)
+    if named != row.master_key:
+        raise InvalidBlobError(
+            f"the blob of {row.purpose} certificate {row.id} names another master key than its row",
+            "restore the row from a backup or replace the certificate",
+        )
+    key = directory.master_key(farm.dkm_group, named)
+    pkcs12 = dkm.open_blob(row.blob, master_key=key, context=context)
+    try:
+        generated = certs.from_pkcs12(pkcs12)
+    except CertificateError as exc:
+        raise CertificateError(
+            f"the blob of {row.purpose} certificate {row.id} opened but holds no usable"
+            f" PKCS#12: {exc.what}",
+            "restore the row from a backup or replace the certificate",
+        ) from None
+    cert = generated.certificate
+    if (
+        certs.thumbprint(cert) != row.thumbprint
+        or certs.certificate_der(cert) != row.der
+        or cert.not_valid_before_utc != row.not_before
+        or cert.not_valid_after_utc != row.not_after
+    ):
+        raise CertificateError(
+            f"the blob of {row.purpose} certificate {row.id} holds a certificate other than"
+            f" its row describes ({row.thumbprint})",
+            "restore the row from a backup or replace the certificate",
+        )
+    if not certs.key_matches(cert, generated.key):
+        raise CertificateError(
+            f"the private key in the blob of {row.purpose} certificate {row.thumbprint} does"
+            " not match the certificate",
+            "restore the row from a backup or replace the certificate",
+        )
+    return CertificateFiles(
+        purpose=row.purpose,
+        role=row.role,
+        thumbprint=row.thumbprint,
+        not_after=cert.not_valid_after_utc,
+        certificate_pem=certs.certificate_pem(cert),
+        private_key_pem=certs.private_key_pem(generated.key),
+        pkcs12=certs.to_pkcs12(cert, generated.key, friendly_name=row.subject),
+    )
