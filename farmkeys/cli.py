@@ -125,10 +125,19 @@ def _parser() -> argparse.ArgumentParser:
     rollover.add_argument(
         "--purpose",
         choices=("signing", "decryption", "all"),
-        default="all",
+        default=None,
         help="which certificates (default: all)",
     )
-    rollover.add_argument("--urgent", action="store_true", help="replace the primary at once")
+    rollover.add_argument(
+        "--master-key",
+        action="store_true",
+        help="roll the master key instead: a new key, every live blob re-sealed under it",
+    )
+    rollover.add_argument(
+        "--urgent",
+        action="store_true",
+        help="replace the primary at once; with --master-key, delete the replaced key at once",
+    )
     rollover.add_argument(
         "--wait",
         type=float,
@@ -171,7 +180,13 @@ def _since(text: str) -> datetime:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process's exit code."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "rollover" and args.master_key and args.purpose is not None:
+        parser.error(
+            "--master-key rolls the one master key of every purpose, so --purpose does not go"
+            " with it; leave out one of them"
+        )
     debug = bool(getattr(args, "debug", False))
     _configure_logging(debug, service=args.command == "serve")
     handlers: dict[str, Callable[[argparse.Namespace, Config], int]] = {
@@ -295,6 +310,7 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
 
 
 def _rollover(args: argparse.Namespace, config: Config) -> int:
+    purpose = None if args.master_key else (args.purpose or "all")
     with (
         ConfigDB(config.database, config.retry) as db,
         Directory(config.directory, config.retry) as directory,
@@ -303,7 +319,7 @@ def _rollover(args: argparse.Namespace, config: Config) -> int:
             config,
             db,
             directory,
-            purpose=args.purpose,
+            purpose=purpose,
             urgent=args.urgent,
             timeout_seconds=args.wait,
         )
@@ -329,6 +345,7 @@ def _events(args: argparse.Namespace, config: Config) -> int:
             "purpose": r["purpose"],
             "certificate": None if r["certificate"] is None else str(r["certificate"]),
             "thumbprint": r["thumbprint"],
+            "master_key": None if r["master_key"] is None else str(r["master_key"]),
             "detail": r["detail"],
         }
         for r in rows
@@ -338,7 +355,8 @@ def _events(args: argparse.Namespace, config: Config) -> int:
         return EXIT_OK
     for d in docs:
         term = "-" if d["term"] is None else d["term"]
-        what = " ".join(x for x in (d["action"], d["purpose"], d["thumbprint"]) if x)
+        subject = (d["action"], d["purpose"], d["thumbprint"], d["master_key"])
+        what = " ".join(x for x in subject if x)
         line = f"{d['at'][:19]}  {d['node']:<12} term {term!s:<4} {what}  {d['detail']}"
         print(line.rstrip())
     if not docs:
@@ -371,9 +389,17 @@ def render_status(doc: dict[str, Any]) -> str:
         )
     lines += ["", "master keys"]
     for k in doc["master_keys"]:
-        current = {True: "current", False: "", None: "(directory unavailable)"}[k["current"]]
         created = (k["created_at"] or "?")[:19]
-        lines.append(f"  {k['id']}  created {created}  {current}".rstrip())
+        when = ""
+        if k.get("roll_at"):
+            when = f"  rolls at {k['roll_at'][:19]}"
+        elif k.get("delete_at"):
+            when = f"  deleted at {k['delete_at'][:19]}"
+        missing = "  MISSING FROM THE DIRECTORY" if k.get("in_directory") is False else ""
+        lines.append(
+            f"  {k['id']}  {k['state']:<8}  created {created}  sealed: {k['sealed_live']} live,"
+            f" {k['sealed_archived']} archived{when}{missing}"
+        )
     lines += ["", "nodes"]
     if not doc["nodes"]:
         lines.append("  (none has synced yet)")

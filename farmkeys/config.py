@@ -105,6 +105,14 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
+class MasterKeyConfig:
+    """The master key's life, in the policy's threshold units (days by default)."""
+
+    lifetime: int = 365  # the leader rolls the current master key when it is this old
+    retain: int = 365  # a replaced key stays in the directory this long after no live blob names it
+
+
+@dataclass(frozen=True)
 class LeaseConfig:
     """The leader lease, judged by the config DB's clock."""
 
@@ -136,6 +144,7 @@ class Config:
     directory: DirectoryConfig
     node: NodeConfig = field(default_factory=NodeConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    master_key: MasterKeyConfig = field(default_factory=MasterKeyConfig)
     lease: LeaseConfig = field(default_factory=LeaseConfig)
     hooks: HooksConfig = field(default_factory=HooksConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
@@ -402,6 +411,17 @@ def _validate(config: Config) -> None:
         p.rollover_interval_seconds > 0,
         "policy.rollover_interval_seconds must be positive",
         "AD FS checks every 43200 seconds (720 minutes)",
+    )
+    m = config.master_key
+    _require(
+        m.lifetime > 0,
+        "master_key.lifetime must be positive",
+        "set it in the policy's threshold units; the default is 365 (a year)",
+    )
+    _require(
+        m.retain >= 0,
+        "master_key.retain must not be negative",
+        "set it in the policy's threshold units; the default is 365 (a year)",
     )
     _require(node.poll_seconds > 0, "node.poll_seconds must be positive", "the default is 60")
     lease = config.lease

@@ -102,6 +102,34 @@ class NodeRow:
     heartbeat_at: datetime | None = None
     directory_error: str | None = None
     hook_error: str | None = None
+    master_keys: tuple[uuid.UUID, ...] = ()
+
+
+@dataclass(frozen=True)
+class MasterKeyRow:
+    """What the config DB records about one master key: never its bytes."""
+
+    id: uuid.UUID
+    state: str  # pending, current, previous, deleted
+    created_at: datetime
+    current_since: datetime | None
+    replaced_at: datetime | None
+    unused_since: datetime | None
+    delete_now: bool
+    deleted_at: datetime | None
+    urgent: bool
+    request: int | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class LiveSet:
+    """What a sync reads in one round trip: the farm, its live rows, and what this node
+    last proved it can open."""
+
+    farm: Farm
+    rows: list[CertificateRow]
+    confirmed_keys: frozenset[uuid.UUID]
 
 
 @dataclass(frozen=True)
@@ -371,18 +399,28 @@ class ConfigDB:
                 "run `farmkeys db upgrade` once",
             )
 
-    def live_set(self) -> tuple[Farm, list[CertificateRow]]:
-        """The farm and its live (not archived) certificates, in one query."""
+    def live_set(self, node_id: str) -> LiveSet:
+        """The farm, its live (not archived) certificates, and the master keys ``node_id``
+        last confirmed, in one query."""
         rows = self.fetch(
             "SELECT f.name, f.dkm_group, f.dkm_container,"
-            " (SELECT max(version) FROM farmkeys_migration) AS schema_version, c.*"
+            " (SELECT max(version) FROM farmkeys_migration) AS schema_version,"
+            " (SELECT master_keys FROM node WHERE id = %s) AS confirmed_keys, c.*"
             " FROM farm f LEFT JOIN certificate c ON c.role <> 'archived'"
-            " ORDER BY c.purpose, c.role, c.not_after"
+            " ORDER BY c.purpose, c.role, c.not_after",
+            (node_id,),
         )
         if not rows:
             raise self._no_farm()
-        farm = _farm(rows[0])
-        return farm, [_certificate(r) for r in rows if r["id"] is not None]
+        return LiveSet(
+            farm=_farm(rows[0]),
+            rows=[_certificate(r) for r in rows if r["id"] is not None],
+            confirmed_keys=frozenset(rows[0]["confirmed_keys"] or ()),
+        )
+
+    def master_keys(self) -> list[MasterKeyRow]:
+        """Every master key the farm has recorded, oldest first."""
+        return [_master_key(r) for r in self.fetch(_MASTER_KEYS)]
 
     def certificates(self, *, include_archived: bool = True) -> list[CertificateRow]:
         rows = self.fetch(
@@ -405,6 +443,7 @@ class ConfigDB:
                 heartbeat_at=r.get("heartbeat_at"),
                 directory_error=r.get("directory_error"),
                 hook_error=r.get("hook_error"),
+                master_keys=tuple(sorted(r.get("master_keys") or (), key=str)),
             )
             for r in rows
         ]
@@ -412,16 +451,28 @@ class ConfigDB:
     # -- writes ---------------------------------------------------------------
 
     def record_sync(
-        self, node_id: str, *, generation: int, installed: Sequence[tuple[str, str, str]]
+        self,
+        node_id: str,
+        *,
+        generation: int,
+        installed: Sequence[tuple[str, str, str]],
+        master_keys: Sequence[uuid.UUID] = (),
     ) -> None:
-        """Record that ``node_id`` now has ``installed`` in its store."""
+        """Record that ``node_id`` now has ``installed`` in its store, and opened the live
+        blobs with ``master_keys``."""
         doc = [{"purpose": p, "role": r, "thumbprint": t} for p, r, t in sorted(installed)]
         self.fetch(
-            "INSERT INTO node (id, last_sync, last_seen, generation, installed, last_error)"
-            " VALUES (%(id)s, now(), now(), %(gen)s, %(doc)s, NULL)"
+            "INSERT INTO node (id, last_sync, last_seen, generation, installed, last_error,"
+            " master_keys) VALUES (%(id)s, now(), now(), %(gen)s, %(doc)s, NULL, %(keys)s)"
             " ON CONFLICT (id) DO UPDATE SET last_sync = now(), last_seen = now(),"
-            " generation = EXCLUDED.generation, installed = EXCLUDED.installed, last_error = NULL",
-            {"id": node_id, "gen": generation, "doc": Jsonb(doc)},
+            " generation = EXCLUDED.generation, installed = EXCLUDED.installed, last_error = NULL,"
+            " master_keys = EXCLUDED.master_keys",
+            {
+                "id": node_id,
+                "gen": generation,
+                "doc": Jsonb(doc),
+                "keys": sorted(master_keys, key=str),
+            },
         )
 
     def heartbeat(self, node_id: str, *, directory_error: str | None) -> None:
@@ -447,19 +498,22 @@ class ConfigDB:
     def events(self, *, since: datetime | None = None) -> list[dict[str, Any]]:
         """The audit log, oldest first."""
         return self.fetch(
-            "SELECT id, at, node, term, action, purpose, certificate, thumbprint, detail"
+            "SELECT id, at, node, term, action, purpose, certificate, thumbprint, master_key,"
+            " detail"
             " FROM audit_event WHERE %(since)s::timestamptz IS NULL OR at >= %(since)s"
             " ORDER BY at, id",
             {"since": since},
         )
 
-    def request_rollover(self, *, node_id: str, purpose: str, urgent: bool) -> int:
-        """Queue a rollover for the leader and wake it; the request's id."""
+    def request_rollover(self, *, node_id: str, purpose: str | None, urgent: bool) -> int:
+        """Queue a rollover for the leader and wake it; the request's id.
+
+        ``purpose`` None asks for a master-key rollover."""
         with self.transaction() as tx:
             rows = tx.execute(
-                "INSERT INTO rollover_request (requested_by, purpose, urgent)"
-                " VALUES (%s, %s, %s) RETURNING id",
-                (node_id, purpose, urgent),
+                "INSERT INTO rollover_request (requested_by, purpose, urgent, master_key)"
+                " VALUES (%s, %s, %s, %s) RETURNING id",
+                (node_id, purpose, urgent, purpose is None),
             )
             tx.notify(REQUEST_CHANNEL, str(rows[0]["id"]))
         return int(rows[0]["id"])
@@ -502,12 +556,50 @@ class Transaction:
         purpose: str | None = None,
         certificate: uuid.UUID | None = None,
         thumbprint: str | None = None,
+        master_key: uuid.UUID | None = None,
         detail: str = "",
     ) -> None:
         self.execute(
             "INSERT INTO audit_event (node, term, action, purpose, certificate, thumbprint,"
-            " detail) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-            (node, term, action, purpose, certificate, thumbprint, detail),
+            " master_key, detail) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            (node, term, action, purpose, certificate, thumbprint, master_key, detail),
+        )
+
+    def master_keys(self) -> list[MasterKeyRow]:
+        """Every recorded master key, locked until the transaction ends."""
+        return [_master_key(r) for r in self.execute(_MASTER_KEYS + " FOR UPDATE")]
+
+    def record_master_key(
+        self,
+        key_id: uuid.UUID,
+        *,
+        state: str,
+        created_at: datetime | None = None,
+        urgent: bool = False,
+        request: int | None = None,
+        reason: str = "",
+    ) -> None:
+        """Record a master key: a new ``pending`` one, or one found in the directory."""
+        self.execute(
+            "INSERT INTO master_key (id, state, created_at, current_since, urgent, request,"
+            " reason) VALUES (%(id)s, %(state)s, coalesce(%(created)s, now()),"
+            " CASE WHEN %(state)s = 'current' THEN now() END, %(urgent)s, %(request)s,"
+            " %(reason)s)",
+            {
+                "id": key_id,
+                "state": state,
+                "created": created_at,
+                "urgent": urgent,
+                "request": request,
+                "reason": reason,
+            },
+        )
+
+    def set_blob(self, certificate_id: uuid.UUID, *, master_key: uuid.UUID, blob: bytes) -> None:
+        """Replace a certificate's blob by the same PKCS#12 sealed under another master key."""
+        self.execute(
+            "UPDATE certificate SET blob = %s, master_key = %s WHERE id = %s",
+            (blob, master_key, certificate_id),
         )
 
     def notify(self, channel: str, payload: str = "") -> None:
@@ -545,6 +637,16 @@ def _farm(row: dict[str, Any]) -> Farm:
         dkm_container=row["dkm_container"],
         schema_version=row["schema_version"] or 0,
     )
+
+
+_MASTER_KEYS = (
+    "SELECT id, state, created_at, current_since, replaced_at, unused_since, delete_now,"
+    " deleted_at, urgent, request, reason FROM master_key ORDER BY created_at, id"
+)
+
+
+def _master_key(row: dict[str, Any]) -> MasterKeyRow:
+    return MasterKeyRow(**row)
 
 
 _CERTIFICATE_FIELDS = tuple(CertificateRow.__dataclass_fields__)

@@ -365,6 +365,71 @@ class Directory:
         )
         return key_id
 
+    def ensure_key(self, group: uuid.UUID, key_id: uuid.UUID, key: bytes | None = None) -> bool:
+        """Add master key ``key_id`` to ``group`` unless an entry of that id exists.
+
+        ``key`` gives the bytes (an escrow import); None makes 32 random ones.
+        True when this call added it. An entry of that id is never replaced: the
+        caller reads it back to learn which bytes the directory holds.
+        """
+        if key is not None and len(key) != MASTER_KEY_LENGTH:
+            raise ValueError(f"a master key is {MASTER_KEY_LENGTH} bytes, not {len(key)}")
+        dn = self._key_dn(group, key_id)
+        if self._exists(dn):
+            return False
+        try:
+            self._add_key_entry(group, key_id, key)
+        except DirectoryError as exc:
+            if isinstance(exc.__cause__, ldap_exc.LDAPEntryAlreadyExistsResult):
+                return False  # another writer added it between the look and the add
+            raise
+        log.info("added master key %s to DKM group %s", key_id, group)
+        return True
+
+    def delete_key(self, group: uuid.UUID, key_id: uuid.UUID) -> None:
+        """Remove master key ``key_id`` from the directory and from this object's memory.
+
+        A no-op when it is already gone. Blobs sealed under it can never be opened again.
+        """
+        self._delete(self._key_dn(group, key_id))
+        self.forget(group, key_id)
+        log.info("deleted master key %s of DKM group %s", key_id, group)
+
+    def forget(self, group: uuid.UUID, key_id: uuid.UUID) -> None:
+        """Drop a cached master key from memory (it was deleted from the directory)."""
+        with self._lock:
+            self._keys.pop((group, key_id), None)
+
+    def restore_container(self, group: uuid.UUID, *, farm_name: str, current: uuid.UUID) -> bool:
+        """Re-create the DKM container of ``group`` and its CryptoPolicy (naming ``current``)
+        where they are missing, without any key. True when anything was created.
+
+        The access rule that keeps the keys to the service account is the
+        directory's, on the DKM parent (``docs/directory-setup.md``), so a
+        re-created container falls under it as the first one did.
+        """
+        created = False
+        container = self.container_dn(group)
+        if not self._exists(container):
+            self._add(
+                container,
+                CONTAINER_CLASSES,
+                {"cn": str(group), "description": f"farmkeys DKM container for farm {farm_name}"},
+                creating_container=True,
+            )
+            created = True
+        policy = self._policy_dn(group)
+        if not self._exists(policy):
+            self._add(
+                policy,
+                KEY_CLASSES,
+                {"cn": POLICY_CN, "sn": POLICY_CN, POLICY_ATTRIBUTE: str(current)},
+            )
+            created = True
+        if created:
+            log.info("re-created DKM container %s in %s", container, self.endpoint)
+        return created
+
     def set_current_key(self, group: uuid.UUID, key_id: uuid.UUID) -> None:
         """Name ``key_id`` as the current master key of ``group`` in CryptoPolicy."""
         policy = self._policy_dn(group)
@@ -530,7 +595,7 @@ class Directory:
         attr, value, _ = parts[0]
         return str(attr).lower() == "cn" and str(value).lower() != POLICY_CN.lower()
 
-    def _add_key_entry(self, group: uuid.UUID, key_id: uuid.UUID) -> str:
+    def _add_key_entry(self, group: uuid.UUID, key_id: uuid.UUID, key: bytes | None = None) -> str:
         dn = self._key_dn(group, key_id)
         self._add(
             dn,
@@ -539,7 +604,7 @@ class Directory:
                 "cn": str(key_id),
                 "sn": KEY_SURNAME,
                 KEY_ID_ATTRIBUTE: str(key_id),
-                KEY_ATTRIBUTE: secrets.token_bytes(MASTER_KEY_LENGTH),
+                KEY_ATTRIBUTE: key if key is not None else secrets.token_bytes(MASTER_KEY_LENGTH),
             },
         )
         return dn

@@ -21,7 +21,8 @@ certificates, master keys and endpoints by their ids, never by content.
     │   └── MasterKeyMissingError  a master key a blob names is not in the directory
     ├── InvalidBlobError         a blob is not authentic (tampered, truncated, wrong row, wrong key)
     ├── CertificateError         a certificate or key does not match what its row says
-    └── StoreError               the node's local store cannot be read or written
+    ├── StoreError               the node's local store cannot be read or written
+    └── EscrowError              an escrow file or its passphrase is unusable, or names another farm
 """
 
 from __future__ import annotations
@@ -89,3 +90,7 @@ class CertificateError(Error):
 
 class StoreError(Error):
     """The node's local certificate store cannot be read or written."""
+
+
+class EscrowError(Error):
+    """An escrow file or its passphrase is unusable: unreadable, not genuine, or another farm's."""

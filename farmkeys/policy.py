@@ -54,20 +54,22 @@ settles within three calls that return actions.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final, Literal, Protocol
 
-from farmkeys.config import PolicyConfig
+from farmkeys.config import MasterKeyConfig, PolicyConfig
 
 PURPOSES: Final = ("signing", "decryption")
 ROLES: Final = ("primary", "secondary", "retired", "archived")
 
 ActionKind = Literal["generate", "promote", "generate_and_promote", "archive"]
 ScheduledKind = Literal[
-    "generate_secondary", "promote", "retire", "archive", "generate_and_promote"
+    "generate_secondary", "promote", "retire", "archive", "generate_and_promote", "reseal", "shred"
 ]
+KeyActionKind = Literal["finish", "roll", "reseal", "unused", "delete"]
+KEY_STATES: Final = ("pending", "current", "previous", "deleted")
 
 _SECONDS_PER_DAY: Final = 86400
 
@@ -87,6 +89,40 @@ class CertificateState(Protocol):
     def not_after(self) -> datetime: ...
     @property
     def created_at(self) -> datetime: ...
+
+
+class MasterKeyState(Protocol):
+    """What the policy reads of a master key's record (``configdb.MasterKeyRow`` has it)."""
+
+    @property
+    def id(self) -> uuid.UUID: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def created_at(self) -> datetime: ...
+    @property
+    def unused_since(self) -> datetime | None: ...
+    @property
+    def delete_now(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class KeyAction:
+    """One master-key step that is due now, with one sentence for the audit log."""
+
+    kind: KeyActionKind
+    key_id: uuid.UUID
+    reason: str
+
+
+@dataclass(frozen=True)
+class KeySchedule:
+    """When the current key is rolled (``roll_at``) or a previous one deleted (``delete_at``).
+
+    ``delete_at`` is None while a live blob still names the key."""
+
+    roll_at: datetime | None
+    delete_at: datetime | None
 
 
 @dataclass(frozen=True)
@@ -185,6 +221,86 @@ def next_action(
     if generation_at < critical_at and now < critical_at:
         return Scheduled("generate_secondary", generation_at)  # overdue once generation_at passed
     return Scheduled("generate_and_promote", critical_at)
+
+
+def decide_master_keys(
+    master: MasterKeyConfig,
+    policy: PolicyConfig,
+    now: datetime,
+    keys: Sequence[MasterKeyState],
+    named_by_live: Collection[uuid.UUID],
+) -> list[KeyAction]:
+    """The master-key steps due at ``now`` by the rules in the module's docstring.
+
+    ``named_by_live``: the ids of the master keys the live blobs are sealed
+    under. A pending key returns ``finish`` alone; nothing else is decided
+    until the roll is done. ``[]`` when the farm has no current key (the
+    leader adopts the directory's keys first).
+    """
+    _require_aware("now", now)
+    pending = [k for k in keys if k.state == "pending"]
+    if pending:
+        return [KeyAction("finish", pending[0].id, "a master-key roll was begun and not finished")]
+    current = next((k for k in keys if k.state == "current"), None)
+    if current is None:
+        return []
+    actions: list[KeyAction] = []
+    schedule = master_key_schedule(master, policy, now, keys, named_by_live)
+    roll_at = schedule[current.id].roll_at
+    assert roll_at is not None
+    if now >= roll_at:
+        lifetime = _threshold("lifetime", master.lifetime, policy)
+        actions.append(
+            KeyAction("roll", current.id, f"the current master key reached its {lifetime}")
+        )
+    elif set(named_by_live) - {current.id}:
+        actions.append(
+            KeyAction("reseal", current.id, "live blobs are sealed under a key that is not current")
+        )
+    for key in keys:
+        if key.state != "previous" or key.id in named_by_live:
+            continue
+        if key.unused_since is None:
+            actions.append(KeyAction("unused", key.id, "no live blob names it any more"))
+            continue
+        delete_at = schedule[key.id].delete_at
+        if delete_at is not None and now >= delete_at:
+            why = (
+                "replaced urgently"
+                if key.delete_now
+                else f"no live blob named it for {_threshold('retain', master.retain, policy)}"
+            )
+            actions.append(KeyAction("delete", key.id, why))
+    return actions
+
+
+def master_key_schedule(
+    master: MasterKeyConfig,
+    policy: PolicyConfig,
+    now: datetime,
+    keys: Sequence[MasterKeyState],
+    named_by_live: Collection[uuid.UUID],
+) -> dict[uuid.UUID, KeySchedule]:
+    """For every key that is not deleted: when it is rolled or deleted (maybe already past).
+
+    A previous key not yet marked unused but named by no live blob counts as
+    unused from ``now``.
+    """
+    _require_aware("now", now)
+    found: dict[uuid.UUID, KeySchedule] = {}
+    for key in keys:
+        if key.state == "current":
+            found[key.id] = KeySchedule(key.created_at + policy.units(master.lifetime), None)
+        elif key.state == "previous":
+            if key.id in named_by_live:
+                found[key.id] = KeySchedule(None, None)
+                continue
+            since = key.unused_since or now
+            at = since if key.delete_now else since + policy.units(master.retain)
+            found[key.id] = KeySchedule(None, at)
+        elif key.state == "pending":
+            found[key.id] = KeySchedule(None, None)
+    return found
 
 
 # --- internals -------------------------------------------------------------

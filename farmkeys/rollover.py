@@ -15,13 +15,20 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from farmkeys import certs, dkm, policy
 from farmkeys.config import Config, RetryConfig
-from farmkeys.configdb import CHANGED_CHANNEL, CertificateRow, ConfigDB, Farm, NewCertificate
+from farmkeys.configdb import (
+    CHANGED_CHANNEL,
+    CertificateRow,
+    ConfigDB,
+    Farm,
+    MasterKeyRow,
+    NewCertificate,
+)
 from farmkeys.directory import Directory
 from farmkeys.election import Election, Fence, read_lease
 from farmkeys.errors import DirectoryError, Error, LeaderTimeoutError
@@ -100,8 +107,17 @@ class Leader:
     """The writes a lease holder makes, each in a fenced transaction."""
 
     def __init__(
-        self, config: Config, db: ConfigDB, directory: Directory, election: Election
+        self,
+        config: Config,
+        db: ConfigDB,
+        directory: Directory,
+        election: Election,
+        *,
+        on_step: Callable[[str, uuid.UUID], None] | None = None,
     ) -> None:
+        """``on_step(step, key_id)`` is called after each committed step of a master-key
+        roll (``recorded``, ``added``, ``resealed``, ``current``, ``deleted``)."""
+        self._on_step = on_step
         self._config = config
         self._db = db
         self._directory = directory
@@ -110,24 +126,21 @@ class Leader:
         self._key_error: DirectoryError | None = None
 
     def _refresh_key(self, farm: Farm) -> None:
-        """Read the current master key before any transaction opens.
+        """Learn the current master key before any transaction opens.
 
-        Directory I/O never happens while the lease row is locked: a slow or
-        unreachable directory must not hold up lease renewals. If the directory
-        cannot be read, the last key read stays in use (it is still valid; a
-        new blob sealed under it opens as well as any other).
+        Which key is current is the config DB's record (``master_key``), the
+        journal the leader writes; its bytes come from the directory once per
+        process and stay in memory. A farm made before master keys were
+        recorded has its keys adopted from the directory first.
 
-        Once a key is known, the directory gets one attempt, on a connection
-        of its own: an outage must not hold up a promotion or an archive (which
-        need no key) for the retry budget, nor the node's syncs, which share
-        the patient connection and its lock.
+        Directory I/O never happens while the lease row is locked, except the
+        master-key writes themselves (:meth:`roll_master_key`). If the
+        directory cannot be read, the last key read stays in use (it is still
+        valid; a new blob sealed under it opens as well as any other).
         """
         try:
-            if self._key is None:
-                key_id = self._directory.current_key_id(farm.dkm_group)
-            else:
-                with Directory(self._config.directory, _ONE_ATTEMPT) as once:
-                    key_id = once.current_key_id(farm.dkm_group)
+            current = next((k for k in self._db.master_keys() if k.state == "current"), None)
+            key_id = current.id if current is not None else self._adopt(farm)
             if self._key is None or self._key[0] != key_id:
                 self._key = (key_id, self._directory.master_key(farm.dkm_group, key_id))
             self._key_error = None
@@ -141,11 +154,12 @@ class Leader:
                 self._key_error = exc
 
     def tick(self) -> list[Applied]:
-        """What `serve` runs on schedule: answer pending requests, then the rollover check,
-        with one read of the master key for both."""
+        """What `serve` runs on schedule: answer pending requests, then the certificate and
+        master-key rollover checks, with one look at the master key for all."""
         farm = self._farm_and_key()
         self.answer_requests(farm=farm)
-        return self.check(farm=farm)
+        done = self.check(farm=farm)
+        return done + self.check_master_keys(farm=farm)
 
     def _farm_and_key(self) -> Farm:
         """The farm, with the current master key read (outside any transaction)."""
@@ -245,6 +259,295 @@ class Leader:
         )
         return Applied(action, purpose, thumbprint, detail)
 
+    # -- master keys -------------------------------------------------------------------
+    #
+    # The config DB's ``master_key`` table is the journal: a new key is recorded
+    # (``pending``) before the directory holds it, and every later step is a fenced
+    # transaction. The directory writes (add a key, name the current one in
+    # CryptoPolicy, delete a key) run inside the fenced transaction whose commit
+    # records them, while it holds the lease row, on a one-attempt connection: a
+    # leader that lost its lease never reaches them, and one whose commit fails
+    # leaves a step the next leader repeats harmlessly (adding a recorded key that
+    # exists, naming the recorded current key, deleting a key already gone).
+
+    def check_master_keys(self, *, farm: Farm | None = None) -> list[Applied]:
+        """The master-key part of the rollover check: finish a roll cut short, roll a key
+        that reached its lifetime, re-seal, delete keys past their retention."""
+        if farm is None:
+            farm = self._farm_and_key()
+        done: list[Applied] = []
+        with Directory(self._config.directory, _ONE_ATTEMPT) as once:
+            try:
+                named_in_policy = once.current_key_id(farm.dkm_group)
+            except DirectoryError as exc:
+                log.warning("master-key check skipped, the directory is unavailable: %s", exc.what)
+                return done
+            keys, named, now = self._key_view()
+            current = next((k for k in keys if k.state == "current"), None)
+            pending = any(k.state == "pending" for k in keys)
+            if current is not None and not pending and named_in_policy != current.id:
+                done.append(self._repair_policy(farm, once, current.id, named_in_policy))
+            actions = policy.decide_master_keys(
+                self._config.master_key, self._config.policy, now, keys, named
+            )
+            for action in actions:
+                if action.kind in ("finish", "roll"):
+                    self._roll(farm, once, urgent=False, request=None, reason=action.reason)
+                    done.append(Applied("roll", "master key", str(action.key_id), action.reason))
+                elif action.kind == "reseal":
+                    count = self._reseal_into_current(farm)
+                    done.append(
+                        Applied("reseal", "master key", str(action.key_id), f"{count} blobs")
+                    )
+                elif action.kind == "unused":
+                    self._mark_unused(action.key_id)
+                elif action.kind == "delete":
+                    detail = self._delete_key(farm, once, action.key_id, action.reason)
+                    done.append(Applied("delete", "master key", str(action.key_id), detail))
+        for step in done:
+            log.info("master keys: %s", step)
+        return done
+
+    def roll_master_key(self, farm: Farm, *, urgent: bool, request: int | None) -> list[str]:
+        """Roll the master key now (`farmkeys rollover --master-key`); the answer's lines.
+
+        A request that a roll already answered (its leader stopped before
+        marking the request done) is answered from the record.
+        """
+        reason = "requested by the operator" + (" (urgent)" if urgent else "")
+        with Directory(self._config.directory, _ONE_ATTEMPT) as once:
+            once.current_key_id(farm.dkm_group)  # reachable, before anything is recorded
+            keys = self._db.master_keys()
+            done = next((k for k in keys if request is not None and k.request == request), None)
+            if done is not None and done.state != "pending":
+                return [f"master key {done.id} was made current for this request"]
+            return self._roll(farm, once, urgent=urgent, request=request, reason=reason)
+
+    def _key_view(self) -> tuple[list[MasterKeyRow], set[uuid.UUID], datetime]:
+        keys = self._db.master_keys()
+        rows = self._db.fetch(
+            "SELECT now() AS now, array(SELECT DISTINCT master_key FROM certificate"
+            " WHERE role <> 'archived') AS named"
+        )
+        return keys, set(rows[0]["named"]), rows[0]["now"]
+
+    def _step(self, step: str, key_id: uuid.UUID) -> None:
+        log.info("master-key roll: %s %s", step, key_id)
+        if self._on_step is not None:
+            self._on_step(step, key_id)
+
+    def _roll(
+        self, farm: Farm, once: Directory, *, urgent: bool, request: int | None, reason: str
+    ) -> list[str]:
+        """Every step of a roll, from wherever the journal says it stands."""
+        group = farm.dkm_group
+        pending = next((k for k in self._db.master_keys() if k.state == "pending"), None)
+        if pending is None:
+            key_id = uuid.uuid4()
+            with self._election.fenced(self._db) as fence:
+                fence.tx.record_master_key(
+                    key_id, state="pending", urgent=urgent, request=request, reason=reason
+                )
+            self._step("recorded", key_id)
+        else:
+            key_id = pending.id
+            if request is not None or (urgent and not pending.urgent):
+                with self._election.fenced(self._db) as fence:
+                    fence.tx.execute(
+                        "UPDATE master_key SET request = coalesce(request, %s),"
+                        " urgent = urgent OR %s WHERE id = %s",
+                        (request, urgent, key_id),
+                    )
+            urgent = urgent or pending.urgent
+
+        with self._election.fenced(self._db) as fence:
+            if once.ensure_key(group, key_id):
+                self._audit_key(fence, "master_key_add", key_id, reason)
+        self._step("added", key_id)
+        new_key = self._directory.master_key(group, key_id)  # read back what the directory holds
+
+        olds = self._live_keys(farm, exclude=key_id)
+        with self._election.fenced(self._db) as fence:
+            if self._reseal(fence, farm, fence.tx.live_certificates(), key_id, new_key, olds):
+                fence.tx.notify(CHANGED_CHANNEL, f"term {fence.term}")
+        self._step("resealed", key_id)
+
+        olds = self._live_keys(farm, exclude=key_id)
+        with self._election.fenced(self._db) as fence:
+            rows = fence.tx.live_certificates()
+            self._reseal(fence, farm, rows, key_id, new_key, olds)  # any made since the last step
+            replaced = next((k.id for k in fence.tx.master_keys() if k.state == "current"), None)
+            once.set_current_key(group, key_id)
+            fence.tx.execute(
+                "UPDATE master_key SET state = 'previous', replaced_at = now(),"
+                " unused_since = now(), delete_now = %s WHERE state = 'current'",
+                (urgent,),
+            )
+            fence.tx.execute(
+                "UPDATE master_key SET state = 'current', current_since = now() WHERE id = %s",
+                (key_id,),
+            )
+            self._audit_key(
+                fence,
+                "master_key_roll",
+                key_id,
+                f"made current, replacing {replaced}; {len(rows)} live blobs sealed under it;"
+                f" {reason}",
+            )
+            fence.tx.notify(CHANGED_CHANNEL, f"term {fence.term}")
+        self._key = (key_id, new_key)
+        self._step("current", key_id)
+
+        lines = [f"master key {key_id} is now current; {len(rows)} live blobs are sealed under it"]
+        if replaced is None:
+            return lines
+        if urgent:
+            lines.append(self._delete_key(farm, once, replaced, "replaced urgently"))
+            lines.append(
+                "if the config DB may have leaked too, the certificates themselves must be"
+                " replaced: run `farmkeys rollover --urgent`"
+            )
+        else:
+            retain = self._config.policy.units(self._config.master_key.retain)
+            lines.append(
+                f"master key {replaced} is replaced; it stays in the directory for {retain}"
+                " after no live blob names it, so a config DB backup of that period still opens"
+            )
+        return lines
+
+    def _live_keys(self, farm: Farm, *, exclude: uuid.UUID) -> dict[uuid.UUID, bytes]:
+        """The bytes of every master key a live blob names, read before a transaction opens."""
+        _, named, _ = self._key_view()
+        return {k: self._directory.master_key(farm.dkm_group, k) for k in named - {exclude}}
+
+    def _reseal(
+        self,
+        fence: Fence,
+        farm: Farm,
+        rows: Sequence[CertificateRow],
+        key_id: uuid.UUID,
+        key: bytes,
+        olds: dict[uuid.UUID, bytes],
+    ) -> int:
+        """Seal every row not yet under ``key_id`` again under it; how many were."""
+        count = 0
+        for row in rows:
+            if row.master_key == key_id:
+                continue
+            old = olds.get(row.master_key)
+            if old is None:  # sealed after olds was read: one more (cached) read
+                old = self._directory.master_key(farm.dkm_group, row.master_key)
+            blob = dkm.reseal(
+                row.blob,
+                old_key=old,
+                new_key=key,
+                new_key_id=key_id,
+                context=blob_context(farm, row.id, row.purpose),
+            )
+            fence.tx.set_blob(row.id, master_key=key_id, blob=blob)
+            count += 1
+        return count
+
+    def _reseal_into_current(self, farm: Farm) -> int:
+        if self._key is None:
+            raise self._key_error or DirectoryError(
+                "the current master key has not been read", "check the directory"
+            )
+        key_id, key = self._key
+        olds = self._live_keys(farm, exclude=key_id)
+        with self._election.fenced(self._db) as fence:
+            count = self._reseal(fence, farm, fence.tx.live_certificates(), key_id, key, olds)
+            if count:
+                self._audit_key(fence, "master_key_reseal", key_id, f"{count} live blobs")
+                fence.tx.notify(CHANGED_CHANNEL, f"term {fence.term}")
+        return count
+
+    def _mark_unused(self, key_id: uuid.UUID) -> None:
+        with self._election.fenced(self._db) as fence:
+            fence.tx.execute(
+                "UPDATE master_key SET unused_since = now() WHERE id = %s AND state = 'previous'"
+                " AND unused_since IS NULL AND NOT EXISTS (SELECT 1 FROM certificate"
+                " WHERE master_key = %s AND role <> 'archived')",
+                (key_id, key_id),
+            )
+
+    def _delete_key(self, farm: Farm, once: Directory, key_id: uuid.UUID, reason: str) -> str:
+        """Delete a replaced key from the directory: what was sealed under it is gone."""
+        with self._election.fenced(self._db) as fence:
+            # The lease row is locked: no leader can seal under this key meanwhile.
+            counts = fence.tx.execute(
+                "SELECT count(*) FILTER (WHERE role <> 'archived') AS live,"
+                " count(*) FILTER (WHERE role = 'archived') AS archived"
+                " FROM certificate WHERE master_key = %s",
+                (key_id,),
+            )[0]
+            state = fence.tx.execute("SELECT state FROM master_key WHERE id = %s", (key_id,))
+            if counts["live"] or not state or state[0]["state"] != "previous":
+                return f"master key {key_id} was not deleted: it is not a replaced, unused key"
+            once.delete_key(farm.dkm_group, key_id)
+            fence.tx.execute(
+                "UPDATE master_key SET state = 'deleted', deleted_at = now() WHERE id = %s",
+                (key_id,),
+            )
+            line = (
+                f"master key {key_id} is deleted from the directory ({reason}): the"
+                f" {counts['archived']} archived certificates sealed under it can never be"
+                " opened again"
+            )
+            self._audit_key(fence, "master_key_delete", key_id, line)
+        self._directory.forget(farm.dkm_group, key_id)
+        self._step("deleted", key_id)
+        return line
+
+    def _repair_policy(
+        self, farm: Farm, once: Directory, current: uuid.UUID, found: uuid.UUID
+    ) -> Applied:
+        """CryptoPolicy names another key than the farm's record: name the recorded one."""
+        with self._election.fenced(self._db) as fence:
+            once.set_current_key(farm.dkm_group, current)
+            detail = f"CryptoPolicy named {found}, not the current key; corrected"
+            self._audit_key(fence, "master_key_policy", current, detail)
+        return Applied("policy", "master key", str(current), detail)
+
+    def _adopt(self, farm: Farm) -> uuid.UUID:
+        """Record the keys a farm's directory holds, for a farm made before they were."""
+        group = farm.dkm_group
+        current = self._directory.current_key_id(group)
+        infos = self._directory.list_keys(group)
+        if current not in {i.id for i in infos}:
+            raise DirectoryError(
+                f"the CryptoPolicy of DKM group {group} names master key {current}, which the"
+                " directory does not hold",
+                "restore the DKM container from a directory backup or an escrow file",
+            )
+        with self._election.fenced(self._db) as fence:
+            recorded = {k.id: k for k in fence.tx.master_keys()}
+            have = next((k.id for k in recorded.values() if k.state == "current"), None)
+            if have is not None:
+                return have
+            for info in infos:
+                if info.id in recorded:
+                    continue
+                fence.tx.record_master_key(
+                    info.id,
+                    state="current" if info.id == current else "previous",
+                    created_at=info.created_at,
+                    reason="adopted from the directory",
+                )
+            self._audit_key(
+                fence, "master_key_adopt", current, f"{len(infos)} keys recorded from the directory"
+            )
+        return current
+
+    def _audit_key(self, fence: Fence, action: str, key_id: uuid.UUID, detail: str) -> None:
+        fence.tx.audit(
+            node=self._election.node_id,
+            term=fence.term,
+            action=action,
+            master_key=key_id,
+            detail=detail,
+        )
+
     # -- operator requests -------------------------------------------------------------
 
     def answer_requests(self, *, farm: Farm | None = None) -> int:
@@ -258,26 +561,37 @@ class Leader:
         while True:
             with self._election.fenced(self._db) as fence:
                 pending = fence.tx.execute(
-                    "SELECT id, purpose, urgent FROM rollover_request WHERE done_at IS NULL"
-                    " ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED"
+                    "SELECT id, purpose, urgent, master_key FROM rollover_request"
+                    " WHERE done_at IS NULL ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED"
                 )
                 if not pending:
                     return answered
                 request = pending[0]
-                purposes = certs.PURPOSES if request["purpose"] == "all" else (request["purpose"],)
-                rows = fence.tx.live_certificates()
-                lines = [
-                    self._requested(fence, farm, rows, purpose, urgent=request["urgent"])
-                    for purpose in purposes
-                ]
-                fence.tx.execute(
-                    "UPDATE rollover_request SET done_at = now(), done_by = %s, term = %s,"
-                    " ok = true, result = %s WHERE id = %s",
-                    (self._election.node_id, fence.term, "\n".join(lines), request["id"]),
-                )
-                fence.tx.notify(CHANGED_CHANNEL, f"term {fence.term}")
-                answered += 1
+                if not request["master_key"]:
+                    purposes = (
+                        certs.PURPOSES if request["purpose"] == "all" else (request["purpose"],)
+                    )
+                    rows = fence.tx.live_certificates()
+                    lines = [
+                        self._requested(fence, farm, rows, purpose, urgent=request["urgent"])
+                        for purpose in purposes
+                    ]
+                    self._answered(fence, request["id"], lines)
+            if request["master_key"]:
+                # A master-key roll spans several fenced steps: it is answered after the last.
+                lines = self.roll_master_key(farm, urgent=request["urgent"], request=request["id"])
+                with self._election.fenced(self._db) as fence:
+                    self._answered(fence, request["id"], lines)
+            answered += 1
             log.info("rollover request %d answered: %s", request["id"], "; ".join(lines))
+
+    def _answered(self, fence: Fence, request: int, lines: Sequence[str]) -> None:
+        fence.tx.execute(
+            "UPDATE rollover_request SET done_at = now(), done_by = %s, term = %s,"
+            " ok = true, result = %s WHERE id = %s AND done_at IS NULL",
+            (self._election.node_id, fence.term, "\n".join(lines), request),
+        )
+        fence.tx.notify(CHANGED_CHANNEL, f"term {fence.term}")
 
     def _requested(
         self,
@@ -325,11 +639,13 @@ def request_rollover(
     db: ConfigDB,
     directory: Directory,
     *,
-    purpose: str,
+    purpose: str | None,
     urgent: bool,
     timeout_seconds: float,
 ) -> RolloverOutcome:
     """Ask the leader for a rollover and wait for its answer.
+
+    ``purpose`` None asks for a master-key rollover (`--master-key`).
 
     When no process holds the lease, take it for the operation, answer the
     request under the fence, and give the lease back. Either way exactly one

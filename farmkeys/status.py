@@ -6,6 +6,7 @@ Reads the config DB and the directory's key list, never key material.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -14,7 +15,7 @@ from typing import Any
 from farmkeys import certs
 from farmkeys import policy as rollover_policy
 from farmkeys.config import Config, PolicyConfig
-from farmkeys.configdb import CertificateRow, ConfigDB
+from farmkeys.configdb import CertificateRow, ConfigDB, MasterKeyRow
 from farmkeys.directory import Directory, MasterKeyInfo
 from farmkeys.errors import (
     DirectoryError,
@@ -81,24 +82,15 @@ def farm_status(
                 f" {_human(left)} and has no secondary yet",
             )
 
-    master_keys: list[dict[str, Any]]
-    if directory is None:
-        master_keys = _keys_named_by(live)
-    else:
+    recorded = db.master_keys()
+    in_directory: list[MasterKeyInfo] | None = None
+    if directory is not None:
         try:
-            infos = directory.list_keys(farm.dkm_group)
+            in_directory = directory.list_keys(farm.dkm_group)
         except DirectoryError as exc:
             problems.add("warning", f"cannot list master keys: {exc.what}")
-            master_keys = _keys_named_by(live)
-        else:
-            master_keys = [_key_json(k) for k in infos]
-            present = {k.id for k in infos}
-            for key_id in sorted({r.master_key for r in live} - present, key=str):
-                problems.add(
-                    "critical",
-                    f"master key {key_id}, which live certificates need, is missing from"
-                    " the directory",
-                )
+    master_keys, schedule = _master_keys(config, now, recorded, in_directory, rows, problems)
+    current_key = next((k.id for k in recorded if k.state == "current"), None)
 
     lease = _lease(db)
     if lease is None or not lease["valid"]:
@@ -124,6 +116,13 @@ def farm_status(
             problems.add("warning", f"node {n.id} cannot reach the directory: {n.directory_error}")
         if n.hook_error:
             problems.add("warning", f"node {n.id}'s on_change hook failed: {n.hook_error}")
+        unconfirmed = sorted({r.master_key for r in live} - set(n.master_keys), key=str)
+        if in_sync and unconfirmed and n.heartbeat_at is not None and not n.last_error:
+            problems.add(
+                "warning",
+                f"node {n.id} has not yet opened the live blobs under master key"
+                f" {', '.join(map(str, unconfirmed))}",
+            )
         node_docs.append(
             {
                 "id": n.id,
@@ -136,6 +135,7 @@ def farm_status(
                 "heartbeat_at": _iso(n.heartbeat_at),
                 "directory_error": n.directory_error,
                 "hook_error": n.hook_error,
+                "master_keys": [str(k) for k in n.master_keys],
             }
         )
 
@@ -149,7 +149,9 @@ def farm_status(
         "health": problems.health,
         "problems": [text for _, text in problems.items],
         "leader": _leader_json(lease),
-        "certificates": [_certificate_json(r, _next(policy, now, live, r)) for r in rows],
+        "certificates": [
+            _certificate_json(r, _next(policy, now, live, r, current_key, schedule)) for r in rows
+        ],
         "master_keys": master_keys,
         "nodes": node_docs,
         "checked_at": _iso(now),
@@ -175,12 +177,29 @@ def _leader_json(lease: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _next(
-    policy: PolicyConfig, now: datetime, live: Sequence[CertificateRow], row: CertificateRow
+    policy: PolicyConfig,
+    now: datetime,
+    live: Sequence[CertificateRow],
+    row: CertificateRow,
+    current_key: uuid.UUID | None,
+    schedule: dict[uuid.UUID, rollover_policy.KeySchedule],
 ) -> dict[str, Any] | None:
+    """The next thing that happens to a certificate: a rollover step, a re-seal of its blob
+    when the master key rolls, or, for an archived one, its shredding."""
+    keys = schedule.get(row.master_key)
     if row.role not in LIVE_ROLES:
-        return None
+        if keys is None or keys.delete_at is None:
+            return None
+        return {"action": "shred", "at": _iso(keys.delete_at)}
     scheduled = rollover_policy.next_action(policy, now, live, row.id)
-    return None if scheduled is None else {"action": scheduled.action, "at": _iso(scheduled.at)}
+    found = None if scheduled is None else (scheduled.action, scheduled.at)
+    if current_key is not None and row.master_key != current_key:
+        found = ("reseal", now)  # a roll in progress or cut short: the next check re-seals it
+    elif (
+        keys is not None and keys.roll_at is not None and (found is None or keys.roll_at < found[1])
+    ):
+        found = ("reseal", keys.roll_at)
+    return None if found is None else {"action": found[0], "at": _iso(found[1])}
 
 
 def _certificate_json(row: CertificateRow, next_action: dict[str, Any] | None) -> dict[str, Any]:
@@ -200,13 +219,79 @@ def _certificate_json(row: CertificateRow, next_action: dict[str, Any] | None) -
     }
 
 
-def _key_json(info: MasterKeyInfo) -> dict[str, Any]:
-    return {"id": str(info.id), "created_at": _iso(info.created_at), "current": info.current}
+def _master_keys(
+    config: Config,
+    now: datetime,
+    recorded: Sequence[MasterKeyRow],
+    in_directory: Sequence[MasterKeyInfo] | None,
+    rows: Sequence[CertificateRow],
+    problems: _Problems,
+) -> tuple[list[dict[str, Any]], dict[uuid.UUID, rollover_policy.KeySchedule]]:
+    """Every master key the farm recorded or the directory holds, and the problems they show.
 
-
-def _keys_named_by(rows: Sequence[CertificateRow]) -> list[dict[str, Any]]:
-    ids = sorted({r.master_key for r in rows}, key=str)
-    return [{"id": str(k), "created_at": None, "current": None} for k in ids]
+    ``in_directory`` is None when the directory could not be listed."""
+    live = [r for r in rows if r.role in LIVE_ROLES]
+    named = {r.master_key for r in live}
+    schedule = rollover_policy.master_key_schedule(
+        config.master_key, config.policy, now, recorded, named
+    )
+    present = None if in_directory is None else {k.id: k for k in in_directory}
+    by_id = {k.id: k for k in recorded}
+    docs = []
+    for key_id in [*by_id, *(k for k in present or {} if k not in by_id)]:
+        record = by_id.get(key_id)
+        info = None if present is None else present.get(key_id)
+        sealed_live = sum(1 for r in live if r.master_key == key_id)
+        sealed_archived = sum(1 for r in rows if r.role == "archived" and r.master_key == key_id)
+        times = schedule.get(key_id)
+        created = record.created_at if record else (info.created_at if info else None)
+        docs.append(
+            {
+                "id": str(key_id),
+                "created_at": _iso(created),
+                "current": record.state == "current" if record else False,
+                "state": record.state if record else "unrecorded",
+                "in_directory": None if present is None else info is not None,
+                "sealed_live": sealed_live,
+                "sealed_archived": sealed_archived,
+                "roll_at": _iso(times.roll_at) if times else None,
+                "delete_at": _iso(times.delete_at) if times else None,
+            }
+        )
+        if record is None:
+            problems.add(
+                "warning",
+                f"master key {key_id} is in the directory but the farm has no record of it;"
+                " it was not made by this farm's leader",
+            )
+        if sealed_live and present is not None and info is None:
+            problems.add(
+                "critical",
+                f"master key {key_id}, which {sealed_live} live certificates need, is missing"
+                " from the directory",
+            )
+        if times is not None and times.roll_at is not None and now >= times.roll_at:
+            problems.add(
+                "warning",
+                f"the current master key {key_id} is past its lifetime (due {_iso(times.roll_at)});"
+                " is the leader running and the directory reachable?",
+            )
+        if record is not None and record.state != "current" and sealed_live:
+            since = record.replaced_at or record.created_at
+            late = timedelta(seconds=config.policy.rollover_interval_seconds)
+            if now - since > late:
+                problems.add(
+                    "warning",
+                    f"{sealed_live} live blobs are still sealed under master key {key_id},"
+                    f" which is {record.state}, since {_iso(since)}",
+                )
+    if not recorded and present is not None:
+        for key_id in sorted(named - set(present), key=str):
+            problems.add(
+                "critical",
+                f"master key {key_id}, which live certificates need, is missing from the directory",
+            )
+    return docs, schedule
 
 
 def _iso(when: datetime | None) -> str | None:

@@ -59,18 +59,29 @@ def sync(
     nothing is decrypted or written. Every blob is opened and checked before
     the store is touched, and the store switches all at once, so a failure
     leaves the installed certificates as they were.
+
+    A master-key roll re-seals the blobs without changing any certificate:
+    the store stays as it is (no new generation, no on_change hook), but the
+    blobs that name a key this node has not yet proved it can read are
+    opened once, and the node records the keys it opened with. So `status`
+    shows which nodes can read the new key before the old one is deleted.
     """
-    farm, rows = db.live_set()
+    live = db.live_set(config.node.id)
+    farm, rows = live.farm, live.rows
     if not any(r.role == "primary" for r in rows):
         raise NotInitialisedError(
             f"farm {farm.name!r} has no primary certificates in the config DB at {db.endpoint}",
             "run `farmkeys init` to generate them",
         )
     wanted = frozenset(r.identity for r in rows)
+    keys = sorted({r.master_key for r in rows}, key=str)
     if store.matches(wanted):
         manifest = store.manifest()
         assert manifest is not None
         changed = False
+        for row in rows:
+            if row.master_key not in live.confirmed_keys:
+                open_blob(farm, row, directory)
     else:
         files = [open_certificate(farm, row, directory) for row in rows]
         manifest = store.install(files, now=now)
@@ -80,14 +91,16 @@ def sync(
             manifest.generation,
             ", ".join(f"{p} {r} {t}" for p, r, t in sorted(wanted)),
         )
-    db.record_sync(config.node.id, generation=manifest.generation, installed=sorted(wanted))
+    db.record_sync(
+        config.node.id, generation=manifest.generation, installed=sorted(wanted), master_keys=keys
+    )
     return SyncReport(
         node=config.node.id, dkm_group=farm.dkm_group, manifest=manifest, changed=changed
     )
 
 
-def open_certificate(farm: Farm, row: CertificateRow, directory: Directory) -> CertificateFiles:
-    """Decrypt and verify one certificate row, ready for the store."""
+def open_blob(farm: Farm, row: CertificateRow, directory: Directory) -> bytes:
+    """The PKCS#12 sealed in one certificate row's blob, under the master key its row names."""
     context = blob_context(farm, row.id, row.purpose)
     named = dkm.master_key_id(row.blob, context=context)
     if named != row.master_key:
@@ -96,7 +109,12 @@ def open_certificate(farm: Farm, row: CertificateRow, directory: Directory) -> C
             "restore the row from a backup or replace the certificate",
         )
     key = directory.master_key(farm.dkm_group, named)
-    pkcs12 = dkm.open_blob(row.blob, master_key=key, context=context)
+    return dkm.open_blob(row.blob, master_key=key, context=context)
+
+
+def open_certificate(farm: Farm, row: CertificateRow, directory: Directory) -> CertificateFiles:
+    """Decrypt and verify one certificate row, ready for the store."""
+    pkcs12 = open_blob(farm, row, directory)
     try:
         generated = certs.from_pkcs12(pkcs12)
     except CertificateError as exc:
