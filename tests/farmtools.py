@@ -258,8 +258,8 @@ def audit_events(farm: TestFarm) -> list[dict[str, Any]]:
     """The farm's whole audit log, ordered by (at, id): a transaction's events together."""
     return db_query(
         farm.dsn,
-        "SELECT id, at, node, term, action, purpose, certificate, thumbprint, detail"
-        " FROM audit_event ORDER BY at, id",
+        "SELECT id, at, node, term, action, purpose, certificate, thumbprint, master_key,"
+        " detail FROM audit_event ORDER BY at, id",
     )
 
 

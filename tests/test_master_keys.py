@@ -1,0 +1,651 @@
+"""The master key's life: rollover, re-sealing, retention and shredding, against real servers.
+
+The rules are pure (:func:`farmkeys.policy.decide_master_keys`) and tested first
+without servers; then the leader's fenced steps against the real config DB and
+slapd: a scheduled roll, an operator's roll, an urgent one, deletion after
+``retain``, a leader killed with SIGKILL after each step, a stale leader, and
+a directory that is down when the roll is due. "Time" is moved by editing the
+recorded times in the database, never by sleeping.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import ldap3
+import psycopg
+import pytest
+from farmtools import REPO, TestFarm, add_certificate, audit_events, db_query
+
+from farmkeys import policy
+from farmkeys.config import Config, LeaseConfig, MasterKeyConfig, PolicyConfig, load
+from farmkeys.configdb import ConfigDB, MasterKeyRow
+from farmkeys.directory import Directory
+from farmkeys.election import Election
+from farmkeys.errors import LeaseLostError, MasterKeyMissingError
+from farmkeys.lab.slapd import LocalSlapd
+from farmkeys.rollover import Leader
+from farmkeys.sync import open_blob
+
+LEASE = LeaseConfig(ttl_seconds=30, renew_seconds=10)
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+DAY = timedelta(days=1)
+MASTER = MasterKeyConfig(lifetime=365, retain=30)
+POLICY = PolicyConfig()
+
+
+# -- the rules, pure ----------------------------------------------------------------------
+
+
+def key(
+    state: str,
+    created: datetime = T0,
+    *,
+    unused_since: datetime | None = None,
+    delete_now: bool = False,
+) -> MasterKeyRow:
+    return MasterKeyRow(
+        id=uuid.uuid4(),
+        state=state,
+        created_at=created,
+        current_since=created if state == "current" else None,
+        replaced_at=None,
+        unused_since=unused_since,
+        delete_now=delete_now,
+        deleted_at=T0 if state == "deleted" else None,
+        urgent=False,
+        request=None,
+        reason="",
+    )
+
+
+def kinds(actions: list[policy.KeyAction]) -> list[tuple[str, uuid.UUID]]:
+    return [(a.kind, a.key_id) for a in actions]
+
+
+def test_the_current_key_is_rolled_exactly_at_its_lifetime() -> None:
+    current = key("current")
+    due = T0 + 365 * DAY
+    decide = policy.decide_master_keys
+    assert decide(MASTER, POLICY, due - timedelta(seconds=1), [current], {current.id}) == []
+    assert kinds(decide(MASTER, POLICY, due, [current], {current.id})) == [("roll", current.id)]
+    [when] = policy.master_key_schedule(MASTER, POLICY, T0, [current], {current.id}).values()
+    assert (when.roll_at, when.delete_at) == (due, None)
+
+
+def test_a_pending_key_is_finished_before_anything_else_is_decided() -> None:
+    old = key("current", T0 - 400 * DAY)  # overdue as well
+    pending = key("pending")
+    gone = key("previous", unused_since=T0 - 100 * DAY)  # and overdue for deletion
+    actions = policy.decide_master_keys(
+        MASTER, POLICY, T0, [old, pending, gone], {old.id, pending.id}
+    )
+    assert kinds(actions) == [("finish", pending.id)]
+
+
+def test_a_replaced_key_is_deleted_retain_after_no_live_blob_names_it() -> None:
+    current = key("current")
+    since = T0 + DAY
+    previous = key("previous", T0 - 300 * DAY, unused_since=since)
+    keys = [current, previous]
+    at = since + 30 * DAY
+    before = policy.decide_master_keys(
+        MASTER, POLICY, at - timedelta(seconds=1), keys, {current.id}
+    )
+    assert before == []
+    assert kinds(policy.decide_master_keys(MASTER, POLICY, at, keys, {current.id})) == [
+        ("delete", previous.id)
+    ]
+    schedule = policy.master_key_schedule(MASTER, POLICY, T0, keys, {current.id})
+    assert schedule[previous.id].delete_at == at
+
+
+def test_a_key_live_blobs_name_is_never_deleted_but_archived_blobs_hold_nothing_back() -> None:
+    current = key("current")
+    previous = key("previous", unused_since=T0 - 1000 * DAY)
+    keys = [current, previous]
+    named = {current.id, previous.id}  # a live blob is still sealed under the previous key
+    actions = policy.decide_master_keys(MASTER, POLICY, T0, keys, named)
+    assert kinds(actions) == [("reseal", current.id)]
+    assert (
+        policy.master_key_schedule(MASTER, POLICY, T0, keys, named)[previous.id].delete_at is None
+    )
+    # Archived blobs are not in ``named``: nothing but the live set keeps a key.
+    assert kinds(policy.decide_master_keys(MASTER, POLICY, T0, keys, {current.id})) == [
+        ("delete", previous.id)
+    ]
+
+
+def test_an_urgently_replaced_key_is_deleted_at_once_and_an_unmarked_one_is_marked_first() -> None:
+    current = key("current")
+    urgent = key("previous", unused_since=T0, delete_now=True)
+    unmarked = key("previous")
+    keys = [current, urgent, unmarked]
+    actions = policy.decide_master_keys(MASTER, POLICY, T0, keys, {current.id})
+    assert kinds(actions) == [("delete", urgent.id), ("unused", unmarked.id)]
+    schedule = policy.master_key_schedule(MASTER, POLICY, T0, keys, {current.id})
+    assert schedule[unmarked.id].delete_at == T0 + 30 * DAY  # counted from now until marked
+
+
+def test_a_farm_without_a_recorded_current_key_decides_nothing() -> None:
+    assert policy.decide_master_keys(MASTER, POLICY, T0, [key("previous")], set()) == []
+
+
+def test_the_master_key_rules_refuse_a_naive_now() -> None:
+    with pytest.raises(ValueError, match="timezone-aware"):
+        policy.decide_master_keys(MASTER, POLICY, datetime(2026, 1, 1), [], set())
+
+
+# -- against the real config DB and slapd ----------------------------------------------------
+
+
+@pytest.fixture
+def farm(tmp_path: Path, slapd: LocalSlapd, pg_dsn: str) -> TestFarm:
+    farm = TestFarm(root=tmp_path, slapd=slapd, dsn=pg_dsn)
+    assert farm.run("init").code == 0
+    return farm
+
+
+@pytest.fixture
+def config(farm: TestFarm) -> Config:
+    return load(farm.config())
+
+
+@pytest.fixture
+def db(config: Config) -> Iterator[ConfigDB]:
+    with ConfigDB(config.database, config.retry) as db:
+        yield db
+
+
+@pytest.fixture
+def leader(config: Config, db: ConfigDB) -> Iterator[Leader]:
+    """node-a leading, with a directory connection of its own."""
+    election = Election(db, node_id="node-a", lease=LEASE)
+    assert election.try_acquire()
+    with Directory(config.directory, config.retry) as directory:
+        yield Leader(config, db, directory, election)
+
+
+def group_of(farm: TestFarm) -> uuid.UUID:
+    return uuid.UUID(str(db_query(farm.dsn, "SELECT dkm_group FROM farm")[0]["dkm_group"]))
+
+
+def directory_keys(config: Config, group: uuid.UUID) -> dict[uuid.UUID, bool]:
+    """The keys the directory holds now, each with whether CryptoPolicy names it."""
+    with Directory(config.directory, config.retry) as fresh:
+        return {k.id: k.current for k in fresh.list_keys(group)}
+
+
+def recorded(farm: TestFarm) -> dict[uuid.UUID, str]:
+    rows = db_query(farm.dsn, "SELECT id, state FROM master_key")
+    return {r["id"]: r["state"] for r in rows}
+
+
+def current_key(farm: TestFarm) -> uuid.UUID:
+    [row] = db_query(farm.dsn, "SELECT id FROM master_key WHERE state = 'current'")
+    return uuid.UUID(str(row["id"]))
+
+
+def live_keys(farm: TestFarm) -> set[uuid.UUID]:
+    rows = db_query(farm.dsn, "SELECT master_key FROM certificate WHERE role <> 'archived'")
+    return {r["master_key"] for r in rows}
+
+
+def certificates(farm: TestFarm) -> set[tuple[str, str, str, bytes]]:
+    """What a re-seal must never change: every certificate's role, thumbprint and DER."""
+    rows = db_query(farm.dsn, "SELECT purpose, role, thumbprint, der FROM certificate")
+    return {(r["purpose"], r["role"], r["thumbprint"], bytes(r["der"])) for r in rows}
+
+
+def age_current_key(farm: TestFarm, days: int) -> None:
+    """The database's record says the current key was made ``days`` ago."""
+    with psycopg.connect(farm.dsn) as conn:
+        conn.execute(
+            "UPDATE master_key SET created_at = now() - make_interval(days => %s)"
+            " WHERE state = 'current'",
+            (days,),
+        )
+
+
+def assert_consistent(farm: TestFarm, config: Config) -> None:
+    """The two invariants of every instant: no live blob names a key the directory lacks,
+    and the directory holds no key the farm does not record."""
+    group = group_of(farm)
+    held = set(directory_keys(config, group))
+    assert live_keys(farm) <= held, (live_keys(farm), held)
+    known = {k for k, state in recorded(farm).items() if state != "deleted"}
+    assert held <= known, (held, known)
+
+
+def fresh_node_installs(farm: TestFarm, node: str) -> set[str]:
+    """A node that never synced syncs now (a new process, a new directory connection)."""
+    result = farm.spawn("sync", node=node)
+    assert result.code == 0, result.err
+    manifest = (farm.store(node) / "manifest.json").read_text()
+    return {t for t in _thumbprints(manifest)}
+
+
+def _thumbprints(manifest: str) -> list[str]:
+    import json
+
+    return [c["thumbprint"] for c in json.loads(manifest)["certificates"]]
+
+
+def test_a_scheduled_roll_reseals_every_live_blob_and_changes_no_certificate(
+    farm: TestFarm, config: Config, leader: Leader
+) -> None:
+    group = group_of(farm)
+    add_certificate(farm, purpose="signing", role="retired")  # primary, secondary and retired
+    add_certificate(farm, purpose="signing", role="secondary")
+    assert farm.run("sync").code == 0
+    generation = farm.run("status", "--json").json["nodes"][0]["generation"]
+    before, old = certificates(farm), current_key(farm)
+
+    assert leader.tick() == []  # not due
+    age_current_key(farm, 365)
+    done = leader.tick()
+
+    new = current_key(farm)
+    assert new != old
+    assert [(d.action, d.thumbprint) for d in done] == [("roll", str(old))]
+    assert certificates(farm) == before  # no certificate changed
+    assert live_keys(farm) == {new}  # every live blob re-sealed, the retired one too
+    assert directory_keys(config, group) == {old: False, new: True}  # CryptoPolicy names it
+    assert recorded(farm) == {old: "previous", new: "current"}
+    actions = [(e["action"], e["master_key"]) for e in audit_events(farm) if e["master_key"]]
+    assert actions[-2:] == [("master_key_add", new), ("master_key_roll", new)]
+    assert_consistent(farm, config)
+
+    # The node's store does not change: the same generation, but it proves it reads the new key.
+    assert farm.run("sync").code == 0
+    node = farm.run("status", "--json").json["nodes"][0]
+    assert (node["generation"], node["master_keys"]) == (generation, [str(new)])
+    assert fresh_node_installs(farm, "node-b") == {r[2] for r in before if r[1] != "archived"}
+    assert leader.tick() == []  # once
+
+
+def test_a_replaced_key_is_deleted_after_retain_and_its_archived_blobs_are_shredded(
+    farm: TestFarm, config: Config, leader: Leader, db: ConfigDB
+) -> None:
+    group = group_of(farm)
+    archived = add_certificate(farm, purpose="signing", role="archived")
+    old = current_key(farm)
+    age_current_key(farm, 365)
+    leader.tick()
+    assert old in directory_keys(config, group)  # kept for `retain` (365 by default)
+    with psycopg.connect(farm.dsn) as conn:  # retain has passed since the roll
+        conn.execute(
+            "UPDATE master_key SET unused_since = now() - interval '365 days' WHERE id = %s",
+            (old,),
+        )
+    done = leader.tick()
+
+    assert [(d.action, d.thumbprint) for d in done] == [("delete", str(old))]
+    assert old not in directory_keys(config, group)
+    assert recorded(farm)[old] == "deleted"
+    [event] = [e for e in audit_events(farm) if e["action"] == "master_key_delete"]
+    assert (
+        "the 1 archived certificates sealed under it can never be opened again" in event["detail"]
+    )
+    # The archived certificate can be opened by nobody now, not even the service account.
+    row = next(r for r in db.certificates() if r.thumbprint == archived)
+    farm_row = db.require_farm()
+    with (
+        Directory(config.directory, config.retry) as fresh,
+        pytest.raises(MasterKeyMissingError, match=str(old)),
+    ):
+        open_blob(farm_row, row, fresh)
+    assert_consistent(farm, config)
+    status = farm.run("status", "--json").json
+    states = {k["id"]: k["state"] for k in status["master_keys"]}
+    assert states[str(old)] == "deleted"
+
+
+def test_rollover_master_key_rolls_now_and_answers_the_operator(
+    farm: TestFarm, config: Config
+) -> None:
+    before, old = certificates(farm), current_key(farm)
+    result = farm.run("rollover", "--master-key")  # no node leads: the command leads for it
+    assert result.code == 0, result.err
+    new = current_key(farm)
+    assert f"master key {new} is now current; 2 live blobs are sealed under it" in result.out
+    assert f"master key {old} is replaced; it stays in the directory" in result.out
+    assert certificates(farm) == before
+    assert directory_keys(config, group_of(farm)) == {old: False, new: True}
+    requests = db_query(farm.dsn, "SELECT master_key, purpose, ok FROM rollover_request")
+    assert requests == [{"master_key": True, "purpose": None, "ok": True}]
+    assert [
+        r["request"]
+        for r in db_query(farm.dsn, "SELECT request FROM master_key WHERE id = %s", (new,))
+    ] != [None]
+
+
+def test_an_urgent_master_key_roll_deletes_the_replaced_key_at_once_and_says_what_that_means(
+    farm: TestFarm, config: Config
+) -> None:
+    archived = add_certificate(farm, purpose="decryption", role="archived")
+    old = current_key(farm)
+    result = farm.run("rollover", "--master-key", "--urgent")
+    assert result.code == 0, result.err
+    new = current_key(farm)
+    assert directory_keys(config, group_of(farm)) == {new: True}
+    assert recorded(farm) == {old: "deleted", new: "current"}
+    out = " ".join(result.out.split())
+    assert f"master key {old} is deleted from the directory (replaced urgently)" in out
+    assert "the 1 archived certificates sealed under it can never be opened again" in out
+    assert "run `farmkeys rollover --urgent`" in out
+    assert_consistent(farm, config)
+    assert archived not in fresh_node_installs(farm, "node-b")  # archived: never installed
+    status = farm.run("status", "--json").json
+    shredded = [c for c in status["certificates"] if c["thumbprint"] == archived]
+    assert shredded[0]["master_key"] == str(old)
+
+
+def test_master_key_together_with_purpose_is_a_usage_error_that_changes_nothing(
+    farm: TestFarm,
+) -> None:
+    before = recorded(farm)
+    result = farm.spawn("rollover", "--master-key", "--purpose", "signing")
+    assert result.code == 64
+    assert "--master-key" in result.err and "--purpose" in result.err
+    assert len([line for line in result.err.splitlines() if "error" in line]) == 1
+    assert recorded(farm) == before
+    assert db_query(farm.dsn, "SELECT count(*) AS n FROM rollover_request")[0]["n"] == 0
+
+
+def test_status_shows_every_master_key_with_its_state_counts_and_times(
+    farm: TestFarm, config: Config, leader: Leader
+) -> None:
+    add_certificate(farm, purpose="signing", role="archived")
+    old = current_key(farm)
+    age_current_key(farm, 365)
+    overdue = farm.run("status", "--json").json
+    assert overdue["health"] == "warning"
+    assert any(
+        f"the current master key {old} is past its lifetime" in p for p in overdue["problems"]
+    )
+    leader.tick()
+    new = current_key(farm)
+    doc = farm.run("status", "--json").json
+    keys = {k["id"]: k for k in doc["master_keys"]}
+    assert set(keys) == {str(old), str(new)}
+    assert {
+        k: keys[str(new)][k]
+        for k in ("state", "current", "sealed_live", "sealed_archived", "in_directory", "delete_at")
+    } == {
+        "state": "current",
+        "current": True,
+        "sealed_live": 2,
+        "sealed_archived": 0,
+        "in_directory": True,
+        "delete_at": None,
+    }
+    created = datetime.fromisoformat(keys[str(new)]["created_at"])
+    assert datetime.fromisoformat(keys[str(new)]["roll_at"]) == created + timedelta(days=365)
+    previous = keys[str(old)]
+    assert (previous["state"], previous["current"], previous["sealed_live"]) == (
+        "previous",
+        False,
+        0,
+    )
+    assert previous["sealed_archived"] == 1  # archived blobs are never re-sealed
+    assert previous["roll_at"] is None and previous["delete_at"] is not None
+    # The archived certificate's next action is its shredding, at its key's deletion.
+    [archived] = [c for c in doc["certificates"] if c["role"] == "archived"]
+    assert archived["next_action"] == {"action": "shred", "at": previous["delete_at"]}
+    # A live certificate's next action is the next re-seal when that comes first.
+    short = farm.run("status", "--json", master_key={"lifetime": 1}).json
+    primary = next(c for c in short["certificates"] if c["role"] == "primary")
+    assert primary["next_action"]["action"] == "reseal"
+
+
+def test_status_warns_of_live_blobs_left_under_a_replaced_key(farm: TestFarm) -> None:
+    old = current_key(farm)
+    with psycopg.connect(farm.dsn) as conn:  # a roll cut short a day ago, never finished
+        conn.execute(
+            "UPDATE master_key SET state = 'previous', replaced_at = now() - interval '1 day'"
+        )
+        conn.execute(
+            "INSERT INTO master_key (id, state, created_at, current_since)"
+            " VALUES (%s, 'current', now(), now())",
+            (uuid.uuid4(),),
+        )
+    doc = farm.run("status", "--json").json
+    assert any(
+        f"2 live blobs are still sealed under master key {old}, which is previous" in p
+        for p in doc["problems"]
+    ), doc["problems"]
+
+
+def test_status_is_critical_when_a_key_live_blobs_need_is_missing_from_the_directory(
+    farm: TestFarm, config: Config, slapd: LocalSlapd
+) -> None:
+    old = current_key(farm)
+    with admin(slapd) as conn:
+        conn.delete(f"cn={old},cn={group_of(farm)},{slapd.container}")
+    doc = farm.run("status", "--json").json
+    assert doc["health"] == "critical"
+    assert any(
+        f"master key {old}, which 2 live certificates need, is missing" in p
+        for p in doc["problems"]
+    )
+    [k] = doc["master_keys"]
+    assert (k["id"], k["in_directory"]) == (str(old), False)
+
+
+# -- faults ---------------------------------------------------------------------------------
+
+_CHILD = """
+import os, signal, sys
+from farmkeys.config import load
+from farmkeys.configdb import ConfigDB
+from farmkeys.directory import Directory
+from farmkeys.election import Election
+from farmkeys.rollover import Leader
+
+config = load(sys.argv[1])
+stop_at = sys.argv[2]
+
+def on_step(step, key_id):
+    print(step, key_id, flush=True)
+    if step == stop_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+with ConfigDB(config.database, config.retry) as db, Directory(config.directory, config.retry) as d:
+    election = Election(db, node_id=config.node.id, lease=config.lease)
+    assert election.try_acquire()
+    Leader(config, db, d, election, on_step=on_step).roll_master_key(
+        db.require_farm(), urgent=True, request=None
+    )
+sys.exit(3)
+"""
+
+
+def run_leader_killed_at(farm: TestFarm, step: str) -> uuid.UUID:
+    """A leader process rolls the master key (urgently) and is SIGKILLed right after ``step``
+    committed; returns the key id the step reported, which proves the step was reached."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FARMKEYS_")}
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(farm.config("node-a")), step],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == -9, (done.returncode, done.stdout, done.stderr)
+    last = done.stdout.split("\n")[-2].split()
+    assert last[0] == step, done.stdout
+    return uuid.UUID(last[1])
+
+
+@pytest.mark.parametrize("step", ["recorded", "added", "resealed", "current", "deleted"])
+def test_a_leader_killed_after_each_step_of_a_roll_leaves_a_farm_the_next_leader_finishes(
+    farm: TestFarm, config: Config, db: ConfigDB, step: str
+) -> None:
+    group = group_of(farm)
+    assert farm.run("sync").code == 0
+    installed = fresh_node_installs(farm, "node-b")
+    before, old = certificates(farm), current_key(farm)
+
+    reported = run_leader_killed_at(farm, step)
+
+    # The step was reached: its effect is there, and nothing past it.
+    held = directory_keys(config, group)
+    new = old if step == "deleted" else reported
+    if step == "deleted":
+        new = current_key(farm)
+        assert reported == old and old not in held and recorded(farm)[old] == "deleted"
+    elif step == "recorded":
+        assert recorded(farm)[new] == "pending" and new not in held
+    elif step == "added":
+        assert recorded(farm)[new] == "pending" and held.get(new) is False
+        assert live_keys(farm) == {old}
+    elif step == "resealed":
+        assert recorded(farm)[new] == "pending" and live_keys(farm) == {new}
+        assert held[old] is True  # CryptoPolicy still names the old key
+    elif step == "current":
+        assert recorded(farm) == {old: "previous", new: "current"} and held[new] is True
+        assert old in held  # the urgent delete had not happened yet
+    # At this instant: consistent, and a node that never synced gets the same certificates.
+    assert_consistent(farm, config)
+    assert certificates(farm) == before
+    assert fresh_node_installs(farm, f"node-{step}") == installed
+
+    # The next leader (the killed one's lease runs out) finishes the roll.
+    with psycopg.connect(farm.dsn) as conn:
+        conn.execute("UPDATE leader_lease SET expires_at = now() - interval '1 second'")
+    election = Election(db, node_id="node-c", lease=LEASE)
+    assert election.try_acquire()
+    with Directory(config.directory, config.retry) as directory:
+        Leader(config, db, directory, election).tick()
+    assert_consistent(farm, config)
+    states = recorded(farm)
+    assert sorted(states.values()) == ["current", "deleted"], states  # one new key, no more
+    assert states[old] == "deleted" and current_key(farm) == new
+    assert directory_keys(config, group) == {new: True}
+    assert live_keys(farm) == {new}
+    assert certificates(farm) == before
+    assert fresh_node_installs(farm, "node-d") == installed
+
+
+def test_a_stale_leader_can_neither_start_nor_continue_a_roll(
+    farm: TestFarm, config: Config, db: ConfigDB
+) -> None:
+    group = group_of(farm)
+    old = current_key(farm)
+    a = Election(db, node_id="node-a", lease=LEASE)
+    assert a.try_acquire()
+    with Directory(config.directory, config.retry) as directory:
+        stale = Leader(config, db, directory, a)
+        farm_row = db.require_farm()
+        # node-a records a new key, then pauses; its lease runs out and node-b leads.
+        with a.fenced(db) as fence:
+            pending = uuid.uuid4()
+            fence.tx.record_master_key(pending, state="pending")
+        with psycopg.connect(farm.dsn) as conn:
+            conn.execute("UPDATE leader_lease SET expires_at = now() - interval '1 second'")
+        b = Election(db, node_id="node-b", lease=LEASE)
+        assert b.try_acquire()
+        # node-a wakes up and goes on: refused before the directory is touched.
+        with pytest.raises(LeaseLostError):
+            stale.roll_master_key(farm_row, urgent=True, request=None)
+        assert directory_keys(config, group) == {old: True}
+        assert recorded(farm) == {old: "current", pending: "pending"}
+        # Nor may it start a roll of its own, make a key current, or delete one.
+        with pytest.raises(LeaseLostError):
+            stale.check_master_keys(farm=farm_row)
+        assert directory_keys(config, group) == {old: True}
+        assert live_keys(farm) == {old}
+        # node-b finishes node-a's recorded key: one new key for the one roll.
+        with Directory(config.directory, config.retry) as other:
+            Leader(config, db, other, b).roll_master_key(farm_row, urgent=False, request=None)
+    assert current_key(farm) == pending
+    assert set(recorded(farm)) == {old, pending}
+
+
+def test_the_database_allows_one_current_and_one_pending_key_whatever_the_code_does(
+    farm: TestFarm,
+) -> None:
+    insert = "INSERT INTO master_key (id, state, current_since) VALUES (%s, %s, now())"
+    with psycopg.connect(farm.dsn) as conn:
+        conn.execute(insert, (uuid.uuid4(), "pending"))
+    for state, index in (
+        ("pending", "master_key_one_pending"),
+        ("current", "master_key_one_current"),
+    ):
+        with (
+            psycopg.connect(farm.dsn) as conn,
+            pytest.raises(psycopg.errors.UniqueViolation, match=index),
+        ):
+            conn.execute(insert, (uuid.uuid4(), state))
+
+
+def test_a_roll_due_while_the_directory_is_down_changes_nothing_and_happens_once_it_is_back(
+    farm: TestFarm, config: Config, leader: Leader, slapd: LocalSlapd
+) -> None:
+    old = current_key(farm)
+    age_current_key(farm, 400)
+    before = (recorded(farm), certificates(farm), live_keys(farm))
+    slapd.stop()
+    try:
+        assert leader.tick() == []
+        assert (recorded(farm), certificates(farm), live_keys(farm)) == before
+        doc = farm.run("status", "--json").json
+        assert any(
+            f"the current master key {old} is past its lifetime" in p for p in doc["problems"]
+        )
+    finally:
+        slapd.start()
+    assert [d.action for d in leader.tick()] == ["roll"]
+    assert current_key(farm) != old and live_keys(farm) == {current_key(farm)}
+
+
+def test_a_late_cryptopolicy_write_is_corrected_by_the_next_check(
+    farm: TestFarm, config: Config, leader: Leader, slapd: LocalSlapd
+) -> None:
+    """What a leader that lost its database session mid-step could leave behind: CryptoPolicy
+    naming a key the farm's record does not call current."""
+    group = group_of(farm)
+    old = current_key(farm)
+    leader.roll_master_key(leader_farm(farm, config), urgent=False, request=None)
+    new = current_key(farm)
+    with admin(slapd) as conn:
+        conn.modify(
+            f"cn=CryptoPolicy,cn={group},{slapd.container}",
+            {"displayName": [(ldap3.MODIFY_REPLACE, [str(old)])]},
+        )
+    done = leader.tick()
+    assert [d.action for d in done] == ["policy"]
+    assert directory_keys(config, group) == {old: False, new: True}
+
+
+def test_a_farm_from_before_master_keys_were_recorded_adopts_the_directorys_keys(
+    farm: TestFarm, config: Config, leader: Leader
+) -> None:
+    group = group_of(farm)
+    with psycopg.connect(farm.dsn) as conn:
+        conn.execute("DELETE FROM master_key")
+    [(only, _)] = directory_keys(config, group).items()
+    assert leader.tick() == []
+    assert recorded(farm) == {only: "current"}
+    assert any(e["action"] == "master_key_adopt" for e in audit_events(farm))
+
+
+def leader_farm(farm: TestFarm, config: Config) -> Any:
+    with ConfigDB(config.database, config.retry) as db:
+        return db.require_farm()
+
+
+def admin(slapd: LocalSlapd) -> ldap3.Connection:
+    """The directory's admin (rootdn), as a directory administrator would work."""
+    return ldap3.Connection(
+        ldap3.Server(slapd.url), user=slapd.admin_dn, password=slapd.admin_password, auto_bind=True
+    )
