@@ -188,7 +188,7 @@ def wait_for_events(
 def _event_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(
         f"  {e['at'].isoformat()} {e['node']} term {e['term']} {e['action']} {e['purpose']}"
-        f" {e['thumbprint']}"
+        f" {e['thumbprint'] or e.get('master_key')}"
         for e in rows
     )
 
@@ -340,34 +340,49 @@ def status(farm: TestFarm) -> dict[str, Any]:
 # -- 1. a whole lifetime -------------------------------------------------------------------------
 
 
-def test_three_nodes_follow_more_than_one_certificate_lifetime(
+MASTER_KEY = {"lifetime": 15, "retain": 4}  # rolls at t0+15 and t0+30, deletes 4 s after each
+
+
+def test_three_nodes_follow_two_certificate_and_two_master_key_lifetimes(
     farm: TestFarm, nodes: ServeNodes
 ) -> None:
     stores = {n: farm.store(n) for n in NODES}
     # poll_seconds 60: every change reaching every node within PROPAGATION was announced.
     farm.overrides["node"] = {"poll_seconds": 60}
+    farm.overrides["master_key"] = MASTER_KEY
     result = farm.run("init")
     assert result.code == 0, result.err
     with ManifestWatcher(stores) as watcher, RoleSampler(farm.dsn) as sampler:
         init_and_serve(farm, nodes, init=False)
         t0 = db_query(farm.dsn, "SELECT min(not_before) AS t FROM certificate")[0]["t"]
-        # Both purposes: generate, promote, archive (t0+20), and again (t0+32).
-        wait_for_events(farm, nodes, "archive", 4, t0 + timedelta(seconds=32), ON_TIME)
+        # Both purposes: generate, promote, archive (t0+20), again (t0+32), and a third
+        # primary promoted at t0+40, the end of the second certificate's lifetime.
+        # Master keys: rolled at t0+15 and t0+30, each replaced key deleted 4 s later.
+        wait_for_events(farm, nodes, "master_key_delete", 2, t0 + timedelta(seconds=35), ON_TIME)
+        wait_for_events(farm, nodes, "promote", 6, t0 + timedelta(seconds=40), ON_TIME)
         wait_converged(farm, nodes)
+        current = db_query(farm.dsn, "SELECT id FROM master_key WHERE state = 'current'")
         doc = wait_until(
-            lambda: (d := status(farm))["leader"] and all(n["in_sync"] for n in d["nodes"]) and d,
+            lambda: (
+                (d := status(farm))["leader"]
+                and all(n["in_sync"] for n in d["nodes"])
+                and all(n["master_keys"] == [str(current[0]["id"])] for n in d["nodes"])
+                and d
+            ),
             5,
-            "status shows a leader and every node in sync",
+            "status shows a leader, and every node in sync and reading the current master key",
             detail=lambda: str(status(farm)) + nodes.logs(),
         )
         end = db_now(farm.dsn)
         codes = terminate_together(list(nodes.procs.values()))
     assert codes == [0, 0, 0], nodes.logs()
+    assert (end - t0).total_seconds() >= 2 * FAST_POLICY["certificate_duration"]
 
     found = check_timeline(farm, late=ON_TIME, end=end)
-    steps = [e for e in found if e["term"] is not None and e["action"] != "lead"]
-    assert len(steps) == 2 * 8, _event_table(found)  # generate, retire, promote, archive; twice
+    steps = [e for e in found if e["term"] is not None and e["purpose"] is not None]
+    assert len(steps) >= 2 * 11, _event_table(found)  # 4 + 4 + generate, retire, promote
     check_propagation(farm, watcher, found, since=dict.fromkeys(NODES, t0))
+    check_master_key_timeline(farm, found, late=ON_TIME)
 
     assert sampler.samples > 200, f"the role sampler ran only {sampler.samples} times"
     assert not sampler.errors, sampler.errors
@@ -377,6 +392,36 @@ def test_three_nodes_follow_more_than_one_certificate_lifetime(
     assert doc["leader"]["node"] in NODES
     node_or_lease_problems = [p for p in doc["problems"] if "node" in p or "lease" in p]
     assert not node_or_lease_problems, doc["problems"]
+
+
+def check_master_key_timeline(farm: TestFarm, found: list[dict[str, Any]], *, late: float) -> None:
+    """Two rolls and two deletions, each once, each on time by the recorded key times."""
+    unit = timedelta(seconds=FAST_POLICY["threshold_unit_seconds"])
+    keys = db_query(farm.dsn, "SELECT * FROM master_key ORDER BY created_at")
+    assert [k["state"] for k in keys] == ["deleted", "deleted", "current"], keys
+    by_action: dict[str, list[dict[str, Any]]] = {}
+    for e in found:
+        if e["master_key"] is not None:
+            by_action.setdefault(e["action"], []).append(e)
+    table = _event_table(found)
+    assert [e["master_key"] for e in by_action.get("master_key_add", [])] == [
+        keys[1]["id"],
+        keys[2]["id"],
+    ], table
+    rolls = by_action.get("master_key_roll", [])
+    assert [e["master_key"] for e in rolls] == [keys[1]["id"], keys[2]["id"]], table
+    deletes = by_action.get("master_key_delete", [])
+    assert [e["master_key"] for e in deletes] == [keys[0]["id"], keys[1]["id"]], table
+    problems = []
+    for roll, replaced in zip(rolls, keys[:2], strict=True):
+        due = replaced["created_at"] + MASTER_KEY["lifetime"] * unit
+        if not 0 <= (roll["at"] - due).total_seconds() <= late:
+            problems.append(f"roll of {replaced['id']} at {roll['at']}, due {due}")
+    for delete, gone in zip(deletes, keys[:2], strict=True):
+        due = gone["unused_since"] + MASTER_KEY["retain"] * unit
+        if not 0 <= (delete["at"] - due).total_seconds() <= late:
+            problems.append(f"deletion of {gone['id']} at {delete['at']}, due {due}")
+    assert not problems, "master-key steps off schedule:\n" + "\n".join(problems) + "\n" + table
 
 
 # -- 2. kill -9 ----------------------------------------------------------------------------------
