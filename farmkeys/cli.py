@@ -16,9 +16,10 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, NoReturn
 
-from farmkeys import __version__, init, rollover, status, sync
+from farmkeys import __version__, escrow, init, rollover, status, sync
 from farmkeys import config as config_module
 from farmkeys.config import Config
 from farmkeys.configdb import ConfigDB
@@ -145,6 +146,32 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long to wait for the leader's answer (default: 120)",
     )
+    escrow_parser = commands.add_parser(
+        "escrow",
+        help="export the master keys sealed under a passphrase, or import them back",
+        description="The way back from a lost DKM container: `export` writes every master key "
+        "the directory holds into an age file sealed under a passphrase (it opens with "
+        "`age -d` too); `import` puts the keys back into the directory, re-creating the "
+        "container if it is gone. The passphrase comes from --passphrase-file (mode 0600) "
+        "or the terminal, never from the command line.",
+    )
+    escrow_commands = escrow_parser.add_subparsers(
+        dest="escrow_command", required=True, metavar="ACTION"
+    )
+    escrow_export = escrow_commands.add_parser(
+        "export", parents=[common], help="write the master keys to a new escrow file"
+    )
+    escrow_export.add_argument("--out", required=True, metavar="FILE", help="the file to create")
+    escrow_import = escrow_commands.add_parser(
+        "import", parents=[common], help="put the master keys of an escrow file back"
+    )
+    escrow_import.add_argument("file", metavar="FILE", help="an escrow file of this farm")
+    for sub in (escrow_export, escrow_import):
+        sub.add_argument(
+            "--passphrase-file",
+            metavar="PATH",
+            help="read the passphrase from the first line of PATH (mode 0600); default: ask",
+        )
     events = commands.add_parser(
         "events",
         parents=[common],
@@ -196,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "status": _status,
         "serve": _serve,
         "rollover": _rollover,
+        "escrow": _escrow,
         "events": _events,
     }
     try:
@@ -329,6 +357,45 @@ def _rollover(args: argparse.Namespace, config: Config) -> int:
     for line in outcome.result.splitlines():
         print(f"  {line}")
     return EXIT_OK if outcome.ok else EXIT_ERROR
+
+
+def _escrow(args: argparse.Namespace, config: Config) -> int:
+    exporting = args.escrow_command == "export"
+    passphrase = escrow.read_passphrase(
+        args.passphrase_file,
+        confirm=exporting,
+        minimum=escrow.MIN_PASSPHRASE if exporting else 0,
+    )
+    with (
+        ConfigDB(config.database, config.retry) as db,
+        Directory(config.directory, config.retry) as directory,
+    ):
+        if exporting:
+            exported = escrow.export_keys(
+                config, db, directory, out=Path(args.out), passphrase=passphrase, now=_now()
+            )
+            print(
+                f"wrote {len(exported.keys)} master keys of farm {exported.farm!r}"
+                f" (DKM group {exported.dkm_group}) to {exported.path}, sealed under the"
+                " passphrase; keep the file and the passphrase apart"
+            )
+            for key_id in exported.keys:
+                print(f"  {key_id}{'  current' if key_id == exported.current else ''}")
+            return EXIT_OK
+        report = escrow.import_keys(
+            config, db, directory, path=Path(args.file), passphrase=passphrase
+        )
+    if report.recreated_container:
+        print(
+            f"re-created the DKM container of farm {report.farm!r} (DKM group {report.dkm_group})"
+        )
+    for key_id in report.restored:
+        print(f"restored master key {key_id}")
+    for key_id in report.present:
+        print(f"master key {key_id} was already in the directory")
+    for key_id in report.skipped_deleted:
+        print(f"master key {key_id} not restored: the farm deleted it, and it stays deleted")
+    return EXIT_OK
 
 
 def _events(args: argparse.Namespace, config: Config) -> int:
