@@ -34,6 +34,7 @@ $(VENV)/.installed: pyproject.toml
 # What the demo, the tests, the soak and the bench start privately: OpenLDAP's slapd and a
 # PostgreSQL cluster of their own (farmkeys.lab). Installed from Debian when missing; the
 # packages' own servers are not used, and no cluster of the machine's is created or started.
+# Also the age tool, which the escrow-file tests check farmkeys against (tests/test_agefmt.py).
 servers:
 	@if [ ! -x /usr/sbin/slapd ] || ! command -v ldapsearch >/dev/null \
 	   || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
@@ -47,6 +48,11 @@ servers:
 	fi
 	@# The slapd package starts a server of its own on install: ours listen on loopback only.
 	@if [ -f /var/run/slapd/slapd.pid ]; then kill "$$(cat /var/run/slapd/slapd.pid)" 2>/dev/null || true; fi
+	@if ! command -v age >/dev/null; then \
+	  echo "installing age from Debian"; \
+	  apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq age >/dev/null; \
+	fi
 
 # Figures, not a pass/fail: propagation to N nodes and failover time.
 bench: setup

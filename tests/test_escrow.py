@@ -1,0 +1,327 @@
+"""Escrow export and import against the real config DB and slapd, and the disaster drill.
+
+The files are real age files at age's default work factor (about a second of
+scrypt each way on this machine), so each test opens only the few it needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import ldap3
+import pytest
+from farmtools import REPO, TestFarm, audit_events, db_query, one_error_line
+
+from farmkeys import agefmt
+from farmkeys.config import load
+from farmkeys.directory import Directory
+from farmkeys.escrow import EscrowDocument, EscrowedKey
+from farmkeys.lab.slapd import LocalSlapd
+
+PASSPHRASE = "correct horse battery staple"
+
+
+@pytest.fixture
+def farm(tmp_path: Path, slapd: LocalSlapd, pg_dsn: str) -> TestFarm:
+    farm = TestFarm(root=tmp_path, slapd=slapd, dsn=pg_dsn)
+    assert farm.run("init").code == 0
+    return farm
+
+
+def passphrase_file(tmp_path: Path, text: str = PASSPHRASE, mode: int = 0o600) -> str:
+    path = tmp_path / f"passphrase-{uuid.uuid4().hex[:6]}"
+    path.write_text(text + "\n")
+    path.chmod(mode)
+    return str(path)
+
+
+def group_of(farm: TestFarm) -> uuid.UUID:
+    return uuid.UUID(str(db_query(farm.dsn, "SELECT dkm_group FROM farm")[0]["dkm_group"]))
+
+
+def directory_keys(farm: TestFarm) -> dict[uuid.UUID, bool]:
+    config = load(farm.config())
+    with Directory(config.directory, config.retry) as fresh:
+        if not fresh.container_exists(group_of(farm)):
+            return {}
+        return {k.id: k.current for k in fresh.list_keys(group_of(farm))}
+
+
+def admin(slapd: LocalSlapd) -> ldap3.Connection:
+    return ldap3.Connection(
+        ldap3.Server(slapd.url), user=slapd.admin_dn, password=slapd.admin_password, auto_bind=True
+    )
+
+
+def delete_container_as_admin(farm: TestFarm, slapd: LocalSlapd) -> None:
+    """The disaster: the farm's whole DKM container is deleted from the directory."""
+    container = f"cn={group_of(farm)},{slapd.container}"
+    with admin(slapd) as conn:
+        conn.search(container, "(objectClass=*)", ldap3.LEVEL, attributes=[ldap3.NO_ATTRIBUTES])
+        for entry in list(conn.entries):
+            assert conn.delete(entry.entry_dn), conn.result
+        assert conn.delete(container), conn.result
+
+
+def installed(farm: TestFarm, node: str) -> list[str]:
+    manifest = json.loads((farm.store(node) / "manifest.json").read_text())
+    return sorted(c["thumbprint"] for c in manifest["certificates"])
+
+
+def export(farm: TestFarm, tmp_path: Path, name: str = "farm.escrow") -> Path:
+    out = tmp_path / name
+    result = farm.run(
+        "escrow", "export", "--out", str(out), "--passphrase-file", passphrase_file(tmp_path)
+    )
+    assert result.code == 0, result.err
+    return out
+
+
+def test_the_disaster_drill_export_lose_the_container_import_and_a_fresh_node_syncs(
+    farm: TestFarm, slapd: LocalSlapd, tmp_path: Path
+) -> None:
+    # Two keys: the farm has rolled its master key once (the previous one is still kept).
+    assert farm.run("rollover", "--master-key").code == 0
+    assert farm.run("sync", node="node-a").code == 0
+    before = installed(farm, "node-a")
+    keys = directory_keys(farm)
+    assert len(keys) == 2
+
+    out = export(farm, tmp_path)
+    assert out.read_bytes().startswith(b"age-encryption.org/v1\n-> scrypt ")
+    assert (out.stat().st_mode & 0o777) == 0o600
+    delete_container_as_admin(farm, slapd)
+    lost = farm.run("sync", node="node-b")
+    assert lost.code == 1 and "missing from the directory" in one_error_line(lost)
+
+    result = farm.run("escrow", "import", str(out), "--passphrase-file", passphrase_file(tmp_path))
+    assert result.code == 0, result.err
+    assert "re-created the DKM container" in result.out
+    assert directory_keys(farm) == keys  # the same ids, and the same one current
+    assert farm.run("sync", node="node-b").code == 0
+    assert installed(farm, "node-b") == before
+    # The service account alone reads them, as before: the parent's access rule covers it.
+    config = load(farm.config())
+    with Directory(config.directory, config.retry) as service:
+        assert not service.anonymous_can_read(group_of(farm))
+    actions = [e["action"] for e in audit_events(farm)]
+    assert actions[-2:] == ["escrow_export", "escrow_import"]
+    # Importing again changes nothing and says so.
+    again = farm.run("escrow", "import", str(out), "--passphrase-file", passphrase_file(tmp_path))
+    assert again.code == 0 and again.out.count("was already in the directory") == 2
+
+
+def test_an_escrow_file_is_an_age_file_holding_the_farm_and_its_keys(
+    farm: TestFarm, tmp_path: Path
+) -> None:
+    out = export(farm, tmp_path)
+    document = EscrowDocument.from_json(
+        agefmt.decrypt(out.read_bytes(), PASSPHRASE.encode()), source=str(out)
+    )
+    config = load(farm.config())
+    with Directory(config.directory, config.retry) as service:
+        [only] = service.list_keys(group_of(farm))
+        key = service.master_key(group_of(farm), only.id)
+    assert (document.farm, document.dkm_group) == ("contoso", group_of(farm))
+    assert [(k.id, k.current, k.key) for k in document.keys] == [(only.id, True, key)]
+    assert PASSPHRASE not in " ".join(str(e) for e in audit_events(farm))
+
+
+def test_a_key_the_farm_deleted_is_never_brought_back(farm: TestFarm, tmp_path: Path) -> None:
+    old = next(iter(directory_keys(farm)))
+    out = export(farm, tmp_path)
+    assert farm.run("rollover", "--master-key", "--urgent").code == 0  # old is shredded
+    result = farm.run("escrow", "import", str(out), "--passphrase-file", passphrase_file(tmp_path))
+    assert result.code == 0, result.err
+    assert f"master key {old} not restored: the farm deleted it" in result.out
+    assert old not in directory_keys(farm)
+
+
+def test_a_key_in_the_directory_with_other_bytes_is_never_overwritten(
+    farm: TestFarm, tmp_path: Path
+) -> None:
+    [(key_id, _)] = directory_keys(farm).items()
+    forged = EscrowDocument(
+        farm="contoso",
+        dkm_group=group_of(farm),
+        exported_at=db_query(farm.dsn, "SELECT now() AS t")[0]["t"],
+        keys=(EscrowedKey(id=key_id, created_at=None, current=True, key=os.urandom(32)),),
+    )
+    path = tmp_path / "forged.escrow"
+    path.write_bytes(agefmt.encrypt(forged.to_json(), PASSPHRASE.encode(), work_factor=10))
+    events = len(audit_events(farm))
+    result = farm.run("escrow", "import", str(path), "--passphrase-file", passphrase_file(tmp_path))
+    assert result.code == 1
+    assert f"master key {key_id} exists in the directory with other bytes" in one_error_line(result)
+    assert len(audit_events(farm)) == events
+    assert farm.run("sync").code == 0  # the genuine key still opens the farm's blobs
+
+
+@pytest.fixture
+def other_farm(tmp_path: Path, slapd: LocalSlapd, postgres: object) -> TestFarm:
+    from farmkeys.lab.postgres import LocalPostgres
+
+    assert isinstance(postgres, LocalPostgres)
+    name = f"other_{uuid.uuid4().hex[:8]}"
+    postgres.create_database(name)
+    farm = TestFarm(
+        root=tmp_path / "other", slapd=slapd, dsn=postgres.dsn_for(name), name="fabrikam"
+    )
+    farm.root.mkdir()
+    assert farm.run("init").code == 0
+    return farm
+
+
+def test_bad_escrow_input_is_one_clear_line_and_changes_nothing(
+    farm: TestFarm, other_farm: TestFarm, slapd: LocalSlapd, tmp_path: Path
+) -> None:
+    good = export(farm, tmp_path)
+    foreign = export(other_farm, tmp_path, "other.escrow")
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.escrow"
+    truncated.write_bytes(data[:-20])
+    tampered = tmp_path / "tampered.escrow"
+    tampered.write_bytes(data[:-5] + bytes([data[-5] ^ 1]) + data[-4:])
+    empty = passphrase_file(tmp_path, "")
+    readable = passphrase_file(tmp_path, mode=0o640)
+    wrong = passphrase_file(tmp_path, "not the passphrase at all")
+    delete_container_as_admin(farm, slapd)  # so that any import would show
+    events = len(audit_events(farm))
+
+    cases = [
+        (("import", str(good), "--passphrase-file", empty), "is empty"),
+        (("import", str(good), "--passphrase-file", readable), "may be read or written by group"),
+        (("import", str(truncated), "--passphrase-file", passphrase_file(tmp_path)), "damaged"),
+        (("import", str(tampered), "--passphrase-file", passphrase_file(tmp_path)), "damaged"),
+        (("import", str(good), "--passphrase-file", wrong), "wrong passphrase"),
+        (
+            ("import", str(foreign), "--passphrase-file", passphrase_file(tmp_path)),
+            "not of this farm",
+        ),
+        (
+            ("export", "--out", str(good), "--passphrase-file", passphrase_file(tmp_path)),
+            "already exists",
+        ),
+        (
+            (
+                "export",
+                "--out",
+                str(tmp_path / "x"),
+                "--passphrase-file",
+                passphrase_file(tmp_path, "short"),
+            ),
+            "fewer than 12",
+        ),
+    ]
+    for args, expected in cases:
+        result = farm.run("escrow", *args)
+        assert result.code == 1, (args, result.out, result.err)
+        line = one_error_line(result)
+        assert expected in line, (args, line)
+        assert PASSPHRASE not in result.err
+    assert directory_keys(farm) == {}
+    assert len(audit_events(farm)) == events
+    assert not (tmp_path / "x").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
+
+
+def test_without_a_passphrase_file_and_no_terminal_the_command_says_what_to_do(
+    farm: TestFarm, tmp_path: Path
+) -> None:
+    result = farm.spawn("escrow", "export", "--out", str(tmp_path / "x.escrow"))
+    assert result.code == 1
+    assert "no terminal to ask for the escrow passphrase" in one_error_line(result)
+    assert "--passphrase" not in farm.spawn("escrow", "export", "--help").out.replace(
+        "--passphrase-file", ""
+    )
+
+
+def test_export_asks_for_the_passphrase_twice_on_the_terminal(
+    farm: TestFarm, tmp_path: Path
+) -> None:
+    out = tmp_path / "tty.escrow"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FARMKEYS_")}
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: farmkeys on a terminal
+        os.chdir(REPO)
+        os.execve(
+            sys.executable,
+            [
+                sys.executable,
+                "-m",
+                "farmkeys",
+                "escrow",
+                "export",
+                "--out",
+                str(out),
+                "--config",
+                str(farm.config()),
+            ],
+            env,
+        )
+    transcript = b""
+    try:
+        for prompt in (b"Escrow passphrase: ", b"again: "):
+            transcript = _read_until(fd, transcript, prompt)
+            os.write(fd, PASSPHRASE.encode() + b"\n")
+        transcript = _read_until(fd, transcript, b"keep the file and the passphrase apart")
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0, transcript
+    assert PASSPHRASE.encode() not in transcript  # not echoed
+    assert agefmt.decrypt(out.read_bytes(), PASSPHRASE.encode())
+
+
+def _read_until(fd: int, seen: bytes, wanted: bytes, timeout: float = 60.0) -> bytes:
+    deadline = time.monotonic() + timeout
+    while wanted not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0, f"waited {timeout} s for {wanted!r}; the terminal showed {seen!r}"
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                chunk = b""
+            assert chunk, f"the terminal closed before {wanted!r}; it showed {seen!r}"
+            seen += chunk
+    return seen
+
+
+def test_the_config_db_holds_no_key_bytes_after_an_export_and_import(
+    farm: TestFarm, slapd: LocalSlapd, tmp_path: Path
+) -> None:
+    import base64
+
+    out = export(farm, tmp_path)
+    delete_container_as_admin(farm, slapd)
+    imported = farm.run(
+        "escrow", "import", str(out), "--passphrase-file", passphrase_file(tmp_path)
+    )
+    assert imported.code == 0
+    config = load(farm.config())
+    with Directory(config.directory, config.retry) as service:
+        [key_id] = directory_keys(farm)
+        key = service.master_key(group_of(farm), key_id)
+    tables = [
+        r["t"]
+        for r in db_query(
+            farm.dsn, "SELECT tablename AS t FROM pg_tables WHERE schemaname = 'public'"
+        )
+    ]
+    text = "".join(
+        str(row["r"])
+        for table in tables
+        for row in db_query(farm.dsn, f"SELECT t::text AS r FROM {table} t")
+    )
+    assert "escrow_import" in text  # the dump is real
+    for shown in (key.hex(), base64.b64encode(key).decode()):
+        assert shown not in text
