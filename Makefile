@@ -2,7 +2,7 @@
 #
 #   make demo   a local demo farm on real PostgreSQL and OpenLDAP (loopback only)
 #   make test   ruff, mypy and the whole test suite against the same real servers
-#   make bench  the propagation and failover benchmark (prints figures)
+#   make bench  the propagation, failover and master-key re-seal benchmarks (print figures)
 #   make soak   a randomized fault soak of serve nodes (SOAK_ARGS="--duration 1200 --seed 7")
 
 SHELL := /bin/bash
@@ -57,6 +57,7 @@ servers:
 # Figures, not a pass/fail: propagation to N nodes and failover time.
 bench: setup
 	$(PY) tests/bench/bench_propagation.py
+	$(PY) tests/bench/bench_master_key.py
 
 # Faults at random while serve nodes roll certificates over; exits 1 on a broken invariant.
 SOAK_ARGS ?=
