@@ -258,7 +258,7 @@ def _master_keys(
                 "delete_at": _iso(times.delete_at) if times else None,
             }
         )
-        if record is None:
+        if record is None and recorded:
             problems.add(
                 "warning",
                 f"master key {key_id} is in the directory but the farm has no record of it;"
@@ -285,6 +285,12 @@ def _master_keys(
                     f"{sealed_live} live blobs are still sealed under master key {key_id},"
                     f" which is {record.state}, since {_iso(since)}",
                 )
+    if not recorded:
+        problems.add(
+            "warning",
+            "the farm's master keys are not recorded in the config DB yet; the leader"
+            " records them at its next check (is `farmkeys serve` running?)",
+        )
     if not recorded and present is not None:
         for key_id in sorted(named - set(present), key=str):
             problems.add(

@@ -18,6 +18,7 @@ from farmkeys.configdb import CertificateRow, ConfigDB, Farm
 from farmkeys.directory import Directory
 from farmkeys.errors import (
     CertificateError,
+    DirectoryError,
     InvalidBlobError,
     NotInitialisedError,
 )
@@ -79,9 +80,7 @@ def sync(
         manifest = store.manifest()
         assert manifest is not None
         changed = False
-        for row in rows:
-            if row.master_key not in live.confirmed_keys:
-                open_blob(farm, row, directory)
+        keys = _confirm_keys(farm, rows, directory, live.confirmed_keys)
     else:
         files = [open_certificate(farm, row, directory) for row in rows]
         manifest = store.install(files, now=now)
@@ -97,6 +96,35 @@ def sync(
     return SyncReport(
         node=config.node.id, dkm_group=farm.dkm_group, manifest=manifest, changed=changed
     )
+
+
+def _confirm_keys(
+    farm: Farm,
+    rows: list[CertificateRow],
+    directory: Directory,
+    confirmed: frozenset[uuid.UUID],
+) -> list[uuid.UUID]:
+    """Open the blobs under keys this node has not yet proved it can read; the keys proved.
+
+    The store already holds the live set, so a directory it cannot reach now
+    does not fail the sync: the key stays unconfirmed (``status`` shows it)
+    and the next sync tries again. A blob that does not open fails it.
+    """
+    proved = set(confirmed)
+    for row in rows:
+        if row.master_key in proved:
+            continue
+        try:
+            open_blob(farm, row, directory)
+        except DirectoryError as exc:
+            log.warning(
+                "cannot confirm master key %s yet (the store is in sync): %s",
+                row.master_key,
+                exc.what,
+            )
+            continue
+        proved.add(row.master_key)
+    return sorted(proved & {r.master_key for r in rows}, key=str)
 
 
 def open_blob(farm: Farm, row: CertificateRow, directory: Directory) -> bytes:

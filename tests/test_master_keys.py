@@ -650,3 +650,23 @@ def admin(slapd: LocalSlapd) -> ldap3.Connection:
     return ldap3.Connection(
         ldap3.Server(slapd.url), user=slapd.admin_dn, password=slapd.admin_password, auto_bind=True
     )
+
+
+def test_a_node_in_sync_syncs_while_the_directory_is_down_after_a_roll_and_confirms_later(
+    farm: TestFarm, config: Config, leader: Leader, slapd: LocalSlapd
+) -> None:
+    """A re-seal changes no certificate: a node's start-up sync must not fail for want of
+    the new key while its store is right; the key stays unconfirmed until it can read it."""
+    assert farm.run("sync").code == 0
+    leader.roll_master_key(leader_farm(farm, config), urgent=False, request=None)
+    new = current_key(farm)
+    slapd.stop()
+    try:
+        blind = farm.run("sync")
+    finally:
+        slapd.start()
+    assert blind.code == 0, blind.err
+    assert "already in sync" in blind.out
+    assert farm.run("status", "--json").json["nodes"][0]["master_keys"] == []
+    assert farm.run("sync").code == 0
+    assert farm.run("status", "--json").json["nodes"][0]["master_keys"] == [str(new)]
