@@ -22,7 +22,14 @@ from typing import Any
 import ldap3
 import psycopg
 import pytest
-from farmtools import REPO, TestFarm, add_certificate, audit_events, db_query
+from farmtools import (
+    REPO,
+    TestFarm,
+    add_certificate,
+    audit_events,
+    db_query,
+    one_error_line,
+)
 
 from farmkeys import policy
 from farmkeys.config import Config, LeaseConfig, MasterKeyConfig, PolicyConfig, load
@@ -670,3 +677,20 @@ def test_a_node_in_sync_syncs_while_the_directory_is_down_after_a_roll_and_confi
     assert farm.run("status", "--json").json["nodes"][0]["master_keys"] == []
     assert farm.run("sync").code == 0
     assert farm.run("status", "--json").json["nodes"][0]["master_keys"] == [str(new)]
+
+
+def test_a_row_pointed_at_another_master_key_is_refused_and_the_store_kept(
+    farm: TestFarm, config: Config, leader: Leader
+) -> None:
+    """Someone who can write the config DB (but holds no key) points a row at the other key
+    the directory holds: the blob's own header names its key, and the row must agree."""
+    old = current_key(farm)
+    leader.roll_master_key(leader_farm(farm, config), urgent=False, request=None)
+    assert farm.run("sync").code == 0
+    before = (farm.store() / "manifest.json").read_text()
+    with psycopg.connect(farm.dsn) as conn:
+        conn.execute("UPDATE certificate SET master_key = %s WHERE purpose = 'signing'", (old,))
+    result = farm.run("sync")
+    assert result.code == 1
+    assert "names another master key than its row" in one_error_line(result)
+    assert (farm.store() / "manifest.json").read_text() == before
