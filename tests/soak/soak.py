@@ -43,6 +43,13 @@ counted), a second one records each set every node's store switches to
    kills and restarts; the replay ends at the config DB's live set;
 4. once the faults stop, within ``--converge`` seconds every node's manifest
    equals the DB's live set and `farmkeys status` shows a leader;
+5. master keys (they live 40 s here and are deleted 8 s after replacement,
+   so a run rolls several): every second, when both answer, no live blob
+   names a key the directory lacks and the directory holds no key the
+   farm does not record; at the end, each key was added and made current
+   at most once (one `master_key_add` and one `master_key_roll` event per
+   key); and convergence (4) includes every node having opened the live
+   blobs with the current key;
 
 and, as a service manager would notice: no node exits unless the soak killed
 it (one that does is restarted), and every node stops cleanly on SIGTERM at
@@ -70,6 +77,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -98,6 +106,9 @@ from farmtools import (
 )
 from psycopg.rows import dict_row
 
+from farmkeys.config import RetryConfig, load
+from farmkeys.directory import Directory
+from farmkeys.errors import DirectoryError
 from farmkeys.lab.postgres import LocalPostgres
 from farmkeys.lab.slapd import LocalSlapd
 
@@ -115,6 +126,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {
         "critical_threshold": 3,
         "rollover_interval_seconds": 1,
     },
+    "master_key": {"lifetime": 40, "retain": 8},
     "lease": {"ttl_seconds": 3.0, "renew_seconds": 0.5},
     "node": {"poll_seconds": 5},
     "retry": {"total_seconds": 2.0, "initial_backoff_seconds": 0.05, "max_backoff_seconds": 0.3},
@@ -139,6 +151,8 @@ LABELS = {
 }
 # Leader writes, as the audit log names them (`lead` opens a term; `init` has none).
 STEPS = ("generate", "promote", "retire", "archive", "generate_and_promote")
+KEY_STEPS = ("master_key_add", "master_key_roll", "master_key_delete")
+KEY_SAMPLE_SECONDS = 1.0  # the master-key sampler's period (it reads the directory)
 
 SAMPLE_SECONDS = 0.2  # the invariant sampler's period
 WATCH_SECONDS = 0.05  # the manifest watcher's period
@@ -250,6 +264,73 @@ class Breaks:
             found = list(self._by_key.values())[self._reported :]
             self._reported += len(found)
             return found
+
+
+# -- the master-key sampler (invariant 5) ----------------------------------------------------
+
+
+class KeySampler(BackgroundThread):
+    """Every KEY_SAMPLE_SECONDS: the live blobs' keys, the directory's keys, the recorded keys.
+
+    Read in that order, so a roll between the reads cannot look like a break:
+    a key is recorded before the directory holds it, and deleted from the
+    directory only `retain` (8 s) after no live blob names it. A sample that
+    cannot read the config DB or the directory (a fault) is skipped.
+    """
+
+    name = "key-sampler"
+
+    def __init__(self, farm: TestFarm, breaks: Breaks) -> None:
+        self.farm = farm
+        self.breaks = breaks
+        self.samples = 0
+        self.unavailable = 0
+        config = load(farm.config())
+        self._directory = Directory(config.directory, RetryConfig(total_seconds=0.0))
+        self._group: uuid.UUID | None = None
+        super().__init__()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.wait(KEY_SAMPLE_SECONDS):
+                try:
+                    self.sample()
+                except (psycopg.Error, DirectoryError):
+                    self.unavailable += 1
+                    self._directory.close()
+        except Exception as exc:  # a bug here must not pass as "nothing broke"
+            self.breaks.add("checker", f"the master-key sampler failed: {exc!r}")
+        finally:
+            self._directory.close()
+
+    def sample(self) -> None:
+        dsn = self.farm.dsn
+        if self._group is None:
+            self._group = db_query(dsn, "SELECT dkm_group FROM farm")[0]["dkm_group"]
+        assert self._group is not None
+        live = {
+            r["k"]
+            for r in db_query(
+                dsn, "SELECT DISTINCT master_key AS k FROM certificate WHERE role <> 'archived'"
+            )
+        }
+        held = {k.id for k in self._directory.list_keys(self._group)}
+        known = {
+            r["id"] for r in db_query(dsn, "SELECT id FROM master_key WHERE state <> 'deleted'")
+        }
+        self.samples += 1
+        for key_id in sorted(live - held, key=str):
+            self.breaks.add(
+                "5 keys",
+                f"live blobs name master key {key_id}, which the directory lacks",
+                key=("live", key_id),
+            )
+        for key_id in sorted(held - known, key=str):
+            self.breaks.add(
+                "5 keys",
+                f"the directory holds master key {key_id}, which the farm does not record",
+                key=("held", key_id),
+            )
 
 
 # -- the invariant sampler -------------------------------------------------------------------
@@ -379,6 +460,7 @@ class Figures:
     installs: dict[str, int] = field(default_factory=dict)
     converged_after: float | None = None
     faulted_for: float = 0.0
+    key_samples: int = 0
 
 
 class Soak:
@@ -576,6 +658,12 @@ class Soak:
         doc = result.json
         if not doc.get("leader"):
             return f"status shows no leader; its problems: {doc.get('problems')}"
+        current = [k["id"] for k in doc["master_keys"] if k["state"] == "current"]
+        unread = [
+            n["id"] for n in doc["nodes"] if n["id"] in self.names and n["master_keys"] != current
+        ]
+        if unread:
+            return f"{', '.join(unread)} have not opened the live blobs with master key {current}"
         return None
 
     def stop_nodes(self) -> None:
@@ -613,6 +701,31 @@ class Soak:
                     f"the manifest watcher's last record of {node} is not what its store holds:"
                     " it stopped watching early",
                 )
+
+    def check_keys(self, sampler: KeySampler) -> None:
+        """5, at the end: the two key invariants once more, and each key added and made
+        current once."""
+        if sampler.samples == 0:
+            self.breaks.add("checker", "the master-key sampler never took a sample")
+        sampler.sample()
+        found = audit_events(self.farm)
+        for action in ("master_key_add", "master_key_roll"):
+            seen = Counter(e["master_key"] for e in found if e["action"] == action)
+            for key_id, count in seen.items():
+                if count > 1:
+                    self.breaks.add("5 keys", f"{count} {action} events for master key {key_id}")
+        current = db_query(self.farm.dsn, "SELECT id FROM master_key WHERE state = 'current'")
+        nodes = db_query(
+            self.farm.dsn,
+            "SELECT id, master_keys FROM node WHERE id = ANY(%s)",
+            (list(self.names),),
+        )
+        for n in nodes:
+            if n["master_keys"] != [current[0]["id"]]:
+                self.breaks.add(
+                    "5 keys", f"{n['id']} has not opened the live blobs with the current master key"
+                )
+        self.figures.key_samples = sampler.samples
 
     def check_audit(self, watcher: ManifestWatcher) -> None:
         """2 and 3, from the audit log: term order, one writer per term, installs replayed."""
@@ -721,11 +834,12 @@ def summary(
         f"  faults          {faults}: "
         + ", ".join(f"{kind} {figures.faults[kind]}" for kind in KINDS),
         f"  rollover steps  {steps}: "
-        + ", ".join(f"{action} {figures.steps[action]}" for action in STEPS),
+        + ", ".join(f"{action} {figures.steps[action]}" for action in STEPS + KEY_STEPS),
         f"  terms           {figures.terms} with events ({figures.lead_events} lead events);"
         f" lease term {sampler.first_term} -> {sampler.last_term}",
         f"  samples         {sampler.samples} invariant samples"
-        f" ({sampler.unavailable} more skipped while the config DB did not answer)",
+        f" ({sampler.unavailable} more skipped while the config DB did not answer),"
+        f" {figures.key_samples} master-key samples",
         "  installs seen   " + ", ".join(f"{n} {c}" for n, c in figures.installs.items()),
         "  converged       "
         + (
@@ -791,6 +905,7 @@ def soak(args: argparse.Namespace, seed: int, top: Path) -> int:
             run = Soak(farm, nodes, names, slapd, postgres, breaks, clock)
             with (
                 InvariantSampler(dsn, breaks) as sampler,
+                KeySampler(farm, breaks) as key_sampler,
                 ManifestWatcher(stores, interval=WATCH_SECONDS) as watcher,
             ):
                 run.start()
@@ -804,6 +919,7 @@ def soak(args: argparse.Namespace, seed: int, top: Path) -> int:
                 run.stop_nodes()
             run.check_checkers(sampler, watcher)
             run.check_audit(watcher)
+            run.check_keys(key_sampler)
             run.poll()
     say(summary(args, seed, run.figures, sampler, breaks))
     return 1 if breaks.items else 0
