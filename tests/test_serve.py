@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import re
 import signal
 import time
@@ -329,6 +330,10 @@ class RoleSampler(BackgroundThread):
                             f"{time.time():.2f}: {purpose} {primaries} primary,"
                             f" {secondaries} secondary"
                         )
+
+
+def manifest_generation(store: Path) -> int:
+    return int(json.loads((store / "manifest.json").read_text())["generation"])
 
 
 def status(farm: TestFarm) -> dict[str, Any]:
@@ -780,6 +785,21 @@ def test_on_change_hook_runs_with_store_and_changed_thumbprints(
     ], problems
     assert nodes.procs["node-c"].alive(), nodes.logs()
     assert "on_change hook exited 3" in nodes.procs["node-c"].log.read_text()
+
+    # A master-key roll re-seals every blob but changes no certificate: the nodes read the
+    # new key, their stores stay as they are, and no hook runs.
+    generations = {n: manifest_generation(farm.store(n)) for n in NODES}
+    result = farm.spawn("rollover", "--master-key", "--wait", "30")
+    assert result.code == 0, result.err
+    key = db_query(farm.dsn, "SELECT id FROM master_key WHERE state = 'current'")[0]["id"]
+    wait_until(
+        lambda: all(n["master_keys"] == [str(key)] for n in status(farm)["nodes"]),
+        PROPAGATION,
+        "every node read the new master key",
+        detail=nodes.logs,
+    )
+    assert {n: manifest_generation(farm.store(n)) for n in NODES} == generations
+    assert [len(lines(n)) for n in ("node-a", "node-b")] == [2, 2]
 
 
 # -- 8. SIGTERM ----------------------------------------------------------------------------------
