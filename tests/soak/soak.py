@@ -270,12 +270,15 @@ class Breaks:
 
 
 class KeySampler(BackgroundThread):
-    """Every KEY_SAMPLE_SECONDS: the live blobs' keys, the directory's keys, the recorded keys.
+    """Every KEY_SAMPLE_SECONDS: the live blobs' keys and the recorded keys, the directory's
+    keys, the recorded keys again.
 
-    Read in that order, so a roll between the reads cannot look like a break:
-    a key is recorded before the directory holds it, and deleted from the
-    directory only `retain` (8 s) after no live blob names it. A sample that
-    cannot read the config DB or the directory (a fault) is skipped.
+    Read in that order, so a step between the reads cannot look like a break:
+    a new key is recorded before the directory holds it (so the second record
+    read has it), a key is deleted from the directory before its deletion
+    commits (so the first record read still has it), and a key is deleted
+    only `retain` (8 s) after no live blob names it. A sample that cannot
+    read the config DB or the directory (a fault) is skipped.
     """
 
     name = "key-sampler"
