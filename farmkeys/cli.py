@@ -120,8 +120,10 @@ def _parser() -> argparse.ArgumentParser:
         help="add a secondary now, or with --urgent replace the primary at once",
         description="Ask the leader to roll certificates over now and print its answer. Without "
         "--urgent, add a secondary (AD FS's Update-AdfsCertificate); with it, generate a new "
-        "primary at once and archive the replaced certificates (-Urgent). When no node leads, "
-        "this command takes the lease for the operation itself.",
+        "primary at once and archive the replaced certificates (-Urgent). With --master-key, "
+        "roll the farm's master key instead: a new key, every live blob re-sealed under it, "
+        "and with --urgent the replaced key deleted at once. When no node leads, this command "
+        "takes the lease for the operation itself.",
     )
     rollover.add_argument(
         "--purpose",
@@ -148,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     escrow_parser = commands.add_parser(
         "escrow",
+        parents=[common],
         help="export the master keys sealed under a passphrase, or import them back",
         description="The way back from a lost DKM container: `export` writes every master key "
         "the directory holds into an age file sealed under a passphrase (it opens with "
@@ -170,7 +173,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--passphrase-file",
             metavar="PATH",
-            help="read the passphrase from the first line of PATH (mode 0600); default: ask",
+            help="read the passphrase from the first line of PATH (no group or other access);"
+            " default: ask on the terminal",
         )
     events = commands.add_parser(
         "events",
@@ -462,7 +466,8 @@ def render_status(doc: dict[str, Any]) -> str:
             when = f"  rolls at {k['roll_at'][:19]}"
         elif k.get("delete_at"):
             when = f"  deleted at {k['delete_at'][:19]}"
-        missing = "  MISSING FROM THE DIRECTORY" if k.get("in_directory") is False else ""
+        gone = k.get("in_directory") is False and k["state"] != "deleted"
+        missing = "  MISSING FROM THE DIRECTORY" if gone else ""
         lines.append(
             f"  {k['id']}  {k['state']:<8}  created {created}  sealed: {k['sealed_live']} live,"
             f" {k['sealed_archived']} archived{when}{missing}"

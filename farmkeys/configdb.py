@@ -273,6 +273,12 @@ class ConfigDB:
             cur.execute(query, params)
         except pgerrors.UndefinedTable as exc:
             raise self._no_farm() from exc
+        except pgerrors.UndefinedColumn as exc:
+            raise DatabaseError(
+                f"the config DB at {self.endpoint} has an older schema than this farmkeys"
+                f" needs ({_cause(exc)})",
+                "run `farmkeys db upgrade` once (from any node)",
+            ) from exc
         except psycopg.OperationalError as exc:
             self.close()
             raise DatabaseError(

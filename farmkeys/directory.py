@@ -490,14 +490,15 @@ class Directory:
                 raise MasterKeyMissingError(
                     f"master key {key_id} of DKM group {group} is missing from the directory "
                     f"at {self.endpoint}, or {self._config.bind_dn} cannot read it",
-                    "restore the key from a directory backup, or check the account's access "
+                    "restore it with `farmkeys escrow import` or from a directory backup, or check"
+                    " the account's access "
                     f"({SETUP_DOC})",
                 )
             if len(key) != MASTER_KEY_LENGTH:
                 raise MasterKeyMissingError(
                     f"master key {key_id} of DKM group {group} in the directory at "
                     f"{self.endpoint} is {len(key)} bytes long, not {MASTER_KEY_LENGTH}",
-                    "restore the key from a directory backup",
+                    "restore it with `farmkeys escrow import` or from a directory backup",
                 )
             self._keys[(group, key_id)] = key
             log.debug("read master key %s of DKM group %s", key_id, group)
@@ -521,10 +522,11 @@ class Directory:
 
         found = self._run(search)
         if found is None:
-            raise DirectoryError(
+            raise MasterKeyMissingError(
                 f"the DKM container {container} is missing from the directory at "
                 f"{self.endpoint}, or {self._config.bind_dn} cannot read it",
-                f"run `farmkeys init`, or check the account's access ({SETUP_DOC})",
+                "restore it with `farmkeys escrow import` or from a directory backup, or check"
+                f" the account's access ({SETUP_DOC})",
             )
         current = self.current_key_id(group)
         keys: list[MasterKeyInfo] = []

@@ -421,5 +421,5 @@ def _import_detail(report: ImportReport, path: Path) -> str:
     parts.append(f"restored {ids(report.restored)};")
     parts.append(f"already present {ids(report.present)}")
     if report.skipped_deleted:
-        parts.append(f"; not restored, deleted by the farm: {ids(report.skipped_deleted)}")
+        parts[-1] += f"; not restored, deleted by the farm: {ids(report.skipped_deleted)}"
     return " ".join(parts)

@@ -168,7 +168,8 @@ def _check_same_farm(config: Config, farm: Farm, directory: Directory) -> None:
         raise DirectoryError(
             f"the farm's DKM container {farm.dkm_container} is missing from the directory"
             f" at {directory.endpoint}, or {config.directory.bind_dn} cannot read it",
-            "restore it from a directory backup; without its master keys no certificate "
+            "restore it with `farmkeys escrow import` or from a directory backup; without its"
+            " master keys no certificate "
             "can be decrypted, so farmkeys will not create new ones in its place",
         )
 

@@ -435,11 +435,15 @@ def _nearness(primary: CertificateState, now: datetime, policy: PolicyConfig) ->
     )
 
 
+def describe_units(n: int, policy: PolicyConfig) -> str:
+    """``n`` threshold units for a person: "365 days", or "40 × 1 s" in a test's units."""
+    if policy.threshold_unit_seconds == _SECONDS_PER_DAY:
+        return f"{n} day{'' if n == 1 else 's'}"
+    return f"{n} × {policy.threshold_unit_seconds} s"
+
+
 def _threshold(name: str, n: int, policy: PolicyConfig) -> str:
-    unit = policy.threshold_unit_seconds
-    if unit == _SECONDS_PER_DAY:
-        return f"{name} ({n} day{'' if n == 1 else 's'})"
-    return f"{name} ({n} × {unit} s)"
+    return f"{name} ({describe_units(n, policy)})"
 
 
 def _iso(when: datetime) -> str:

@@ -408,7 +408,7 @@ class Leader:
                 " replaced: run `farmkeys rollover --urgent`"
             )
         else:
-            retain = self._config.policy.units(self._config.master_key.retain)
+            retain = policy.describe_units(self._config.master_key.retain, self._config.policy)
             lines.append(
                 f"master key {replaced} is replaced; it stays in the directory for {retain}"
                 " after no live blob names it, so a config DB backup of that period still opens"

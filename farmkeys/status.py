@@ -17,9 +17,7 @@ from farmkeys import policy as rollover_policy
 from farmkeys.config import Config, PolicyConfig
 from farmkeys.configdb import CertificateRow, ConfigDB, MasterKeyRow
 from farmkeys.directory import Directory, MasterKeyInfo
-from farmkeys.errors import (
-    DirectoryError,
-)
+from farmkeys.errors import DirectoryError, MasterKeyMissingError
 from farmkeys.sync import LIVE_ROLES
 
 log = logging.getLogger(__name__)
@@ -87,6 +85,8 @@ def farm_status(
     if directory is not None:
         try:
             in_directory = directory.list_keys(farm.dkm_group)
+        except MasterKeyMissingError as exc:  # the whole DKM container is gone
+            problems.add("critical", f"no live certificate can be opened: {exc.what}")
         except DirectoryError as exc:
             problems.add("warning", f"cannot list master keys: {exc.what}")
     master_keys, schedule = _master_keys(config, now, recorded, in_directory, rows, problems)

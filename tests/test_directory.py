@@ -150,7 +150,7 @@ def test_unknown_key_is_missing_and_the_message_says_what_to_do(
     assert str(group) in message
     assert slapd.url in message
     assert slapd.service_dn in message
-    assert "restore the key from a directory backup" in message
+    assert "restore it with `farmkeys escrow import` or from a directory backup" in message
     assert service_directory.key_reads == 1
 
 

@@ -100,6 +100,9 @@ def test_the_disaster_drill_export_lose_the_container_import_and_a_fresh_node_sy
     delete_container_as_admin(farm, slapd)
     lost = farm.run("sync", node="node-b")
     assert lost.code == 1 and "missing from the directory" in one_error_line(lost)
+    down = farm.run("status", "--json").json
+    assert down["health"] == "critical"
+    assert any("no live certificate can be opened" in p for p in down["problems"])
 
     result = farm.run("escrow", "import", str(out), "--passphrase-file", passphrase_file(tmp_path))
     assert result.code == 0, result.err

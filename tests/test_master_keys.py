@@ -694,3 +694,13 @@ def test_a_row_pointed_at_another_master_key_is_refused_and_the_store_kept(
     assert result.code == 1
     assert "names another master key than its row" in one_error_line(result)
     assert (farm.store() / "manifest.json").read_text() == before
+
+
+def test_sync_against_a_config_db_from_before_this_schema_says_to_upgrade(farm: TestFarm) -> None:
+    with psycopg.connect(farm.dsn) as conn:  # what a schema-2 database lacks
+        conn.execute("ALTER TABLE node DROP COLUMN master_keys")
+    result = farm.run("sync")
+    assert result.code == 1
+    line = one_error_line(result)
+    assert "older schema" in line and "farmkeys db upgrade" in line
+    assert not farm.store().exists() or not (farm.store() / "manifest.json").exists()
