@@ -97,10 +97,12 @@ def _wait_for_leader(dsn: str) -> bool:
 
 
 def _wait_for_nodes(dsn: str) -> bool:
-    """Every node has installed the live set."""
+    """Every node has installed the live set, and opened it with the current master key."""
     return _poll(
         dsn,
-        "SELECT bool_and(n.installed @> live.set AND live.set @> n.installed) FROM node n,"
+        "SELECT bool_and(n.installed @> live.set AND live.set @> n.installed"
+        "  AND n.master_keys = ARRAY[(SELECT id FROM master_key WHERE state = 'current')])"
+        " FROM node n,"
         " (SELECT jsonb_agg(jsonb_build_object('purpose', purpose, 'role', role,"
         "  'thumbprint', thumbprint)) AS set FROM certificate WHERE role <> 'archived') live",
     )
@@ -128,9 +130,10 @@ def main() -> int:
             if not _wait_for_leader(dsn):
                 print("demo: no node took the leader lease", file=sys.stderr)
                 return 1
-            if _farmkeys("rollover", "--purpose", "signing", config=configs["node-c"]) != 0:
-                print("demo: `farmkeys rollover` failed", file=sys.stderr)
-                return 1
+            for args in (("--purpose", "signing"), ("--master-key",)):
+                if _farmkeys("rollover", *args, config=configs["node-c"]) != 0:
+                    print(f"demo: `farmkeys rollover {' '.join(args)}` failed", file=sys.stderr)
+                    return 1
             _wait_for_nodes(dsn)
             code = _farmkeys("status", config=configs["node-a"])
             print(f"\nstatus exit code {code} (0 ok, 1 warning, 2 critical, 3 unknown)")

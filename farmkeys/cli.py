@@ -465,7 +465,7 @@ def render_status(doc: dict[str, Any]) -> str:
         if k.get("roll_at"):
             when = f"  rolls at {k['roll_at'][:19]}"
         elif k.get("delete_at"):
-            when = f"  deleted at {k['delete_at'][:19]}"
+            when = f"  delete at {k['delete_at'][:19]}"
         gone = k.get("in_directory") is False and k["state"] != "deleted"
         missing = "  MISSING FROM THE DIRECTORY" if gone else ""
         lines.append(
