@@ -98,19 +98,28 @@ class TestFarm:
         self, *args: str, node: str = "node-a", preexec: Any = None, **sections: dict[str, Any]
     ) -> Result:
         """Run the CLI as a separate process, as a service manager would."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FARMKEYS_")}
         config = self.config(node, **sections)
-        proc = subprocess.run(
-            [sys.executable, "-m", "farmkeys", *args, "--config", str(config)],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=REPO,
-            preexec_fn=preexec,
-            timeout=120,
-            check=False,
-        )
-        return Result(proc.returncode, proc.stdout, proc.stderr)
+        return run_python("-m", "farmkeys", *args, "--config", str(config), preexec=preexec)
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without FARMKEYS_* (a child must not take them as config)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("FARMKEYS_")}
+
+
+def run_python(*args: str, preexec: Any = None, timeout: float = 120) -> Result:
+    """Run ``python *args`` from the repository with a clean environment; its result."""
+    proc = subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        cwd=REPO,
+        preexec_fn=preexec,
+        timeout=timeout,
+        check=False,
+    )
+    return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
 def _toml(values: dict[str, dict[str, Any]]) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import ldap3
 import pytest
-from farmtools import REPO, TestFarm, audit_events, db_query, one_error_line
+from farmtools import REPO, TestFarm, audit_events, clean_env, db_query, one_error_line
 
 from farmkeys import agefmt
 from farmkeys.config import load
@@ -250,7 +250,7 @@ def test_export_asks_for_the_passphrase_twice_on_the_terminal(
     farm: TestFarm, tmp_path: Path
 ) -> None:
     out = tmp_path / "tty.escrow"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FARMKEYS_")}
+    env = clean_env()
     pid, fd = pty.fork()
     if pid == 0:  # the child: farmkeys on a terminal
         os.chdir(REPO)

@@ -10,9 +10,6 @@ recorded times in the database, never by sleeping.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -23,12 +20,12 @@ import ldap3
 import psycopg
 import pytest
 from farmtools import (
-    REPO,
     TestFarm,
     add_certificate,
     audit_events,
     db_query,
     one_error_line,
+    run_python,
 )
 
 from farmkeys import policy
@@ -478,19 +475,10 @@ sys.exit(3)
 def run_leader_killed_at(farm: TestFarm, step: str) -> uuid.UUID:
     """A leader process rolls the master key (urgently) and is SIGKILLed right after ``step``
     committed; returns the key id the step reported, which proves the step was reached."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FARMKEYS_")}
-    done = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(farm.config("node-a")), step],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == -9, (done.returncode, done.stdout, done.stderr)
-    last = done.stdout.split("\n")[-2].split()
-    assert last[0] == step, done.stdout
+    done = run_python("-c", _CHILD, str(farm.config("node-a")), step)
+    assert done.code == -9, (done.code, done.out, done.err)
+    last = done.out.split("\n")[-2].split()
+    assert last[0] == step, done.out
     return uuid.UUID(last[1])
 
 
