@@ -361,7 +361,7 @@ class ServeNodes:
     def start(self, node: str, **sections: dict[str, Any]) -> ServeProcess:
         """Start `farmkeys serve` for ``node`` (config sections as for TestFarm.config)."""
         config = self.farm.config(node, **sections)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FARMKEYS_")}
+        env = clean_env()
         log = self.log_dir / f"{node}.log"
         with log.open("ab") as out:
             proc = subprocess.Popen(
