@@ -421,9 +421,9 @@ SCRYPT_VECTORS = [
         "work factor of 2^9223372036854775818,",
         id="scrypt_work_factor_overflow",
     ),
-    pytest.param(  # expect: header failure
+    pytest.param(  # not a CCTV vector: leading_garbage with the garbage after the digits
         (
-            "-> scrypt rF0/NwblUHHTpgQgRpe5CQ aaaa10\n"
+            "-> scrypt rF0/NwblUHHTpgQgRpe5CQ 10aaaa\n"
             "gUjEymFKMVXQEKdMMHL24oYexjE3TIC0O0zGSqJ2aUY\n"
             "--- LLS9yf+aaj4fsMsjpV3AcdBA8Ili7KtBmoZx2BlxH8M\n"
         ),
