@@ -299,21 +299,9 @@ class Directory:
         key_id = uuid.uuid4()
         created: list[str] = []
         try:
-            self._add(
-                container,
-                CONTAINER_CLASSES,
-                {"cn": str(group), "description": f"farmkeys DKM container for farm {farm_name}"},
-                creating_container=True,
-            )
-            created.append(container)
+            created.append(self._add_container_entry(group, farm_name))
             created.append(self._add_key_entry(group, key_id))
-            policy = self._policy_dn(group)
-            self._add(
-                policy,
-                KEY_CLASSES,
-                {"cn": POLICY_CN, "sn": POLICY_CN, POLICY_ATTRIBUTE: str(key_id)},
-            )
-            created.append(policy)
+            created.append(self._add_policy_entry(group, key_id))
         except BaseException:
             self._remove_best_effort(reversed(created))
             raise
@@ -411,20 +399,10 @@ class Directory:
         created = False
         container = self.container_dn(group)
         if not self._exists(container):
-            self._add(
-                container,
-                CONTAINER_CLASSES,
-                {"cn": str(group), "description": f"farmkeys DKM container for farm {farm_name}"},
-                creating_container=True,
-            )
+            self._add_container_entry(group, farm_name)
             created = True
-        policy = self._policy_dn(group)
-        if not self._exists(policy):
-            self._add(
-                policy,
-                KEY_CLASSES,
-                {"cn": POLICY_CN, "sn": POLICY_CN, POLICY_ATTRIBUTE: str(current)},
-            )
+        if not self._exists(self._policy_dn(group)):
+            self._add_policy_entry(group, current)
             created = True
         if created:
             log.info("re-created DKM container %s in %s", container, self.endpoint)
@@ -596,6 +574,23 @@ class Directory:
             return False
         attr, value, _ = parts[0]
         return str(attr).lower() == "cn" and str(value).lower() != POLICY_CN.lower()
+
+    def _add_container_entry(self, group: uuid.UUID, farm_name: str) -> str:
+        dn = self.container_dn(group)
+        self._add(
+            dn,
+            CONTAINER_CLASSES,
+            {"cn": str(group), "description": f"farmkeys DKM container for farm {farm_name}"},
+            creating_container=True,
+        )
+        return dn
+
+    def _add_policy_entry(self, group: uuid.UUID, current: uuid.UUID) -> str:
+        dn = self._policy_dn(group)
+        self._add(
+            dn, KEY_CLASSES, {"cn": POLICY_CN, "sn": POLICY_CN, POLICY_ATTRIBUTE: str(current)}
+        )
+        return dn
 
     def _add_key_entry(self, group: uuid.UUID, key_id: uuid.UUID, key: bytes | None = None) -> str:
         dn = self._key_dn(group, key_id)

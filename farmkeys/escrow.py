@@ -42,7 +42,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Final
 
-from farmkeys import agefmt
+from farmkeys import agefmt, policy
 from farmkeys.config import Config
 from farmkeys.configdb import ConfigDB
 from farmkeys.directory import MASTER_KEY_LENGTH, Directory
@@ -369,7 +369,8 @@ def import_keys(
                 "nothing was changed; find out which is genuine before touching either",
             )
         report.present.append(escrowed.id)
-    current = next((k.id for k in recorded.values() if k.state == "current"), None)
+    recorded_current = policy.current_key(recorded.values())
+    current = None if recorded_current is None else recorded_current.id
     if current is None:
         current = next((k.id for k in document.keys if k.current), None)
     if current is None:

@@ -54,10 +54,10 @@ settles within three calls that return actions.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Final, Literal, Protocol
+from typing import Final, Literal, Protocol, TypeVar
 
 from farmkeys.config import MasterKeyConfig, PolicyConfig
 
@@ -223,6 +223,14 @@ def next_action(
     return Scheduled("generate_and_promote", critical_at)
 
 
+K = TypeVar("K", bound=MasterKeyState)
+
+
+def current_key(keys: Iterable[K]) -> K | None:
+    """The key whose state is ``current`` (the database allows one), or None."""
+    return next((k for k in keys if k.state == "current"), None)
+
+
 def decide_master_keys(
     master: MasterKeyConfig,
     policy: PolicyConfig,
@@ -241,7 +249,7 @@ def decide_master_keys(
     pending = [k for k in keys if k.state == "pending"]
     if pending:
         return [KeyAction("finish", pending[0].id, "a master-key roll was begun and not finished")]
-    current = next((k for k in keys if k.state == "current"), None)
+    current = current_key(keys)
     if current is None:
         return []
     actions: list[KeyAction] = []

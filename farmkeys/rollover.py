@@ -26,7 +26,6 @@ from farmkeys.configdb import (
     CertificateRow,
     ConfigDB,
     Farm,
-    MasterKeyRow,
     NewCertificate,
 )
 from farmkeys.directory import Directory
@@ -39,7 +38,8 @@ log = logging.getLogger(__name__)
 # decide() converges in a few rounds (archive, then promote, then generate);
 # a bound keeps a bug from looping inside one check.
 MAX_ROUNDS = 6
-# How the leader re-reads a master key it already holds: once, no retries.
+# The master-key check's own directory connection: one attempt, no retries, so an
+# outage skips the check at once and a write under the lease row is bounded.
 _ONE_ATTEMPT = RetryConfig(total_seconds=0.0)
 
 
@@ -139,7 +139,7 @@ class Leader:
         valid; a new blob sealed under it opens as well as any other).
         """
         try:
-            current = next((k for k in self._db.master_keys() if k.state == "current"), None)
+            current = policy.current_key(self._db.master_keys())
             key_id = current.id if current is not None else self._adopt(farm)
             if self._key is None or self._key[0] != key_id:
                 self._key = (key_id, self._directory.master_key(farm.dkm_group, key_id))
@@ -152,6 +152,14 @@ class Leader:
                     "directory unavailable; sealing under the last master key read: %s", exc.what
                 )
                 self._key_error = exc
+
+    def _current_key(self) -> tuple[uuid.UUID, bytes]:
+        """The current master key in memory, or the error that kept it from being read."""
+        if self._key is None:
+            raise self._key_error or DirectoryError(
+                "the current master key has not been read", "check the directory"
+            )
+        return self._key
 
     def tick(self) -> list[Applied]:
         """What `serve` runs on schedule: answer pending requests, then the certificate and
@@ -220,12 +228,7 @@ class Leader:
                 self._audit(fence, "retire", purpose, row.id, row.thumbprint, f"replaced: {reason}")
 
     def _generate(self, fence: Fence, farm: Farm, purpose: str, role: str, reason: str) -> Applied:
-        if self._key is None:
-            # Raising rolls the whole transaction back: nothing half-done.
-            raise self._key_error or DirectoryError(
-                "the current master key has not been read", "check the directory"
-            )
-        key_id, key = self._key
+        key_id, key = self._current_key()  # raising rolls the transaction back
         row = new_certificate(
             self._config,
             dkm_group=farm.dkm_group,
@@ -282,8 +285,9 @@ class Leader:
             except DirectoryError as exc:
                 log.warning("master-key check skipped, the directory is unavailable: %s", exc.what)
                 return done
-            keys, named, now = self._key_view()
-            current = next((k for k in keys if k.state == "current"), None)
+            keys = self._db.master_keys()
+            named, now = self._named_by_live()
+            current = policy.current_key(keys)
             pending = any(k.state == "pending" for k in keys)
             if current is not None and not pending and named_in_policy != current.id:
                 done.append(self._repair_policy(farm, once, current.id, named_in_policy))
@@ -323,13 +327,13 @@ class Leader:
                 return [f"master key {done.id} was made current for this request"]
             return self._roll(farm, once, urgent=urgent, request=request, reason=reason)
 
-    def _key_view(self) -> tuple[list[MasterKeyRow], set[uuid.UUID], datetime]:
-        keys = self._db.master_keys()
+    def _named_by_live(self) -> tuple[set[uuid.UUID], datetime]:
+        """The master keys the live blobs are sealed under, and the database's clock."""
         rows = self._db.fetch(
             "SELECT now() AS now, array(SELECT DISTINCT master_key FROM certificate"
             " WHERE role <> 'archived') AS named"
         )
-        return keys, set(rows[0]["named"]), rows[0]["now"]
+        return set(rows[0]["named"]), rows[0]["now"]
 
     def _step(self, step: str, key_id: uuid.UUID) -> None:
         log.info("master-key roll: %s %s", step, key_id)
@@ -372,11 +376,13 @@ class Leader:
                 fence.tx.notify(CHANGED_CHANNEL, f"term {fence.term}")
         self._step("resealed", key_id)
 
-        olds = self._live_keys(farm, exclude=key_id)
         with self._election.fenced(self._db) as fence:
             rows = fence.tx.live_certificates()
-            self._reseal(fence, farm, rows, key_id, new_key, olds)  # any made since the last step
-            replaced = next((k.id for k in fence.tx.master_keys() if k.state == "current"), None)
+            # A sweep: nothing else seals between two steps of one roll, so this finds
+            # nothing unless a fault intervened; a key not read then comes from the cache.
+            self._reseal(fence, farm, rows, key_id, new_key, olds)
+            replaced_key = policy.current_key(fence.tx.master_keys())
+            replaced = None if replaced_key is None else replaced_key.id
             once.set_current_key(group, key_id)
             fence.tx.execute(
                 "UPDATE master_key SET state = 'previous', replaced_at = now(),"
@@ -417,7 +423,7 @@ class Leader:
 
     def _live_keys(self, farm: Farm, *, exclude: uuid.UUID) -> dict[uuid.UUID, bytes]:
         """The bytes of every master key a live blob names, read before a transaction opens."""
-        _, named, _ = self._key_view()
+        named, _ = self._named_by_live()
         return {k: self._directory.master_key(farm.dkm_group, k) for k in named - {exclude}}
 
     def _reseal(
@@ -449,11 +455,7 @@ class Leader:
         return count
 
     def _reseal_into_current(self, farm: Farm) -> int:
-        if self._key is None:
-            raise self._key_error or DirectoryError(
-                "the current master key has not been read", "check the directory"
-            )
-        key_id, key = self._key
+        key_id, key = self._current_key()
         olds = self._live_keys(farm, exclude=key_id)
         with self._election.fenced(self._db) as fence:
             count = self._reseal(fence, farm, fence.tx.live_certificates(), key_id, key, olds)
@@ -522,9 +524,9 @@ class Leader:
             )
         with self._election.fenced(self._db) as fence:
             recorded = {k.id: k for k in fence.tx.master_keys()}
-            have = next((k.id for k in recorded.values() if k.state == "current"), None)
+            have = policy.current_key(recorded.values())
             if have is not None:
-                return have
+                return have.id
             for info in infos:
                 if info.id in recorded:
                     continue

@@ -90,7 +90,8 @@ def farm_status(
         except DirectoryError as exc:
             problems.add("warning", f"cannot list master keys: {exc.what}")
     master_keys, schedule = _master_keys(config, now, recorded, in_directory, rows, problems)
-    current_key = next((k.id for k in recorded if k.state == "current"), None)
+    current = rollover_policy.current_key(recorded)
+    current_key = None if current is None else current.id
 
     lease = _lease(db)
     if lease is None or not lease["valid"]:

@@ -75,7 +75,6 @@ def sync(
             "run `farmkeys init` to generate them",
         )
     wanted = frozenset(r.identity for r in rows)
-    keys = sorted({r.master_key for r in rows}, key=str)
     if store.matches(wanted):
         manifest = store.manifest()
         assert manifest is not None
@@ -85,6 +84,7 @@ def sync(
         files = [open_certificate(farm, row, directory) for row in rows]
         manifest = store.install(files, now=now)
         changed = True
+        keys = sorted({r.master_key for r in rows}, key=str)
         log.info(
             "installed generation %d: %s",
             manifest.generation,
@@ -111,8 +111,9 @@ def _confirm_keys(
     and the next sync tries again. A blob that does not open fails it.
     """
     proved = set(confirmed)
+    unreadable: set[uuid.UUID] = set()  # asked once per sync: an outage costs one retry budget
     for row in rows:
-        if row.master_key in proved:
+        if row.master_key in proved or row.master_key in unreadable:
             continue
         try:
             open_blob(farm, row, directory)
@@ -122,6 +123,7 @@ def _confirm_keys(
                 row.master_key,
                 exc.what,
             )
+            unreadable.add(row.master_key)
             continue
         proved.add(row.master_key)
     return sorted(proved & {r.master_key for r in rows}, key=str)
