@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import socket
 import tomllib
 import types
@@ -30,7 +31,7 @@ ENV_CONFIG = "FARMKEYS_CONFIG"
 _ENV_NOT_CONFIG = frozenset({ENV_CONFIG, "FARMKEYS_STORE", "FARMKEYS_CHANGED"})
 
 KEY_TYPES = ("rsa-2048", "rsa-3072", "rsa-4096", "ec-p256")
-LAYOUTS = ("openldap",)
+LAYOUTS = ("openldap", "ad")
 # The longest farm name that keeps "CN=<name> Token Decryption" within X.520's
 # 64-character upper bound for a common name.
 MAX_FARM_NAME = 64 - len(" Token Decryption")
@@ -56,7 +57,7 @@ class DatabaseConfig:
 
 @dataclass(frozen=True)
 class DirectoryConfig:
-    url: str
+    url: str | list[str]
     bind_dn: str
     container: str
     password: str | None = dataclasses.field(default=None, repr=False)
@@ -65,6 +66,11 @@ class DirectoryConfig:
     start_tls: bool = False
     ca_file: str | None = None
     timeout_seconds: int = 5
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """The directory servers to try, in order (``url`` is one URL or a list of them)."""
+        return (self.url,) if isinstance(self.url, str) else tuple(self.url)
 
     def read_password(self) -> str:
         """The bind password, from ``password`` or the first line of ``password_file``."""
@@ -247,6 +253,8 @@ def _convert(section: str, key: str, value: object, kind: object) -> object:
     allowed = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
     wants = next(t for t in allowed if t is not type(None))
     where = _describe(section, key, value)
+    if list[str] in allowed:
+        return _string_or_list(where, value)
     if isinstance(value, _EnvValue):
         text = str(value)
         try:
@@ -271,6 +279,21 @@ def _convert(section: str, key: str, value: object, kind: object) -> object:
             "correct the value in the config file",
         )
     return value
+
+
+def _string_or_list(where: str, value: object) -> str | list[str]:
+    """One string, or a list of them (from the environment: separated by spaces or commas)."""
+    if isinstance(value, _EnvValue):
+        items = [v for v in re.split(r"[\s,]+", str(value)) if v]
+        return items[0] if len(items) == 1 else items
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ConfigError(
+        f"{where} must be a string or a non-empty list of strings, not {value!r}",
+        'write one URL, or a list: ["ldaps://dc1.example", "ldaps://dc2.example"]',
+    )
 
 
 # Keys whose values may be secret: an error names their type, never their value.
@@ -366,10 +389,16 @@ def _validate(config: Config) -> None:
         "set it to a few seconds",
     )
     d = config.directory
+    for url in d.urls:
+        _require(
+            url.startswith(("ldap://", "ldaps://")),
+            f"directory.url must start with ldap:// or ldaps://, not {url!r}",
+            "give the directory's LDAP URL, for example ldaps://dc1.example:636",
+        )
     _require(
-        d.url.startswith(("ldap://", "ldaps://")),
-        f"directory.url must start with ldap:// or ldaps://, not {d.url!r}",
-        "give the directory's LDAP URL, for example ldap://dc.example:389",
+        len(set(d.urls)) == len(d.urls),
+        "directory.url lists the same server twice",
+        "list each domain controller once, in the order to try them",
     )
     _require(
         (d.password is None) != (d.password_file is None),
@@ -382,7 +411,12 @@ def _validate(config: Config) -> None:
         f"use one of {', '.join(LAYOUTS)}",
     )
     _require(
-        d.ca_file is None or d.url.startswith("ldaps://") or d.start_tls,
+        d.layout != "ad" or d.start_tls or all(u.startswith("ldaps://") for u in d.urls),
+        "directory.layout 'ad' needs TLS: Active Directory refuses a simple bind in clear text",
+        "use ldaps:// URLs, or ldap:// with start_tls = true, and set directory.ca_file",
+    )
+    _require(
+        d.ca_file is None or d.start_tls or all(u.startswith("ldaps://") for u in d.urls),
         "directory.ca_file is set but the connection is not encrypted",
         "use an ldaps:// URL or set directory.start_tls = true",
     )

@@ -117,9 +117,42 @@ def test_bad_file_is_one_clear_config_error(tmp_path: Path, text: str, message: 
     assert " — " in line
 
 
-def test_ad_layout_is_refused_until_it_is_built(tmp_path: Path) -> None:
+def test_ad_layout_needs_tls(tmp_path: Path) -> None:
     text = MINIMAL.replace("[directory]", '[directory]\nlayout = "ad"')
-    with pytest.raises(ConfigError, match="layout 'ad' is not supported"):
+    with pytest.raises(ConfigError, match="layout 'ad' needs TLS"):
+        config.load(write(tmp_path, text), environ={})
+    text = text.replace('url = "ldap://dc.example:389"', 'url = "ldaps://dc.example"')
+    assert config.load(write(tmp_path, text), environ={}).directory.layout == "ad"
+
+
+def test_directory_url_takes_a_list_of_servers(tmp_path: Path) -> None:
+    text = MINIMAL.replace(
+        'url = "ldap://dc.example:389"', 'url = ["ldaps://dc1.example", "ldaps://dc2.example"]'
+    )
+    loaded = config.load(write(tmp_path, text), environ={})
+    assert loaded.directory.urls == ("ldaps://dc1.example", "ldaps://dc2.example")
+    assert config.load(write(tmp_path, MINIMAL), environ={}).directory.urls == (
+        "ldap://dc.example:389",
+    )
+    env = {"FARMKEYS_DIRECTORY_URL": "ldaps://a.example, ldaps://b.example"}
+    assert config.load(write(tmp_path, MINIMAL), environ=env).directory.urls == (
+        "ldaps://a.example",
+        "ldaps://b.example",
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "complaint"),
+    [
+        ("[]", "non-empty list of strings"),
+        ("[1, 2]", "non-empty list of strings"),
+        ('["ldaps://a", "https://b"]', "must start with ldap:// or ldaps://"),
+        ('["ldaps://a", "ldaps://a"]', "lists the same server twice"),
+    ],
+)
+def test_bad_directory_url_lists_are_refused(tmp_path: Path, value: str, complaint: str) -> None:
+    text = MINIMAL.replace('url = "ldap://dc.example:389"', f"url = {value}")
+    with pytest.raises(ConfigError, match=complaint):
         config.load(write(tmp_path, text), environ={})
 
 

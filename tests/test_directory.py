@@ -397,7 +397,10 @@ def test_operation_waits_within_the_retry_budget_for_slapd_to_return(
 @pytest.mark.parametrize(
     ("changes", "complaint"),
     [
-        ({"layout": "ad"}, "not implemented yet"),
+        ({"layout": "ad"}, "layout 'ad' needs TLS"),
+        ({"layout": "ad", "url": ["ldaps://127.0.0.1", "ldap://127.0.0.1"]}, "needs TLS"),
+        ({"url": ["ldap://127.0.0.1:1", "http://x"]}, "not an ldap:// or ldaps:// URL"),
+        ({"bind_dn": "svc-farm@farmkeys.lab"}, "not a distinguished name"),
         ({"layout": "novell"}, "not a known layout"),
         ({"url": "http://127.0.0.1:389"}, "not an ldap:// or ldaps:// URL"),
         ({"url": "ldap://"}, "not an ldap:// or ldaps:// URL"),

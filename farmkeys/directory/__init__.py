@@ -1,28 +1,18 @@
 """Master keys in LDAP, in the shape of AD FS's DKM container.
 
-Layout ``openldap`` (stock schema only: core, cosine, nis, inetorgperson; no
-schema change on the server)::
+One interface, :class:`Directory`, over two layouts of the same tree
+(:mod:`farmkeys.directory.layout`): ``openldap`` (stock OpenLDAP schema,
+:mod:`~farmkeys.directory.openldap`) and ``ad`` (AD FS's own contacts on
+Active Directory, with a protected security descriptor on the farm's
+container, :mod:`~farmkeys.directory.ad`). Who may read what is the
+directory's access control (``docs/directory-setup.md``): the farm's service
+account alone sees anything in the farm's container. A directory hides an
+entry from an account that may not read it, so "missing" and "not
+readable" look alike from here and every message says both.
 
-    <directory.container>                       the DKM parent, made by the directory admin
-    └── cn=<group guid>                         applicationProcess: one farm's DKM container
-        ├── cn=<key guid>                       inetOrgPerson: one master key
-        │     sn: farmkeys master key
-        │     l: <key guid>                     the key id, where AD FS keeps it
-        │     jpegPhoto: <32 random bytes>      the key, where AD FS uses thumbnailPhoto
-        └── cn=CryptoPolicy                     inetOrgPerson
-              sn: CryptoPolicy
-              displayName: <key guid>           the current key, as AD FS names it
-
-``jpegPhoto`` has the JPEG syntax, which OpenLDAP stores as an opaque octet
-string without checking the content, so any 32 bytes go in and come back
-unchanged (the tests prove it against a real slapd). Who may read what is the
-directory's access control, ``docs/directory-setup.md``: the farm's service
-account alone sees anything under the DKM parent. OpenLDAP hides an entry
-from an account that may not read it, so "missing" and "not readable" look
-alike from here and every message says both.
-
-Layout ``ad`` (AD FS's own ``contact`` objects under
-``CN=ADFS,CN=Microsoft,CN=Program Data``) is not implemented yet.
+``directory.url`` may list several servers (domain controllers): the first
+that answers is used, and when it stops answering the next one is, for reads
+and writes alike. :attr:`Directory.last_server` names the one in use.
 
 Key bytes and passwords never appear in a log line, an exception message or a
 repr: keys and entries are named by their GUIDs and DNs only.
@@ -48,10 +38,21 @@ from urllib.parse import urlsplit
 
 import ldap3
 from ldap3.core import exceptions as ldap_exc
+from ldap3.protocol.microsoft import security_descriptor_control
+from ldap3.utils.conv import escape_filter_chars
 from ldap3.utils.dn import parse_dn
 
 from farmkeys._retry import RetryExhaustedError, call_with_retry
 from farmkeys.config import DirectoryConfig, RetryConfig
+from farmkeys.directory import ad, sd
+from farmkeys.directory.ad import AD
+from farmkeys.directory.layout import (
+    KEY_ID_ATTRIBUTE,
+    POLICY_ATTRIBUTE,
+    POLICY_CN,
+    Layout,
+)
+from farmkeys.directory.openldap import OPENLDAP
 from farmkeys.errors import (
     ConfigError,
     DirectoryAuthError,
@@ -67,15 +68,7 @@ T = TypeVar("T")
 MASTER_KEY_LENGTH = 32
 """Bytes of one master key (AD FS's DKM keys are 256 bits too)."""
 
-KEY_ATTRIBUTE = "jpegPhoto"
-KEY_ID_ATTRIBUTE = "l"
-KEY_SURNAME = "farmkeys master key"
-POLICY_CN = "CryptoPolicy"
-POLICY_ATTRIBUTE = "displayName"
-CONTAINER_CLASSES = ("applicationProcess",)
-KEY_CLASSES = ("inetOrgPerson",)
-
-SUPPORTED_LAYOUTS = ("openldap",)
+LAYOUTS: dict[str, Layout] = {OPENLDAP.name: OPENLDAP, AD.name: AD}
 SETUP_DOC = "docs/directory-setup.md"
 
 _GENERALIZED_TIME = re.compile(r"^(\d{14})(?:[.,]\d+)?Z$")
@@ -83,6 +76,39 @@ _GENERALIZED_TIME = re.compile(r"^(\d{14})(?:[.,]\d+)?Z$")
 # Failures worth another attempt: the server is down, restarting, or slow.
 _TRANSIENT_RESULTS = (ldap_exc.LDAPBusyResult, ldap_exc.LDAPUnavailableResult)
 _CONNECTION_LOST = (ldap_exc.LDAPCommunicationError, ldap_exc.LDAPResponseTimeoutError)
+
+
+_UPN = re.compile(r"^[^@=,\s]+@[^@=,\s]+$")
+
+
+def _is_ldaps(url: str) -> bool:
+    return urlsplit(url).scheme == "ldaps"
+
+
+def _validate_url(url: str, config: DirectoryConfig) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("ldap", "ldaps") or not parts.hostname:
+        raise ConfigError(
+            f"directory.url {url!r} is not an ldap:// or ldaps:// URL with a host",
+            "write it as ldap://host[:port] or ldaps://host[:port]",
+        )
+    try:
+        _ = parts.port
+    except ValueError:
+        raise ConfigError(
+            f"directory.url {url!r} has an invalid port",
+            "write it as ldap://host[:port] or ldaps://host[:port]",
+        ) from None
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(
+            f"directory.url {url!r} has a path, query or fragment",
+            "give only the scheme, host and port; the DNs are separate settings",
+        )
+    if config.start_tls and parts.scheme == "ldaps":
+        raise ConfigError(
+            "directory.start_tls is set with an ldaps:// URL",
+            "use either ldaps:// or ldap:// with start_tls = true, not both",
+        )
 
 
 @dataclass(frozen=True)
@@ -162,50 +188,34 @@ class Directory:
     def __init__(self, config: DirectoryConfig, retry: RetryConfig) -> None:
         self._config = config
         self._retry = retry
-        self._use_ssl = self._validate(config)
+        self._layout = self._validate(config)
         self._conn: ldap3.Connection = None
+        self._server_url: str | None = None
         self._lock = threading.RLock()
         self._keys: dict[tuple[uuid.UUID, uuid.UUID], bytes] = {}
         self._key_reads = 0
+        self._service_sid: str | None = None
         self._warned_plaintext = False
 
     @staticmethod
-    def _validate(config: DirectoryConfig) -> bool:
-        """Check the configuration; returns whether the URL asks for LDAPS."""
-        if config.layout == "ad":
-            raise ConfigError(
-                "directory.layout 'ad' (Active Directory, AD FS's own DKM layout) "
-                "is not implemented yet",
-                'use layout = "openldap"',
-            )
-        if config.layout not in SUPPORTED_LAYOUTS:
+    def _validate(config: DirectoryConfig) -> Layout:
+        """Check the configuration; returns its layout."""
+        layout = LAYOUTS.get(config.layout)
+        if layout is None:
             raise ConfigError(
                 f"directory.layout {config.layout!r} is not a known layout",
-                f"use one of: {', '.join(SUPPORTED_LAYOUTS)}",
+                f"use one of: {', '.join(LAYOUTS)}",
             )
-        parts = urlsplit(config.url)
-        if parts.scheme not in ("ldap", "ldaps") or not parts.hostname:
+        for url in config.urls:
+            _validate_url(url, config)
+        if layout.requires_tls and not (
+            config.start_tls or all(_is_ldaps(u) for u in config.urls)
+        ):
             raise ConfigError(
-                f"directory.url {config.url!r} is not an ldap:// or ldaps:// URL with a host",
-                "write it as ldap://host[:port] or ldaps://host[:port]",
-            )
-        try:
-            _ = parts.port
-        except ValueError:
-            raise ConfigError(
-                f"directory.url {config.url!r} has an invalid port",
-                "write it as ldap://host[:port] or ldaps://host[:port]",
-            ) from None
-        if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise ConfigError(
-                f"directory.url {config.url!r} has a path, query or fragment",
-                "give only the scheme, host and port; the DNs are separate settings",
-            )
-        use_ssl = parts.scheme == "ldaps"
-        if config.start_tls and use_ssl:
-            raise ConfigError(
-                "directory.start_tls is set with an ldaps:// URL",
-                "use either ldaps:// or ldap:// with start_tls = true, not both",
+                f"directory.layout {layout.name!r} needs TLS: Active Directory refuses a "
+                "simple bind in clear text",
+                "use ldaps:// URLs, or ldap:// URLs with start_tls = true, and set "
+                "directory.ca_file",
             )
         if config.start_tls and not config.ca_file:
             raise ConfigError(
@@ -214,14 +224,17 @@ class Directory:
                 "the directory server's certificate",
             )
         for setting, dn in (("bind_dn", config.bind_dn), ("container", config.container)):
+            if setting == "bind_dn" and layout is AD and _UPN.match(dn):
+                continue  # Active Directory also binds by userPrincipalName
             try:
                 parse_dn(dn)
                 valid = bool(dn.strip())
             except ldap_exc.LDAPException:
                 valid = False
             if not valid:
+                upn = " or a user principal name (svc-farm@example.com)" if layout is AD else ""
                 raise ConfigError(
-                    f"directory.{setting} {dn!r} is not a distinguished name",
+                    f"directory.{setting} {dn!r} is not a distinguished name{upn}",
                     "write it as an LDAP DN, e.g. cn=svc-farm,ou=people,dc=example,dc=com",
                 )
         if config.password is None and config.password_file is None:
@@ -239,7 +252,7 @@ class Directory:
                 f"directory.timeout_seconds is {config.timeout_seconds}",
                 "set it to a positive number of seconds",
             )
-        return use_ssl
+        return layout
 
     def __repr__(self) -> str:
         return (
@@ -251,8 +264,18 @@ class Directory:
 
     @property
     def endpoint(self) -> str:
-        """The directory's URL, for messages."""
-        return self._config.url
+        """The directory server in use (or, before the first bind, the list), for messages."""
+        return self._server_url or ", ".join(self._config.urls)
+
+    @property
+    def last_server(self) -> str | None:
+        """The URL of the server (domain controller) this object last bound to, if any."""
+        return self._server_url
+
+    @property
+    def layout(self) -> Layout:
+        """The directory layout (``openldap`` or ``ad``)."""
+        return self._layout
 
     @property
     def key_reads(self) -> int:
@@ -362,8 +385,7 @@ class Directory:
         """
         if key is not None and len(key) != MASTER_KEY_LENGTH:
             raise ValueError(f"a master key is {MASTER_KEY_LENGTH} bytes, not {len(key)}")
-        dn = self._key_dn(group, key_id)
-        if self._exists(dn):
+        if self._key_entry_dn(group, key_id) is not None:
             return False
         try:
             self._add_key_entry(group, key_id, key)
@@ -379,7 +401,9 @@ class Directory:
 
         A no-op when it is already gone. Blobs sealed under it can never be opened again.
         """
-        self._delete(self._key_dn(group, key_id))
+        dn = self._key_entry_dn(group, key_id)
+        if dn is not None:
+            self._delete(dn)
         self.forget(group, key_id)
         log.info("deleted master key %s of DKM group %s", key_id, group)
 
@@ -392,9 +416,10 @@ class Directory:
         """Re-create the DKM container of ``group`` and its CryptoPolicy (naming ``current``)
         where they are missing, without any key. True when anything was created.
 
-        The access rule that keeps the keys to the service account is the
-        directory's, on the DKM parent (``docs/directory-setup.md``), so a
-        re-created container falls under it as the first one did.
+        A re-created container is protected as the first one was: on the
+        ``ad`` layout it gets the same security descriptor in the same add; on
+        ``openldap`` the rule on the DKM parent covers it
+        (``docs/directory-setup.md``).
         """
         created = False
         container = self.container_dn(group)
@@ -452,16 +477,12 @@ class Directory:
             cached = self._keys.get((group, key_id))
             if cached is not None:
                 return cached
-            dn = self._key_dn(group, key_id)
+            attribute = self._layout.key_attribute
 
             def read(conn: ldap3.Connection) -> bytes | None:
                 self._key_reads += 1
-                try:
-                    conn.search(dn, "(objectClass=*)", ldap3.BASE, attributes=[KEY_ATTRIBUTE])
-                except ldap_exc.LDAPNoSuchObjectResult:
-                    return None
-                found = _entries(conn)
-                return _first(found[0], KEY_ATTRIBUTE) if found else None
+                found = self._search_key(conn, group, key_id, [attribute])
+                return _first(found, attribute) if found else None
 
             key = self._run(read)
             if key is None:
@@ -490,9 +511,9 @@ class Directory:
             try:
                 conn.search(
                     container,
-                    f"(&(objectClass=inetOrgPerson)({KEY_ID_ATTRIBUTE}=*))",
+                    f"(&(objectClass={self._layout.key_class})({KEY_ID_ATTRIBUTE}=*))",
                     search_scope=ldap3.LEVEL,
-                    attributes=[KEY_ID_ATTRIBUTE, "createTimestamp"],
+                    attributes=[KEY_ID_ATTRIBUTE, self._layout.created_attribute],
                 )
             except ldap_exc.LDAPNoSuchObjectResult:
                 return None
@@ -517,7 +538,7 @@ class Directory:
             if key_id is None:
                 log.warning("ignoring %s: its %s is not a key id", entry["dn"], KEY_ID_ATTRIBUTE)
                 continue
-            stamp = _first(entry, "createTimestamp")
+            stamp = _first(entry, self._layout.created_attribute)
             created = _parse_generalized_time(stamp.decode("ascii", "replace")) if stamp else None
             keys.append(MasterKeyInfo(id=key_id, created_at=created, current=key_id == current))
         far_past = datetime.min.replace(tzinfo=UTC)
@@ -533,22 +554,27 @@ class Directory:
         """
         container = self.container_dn(group)
         try:
-            known = [self._key_dn(group, k.id) for k in self.list_keys(group)]
+            known = [
+                dn
+                for k in self.list_keys(group)
+                if (dn := self._key_entry_dn(group, k.id)) is not None
+            ]
         except DirectoryError:
             known = []
+        key_attribute = self._layout.key_attribute
         conn = self._open_anonymous()
         if conn is None:
             return False
         try:
             for base, scope in [(container, ldap3.SUBTREE), *((dn, ldap3.BASE) for dn in known)]:
                 try:
-                    conn.search(base, "(objectClass=*)", scope, attributes=[KEY_ATTRIBUTE])
+                    conn.search(base, "(objectClass=*)", scope, attributes=[key_attribute])
                 except ldap_exc.LDAPNoSuchObjectResult:
                     continue
                 except ldap_exc.LDAPInsufficientAccessRightsResult:
                     continue
                 for entry in _entries(conn):
-                    if self._is_key_dn(str(entry["dn"]), container) or _first(entry, KEY_ATTRIBUTE):
+                    if self._is_key_dn(str(entry["dn"]), container) or _first(entry, key_attribute):
                         return True
             return False
         except ldap_exc.LDAPException as exc:
@@ -558,6 +584,78 @@ class Directory:
             ) from exc
         finally:
             self._unbind(conn)
+
+    def service_sid(self) -> str:
+        """The objectSid of the service account (Active Directory), read once per object."""
+        if self._service_sid is not None:
+            return self._service_sid
+        who = self._config.bind_dn
+        if _UPN.match(who):
+            base = ",".join(
+                f"{attr}={value}"
+                for attr, value, _ in parse_dn(self._config.container)
+                if str(attr).lower() == "dc"
+            )
+            query = (base, f"(userPrincipalName={escape_filter_chars(who)})", ldap3.SUBTREE)
+        else:
+            query = (who, "(objectClass=*)", ldap3.BASE)
+
+        def read(conn: ldap3.Connection) -> bytes | None:
+            try:
+                conn.search(*query, attributes=["objectSid"])
+            except ldap_exc.LDAPNoSuchObjectResult:
+                return None
+            found = _entries(conn)
+            return _first(found[0], "objectSid") if len(found) == 1 else None
+
+        raw = self._run(read)
+        try:
+            sid = sd.sid_from_bytes(raw)[0] if raw else None
+        except sd.DescriptorError:
+            sid = None
+        if sid is None:
+            raise DirectoryError(
+                f"cannot read the objectSid of {who} at {self.endpoint}",
+                "check directory.bind_dn (the service account's DN or user principal name)",
+            )
+        self._service_sid = sid
+        return sid
+
+    def container_protection_problem(self, group: uuid.UUID) -> str | None:
+        """On the ``ad`` layout: why the farm container's security descriptor would let
+        someone other than the service account, Domain Admins and SYSTEM read the keys;
+        None when it is the protected one farmkeys writes (always None on ``openldap``)."""
+        if not self._layout.protects_container:
+            return None
+        dn = self.container_dn(group)
+        control = [security_descriptor_control(sdflags=ad.DACL_SECURITY_INFORMATION)]
+
+        def read(conn: ldap3.Connection) -> bytes | None:
+            try:
+                conn.search(
+                    dn,
+                    "(objectClass=*)",
+                    ldap3.BASE,
+                    attributes=[ad.SECURITY_DESCRIPTOR_ATTRIBUTE],
+                    controls=control,
+                )
+            except ldap_exc.LDAPNoSuchObjectResult:
+                return None
+            found = _entries(conn)
+            return _first(found[0], ad.SECURITY_DESCRIPTOR_ATTRIBUTE) if found else None
+
+        return ad.descriptor_problem(self._run(read), self.service_sid())
+
+    def _delegation_hint(self) -> str:
+        """What a domain admin must grant so ``init`` can protect the farm's container."""
+        who = self._service_sid or self._config.bind_dn
+        return (
+            f"a domain admin must give {self._config.bind_dn} full control of "
+            f"{self._config.container} (Samba: samba-tool dsacl set "
+            f'--objectdn="{self._config.container}" --sddl="(A;CI;GA;;;{who})"; '
+            f'Windows: dsacls "{self._config.container}" /I:T /G "<DOMAIN>\\<account>:GA"); '
+            f"see {SETUP_DOC}"
+        )
 
     # -- entries ------------------------------------------------------------------
 
@@ -575,20 +673,80 @@ class Directory:
         attr, value, _ = parts[0]
         return str(attr).lower() == "cn" and str(value).lower() != POLICY_CN.lower()
 
+    def _search_key(
+        self, conn: ldap3.Connection, group: uuid.UUID, key_id: uuid.UUID, attributes: list[str]
+    ) -> dict[str, Any] | None:
+        """The entry whose ``l`` is ``key_id`` in the container of ``group``, or None.
+
+        By ``l``, not by name, so a container AD FS made reads the same way.
+        """
+        try:
+            conn.search(
+                self.container_dn(group),
+                f"(&(objectClass={self._layout.key_class})({KEY_ID_ATTRIBUTE}={key_id}))",
+                search_scope=ldap3.LEVEL,
+                attributes=attributes,
+            )
+        except ldap_exc.LDAPNoSuchObjectResult:
+            return None
+        found = _entries(conn)
+        if len(found) > 1:
+            raise DirectoryError(
+                f"the DKM container {self.container_dn(group)} at {self.endpoint} holds "
+                f"{len(found)} entries for master key {key_id}",
+                "remove the duplicates (keep the one whose key the blobs open)",
+            )
+        return found[0] if found else None
+
+    def _key_entry_dn(self, group: uuid.UUID, key_id: uuid.UUID) -> str | None:
+        """The DN of master key ``key_id``'s entry, or None when there is none."""
+
+        def find(conn: ldap3.Connection) -> str | None:
+            found = self._search_key(conn, group, key_id, [ldap3.NO_ATTRIBUTES])
+            return str(found["dn"]) if found else None
+
+        return self._run(find)
+
     def _add_container_entry(self, group: uuid.UUID, farm_name: str) -> str:
         dn = self.container_dn(group)
+        attributes: dict[str, Any] = {
+            "cn": str(group),
+            "description": f"farmkeys DKM container for farm {farm_name}",
+        }
+        controls = None
+        if self._layout.protects_container:
+            attributes[ad.SECURITY_DESCRIPTOR_ATTRIBUTE] = ad.container_descriptor(
+                self.service_sid()
+            )
+            controls = [security_descriptor_control(sdflags=ad.DACL_SECURITY_INFORMATION)]
         self._add(
             dn,
-            CONTAINER_CLASSES,
-            {"cn": str(group), "description": f"farmkeys DKM container for farm {farm_name}"},
+            self._layout.container_classes,
+            attributes,
             creating_container=True,
+            controls=controls,
         )
+        if self._layout.protects_container:
+            try:
+                problem = self.container_protection_problem(group)
+            except BaseException:
+                self._remove_best_effort([dn])
+                raise
+            if problem is not None:
+                self._remove_best_effort([dn])
+                raise DirectoryError(
+                    f"the DKM container {dn} was created at {self.endpoint} but {problem}; "
+                    "it was removed again and no key was written",
+                    self._delegation_hint(),
+                )
         return dn
 
     def _add_policy_entry(self, group: uuid.UUID, current: uuid.UUID) -> str:
         dn = self._policy_dn(group)
         self._add(
-            dn, KEY_CLASSES, {"cn": POLICY_CN, "sn": POLICY_CN, POLICY_ATTRIBUTE: str(current)}
+            dn,
+            self._layout.key_classes,
+            {"cn": POLICY_CN, POLICY_ATTRIBUTE: str(current), **self._layout.policy_extra},
         )
         return dn
 
@@ -596,12 +754,14 @@ class Directory:
         dn = self._key_dn(group, key_id)
         self._add(
             dn,
-            KEY_CLASSES,
+            self._layout.key_classes,
             {
                 "cn": str(key_id),
-                "sn": KEY_SURNAME,
                 KEY_ID_ATTRIBUTE: str(key_id),
-                KEY_ATTRIBUTE: key if key is not None else secrets.token_bytes(MASTER_KEY_LENGTH),
+                self._layout.key_attribute: key
+                if key is not None
+                else secrets.token_bytes(MASTER_KEY_LENGTH),
+                **self._layout.key_extra,
             },
         )
         return dn
@@ -623,9 +783,10 @@ class Directory:
         attributes: dict[str, Any],
         *,
         creating_container: bool = False,
+        controls: list[Any] | None = None,
     ) -> None:
         def add(conn: ldap3.Connection) -> None:
-            conn.add(dn, list(classes), attributes)
+            conn.add(dn, list(classes), attributes, controls=controls)
 
         try:
             self._run(add, writing=dn)
@@ -642,6 +803,13 @@ class Directory:
                     f"the DKM parent container {self._config.container} does not exist in "
                     f"the directory at {self.endpoint} (or {self._config.bind_dn} cannot see it)",
                     f"create it as {SETUP_DOC} shows, or correct directory.container",
+                ) from cause
+            if creating_container and self._layout.protects_container:
+                raise DirectoryError(
+                    f"the directory at {self.endpoint} refused to create the DKM container "
+                    f"{dn} with its protected security descriptor: "
+                    f"{_describe(cause) if cause else exc.what}",
+                    self._delegation_hint(),
                 ) from cause
             raise
 
@@ -712,25 +880,26 @@ class Directory:
         if self._conn is not None and not self._conn.closed:
             return self._conn
         self._drop()
+        urls = ", ".join(self._config.urls)
         try:
             self._conn = call_with_retry(
                 self._open,
                 policy=self._retry,
                 is_transient=_is_transient,
-                what=f"directory {self.endpoint}",
+                what=f"directory {urls}",
             )
         except RetryExhaustedError as exc:
             raise DirectoryError(
-                f"cannot reach the directory at {self.endpoint}: {_describe(exc.last)} "
-                f"({exc.summary()})",
+                f"cannot reach the directory at {urls}: {_describe(exc.last)} ({exc.summary()})",
                 "check directory.url, that the directory server runs, and the network "
                 "between this node and it",
             ) from exc
         return self._conn
 
-    def _server(self) -> ldap3.Server:
+    def _server(self, url: str) -> ldap3.Server:
+        use_ssl = _is_ldaps(url)
         tls = None
-        if self._use_ssl or self._config.start_tls:
+        if use_ssl or self._config.start_tls:
             ca_file = self._config.ca_file
             if ca_file is not None and not Path(ca_file).is_file():
                 raise ConfigError(
@@ -739,24 +908,51 @@ class Directory:
                 )
             tls = ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=ca_file)
         return ldap3.Server(
-            self._config.url,
-            use_ssl=self._use_ssl,
+            url,
+            use_ssl=use_ssl,
             tls=tls,
             connect_timeout=self._config.timeout_seconds,
             get_info=ldap3.NONE,
         )
 
     def _open(self) -> ldap3.Connection:
-        """One attempt to connect and bind as the service account."""
-        password = self._config.read_password()
+        """One pass over the servers, in order: the first that binds is used.
+
+        A server that does not answer (or whose certificate does not verify)
+        is passed over for the next; a rejected password is not, so an
+        account is not locked out by trying it everywhere. When every server
+        failed, the last transient failure is raised for another pass, else
+        the first server's error.
+        """
+        failures: list[BaseException] = []
+        for url in self._config.urls:
+            try:
+                conn = self._open_one(url, anonymous=False)
+            except DirectoryAuthError:
+                raise
+            except (ldap_exc.LDAPException, DirectoryError) as exc:
+                failures.append(exc)
+                if len(self._config.urls) > 1:
+                    log.warning("directory server %s failed: %s", url, _describe(exc))
+                continue
+            if self._server_url not in (None, url):
+                log.warning("the directory is now reached at %s", url)
+            self._server_url = url
+            return conn
+        transient = [f for f in failures if _is_transient(f)]
+        raise transient[-1] if transient else failures[0]
+
+    def _open_one(self, url: str, *, anonymous: bool) -> ldap3.Connection:
+        """One attempt to connect to ``url`` and bind as the service account (or anonymously)."""
+        who = "anonymously" if anonymous else f"as {self._config.bind_dn}"
         conn = ldap3.Connection(
-            self._server(),
-            user=self._config.bind_dn,
-            password=password,
+            self._server(url),
+            user=None if anonymous else self._config.bind_dn,
+            password=None if anonymous else self._config.read_password(),
             auto_bind=ldap3.AUTO_BIND_NONE,
             receive_timeout=self._config.timeout_seconds,
             raise_exceptions=True,
-            read_only=False,
+            read_only=anonymous,
         )
         try:
             conn.open()
@@ -766,74 +962,53 @@ class Directory:
         except ldap_exc.LDAPInvalidCredentialsResult:
             self._unbind(conn)
             raise DirectoryAuthError(
-                f"the directory at {self.endpoint} rejected the bind as "
-                f"{self._config.bind_dn} (invalid credentials)",
+                f"the directory at {url} rejected the bind {who} (invalid credentials)",
                 "check directory.password / password_file",
             ) from None
         except ldap_exc.LDAPException as exc:
             self._unbind(conn)
-            if _is_transient(exc):
+            if _is_transient(exc) or anonymous:
                 raise
             raise DirectoryError(
-                f"cannot bind to the directory at {self.endpoint} as "
-                f"{self._config.bind_dn}: {_describe(exc)}",
+                f"cannot bind to the directory at {url} {who}: {_describe(exc)}",
                 "check directory.url, start_tls and ca_file, and the account",
             ) from exc
         finally:
             # ldap3 keeps the password and shows it in the connection's repr.
             conn.password = None
-        log.debug("bound to %s as %s", self.endpoint, self._config.bind_dn)
-        if not (self._use_ssl or self._config.start_tls or self._warned_plaintext):
+        log.debug("bound to %s %s", url, who)
+        if not (_is_ldaps(url) or self._config.start_tls or self._warned_plaintext):
             self._warned_plaintext = True
-            host = urlsplit(self._config.url).hostname or ""
-            if not _is_loopback(host):
+            if not _is_loopback(urlsplit(url).hostname or ""):
                 log.warning(
                     "the directory at %s is reached without TLS: the bind password and the "
                     "master keys cross the network in the clear; use ldaps:// or start_tls",
-                    self.endpoint,
+                    url,
                 )
         return conn
 
     def _open_anonymous(self) -> ldap3.Connection | None:
-        """An anonymous connection, or None when the server refuses anonymous binds."""
-
-        def attempt() -> ldap3.Connection:
-            conn = ldap3.Connection(
-                self._server(),
-                auto_bind=ldap3.AUTO_BIND_NONE,
-                receive_timeout=self._config.timeout_seconds,
-                raise_exceptions=True,
-                read_only=True,
-            )
-            try:
-                conn.open()
-                if self._config.start_tls:
-                    conn.start_tls()
-                conn.bind()
-            except BaseException:
-                self._unbind(conn)
-                raise
-            return conn
-
+        """An anonymous connection to the server in use (or the first listed), or None when
+        the server refuses anonymous binds."""
+        url = self._server_url or self._config.urls[0]
         try:
             return call_with_retry(
-                attempt,
+                lambda: self._open_one(url, anonymous=True),
                 policy=self._retry,
                 is_transient=_is_transient,
-                what=f"directory {self.endpoint} (anonymous)",
+                what=f"directory {url} (anonymous)",
             )
         except RetryExhaustedError as exc:
             raise DirectoryError(
-                f"cannot reach the directory at {self.endpoint}: {_describe(exc.last)} "
-                f"({exc.summary()})",
+                f"cannot reach the directory at {url}: {_describe(exc.last)} ({exc.summary()})",
                 "check directory.url, that the directory server runs, and the network",
             ) from exc
         except ldap_exc.LDAPOperationResult as exc:
-            log.info("the directory at %s refuses anonymous binds: %s", self.endpoint, exc)
+            log.info("the directory at %s refuses anonymous binds: %s", url, exc)
             return None
         except ldap_exc.LDAPException as exc:
             raise DirectoryError(
-                f"cannot open an anonymous connection to {self.endpoint}: {_describe(exc)}",
+                f"cannot open an anonymous connection to {url}: {_describe(exc)}",
                 "check directory.url, start_tls and ca_file",
             ) from exc
 
