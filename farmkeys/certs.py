@@ -44,10 +44,12 @@ __all__ = [
     "build_certificate",
     "certificate_der",
     "certificate_pem",
+    "check_importable",
     "from_pkcs12",
     "generate",
     "generate_private_key",
     "key_matches",
+    "key_type_of",
     "load_certificate_der",
     "private_key_pem",
     "sha256_fingerprint",
@@ -246,10 +248,14 @@ def from_pkcs12(data: bytes) -> Generated:
     parsed, lacks the key or the certificate, holds a key that is neither
     RSA nor EC, or holds a key that is not the certificate's.
     """
+    # No password; Windows exports "no password" as the empty one, which is not the same.
     try:
         key, cert, others = pkcs12.load_key_and_certificates(bytes(data), None)
     except (ValueError, TypeError):
-        raise CertificateError("the PKCS#12 data cannot be parsed", _PKCS12_TODO) from None
+        try:
+            key, cert, others = pkcs12.load_key_and_certificates(bytes(data), b"")
+        except (ValueError, TypeError):
+            raise CertificateError("the PKCS#12 data cannot be parsed", _PKCS12_TODO) from None
     if key is None:
         # Without a key, a certificate comes back among the "additional" ones.
         found = cert or (others[0] if others else None)
@@ -300,3 +306,47 @@ def load_certificate_der(data: bytes) -> x509.Certificate:
             "the stored certificate is not a valid DER-encoded X.509 certificate",
             "restore the row from a backup, or replace the certificate as docs/operations.md shows",
         ) from None
+
+
+def key_type_of(key: PrivateKey) -> str:
+    """The key's type in the ``policy.key`` vocabulary (``rsa-2048``, ``ec-p256``, ...)."""
+    if isinstance(key, rsa.RSAPrivateKey):
+        return f"rsa-{key.key_size}"
+    name = {"secp256r1": "p256", "secp384r1": "p384", "secp521r1": "p521"}.get(key.curve.name)
+    return f"ec-{name or key.curve.name}"
+
+
+def check_importable(
+    cert: x509.Certificate, key: PrivateKey, *, purpose: str, now: datetime
+) -> None:
+    """Refuse a certificate brought from elsewhere (``farmkeys import adfs``) that cannot
+    serve ``purpose``: its key is not its certificate's, it has expired, a decryption
+    certificate's key cannot decrypt (not RSA), or its key usage forbids the purpose."""
+    thumb = thumbprint(cert)
+    if not key_matches(cert, key):
+        raise CertificateError(
+            f"the private key given with certificate {thumb} is not its key",
+            "export the certificate together with its own private key",
+        )
+    if cert.not_valid_after_utc <= now:
+        raise CertificateError(
+            f"certificate {thumb} expired at {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC",
+            "import a certificate that is still valid, or let farmkeys generate one",
+        )
+    if purpose == "decryption" and not isinstance(key, rsa.RSAPrivateKey):
+        raise CertificateError(
+            f"certificate {thumb} has a {key_type_of(key)} key, which cannot decrypt tokens "
+            "(token decryption needs RSA)",
+            "import it as --purpose signing, or import an RSA certificate",
+        )
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    allowed = usage.digital_signature if purpose == "signing" else usage.key_encipherment
+    if not allowed:
+        needed = "digitalSignature" if purpose == "signing" else "keyEncipherment"
+        raise CertificateError(
+            f"certificate {thumb}'s key usage does not allow {purpose} (it lacks {needed})",
+            "import it with the --purpose its key usage allows",
+        )

@@ -19,12 +19,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
-from farmkeys import __version__, escrow, init, rollover, status, sync
+from farmkeys import __version__, adfs_import, escrow, init, rollover, status, sync
 from farmkeys import config as config_module
 from farmkeys.config import Config
 from farmkeys.configdb import ConfigDB
 from farmkeys.directory import Directory
-from farmkeys.errors import DatabaseError, Error
+from farmkeys.errors import DatabaseError, Error, ImportRefusedError
 from farmkeys.store import Store
 
 log = logging.getLogger("farmkeys")
@@ -176,6 +176,48 @@ def _parser() -> argparse.ArgumentParser:
             help="read the passphrase from the first line of PATH (no group or other access);"
             " default: ask on the terminal",
         )
+    import_parser = commands.add_parser(
+        "import",
+        parents=[common],
+        help="bring an AD FS farm's certificate into this farm, keeping its key and thumbprint",
+        description="Bring certificates from elsewhere into the farm without re-configuring "
+        "relying parties: the certificate keeps its key and thumbprint.",
+    )
+    import_commands = import_parser.add_subparsers(
+        dest="import_source", required=True, metavar="SOURCE"
+    )
+    import_adfs = import_commands.add_parser(
+        "adfs",
+        parents=[common],
+        help="an AD FS token-signing or token-decrypting certificate (its EncryptedPfx)",
+        description="Read the EncryptedPfx of an AD FS certificate (base64, as in "
+        "Get-AdfsProperties or the service settings), open it with its DKM key (found in the "
+        "directory under directory.container, or given with --dkm-key-file), check it, and "
+        "have the leader add it to the farm, fenced and audited. Default role: secondary, so "
+        "relying parties see it before it signs.",
+    )
+    import_adfs.add_argument(
+        "--encrypted-pfx", required=True, metavar="FILE", help="the EncryptedPfx (base64 or raw)"
+    )
+    import_adfs.add_argument("--purpose", required=True, choices=("signing", "decryption"))
+    import_adfs.add_argument(
+        "--role",
+        choices=("primary", "secondary"),
+        default="secondary",
+        help="secondary (default), or primary: replace the primary at once and retire it",
+    )
+    import_adfs.add_argument(
+        "--dkm-key-file",
+        metavar="FILE",
+        help="the AD FS DKM key as hex or base64 (mode 0600); default: read it from the directory",
+    )
+    import_adfs.add_argument(
+        "--wait",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="how long to wait for the leader's answer (default: 120)",
+    )
     events = commands.add_parser(
         "events",
         parents=[common],
@@ -228,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serve": _serve,
         "rollover": _rollover,
         "escrow": _escrow,
+        "import": _import,
         "events": _events,
     }
     try:
@@ -363,6 +406,36 @@ def _rollover(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK if outcome.ok else EXIT_ERROR
 
 
+def _import(args: argparse.Namespace, config: Config) -> int:
+    path = Path(args.encrypted_pfx)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ImportRefusedError(
+            f"cannot read the EncryptedPfx file {path}: {exc.strerror}",
+            "give the path of a file holding the certificate's EncryptedPfx",
+        ) from None
+    with (
+        ConfigDB(config.database, config.retry) as db,
+        Directory(config.directory, config.retry) as directory,
+    ):
+        outcome = adfs_import.import_adfs(
+            config,
+            db,
+            directory,
+            encrypted_pfx=data,
+            purpose=args.purpose,
+            role=args.role,
+            key_file=Path(args.dkm_key_file) if args.dkm_key_file else None,
+            now=_now(),
+            timeout_seconds=args.wait,
+        )
+    print(f"import request {outcome.request}, answered by {outcome.done_by} (term {outcome.term}):")
+    for line in outcome.result.splitlines():
+        print(f"  {line}")
+    return EXIT_OK if outcome.ok else EXIT_ERROR
+
+
 def _escrow(args: argparse.Namespace, config: Config) -> int:
     exporting = args.escrow_command == "export"
     passphrase = escrow.read_passphrase(
@@ -479,9 +552,10 @@ def render_status(doc: dict[str, Any]) -> str:
         state = "in sync" if n["in_sync"] else "NOT IN SYNC"
         last = (n["last_sync"] or "never")[:19]
         contact = (n.get("heartbeat_at") or n["last_seen"] or "never")[:19]
+        dc = f"  directory {n['directory_server']}" if n.get("directory_server") else ""
         lines.append(
             f"  {n['id']:<20} {state:<12} last sync {last}  generation {n['generation']}"
-            f"  last contact {contact}"
+            f"  last contact {contact}{dc}"
         )
     return "\n".join(lines)
 

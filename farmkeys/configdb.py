@@ -103,6 +103,7 @@ class NodeRow:
     directory_error: str | None = None
     hook_error: str | None = None
     master_keys: tuple[uuid.UUID, ...] = ()
+    directory_server: str | None = None
 
 
 @dataclass(frozen=True)
@@ -448,6 +449,7 @@ class ConfigDB:
                 last_error=r["last_error"],
                 heartbeat_at=r.get("heartbeat_at"),
                 directory_error=r.get("directory_error"),
+                directory_server=r.get("directory_server"),
                 hook_error=r.get("hook_error"),
                 master_keys=tuple(sorted(r.get("master_keys") or (), key=str)),
             )
@@ -463,32 +465,40 @@ class ConfigDB:
         generation: int,
         installed: Sequence[tuple[str, str, str]],
         master_keys: Sequence[uuid.UUID] = (),
+        directory_server: str | None = None,
     ) -> None:
         """Record that ``node_id`` now has ``installed`` in its store, and opened the live
-        blobs with ``master_keys``."""
+        blobs with ``master_keys``; ``directory_server`` is the directory server it last
+        bound to (None: it did not need the directory this time)."""
         doc = [{"purpose": p, "role": r, "thumbprint": t} for p, r, t in sorted(installed)]
         self.fetch(
             "INSERT INTO node (id, last_sync, last_seen, generation, installed, last_error,"
-            " master_keys) VALUES (%(id)s, now(), now(), %(gen)s, %(doc)s, NULL, %(keys)s)"
+            " master_keys, directory_server)"
+            " VALUES (%(id)s, now(), now(), %(gen)s, %(doc)s, NULL, %(keys)s, %(dc)s)"
             " ON CONFLICT (id) DO UPDATE SET last_sync = now(), last_seen = now(),"
             " generation = EXCLUDED.generation, installed = EXCLUDED.installed, last_error = NULL,"
-            " master_keys = EXCLUDED.master_keys",
+            " master_keys = EXCLUDED.master_keys,"
+            " directory_server = COALESCE(EXCLUDED.directory_server, node.directory_server)",
             {
                 "id": node_id,
                 "gen": generation,
                 "doc": Jsonb(doc),
                 "keys": sorted(master_keys, key=str),
+                "dc": directory_server,
             },
         )
 
-    def heartbeat(self, node_id: str, *, directory_error: str | None) -> None:
-        """`serve` is alive on ``node_id``; and how it last saw the directory."""
+    def heartbeat(
+        self, node_id: str, *, directory_error: str | None, directory_server: str | None = None
+    ) -> None:
+        """`serve` is alive on ``node_id``; and how, and where, it last saw the directory."""
         self.fetch(
-            "INSERT INTO node (id, last_seen, heartbeat_at, directory_error)"
-            " VALUES (%s, now(), now(), %s)"
+            "INSERT INTO node (id, last_seen, heartbeat_at, directory_error, directory_server)"
+            " VALUES (%s, now(), now(), %s, %s)"
             " ON CONFLICT (id) DO UPDATE SET last_seen = now(), heartbeat_at = now(),"
-            " directory_error = EXCLUDED.directory_error",
-            (node_id, directory_error),
+            " directory_error = EXCLUDED.directory_error,"
+            " directory_server = COALESCE(EXCLUDED.directory_server, node.directory_server)",
+            (node_id, directory_error, directory_server),
         )
 
     def stopped_serving(self, node_id: str) -> None:
@@ -520,6 +530,27 @@ class ConfigDB:
                 "INSERT INTO rollover_request (requested_by, purpose, urgent, master_key)"
                 " VALUES (%s, %s, %s, %s) RETURNING id",
                 (node_id, purpose, urgent, purpose is None),
+            )
+            tx.notify(REQUEST_CHANNEL, str(rows[0]["id"]))
+        return int(rows[0]["id"])
+
+    def request_import(
+        self,
+        *,
+        node_id: str,
+        purpose: str,
+        role: str,
+        certificate_id: uuid.UUID,
+        blob: bytes,
+        source: str,
+    ) -> int:
+        """Hand a sealed certificate to the leader (`farmkeys import adfs`); the request's id."""
+        with self.transaction() as tx:
+            rows = tx.execute(
+                "INSERT INTO rollover_request (requested_by, purpose, urgent, master_key,"
+                " import_certificate, import_blob, import_role, import_source)"
+                " VALUES (%s, %s, false, false, %s, %s, %s, %s) RETURNING id",
+                (node_id, purpose, certificate_id, blob, role, source),
             )
             tx.notify(REQUEST_CHANNEL, str(rows[0]["id"]))
         return int(rows[0]["id"])

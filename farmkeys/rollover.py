@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from farmkeys import certs, dkm, policy
 from farmkeys.config import Config, RetryConfig
@@ -30,7 +31,14 @@ from farmkeys.configdb import (
 )
 from farmkeys.directory import Directory
 from farmkeys.election import Election, Fence, read_lease
-from farmkeys.errors import DirectoryError, Error, LeaderTimeoutError
+from farmkeys.errors import (
+    CertificateError,
+    DirectoryError,
+    Error,
+    InvalidBlobError,
+    LeaderTimeoutError,
+    MasterKeyMissingError,
+)
 from farmkeys.sync import blob_context
 
 log = logging.getLogger(__name__)
@@ -75,8 +83,31 @@ def new_certificate(
         not_before=not_before,
         not_after=not_before + config.policy.units(config.policy.certificate_duration),
     )
+    return sealed_certificate(
+        config,
+        dkm_group=dkm_group,
+        certificate_id=uuid.uuid4(),
+        purpose=purpose,
+        role=role,
+        generated=generated,
+        master_key_id=master_key_id,
+        master_key=master_key,
+    )
+
+
+def sealed_certificate(
+    config: Config,
+    *,
+    dkm_group: uuid.UUID,
+    certificate_id: uuid.UUID,
+    purpose: str,
+    role: str,
+    generated: certs.Generated,
+    master_key_id: uuid.UUID,
+    master_key: bytes,
+) -> NewCertificate:
+    """A certificate and its key sealed under a master key, as its row will hold them."""
     cert = generated.certificate
-    cert_id = uuid.uuid4()
     thumb = certs.thumbprint(cert)
     pkcs12 = certs.to_pkcs12(
         cert, generated.key, friendly_name=f"{config.farm.name} token {purpose} {thumb}"
@@ -85,16 +116,16 @@ def new_certificate(
         pkcs12,
         master_key=master_key,
         master_key_id=master_key_id,
-        context=blob_context(dkm_group, cert_id, purpose),
+        context=blob_context(dkm_group, certificate_id, purpose),
     )
     return NewCertificate(
-        id=cert_id,
+        id=certificate_id,
         purpose=purpose,
         role=role,
         thumbprint=thumb,
         sha256=certs.sha256_fingerprint(cert),
         subject=cert.subject.rfc4514_string(),
-        key_type=config.policy.key,
+        key_type=certs.key_type_of(generated.key),
         not_before=cert.not_valid_before_utc,
         not_after=cert.not_valid_after_utc,
         der=certs.certificate_der(cert),
@@ -563,13 +594,18 @@ class Leader:
         while True:
             with self._election.fenced(self._db) as fence:
                 pending = fence.tx.execute(
-                    "SELECT id, purpose, urgent, master_key FROM rollover_request"
+                    "SELECT id, purpose, urgent, master_key, import_certificate, import_blob,"
+                    " import_role, import_source FROM rollover_request"
                     " WHERE done_at IS NULL ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED"
                 )
                 if not pending:
                     return answered
                 request = pending[0]
-                if not request["master_key"]:
+                if request["import_blob"] is not None:
+                    ok, line = self._import(fence, farm, request)
+                    lines = [line]
+                    self._answered(fence, request["id"], lines, ok=ok)
+                elif not request["master_key"]:
                     purposes = (
                         certs.PURPOSES if request["purpose"] == "all" else (request["purpose"],)
                     )
@@ -587,11 +623,13 @@ class Leader:
             answered += 1
             log.info("rollover request %d answered: %s", request["id"], "; ".join(lines))
 
-    def _answered(self, fence: Fence, request: int, lines: Sequence[str]) -> None:
+    def _answered(
+        self, fence: Fence, request: int, lines: Sequence[str], *, ok: bool = True
+    ) -> None:
         fence.tx.execute(
             "UPDATE rollover_request SET done_at = now(), done_by = %s, term = %s,"
-            " ok = true, result = %s WHERE id = %s AND done_at IS NULL",
-            (self._election.node_id, fence.term, "\n".join(lines), request),
+            " ok = %s, result = %s WHERE id = %s AND done_at IS NULL",
+            (self._election.node_id, fence.term, ok, "\n".join(lines), request),
         )
         fence.tx.notify(CHANGED_CHANNEL, f"term {fence.term}")
 
@@ -622,6 +660,65 @@ class Leader:
             return f"{purpose}: already has secondary {secondary.thumbprint}; nothing done"
         made = self._generate(fence, farm, purpose, "secondary", reason)
         return f"{purpose}: new secondary {made.thumbprint}"
+
+    def _import(self, fence: Fence, farm: Farm, request: dict[str, Any]) -> tuple[bool, str]:
+        """Carry out a `farmkeys import adfs` request: (done, the answer's line).
+
+        The certificate arrives sealed under a master key of this farm and bound
+        to the id its row gets; it is opened, checked again (another import may
+        have brought it meanwhile), sealed under the current key and inserted.
+        A refusal changes nothing but the request's answer.
+        """
+        purpose, role = request["purpose"], request["import_role"]
+        cert_id: uuid.UUID = request["import_certificate"]
+        blob = bytes(request["import_blob"])
+        context = blob_context(farm, cert_id, purpose)
+        try:
+            sealed_under = dkm.master_key_id(blob, context=context)
+            pkcs12 = dkm.open_blob(
+                blob,
+                master_key=self._directory.master_key(farm.dkm_group, sealed_under),
+                context=context,
+            )
+            generated = certs.from_pkcs12(pkcs12)
+            certs.check_importable(
+                generated.certificate, generated.key, purpose=purpose, now=fence.now
+            )
+        except (InvalidBlobError, CertificateError, MasterKeyMissingError) as exc:
+            return False, f"import refused: {exc.what}"
+        thumb = certs.thumbprint(generated.certificate)
+        known = fence.tx.execute(
+            "SELECT role FROM certificate WHERE thumbprint = %s OR id = %s", (thumb, cert_id)
+        )
+        if known:
+            return False, (
+                f"import refused: certificate {thumb} is already in the farm ({known[0]['role']})"
+            )
+        rows = fence.tx.live_certificates()
+        mine = [r for r in rows if r.purpose == purpose]
+        secondary = next((r for r in mine if r.role == "secondary"), None)
+        if role == "secondary" and secondary is not None:
+            return False, (
+                f"import refused: the farm already has a secondary {purpose} certificate "
+                f"{secondary.thumbprint}"
+            )
+        key_id, key = self._current_key()  # raising rolls the transaction back
+        reason = f"imported from {request['import_source']}"
+        if role == "primary":
+            self._retire_primary(fence, rows, purpose, reason=reason)
+        row = sealed_certificate(
+            self._config,
+            dkm_group=farm.dkm_group,
+            certificate_id=cert_id,
+            purpose=purpose,
+            role=role,
+            generated=generated,
+            master_key_id=key_id,
+            master_key=key,
+        )
+        fence.tx.insert_certificate(row)
+        self._audit(fence, "import", purpose, row.id, thumb, reason)
+        return True, f"{purpose}: imported {thumb} as the {role}"
 
 
 # -- rollover on request -----------------------------------------------------------------
@@ -656,6 +753,19 @@ def request_rollover(
     """
     db.require_farm()
     request = db.request_rollover(node_id=config.node.id, purpose=purpose, urgent=urgent)
+    return await_answer(config, db, directory, request, timeout_seconds=timeout_seconds)
+
+
+def await_answer(
+    config: Config,
+    db: ConfigDB,
+    directory: Directory,
+    request: int,
+    *,
+    timeout_seconds: float,
+) -> RolloverOutcome:
+    """Wait for the leader's answer to ``request``, or answer it under the lease when no
+    process holds it; withdraw it when nobody answered within ``timeout_seconds``."""
     deadline = time.monotonic() + timeout_seconds
     while True:
         row = db.rollover_request(request)
@@ -666,7 +776,7 @@ def request_rollover(
         if not read_lease(db).valid:
             election = Election(db, node_id=config.node.id, lease=config.lease)
             if election.try_acquire():
-                log.info("no node leads; %s took the lease for this rollover", config.node.id)
+                log.info("no node leads; %s took the lease for request %d", config.node.id, request)
                 try:
                     Leader(config, db, directory, election).answer_requests()
                 except Error as exc:
@@ -679,8 +789,8 @@ def request_rollover(
             if _withdraw(db, request, "withdrawn: no leader answered in time"):
                 lease = read_lease(db)
                 raise LeaderTimeoutError(
-                    f"the leader ({lease.holder_node or 'none'}) did not answer rollover"
-                    f" request {request} within {timeout_seconds:.0f} s; it was withdrawn",
+                    f"the leader ({lease.holder_node or 'none'}) did not answer request"
+                    f" {request} within {timeout_seconds:.0f} s; it was withdrawn",
                     "check `farmkeys serve` on the leader (`farmkeys status`), then try again",
                 )
             continue  # answered as we withdrew it: report the answer

@@ -311,7 +311,11 @@ class Service:
             # A request whose notification met a running check: answer it now.
             self._run_rollover_now()
         try:
-            self._lease_db.heartbeat(self.node_id, directory_error=self._directory_error)
+            self._lease_db.heartbeat(
+                self.node_id,
+                directory_error=self._directory_error,
+                directory_server=self.directory.last_server,
+            )
         except Error as exc:
             log.warning("%s cannot heartbeat: %s", self.node_id, exc.diagnostics())
 

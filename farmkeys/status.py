@@ -135,6 +135,7 @@ def farm_status(
                 "last_error": n.last_error,
                 "heartbeat_at": _iso(n.heartbeat_at),
                 "directory_error": n.directory_error,
+                "directory_server": n.directory_server,
                 "hook_error": n.hook_error,
                 "master_keys": [str(k) for k in n.master_keys],
             }

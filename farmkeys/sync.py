@@ -91,7 +91,11 @@ def sync(
             ", ".join(f"{p} {r} {t}" for p, r, t in sorted(wanted)),
         )
     db.record_sync(
-        config.node.id, generation=manifest.generation, installed=sorted(wanted), master_keys=keys
+        config.node.id,
+        generation=manifest.generation,
+        installed=sorted(wanted),
+        master_keys=keys,
+        directory_server=directory.last_server,
     )
     return SyncReport(
         node=config.node.id, dkm_group=farm.dkm_group, manifest=manifest, changed=changed

@@ -208,9 +208,7 @@ class Directory:
             )
         for url in config.urls:
             _validate_url(url, config)
-        if layout.requires_tls and not (
-            config.start_tls or all(_is_ldaps(u) for u in config.urls)
-        ):
+        if layout.requires_tls and not (config.start_tls or all(_is_ldaps(u) for u in config.urls)):
             raise ConfigError(
                 f"directory.layout {layout.name!r} needs TLS: Active Directory refuses a "
                 "simple bind in clear text",
@@ -271,6 +269,11 @@ class Directory:
     def last_server(self) -> str | None:
         """The URL of the server (domain controller) this object last bound to, if any."""
         return self._server_url
+
+    @property
+    def container(self) -> str:
+        """The DKM parent (``directory.container``) under which each farm has its container."""
+        return self._config.container
 
     @property
     def layout(self) -> Layout:
@@ -544,6 +547,30 @@ class Directory:
         far_past = datetime.min.replace(tzinfo=UTC)
         keys.sort(key=lambda k: (k.created_at or far_past, str(k.id)))
         return keys
+
+    def find_keys(self, key_id: uuid.UUID) -> list[tuple[str, bytes]]:
+        """Master keys anywhere under ``directory.container``, for reading another farm's
+        blobs (an AD FS farm's DKM container): the entries whose ``l`` is ``key_id``, or,
+        when none is, every key entry there. (DN, 32 bytes) pairs; never cached.
+        """
+        attribute = self._layout.key_attribute
+        base = self._config.container
+
+        def search(conn: ldap3.Connection, query: str) -> list[tuple[str, bytes]]:
+            try:
+                conn.search(base, query, search_scope=ldap3.SUBTREE, attributes=[attribute])
+            except ldap_exc.LDAPNoSuchObjectResult:
+                return []
+            found = ((str(e["dn"]), _first(e, attribute)) for e in _entries(conn))
+            return [(dn, key) for dn, key in found if key and len(key) == MASTER_KEY_LENGTH]
+
+        cls = self._layout.key_class
+        named = self._run(
+            lambda c: search(c, f"(&(objectClass={cls})({KEY_ID_ATTRIBUTE}={key_id}))")
+        )
+        if named:
+            return named
+        return self._run(lambda c: search(c, f"(&(objectClass={cls})({attribute}=*))"))
 
     def anonymous_can_read(self, group: uuid.UUID) -> bool:
         """Whether an anonymous bind can see any master-key entry of ``group`` or its key.

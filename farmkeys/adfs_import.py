@@ -1,0 +1,168 @@
+"""`farmkeys import adfs`: bring an AD FS farm's own certificate into farmkeys.
+
+The input is a certificate's ``EncryptedPfx`` (read by :mod:`farmkeys.adfs`)
+and the DKM key it is sealed under: from a file, or found in the directory
+(an AD FS DKM container under ``directory.container``, by the key id the
+blob names, or, failing that, every key there: the MAC decides). The
+certificate is checked here, so a refusal costs nothing, then handed to the
+leader sealed under this farm's master key through the request table; the
+leader checks it again and writes its row under the fence
+(:meth:`farmkeys.rollover.Leader.answer_requests`). Relying parties keep
+trusting the same certificate: its key and thumbprint do not change.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import logging
+import os
+import stat
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+from farmkeys import adfs, certs, dkm, policy
+from farmkeys.config import Config
+from farmkeys.configdb import ConfigDB
+from farmkeys.directory import MASTER_KEY_LENGTH, Directory
+from farmkeys.errors import AdfsKeyMismatchError, ImportRefusedError
+from farmkeys.rollover import RolloverOutcome, await_answer
+from farmkeys.sync import blob_context
+
+log = logging.getLogger(__name__)
+
+ROLES = ("secondary", "primary")
+
+
+def read_dkm_key_file(path: Path) -> bytes:
+    """The 32-byte DKM key in ``path`` (hex or base64), refusing a file others may read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise ImportRefusedError(
+            f"cannot open the DKM key file {path}: {exc.strerror}",
+            "give the path of a regular file that holds the key",
+        ) from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ImportRefusedError(
+                f"the DKM key file {path} is not a regular file",
+                "give the path of a regular file that holds the key",
+            )
+        if info.st_mode & 0o077:
+            raise ImportRefusedError(
+                f"the DKM key file {path} may be read by other accounts "
+                f"(mode {stat.S_IMODE(info.st_mode):04o})",
+                f"run `chmod 600 {path}`, and consider the key exposed if others could read it",
+            )
+        text = f.read(4096).decode("ascii", "replace").strip()
+    key = _decode_key(text)
+    if key is None:
+        raise ImportRefusedError(
+            f"the DKM key file {path} does not hold a {MASTER_KEY_LENGTH}-byte key as hex "
+            "or base64",
+            f"write the key as {2 * MASTER_KEY_LENGTH} hex digits or as base64",
+        )
+    return key
+
+
+def _decode_key(text: str) -> bytes | None:
+    compact = "".join(text.split())
+    candidates = []
+    if len(compact) == 2 * MASTER_KEY_LENGTH:
+        with contextlib.suppress(ValueError):
+            candidates.append(bytes.fromhex(compact))
+    with contextlib.suppress(binascii.Error, ValueError):
+        candidates.append(base64.b64decode(compact, validate=True))
+    return next((k for k in candidates if len(k) == MASTER_KEY_LENGTH), None)
+
+
+def open_encrypted_pfx(
+    data: bytes, *, directory: Directory, key_file: Path | None
+) -> tuple[bytes, adfs.EncryptedPfx, str]:
+    """The PKCS#12 inside an ``EncryptedPfx``, the parsed blob, and where its key came from."""
+    blob = adfs.parse(data)
+    if key_file is not None:
+        keys = [(str(key_file), read_dkm_key_file(key_file))]
+    else:
+        keys = directory.find_keys(blob.key_id)
+        if not keys:
+            raise ImportRefusedError(
+                f"no DKM key is readable under {directory.container} at {directory.endpoint} "
+                f"(the EncryptedPfx names key {blob.key_id})",
+                "give the key with --dkm-key-file, or let the service account read AD FS's "
+                "DKM container",
+            )
+    for where, key in keys:
+        try:
+            return adfs.decrypt(blob, key), blob, where
+        except AdfsKeyMismatchError:
+            log.debug("DKM key at %s does not open the EncryptedPfx", where)
+    raise AdfsKeyMismatchError(
+        f"the EncryptedPfx's MAC verifies under none of the {len(keys)} DKM key(s) tried "
+        f"(it names key {blob.key_id}): wrong key, or the blob was altered",
+        "give the DKM key of the AD FS farm that exported it (--dkm-key-file)",
+    )
+
+
+def import_adfs(
+    config: Config,
+    db: ConfigDB,
+    directory: Directory,
+    *,
+    encrypted_pfx: bytes,
+    purpose: str,
+    role: str,
+    key_file: Path | None,
+    now: datetime,
+    timeout_seconds: float,
+) -> RolloverOutcome:
+    """Check an AD FS certificate and have the leader add it to the farm as ``role``."""
+    if purpose not in certs.PURPOSES or role not in ROLES:
+        raise ValueError(f"purpose {purpose!r} or role {role!r} is not one farmkeys knows")
+    farm = db.require_farm()
+    pkcs12, blob, where = open_encrypted_pfx(encrypted_pfx, directory=directory, key_file=key_file)
+    generated = certs.from_pkcs12(pkcs12)
+    cert = generated.certificate
+    certs.check_importable(cert, generated.key, purpose=purpose, now=now)
+    thumb = certs.thumbprint(cert)
+    known = db.fetch("SELECT role FROM certificate WHERE thumbprint = %s", (thumb,))
+    if known:
+        raise ImportRefusedError(
+            f"certificate {thumb} is already in the farm ({known[0]['role']})",
+            "nothing to import; `farmkeys status` lists the farm's certificates",
+        )
+    if role == "secondary":
+        secondary = db.fetch(
+            "SELECT thumbprint FROM certificate WHERE purpose = %s AND role = 'secondary'",
+            (purpose,),
+        )
+        if secondary:
+            raise ImportRefusedError(
+                f"the farm already has a secondary {purpose} certificate "
+                f"{secondary[0]['thumbprint']}",
+                "import it with --role primary, or after the secondary was promoted",
+            )
+    current = policy.current_key(db.master_keys())
+    key_id = current.id if current is not None else directory.current_key_id(farm.dkm_group)
+    certificate_id = uuid.uuid4()
+    sealed = dkm.seal(
+        pkcs12,
+        master_key=directory.master_key(farm.dkm_group, key_id),
+        master_key_id=key_id,
+        context=blob_context(farm, certificate_id, purpose),
+    )
+    source = f"AD FS (DKM key {blob.key_id})"
+    log.info("importing %s certificate %s from %s, key from %s", purpose, thumb, source, where)
+    request = db.request_import(
+        node_id=config.node.id,
+        purpose=purpose,
+        role=role,
+        certificate_id=certificate_id,
+        blob=sealed,
+        source=source,
+    )
+    return await_answer(config, db, directory, request, timeout_seconds=timeout_seconds)
