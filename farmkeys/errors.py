@@ -20,9 +20,12 @@ certificates, master keys and endpoints by their ids, never by content.
     │   ├── DirectoryAuthError   the bind credentials were rejected (never retried)
     │   └── MasterKeyMissingError  a master key a blob names is not in the directory
     ├── InvalidBlobError         a blob is not authentic (tampered, truncated, wrong row, wrong key)
+    │   └── AdfsBlobError        an AD FS EncryptedPfx is malformed, unknown, or badly padded
+    │       └── AdfsKeyMismatchError  its MAC does not verify under the DKM key given
     ├── CertificateError         a certificate or key does not match what its row says
     ├── StoreError               the node's local store cannot be read or written
-    └── EscrowError              an escrow file or its passphrase is unusable, or names another farm
+    ├── EscrowError              an escrow file or its passphrase is unusable, or names another farm
+    └── ImportRefusedError       `import adfs` refused: exposed key file, no key, certificate known
 """
 
 from __future__ import annotations
@@ -84,6 +87,20 @@ class InvalidBlobError(Error):
     """A blob is not authentic. Names the certificate, never the key."""
 
 
+class AdfsBlobError(InvalidBlobError):
+    """An AD FS ``EncryptedPfx`` (farmkeys.adfs) cannot be read: malformed, unknown or badly padded.
+
+    Names the DKM key id at most, never key bytes, the nonce or the plaintext.
+    """
+
+
+class AdfsKeyMismatchError(AdfsBlobError):
+    """An AD FS ``EncryptedPfx``'s MAC does not verify under the DKM key given.
+
+    Wrong key, or an altered blob: the caller may try the farm's next DKM key.
+    """
+
+
 class CertificateError(Error):
     """A certificate or private key does not match what its row in the config DB says."""
 
@@ -94,3 +111,8 @@ class StoreError(Error):
 
 class EscrowError(Error):
     """An escrow file or its passphrase is unusable: unreadable, not genuine, or another farm's."""
+
+
+class ImportRefusedError(Error):
+    """`farmkeys import adfs` refused its input: an unreadable or exposed key file, no DKM
+    key to try, or a certificate the farm already has or has no room for."""
