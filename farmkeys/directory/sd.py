@@ -140,7 +140,7 @@ class Descriptor:
 def encode_dacl_descriptor(aces: tuple[Ace, ...] | list[Ace], *, protected: bool) -> bytes:
     """A self-relative security descriptor with no owner, group or SACL, and this DACL."""
     body = b"".join(ace.encode() for ace in aces)
-    acl = struct.pack("<BBHHH", ACL_REVISION, 0, 8 + len(body), len(aces), 0) + body
+    acl = struct.pack("<BBHHH", ACL_REVISION_DS, 0, 8 + len(body), len(aces), 0) + body
     control = SE_SELF_RELATIVE | SE_DACL_PRESENT | (SE_DACL_PROTECTED if protected else 0)
     # Revision, Sbz1, Control, OffsetOwner, OffsetGroup, OffsetSacl, OffsetDacl.
     return struct.pack("<BBHIIII", 1, 0, control, 0, 0, 0, 20) + acl
@@ -171,7 +171,9 @@ def decode_descriptor(data: bytes) -> Descriptor:
             raise DescriptorError("an ACE's size is out of bounds")
         (mask,) = struct.unpack_from("<I", data, at + 4)
         sid_at = at + 8
-        if kind == ACCESS_ALLOWED_OBJECT_ACE_TYPE or kind == 0x06:  # object ACEs: skip GUIDs
+        if kind in (ACCESS_ALLOWED_OBJECT_ACE_TYPE, 0x06):  # object ACEs: skip the GUIDs
+            if ace_size < 12:
+                raise DescriptorError("an object ACE is cut short")
             (object_flags,) = struct.unpack_from("<I", data, at + 8)
             sid_at = at + 12 + 16 * bin(object_flags & 0x3).count("1")
         sid, _ = sid_from_bytes(data[: at + ace_size], sid_at)
