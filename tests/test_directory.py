@@ -13,6 +13,7 @@ from typing import Any
 
 import ldap3
 import pytest
+from conftest import start_slapd
 
 from farmkeys.config import DirectoryConfig, RetryConfig
 from farmkeys.directory import (
@@ -462,3 +463,56 @@ def test_keys_and_passwords_never_reach_logs_messages_or_reprs(
         for form in forms:
             assert form not in text
     assert isinstance(infos[0], MasterKeyInfo)
+
+
+# --- several servers (domain controllers) ------------------------------------------------
+
+
+def test_a_dead_server_listed_first_is_passed_over(
+    make_directory: MakeDirectory, slapd: LocalSlapd
+) -> None:
+    dead = f"ldap://127.0.0.1:{free_port()}"
+    directory = make_directory(url=[dead, slapd.url])
+    assert directory.last_server is None
+    group = uuid.uuid4()
+    key_id = directory.create_container(group, farm_name="contoso")
+    try:
+        assert len(directory.master_key(group, key_id)) == 32
+        assert directory.last_server == slapd.url
+        assert directory.endpoint == slapd.url
+    finally:
+        directory.delete_container(group)
+
+
+def test_a_server_that_stops_answering_is_left_for_the_next(
+    make_directory: MakeDirectory, slapd: LocalSlapd, tmp_path: Path
+) -> None:
+    # A second slapd with the same accounts (same passwords file), standing in for a
+    # second domain controller: listed first, then stopped under a bound Directory.
+    (tmp_path / "first").mkdir()
+    (tmp_path / "first" / "passwords.json").write_bytes(
+        (slapd.workdir / "passwords.json").read_bytes()
+    )
+    first = start_slapd(tmp_path / "first")
+    try:
+        directory = make_directory(url=[first.url, slapd.url])
+        group = uuid.uuid4()
+        assert not directory.container_exists(group)
+        assert directory.last_server == first.url
+        first.stop()
+        key_id = directory.create_container(group, farm_name="contoso")  # a write, too
+        try:
+            assert directory.last_server == slapd.url
+            assert len(directory.master_key(group, key_id)) == 32
+        finally:
+            directory.delete_container(group)
+    finally:
+        first.stop()
+
+
+def test_all_servers_down_is_one_error_naming_them_all(make_directory: MakeDirectory) -> None:
+    dead = [f"ldap://127.0.0.1:{free_port()}", f"ldap://127.0.0.1:{free_port()}"]
+    directory = make_directory(url=dead)
+    with pytest.raises(DirectoryError, match="cannot reach the directory at") as caught:
+        directory.bind()
+    assert dead[0] in caught.value.what and dead[1] in caught.value.what

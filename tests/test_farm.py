@@ -16,6 +16,7 @@ from farmkeys import cli, dkm
 from farmkeys.config import load
 from farmkeys.configdb import ConfigDB
 from farmkeys.directory import Directory
+from farmkeys.lab._common import free_port
 from farmkeys.lab.slapd import LocalSlapd
 from farmkeys.status import farm_status
 from farmkeys.store import Store
@@ -465,3 +466,18 @@ def test_events_since_must_be_a_time_or_an_age(initialised: TestFarm) -> None:
     with pytest.raises(SystemExit) as done:
         initialised.run("events", "--since", "yesterday")
     assert done.value.code == 64
+
+
+def test_a_node_syncs_past_a_dead_directory_server_and_status_names_the_one_it_used(
+    initialised: TestFarm,
+) -> None:
+    dead = f"ldap://127.0.0.1:{free_port()}"
+    servers = {"directory": {"url": [dead, initialised.slapd.url]}}
+    result = initialised.run("sync", node="node-b", **servers)
+    assert result.code == 0, result.err
+    doc = initialised.run("status", "--json").json
+    nodes = {n["id"]: n for n in doc["nodes"]}
+    assert nodes["node-b"]["directory_server"] == initialised.slapd.url
+    assert nodes["node-b"]["in_sync"]
+    human = initialised.run("status")
+    assert f"directory {initialised.slapd.url}" in human.out
