@@ -1,0 +1,353 @@
+"""`farmkeys import adfs` on a real farm (PostgreSQL + slapd): bringing AD FS certificates
+across, keeping their key and thumbprint; every refusal changes nothing.
+
+The EncryptedPfx vectors come from the test-only encoder of tests/adfs_encoder.py,
+written from docs/blob-format.md. The Active Directory side (a DKM key read from a
+Samba AD container laid out the AD FS way) is in tests/test_ad.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from adfs_encoder import encode
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
+from farmtools import (
+    ServeNodes,
+    TestFarm,
+    audit_events,
+    db_query,
+    lease_row,
+    one_error_line,
+    wait_until,
+)
+
+from farmkeys import certs
+from farmkeys.config import load
+from farmkeys.directory import Directory
+from farmkeys.errors import CertificateError
+from farmkeys.lab.slapd import LocalSlapd
+
+ADFS_KEY = bytes(range(7, 39))
+ADFS_KEY_ID = uuid.UUID("0b6f3c1e-2d4a-4e5f-8a9b-c0d1e2f3a4b5")
+
+
+@pytest.fixture
+def farm(tmp_path: Path, slapd: LocalSlapd, pg_dsn: str) -> TestFarm:
+    made = TestFarm(root=tmp_path, slapd=slapd, dsn=pg_dsn)
+    result = made.run("init")
+    assert result.code == 0, result.err
+    return made
+
+
+def adfs_certificate(
+    purpose: str = "signing",
+    *,
+    key_type: str = "rsa-2048",
+    days: int = 365,
+    starts: timedelta = timedelta(days=-30),
+) -> certs.Generated:
+    """A certificate as AD FS makes one (self-signed, RSA 2048 by default)."""
+    not_before = datetime.now(UTC).replace(microsecond=0) + starts
+    return certs.generate(
+        farm_name="adfs.contoso.example",
+        purpose=purpose,
+        key_type=key_type,
+        not_before=not_before,
+        not_after=not_before + timedelta(days=days),
+    )
+
+
+def encrypted_pfx(
+    made: certs.Generated, *, key: bytes = ADFS_KEY, key_id: uuid.UUID = ADFS_KEY_ID
+) -> bytes:
+    """The base64 EncryptedPfx text AD FS's configuration would hold for ``made``."""
+    pkcs12 = certs.to_pkcs12(made.certificate, made.key, friendly_name="")
+    return base64.b64encode(encode(pkcs12, dkm_key=key, key_id=key_id))
+
+
+def write(tmp_path: Path, name: str, data: bytes, mode: int = 0o600) -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    path.chmod(mode)
+    return path
+
+
+def key_file(tmp_path: Path, key: bytes = ADFS_KEY, *, form: str = "hex") -> Path:
+    text = key.hex() if form == "hex" else base64.b64encode(key).decode()
+    return write(tmp_path, f"dkm-{form}.key", (text + "\n").encode())
+
+
+def certificates(farm: TestFarm) -> list[dict[str, object]]:
+    return db_query(
+        farm.dsn, "SELECT purpose, role, thumbprint FROM certificate ORDER BY purpose, role"
+    )
+
+
+def run_import(farm: TestFarm, pfx: Path, *args: str) -> tuple[int, str, str]:
+    result = farm.run("import", "adfs", "--encrypted-pfx", str(pfx), "--wait", "20", *args)
+    return result.code, result.out, result.err
+
+
+def test_import_as_secondary_keeps_key_and_thumbprint_and_every_node_installs_it(
+    farm: TestFarm, tmp_path: Path
+) -> None:
+    made = adfs_certificate()
+    thumb = certs.thumbprint(made.certificate)
+    pfx = write(tmp_path, "signing.pfx", encrypted_pfx(made))
+    code, out, err = run_import(
+        farm, pfx, "--purpose", "signing", "--dkm-key-file", str(key_file(tmp_path))
+    )
+    assert code == 0, err
+    assert f"imported {thumb} as the secondary" in out
+    rows = certificates(farm)
+    assert {"purpose": "signing", "role": "secondary", "thumbprint": thumb} in rows
+    events = [e for e in audit_events(farm) if e["action"] == "import"]
+    assert len(events) == 1
+    assert events[0]["thumbprint"] == thumb and events[0]["term"] is not None
+    assert str(ADFS_KEY_ID) in events[0]["detail"]
+    for node in ("node-a", "node-b"):
+        assert farm.run("sync", node=node).code == 0
+        store = farm.store(node)
+        installed = x509.load_pem_x509_certificate((store / f"signing/{thumb}.pem").read_bytes())
+        assert certs.thumbprint(installed) == thumb
+        assert (store / "signing/secondary.key").read_bytes() == certs.private_key_pem(made.key)
+    # The rollover policy treats it like any other certificate: status knows it.
+    doc = farm.run("status", "--json").json
+    assert thumb in {c["thumbprint"] for c in doc["certificates"]}
+
+
+def test_import_as_primary_replaces_the_primary_at_once_and_retires_it(
+    farm: TestFarm, tmp_path: Path
+) -> None:
+    before = {r["role"]: r["thumbprint"] for r in certificates(farm) if r["purpose"] == "signing"}
+    made = adfs_certificate()
+    thumb = certs.thumbprint(made.certificate)
+    pfx = write(tmp_path, "signing.pfx", encrypted_pfx(made))
+    keyfile = key_file(tmp_path, form="base64")
+    code, _, err = run_import(
+        farm, pfx, "--purpose", "signing", "--role", "primary", "--dkm-key-file", str(keyfile)
+    )
+    assert code == 0, err
+    after = {r["role"]: r["thumbprint"] for r in certificates(farm) if r["purpose"] == "signing"}
+    assert after == {"primary": thumb, "retired": before["primary"]}
+    assert farm.run("sync").code == 0
+    assert (farm.store() / "signing/primary.key").read_bytes() == certs.private_key_pem(made.key)
+
+
+def test_an_rsa_decryption_certificate_imports_and_is_installed(
+    farm: TestFarm, tmp_path: Path
+) -> None:
+    made = adfs_certificate("decryption")
+    pfx = write(tmp_path, "decryption.pfx", encrypted_pfx(made))
+    code, _, err = run_import(
+        farm, pfx, "--purpose", "decryption", "--dkm-key-file", str(key_file(tmp_path))
+    )
+    assert code == 0, err
+    assert farm.run("sync").code == 0
+    assert (farm.store() / "decryption/secondary.key").exists()
+
+
+def test_the_dkm_key_is_found_in_the_directory_by_its_id_or_by_trying_each(
+    farm: TestFarm, tmp_path: Path
+) -> None:
+    # An AD FS farm's DKM container, in this directory's layout, under directory.container.
+    cfg = load(farm.config())
+    adfs_group = uuid.uuid4()
+    with Directory(cfg.directory, cfg.retry) as directory:
+        directory.create_container(adfs_group, farm_name="adfs")
+        directory.ensure_key(adfs_group, ADFS_KEY_ID, ADFS_KEY)
+        try:
+            made = adfs_certificate()
+            pfx = write(tmp_path, "by-id.pfx", encrypted_pfx(made))
+            code, _, err = run_import(farm, pfx, "--purpose", "signing")
+            assert code == 0, err
+            # A blob naming a key id the directory does not have: every key is tried.
+            other = adfs_certificate("decryption")
+            pfx = write(tmp_path, "other-id.pfx", encrypted_pfx(other, key_id=uuid.uuid4()))
+            code, _, err = run_import(farm, pfx, "--purpose", "decryption")
+            assert code == 0, err
+        finally:
+            directory.delete_container(adfs_group)
+    roles = {(r["purpose"], r["thumbprint"]) for r in certificates(farm)}
+    assert ("signing", certs.thumbprint(made.certificate)) in roles
+    assert ("decryption", certs.thumbprint(other.certificate)) in roles
+
+
+def test_through_a_running_leader(farm: TestFarm, tmp_path: Path) -> None:
+    made = adfs_certificate()
+    pfx = write(tmp_path, "signing.pfx", encrypted_pfx(made))
+    with ServeNodes(farm) as nodes:
+        nodes.start("node-b")
+        wait_until(
+            lambda: lease_row(farm.dsn)["valid"] and lease_row(farm.dsn)["holder_node"] == "node-b",
+            20,
+            "node-b leads",
+            detail=nodes.logs,
+        )
+        code, out, err = run_import(
+            farm, pfx, "--purpose", "signing", "--dkm-key-file", str(key_file(tmp_path))
+        )
+        assert code == 0, err + nodes.logs()
+        assert "answered by node-b" in out
+
+
+def _refused(farm: TestFarm, pfx: Path, *args: str) -> str:
+    before = db_query(farm.dsn, "SELECT id, role, master_key FROM certificate ORDER BY id")
+    events = len(audit_events(farm))
+    done = db_query(farm.dsn, "SELECT id FROM rollover_request WHERE ok")
+    result = farm.run("import", "adfs", "--encrypted-pfx", str(pfx), "--wait", "20", *args)
+    assert result.code != 0, result.out
+    line = one_error_line(result)
+    assert db_query(farm.dsn, "SELECT id, role, master_key FROM certificate ORDER BY id") == before
+    assert len(audit_events(farm)) == events
+    assert db_query(farm.dsn, "SELECT id FROM rollover_request WHERE ok") == done
+    return line
+
+
+def test_a_wrong_dkm_key_is_refused(farm: TestFarm, tmp_path: Path) -> None:
+    pfx = write(tmp_path, "s.pfx", encrypted_pfx(adfs_certificate()))
+    wrong = key_file(tmp_path, bytes(32))
+    line = _refused(farm, pfx, "--purpose", "signing", "--dkm-key-file", str(wrong))
+    assert "MAC verifies under none" in line and str(ADFS_KEY_ID) in line
+
+
+def test_no_readable_dkm_key_in_the_directory_is_refused(farm: TestFarm, tmp_path: Path) -> None:
+    pfx = write(tmp_path, "s.pfx", encrypted_pfx(adfs_certificate()))
+    line = _refused(farm, pfx, "--purpose", "signing", "--role", "primary")
+    # The farm's own master key is tried too (the MAC decides), and does not fit.
+    assert "MAC verifies under none" in line or "no DKM key" in line
+
+
+@pytest.mark.parametrize(
+    ("edit", "complaint"),
+    [
+        (lambda b: b[:-1] + bytes([b[-1] ^ 1]), "MAC"),
+        (lambda b: b[:150], "malformed"),
+        (lambda b: b"\x00\x00\x00\x02" + b[4:], "version 2"),
+        (lambda b: b[:4] + b"\x00\x00\x00\x01" + b[8:], "method 1"),
+    ],
+)
+def test_a_tampered_truncated_or_unknown_blob_is_refused(
+    farm: TestFarm, tmp_path: Path, edit: object, complaint: str
+) -> None:
+    made = adfs_certificate()
+    raw = base64.b64decode(encrypted_pfx(made))
+    pfx = write(tmp_path, "s.pfx", edit(raw))  # type: ignore[operator]
+    line = _refused(farm, pfx, "--purpose", "signing", "--dkm-key-file", str(key_file(tmp_path)))
+    assert complaint in line
+
+
+def test_a_certificate_already_in_the_farm_is_refused(farm: TestFarm, tmp_path: Path) -> None:
+    pfx = write(tmp_path, "s.pfx", encrypted_pfx(adfs_certificate()))
+    keyfile = str(key_file(tmp_path))
+    assert run_import(farm, pfx, "--purpose", "signing", "--dkm-key-file", keyfile)[0] == 0
+    line = _refused(
+        farm, pfx, "--purpose", "signing", "--role", "primary", "--dkm-key-file", keyfile
+    )
+    assert "already in the farm" in line
+
+
+def test_a_second_secondary_is_refused(farm: TestFarm, tmp_path: Path) -> None:
+    keyfile = str(key_file(tmp_path))
+    first = write(tmp_path, "1.pfx", encrypted_pfx(adfs_certificate()))
+    assert run_import(farm, first, "--purpose", "signing", "--dkm-key-file", keyfile)[0] == 0
+    second = write(tmp_path, "2.pfx", encrypted_pfx(adfs_certificate()))
+    line = _refused(farm, second, "--purpose", "signing", "--dkm-key-file", keyfile)
+    assert "already has a secondary signing certificate" in line
+
+
+def test_an_expired_certificate_is_refused(farm: TestFarm, tmp_path: Path) -> None:
+    old = adfs_certificate(days=10, starts=timedelta(days=-20))
+    pfx = write(tmp_path, "s.pfx", encrypted_pfx(old))
+    line = _refused(farm, pfx, "--purpose", "signing", "--dkm-key-file", str(key_file(tmp_path)))
+    assert "expired" in line
+
+
+def test_an_ec_certificate_cannot_be_a_decryption_certificate(
+    farm: TestFarm, tmp_path: Path
+) -> None:
+    pfx = write(tmp_path, "d.pfx", encrypted_pfx(adfs_certificate(key_type="ec-p256")))
+    keyfile = str(key_file(tmp_path))
+    line = _refused(farm, pfx, "--purpose", "decryption", "--dkm-key-file", keyfile)
+    assert "cannot decrypt" in line
+
+
+def test_a_purpose_the_key_usage_forbids_is_refused(farm: TestFarm, tmp_path: Path) -> None:
+    # farmkeys' own decryption certificates allow keyEncipherment only.
+    pfx = write(tmp_path, "d.pfx", encrypted_pfx(adfs_certificate("decryption")))
+    line = _refused(farm, pfx, "--purpose", "signing", "--dkm-key-file", str(key_file(tmp_path)))
+    assert "lacks digitalSignature" in line
+
+
+def test_a_key_that_is_not_the_certificates_is_refused() -> None:
+    # OpenSSL will not write such a PKCS#12, so the check itself is shown here, and the
+    # CLI's refusal of a PKCS#12 whose certificate is not its key's just below.
+    made = adfs_certificate()
+    stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    with pytest.raises(CertificateError, match="is not its key"):
+        certs.check_importable(made.certificate, stranger, purpose="signing", now=datetime.now(UTC))
+
+
+def test_a_pkcs12_without_the_keys_certificate_is_refused(farm: TestFarm, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.serialization import NoEncryption, pkcs12
+
+    made = adfs_certificate()
+    stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    data = pkcs12.serialize_key_and_certificates(
+        None, stranger, None, [made.certificate], NoEncryption()
+    )
+    pfx = write(
+        tmp_path, "s.pfx", base64.b64encode(encode(data, dkm_key=ADFS_KEY, key_id=ADFS_KEY_ID))
+    )
+    line = _refused(farm, pfx, "--purpose", "signing", "--dkm-key-file", str(key_file(tmp_path)))
+    assert "no certificate for its private key" in line
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o644])
+def test_a_dkm_key_file_others_may_read_is_refused(
+    farm: TestFarm, tmp_path: Path, mode: int
+) -> None:
+    pfx = write(tmp_path, "s.pfx", encrypted_pfx(adfs_certificate()))
+    exposed = write(tmp_path, "exposed.key", ADFS_KEY.hex().encode(), mode)
+    line = _refused(farm, pfx, "--purpose", "signing", "--dkm-key-file", str(exposed))
+    assert "may be read by other accounts" in line and "chmod 600" in line
+    assert ADFS_KEY.hex() not in line
+
+
+def test_a_dkm_key_file_without_a_key_is_refused(farm: TestFarm, tmp_path: Path) -> None:
+    pfx = write(tmp_path, "s.pfx", encrypted_pfx(adfs_certificate()))
+    short = write(tmp_path, "short.key", b"00ff\n")
+    line = _refused(farm, pfx, "--purpose", "signing", "--dkm-key-file", str(short))
+    assert "does not hold a 32-byte key" in line
+
+
+def test_the_key_never_reaches_output_or_logs(
+    farm: TestFarm, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    made = adfs_certificate()
+    pfx = write(tmp_path, "s.pfx", encrypted_pfx(made))
+    caplog.set_level("DEBUG")
+    result = farm.run(
+        "import",
+        "adfs",
+        "--encrypted-pfx",
+        str(pfx),
+        "--purpose",
+        "signing",
+        "--dkm-key-file",
+        str(key_file(tmp_path)),
+        "--debug",
+    )
+    assert result.code == 0, result.err
+    pem = certs.private_key_pem(made.key).decode()
+    for text in (result.out, result.err, caplog.text):
+        for secret in (ADFS_KEY.hex(), base64.b64encode(ADFS_KEY).decode(), pem[40:100]):
+            assert secret not in text
+    blob = db_query(farm.dsn, "SELECT import_blob FROM rollover_request")[0]["import_blob"]
+    assert pem.encode()[40:100] not in bytes(blob)
