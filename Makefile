@@ -31,8 +31,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-# What the demo, the tests, the soak and the bench start privately: OpenLDAP's slapd and a
-# PostgreSQL cluster of their own (farmkeys.lab). Installed from Debian when missing; the
+# What the demo, the tests, the soak and the bench start privately: OpenLDAP's slapd, a
+# PostgreSQL cluster and a Samba AD domain controller of their own (farmkeys.lab). Installed from Debian when missing; the
 # packages' own servers are not used, and no cluster of the machine's is created or started.
 # Also the age tool, which the escrow-file tests check farmkeys against (tests/test_agefmt.py).
 servers:
@@ -48,6 +48,27 @@ servers:
 	fi
 	@# The slapd package starts a server of its own on install: ours listen on loopback only.
 	@if [ -f /var/run/slapd/slapd.pid ]; then kill "$$(cat /var/run/slapd/slapd.pid)" 2>/dev/null || true; fi
+	@# Samba's AD domain controller, for the Active Directory tests (farmkeys.lab.samba provisions
+	@# a domain of its own and runs it on 127.0.0.1). No recommends: they would add winbind to
+	@# nsswitch.conf and PAM (libnss-winbind, libpam-winbind). The packages start smbd, nmbd and
+	@# winbind of their own on install: stop those and keep them from starting at boot; this
+	@# happens only right after installing, never to a Samba the machine already had.
+	@if ! command -v samba-tool >/dev/null || [ ! -x /usr/sbin/samba ] \
+	   || [ ! -d /usr/share/samba/setup ]; then \
+	  echo "installing samba, samba-ad-dc, samba-ad-provision and samba-dsdb-modules from Debian"; \
+	  apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq --no-install-recommends \
+	    samba samba-ad-dc samba-ad-provision samba-dsdb-modules >/dev/null || exit 1; \
+	  for service in samba-ad-dc smbd nmbd winbind; do \
+	    if [ -d /run/systemd/system ]; then systemctl disable --now --quiet "$$service" 2>/dev/null; \
+	    else update-rc.d "$$service" disable >/dev/null 2>&1; fi; \
+	  done; \
+	  for pidfile in /run/samba/samba.pid /run/samba/smbd.pid /run/samba/nmbd.pid \
+	                 /run/samba/winbindd.pid; do \
+	    if [ -f "$$pidfile" ]; then kill "$$(cat "$$pidfile")" 2>/dev/null; fi; \
+	  done; \
+	  true; \
+	fi
 	@if ! command -v age >/dev/null; then \
 	  echo "installing age from Debian"; \
 	  apt-get update -qq && \

@@ -14,6 +14,7 @@ import pytest
 
 from farmkeys.config import DirectoryConfig, RetryConfig
 from farmkeys.directory import Directory
+from farmkeys.lab.samba import LocalSambaDC, SambaError, SambaTemplate, missing_samba
 from farmkeys.lab.slapd import LocalSlapd, SlapdError, find_slapd
 
 # PostgreSQL: a throwaway database per test (tests/pg.py).
@@ -125,3 +126,41 @@ def service_directory(make_directory: MakeDirectory) -> Directory:
 def other_directory(make_directory: MakeDirectory, slapd: LocalSlapd) -> Directory:
     """A Directory bound (lazily) as alice, an ordinary account with no rights on ou=dkm."""
     return make_directory(bind_dn=slapd.other_dn, password=slapd.other_password, password_file=None)
+
+
+# ---------------------------------------------------------------------------------
+# Active Directory: a real Samba AD DC on 127.0.0.1 (farmkeys.lab.samba.LocalSambaDC)
+# ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def samba_template(tmp_path_factory: pytest.TempPathFactory) -> SambaTemplate:
+    """The lab's domain, provisioned and seeded once per session (about 8 s); never started.
+
+    Fails (never skips) when Samba is not installed: `make servers` installs it.
+    """
+    problem = missing_samba()
+    if problem is not None:
+        pytest.fail(f"the Active Directory tests need a real Samba DC: {problem}", pytrace=False)
+    try:
+        return SambaTemplate.provision(tmp_path_factory.mktemp("samba-template"))
+    except SambaError as exc:
+        pytest.fail(f"could not provision the test Samba domain: {exc}", pytrace=False)
+
+
+@pytest.fixture
+def samba_dc(samba_template: SambaTemplate, tmp_path: Path) -> Iterator[LocalSambaDC]:
+    """A running copy of the template for one test, on 127.0.0.1:389/636; removed after.
+
+    Samba's ports are fixed, so one runs at a time. A test may stop and start it.
+    """
+    dc = LocalSambaDC(samba_template, tmp_path / "samba-dc")
+    try:
+        dc.start()
+    except SambaError as exc:
+        dc.remove()
+        pytest.fail(f"could not start the test Samba DC: {exc}", pytrace=False)
+    try:
+        yield dc
+    finally:
+        dc.remove()

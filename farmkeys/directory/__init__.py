@@ -126,9 +126,10 @@ def _describe(exc: BaseException) -> str:
         text = f"{exc.description} (result {exc.result})"
         if exc.message:
             text += f": {exc.message}"
-        return text
-    text = str(exc).strip()
-    return text or type(exc).__name__
+    else:
+        text = str(exc)
+    # Servers end their diagnostic messages with newlines (Samba does): one line, always.
+    return " ".join(text.split()) or type(exc).__name__
 
 
 def _is_certificate_failure(exc: BaseException) -> bool:
@@ -655,7 +656,7 @@ class Directory:
         if not self._layout.protects_container:
             return None
         dn = self.container_dn(group)
-        control = [security_descriptor_control(sdflags=ad.DACL_SECURITY_INFORMATION)]
+        control = security_descriptor_control(sdflags=ad.DACL_SECURITY_INFORMATION)
 
         def read(conn: ldap3.Connection) -> bytes | None:
             try:
@@ -745,7 +746,7 @@ class Directory:
             attributes[ad.SECURITY_DESCRIPTOR_ATTRIBUTE] = ad.container_descriptor(
                 self.service_sid()
             )
-            controls = [security_descriptor_control(sdflags=ad.DACL_SECURITY_INFORMATION)]
+            controls = security_descriptor_control(sdflags=ad.DACL_SECURITY_INFORMATION)
         self._add(
             dn,
             self._layout.container_classes,
