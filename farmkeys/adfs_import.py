@@ -17,13 +17,12 @@ import base64
 import binascii
 import contextlib
 import logging
-import os
-import stat
 import uuid
 from datetime import datetime
 from pathlib import Path
 
 from farmkeys import adfs, certs, dkm, policy
+from farmkeys._private_file import read_private_file
 from farmkeys.config import Config
 from farmkeys.configdb import ConfigDB
 from farmkeys.directory import MASTER_KEY_LENGTH, Directory
@@ -38,27 +37,8 @@ ROLES = ("secondary", "primary")
 
 def read_dkm_key_file(path: Path) -> bytes:
     """The 32-byte DKM key in ``path`` (hex or base64), refusing a file others may read."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as exc:
-        raise ImportRefusedError(
-            f"cannot open the DKM key file {path}: {exc.strerror}",
-            "give the path of a regular file that holds the key",
-        ) from None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise ImportRefusedError(
-                f"the DKM key file {path} is not a regular file",
-                "give the path of a regular file that holds the key",
-            )
-        if info.st_mode & 0o077:
-            raise ImportRefusedError(
-                f"the DKM key file {path} may be read by other accounts "
-                f"(mode {stat.S_IMODE(info.st_mode):04o})",
-                f"run `chmod 600 {path}`, and consider the key exposed if others could read it",
-            )
-        text = f.read(4096).decode("ascii", "replace").strip()
+    raw = read_private_file(path, what="DKM key file", error=ImportRefusedError, limit=4096)
+    text = raw.decode("ascii", "replace").strip()
     key = _decode_key(text)
     if key is None:
         raise ImportRefusedError(

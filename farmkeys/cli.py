@@ -398,12 +398,7 @@ def _rollover(args: argparse.Namespace, config: Config) -> int:
             urgent=args.urgent,
             timeout_seconds=args.wait,
         )
-    print(
-        f"rollover request {outcome.request}, answered by {outcome.done_by} (term {outcome.term}):"
-    )
-    for line in outcome.result.splitlines():
-        print(f"  {line}")
-    return EXIT_OK if outcome.ok else EXIT_ERROR
+    return _answer("rollover", outcome)
 
 
 def _import(args: argparse.Namespace, config: Config) -> int:
@@ -430,7 +425,18 @@ def _import(args: argparse.Namespace, config: Config) -> int:
             now=_now(),
             timeout_seconds=args.wait,
         )
-    print(f"import request {outcome.request}, answered by {outcome.done_by} (term {outcome.term}):")
+    if not outcome.ok:
+        raise ImportRefusedError(
+            f"{outcome.done_by or 'the leader'} answered import request {outcome.request}:"
+            f" {' '.join(outcome.result.split())}",
+            "nothing was changed; correct the input, or check `farmkeys status`, and try again",
+        )
+    return _answer("import", outcome)
+
+
+def _answer(kind: str, outcome: rollover.RolloverOutcome) -> int:
+    """Print the leader's answer to a request; the exit code it means."""
+    print(f"{kind} request {outcome.request}, answered by {outcome.done_by} (term {outcome.term}):")
     for line in outcome.result.splitlines():
         print(f"  {line}")
     return EXIT_OK if outcome.ok else EXIT_ERROR

@@ -33,7 +33,6 @@ import getpass
 import json
 import logging
 import os
-import stat
 import sys
 import uuid
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import Final
 
 from farmkeys import agefmt, policy
+from farmkeys._private_file import read_private_file
 from farmkeys.config import Config
 from farmkeys.configdb import ConfigDB
 from farmkeys.directory import MASTER_KEY_LENGTH, Directory
@@ -180,24 +180,7 @@ def read_passphrase(
 
 
 def _read_passphrase_file(path: Path) -> str:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as exc:
-        raise EscrowError(
-            f"cannot open passphrase file {path}: {exc.strerror}",
-            "check the path (a symbolic link is not followed)",
-        ) from None
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise EscrowError(f"passphrase file {path} is not a regular file", "give a file")
-        if info.st_mode & 0o077:
-            raise EscrowError(
-                f"passphrase file {path} may be read or written by group or others"
-                f" (mode {stat.S_IMODE(info.st_mode):04o})",
-                f"chmod 600 {path}, and consider the passphrase seen",
-            )
-        raw = handle.read(64 * 1024)
+    raw = read_private_file(path, what="passphrase file", error=EscrowError)
     try:
         lines = raw.decode("utf-8").splitlines()
     except UnicodeDecodeError:

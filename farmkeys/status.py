@@ -89,6 +89,8 @@ def farm_status(
             problems.add("critical", f"no live certificate can be opened: {exc.what}")
         except DirectoryError as exc:
             problems.add("warning", f"cannot list master keys: {exc.what}")
+        else:
+            _check_protection(directory, farm.dkm_group, problems)
     master_keys, schedule = _master_keys(config, now, recorded, in_directory, rows, problems)
     current = rollover_policy.current_key(recorded)
     current_key = None if current is None else current.id
@@ -219,6 +221,21 @@ def _certificate_json(row: CertificateRow, next_action: dict[str, Any] | None) -
         "created_at": _iso(row.created_at),
         "next_action": next_action,
     }
+
+
+def _check_protection(directory: Directory, group: uuid.UUID, problems: _Problems) -> None:
+    """On Active Directory: critical when the farm container's descriptor lets others read."""
+    try:
+        problem = directory.container_protection_problem(group)
+    except DirectoryError as exc:
+        problems.add("warning", f"cannot read the DKM container's security descriptor: {exc.what}")
+        return
+    if problem is not None:
+        problems.add(
+            "critical",
+            f"the DKM container {directory.container_dn(group)} is not protected: {problem};"
+            " anyone it lets read can take the master keys (docs/directory-setup.md)",
+        )
 
 
 def _master_keys(

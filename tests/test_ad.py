@@ -356,3 +356,28 @@ def test_import_reads_the_dkm_key_from_a_container_that_adfs_made(
     )
     assert ad_initialised.run("sync").code == 0
     assert (ad_initialised.store() / f"signing/{thumb}.pem").exists()
+
+
+def test_status_is_critical_when_someone_opens_the_container_to_others(
+    ad_initialised: TestFarm, samba_dc: LocalSambaDC
+) -> None:
+    assert ad_initialised.run("status").code in (0, 1)  # no node serves: a warning at most
+    group = dkm_group(ad_initialised)
+    container = f"CN={group},{samba_dc.adfs_parent}"
+    # A domain admin adds "Authenticated Users may read" to the farm's container.
+    opened = sd.encode_dacl_descriptor(
+        (*ad.container_aces(samba_dc.service_sid), sd.allow("S-1-5-11", sd.READ_RIGHTS)),
+        protected=True,
+    )
+    admin = samba_dc.admin_connection()
+    try:
+        admin.modify(
+            container,
+            {"nTSecurityDescriptor": [(ldap3.MODIFY_REPLACE, [opened])]},
+            controls=security_descriptor_control(sdflags=0x04),
+        )
+    finally:
+        admin.unbind()
+    result = ad_initialised.run("status")
+    assert result.code == 2, result.out
+    assert "is not protected" in result.out and "S-1-5-11" in result.out

@@ -316,7 +316,7 @@ def test_a_dkm_key_file_others_may_read_is_refused(
     pfx = write(tmp_path, "s.pfx", encrypted_pfx(adfs_certificate()))
     exposed = write(tmp_path, "exposed.key", ADFS_KEY.hex().encode(), mode)
     line = _refused(farm, pfx, "--purpose", "signing", "--dkm-key-file", str(exposed))
-    assert "may be read by other accounts" in line and "chmod 600" in line
+    assert "may be read or written by group or others" in line and "chmod 600" in line
     assert ADFS_KEY.hex() not in line
 
 
@@ -351,3 +351,68 @@ def test_the_key_never_reaches_output_or_logs(
             assert secret not in text
     blob = db_query(farm.dsn, "SELECT import_blob FROM rollover_request")[0]["import_blob"]
     assert pem.encode()[40:100] not in bytes(blob)
+
+
+def _forged_request(farm: TestFarm, made: certs.Generated, master_key: bytes | None) -> int:
+    """An import request written straight into the config DB, as its writer could: sealed
+    under ``master_key`` (a guess, without the farm's key), or under the farm's own key."""
+    from farmkeys import dkm
+    from farmkeys.configdb import ConfigDB
+    from farmkeys.sync import blob_context
+
+    cfg = load(farm.config())
+    pkcs12 = certs.to_pkcs12(made.certificate, made.key, friendly_name="")
+    with ConfigDB(cfg.database, cfg.retry) as db, Directory(cfg.directory, cfg.retry) as dirx:
+        found = db.farm()
+        assert found is not None
+        key_id = dirx.current_key_id(found.dkm_group)
+        cert_id = uuid.uuid4()
+        blob = dkm.seal(
+            pkcs12,
+            master_key=master_key or dirx.master_key(found.dkm_group, key_id),
+            master_key_id=key_id,
+            context=blob_context(found.dkm_group, cert_id, "signing"),
+        )
+        return db.request_import(
+            node_id="intruder",
+            purpose="signing",
+            role="primary",
+            certificate_id=cert_id,
+            blob=blob,
+            source="forged",
+        )
+
+
+def test_a_config_db_writer_without_the_master_key_cannot_slip_a_certificate_in(
+    farm: TestFarm,
+) -> None:
+    made = adfs_certificate()
+    request = _forged_request(farm, made, master_key=bytes(32))
+    # The next time anyone leads, the pending request is answered: refused.
+    assert farm.run("rollover", "--purpose", "decryption").code == 0
+    row = db_query(farm.dsn, "SELECT ok, result FROM rollover_request WHERE id = %s", (request,))
+    assert row[0]["ok"] is False and "import refused" in row[0]["result"]
+    thumb = certs.thumbprint(made.certificate)
+    assert not db_query(farm.dsn, "SELECT 1 FROM certificate WHERE thumbprint = %s", (thumb,))
+    assert not [e for e in audit_events(farm) if e["action"] == "import"]
+
+
+def test_the_leader_checks_again_and_refuses_what_arrived_meanwhile(
+    farm: TestFarm, tmp_path: Path
+) -> None:
+    # The same certificate twice, the second past the CLI's own checks (a race): the
+    # leader refuses it in its fenced transaction; the CLI reports that in one line.
+    made = adfs_certificate()
+    pfx = write(tmp_path, "s.pfx", encrypted_pfx(made))
+    keyfile = str(key_file(tmp_path))
+    assert run_import(farm, pfx, "--purpose", "signing", "--dkm-key-file", keyfile)[0] == 0
+    request = _forged_request(farm, made, master_key=None)
+    assert farm.run("rollover", "--purpose", "decryption").code == 0
+    row = db_query(farm.dsn, "SELECT ok, result FROM rollover_request WHERE id = %s", (request,))
+    assert row[0]["ok"] is False and "already in the farm" in row[0]["result"]
+    roles = db_query(
+        farm.dsn,
+        "SELECT role FROM certificate WHERE thumbprint = %s",
+        (certs.thumbprint(made.certificate),),
+    )
+    assert roles == [{"role": "secondary"}]
