@@ -22,7 +22,7 @@ from farmtools import TestFarm, audit_events, db_query, one_error_line
 from ldap3.protocol.microsoft import security_descriptor_control
 
 from farmkeys import certs
-from farmkeys.config import DirectoryConfig, RetryConfig
+from farmkeys.config import DirectoryConfig, RetryConfig, load
 from farmkeys.directory import Directory, ad, sd
 from farmkeys.errors import DirectoryError, MasterKeyMissingError
 from farmkeys.lab._common import free_port
@@ -259,6 +259,52 @@ def test_three_nodes_sync_and_follow_certificate_and_master_key_rollovers(
     assert {n["directory_server"] for n in doc["nodes"]} == {samba_dc.url}
     actions = {e["action"] for e in audit_events(ad_initialised)}
     assert {"generate", "master_key_add", "master_key_roll"} <= actions
+    # An urgent master-key roll deletes the replaced key's contact from AD at once.
+    replaced = next(k["id"] for k in doc["master_keys"] if k["current"])
+    assert ad_initialised.run("rollover", "--master-key", "--urgent").code == 0
+    for node in nodes:
+        assert ad_initialised.run("sync", node=node).code == 0
+    admin = samba_dc.admin_connection()
+    try:
+        left = search(
+            admin,
+            f"CN={group},{samba_dc.adfs_parent}",
+            f"(&(objectClass=contact)(l={replaced}))",
+            ldap3.LEVEL,
+            ["l"],
+        )
+    finally:
+        admin.unbind()
+    assert left == []
+
+
+def test_escrow_brings_back_a_deleted_container_protected_as_before(
+    ad_initialised: TestFarm, samba_dc: LocalSambaDC, tmp_path: Path
+) -> None:
+    passphrase = tmp_path / "passphrase"
+    passphrase.write_text("a long enough escrow passphrase\n")
+    passphrase.chmod(0o600)
+    out = tmp_path / "escrow.age"
+    result = ad_initialised.run(
+        "escrow", "export", "--out", str(out), "--passphrase-file", str(passphrase)
+    )
+    assert result.code == 0, result.err
+    group = dkm_group(ad_initialised)
+    container = f"CN={group},{samba_dc.adfs_parent}"
+    admin = samba_dc.admin_connection()
+    try:
+        for entry in search(admin, container, "(objectClass=contact)", ldap3.LEVEL, ["cn"]):
+            admin.delete(entry["dn"])
+        admin.delete(container)
+    finally:
+        admin.unbind()
+    assert ad_initialised.run("sync", node="node-b").code != 0  # nothing to open them with
+    result = ad_initialised.run("escrow", "import", str(out), "--passphrase-file", str(passphrase))
+    assert result.code == 0, result.err
+    assert ad_initialised.run("sync", node="node-b").code == 0
+    cfg = load(ad_initialised.config())
+    with Directory(cfg.directory, cfg.retry) as directory:
+        assert directory.container_protection_problem(group) is None
 
 
 def test_a_node_keeps_syncing_when_the_first_listed_dc_is_down(
