@@ -599,7 +599,12 @@ class Directory:
                     conn.search(base, "(objectClass=*)", scope, attributes=[key_attribute])
                 except ldap_exc.LDAPNoSuchObjectResult:
                     continue
-                except ldap_exc.LDAPInsufficientAccessRightsResult:
+                except (
+                    ldap_exc.LDAPInsufficientAccessRightsResult,
+                    # Active Directory: "Operation unavailable without authentication".
+                    ldap_exc.LDAPOperationsErrorResult,
+                    ldap_exc.LDAPStrongerAuthRequiredResult,
+                ):
                     continue
                 for entry in _entries(conn):
                     if self._is_key_dn(str(entry["dn"]), container) or _first(entry, key_attribute):
