@@ -401,15 +401,25 @@ def _rollover(args: argparse.Namespace, config: Config) -> int:
     return _answer("rollover", outcome)
 
 
+# An EncryptedPfx is a few kilobytes; base64 of the largest blob adfs.parse accepts.
+_MAX_PFX_FILE = 4 * 1024 * 1024
+
+
 def _import(args: argparse.Namespace, config: Config) -> int:
     path = Path(args.encrypted_pfx)
     try:
-        data = path.read_bytes()
+        with path.open("rb") as f:
+            data = f.read(_MAX_PFX_FILE + 1)
     except OSError as exc:
         raise ImportRefusedError(
             f"cannot read the EncryptedPfx file {path}: {exc.strerror}",
             "give the path of a file holding the certificate's EncryptedPfx",
         ) from None
+    if len(data) > _MAX_PFX_FILE:
+        raise ImportRefusedError(
+            f"the EncryptedPfx file {path} is larger than {_MAX_PFX_FILE} bytes",
+            "give the file holding one certificate's EncryptedPfx, nothing more",
+        )
     with (
         ConfigDB(config.database, config.retry) as db,
         Directory(config.directory, config.retry) as directory,

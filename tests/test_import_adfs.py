@@ -416,3 +416,11 @@ def test_the_leader_checks_again_and_refuses_what_arrived_meanwhile(
         (certs.thumbprint(made.certificate),),
     )
     assert roles == [{"role": "secondary"}]
+
+
+def test_an_oversized_or_missing_input_file_is_refused(farm: TestFarm, tmp_path: Path) -> None:
+    huge = write(tmp_path, "huge.pfx", b"A" * (4 * 1024 * 1024 + 1))
+    line = _refused(farm, huge, "--purpose", "signing", "--dkm-key-file", str(key_file(tmp_path)))
+    assert "larger than" in line
+    line = _refused(farm, tmp_path / "absent.pfx", "--purpose", "signing")
+    assert "cannot read the EncryptedPfx file" in line
