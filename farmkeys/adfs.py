@@ -131,7 +131,7 @@ _MALFORMED_TODO: Final = (
 )
 _UNSUPPORTED_TODO: Final = (
     "farmkeys reads only version 1, encrypt-then-MAC, SHA-256 and AES-128-CBC; "
-    "export this certificate with its private key from AD FS as a PFX file instead"
+    "let farmkeys generate this certificate instead (`farmkeys rollover`)"
 )
 _MISMATCH_TODO: Final = (
     "try the farm's other DKM keys, or copy the EncryptedPfx again from the AD FS configuration"

@@ -190,8 +190,8 @@ def _parser() -> argparse.ArgumentParser:
         "adfs",
         parents=[common],
         help="an AD FS token-signing or token-decrypting certificate (its EncryptedPfx)",
-        description="Read the EncryptedPfx of an AD FS certificate (base64, as in "
-        "Get-AdfsProperties or the service settings), open it with its DKM key (found in the "
+        description="Read the EncryptedPfx of an AD FS certificate (base64, as in the service "
+        "settings of AD FS's configuration database), open it with its DKM key (found in the "
         "directory under directory.container, or given with --dkm-key-file), check it, and "
         "have the leader add it to the farm, fenced and audited. Default role: secondary, so "
         "relying parties see it before it signs.",
@@ -401,7 +401,7 @@ def _rollover(args: argparse.Namespace, config: Config) -> int:
     return _answer("rollover", outcome)
 
 
-# An EncryptedPfx is a few kilobytes; base64 of the largest blob adfs.parse accepts.
+# An EncryptedPfx is a few kilobytes; adfs.parse refuses blobs over 1 MiB (1.4 MB of base64).
 _MAX_PFX_FILE = 4 * 1024 * 1024
 
 

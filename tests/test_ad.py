@@ -131,6 +131,12 @@ def test_init_makes_the_adfs_container_with_contacts_and_a_protected_descriptor(
         "S-1-5-18",
         samba_dc.service_sid,
     }
+    # Each key and CryptoPolicy carries the same protected descriptor of its own: a
+    # contact's schema default (Authenticated Users may read) never applies to them.
+    for dn in ad_initialised_key_dns(samba_dc, container):
+        entry_raw = read_descriptor(samba_dc, dn)
+        assert sd.decode_descriptor(entry_raw).protected, dn
+        assert ad.descriptor_problem(entry_raw, samba_dc.service_sid) is None, dn
 
 
 def test_an_ordinary_domain_user_can_read_neither_the_keys_nor_their_thumbnailphoto(
@@ -185,6 +191,22 @@ def test_an_ordinary_domain_user_can_read_neither_the_keys_nor_their_thumbnailph
             assert found == [exposed.lower()]  # the planted one, never the farm's
         with pytest.raises(DirectoryError):
             directory.list_keys(group)
+
+
+def read_descriptor(dc: LocalSambaDC, dn: str) -> bytes:
+    """The DACL part of ``dn``'s nTSecurityDescriptor, read as the domain admin."""
+    admin = dc.admin_connection()
+    try:
+        admin.search(
+            dn,
+            "(objectClass=*)",
+            ldap3.BASE,
+            attributes=["nTSecurityDescriptor"],
+            controls=security_descriptor_control(sdflags=0x04),
+        )
+        return bytes(entries(admin)[0]["raw_attributes"]["nTSecurityDescriptor"][0])
+    finally:
+        admin.unbind()
 
 
 def ad_initialised_key_dns(dc: LocalSambaDC, container: str) -> list[str]:
@@ -405,13 +427,17 @@ def test_import_reads_the_dkm_key_from_a_container_that_adfs_made(
     assert (ad_initialised.store() / f"signing/{thumb}.pem").exists()
 
 
+@pytest.mark.parametrize("target", ["container", "key"])
 def test_status_is_critical_when_someone_opens_the_container_to_others(
-    ad_initialised: TestFarm, samba_dc: LocalSambaDC
+    ad_initialised: TestFarm, samba_dc: LocalSambaDC, target: str
 ) -> None:
     assert ad_initialised.run("status").code in (0, 1)  # no node serves: a warning at most
     group = dkm_group(ad_initialised)
     container = f"CN={group},{samba_dc.adfs_parent}"
-    # A domain admin adds "Authenticated Users may read" to the farm's container.
+    dn = container
+    if target == "key":
+        dn = next(d for d in ad_initialised_key_dns(samba_dc, container) if "CryptoPolicy" not in d)
+    # A domain admin adds "Authenticated Users may read" to the container or to a key.
     opened = sd.encode_dacl_descriptor(
         (*ad.container_aces(samba_dc.service_sid), sd.allow("S-1-5-11", sd.READ_RIGHTS)),
         protected=True,
@@ -419,7 +445,7 @@ def test_status_is_critical_when_someone_opens_the_container_to_others(
     admin = samba_dc.admin_connection()
     try:
         admin.modify(
-            container,
+            dn,
             {"nTSecurityDescriptor": [(ldap3.MODIFY_REPLACE, [opened])]},
             controls=security_descriptor_control(sdflags=0x04),
         )

@@ -516,3 +516,41 @@ def test_all_servers_down_is_one_error_naming_them_all(make_directory: MakeDirec
     with pytest.raises(DirectoryError, match="cannot reach the directory at") as caught:
         directory.bind()
     assert dead[0] in caught.value.what and dead[1] in caught.value.what
+
+
+def test_a_rejected_password_is_not_tried_on_the_next_server(
+    make_directory: MakeDirectory, slapd: LocalSlapd
+) -> None:
+    # The second "server" only counts the connections it is offered: a wrong password
+    # must not be carried to it (each try could count towards locking the account out).
+    import socket
+
+    offered: list[object] = []
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            offered.append(conn)
+            conn.close()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        second = f"ldap://127.0.0.1:{listener.getsockname()[1]}"
+        directory = make_directory(
+            url=[slapd.url, second], password="not the password", password_file=None
+        )
+        with pytest.raises(DirectoryAuthError):
+            directory.bind()
+        time.sleep(0.3)
+        assert offered == []
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()

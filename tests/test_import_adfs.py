@@ -172,6 +172,14 @@ def test_the_dkm_key_is_found_in_the_directory_by_its_id_or_by_trying_each(
             pfx = write(tmp_path, "other-id.pfx", encrypted_pfx(other, key_id=uuid.uuid4()))
             code, _, err = run_import(farm, pfx, "--purpose", "decryption")
             assert code == 0, err
+            # A blob naming one key of the container but sealed under another (the id is
+            # not authenticated): the named key fails its MAC, the next one opens it.
+            second = bytes(range(100, 132))
+            directory.ensure_key(adfs_group, uuid.uuid4(), second)
+            third = adfs_certificate()
+            pfx = write(tmp_path, "misnamed.pfx", encrypted_pfx(third, key=second))
+            code, _, err = run_import(farm, pfx, "--purpose", "signing", "--role", "primary")
+            assert code == 0, err
         finally:
             directory.delete_container(adfs_group)
     roles = {(r["purpose"], r["thumbprint"]) for r in certificates(farm)}

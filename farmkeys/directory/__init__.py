@@ -551,8 +551,9 @@ class Directory:
 
     def find_keys(self, key_id: uuid.UUID) -> list[tuple[str, bytes]]:
         """Master keys anywhere under ``directory.container``, for reading another farm's
-        blobs (an AD FS farm's DKM container): the entries whose ``l`` is ``key_id``, or,
-        when none is, every key entry there. (DN, 32 bytes) pairs; never cached.
+        blobs (an AD FS farm's DKM container): the entries whose ``l`` is ``key_id`` first,
+        then every other key entry there, as (DN, 32 bytes) pairs; never cached. The id a
+        blob names is a hint only (AD FS does not authenticate it): its MAC decides.
         """
         attribute = self._layout.key_attribute
         base = self._config.container
@@ -569,9 +570,8 @@ class Directory:
         named = self._run(
             lambda c: search(c, f"(&(objectClass={cls})({KEY_ID_ATTRIBUTE}={key_id}))")
         )
-        if named:
-            return named
-        return self._run(lambda c: search(c, f"(&(objectClass={cls})({attribute}=*))"))
+        others = self._run(lambda c: search(c, f"(&(objectClass={cls})({attribute}=*))"))
+        return named + [entry for entry in others if entry not in named]
 
     def anonymous_can_read(self, group: uuid.UUID) -> bool:
         """Whether an anonymous bind can see any master-key entry of ``group`` or its key.
@@ -655,37 +655,49 @@ class Directory:
         return sid
 
     def container_protection_problem(self, group: uuid.UUID) -> str | None:
-        """On the ``ad`` layout: why the farm container's security descriptor would let
+        """On the ``ad`` layout: why the farm's container, or an entry in it, would let
         someone other than the service account, Domain Admins and SYSTEM read the keys;
-        None when it is the protected one farmkeys writes (always None on ``openldap``)."""
+        None when every descriptor is the protected one farmkeys writes (always None on
+        ``openldap``, whose access rule is the server's)."""
         if not self._layout.protects_container:
             return None
-        dn = self.container_dn(group)
+        container = self.container_dn(group)
         control = security_descriptor_control(sdflags=ad.DACL_SECURITY_INFORMATION)
 
-        def read(conn: ldap3.Connection) -> bytes | None:
+        def read(conn: ldap3.Connection) -> list[tuple[str, bytes | None]]:
             try:
                 conn.search(
-                    dn,
+                    container,
                     "(objectClass=*)",
-                    ldap3.BASE,
+                    ldap3.SUBTREE,
                     attributes=[ad.SECURITY_DESCRIPTOR_ATTRIBUTE],
                     controls=control,
                 )
             except ldap_exc.LDAPNoSuchObjectResult:
-                return None
-            found = _entries(conn)
-            return _first(found[0], ad.SECURITY_DESCRIPTOR_ATTRIBUTE) if found else None
+                return []
+            return [
+                (str(e["dn"]), _first(e, ad.SECURITY_DESCRIPTOR_ATTRIBUTE))
+                for e in _entries(conn)
+            ]
 
-        return ad.descriptor_problem(self._run(read), self.service_sid())
+        found = self._run(read)
+        if not found:
+            return "its security descriptor cannot be read"
+        service = self.service_sid()
+        for dn, raw in found:
+            problem = ad.descriptor_problem(raw, service)
+            if problem is not None:
+                return problem if dn.lower() == container.lower() else f"{dn}: {problem}"
+        return None
 
     def _delegation_hint(self) -> str:
         """What a domain admin must grant so ``init`` can protect the farm's container."""
-        who = self._service_sid or self._config.bind_dn
+        sid = self._service_sid or "<the account's objectSid>"
         return (
             f"a domain admin must give {self._config.bind_dn} full control of "
             f"{self._config.container} (Samba: samba-tool dsacl set "
-            f'--objectdn="{self._config.container}" --sddl="(A;CI;GA;;;{who})"; '
+            f'--objectdn="{self._config.container}" --trusteedn="<the account\'s DN>" '
+            f'--sddl="(A;CI;GA;;;{sid})"; '
             f'Windows: dsacls "{self._config.container}" /I:T /G "<DOMAIN>\\<account>:GA"); '
             f"see {SETUP_DOC}"
         )
@@ -742,20 +754,15 @@ class Directory:
 
     def _add_container_entry(self, group: uuid.UUID, farm_name: str) -> str:
         dn = self.container_dn(group)
-        attributes: dict[str, Any] = {
-            "cn": str(group),
-            "description": f"farmkeys DKM container for farm {farm_name}",
-        }
-        controls = None
-        if self._layout.protects_container:
-            attributes[ad.SECURITY_DESCRIPTOR_ATTRIBUTE] = ad.container_descriptor(
-                self.service_sid()
-            )
-            controls = security_descriptor_control(sdflags=ad.DACL_SECURITY_INFORMATION)
+        protection, controls = self._protection()
         self._add(
             dn,
             self._layout.container_classes,
-            attributes,
+            {
+                "cn": str(group),
+                "description": f"farmkeys DKM container for farm {farm_name}",
+                **protection,
+            },
             creating_container=True,
             controls=controls,
         )
@@ -774,17 +781,35 @@ class Directory:
                 )
         return dn
 
+    def _protection(self) -> tuple[dict[str, Any], list[Any] | None]:
+        """The attributes and controls that give a new entry its own protected descriptor
+        (``ad``: the container, every key and CryptoPolicy), so no schema default, such as a
+        contact's read access for Authenticated Users, applies to it; none on ``openldap``."""
+        if not self._layout.protects_container:
+            return {}, None
+        descriptor = ad.container_descriptor(self.service_sid())
+        controls = security_descriptor_control(sdflags=ad.DACL_SECURITY_INFORMATION)
+        return {ad.SECURITY_DESCRIPTOR_ATTRIBUTE: descriptor}, controls
+
     def _add_policy_entry(self, group: uuid.UUID, current: uuid.UUID) -> str:
         dn = self._policy_dn(group)
+        protection, controls = self._protection()
         self._add(
             dn,
             self._layout.key_classes,
-            {"cn": POLICY_CN, POLICY_ATTRIBUTE: str(current), **self._layout.policy_extra},
+            {
+                "cn": POLICY_CN,
+                POLICY_ATTRIBUTE: str(current),
+                **self._layout.policy_extra,
+                **protection,
+            },
+            controls=controls,
         )
         return dn
 
     def _add_key_entry(self, group: uuid.UUID, key_id: uuid.UUID, key: bytes | None = None) -> str:
         dn = self._key_dn(group, key_id)
+        protection, controls = self._protection()
         self._add(
             dn,
             self._layout.key_classes,
@@ -795,7 +820,9 @@ class Directory:
                 if key is not None
                 else secrets.token_bytes(MASTER_KEY_LENGTH),
                 **self._layout.key_extra,
+                **protection,
             },
+            controls=controls,
         )
         return dn
 
