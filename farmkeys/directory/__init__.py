@@ -676,8 +676,7 @@ class Directory:
             except ldap_exc.LDAPNoSuchObjectResult:
                 return []
             return [
-                (str(e["dn"]), _first(e, ad.SECURITY_DESCRIPTOR_ATTRIBUTE))
-                for e in _entries(conn)
+                (str(e["dn"]), _first(e, ad.SECURITY_DESCRIPTOR_ATTRIBUTE)) for e in _entries(conn)
             ]
 
         found = self._run(read)
