@@ -31,6 +31,7 @@ ENV_CONFIG = "FARMKEYS_CONFIG"
 _ENV_NOT_CONFIG = frozenset({ENV_CONFIG, "FARMKEYS_STORE", "FARMKEYS_CHANGED"})
 
 KEY_TYPES = ("rsa-2048", "rsa-3072", "rsa-4096", "ec-p256")
+RSA_KEY_TYPES = tuple(k for k in KEY_TYPES if k.startswith("rsa-"))
 LAYOUTS = ("openldap", "ad")
 # The longest farm name that keeps "CN=<name> Token Decryption" within X.520's
 # 64-character upper bound for a common name.
@@ -98,6 +99,7 @@ class PolicyConfig:
     """AD FS's AutoCertificateRollover settings, in threshold units (days by default)."""
 
     key: str = "rsa-2048"
+    decryption_key: str | None = None
     certificate_duration: int = 365
     generation_threshold: int = 20
     promotion_threshold: int = 5
@@ -108,6 +110,16 @@ class PolicyConfig:
     def units(self, n: int) -> timedelta:
         """``n`` threshold units as a duration."""
         return timedelta(seconds=n * self.threshold_unit_seconds)
+
+    def key_for(self, purpose: str) -> str:
+        """The key type of new ``purpose`` certificates. Token decryption needs RSA (SAML
+        and WS-Federation relying parties encrypt to RSA keys): ``decryption_key``, else
+        ``key`` when it is RSA, else rsa-2048."""
+        if purpose != "decryption":
+            return self.key
+        if self.decryption_key is not None:
+            return self.decryption_key
+        return self.key if self.key.startswith("rsa-") else "rsa-2048"
 
 
 @dataclass(frozen=True)
@@ -430,6 +442,11 @@ def _validate(config: Config) -> None:
         p.key in KEY_TYPES,
         f"policy.key {p.key!r} is not supported",
         f"use one of {', '.join(KEY_TYPES)}",
+    )
+    _require(
+        p.decryption_key is None or p.decryption_key in RSA_KEY_TYPES,
+        f"policy.decryption_key {p.decryption_key!r} is not an RSA key type",
+        f"token decryption needs RSA: use one of {', '.join(RSA_KEY_TYPES)}",
     )
     for key in ("certificate_duration", "threshold_unit_seconds"):
         _require(getattr(p, key) > 0, f"policy.{key} must be positive", "correct the value")

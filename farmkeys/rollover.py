@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from farmkeys import certs, dkm, policy
@@ -50,6 +50,11 @@ MAX_ROUNDS = 6
 # outage skips the check at once and a write under the lease row is bounded.
 _ONE_ATTEMPT = RetryConfig(total_seconds=0.0)
 
+CLOCK_SKEW_ALLOWANCE = timedelta(hours=1)
+"""A new certificate is valid from this long before it is made, so a relying party whose
+clock runs slow accepts it as soon as it is promoted. Its end is ``certificate_duration``
+after it is made, so the rollover schedule is unchanged."""
+
 
 @dataclass(frozen=True)
 class Applied:
@@ -75,13 +80,13 @@ def new_certificate(
     now: datetime,
 ) -> NewCertificate:
     """Generate a key and certificate for ``purpose`` and seal it, ready for its row."""
-    not_before = now.replace(microsecond=0)
+    start = now.replace(microsecond=0)
     generated = certs.generate(
         farm_name=config.farm.name,
         purpose=purpose,
-        key_type=config.policy.key,
-        not_before=not_before,
-        not_after=not_before + config.policy.units(config.policy.certificate_duration),
+        key_type=config.policy.key_for(purpose),
+        not_before=start - CLOCK_SKEW_ALLOWANCE,
+        not_after=start + config.policy.units(config.policy.certificate_duration),
     )
     return sealed_certificate(
         config,

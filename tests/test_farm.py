@@ -94,11 +94,40 @@ def test_db_upgrade_applies_only_new_migrations(farm: TestFarm) -> None:
     assert again.code == 0 and "up to date; nothing changed" in again.out
 
 
-@pytest.mark.parametrize("key", ["rsa-3072", "ec-p256"])
-def test_init_honours_the_key_type_policy(farm: TestFarm, key: str) -> None:
-    assert farm.run("init", policy={"key": key}).code == 0
-    assert db_rows(farm.dsn, "SELECT DISTINCT key_type FROM certificate") == [(key,)]
-    assert farm.run("sync", policy={"key": key}).code == 0
+@pytest.mark.parametrize(
+    ("policy", "signing", "decryption"),
+    [
+        ({"key": "rsa-3072"}, "rsa-3072", "rsa-3072"),
+        # Relying parties encrypt tokens to RSA keys: an EC policy is for signing only.
+        ({"key": "ec-p256"}, "ec-p256", "rsa-2048"),
+        ({"key": "ec-p256", "decryption_key": "rsa-4096"}, "ec-p256", "rsa-4096"),
+    ],
+)
+def test_init_honours_the_key_type_policy(
+    farm: TestFarm, policy: dict[str, str], signing: str, decryption: str
+) -> None:
+    assert farm.run("init", policy=policy).code == 0
+    rows = db_rows(farm.dsn, "SELECT purpose, key_type FROM certificate ORDER BY 1")
+    assert rows == [("decryption", decryption), ("signing", signing)]
+    assert farm.run("sync", policy=policy).code == 0
+
+
+def test_a_decryption_key_that_is_not_rsa_is_refused(farm: TestFarm) -> None:
+    result = farm.run("init", policy={"decryption_key": "ec-p256"})
+    assert result.code != 0
+    assert "token decryption needs RSA" in one_error_line(result)
+
+
+def test_new_certificates_are_valid_from_an_hour_before_they_are_made(
+    initialised: TestFarm,
+) -> None:
+    # A relying party whose clock is slow still accepts a just-promoted certificate; the
+    # end, which the rollover schedule counts from, is a full duration after it was made.
+    for not_before, not_after, created in db_rows(
+        initialised.dsn, "SELECT not_before, not_after, created_at FROM certificate"
+    ):
+        assert 3599 <= (created - not_before).total_seconds() <= 3601
+        assert 365 * 86400 - 1 <= (not_after - created).total_seconds() <= 365 * 86400 + 1
 
 
 def test_init_warns_when_an_anonymous_bind_can_read_the_container(
