@@ -23,6 +23,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
 from farmkeys.errors import ConfigError
 
 ENV_PREFIX = "FARMKEYS_"
@@ -52,7 +55,7 @@ class NodeConfig:
 
 @dataclass(frozen=True)
 class DatabaseConfig:
-    dsn: str
+    dsn: str = field(repr=False)  # may carry a password
     connect_timeout_seconds: int = 5
 
 
@@ -65,6 +68,7 @@ class DirectoryConfig:
     password_file: str | None = None
     layout: str = "openldap"
     start_tls: bool = False
+    allow_plaintext: bool = False  # ldap:// without StartTLS to a host that is not loopback
     ca_file: str | None = None
     timeout_seconds: int = 5
 
@@ -79,6 +83,13 @@ class DirectoryConfig:
             return self.password
         assert self.password_file is not None  # guaranteed by validation
         try:
+            mode = os.stat(self.password_file).st_mode
+            if mode & 0o077:
+                raise ConfigError(
+                    f"directory.password_file {self.password_file} may be read or written by"
+                    f" group or others (mode {mode & 0o7777:04o})",
+                    f"chmod 600 {self.password_file}, and consider the password seen",
+                )
             text = Path(self.password_file).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(
@@ -190,6 +201,7 @@ def load(
     source = path if path is not None else env.get(ENV_CONFIG)
     if source:
         raw = _read_file(Path(source))
+        _check_private_if_secret(Path(source), raw)
     for name, value in env.items():
         if not name.startswith(ENV_PREFIX) or name in _ENV_NOT_CONFIG:
             continue
@@ -241,6 +253,34 @@ def _read_file(path: Path) -> dict[str, dict[str, Any]]:
                 f"write it as [{section}] followed by its keys",
             )
     return {section: dict(body) for section, body in parsed.items()}
+
+
+def _check_private_if_secret(path: Path, raw: dict[str, dict[str, Any]]) -> None:
+    """A config file that holds a password (the directory's, or one in the DSN) must be
+    readable by its owner alone, like a password file."""
+    holds = []
+    if raw.get("directory", {}).get("password") is not None:
+        holds.append("directory.password")
+    dsn = raw.get("database", {}).get("dsn")
+    if isinstance(dsn, str) and _dsn_has_password(dsn):
+        holds.append("a password in database.dsn")
+    if not holds:
+        return
+    mode = path.stat().st_mode
+    if mode & 0o077:
+        raise ConfigError(
+            f"config file {path} holds {' and '.join(holds)} but may be read or written by"
+            f" group or others (mode {mode & 0o7777:04o})",
+            f"chmod 600 {path}, or move the secret out (directory.password_file, a"
+            " ~/.pgpass passfile)",
+        )
+
+
+def _dsn_has_password(dsn: str) -> bool:
+    try:
+        return bool(conninfo_to_dict(dsn).get("password"))
+    except psycopg.ProgrammingError:
+        return False  # not a DSN at all: the connection reports that
 
 
 def _split_env_name(name: str) -> tuple[str, str]:

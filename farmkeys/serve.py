@@ -32,7 +32,9 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import FrameType
 
 import psycopg
@@ -48,6 +50,24 @@ from farmkeys.rollover import Leader
 from farmkeys.store import Manifest, Store
 
 log = logging.getLogger(__name__)
+
+# libpq's own secrets, withheld from the on_change hook like every FARMKEYS_* variable.
+_HOOK_WITHHELD = frozenset({"PGPASSWORD", "PGPASSFILE", "PGSERVICEFILE"})
+
+
+def hook_environment(
+    environ: Mapping[str, str], *, store: Path, changed: Sequence[str]
+) -> dict[str, str]:
+    """The environment of ``hooks.on_change``: this process's, without farmkeys' own
+    settings (FARMKEYS_*, which may carry the DSN or the directory password) and libpq's
+    secrets, plus ``FARMKEYS_STORE`` and ``FARMKEYS_CHANGED`` (the new thumbprints)."""
+    kept = {
+        k: v
+        for k, v in environ.items()
+        if k not in _HOOK_WITHHELD and not k.startswith("FARMKEYS_")
+    }
+    return {**kept, "FARMKEYS_STORE": str(store), "FARMKEYS_CHANGED": " ".join(changed)}
+
 
 # How often the main thread wakes to notice a stop request while it waits.
 _WAKE_SECONDS = 0.5
@@ -260,11 +280,7 @@ class Service:
             return
         old = before.identity() if before else frozenset()
         changed = sorted({t for (_, _, t) in after.identity() - old})
-        env = {
-            **os.environ,
-            "FARMKEYS_STORE": str(self.store.path),
-            "FARMKEYS_CHANGED": " ".join(changed),
-        }
+        env = hook_environment(os.environ, store=self.store.path, changed=changed)
         error: str | None = None
         try:
             done = subprocess.run(

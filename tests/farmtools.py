@@ -76,6 +76,7 @@ class TestFarm:
             values[name] = {k: v for k, v in values[name].items() if v is not None}
         path = self.root / f"{node}.toml"
         path.write_text(_toml(values))
+        path.chmod(0o600)  # it may hold a password, as other_account() does
         return path
 
     def other_account(self) -> dict[str, Any]:

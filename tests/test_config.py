@@ -187,11 +187,11 @@ def test_password_file_is_read_and_never_shown_in_repr(tmp_path: Path) -> None:
     secret.write_text("s3cret-pass\n")
     text = MINIMAL.replace("/etc/farmkeys/directory-password", str(secret))
     cfg = config.load(write(tmp_path, text), environ={})
+    secret.chmod(0o600)
     assert cfg.directory.read_password() == "s3cret-pass"
-    inline = config.load(
-        write(tmp_path, text.replace(f'password_file = "{secret}"', 'password = "inline-pw"')),
-        environ={},
-    )
+    holding = write(tmp_path, text.replace(f'password_file = "{secret}"', 'password = "inline-pw"'))
+    holding.chmod(0o600)
+    inline = config.load(holding, environ={})
     assert "inline-pw" not in repr(inline)
 
 
@@ -199,3 +199,69 @@ def test_unreadable_password_file_is_a_config_error(tmp_path: Path) -> None:
     cfg = config.load(write(tmp_path, MINIMAL.replace("/etc/farmkeys", str(tmp_path))), environ={})
     with pytest.raises(ConfigError, match=r"cannot read directory\.password_file"):
         cfg.directory.read_password()
+
+
+# --- secrets on disk and in reprs (issue 9, part 4) --------------------------------------
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o620])
+def test_a_password_file_others_may_read_or_write_is_refused(tmp_path: Path, mode: int) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret-pass\n")
+    secret.chmod(mode)
+    text = MINIMAL.replace("/etc/farmkeys/directory-password", str(secret))
+    cfg = config.load(write(tmp_path, text), environ={})
+    with pytest.raises(ConfigError, match="may be read or written by group or others") as caught:
+        cfg.directory.read_password()
+    assert "s3cret-pass" not in str(caught.value) and "chmod 600" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "holds"),
+    [
+        (
+            ('password_file = "/etc/farmkeys/directory-password"', 'password = "inline-pw"'),
+            "directory.password",
+        ),
+        (
+            (
+                'dsn = "postgresql://farmkeys@db.example/farmkeys"',
+                'dsn = "postgresql://farmkeys:pw@db.example/farmkeys"',
+            ),
+            "a password in database.dsn",
+        ),
+        (
+            (
+                'dsn = "postgresql://farmkeys@db.example/farmkeys"',
+                'dsn = "host=db.example user=f password=pw"',
+            ),
+            "a password in database.dsn",
+        ),
+    ],
+)
+def test_a_config_file_holding_a_password_must_be_private(
+    tmp_path: Path, change: tuple[str, str], holds: str
+) -> None:
+    path = write(tmp_path, MINIMAL.replace(*change))
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match=f"holds {holds} but may be read") as caught:
+        config.load(path, environ={})
+    assert "pw" not in str(caught.value).replace("password", "")
+    path.chmod(0o600)
+    assert config.load(path, environ={}).farm.name == "contoso"
+    # Without a secret in it, a config file may be readable by others.
+    assert config.load(write(tmp_path, MINIMAL), environ={}).farm.name == "contoso"
+
+
+def test_no_config_object_shows_a_secret_in_its_repr(tmp_path: Path) -> None:
+    text = MINIMAL.replace(
+        'password_file = "/etc/farmkeys/directory-password"', 'password = "inline-pw-1"'
+    ).replace(
+        'dsn = "postgresql://farmkeys@db.example/farmkeys"',
+        'dsn = "postgresql://farmkeys:dsn-pw-2@db.example/farmkeys"',
+    )
+    path = write(tmp_path, text)
+    path.chmod(0o600)
+    cfg = config.load(path, environ={})
+    shown = repr(cfg) + repr(cfg.database) + repr(cfg.directory) + str(cfg)
+    assert "inline-pw-1" not in shown and "dsn-pw-2" not in shown

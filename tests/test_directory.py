@@ -554,3 +554,31 @@ def test_a_rejected_password_is_not_tried_on_the_next_server(
         stop.set()
         thread.join()
         listener.close()
+
+
+@pytest.mark.parametrize(
+    ("changes", "allowed"),
+    [
+        ({"url": "ldap://dc.example.com"}, False),
+        ({"url": ["ldaps://dc1.example.com", "ldap://dc2.example.com"]}, False),
+        ({"url": "ldap://dc.example.com", "allow_plaintext": True}, True),
+        ({"url": "ldap://dc.example.com", "start_tls": True, "ca_file": "/ca.pem"}, True),
+        ({"url": "ldap://127.0.0.1:389"}, True),
+        ({"url": "ldap://localhost"}, True),
+        ({"url": "ldaps://dc.example.com"}, True),
+    ],
+)
+def test_plaintext_ldap_beyond_loopback_needs_allow_plaintext(
+    directory_config: DirectoryConfig,
+    fast_retry: RetryConfig,
+    changes: dict[str, Any],
+    allowed: bool,
+) -> None:
+    import dataclasses
+
+    config = dataclasses.replace(directory_config, **changes)
+    if allowed:
+        Directory(config, fast_retry)
+    else:
+        with pytest.raises(ConfigError, match="reached without TLS"):
+            Directory(config, fast_retry)

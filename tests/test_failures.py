@@ -75,6 +75,7 @@ def test_a_secret_of_the_wrong_type_is_not_echoed(
 ) -> None:
     path = tmp_path / "farmkeys.toml"
     path.write_text("[directory]\npassword = 918273645\n")
+    path.chmod(0o600)
     result = run_cli("sync", "--config", str(path), capsys=capsys)
     line = one_error_line(result)
     assert "directory.password must be a string" in line

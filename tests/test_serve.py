@@ -869,3 +869,18 @@ def test_a_node_started_while_the_directory_is_down_installs_soon_after_it_retur
         detail=nodes.logs,
     )
     assert node.alive(), node.tail()
+
+
+def test_the_hook_gets_no_farmkeys_setting_and_no_libpq_secret(tmp_path: Path) -> None:
+    from farmkeys.serve import hook_environment
+
+    environ = {
+        "PATH": "/usr/bin",
+        "FARMKEYS_DATABASE_DSN": "postgresql://f:secret@db/f",
+        "FARMKEYS_DIRECTORY_PASSWORD": "secret",
+        "FARMKEYS_CONFIG": "/etc/farmkeys/farmkeys.toml",
+        "PGPASSWORD": "secret",
+        "FARMKEYS_CHANGED": "stale",
+    }
+    env = hook_environment(environ, store=tmp_path, changed=["AB", "CD"])
+    assert env == {"PATH": "/usr/bin", "FARMKEYS_STORE": str(tmp_path), "FARMKEYS_CHANGED": "AB CD"}

@@ -216,6 +216,18 @@ class Directory:
                 "use ldaps:// URLs, or ldap:// URLs with start_tls = true, and set "
                 "directory.ca_file",
             )
+        plaintext = [
+            u
+            for u in config.urls
+            if not _is_ldaps(u) and not _is_loopback(urlsplit(u).hostname or "")
+        ]
+        if plaintext and not config.start_tls and not config.allow_plaintext:
+            raise ConfigError(
+                f"directory.url {plaintext[0]} is reached without TLS: the bind password and "
+                "the master keys would cross the network in the clear",
+                "use ldaps://, or set start_tls = true with ca_file; only on a network you "
+                "trust, set allow_plaintext = true",
+            )
         if config.start_tls and not config.ca_file:
             raise ConfigError(
                 "directory.start_tls is set but directory.ca_file is not",
