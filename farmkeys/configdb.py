@@ -152,11 +152,17 @@ def migrations() -> list[Migration]:
 
 
 def _migration_files() -> list[Path]:
-    # Installed: packaged as farmkeys._sql. From a checkout: the repository's sql/.
-    checkout = Path(__file__).resolve().parent.parent / "sql"
-    if checkout.is_dir():
-        return sorted(checkout.iterdir())
-    packaged = resources.files("farmkeys._sql")
+    """The shipped migrations: the package farmkeys._sql, as installed (an editable install
+    maps it to the repository's sql/). Only a checkout run without installing, recognised
+    by its pyproject.toml, reads sql/ beside the package: never a folder that merely
+    happens to lie next to an installed farmkeys (another package's sql/)."""
+    try:
+        packaged = resources.files("farmkeys._sql")
+    except ModuleNotFoundError:
+        root = Path(__file__).resolve().parent.parent
+        if not (root / "pyproject.toml").is_file():
+            raise
+        return sorted((root / "sql").iterdir())
     return sorted(Path(str(p)) for p in packaged.iterdir())
 
 

@@ -510,3 +510,28 @@ def test_a_node_syncs_past_a_dead_directory_server_and_status_names_the_one_it_u
     assert nodes["node-b"]["in_sync"]
     human = initialised.run("status")
     assert f"directory {initialised.slapd.url}" in human.out
+
+
+def test_migrations_come_from_the_installed_package_not_a_folder_beside_it(
+    tmp_path: Path,
+) -> None:
+    # As a wheel installs it: site/farmkeys/ with farmkeys/_sql/*.sql, and, beside it,
+    # another package's sql/ folder. Only farmkeys' own migrations are ever read.
+    import shutil
+
+    from farmtools import REPO, run_python
+
+    site = tmp_path / "site"
+    shutil.copytree(REPO / "farmkeys", site / "farmkeys")
+    shutil.copytree(REPO / "sql", site / "farmkeys" / "_sql")
+    (site / "farmkeys" / "_sql" / "__init__.py").write_text("")
+    (site / "sql").mkdir()
+    (site / "sql" / "0001_someone_elses.sql").write_text("DROP TABLE everything;\n")
+    result = run_python(
+        "-c",
+        f"import sys; sys.path.insert(0, {str(site)!r}); "
+        "from farmkeys.configdb import migrations; "
+        "print(' '.join(m.name for m in migrations()))",
+    )
+    assert result.code == 0, result.err
+    assert result.out.split() == sorted(p.name for p in (REPO / "sql").glob("*.sql"))
