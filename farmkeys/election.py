@@ -7,8 +7,10 @@ lease is free, expired, or already ours, and that raises ``term`` whenever the
 holder changes.
 
 Every leader write runs inside :meth:`Election.fenced`: a transaction that
-first locks the lease row and checks ``holder = me AND term = my term AND
-expires_at > now()``. If the check fails, nothing is written and
+first locks the lease row and then checks ``holder = me AND term = my term AND
+expires_at > clock_timestamp()``: the clock as it reads once the lock is held,
+not ``now()``, which is the transaction's start and would let a write that
+waited for the lock past the lease's end go through. If the check fails, nothing is written and
 :class:`~farmkeys.errors.LeaseLostError` is raised. Because the lease row stays
 locked until the write commits, a new leader's UPDATE waits for it: a paused
 or partitioned old leader can never write after another took over.
@@ -136,9 +138,12 @@ class Election:
         """
         term = self._term
         with (db or self._db).transaction() as tx:
+            # Lock first, then judge the expiry by the clock as it is once the lock is held:
+            # now() is the transaction's start, before any wait for the lock.
+            tx.execute("SELECT 1 FROM leader_lease FOR UPDATE")
             rows = tx.execute(
-                "SELECT holder, term, expires_at > now() AS valid, now() AS now"
-                " FROM leader_lease FOR UPDATE"
+                "SELECT holder, term, expires_at > clock_timestamp() AS valid,"
+                " clock_timestamp() AS now FROM leader_lease"
             )
             row = rows[0]
             if term is None or row["holder"] != self.identity or row["term"] != term:

@@ -129,6 +129,31 @@ def test_the_fence_refuses_an_expired_lease_even_before_a_takeover(
         pass
 
 
+def test_the_fence_judges_the_expiry_after_waiting_for_the_lock(
+    db: ConfigDB, farm: TestFarm
+) -> None:
+    # The lease row is locked by someone else (a renewal, another fenced write) for longer
+    # than the lease has left: once the fence gets the lock, the lease has expired, and
+    # the write must not happen, though it was valid when the transaction began.
+    import threading
+    import time
+
+    a = Election(db, node_id="node-a", lease=LeaseConfig(ttl_seconds=1.0, renew_seconds=0.5))
+    assert a.try_acquire()
+    holder = psycopg.connect(farm.dsn)
+    holder.execute("SELECT 1 FROM leader_lease FOR UPDATE")  # opens a transaction
+    release = threading.Timer(2.0, holder.rollback)
+    release.start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(LeaseLostError, match="has expired"), a.fenced():
+            pass
+        assert time.monotonic() - started >= 1.5  # it did wait for the lock
+    finally:
+        release.join()
+        holder.close()
+
+
 def test_the_leader_writes_under_its_term(db: ConfigDB, farm: TestFarm, config: Config) -> None:
     a = Election(db, node_id="node-a", lease=LEASE)
     assert a.try_acquire()
