@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from farmkeys.config import LeaseConfig
 from farmkeys.configdb import ConfigDB, Transaction
@@ -63,11 +64,23 @@ def instance_id(node_id: str) -> str:
 
 
 def read_lease(db: ConfigDB) -> Lease:
+    """The lease row; a missing row (deleted by hand) reads as a lease nobody holds."""
     rows = db.fetch(
         "SELECT holder, holder_node, term, acquired_at, expires_at,"
         " holder IS NOT NULL AND expires_at > now() AS valid, now() AS now FROM leader_lease"
     )
+    if not rows:
+        now = db.fetch("SELECT now() AS now")[0]["now"]
+        return Lease(None, None, 0, None, None, valid=False, now=now)
     return Lease(**rows[0])
+
+
+# Re-creates a lease row deleted by hand, under the highest term the audit log has seen,
+# so terms never go back (the next holder takes that term + 1).
+_RECREATE_LEASE = (
+    "INSERT INTO leader_lease (singleton, term)"
+    " SELECT true, COALESCE(max(term), 0) FROM audit_event ON CONFLICT DO NOTHING"
+)
 
 
 class Election:
@@ -96,18 +109,15 @@ class Election:
             self._term = None
 
     def try_acquire(self) -> bool:
-        """Take the lease if it is free or expired, renew it if ours; True when we lead."""
-        rows = self._db.fetch(
-            "UPDATE leader_lease SET"
-            " term = CASE WHEN holder IS DISTINCT FROM %(me)s THEN term + 1 ELSE term END,"
-            " acquired_at = CASE WHEN holder IS DISTINCT FROM %(me)s THEN now()"
-            "  ELSE acquired_at END,"
-            " holder = %(me)s, holder_node = %(node)s,"
-            " expires_at = now() + make_interval(secs => %(ttl)s)"
-            " WHERE holder = %(me)s OR holder IS NULL OR expires_at <= now()"
-            " RETURNING term",
-            {"me": self.identity, "node": self.node_id, "ttl": self._lease.ttl_seconds},
-        )
+        """Take the lease if it is free or expired, renew it if ours; True when we lead.
+
+        A lease row that is missing is re-created first (it heals itself).
+        """
+        rows = self._take()
+        if not rows and not self._db.fetch("SELECT 1 FROM leader_lease"):
+            log.warning("the leader lease row is missing from the config DB; re-creating it")
+            self._db.fetch(_RECREATE_LEASE + " RETURNING term")
+            rows = self._take()
         with self._lock:
             before = self._term
             self._term = rows[0]["term"] if rows else None
@@ -117,6 +127,20 @@ class Election:
         elif after is None and before is not None:
             log.warning("%s lost the lease of term %d; stepping down", self.node_id, before)
         return after is not None
+
+    def _take(self) -> list[dict[str, Any]]:
+        return self._db.fetch(
+            "UPDATE leader_lease SET"
+            " term = CASE WHEN holder IS DISTINCT FROM %(me)s THEN term + 1 ELSE term END,"
+            " acquired_at = CASE WHEN holder IS DISTINCT FROM %(me)s THEN now()"
+            "  ELSE acquired_at END,"
+            " holder = %(me)s, holder_node = %(node)s,"
+            " expires_at = now() + make_interval(secs => %(ttl)s)"
+            " WHERE holder = %(me)s OR holder IS NULL OR expires_at <= now()"
+            " OR expires_at IS NULL"
+            " RETURNING term",
+            {"me": self.identity, "node": self.node_id, "ttl": self._lease.ttl_seconds},
+        )
 
     def release(self) -> None:
         """Give the lease up at once (on a clean stop), so another node need not wait it out."""
@@ -145,6 +169,12 @@ class Election:
                 "SELECT holder, term, expires_at > clock_timestamp() AS valid,"
                 " clock_timestamp() AS now FROM leader_lease"
             )
+            if not rows:
+                self.step_down()
+                raise LeaseLostError(
+                    "the leader lease row is missing from the config DB",
+                    "the next lease attempt re-creates it; nothing was written",
+                )
             row = rows[0]
             if term is None or row["holder"] != self.identity or row["term"] != term:
                 self.step_down()

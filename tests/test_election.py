@@ -259,3 +259,28 @@ def test_a_lead_event_is_fenced_so_a_lost_term_is_never_recorded_late(
         leads = conn.execute("SELECT term, node FROM audit_event WHERE action = 'lead'").fetchall()
     assert leads == []
     assert service.election.term is None  # it stepped down
+
+
+def test_a_deleted_lease_row_heals_without_terms_going_back(db: ConfigDB, farm: TestFarm) -> None:
+    a = Election(db, node_id="node-a", lease=LEASE)
+    assert a.try_acquire()
+    with a.fenced() as fence:  # an audited write under the term
+        fence.tx.audit(node="node-a", term=fence.term, action="test")
+    highest = a.term
+    assert highest is not None
+    with psycopg.connect(farm.dsn) as conn:
+        conn.execute("DELETE FROM leader_lease")
+    assert not read_lease(db).valid  # no exception: nobody leads
+    with pytest.raises(LeaseLostError, match="row is missing"), a.fenced():
+        pass
+    b = Election(db, node_id="node-b", lease=LEASE)
+    assert b.try_acquire()
+    assert b.term is not None and b.term > highest
+    b.release()
+    # And the operator's path (no node serves): a rollover takes the healed lease.
+    assert farm.run("rollover", "--purpose", "signing").code == 0
+
+
+def test_the_schema_forbids_a_holder_without_an_expiry(farm: TestFarm) -> None:
+    with psycopg.connect(farm.dsn) as conn, pytest.raises(psycopg.errors.CheckViolation):
+        conn.execute("UPDATE leader_lease SET holder = 'x', holder_node = 'x', expires_at = NULL")
