@@ -17,6 +17,7 @@ import socket
 import tomllib
 import types
 import typing
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -44,6 +45,7 @@ MAX_FARM_NAME = 64 - len(" Token Decryption")
 @dataclass(frozen=True)
 class FarmConfig:
     name: str
+    dkm_group: str | None = None  # pin: refuse a config DB that names another farm
 
 
 @dataclass(frozen=True)
@@ -419,6 +421,17 @@ def _validate(config: Config) -> None:
         f"spaces, not {name!r}",
         "choose a short name; it appears in the certificate subjects",
     )
+    if config.farm.dkm_group is not None:
+        try:
+            uuid.UUID(config.farm.dkm_group)
+            pinned = True
+        except ValueError:
+            pinned = False
+        _require(
+            pinned,
+            f"farm.dkm_group {config.farm.dkm_group!r} is not a GUID",
+            "copy the farm's DKM group from `farmkeys status` (or from `farmkeys init`'s output)",
+        )
     node = config.node
     _require(
         0 < len(node.id) <= 255 and node.id.isprintable(),

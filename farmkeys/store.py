@@ -44,6 +44,7 @@ generation is kept, such a path may vanish two installs later
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -53,6 +54,7 @@ import shutil
 import stat
 import tempfile
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -152,9 +154,11 @@ class Manifest:
     generation: int
     installed_at: datetime
     certificates: tuple[ManifestEntry, ...]
+    dkm_group: str | None = None  # the farm this store is pinned to (its DKM group)
 
     def to_json(self) -> str:
-        document = {
+        document: dict[str, Any] = {} if self.dkm_group is None else {"dkm_group": self.dkm_group}
+        document |= {
             "node": self.node,
             "generation": self.generation,
             "installed_at": self.installed_at.isoformat(),
@@ -248,10 +252,42 @@ class Store:
 
     # -- installing -----------------------------------------------------------
 
-    def install(self, certificates: Sequence[CertificateFiles], *, now: datetime) -> Manifest:
+    def pin(self, dkm_group: uuid.UUID) -> None:
+        """Record ``dkm_group`` in the installed manifest when it names no farm yet (a store
+        installed before farms were pinned); the set installed does not change."""
+        with self._locked():
+            generation = self._current_generation()
+            if generation is None:
+                return
+            manifest = self._read_manifest(generation)
+            if manifest.dkm_group is not None:
+                return
+            pinned = dataclasses.replace(manifest, dkm_group=str(dkm_group))
+            folder = self._generation_dir(generation)
+            staged = folder / f".{MANIFEST_NAME}.{os.urandom(6).hex()}"
+            try:
+                _write_file(staged, pinned.to_json().encode("utf-8"), PUBLIC_FILE_MODE)
+                os.replace(staged, folder / MANIFEST_NAME)
+                _fsync_folder(folder)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    os.unlink(staged)
+                raise StoreError(
+                    f"cannot pin the store {self.path} to its farm: {_describe(exc)}",
+                    _hint(exc),
+                ) from exc
+
+    def install(
+        self,
+        certificates: Sequence[CertificateFiles],
+        *,
+        now: datetime,
+        dkm_group: uuid.UUID | None = None,
+    ) -> Manifest:
         """Install ``certificates`` as the new generation and switch to it atomically.
 
-        ``now`` becomes the manifest's ``installed_at``. ``ValueError`` for a
+        ``now`` becomes the manifest's ``installed_at``; ``dkm_group`` the farm the
+        store is pinned to. ``ValueError`` for a
         set that cannot be installed as given (before anything is written);
         :class:`StoreError` if the store cannot be written, in which case the
         installed set is left exactly as it was.
@@ -268,6 +304,7 @@ class Store:
                 generation=generation,
                 installed_at=now,
                 certificates=tuple(_entry_for(c) for c in ordered),
+                dkm_group=None if dkm_group is None else str(dkm_group),
             )
             self._write_and_switch(manifest, ordered, previous)
             self._remove_generations(keep={generation, previous})
@@ -650,7 +687,18 @@ def _validate_set(certificates: Sequence[CertificateFiles]) -> list[CertificateF
 
 def _parse_manifest(document: object) -> Manifest:
     """The manifest in ``document`` (parsed JSON); ``ValueError`` says what is wrong."""
-    top = _object(document, "the manifest", ("node", "generation", "installed_at", "certificates"))
+    top = _object(
+        document,
+        "the manifest",
+        ("node", "generation", "installed_at", "certificates"),
+        optional=("dkm_group",),
+    )
+    dkm_group = top.get("dkm_group")
+    if dkm_group is not None:
+        try:
+            dkm_group = str(uuid.UUID(dkm_group))
+        except (TypeError, ValueError, AttributeError):
+            raise ValueError("dkm_group must be a GUID") from None
     node = top["node"]
     if not isinstance(node, str) or not node:
         raise ValueError("node must be a non-empty string")
@@ -684,15 +732,22 @@ def _parse_manifest(document: object) -> Manifest:
         )
     _check_set((e.purpose, e.role, e.thumbprint) for e in entries)
     return Manifest(
-        node=node, generation=generation, installed_at=installed_at, certificates=tuple(entries)
+        node=node,
+        generation=generation,
+        installed_at=installed_at,
+        certificates=tuple(entries),
+        dkm_group=dkm_group,
     )
 
 
-def _object(value: object, where: str, keys: tuple[str, ...]) -> dict[str, Any]:
+def _object(
+    value: object, where: str, keys: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError(f"{where} must be an object")
-    if set(value) != set(keys):
-        raise ValueError(f"{where} must have exactly the keys {', '.join(keys)}")
+    if not set(keys) <= set(value) <= set(keys) | set(optional):
+        also = f" (and may have {', '.join(optional)})" if optional else ""
+        raise ValueError(f"{where} must have exactly the keys {', '.join(keys)}{also}")
     return value
 
 

@@ -19,6 +19,7 @@ from farmkeys.directory import Directory
 from farmkeys.errors import (
     CertificateError,
     DirectoryError,
+    FarmConflictError,
     InvalidBlobError,
     NotInitialisedError,
 )
@@ -74,15 +75,18 @@ def sync(
             f"farm {farm.name!r} has no primary certificates in the config DB at {db.endpoint}",
             "run `farmkeys init` to generate them",
         )
+    _check_pinned(config, farm, store, db.endpoint)
     wanted = frozenset(r.identity for r in rows)
     if store.matches(wanted):
         manifest = store.manifest()
         assert manifest is not None
+        if manifest.dkm_group is None:
+            store.pin(farm.dkm_group)
         changed = False
         keys = _confirm_keys(farm, rows, directory, live.confirmed_keys)
     else:
         files = [open_certificate(farm, row, directory) for row in rows]
-        manifest = store.install(files, now=now)
+        manifest = store.install(files, now=now, dkm_group=farm.dkm_group)
         changed = True
         keys = sorted({r.master_key for r in rows}, key=str)
         log.info(
@@ -100,6 +104,27 @@ def sync(
     return SyncReport(
         node=config.node.id, dkm_group=farm.dkm_group, manifest=manifest, changed=changed
     )
+
+
+def _check_pinned(config: Config, farm: Farm, store: Store, endpoint: str) -> None:
+    """Refuse a config DB that names another farm than this node belongs to: the one
+    ``farm.dkm_group`` names, else the one its store was first installed from (trust on
+    first use). A store installed before pinning is pinned to the farm it holds."""
+    manifest = store.manifest()
+    if config.farm.dkm_group is not None:
+        pinned, by = uuid.UUID(config.farm.dkm_group), "farm.dkm_group"
+    elif manifest is not None and manifest.dkm_group is not None:
+        pinned, by = uuid.UUID(manifest.dkm_group), f"its store {store.path} (first installed)"
+    else:
+        return
+    if farm.dkm_group != pinned:
+        raise FarmConflictError(
+            f"the config DB at {endpoint} holds farm {farm.name!r} with DKM group"
+            f" {farm.dkm_group}, but this node belongs to the farm with DKM group {pinned}"
+            f" (pinned by {by}); nothing was installed",
+            "point database.dsn at this farm's config DB; if the farm was re-created on"
+            " purpose, set farm.dkm_group to the new DKM group",
+        )
 
 
 def _confirm_keys(

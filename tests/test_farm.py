@@ -6,6 +6,7 @@ import json
 import stat
 import subprocess
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -17,6 +18,7 @@ from farmkeys.config import load
 from farmkeys.configdb import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.lab._common import free_port
+from farmkeys.lab.postgres import LocalPostgres
 from farmkeys.lab.slapd import LocalSlapd
 from farmkeys.status import farm_status
 from farmkeys.store import Store
@@ -535,3 +537,76 @@ def test_migrations_come_from_the_installed_package_not_a_folder_beside_it(
     )
     assert result.code == 0, result.err
     assert result.out.split() == sorted(p.name for p in (REPO / "sql").glob("*.sql"))
+
+
+# --- a node is bound to its farm (issue 9, part 2) -------------------------------------
+
+
+@pytest.fixture
+def other_farm(tmp_path: Path, slapd: LocalSlapd, postgres: LocalPostgres) -> Iterator[TestFarm]:
+    """A second farm, on its own database, with its own DKM container in the same directory."""
+    name = f"farmkeys_other_{uuid.uuid4().hex[:8]}"
+    other = TestFarm(root=tmp_path / "other", slapd=slapd, dsn=postgres.create_database(name))
+    other.root.mkdir()
+    assert other.run("init").code == 0
+    try:
+        yield other
+    finally:
+        postgres.drop_database(name)
+
+
+def manifest_group(store: Path) -> str | None:
+    return json.loads((store / "manifest.json").read_text()).get("dkm_group")
+
+
+def group_of(farm: TestFarm) -> str:
+    return str(db_rows(farm.dsn, "SELECT dkm_group FROM farm")[0][0])
+
+
+def test_a_store_is_pinned_to_the_first_farm_it_installs(
+    initialised: TestFarm, other_farm: TestFarm
+) -> None:
+    assert initialised.run("sync").code == 0
+    assert manifest_group(initialised.store()) == group_of(initialised)
+    before = snapshot(initialised.store())
+    elsewhere = {"database": {"dsn": other_farm.dsn}}
+    result = initialised.run("sync", **elsewhere)
+    assert result.code != 0
+    line = one_error_line(result)
+    assert group_of(other_farm) in line and group_of(initialised) in line
+    assert "first installed" in line
+    assert snapshot(initialised.store()) == before
+
+
+def test_farm_dkm_group_pins_a_node_before_anything_is_installed(
+    initialised: TestFarm, other_farm: TestFarm
+) -> None:
+    pin = {"farm": {"name": "contoso", "dkm_group": group_of(initialised)}}
+    result = initialised.run("sync", database={"dsn": other_farm.dsn}, **pin)
+    assert result.code != 0
+    assert "pinned by farm.dkm_group" in one_error_line(result)
+    assert not initialised.store().exists() or snapshot(initialised.store()) == {}
+    assert initialised.run("sync", **pin).code == 0
+    # A farm re-created on purpose: the operator names the new group, and the node follows.
+    repin = {"farm": {"name": "contoso", "dkm_group": group_of(other_farm)}}
+    assert initialised.run("sync", database={"dsn": other_farm.dsn}, **repin).code == 0
+    assert manifest_group(initialised.store()) == group_of(other_farm)
+
+
+def test_a_bad_farm_dkm_group_is_a_config_error(initialised: TestFarm) -> None:
+    result = initialised.run("sync", farm={"name": "contoso", "dkm_group": "not-a-guid"})
+    assert result.code != 0
+    assert "farm.dkm_group 'not-a-guid' is not a GUID" in one_error_line(result)
+
+
+def test_a_store_installed_before_pinning_is_pinned_when_next_in_sync(
+    initialised: TestFarm,
+) -> None:
+    assert initialised.run("sync").code == 0
+    path = initialised.store() / "manifest.json"
+    document = json.loads(path.read_text())
+    del document["dkm_group"]
+    target = path.resolve()
+    target.write_text(json.dumps(document))
+    assert initialised.run("sync").code == 0
+    assert manifest_group(initialised.store()) == group_of(initialised)
