@@ -359,7 +359,7 @@ def test_three_nodes_follow_two_certificate_and_two_master_key_lifetimes(
     assert result.code == 0, result.err
     with ManifestWatcher(stores) as watcher, RoleSampler(farm.dsn) as sampler:
         init_and_serve(farm, nodes, init=False)
-        t0 = db_query(farm.dsn, "SELECT min(not_before) AS t FROM certificate")[0]["t"]
+        t0 = db_query(farm.dsn, "SELECT min(created_at) AS t FROM certificate")[0]["t"]
         # Both purposes: generate, promote, archive (t0+20), again (t0+32), and a third
         # primary promoted at t0+40, the end of the second certificate's lifetime.
         # Master keys: rolled at t0+15 and t0+30, each replaced key deleted 4 s later.
