@@ -165,9 +165,11 @@ class Election:
             # Lock first, then judge the expiry by the clock as it is once the lock is held:
             # now() is the transaction's start, before any wait for the lock.
             tx.execute("SELECT 1 FROM leader_lease FOR UPDATE")
+            # The fence's `now` stays the transaction's: every time the write stamps
+            # (audit `at`, `role_since`) is now(), and the policy must agree with them.
             rows = tx.execute(
                 "SELECT holder, term, expires_at > clock_timestamp() AS valid,"
-                " clock_timestamp() AS now FROM leader_lease"
+                " now() AS now FROM leader_lease"
             )
             if not rows:
                 self.step_down()
