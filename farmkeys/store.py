@@ -47,6 +47,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -74,6 +75,7 @@ ALIASED_ROLES = ("primary", "secondary")
 FILE_SUFFIXES = {"cert": ".pem", "key": ".key", "pkcs12": ".p12"}
 
 MANIFEST_NAME = "manifest.json"
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 CURRENT_NAME = "current"
 GENERATIONS_NAME = ".generations"
 LOCK_NAME = ".lock"
@@ -144,6 +146,7 @@ class ManifestEntry:
     thumbprint: str
     not_after: datetime
     files: dict[str, str]
+    sha256: dict[str, str] | None = None  # kind -> hex digest; None in older manifests
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,7 @@ class Manifest:
                     "thumbprint": entry.thumbprint,
                     "not_after": entry.not_after.isoformat(),
                     "files": dict(entry.files),
+                    **({} if entry.sha256 is None else {"sha256": dict(entry.sha256)}),
                 }
                 for entry in self.certificates
             ],
@@ -220,7 +224,8 @@ class Store:
 
         ``wanted`` is ``{(purpose, role, thumbprint)}``, as :meth:`Manifest.identity`.
         Checks one generation (``current`` is resolved once): every file the
-        manifest names, the role aliases, and the fixed links. A store that
+        manifest names and the role aliases, by their SHA-256 where the manifest
+        records it (a file changed in place does not match), and the fixed links. A store that
         cannot be read or is corrupt does not match (an install repairs it or
         says why it cannot).
         """
@@ -241,12 +246,14 @@ class Store:
                 return False
         folder = self._generation_dir(generation)
         for entry in manifest.certificates:
-            paths = [folder / relative for relative in entry.files.values()]
+            digests = entry.sha256 or {}
+            expected = [(folder / rel, digests.get(kind)) for kind, rel in entry.files.items()]
             if entry.role in ALIASED_ROLES:
-                paths += [
-                    folder / entry.purpose / f"{entry.role}{s}" for s in FILE_SUFFIXES.values()
+                expected += [
+                    (folder / entry.purpose / f"{entry.role}{suffix}", digests.get(kind))
+                    for kind, suffix in FILE_SUFFIXES.items()
                 ]
-            if not all(_is_regular_file(p) for p in paths):
+            if not all(_holds(path, digest) for path, digest in expected):
                 return False
         return True
 
@@ -630,13 +637,34 @@ def _is_regular_file(path: Path) -> bool:
 
 
 def _entry_for(certificate: CertificateFiles) -> ManifestEntry:
+    contents = {
+        "cert": certificate.certificate_pem,
+        "key": certificate.private_key_pem,
+        "pkcs12": certificate.pkcs12,
+    }
     return ManifestEntry(
         purpose=certificate.purpose,
         role=certificate.role,
         thumbprint=certificate.thumbprint,
         not_after=certificate.not_after,
         files=_files_of(certificate.purpose, certificate.thumbprint),
+        sha256={kind: hashlib.sha256(data).hexdigest() for kind, data in contents.items()},
     )
+
+
+def _holds(path: Path, digest: str | None) -> bool:
+    """Whether ``path`` is a regular file itself (not a link) whose SHA-256 is ``digest``
+    (any content when ``digest`` is None, as in a manifest from before digests)."""
+    if not _is_regular_file(path):
+        return False
+    if digest is None:
+        return True
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        with os.fdopen(descriptor, "rb") as file:
+            return hashlib.sha256(file.read()).hexdigest() == digest
+    except OSError:
+        return False
 
 
 def _files_of(purpose: str, thumbprint: str) -> dict[str, str]:
@@ -712,7 +740,16 @@ def _parse_manifest(document: object) -> Manifest:
     entries: list[ManifestEntry] = []
     for index, item in enumerate(listed):
         where = f"certificates[{index}]"
-        fields = _object(item, where, ("purpose", "role", "thumbprint", "not_after", "files"))
+        fields = _object(
+            item, where, ("purpose", "role", "thumbprint", "not_after", "files"), ("sha256",)
+        )
+        sha256 = fields.get("sha256")
+        if sha256 is not None and (
+            not isinstance(sha256, dict)
+            or set(sha256) != set(FILE_SUFFIXES)
+            or not all(isinstance(v, str) and _SHA256_HEX.match(v) for v in sha256.values())
+        ):
+            raise ValueError(f"{where}.sha256 must map cert, key and pkcs12 to SHA-256 digests")
         try:
             _check_names(fields["purpose"], fields["role"], fields["thumbprint"])
         except ValueError as exc:
@@ -728,6 +765,7 @@ def _parse_manifest(document: object) -> Manifest:
                 thumbprint=thumbprint,
                 not_after=_timestamp(fields["not_after"], f"{where}.not_after"),
                 files=dict(files),
+                sha256=None if sha256 is None else dict(sha256),
             )
         )
     _check_set((e.purpose, e.role, e.thumbprint) for e in entries)

@@ -610,3 +610,14 @@ def test_a_store_installed_before_pinning_is_pinned_when_next_in_sync(
     target.write_text(json.dumps(document))
     assert initialised.run("sync").code == 0
     assert manifest_group(initialised.store()) == group_of(initialised)
+
+
+def test_sync_reinstalls_a_set_whose_key_file_was_changed(initialised: TestFarm) -> None:
+    assert initialised.run("sync").code == 0
+    key = initialised.store() / "signing" / "primary.key"
+    good = key.read_bytes()
+    key.resolve().write_bytes(good.replace(b"A", b"B", 1))
+    result = initialised.run("sync")
+    assert result.code == 0, result.err
+    assert key.read_bytes() == good
+    assert json.loads((initialised.store() / "manifest.json").read_text())["generation"] == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -821,3 +822,72 @@ def test_the_watcher_records_each_switch_at_the_stores_own_time_even_when_it_loo
     ]
     switched = watcher.changes["n"][1][0]
     assert before - 0.02 <= switched <= after + 0.02
+
+
+# -- file digests: a set changed in place is not "in sync" (issue 9, part 3) ----------
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "signing/primary.key",  # the alias the federation service reads
+        "decryption/primary.pem",
+    ],
+)
+def test_a_file_changed_in_place_makes_the_store_not_match(store, first_set, path):
+    store.install(first_set, now=NOW)
+    assert store.matches(identity(first_set))
+    target = (store.path / path).resolve()
+    data = target.read_bytes()
+    target.write_bytes(data[:-2] + bytes([data[-2] ^ 1]) + data[-1:])  # same size, one bit
+
+    assert not store.matches(identity(first_set))
+    assert store.install(first_set, now=NOW).generation == 2
+    assert store.matches(identity(first_set))
+    assert (store.path / path).read_bytes() == data
+
+
+def test_an_alias_replaced_by_another_file_makes_the_store_not_match(store, first_set):
+    store.install(first_set, now=NOW)
+    alias = store.path / "current" / "signing" / "primary.key"
+    folder = alias.resolve().parent
+    replacement = folder / "planted"
+    replacement.write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot the farm's\n")
+    os.replace(replacement, folder / "primary.key")  # a new inode, the thumbprint file intact
+
+    assert not store.matches(identity(first_set))
+
+
+def test_the_manifest_records_each_files_sha256(store, first_set):
+    store.install(first_set, now=NOW)
+    document = json.loads((store.path / "manifest.json").read_text())
+    for entry in document["certificates"]:
+        for kind, relative in entry["files"].items():
+            data = (store.path / relative).read_bytes()
+            assert entry["sha256"][kind] == hashlib.sha256(data).hexdigest()
+
+
+def test_a_manifest_from_before_digests_still_matches(store, first_set):
+    store.install(first_set, now=NOW)
+    manifest_file = store.path / ".generations/1/manifest.json"
+    document = json.loads(manifest_file.read_text())
+    for entry in document["certificates"]:
+        del entry["sha256"]
+    manifest_file.write_text(json.dumps(document))
+
+    assert store.matches(identity(first_set))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"cert": "00"}, {"cert": "x" * 64, "key": "0" * 64, "pkcs12": "0" * 64}, ["0" * 64]],
+)
+def test_a_malformed_digest_makes_the_manifest_corrupt(store, first_set, bad):
+    store.install(first_set, now=NOW)
+    manifest_file = store.path / ".generations/1/manifest.json"
+    document = json.loads(manifest_file.read_text())
+    document["certificates"][0]["sha256"] = bad
+    manifest_file.write_text(json.dumps(document))
+
+    with pytest.raises(StoreError, match="sha256 must map"):
+        store.manifest()
