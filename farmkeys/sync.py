@@ -22,6 +22,7 @@ from farmkeys.errors import (
     FarmConflictError,
     InvalidBlobError,
     NotInitialisedError,
+    StoreError,
 )
 from farmkeys.store import CertificateFiles, Manifest, Store
 
@@ -109,14 +110,21 @@ def sync(
 def _check_pinned(config: Config, farm: Farm, store: Store, endpoint: str) -> None:
     """Refuse a config DB that names another farm than this node belongs to: the one
     ``farm.dkm_group`` names, else the one its store was first installed from (trust on
-    first use). A store installed before pinning is pinned to the farm it holds."""
-    manifest = store.manifest()
+    first use). A store installed before pinning is pinned to the farm it holds.
+
+    A manifest that cannot be read pins nothing: the install that follows repairs it,
+    as it did before farms were pinned (whoever can corrupt it can also rewrite it).
+    """
     if config.farm.dkm_group is not None:
         pinned, by = uuid.UUID(config.farm.dkm_group), "farm.dkm_group"
-    elif manifest is not None and manifest.dkm_group is not None:
-        pinned, by = uuid.UUID(manifest.dkm_group), f"its store {store.path} (first installed)"
     else:
-        return
+        try:
+            manifest = store.manifest()
+        except StoreError:
+            return
+        if manifest is None or manifest.dkm_group is None:
+            return
+        pinned, by = uuid.UUID(manifest.dkm_group), f"its store {store.path} (first installed)"
     if farm.dkm_group != pinned:
         raise FarmConflictError(
             f"the config DB at {endpoint} holds farm {farm.name!r} with DKM group"

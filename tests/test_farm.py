@@ -621,3 +621,14 @@ def test_sync_reinstalls_a_set_whose_key_file_was_changed(initialised: TestFarm)
     assert result.code == 0, result.err
     assert key.read_bytes() == good
     assert json.loads((initialised.store() / "manifest.json").read_text())["generation"] == 2
+
+
+def test_sync_repairs_a_corrupt_manifest(initialised: TestFarm) -> None:
+    # Pinning reads the manifest before anything else: a corrupt one must still be
+    # repaired by the install, as before farms were pinned, not stop every sync.
+    assert initialised.run("sync").code == 0
+    (initialised.store() / "manifest.json").resolve().write_text('{"node": "node-a", "gen')
+    result = initialised.run("sync")
+    assert result.code == 0, result.err
+    document = json.loads((initialised.store() / "manifest.json").read_text())
+    assert document["generation"] == 2 and document["dkm_group"] == group_of(initialised)
