@@ -522,20 +522,7 @@ class Directory:
     def list_keys(self, group: uuid.UUID) -> list[MasterKeyInfo]:
         """The master keys of ``group``, oldest first, without reading any key material."""
         container = self.container_dn(group)
-
-        def search(conn: ldap3.Connection) -> list[dict[str, Any]] | None:
-            try:
-                conn.search(
-                    container,
-                    f"(&(objectClass={self._layout.key_class})({KEY_ID_ATTRIBUTE}=*))",
-                    search_scope=ldap3.LEVEL,
-                    attributes=[KEY_ID_ATTRIBUTE, self._layout.created_attribute],
-                )
-            except ldap_exc.LDAPNoSuchObjectResult:
-                return None
-            return _entries(conn)
-
-        found = self._run(search)
+        found = self._key_entries(group, [KEY_ID_ATTRIBUTE, self._layout.created_attribute])
         if found is None:
             raise MasterKeyMissingError(
                 f"the DKM container {container} is missing from the directory at "
@@ -570,20 +557,30 @@ class Directory:
         attribute = self._layout.key_attribute
         base = self._config.container
 
-        def search(conn: ldap3.Connection, query: str) -> list[tuple[str, bytes]]:
+        def search(conn: ldap3.Connection) -> list[tuple[bool, str, bytes]]:
             try:
-                conn.search(base, query, search_scope=ldap3.SUBTREE, attributes=[attribute])
+                conn.search(
+                    base,
+                    f"(&(objectClass={self._layout.key_class})({attribute}=*))",
+                    search_scope=ldap3.SUBTREE,
+                    attributes=[attribute, KEY_ID_ATTRIBUTE],
+                )
             except ldap_exc.LDAPNoSuchObjectResult:
                 return []
-            found = ((str(e["dn"]), _first(e, attribute)) for e in _entries(conn))
-            return [(dn, key) for dn, key in found if key and len(key) == MASTER_KEY_LENGTH]
+            named = str(key_id).encode()  # compared as LDAP's caseIgnoreMatch of `l` would
+            found = (
+                (
+                    (_first(e, KEY_ID_ATTRIBUTE) or b"").strip().lower() == named,
+                    str(e["dn"]),
+                    _first(e, attribute),
+                )
+                for e in _entries(conn)
+            )
+            return [(n, dn, key) for n, dn, key in found if key and len(key) == MASTER_KEY_LENGTH]
 
-        cls = self._layout.key_class
-        named = self._run(
-            lambda c: search(c, f"(&(objectClass={cls})({KEY_ID_ATTRIBUTE}={key_id}))")
-        )
-        others = self._run(lambda c: search(c, f"(&(objectClass={cls})({attribute}=*))"))
-        return named + [entry for entry in others if entry not in named]
+        found = self._run(search)
+        # The entries the blob names first; sorted() keeps the directory's order otherwise.
+        return [(dn, key) for _, dn, key in sorted(found, key=lambda f: not f[0])]
 
     def anonymous_can_read(self, group: uuid.UUID) -> bool:
         """Whether an anonymous bind can see any master-key entry of ``group`` or its key.
@@ -594,11 +591,7 @@ class Directory:
         """
         container = self.container_dn(group)
         try:
-            known = [
-                dn
-                for k in self.list_keys(group)
-                if (dn := self._key_entry_dn(group, k.id)) is not None
-            ]
+            known = [str(e["dn"]) for e in self._key_entries(group, [ldap3.NO_ATTRIBUTES]) or []]
         except DirectoryError:
             known = []
         key_attribute = self._layout.key_attribute
@@ -728,6 +721,25 @@ class Directory:
             return False
         attr, value, _ = parts[0]
         return str(attr).lower() == "cn" and str(value).lower() != POLICY_CN.lower()
+
+    def _key_entries(self, group: uuid.UUID, attributes: list[str]) -> list[dict[str, Any]] | None:
+        """The master-key entries (those with an ``l``) of ``group``'s container, or None
+        when the container is missing or hidden from this account."""
+        container = self.container_dn(group)
+
+        def search(conn: ldap3.Connection) -> list[dict[str, Any]] | None:
+            try:
+                conn.search(
+                    container,
+                    f"(&(objectClass={self._layout.key_class})({KEY_ID_ATTRIBUTE}=*))",
+                    search_scope=ldap3.LEVEL,
+                    attributes=attributes,
+                )
+            except ldap_exc.LDAPNoSuchObjectResult:
+                return None
+            return _entries(conn)
+
+        return self._run(search)
 
     def _search_key(
         self, conn: ldap3.Connection, group: uuid.UUID, key_id: uuid.UUID, attributes: list[str]
