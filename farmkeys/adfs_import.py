@@ -27,7 +27,7 @@ from farmkeys.config import Config
 from farmkeys.configdb import ConfigDB
 from farmkeys.directory import MASTER_KEY_LENGTH, Directory
 from farmkeys.errors import AdfsKeyMismatchError, ImportRefusedError
-from farmkeys.rollover import RolloverOutcome, await_answer
+from farmkeys.rollover import RolloverOutcome, await_answer, import_conflict
 from farmkeys.sync import blob_context
 
 log = logging.getLogger(__name__)
@@ -109,23 +109,13 @@ def import_adfs(
     cert = generated.certificate
     certs.check_importable(cert, generated.key, purpose=purpose, now=now)
     thumb = certs.thumbprint(cert)
-    known = db.fetch("SELECT role FROM certificate WHERE thumbprint = %s", (thumb,))
-    if known:
+    conflict = import_conflict(db.fetch, thumbprint=thumb, purpose=purpose, role=role)
+    if conflict is not None:
         raise ImportRefusedError(
-            f"certificate {thumb} is already in the farm ({known[0]['role']})",
-            "nothing to import; `farmkeys status` lists the farm's certificates",
+            conflict,
+            "nothing was imported; `farmkeys status` lists the farm's certificates (import"
+            " with --role primary, or after the secondary was promoted)",
         )
-    if role == "secondary":
-        secondary = db.fetch(
-            "SELECT thumbprint FROM certificate WHERE purpose = %s AND role = 'secondary'",
-            (purpose,),
-        )
-        if secondary:
-            raise ImportRefusedError(
-                f"the farm already has a secondary {purpose} certificate "
-                f"{secondary[0]['thumbprint']}",
-                "import it with --role primary, or after the secondary was promoted",
-            )
     current = policy.current_key(db.master_keys())
     key_id = current.id if current is not None else directory.current_key_id(farm.dkm_group)
     certificate_id = uuid.uuid4()

@@ -692,25 +692,15 @@ class Leader:
         except (InvalidBlobError, CertificateError, MasterKeyMissingError) as exc:
             return False, f"import refused: {exc.what}"
         thumb = certs.thumbprint(generated.certificate)
-        known = fence.tx.execute(
-            "SELECT role FROM certificate WHERE thumbprint = %s OR id = %s", (thumb, cert_id)
+        conflict = import_conflict(
+            fence.tx.execute, thumbprint=thumb, purpose=purpose, role=role, certificate_id=cert_id
         )
-        if known:
-            return False, (
-                f"import refused: certificate {thumb} is already in the farm ({known[0]['role']})"
-            )
-        rows = fence.tx.live_certificates()
-        mine = [r for r in rows if r.purpose == purpose]
-        secondary = next((r for r in mine if r.role == "secondary"), None)
-        if role == "secondary" and secondary is not None:
-            return False, (
-                f"import refused: the farm already has a secondary {purpose} certificate "
-                f"{secondary.thumbprint}"
-            )
+        if conflict is not None:
+            return False, f"import refused: {conflict}"
         key_id, key = self._current_key()  # raising rolls the transaction back
         reason = f"imported from {request['import_source']}"
         if role == "primary":
-            self._retire_primary(fence, rows, purpose, reason=reason)
+            self._retire_primary(fence, fence.tx.live_certificates(), purpose, reason=reason)
         row = sealed_certificate(
             self._config,
             dkm_group=farm.dkm_group,
@@ -724,6 +714,36 @@ class Leader:
         fence.tx.insert_certificate(row)
         self._audit(fence, "import", purpose, row.id, thumb, reason)
         return True, f"{purpose}: imported {thumb} as the {role}"
+
+
+def import_conflict(
+    execute: Callable[[str, tuple[Any, ...]], list[dict[str, Any]]],
+    *,
+    thumbprint: str,
+    purpose: str,
+    role: str,
+    certificate_id: uuid.UUID | None = None,
+) -> str | None:
+    """Why the farm has no room for an imported certificate, or None: it (or its row id) is
+    already in the farm, or it would be a second secondary of its purpose. ``execute`` runs
+    a query: the CLI's connection before it asks, the leader's fenced transaction after."""
+    known = execute(
+        "SELECT role FROM certificate WHERE thumbprint = %s OR id = %s",
+        (thumbprint, certificate_id),
+    )
+    if known:
+        return f"certificate {thumbprint} is already in the farm ({known[0]['role']})"
+    if role == "secondary":
+        secondary = execute(
+            "SELECT thumbprint FROM certificate WHERE purpose = %s AND role = 'secondary'",
+            (purpose,),
+        )
+        if secondary:
+            return (
+                f"the farm already has a secondary {purpose} certificate"
+                f" {secondary[0]['thumbprint']}"
+            )
+    return None
 
 
 # -- rollover on request -----------------------------------------------------------------
