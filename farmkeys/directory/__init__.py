@@ -963,21 +963,22 @@ class Directory:
         if self._conn is not None and not self._conn.closed:
             return self._conn
         self._drop()
-        urls = ", ".join(self._config.urls)
+        self._conn = self._retrying(self._open, ", ".join(self._config.urls))
+        return self._conn
+
+    def _retrying(self, attempt: Callable[[], ldap3.Connection], where: str) -> ldap3.Connection:
+        """``attempt()``, retried on transient failures within ``retry``; the exhausted
+        budget becomes a :class:`DirectoryError` naming ``where``."""
         try:
-            self._conn = call_with_retry(
-                self._open,
-                policy=self._retry,
-                is_transient=_is_transient,
-                what=f"directory {urls}",
+            return call_with_retry(
+                attempt, policy=self._retry, is_transient=_is_transient, what=f"directory {where}"
             )
         except RetryExhaustedError as exc:
             raise DirectoryError(
-                f"cannot reach the directory at {urls}: {_describe(exc.last)} ({exc.summary()})",
+                f"cannot reach the directory at {where}: {_describe(exc.last)} ({exc.summary()})",
                 "check directory.url, that the directory server runs, and the network "
                 "between this node and it",
             ) from exc
-        return self._conn
 
     def _server(self, url: str) -> ldap3.Server:
         use_ssl = _is_ldaps(url)
@@ -1075,17 +1076,7 @@ class Directory:
         the server refuses anonymous binds."""
         url = self._server_url or self._config.urls[0]
         try:
-            return call_with_retry(
-                lambda: self._open_one(url, anonymous=True),
-                policy=self._retry,
-                is_transient=_is_transient,
-                what=f"directory {url} (anonymous)",
-            )
-        except RetryExhaustedError as exc:
-            raise DirectoryError(
-                f"cannot reach the directory at {url}: {_describe(exc.last)} ({exc.summary()})",
-                "check directory.url, that the directory server runs, and the network",
-            ) from exc
+            return self._retrying(lambda: self._open_one(url, anonymous=True), url)
         except ldap_exc.LDAPOperationResult as exc:
             log.info("the directory at %s refuses anonymous binds: %s", url, exc)
             return None
