@@ -27,10 +27,22 @@ def read_private_file(
         info = os.fstat(handle.fileno())
         if not stat.S_ISREG(info.st_mode):
             raise error(f"{what} {path} is not a regular file", "give a file")
-        if info.st_mode & 0o077:
-            raise error(
-                f"{what} {path} may be read or written by group or others"
-                f" (mode {stat.S_IMODE(info.st_mode):04o})",
-                f"chmod 600 {path}, and consider what it holds seen",
-            )
+        refuse_if_exposed(path, info.st_mode, what=what, error=error)
         return handle.read(limit)
+
+
+def refuse_if_exposed(
+    path: str | Path,
+    mode: int,
+    *,
+    what: str,
+    error: Callable[[str, str], Error],
+    holding: str = "what it holds",
+) -> None:
+    """Raise ``error`` when ``mode`` gives group or others any permission on ``path``."""
+    if mode & 0o077:
+        raise error(
+            f"{what} {path} may be read or written by group or others"
+            f" (mode {stat.S_IMODE(mode):04o})",
+            f"chmod 600 {path}, and consider {holding} seen",
+        )

@@ -27,6 +27,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
+from farmkeys._private_file import refuse_if_exposed
 from farmkeys.errors import ConfigError
 
 ENV_PREFIX = "FARMKEYS_"
@@ -85,13 +86,13 @@ class DirectoryConfig:
             return self.password
         assert self.password_file is not None  # guaranteed by validation
         try:
-            mode = os.stat(self.password_file).st_mode
-            if mode & 0o077:
-                raise ConfigError(
-                    f"directory.password_file {self.password_file} may be read or written by"
-                    f" group or others (mode {mode & 0o7777:04o})",
-                    f"chmod 600 {self.password_file}, and consider the password seen",
-                )
+            refuse_if_exposed(
+                self.password_file,
+                os.stat(self.password_file).st_mode,
+                what="directory.password_file",
+                error=ConfigError,
+                holding="the password",
+            )
             text = Path(self.password_file).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(
