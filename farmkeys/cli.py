@@ -148,6 +148,25 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long to wait for the leader's answer (default: 120)",
     )
+    repair = commands.add_parser(
+        "repair-state",
+        parents=[common],
+        help="authenticate the config DB's live certificates as the farm state, after a restore",
+        description="When the farm state record fails authentication or no longer matches "
+        "the certificates (after restoring the config DB from a backup, say), and you have "
+        "checked that the live certificates `farmkeys status` shows are the ones the farm "
+        "should have: ask the leader (or take the lease when no node leads) to write a new "
+        "farm state record for them, under the current master key, with a version above "
+        "any node's. A certificate that an urgent rollover replaced is archived again, never "
+        "authenticated. Audited as state_repair.",
+    )
+    repair.add_argument(
+        "--wait",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="how long to wait for the leader's answer (default: 120)",
+    )
     escrow_parser = commands.add_parser(
         "escrow",
         parents=[common],
@@ -269,6 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "status": _status,
         "serve": _serve,
         "rollover": _rollover,
+        "repair-state": _repair_state,
         "escrow": _escrow,
         "import": _import,
         "events": _events,
@@ -399,6 +419,23 @@ def _rollover(args: argparse.Namespace, config: Config) -> int:
             timeout_seconds=args.wait,
         )
     return _answer("rollover", outcome)
+
+
+def _repair_state(args: argparse.Namespace, config: Config) -> int:
+    with (
+        ConfigDB(config.database, config.retry) as db,
+        Directory(config.directory, config.retry) as directory,
+    ):
+        outcome = rollover.request_rollover(
+            config,
+            db,
+            directory,
+            purpose="all",
+            urgent=False,
+            repair_state=True,
+            timeout_seconds=args.wait,
+        )
+    return _answer("repair-state", outcome)
 
 
 # An EncryptedPfx is a few kilobytes; adfs.parse refuses blobs over 1 MiB (1.4 MB of base64).
@@ -561,6 +598,9 @@ def render_status(doc: dict[str, Any]) -> str:
             f"  {k['id']}  {k['state']:<8}  created {created}  sealed: {k['sealed_live']} live,"
             f" {k['sealed_archived']} archived{when}{missing}"
         )
+    state = doc.get("farm_state") or {}
+    trust = {True: "authentic", False: "NOT AUTHENTIC", None: "not checked"}[state.get("authentic")]
+    lines += ["", f"farm state  version {state.get('version')}  {trust}"]
     lines += ["", "nodes"]
     if not doc["nodes"]:
         lines.append("  (none has synced yet)")

@@ -104,6 +104,7 @@ class NodeRow:
     hook_error: str | None = None
     master_keys: tuple[uuid.UUID, ...] = ()
     directory_server: str | None = None
+    state_version: int | None = None
 
 
 @dataclass(frozen=True)
@@ -124,13 +125,24 @@ class MasterKeyRow:
 
 
 @dataclass(frozen=True)
+class StoredState:
+    """The farm state record as the config DB holds it: not trusted until verified
+    (:func:`farmkeys.farmstate.verify`)."""
+
+    body: bytes
+    mac: bytes
+    version: int
+
+
+@dataclass(frozen=True)
 class LiveSet:
-    """What a sync reads in one round trip: the farm, its live rows, and what this node
-    last proved it can open."""
+    """What a sync reads in one round trip: the farm, its live rows, the farm state record,
+    and what this node last proved it can open."""
 
     farm: Farm
     rows: list[CertificateRow]
     confirmed_keys: frozenset[uuid.UUID]
+    state: StoredState | None = None
 
 
 @dataclass(frozen=True)
@@ -418,7 +430,10 @@ class ConfigDB:
         rows = self.fetch(
             "SELECT f.name, f.dkm_group, f.dkm_container,"
             " (SELECT max(version) FROM farmkeys_migration) AS schema_version,"
-            " (SELECT master_keys FROM node WHERE id = %s) AS confirmed_keys, c.*"
+            " (SELECT master_keys FROM node WHERE id = %s) AS confirmed_keys,"
+            " (SELECT body FROM farm_state) AS state_body,"
+            " (SELECT mac FROM farm_state) AS state_mac,"
+            " (SELECT version FROM farm_state) AS state_version, c.*"
             " FROM farm f LEFT JOIN certificate c ON c.role <> 'archived'"
             " ORDER BY c.purpose, c.role, c.not_after",
             (node_id,),
@@ -429,7 +444,13 @@ class ConfigDB:
             farm=_farm(rows[0]),
             rows=[_certificate(r) for r in rows if r["id"] is not None],
             confirmed_keys=frozenset(rows[0]["confirmed_keys"] or ()),
+            state=_stored_state(rows[0]),
         )
+
+    def stored_state(self) -> StoredState | None:
+        """The farm state record, or None when the config DB has none."""
+        rows = self.fetch(_STORED_STATE)
+        return _stored_state(rows[0]) if rows else None
 
     def master_keys(self) -> list[MasterKeyRow]:
         """Every master key the farm has recorded, oldest first."""
@@ -458,6 +479,7 @@ class ConfigDB:
                 directory_server=r.get("directory_server"),
                 hook_error=r.get("hook_error"),
                 master_keys=tuple(sorted(r.get("master_keys") or (), key=str)),
+                state_version=r.get("state_version"),
             )
             for r in rows
         ]
@@ -472,25 +494,29 @@ class ConfigDB:
         installed: Sequence[tuple[str, str, str]],
         master_keys: Sequence[uuid.UUID] = (),
         directory_server: str | None = None,
+        state_version: int | None = None,
     ) -> None:
         """Record that ``node_id`` now has ``installed`` in its store, and opened the live
         blobs with ``master_keys``; ``directory_server`` is the directory server it last
-        bound to (None: it did not need the directory this time)."""
+        bound to (None: it did not need the directory this time); ``state_version`` the
+        highest farm state version its store has installed."""
         doc = [{"purpose": p, "role": r, "thumbprint": t} for p, r, t in sorted(installed)]
         self.fetch(
             "INSERT INTO node (id, last_sync, last_seen, generation, installed, last_error,"
-            " master_keys, directory_server)"
-            " VALUES (%(id)s, now(), now(), %(gen)s, %(doc)s, NULL, %(keys)s, %(dc)s)"
+            " master_keys, directory_server, state_version)"
+            " VALUES (%(id)s, now(), now(), %(gen)s, %(doc)s, NULL, %(keys)s, %(dc)s, %(sv)s)"
             " ON CONFLICT (id) DO UPDATE SET last_sync = now(), last_seen = now(),"
             " generation = EXCLUDED.generation, installed = EXCLUDED.installed, last_error = NULL,"
             " master_keys = EXCLUDED.master_keys,"
-            " directory_server = COALESCE(EXCLUDED.directory_server, node.directory_server)",
+            " directory_server = COALESCE(EXCLUDED.directory_server, node.directory_server),"
+            " state_version = COALESCE(EXCLUDED.state_version, node.state_version)",
             {
                 "id": node_id,
                 "gen": generation,
                 "doc": Jsonb(doc),
                 "keys": sorted(master_keys, key=str),
                 "dc": directory_server,
+                "sv": state_version,
             },
         )
 
@@ -527,15 +553,24 @@ class ConfigDB:
             {"since": since},
         )
 
-    def request_rollover(self, *, node_id: str, purpose: str | None, urgent: bool) -> int:
+    def request_rollover(
+        self, *, node_id: str, purpose: str | None, urgent: bool, repair_state: bool = False
+    ) -> int:
         """Queue a rollover for the leader and wake it; the request's id.
 
-        ``purpose`` None asks for a master-key rollover."""
+        ``purpose`` None asks for a master-key rollover; ``repair_state`` for
+        `farmkeys repair-state` instead of a rollover."""
         with self.transaction() as tx:
             rows = tx.execute(
-                "INSERT INTO rollover_request (requested_by, purpose, urgent, master_key)"
-                " VALUES (%s, %s, %s, %s) RETURNING id",
-                (node_id, purpose, urgent, purpose is None),
+                "INSERT INTO rollover_request (requested_by, purpose, urgent, master_key,"
+                " repair_state) VALUES (%s, %s, %s, %s, %s) RETURNING id",
+                (
+                    node_id,
+                    "all" if repair_state else purpose,
+                    urgent,
+                    purpose is None and not repair_state,
+                    repair_state,
+                ),
             )
             tx.notify(REQUEST_CHANNEL, str(rows[0]["id"]))
         return int(rows[0]["id"])
@@ -645,6 +680,22 @@ class Transaction:
             (blob, master_key, certificate_id),
         )
 
+    def stored_state(self) -> StoredState | None:
+        """The farm state record, locked until the transaction ends."""
+        rows = self.execute(_STORED_STATE + " FOR UPDATE")
+        return _stored_state(rows[0]) if rows else None
+
+    def write_state(self, *, body: bytes, mac: bytes, version: int, term: int | None) -> None:
+        """Replace the farm state record (the caller made ``body`` and its ``mac``)."""
+        self.execute(
+            "INSERT INTO farm_state (singleton, version, body, mac, term)"
+            " VALUES (true, %(version)s, %(body)s, %(mac)s, %(term)s)"
+            " ON CONFLICT (singleton) DO UPDATE SET version = EXCLUDED.version,"
+            " body = EXCLUDED.body, mac = EXCLUDED.mac, term = EXCLUDED.term,"
+            " written_at = now()",
+            {"version": version, "body": body, "mac": mac, "term": term},
+        )
+
     def notify(self, channel: str, payload: str = "") -> None:
         """Wake the listeners of ``channel`` when this transaction commits."""
         self.execute("SELECT pg_notify(%s, %s)", (channel, payload))
@@ -686,6 +737,19 @@ _MASTER_KEYS = (
     "SELECT id, state, created_at, current_since, replaced_at, unused_since, delete_now,"
     " deleted_at, urgent, request, reason FROM master_key ORDER BY created_at, id"
 )
+
+
+_STORED_STATE = (
+    "SELECT body AS state_body, mac AS state_mac, version AS state_version FROM farm_state"
+)
+
+
+def _stored_state(row: dict[str, Any]) -> StoredState | None:
+    if row.get("state_body") is None:
+        return None
+    return StoredState(
+        body=bytes(row["state_body"]), mac=bytes(row["state_mac"]), version=row["state_version"]
+    )
 
 
 def _master_key(row: dict[str, Any]) -> MasterKeyRow:

@@ -22,6 +22,8 @@ certificates, master keys and endpoints by their ids, never by content.
     ├── InvalidBlobError         a blob is not authentic (tampered, truncated, wrong row, wrong key)
     │   └── AdfsBlobError        an AD FS EncryptedPfx is malformed, unknown, or badly padded
     │       └── AdfsKeyMismatchError  its MAC does not verify under the DKM key given
+    ├── FarmStateError           the config DB's farm state record is missing, malformed,
+    │                            not authentic, older than a node installed, or not the live set
     ├── CertificateError         a certificate or key does not match what its row says
     ├── StoreError               the node's local store cannot be read or written
     ├── EscrowError              an escrow file or its passphrase is unusable, or names another farm
@@ -99,6 +101,12 @@ class AdfsKeyMismatchError(AdfsBlobError):
 
     Wrong key, or an altered blob: the caller may try the farm's next DKM key.
     """
+
+
+class FarmStateError(Error):
+    """The config DB's farm state record (which certificate holds which role) cannot be
+    trusted: missing, malformed, failing its MAC, another farm's, older than what this node
+    installed, or not matching the certificate rows. Nothing is installed or written."""
 
 
 class CertificateError(Error):

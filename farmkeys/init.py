@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from farmkeys import certs
 from farmkeys.config import Config
-from farmkeys.configdb import CertificateRow, ConfigDB, Farm, Transaction
+from farmkeys.configdb import ConfigDB, Farm, Transaction
 from farmkeys.directory import Directory
+from farmkeys.election import Election, read_lease
 from farmkeys.errors import (
     DirectoryError,
     Error,
     FarmConflictError,
 )
-from farmkeys.rollover import new_certificate
+from farmkeys.rollover import Leader, new_certificate, write_first_state
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,8 @@ def init_farm(config: Config, db: ConfigDB, directory: Directory, *, now: dateti
                         action="init",
                         detail=f"created farm {config.farm.name} with DKM group {group}",
                     )
-                    report.created_certificates = _add_missing_primaries(
-                        config, tx, group, key_id, key, existing=(), now=now
+                    report.created_certificates = _add_primaries(
+                        config, tx, group, key_id, key, now=now
                     )
             except BaseException:
                 _undo_container(directory, group)
@@ -88,13 +88,8 @@ def init_farm(config: Config, db: ConfigDB, directory: Directory, *, now: dateti
             report.dkm_group = farm.dkm_group
             _check_same_farm(config, farm, directory)
             live = db.certificates(include_archived=False)
-            key_id = directory.current_key_id(farm.dkm_group)
             if {r.purpose for r in live if r.role == "primary"} != set(certs.PURPOSES):
-                key = directory.master_key(farm.dkm_group, key_id)
-                with db.transaction() as tx:
-                    report.created_certificates = _add_missing_primaries(
-                        config, tx, farm.dkm_group, key_id, key, existing=live, now=now
-                    )
+                _complete_as_leader(config, db, directory, report)
     if report.dkm_group is not None and _anonymous_can_read(directory, report):
         report.warnings.append(
             "an anonymous bind can read the DKM container"
@@ -113,21 +108,40 @@ def _anonymous_can_read(directory: Directory, report: InitReport) -> bool:
         return False
 
 
-def _add_missing_primaries(
+def _complete_as_leader(
+    config: Config, db: ConfigDB, directory: Directory, report: InitReport
+) -> None:
+    """A farm that lacks a primary gets it through the leader's own fenced path: its
+    rollover check (which promotes a usable secondary, or generates one) under the lease,
+    checking and extending the farm state record like any leader write."""
+    election = Election(db, node_id=config.node.id, lease=config.lease)
+    if not election.try_acquire():
+        lease = read_lease(db)
+        report.warnings.append(
+            f"the farm lacks a primary certificate; {lease.holder_node} leads and its next"
+            " rollover check makes one (`farmkeys status` shows it)"
+        )
+        return
+    try:
+        done = Leader(config, db, directory, election).check()
+    finally:
+        election.release()
+    report.created_certificates = [f"{a.purpose} {a.action} {a.thumbprint}" for a in done]
+
+
+def _add_primaries(
     config: Config,
     tx: Transaction,
     group: uuid.UUID,
     key_id: uuid.UUID,
     key: bytes,
     *,
-    existing: Sequence[CertificateRow],
     now: datetime,
 ) -> list[str]:
-    have = {r.purpose for r in existing if r.role == "primary"}
+    """A new farm's primaries and its first farm state record, in its creating transaction."""
     created = []
+    rows = []
     for purpose in certs.PURPOSES:
-        if purpose in have:
-            continue
         row = new_certificate(
             config,
             dkm_group=group,
@@ -147,7 +161,9 @@ def _add_missing_primaries(
             thumbprint=row.thumbprint,
             detail="farmkeys init: the farm had no primary",
         )
+        rows.append(row)
         created.append(f"{purpose} primary {row.thumbprint}")
+    write_first_state(tx, dkm_group=group, rows=rows, master_key_id=key_id, master_key=key)
     return created
 
 

@@ -15,12 +15,13 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from farmkeys import certs, dkm, policy
+from farmkeys import certs, dkm, farmstate, policy
 from farmkeys.config import Config, RetryConfig
 from farmkeys.configdb import (
     CHANGED_CHANNEL,
@@ -28,6 +29,7 @@ from farmkeys.configdb import (
     ConfigDB,
     Farm,
     NewCertificate,
+    Transaction,
 )
 from farmkeys.directory import Directory
 from farmkeys.election import Election, Fence, read_lease
@@ -35,6 +37,7 @@ from farmkeys.errors import (
     CertificateError,
     DirectoryError,
     Error,
+    FarmStateError,
     InvalidBlobError,
     LeaderTimeoutError,
     MasterKeyMissingError,
@@ -49,6 +52,10 @@ MAX_ROUNDS = 6
 # The master-key check's own directory connection: one attempt, no retries, so an
 # outage skips the check at once and a write under the lease row is bounded.
 _ONE_ATTEMPT = RetryConfig(total_seconds=0.0)
+
+# A key made before a fenced transaction is used only this soon after: its certificate's
+# validity starts from when it was made.
+SPARE_FRESHNESS = timedelta(minutes=10)
 
 CLOCK_SKEW_ALLOWANCE = timedelta(hours=1)
 """A new certificate is valid from this long before it is made, so a relying party whose
@@ -69,6 +76,20 @@ class Applied:
         return f"{self.action} {self.purpose} {self.thumbprint}: {self.detail}"
 
 
+def generate_certificate(config: Config, *, purpose: str, now: datetime) -> certs.Generated:
+    """A new key and certificate for ``purpose``, valid from ``now`` less the clock-skew
+    allowance for the policy's certificate duration. The costly part of a rollover: the
+    leader does it before it opens a fenced transaction."""
+    start = now.replace(microsecond=0)
+    return certs.generate(
+        farm_name=config.farm.name,
+        purpose=purpose,
+        key_type=config.policy.key_for(purpose),
+        not_before=start - CLOCK_SKEW_ALLOWANCE,
+        not_after=start + config.policy.units(config.policy.certificate_duration),
+    )
+
+
 def new_certificate(
     config: Config,
     *,
@@ -80,14 +101,7 @@ def new_certificate(
     now: datetime,
 ) -> NewCertificate:
     """Generate a key and certificate for ``purpose`` and seal it, ready for its row."""
-    start = now.replace(microsecond=0)
-    generated = certs.generate(
-        farm_name=config.farm.name,
-        purpose=purpose,
-        key_type=config.policy.key_for(purpose),
-        not_before=start - CLOCK_SKEW_ALLOWANCE,
-        not_after=start + config.policy.units(config.policy.certificate_duration),
-    )
+    generated = generate_certificate(config, purpose=purpose, now=now)
     return sealed_certificate(
         config,
         dkm_group=dkm_group,
@@ -139,8 +153,40 @@ def sealed_certificate(
     )
 
 
+def write_first_state(
+    tx: Transaction,
+    *,
+    dkm_group: uuid.UUID,
+    rows: Sequence[farmstate.LiveRow],
+    master_key_id: uuid.UUID,
+    master_key: bytes,
+) -> farmstate.FarmState:
+    """A new farm's state record, version 1, written in the transaction that creates it."""
+    state = farmstate.FarmState.build(
+        farm=dkm_group, version=1, term=None, master_key=master_key_id, rows=rows
+    )
+    body, mac = farmstate.seal(state, master_key)
+    tx.write_state(body=body, mac=mac, version=state.version, term=None)
+    return state
+
+
+class _NeedKey(Exception):
+    """A fenced step found it must generate a certificate it has no key made for: the
+    transaction is given up, the key made outside it, and the step tried again."""
+
+    def __init__(self, purpose: str) -> None:
+        super().__init__(purpose)
+        self.purpose = purpose
+
+
 class Leader:
-    """The writes a lease holder makes, each in a fenced transaction."""
+    """The writes a lease holder makes, each in a fenced transaction.
+
+    Every fenced transaction first checks the farm state record against the
+    certificate rows (:meth:`_fenced`): a leader never builds on rows that a
+    config-DB writer changed behind its back. Before it commits, it writes the
+    new record when the live set changed.
+    """
 
     def __init__(
         self,
@@ -160,6 +206,11 @@ class Leader:
         self._election = election
         self._key: tuple[uuid.UUID, bytes] | None = None  # the current master key, in memory
         self._key_error: DirectoryError | None = None
+        # Keys and certificates made before a fenced transaction opened, by purpose, with the
+        # database's clock when they were made: generating is slow, the lease row is not
+        # locked meanwhile.
+        self._spares: dict[str, tuple[certs.Generated, datetime]] = {}
+        self._revoking: set[str] = set()  # urgently replaced in the open fenced transaction
 
     def _refresh_key(self, farm: Farm) -> None:
         """Learn the current master key before any transaction opens.
@@ -206,10 +257,151 @@ class Leader:
         return done + self.check_master_keys(farm=farm)
 
     def _farm_and_key(self) -> Farm:
-        """The farm, with the current master key read (outside any transaction)."""
+        """The farm, with the current master key, and the one the farm state record names,
+        read (outside any transaction)."""
         farm = self._db.require_farm()
         self._refresh_key(farm)
+        try:
+            stored = self._db.stored_state()
+            if stored is not None:
+                named = farmstate.parse(stored.body).master_key
+                if self._key is None or self._key[0] != named:
+                    self._directory.master_key(farm.dkm_group, named)  # cached for _fenced
+        except (FarmStateError, DirectoryError):
+            pass  # the fenced check reports it
         return farm
+
+    # -- the fence and the farm state ----------------------------------------------------
+
+    @contextmanager
+    def _fenced(self, farm: Farm, *, key: tuple[uuid.UUID, bytes] | None = None) -> Iterator[Fence]:
+        """A fenced transaction that starts by checking the farm state record and ends by
+        writing the next one, under ``key`` (default: the current master key), when the
+        live set changed or the record is under another key.
+
+        Raises :class:`FarmStateError` and writes nothing when the config DB's rows do not
+        match an authentic record (see `farmkeys repair-state`).
+        """
+        with self._election.fenced(self._db) as fence:
+            self._revoking = set()
+            before = self._authentic_state(fence, farm)
+            yield fence
+            self._write_state(fence, farm, before, key=key)
+
+    def _authentic_state(self, fence: Fence, farm: Farm) -> farmstate.FarmState | None:
+        """The config DB's farm state, verified and matching the live rows; None for a farm
+        from before farm states, whose first record the next write makes."""
+        stored = fence.tx.stored_state()
+        if stored is None:
+            installed = fence.tx.execute(
+                "SELECT max(state_version) AS version FROM node"
+                " UNION ALL SELECT count(*) FROM audit_event"
+                " WHERE action IN ('state_adopt', 'state_repair')"
+            )
+            if not any(r["version"] for r in installed):
+                return None
+            raise FarmStateError(
+                "the config DB has no farm state record, but this farm has had one",
+                farmstate.REPAIR,
+            )
+        state = farmstate.verify(
+            stored.body,
+            stored.mac,
+            farm=farm.dkm_group,
+            key_for=lambda key_id: self._directory.master_key(farm.dkm_group, key_id),
+        )
+        differences = state.differences(fence.tx.live_certificates())
+        if differences:
+            more = f" (and {len(differences) - 1} more)" if len(differences) > 1 else ""
+            raise FarmStateError(
+                f"the config DB's certificates differ from its authenticated farm state"
+                f" (version {state.version}): {differences[0]}{more}",
+                farmstate.REPAIR,
+            )
+        return state
+
+    def _write_state(
+        self,
+        fence: Fence,
+        farm: Farm,
+        before: farmstate.FarmState | None,
+        *,
+        key: tuple[uuid.UUID, bytes] | None,
+        revoked: set[str] | None = None,
+        action: str | None = None,
+    ) -> farmstate.FarmState | None:
+        """Write the next farm state record if it differs from ``before``; the one written.
+
+        ``revoked``: the whole revoked list (repair-state), else ``before``'s and what this
+        transaction replaced urgently. ``action``: the audit action to record the write
+        under (a farm's first record is ``state_adopt``).
+        """
+        rows = fence.tx.live_certificates()
+        if revoked is None:
+            revoked = set(before.revoked if before is not None else ()) | self._revoking
+        key_id, key_bytes = key if key is not None else self._current_key()
+        state = farmstate.FarmState.build(
+            farm=farm.dkm_group,
+            version=1,
+            term=fence.term,
+            master_key=key_id,
+            rows=rows,
+            revoked=revoked,
+        )
+        if (
+            before is not None
+            and action is None
+            and before.same_content(state)
+            and before.master_key == key_id
+        ):
+            return None
+        state = replace(state, version=self._next_version(fence, before))
+        body, mac = farmstate.seal(state, key_bytes)
+        fence.tx.write_state(body=body, mac=mac, version=state.version, term=fence.term)
+        if before is None and action is None:
+            action = "state_adopt"
+        if action is not None:
+            fence.tx.audit(
+                node=self._election.node_id,
+                term=fence.term,
+                action=action,
+                master_key=key_id,
+                detail=f"farm state version {state.version}: {len(state.live)} live certificates",
+            )
+        return state
+
+    def _next_version(self, fence: Fence, before: farmstate.FarmState | None) -> int:
+        """One above any version the farm has seen: the record's, the stored column's and
+        every node's (a node refuses a version below what it installed)."""
+        seen = fence.tx.execute(
+            "SELECT greatest((SELECT max(version) FROM farm_state),"
+            " (SELECT max(state_version) FROM node), %s::bigint, 0) AS seen",
+            (before.version if before is not None else 0,),
+        )[0]["seen"]
+        return int(seen) + 1
+
+    def _take_spare(self, purpose: str, now: datetime) -> certs.Generated:
+        """The key made for ``purpose`` before this transaction; :class:`_NeedKey` when
+        none was (or it is stale), so the caller makes one outside and tries again."""
+        spare = self._spares.pop(purpose, None)
+        if spare is None or not timedelta(0) <= now - spare[1] <= SPARE_FRESHNESS:
+            raise _NeedKey(purpose)
+        return spare[0]
+
+    def _make_spare(self, purpose: str) -> None:
+        """Generate a key and certificate for ``purpose``, with no transaction open."""
+        now = self._db.fetch("SELECT now() AS now")[0]["now"]
+        self._spares[purpose] = (
+            generate_certificate(self._config, purpose=purpose, now=now),
+            now,
+        )
+
+    def _make_spares(self, actions: Sequence[policy.Action]) -> None:
+        """Make the keys ``actions`` will need, before the fenced transaction opens."""
+        for action in actions:
+            needs_key = action.kind in ("generate", "generate_and_promote")
+            if needs_key and action.purpose not in self._spares:
+                self._make_spare(action.purpose)
 
     def check(self, *, farm: Farm | None = None) -> list[Applied]:
         """Run the rollover check: apply what the policy says is due, until nothing is.
@@ -220,17 +412,31 @@ class Leader:
             farm = self._farm_and_key()
         done: list[Applied] = []
         for _ in range(MAX_ROUNDS):
-            with self._election.fenced(self._db) as fence:
-                rows = fence.tx.live_certificates()
-                actions = policy.decide(self._config.policy, fence.now, rows)
-                if not actions:
-                    break
-                for action in actions:
-                    done.append(self._apply(fence, farm, rows, action))
-                fence.tx.notify(CHANGED_CHANNEL, f"term {fence.term}")
+            # What is likely due, decided outside the fence, so its keys are made before.
+            self._make_spares(policy.decide(self._config.policy, self._db_now(), self._live()))
+            try:
+                with self._fenced(farm) as fence:
+                    rows = fence.tx.live_certificates()
+                    actions = policy.decide(self._config.policy, fence.now, rows)
+                    if not actions:
+                        break
+                    steps = [self._apply(fence, farm, rows, action) for action in actions]
+                    fence.tx.notify(CHANGED_CHANNEL, f"term {fence.term}")
+            except _NeedKey as need:
+                self._make_spare(need.purpose)
+                continue
+            done.extend(steps)
+        self._spares.clear()
         for step in done:
             log.info("rollover: %s", step)
         return done
+
+    def _db_now(self) -> datetime:
+        now: datetime = self._db.fetch("SELECT now() AS now")[0]["now"]
+        return now
+
+    def _live(self) -> list[CertificateRow]:
+        return self._db.certificates(include_archived=False)
 
     def _apply(
         self, fence: Fence, farm: Farm, rows: Sequence[CertificateRow], action: policy.Action
@@ -265,14 +471,15 @@ class Leader:
 
     def _generate(self, fence: Fence, farm: Farm, purpose: str, role: str, reason: str) -> Applied:
         key_id, key = self._current_key()  # raising rolls the transaction back
-        row = new_certificate(
+        row = sealed_certificate(
             self._config,
             dkm_group=farm.dkm_group,
+            certificate_id=uuid.uuid4(),
             purpose=purpose,
             role=role,
+            generated=self._take_spare(purpose, fence.now),
             master_key_id=key_id,
             master_key=key,
-            now=fence.now,
         )
         fence.tx.insert_certificate(row)
         action = "generate" if role == "secondary" else "generate_and_promote"
@@ -340,7 +547,7 @@ class Leader:
                         Applied("reseal", "master key", str(action.key_id), f"{count} blobs")
                     )
                 elif action.kind == "unused":
-                    self._mark_unused(action.key_id)
+                    self._mark_unused(farm, action.key_id)
                 elif action.kind == "delete":
                     detail = self._delete_key(farm, once, action.key_id, action.reason)
                     done.append(Applied("delete", "master key", str(action.key_id), detail))
@@ -384,7 +591,7 @@ class Leader:
         pending = next((k for k in self._db.master_keys() if k.state == "pending"), None)
         if pending is None:
             key_id = uuid.uuid4()
-            with self._election.fenced(self._db) as fence:
+            with self._fenced(farm) as fence:
                 fence.tx.record_master_key(
                     key_id, state="pending", urgent=urgent, request=request, reason=reason
                 )
@@ -392,7 +599,7 @@ class Leader:
         else:
             key_id = pending.id
             if request is not None or (urgent and not pending.urgent):
-                with self._election.fenced(self._db) as fence:
+                with self._fenced(farm) as fence:
                     fence.tx.execute(
                         "UPDATE master_key SET request = coalesce(request, %s),"
                         " urgent = urgent OR %s WHERE id = %s",
@@ -400,19 +607,19 @@ class Leader:
                     )
             urgent = urgent or pending.urgent
 
-        with self._election.fenced(self._db) as fence:
+        with self._fenced(farm) as fence:
             if once.ensure_key(group, key_id):
                 self._audit_key(fence, "master_key_add", key_id, reason)
         self._step("added", key_id)
         new_key = self._directory.master_key(group, key_id)  # read back what the directory holds
 
         olds = self._live_keys(farm, exclude=key_id)
-        with self._election.fenced(self._db) as fence:
+        with self._fenced(farm) as fence:
             if self._reseal(fence, farm, fence.tx.live_certificates(), key_id, new_key, olds):
                 fence.tx.notify(CHANGED_CHANNEL, f"term {fence.term}")
         self._step("resealed", key_id)
 
-        with self._election.fenced(self._db) as fence:
+        with self._fenced(farm, key=(key_id, new_key)) as fence:
             rows = fence.tx.live_certificates()
             # A sweep: nothing else seals between two steps of one roll, so this finds
             # nothing unless a fault intervened; a key not read then comes from the cache.
@@ -493,15 +700,15 @@ class Leader:
     def _reseal_into_current(self, farm: Farm) -> int:
         key_id, key = self._current_key()
         olds = self._live_keys(farm, exclude=key_id)
-        with self._election.fenced(self._db) as fence:
+        with self._fenced(farm) as fence:
             count = self._reseal(fence, farm, fence.tx.live_certificates(), key_id, key, olds)
             if count:
                 self._audit_key(fence, "master_key_reseal", key_id, f"{count} live blobs")
                 fence.tx.notify(CHANGED_CHANNEL, f"term {fence.term}")
         return count
 
-    def _mark_unused(self, key_id: uuid.UUID) -> None:
-        with self._election.fenced(self._db) as fence:
+    def _mark_unused(self, farm: Farm, key_id: uuid.UUID) -> None:
+        with self._fenced(farm) as fence:
             fence.tx.execute(
                 "UPDATE master_key SET unused_since = now() WHERE id = %s AND state = 'previous'"
                 " AND unused_since IS NULL AND NOT EXISTS (SELECT 1 FROM certificate"
@@ -511,7 +718,7 @@ class Leader:
 
     def _delete_key(self, farm: Farm, once: Directory, key_id: uuid.UUID, reason: str) -> str:
         """Delete a replaced key from the directory: what was sealed under it is gone."""
-        with self._election.fenced(self._db) as fence:
+        with self._fenced(farm) as fence:
             # The lease row is locked: no leader can seal under this key meanwhile.
             counts = fence.tx.execute(
                 "SELECT count(*) FILTER (WHERE role <> 'archived') AS live,"
@@ -541,7 +748,7 @@ class Leader:
         self, farm: Farm, once: Directory, current: uuid.UUID, found: uuid.UUID
     ) -> Applied:
         """CryptoPolicy names another key than the farm's record: name the recorded one."""
-        with self._election.fenced(self._db) as fence:
+        with self._fenced(farm) as fence:
             once.set_current_key(farm.dkm_group, current)
             detail = f"CryptoPolicy named {found}, not the current key; corrected"
             self._audit_key(fence, "master_key_policy", current, detail)
@@ -597,36 +804,121 @@ class Leader:
             farm = self._farm_and_key()
         answered = 0
         while True:
-            with self._election.fenced(self._db) as fence:
-                pending = fence.tx.execute(
-                    "SELECT id, purpose, urgent, master_key, import_certificate, import_blob,"
-                    " import_role, import_source FROM rollover_request"
-                    " WHERE done_at IS NULL ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED"
-                )
-                if not pending:
-                    return answered
-                request = pending[0]
-                if request["import_blob"] is not None:
-                    ok, line = self._import(fence, farm, request)
-                    lines = [line]
-                    self._answered(fence, request["id"], lines, ok=ok)
-                elif not request["master_key"]:
-                    purposes = (
-                        certs.PURPOSES if request["purpose"] == "all" else (request["purpose"],)
+            try:
+                request, lines = self._answer_one(farm)
+                if request is not None and request["master_key"]:
+                    # A master-key roll spans several fenced steps: answered after the last.
+                    lines = self.roll_master_key(
+                        farm, urgent=request["urgent"], request=request["id"]
                     )
-                    rows = fence.tx.live_certificates()
-                    lines = [
-                        self._requested(fence, farm, rows, purpose, urgent=request["urgent"])
-                        for purpose in purposes
-                    ]
-                    self._answered(fence, request["id"], lines)
-            if request["master_key"]:
-                # A master-key roll spans several fenced steps: it is answered after the last.
-                lines = self.roll_master_key(farm, urgent=request["urgent"], request=request["id"])
+                    with self._election.fenced(self._db) as fence:
+                        self._answered(fence, request["id"], lines)
+            except _NeedKey as need:
+                self._make_spare(need.purpose)
+                continue
+            except FarmStateError as exc:
+                # No change can be built on rows that fail their farm state: the request is
+                # answered with why, so the operator learns it at once.
+                request = self._next_request()
+                if request is None or request["repair_state"]:
+                    raise
                 with self._election.fenced(self._db) as fence:
-                    self._answered(fence, request["id"], lines)
+                    self._answered(fence, request["id"], [f"refused: {exc.what}"], ok=False)
+                answered += 1
+                continue
+            if request is None:
+                return answered
             answered += 1
             log.info("rollover request %d answered: %s", request["id"], "; ".join(lines))
+
+    _REQUEST = (
+        "SELECT id, purpose, urgent, master_key, repair_state, import_certificate, import_blob,"
+        " import_role, import_source FROM rollover_request"
+        " WHERE done_at IS NULL ORDER BY id LIMIT 1"
+    )
+
+    def _next_request(self) -> dict[str, Any] | None:
+        """The oldest pending request, read outside any transaction."""
+        rows = self._db.fetch(self._REQUEST)
+        return rows[0] if rows else None
+
+    def _answer_one(self, farm: Farm) -> tuple[dict[str, Any] | None, list[str]]:
+        """Answer the oldest pending request in one fenced transaction (a master-key roll:
+        only pick it; its steps follow); the request, or None when there was none."""
+        if (peek := self._next_request()) is not None and peek["repair_state"]:
+            with self._election.fenced(self._db) as fence:
+                pending = fence.tx.execute(self._REQUEST + " FOR UPDATE SKIP LOCKED")
+                if not pending or not pending[0]["repair_state"]:
+                    return None, []
+                lines = self._repair_state(fence, farm)
+                self._answered(fence, pending[0]["id"], lines)
+                return pending[0], lines
+        with self._fenced(farm) as fence:
+            pending = fence.tx.execute(self._REQUEST + " FOR UPDATE SKIP LOCKED")
+            if not pending or pending[0]["repair_state"]:
+                return None, []
+            request = pending[0]
+            lines = []
+            if request["import_blob"] is not None:
+                ok, line = self._import(fence, farm, request)
+                lines = [line]
+                self._answered(fence, request["id"], lines, ok=ok)
+            elif not request["master_key"]:
+                purposes = certs.PURPOSES if request["purpose"] == "all" else (request["purpose"],)
+                rows = fence.tx.live_certificates()
+                lines = [
+                    self._requested(fence, farm, rows, purpose, urgent=request["urgent"])
+                    for purpose in purposes
+                ]
+                self._answered(fence, request["id"], lines)
+            return request, lines
+
+    def _repair_state(self, fence: Fence, farm: Farm) -> list[str]:
+        """`farmkeys repair-state`: authenticate the config DB's live rows as the farm state.
+
+        The operator vouches for the rows (after restoring a backup, say). What the
+        last record that still verifies says is kept where it is stronger than the rows:
+        a certificate it lists as urgently replaced is archived again, never made live.
+        The answer names every difference from that record, so the operator sees what
+        was authenticated.
+        """
+        stored = fence.tx.stored_state()
+        previous: farmstate.FarmState | None = None
+        why = "the config DB has no farm state record"
+        if stored is not None:
+            try:
+                previous = farmstate.verify(
+                    stored.body,
+                    stored.mac,
+                    farm=farm.dkm_group,
+                    key_for=lambda key_id: self._directory.master_key(farm.dkm_group, key_id),
+                )
+            except (FarmStateError, DirectoryError) as exc:
+                why = exc.what
+        revoked = set(previous.revoked) if previous is not None else set()
+        lines = []
+        for row in fence.tx.live_certificates():
+            if row.thumbprint in revoked:
+                fence.tx.set_role(row.id, "archived")
+                detail = "urgently replaced before; archived again by repair-state"
+                self._audit(fence, "archive", row.purpose, row.id, row.thumbprint, detail)
+                lines.append(f"{row.purpose} {row.role} {row.thumbprint}: {detail}")
+        rows = fence.tx.live_certificates()
+        if previous is None:
+            lines.append(f"no farm state verified ({why}); the live rows are authenticated")
+        else:
+            lines.extend(
+                f"differs from version {previous.version}: {line}"
+                for line in previous.differences(rows)
+            )
+        state = self._write_state(
+            fence, farm, previous, key=None, revoked=revoked, action="state_repair"
+        )
+        assert state is not None
+        fence.tx.notify(CHANGED_CHANNEL, f"term {fence.term}")
+        live = ", ".join(e.describe() for e in state.live) or "none"
+        lines.append(f"farm state version {state.version} written: {live}")
+        return lines
 
     def _answered(
         self, fence: Fence, request: int, lines: Sequence[str], *, ok: bool = True
@@ -655,6 +947,7 @@ class Leader:
             for row in mine:
                 if row.role in ("primary", "secondary"):
                     fence.tx.set_role(row.id, "archived")
+                    self._revoking.add(row.thumbprint)  # no node installs it again
                     self._audit(
                         fence, "archive", purpose, row.id, row.thumbprint, f"replaced: {reason}"
                     )
@@ -766,10 +1059,12 @@ def request_rollover(
     purpose: str | None,
     urgent: bool,
     timeout_seconds: float,
+    repair_state: bool = False,
 ) -> RolloverOutcome:
     """Ask the leader for a rollover and wait for its answer.
 
-    ``purpose`` None asks for a master-key rollover (`--master-key`).
+    ``purpose`` None asks for a master-key rollover (`--master-key`);
+    ``repair_state`` for `farmkeys repair-state` instead.
 
     When no process holds the lease, take it for the operation, answer the
     request under the fence, and give the lease back. Either way exactly one
@@ -777,7 +1072,9 @@ def request_rollover(
     surprise anyone later.
     """
     db.require_farm()
-    request = db.request_rollover(node_id=config.node.id, purpose=purpose, urgent=urgent)
+    request = db.request_rollover(
+        node_id=config.node.id, purpose=purpose, urgent=urgent, repair_state=repair_state
+    )
     return await_answer(config, db, directory, request, timeout_seconds=timeout_seconds)
 
 

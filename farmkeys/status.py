@@ -1,6 +1,7 @@
 """The farm at a glance: the document `farmkeys status` prints and monitoring reads.
 
-Reads the config DB and the directory's key list, never key material.
+Reads the config DB and the directory's key list; key material only to check the
+farm state record's MAC, never to print.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from farmkeys import certs
+from farmkeys import certs, farmstate
 from farmkeys import policy as rollover_policy
 from farmkeys.config import Config, PolicyConfig
-from farmkeys.configdb import CertificateRow, ConfigDB, MasterKeyRow
+from farmkeys.configdb import CertificateRow, ConfigDB, Farm, MasterKeyRow, NodeRow
 from farmkeys.directory import Directory, MasterKeyInfo
-from farmkeys.errors import DirectoryError, MasterKeyMissingError
+from farmkeys.errors import DirectoryError, FarmStateError, MasterKeyMissingError
 from farmkeys.sync import LIVE_ROLES
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,9 @@ def farm_status(
 ) -> dict[str, Any]:
     """The farm at a glance, as the JSON document `farmkeys status --json` prints.
 
-    Reads the config DB (raising if it cannot) and the directory's key list
-    (never key material; a directory failure becomes a problem, not an error).
+    Reads the config DB (raising if it cannot) and the directory's key list (a
+    directory failure becomes a problem, not an error). Key material only to check
+    the farm state record's MAC, in memory; nothing of it is printed.
     """
     farm = db.require_farm()
     rows = db.certificates()
@@ -95,6 +97,8 @@ def farm_status(
     current = rollover_policy.current_key(recorded)
     current_key = None if current is None else current.id
 
+    state_doc = _farm_state(db, farm, live, nodes, directory, problems)
+
     lease = _lease(db)
     if lease is None or not lease["valid"]:
         problems.add("warning", "no node holds the leader lease; is `farmkeys serve` running?")
@@ -140,6 +144,7 @@ def farm_status(
                 "directory_server": n.directory_server,
                 "hook_error": n.hook_error,
                 "master_keys": [str(k) for k in n.master_keys],
+                "state_version": n.state_version,
             }
         )
 
@@ -157,9 +162,74 @@ def farm_status(
             _certificate_json(r, _next(policy, now, live, r, current_key, schedule)) for r in rows
         ],
         "master_keys": master_keys,
+        "farm_state": state_doc,
         "nodes": node_docs,
         "checked_at": _iso(now),
     }
+
+
+def _farm_state(
+    db: ConfigDB,
+    farm: Farm,
+    live: Sequence[CertificateRow],
+    nodes: Sequence[NodeRow],
+    directory: Directory | None,
+    problems: _Problems,
+) -> dict[str, Any]:
+    """The farm state record: its version, the key its MAC is under, and whether it is
+    authentic (None: it could not be checked) and matches the live rows."""
+    stored = db.stored_state()
+    doc: dict[str, Any] = {"version": None, "master_key": None, "authentic": None}
+    newest = max((n.state_version for n in nodes if n.state_version is not None), default=None)
+    if stored is None:
+        if newest is not None:
+            problems.add(
+                "critical",
+                f"the config DB has no farm state record, but nodes installed version {newest}"
+                f" — {farmstate.REPAIR}",
+            )
+            doc["authentic"] = False
+        else:
+            problems.add(
+                "warning",
+                "the config DB has no farm state record yet (a farm from before them); the"
+                " leader writes it at its next check, or run `farmkeys repair-state`",
+            )
+        return doc
+    doc["version"] = stored.version
+    try:
+        state = farmstate.parse(stored.body)
+        doc["version"], doc["master_key"] = state.version, str(state.master_key)
+        if directory is not None:
+            farmstate.verify(
+                stored.body,
+                stored.mac,
+                farm=farm.dkm_group,
+                key_for=lambda key_id: directory.master_key(farm.dkm_group, key_id),
+            )
+            doc["authentic"] = True
+    except FarmStateError as exc:
+        problems.add("critical", exc.diagnostics())
+        doc["authentic"] = False
+        return doc
+    except DirectoryError as exc:
+        problems.add("warning", f"cannot verify the farm state record: {exc.what}")
+    differences = state.differences(live)
+    if differences:
+        doc["authentic"] = False
+        problems.add(
+            "critical",
+            f"the config DB's certificates differ from its farm state (version"
+            f" {state.version}): {'; '.join(differences)} — {farmstate.REPAIR}",
+        )
+    for n in nodes:
+        if n.state_version is not None and n.state_version > state.version:
+            problems.add(
+                "critical",
+                f"node {n.id} installed farm state version {n.state_version}, newer than the"
+                f" config DB's {state.version} (a restored backup?) — {farmstate.REPAIR}",
+            )
+    return doc
 
 
 def _lease(db: ConfigDB) -> dict[str, Any] | None:

@@ -12,14 +12,15 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from farmkeys import certs, dkm
+from farmkeys import certs, dkm, farmstate
 from farmkeys.config import Config
-from farmkeys.configdb import CertificateRow, ConfigDB, Farm
+from farmkeys.configdb import CertificateRow, ConfigDB, Farm, LiveSet
 from farmkeys.directory import Directory
 from farmkeys.errors import (
     CertificateError,
     DirectoryError,
     FarmConflictError,
+    FarmStateError,
     InvalidBlobError,
     NotInitialisedError,
     StoreError,
@@ -78,16 +79,31 @@ def sync(
         )
     _check_pinned(config, farm, store, db.endpoint)
     wanted = frozenset(r.identity for r in rows)
-    if store.matches(wanted):
+    in_sync = store.matches(wanted)
+    state = check_state(live, _readable_manifest(store), directory, in_sync=in_sync)
+    if in_sync:
         manifest = store.manifest()
         assert manifest is not None
         if manifest.dkm_group is None:
             store.pin(farm.dkm_group)
+        if state is not None and (
+            manifest.state_version != state.version or manifest.state_digest != state.digest
+        ):
+            manifest = store.note_state(
+                version=state.version, digest=state.digest, forget=state.revoked
+            )
         changed = False
         keys = _confirm_keys(farm, rows, directory, live.confirmed_keys)
     else:
         files = [open_certificate(farm, row, directory) for row in rows]
-        manifest = store.install(files, now=now, dkm_group=farm.dkm_group)
+        manifest = store.install(
+            files,
+            now=now,
+            dkm_group=farm.dkm_group,
+            state_version=None if state is None else state.version,
+            state_digest=None if state is None else state.digest,
+            forget=() if state is None else state.revoked,
+        )
         changed = True
         keys = sorted({r.master_key for r in rows}, key=str)
         log.info(
@@ -101,10 +117,101 @@ def sync(
         installed=sorted(wanted),
         master_keys=keys,
         directory_server=directory.last_server,
+        state_version=manifest.state_version,
     )
     return SyncReport(
         node=config.node.id, dkm_group=farm.dkm_group, manifest=manifest, changed=changed
     )
+
+
+@dataclass(frozen=True)
+class CheckedState:
+    """The farm state a sync installs under: its version, the fingerprint of its stored
+    bytes (so the next sync need not verify the same bytes again), and its revoked list."""
+
+    version: int
+    digest: str
+    revoked: tuple[str, ...]
+
+
+def check_state(
+    live: LiveSet, manifest: Manifest | None, directory: Directory, *, in_sync: bool
+) -> CheckedState | None:
+    """The farm state record that vouches for ``live``; :class:`FarmStateError` when none
+    does. None for a farm from before farm state records, which this node has never seen
+    one of (the leader writes the first at its next check).
+
+    Refused: a record that is malformed, another farm's, or fails its MAC under the
+    master key it names; a version below the highest this node installed (``manifest``);
+    live rows that differ from the record; a live certificate that an urgent rollover
+    replaced (the record's revoked list, and every one this node ever learned). Bytes
+    this node already verified (same fingerprint) are not verified again. When the
+    directory cannot be read to verify a new record and the store already holds the
+    live set, nothing is installed either way: the sync goes on, the record unrecorded.
+    """
+    farm, stored = live.farm, live.state
+    installed = None if manifest is None else manifest.state_version
+    if stored is None:
+        if installed is not None:
+            raise FarmStateError(
+                "the config DB has no farm state record, but this node installed version"
+                f" {installed}; nothing was installed",
+                farmstate.REPAIR,
+            )
+        log.warning(
+            "the config DB has no farm state record yet (a farm from before them): the"
+            " leader writes one at its next check"
+        )
+        return None
+    digest = farmstate.digest(stored.body, stored.mac)
+    if manifest is not None and manifest.state_digest == digest:
+        state = farmstate.parse(stored.body)  # these very bytes were verified before
+    else:
+        try:
+            state = farmstate.verify(
+                stored.body,
+                stored.mac,
+                farm=farm.dkm_group,
+                key_for=lambda key_id: directory.master_key(farm.dkm_group, key_id),
+            )
+        except DirectoryError as exc:
+            if not in_sync:
+                raise
+            log.warning("cannot verify the new farm state yet (the store is in sync): %s", exc.what)
+            return None
+    if installed is not None and state.version < installed:
+        raise FarmStateError(
+            f"the config DB's farm state is version {state.version}, older than version"
+            f" {installed} this node installed (a restored backup?); nothing was installed",
+            farmstate.REPAIR,
+        )
+    differences = state.differences(live.rows)
+    if differences:
+        more = f" (and {len(differences) - 1} more)" if len(differences) > 1 else ""
+        raise FarmStateError(
+            f"the config DB's certificates differ from its authenticated farm state (version"
+            f" {state.version}): {differences[0]}{more}; nothing was installed",
+            farmstate.REPAIR,
+        )
+    forgotten = set(state.revoked) | (set() if manifest is None else set(manifest.forgotten))
+    for row in live.rows:
+        if row.thumbprint in forgotten:
+            raise FarmStateError(
+                f"{row.purpose} certificate {row.thumbprint} was urgently replaced and must"
+                " never be installed again, but the config DB has it live; nothing was"
+                " installed",
+                farmstate.REPAIR,
+            )
+    return CheckedState(version=state.version, digest=digest, revoked=state.revoked)
+
+
+def _readable_manifest(store: Store) -> Manifest | None:
+    """The store's manifest, or None when there is none or it cannot be read (the install
+    that follows repairs it)."""
+    try:
+        return store.manifest()
+    except StoreError:
+        return None
 
 
 def _check_pinned(config: Config, farm: Farm, store: Store, endpoint: str) -> None:

@@ -186,7 +186,48 @@ def add_certificate(farm: TestFarm, *, purpose: str, role: str) -> str:
         )
         with db.transaction() as tx:
             tx.insert_certificate(row)
+    seal_state(farm)
     return row.thumbprint
+
+
+def seal_state(farm: TestFarm) -> int:
+    """Write the farm state record for the config DB's live rows, as the leader does after
+    a change, under the current master key, one version above any seen; the version.
+
+    For tests that change the live set by hand in the leader's place."""
+    from dataclasses import replace
+
+    from farmkeys import farmstate
+    from farmkeys.config import load
+    from farmkeys.configdb import ConfigDB
+    from farmkeys.directory import Directory
+
+    cfg = load(farm.config())
+    with ConfigDB(cfg.database, cfg.retry) as db, Directory(cfg.directory, cfg.retry) as dirx:
+        found = db.farm()
+        assert found is not None
+        key_id = dirx.current_key_id(found.dkm_group)
+        with db.transaction() as tx:
+            version = (
+                1
+                + tx.execute(
+                    "SELECT greatest((SELECT max(version) FROM farm_state),"
+                    " (SELECT max(state_version) FROM node), 0) AS v"
+                )[0]["v"]
+            )
+            stored = tx.stored_state()
+            revoked = farmstate.parse(stored.body).revoked if stored is not None else ()
+            state = farmstate.FarmState.build(
+                farm=found.dkm_group,
+                version=version,
+                term=None,
+                master_key=key_id,
+                rows=tx.live_certificates(),
+                revoked=revoked,
+            )
+            body, mac = farmstate.seal(replace(state), dirx.master_key(found.dkm_group, key_id))
+            tx.write_state(body=body, mac=mac, version=version, term=None)
+    return int(version)
 
 
 def hold_lease(farm: TestFarm, node: str = "node-a", ttl_seconds: float = 600.0) -> int:

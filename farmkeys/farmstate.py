@@ -1,0 +1,313 @@
+"""The farm state record: which certificate holds which role, authenticated.
+
+The blobs in the config DB are sealed, but their rows' roles are not: whoever
+can write the config DB could make an archived (perhaps compromised)
+certificate the primary again, or put back rows from an old backup. So the
+leader writes, with every change, one record of the whole live set:
+
+- ``version``: strictly increasing; every node remembers the highest it has
+  installed (its store's manifest) and refuses a lower one (an old backup);
+- ``live``: each live certificate's id, purpose, role, thumbprint and the
+  master key its blob is sealed under;
+- ``revoked``: the thumbprints an urgent rollover replaced, which no node
+  installs again;
+- ``master_key``: the master key the record's MAC is made under (the
+  current one when it was written; a master-key roll re-authenticates it);
+
+and a MAC: HMAC-SHA256 over the record's bytes under a key derived from that
+master key with HKDF-SHA256 and a label of its own (:data:`MAC_INFO` and the
+farm's DKM group), so it cannot be mistaken for a blob key, nor carried to
+another farm. The record's bytes are canonical JSON (sorted keys, no
+spaces, ASCII): :func:`parse` accepts exactly the bytes :meth:`FarmState.encode`
+makes, and nothing else. docs/blob-format.md gives the format field by field.
+
+Pure: no I/O. The leader (:mod:`farmkeys.rollover`), `init`, the nodes
+(:mod:`farmkeys.sync`) and `status` call it with the key they read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from farmkeys.errors import FarmStateError
+
+FORMAT = "farmkeys-state/1"
+MAC_INFO = b"farmkeys farm state MAC v1\x00"
+MAC_SIZE = 32
+MAX_RECORD = 1 << 20  # far above any farm's: a live set is a handful of rows
+MAX_VERSION = (1 << 63) - 1  # the config DB's bigint
+
+PURPOSES = ("signing", "decryption")
+LIVE_ROLES = ("primary", "secondary", "retired")
+_THUMBPRINT = re.compile(r"\A[0-9A-F]{40}\Z")
+_FIELDS = {"farm", "format", "live", "master_key", "revoked", "term", "version"}
+_ENTRY_FIELDS = {"id", "master_key", "purpose", "role", "thumbprint"}
+
+REPAIR = "restore the config DB from a backup, or run `farmkeys repair-state` as the leader"
+
+
+class LiveRow(Protocol):
+    """What the record takes from a certificate row (CertificateRow has it)."""
+
+    @property
+    def id(self) -> uuid.UUID: ...
+    @property
+    def purpose(self) -> str: ...
+    @property
+    def role(self) -> str: ...
+    @property
+    def thumbprint(self) -> str: ...
+    @property
+    def master_key(self) -> uuid.UUID: ...
+
+
+@dataclass(frozen=True, order=True)
+class LiveEntry:
+    """One live certificate as the record names it."""
+
+    id: uuid.UUID
+    purpose: str
+    role: str
+    thumbprint: str
+    master_key: uuid.UUID
+
+    @classmethod
+    def of(cls, row: LiveRow) -> LiveEntry:
+        return cls(row.id, row.purpose, row.role, row.thumbprint, row.master_key)
+
+    def describe(self) -> str:
+        return f"{self.purpose} {self.role} {self.thumbprint}"
+
+
+@dataclass(frozen=True)
+class FarmState:
+    """One version of the farm state (not yet authentic until :func:`verify` says so)."""
+
+    farm: uuid.UUID
+    version: int
+    term: int | None  # the leader's term that wrote it; None for `init`
+    master_key: uuid.UUID
+    live: tuple[LiveEntry, ...]  # sorted by id
+    revoked: tuple[str, ...]  # sorted
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        farm: uuid.UUID,
+        version: int,
+        term: int | None,
+        master_key: uuid.UUID,
+        rows: Iterable[LiveRow],
+        revoked: Iterable[str] = (),
+    ) -> FarmState:
+        """The record of ``rows`` (the live certificates), in canonical order."""
+        live = tuple(sorted(LiveEntry.of(r) for r in rows))
+        return cls(farm, version, term, master_key, live, tuple(sorted(set(revoked))))
+
+    def encode(self) -> bytes:
+        """The record's canonical bytes: what the MAC covers and the config DB stores."""
+        document = {
+            "farm": str(self.farm),
+            "format": FORMAT,
+            "live": [
+                {
+                    "id": str(e.id),
+                    "master_key": str(e.master_key),
+                    "purpose": e.purpose,
+                    "role": e.role,
+                    "thumbprint": e.thumbprint,
+                }
+                for e in self.live
+            ],
+            "master_key": str(self.master_key),
+            "revoked": list(self.revoked),
+            "term": self.term,
+            "version": self.version,
+        }
+        return json.dumps(
+            document, sort_keys=True, separators=(",", ":"), ensure_ascii=True
+        ).encode("ascii")
+
+    def same_content(self, other: FarmState) -> bool:
+        """The same live set and revoked list (version, term and MAC key aside)."""
+        return self.live == other.live and self.revoked == other.revoked
+
+    def differences(self, rows: Iterable[LiveRow]) -> list[str]:
+        """How the config DB's live rows differ from this record; empty when they agree."""
+        recorded = {e.id: e for e in self.live}
+        found = {r.id: LiveEntry.of(r) for r in rows}
+        lines = []
+        for cert_id in sorted(recorded.keys() | found.keys()):
+            want, have = recorded.get(cert_id), found.get(cert_id)
+            if have == want:
+                continue
+            if want is None:
+                assert have is not None
+                lines.append(f"{have.describe()} is live but not in the farm state")
+            elif have is None:
+                lines.append(f"{want.describe()} is in the farm state but not live")
+            elif (have.purpose, have.thumbprint) != (want.purpose, want.thumbprint):
+                lines.append(f"{want.describe()} is {have.describe()} in the config DB")
+            elif have.role != want.role:
+                lines.append(f"{want.describe()} is {have.role} in the config DB")
+            else:
+                lines.append(
+                    f"{want.describe()} is sealed under master key {have.master_key} in the"
+                    f" config DB, not {want.master_key}"
+                )
+        return lines
+
+
+def mac_key(master_key: bytes, farm: uuid.UUID) -> bytes:
+    """The record's MAC key: HKDF-SHA256 of the master key under the record's own label,
+    bound to the farm's DKM group."""
+    return HKDF(
+        algorithm=hashes.SHA256(), length=MAC_SIZE, salt=None, info=MAC_INFO + farm.bytes
+    ).derive(master_key)
+
+
+def seal(state: FarmState, master_key: bytes) -> tuple[bytes, bytes]:
+    """The record's bytes and their MAC under ``master_key`` (the key ``state`` names)."""
+    body = state.encode()
+    return body, hmac.new(mac_key(master_key, state.farm), body, hashlib.sha256).digest()
+
+
+def digest(body: bytes, mac: bytes) -> str:
+    """A short fingerprint of one stored record, which a node keeps to know it has
+    already verified these exact bytes."""
+    return hashlib.sha256(len(body).to_bytes(8, "big") + body + mac).hexdigest()
+
+
+def verify(
+    body: bytes,
+    mac: bytes,
+    *,
+    farm: uuid.UUID,
+    key_for: Callable[[uuid.UUID], bytes],
+) -> FarmState:
+    """The record, once its bytes parse, name ``farm`` and carry a valid MAC under the
+    master key they name; :class:`FarmStateError` otherwise.
+
+    ``key_for(id)`` reads that master key (from the directory); its own errors
+    (the key is missing, the directory is down) pass through unchanged.
+    """
+    state = parse(body)
+    if state.farm != farm:
+        raise FarmStateError(
+            f"the config DB's farm state belongs to the farm with DKM group {state.farm},"
+            f" not this farm's {farm}",
+            REPAIR,
+        )
+    key = key_for(state.master_key)
+    expected = hmac.new(mac_key(key, farm), body, hashlib.sha256).digest()
+    if not hmac.compare_digest(expected, bytes(mac)):
+        raise FarmStateError(
+            f"the config DB's farm state (version {state.version}) fails authentication"
+            f" under master key {state.master_key}",
+            REPAIR,
+        )
+    return state
+
+
+def parse(body: bytes) -> FarmState:
+    """The record in ``body``; :class:`FarmStateError` for anything but canonical bytes of
+    a well-formed record. Says nothing of its authenticity: see :func:`verify`."""
+    if not isinstance(body, bytes | bytearray | memoryview):
+        raise _malformed("it is not bytes")
+    body = bytes(body)
+    if len(body) > MAX_RECORD:
+        raise _malformed(f"it is {len(body)} bytes, more than {MAX_RECORD}")
+    try:
+        document = json.loads(body.decode("ascii"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise _malformed("it is not ASCII JSON") from None
+    state = _state(document)
+    if state.encode() != body:
+        raise _malformed("it is not in canonical form")
+    return state
+
+
+def _state(document: object) -> FarmState:
+    fields = _object(document, _FIELDS, "the record")
+    if fields["format"] != FORMAT:
+        raise _malformed(f"its format is not {FORMAT!r}")
+    version = _integer(fields["version"], "version")
+    if version < 1:
+        raise _malformed("its version is below 1")
+    term = None if fields["term"] is None else _integer(fields["term"], "term")
+    live = fields["live"]
+    if not isinstance(live, list):
+        raise _malformed("live is not a list")
+    entries = tuple(_entry(item) for item in live)
+    if list(entries) != sorted(set(entries)) or len({e.id for e in entries}) != len(entries):
+        raise _malformed("live is not sorted by id without repeats")
+    revoked = fields["revoked"]
+    if not isinstance(revoked, list) or not all(
+        isinstance(t, str) and _THUMBPRINT.match(t) for t in revoked
+    ):
+        raise _malformed("revoked is not a list of thumbprints")
+    if revoked != sorted(set(revoked)):
+        raise _malformed("revoked is not sorted without repeats")
+    return FarmState(
+        farm=_uuid(fields["farm"], "farm"),
+        version=version,
+        term=term,
+        master_key=_uuid(fields["master_key"], "master_key"),
+        live=entries,
+        revoked=tuple(revoked),
+    )
+
+
+def _entry(item: object) -> LiveEntry:
+    fields = _object(item, _ENTRY_FIELDS, "a live entry")
+    purpose, role, thumbprint = fields["purpose"], fields["role"], fields["thumbprint"]
+    if purpose not in PURPOSES or role not in LIVE_ROLES:
+        raise _malformed("a live entry has an unknown purpose or role")
+    if not isinstance(thumbprint, str) or not _THUMBPRINT.match(thumbprint):
+        raise _malformed("a live entry's thumbprint is not 40 upper-case hex digits")
+    return LiveEntry(
+        id=_uuid(fields["id"], "a live entry's id"),
+        purpose=purpose,
+        role=role,
+        thumbprint=thumbprint,
+        master_key=_uuid(fields["master_key"], "a live entry's master_key"),
+    )
+
+
+def _object(value: object, keys: set[str], what: str) -> dict[str, Any]:
+    if not isinstance(value, dict) or set(value) != keys:
+        raise _malformed(f"{what} does not have exactly the fields {sorted(keys)}")
+    return value
+
+
+def _integer(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_VERSION:
+        raise _malformed(f"its {what} is not an integer from 0 to {MAX_VERSION}")
+    return value
+
+
+def _uuid(value: object, what: str) -> uuid.UUID:
+    if not isinstance(value, str):
+        raise _malformed(f"{what} is not a UUID")
+    try:
+        parsed = uuid.UUID(value)
+    except ValueError:
+        raise _malformed(f"{what} is not a UUID") from None
+    if str(parsed) != value:
+        raise _malformed(f"{what} is not a UUID in canonical form")
+    return parsed
+
+
+def _malformed(why: str) -> FarmStateError:
+    return FarmStateError(f"the config DB's farm state record is malformed: {why}", REPAIR)

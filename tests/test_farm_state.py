@@ -1,0 +1,294 @@
+"""The farm state record against a config-DB writer who has no master key (issue 9, part 1).
+
+Real PostgreSQL and slapd: every attack is made with SQL on the farm's own
+database, then a node syncs, the leader is asked to act, and `status` looks.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from farmtools import (
+    TestFarm,
+    audit_events,
+    db_query,
+    one_error_line,
+    seal_state,
+    snapshot,
+)
+
+from farmkeys import farmstate, rollover
+from farmkeys.lab.postgres import LocalPostgres
+from farmkeys.lab.slapd import LocalSlapd
+
+
+@pytest.fixture
+def farm(tmp_path: Path, slapd: LocalSlapd, pg_dsn: str) -> TestFarm:
+    farm = TestFarm(root=tmp_path, slapd=slapd, dsn=pg_dsn)
+    result = farm.run("init")
+    assert result.code == 0, result.err
+    for node in ("node-a", "node-b"):
+        assert farm.run("sync", node=node).code == 0
+    return farm
+
+
+def sql(farm: TestFarm, *statements: str) -> None:
+    with psycopg.connect(farm.dsn) as conn:
+        for statement in statements:
+            conn.execute(statement)
+
+
+def live(farm: TestFarm) -> dict[str, tuple[str, str]]:
+    rows = db_query(farm.dsn, "SELECT thumbprint, purpose, role FROM certificate")
+    return {r["thumbprint"]: (r["purpose"], r["role"]) for r in rows}
+
+
+def state_version(farm: TestFarm) -> int:
+    return int(db_query(farm.dsn, "SELECT version FROM farm_state")[0]["version"])
+
+
+def manifest(farm: TestFarm, node: str = "node-a") -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads((farm.store(node) / "current" / "manifest.json").read_text())
+    return doc
+
+
+def refused(farm: TestFarm, node: str, *fragments: str) -> None:
+    """A sync on ``node`` fails in one line naming the farm state, and changes no file."""
+    before = snapshot(farm.store(node))
+    result = farm.run("sync", node=node)
+    assert result.code == 1
+    line = one_error_line(result)
+    for fragment in fragments:
+        assert fragment in line, line
+    assert "farmkeys repair-state" in line
+    assert snapshot(farm.store(node)) == before
+
+
+def critical(farm: TestFarm, fragment: str) -> None:
+    result = farm.run("status", "--json")
+    assert result.code == 2, result.out
+    assert any(fragment in p and "repair-state" in p for p in result.json["problems"]), result.out
+    assert result.json["farm_state"]["authentic"] is False
+
+
+# -- what the record holds -------------------------------------------------------------
+
+
+def test_init_writes_version_1_and_every_node_records_it(farm: TestFarm) -> None:
+    rows = db_query(farm.dsn, "SELECT version, body, mac, term FROM farm_state")
+    assert len(rows) == 1 and rows[0]["version"] == 1 and rows[0]["term"] is None
+    state = farmstate.parse(bytes(rows[0]["body"]))
+    assert {e.thumbprint for e in state.live} == set(live(farm))
+    assert manifest(farm)["state_version"] == 1
+    status = farm.run("status", "--json").json
+    assert status["farm_state"] == {
+        "version": 1,
+        "master_key": str(state.master_key),
+        "authentic": True,
+    }
+    assert {n["state_version"] for n in status["nodes"]} == {1}
+
+
+def test_each_leader_change_writes_the_next_version(farm: TestFarm) -> None:
+    assert farm.run("rollover", "--purpose", "signing").code == 0
+    assert state_version(farm) == 2
+    state = farmstate.parse(bytes(db_query(farm.dsn, "SELECT body FROM farm_state")[0]["body"]))
+    assert sorted(e.role for e in state.live if e.purpose == "signing") == [
+        "primary",
+        "secondary",
+    ]
+    assert farm.run("sync").code == 0
+    assert manifest(farm)["state_version"] == 2
+    # Asking again changes nothing (a secondary exists): no new version.
+    assert farm.run("rollover", "--purpose", "signing").code == 0
+    assert state_version(farm) == 2
+
+
+# -- the attacks -----------------------------------------------------------------------
+
+
+def test_two_updates_after_an_urgent_rollover_cannot_bring_the_old_primary_back(
+    farm: TestFarm,
+) -> None:
+    old = next(t for t, (p, r) in live(farm).items() if p == "signing" and r == "primary")
+    result = farm.run("rollover", "--purpose", "signing", "--urgent")
+    assert result.code == 0, result.err
+    assert farm.run("sync").code == 0
+    assert old in manifest(farm)["forgotten"]
+    new = next(t for t, (p, r) in live(farm).items() if p == "signing" and r == "primary")
+
+    # The attack: the compromised certificate is the primary again, the new one archived.
+    sql(
+        farm,
+        f"UPDATE certificate SET role = 'archived' WHERE thumbprint = '{new}'",
+        f"UPDATE certificate SET role = 'primary' WHERE thumbprint = '{old}'",
+    )
+    refused(farm, "node-a", "differ from its authenticated farm state", old)
+    refused(farm, "node-b", "differ from its authenticated farm state")
+    critical(farm, "differ from its farm state")
+
+    # The leader builds nothing on it: a rollover is refused, the DB as it was.
+    before = db_query(farm.dsn, "SELECT id, role, blob FROM certificate ORDER BY id")
+    answer = farm.run("rollover", "--purpose", "decryption")
+    assert answer.code == 1
+    assert "refused: the config DB's certificates differ" in answer.out
+    assert db_query(farm.dsn, "SELECT id, role, blob FROM certificate ORDER BY id") == before
+
+    # repair-state: the urgently replaced certificate is archived again, never authenticated.
+    repaired = farm.run("repair-state")
+    assert repaired.code == 0, repaired.err + repaired.out
+    assert f"{old}: urgently replaced before; archived again" in repaired.out
+    assert live(farm)[old] == ("signing", "archived")
+    assert "state_repair" in [e["action"] for e in audit_events(farm)]
+    # The new primary stays archived (the operator's choice to restore it, or roll again):
+    # the leader's next check makes a new primary, and the node installs it.
+    assert farm.run("rollover", "--purpose", "signing").code == 0
+    assert farm.run("sync").code == 0
+    installed = {e["thumbprint"] for e in manifest(farm)["certificates"]}
+    assert old not in installed
+
+
+def test_a_node_never_installs_an_urgently_replaced_certificate_again(farm: TestFarm) -> None:
+    old = next(t for t, (p, r) in live(farm).items() if p == "signing" and r == "primary")
+    assert farm.run("rollover", "--purpose", "signing", "--urgent").code == 0
+    assert farm.run("sync").code == 0
+    new = next(t for t, (p, r) in live(farm).items() if p == "signing" and r == "primary")
+    # Even a record that verifies (here: written with the master key, its revoked list
+    # emptied) cannot make this node install it: the node keeps its own list.
+    sql(
+        farm,
+        f"UPDATE certificate SET role = 'archived' WHERE thumbprint = '{new}'",
+        f"UPDATE certificate SET role = 'primary' WHERE thumbprint = '{old}'",
+        "UPDATE farm_state SET body = convert_to(regexp_replace(convert_from(body, 'UTF8'),"
+        " '\"revoked\":\\[[^]]*\\]', '\"revoked\":[]'), 'UTF8')",
+    )
+    stored = db_query(farm.dsn, "SELECT body FROM farm_state")[0]["body"]
+    assert farmstate.parse(bytes(stored)).revoked == ()
+    seal_state(farm)  # takes the (emptied) revoked list it finds
+    refused(farm, "node-a", old, "urgently replaced")
+
+
+def test_a_whole_table_restore_from_an_earlier_dump_is_refused(farm: TestFarm) -> None:
+    sql(
+        farm,
+        "CREATE TABLE certificate_dump AS SELECT * FROM certificate",
+        "CREATE TABLE farm_state_dump AS SELECT * FROM farm_state",
+    )
+    assert farm.run("rollover", "--purpose", "all").code == 0  # two secondaries: version 2
+    assert farm.run("sync").code == 0
+    assert manifest(farm)["state_version"] == 2
+
+    sql(
+        farm,
+        "DELETE FROM certificate",
+        "INSERT INTO certificate SELECT * FROM certificate_dump",
+        "DELETE FROM farm_state",
+        "INSERT INTO farm_state SELECT * FROM farm_state_dump",
+    )
+    refused(farm, "node-a", "version 1, older than version 2 this node installed")
+    critical(farm, "node node-a installed farm state version 2, newer than the config DB's 1")
+
+    # The operator restored it on purpose: repair-state writes a version above every node's.
+    repaired = farm.run("repair-state")
+    assert repaired.code == 0, repaired.err + repaired.out
+    assert "farm state version 3 written" in repaired.out
+    assert farm.run("sync").code == 0
+    assert manifest(farm)["state_version"] == 3
+    assert farm.run("status", "--json").json["farm_state"]["authentic"] is True
+
+
+def test_a_deleted_state_record_is_refused(farm: TestFarm) -> None:
+    sql(farm, "DELETE FROM farm_state")
+    refused(farm, "node-a", "no farm state record, but this node installed version 1")
+    critical(farm, "no farm state record, but nodes installed version 1")
+    answer = farm.run("rollover", "--purpose", "signing")
+    assert answer.code == 1 and "refused: the config DB has no farm state record" in answer.out
+
+
+def test_a_state_record_copied_from_another_farm_is_refused(
+    farm: TestFarm, slapd: LocalSlapd, postgres: LocalPostgres, tmp_path: Path
+) -> None:
+    other_dsn = postgres.create_database(f"farmkeys_test_{uuid.uuid4().hex[:12]}")
+    other = TestFarm(root=tmp_path / "fabrikam", slapd=slapd, dsn=other_dsn, name="fabrikam")
+    other.root.mkdir()
+    assert other.run("init").code == 0
+    copied = db_query(other_dsn, "SELECT version, body, mac FROM farm_state")[0]
+    with psycopg.connect(farm.dsn) as conn:
+        conn.execute(
+            "UPDATE farm_state SET version = %s + 10, body = %s, mac = %s",
+            (copied["version"], copied["body"], copied["mac"]),
+        )
+    refused(farm, "node-a", "belongs to the farm with DKM group")
+    critical(farm, "belongs to the farm with DKM group")
+
+
+def test_a_forged_mac_or_body_is_refused(farm: TestFarm) -> None:
+    sql(farm, "UPDATE farm_state SET mac = decode(repeat('00', 32), 'hex')")
+    refused(farm, "node-c", "fails authentication")  # a new node too: no store yet
+    assert not farm.store("node-c").exists() or not any(farm.store("node-c").iterdir())
+    critical(farm, "fails authentication")
+
+
+def test_a_role_change_without_touching_the_record_is_refused(farm: TestFarm) -> None:
+    sql(farm, "UPDATE certificate SET role = 'archived' WHERE purpose = 'decryption'")
+    refused(farm, "node-a", "decryption primary", "is in the farm state but not live")
+
+
+# -- the leader's side -----------------------------------------------------------------
+
+
+def test_a_farm_from_before_state_records_is_adopted_by_the_leader(farm: TestFarm) -> None:
+    sql(farm, "DELETE FROM farm_state", "UPDATE node SET state_version = NULL")
+    for node in ("node-a", "node-b"):
+        path = farm.store(node) / "current" / "manifest.json"
+        doc = json.loads(path.read_text())
+        doc.pop("state_version", None)
+        doc.pop("state_digest", None)
+        path.write_text(json.dumps(doc))
+    fresh = farm.run("sync", node="node-c")
+    assert fresh.code == 0 and "no farm state record yet" in fresh.err
+    status = farm.run("status", "--json").json
+    assert any("no farm state record yet" in p for p in status["problems"])
+    # The leader's next check writes the first record, audited as an adoption.
+    assert farm.run("rollover", "--purpose", "signing").code == 0
+    assert "state_adopt" in [e["action"] for e in audit_events(farm)]
+    assert farm.run("sync").code == 0
+    assert manifest(farm)["state_version"] == state_version(farm)
+
+
+def test_keys_are_generated_before_the_fenced_transaction_opens(
+    farm: TestFarm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a key is made, another connection can lock the lease row at once."""
+    seen: list[str] = []
+    real = rollover.generate_certificate
+
+    def watched(*args: Any, **kwargs: Any) -> Any:
+        with psycopg.connect(farm.dsn) as conn:
+            try:
+                conn.execute("SELECT 1 FROM leader_lease FOR UPDATE NOWAIT")
+                seen.append("free")
+            except psycopg.errors.LockNotAvailable:
+                seen.append("locked")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rollover, "generate_certificate", watched)
+    assert farm.run("rollover", "--purpose", "all").code == 0
+    assert farm.run("rollover", "--purpose", "signing", "--urgent").code == 0
+    assert seen and set(seen) == {"free"}, seen
+
+
+def test_init_on_a_farm_without_a_primary_writes_through_the_fence(farm: TestFarm) -> None:
+    sql(farm, "UPDATE certificate SET role = 'archived' WHERE purpose = 'signing'")
+    seal_state(farm)  # as a leader would have: the farm state agrees
+    result = farm.run("init")
+    assert result.code == 0, result.err
+    made = [e for e in audit_events(farm) if e["action"] == "generate_and_promote"]
+    assert made[-1]["purpose"] == "signing"
+    assert made[-1]["term"] is not None  # under a lease term, not init's unfenced NULL
+    assert farm.run("sync").code == 0
