@@ -169,6 +169,19 @@ class FarmState:
         return lines
 
 
+def mismatch(state: FarmState, rows: Iterable[LiveRow], *, then: str = "") -> FarmStateError | None:
+    """The error for live rows that differ from ``state`` (every difference named), or None.
+    ``then``: what the refusal left undone, appended to the sentence."""
+    differences = state.differences(rows)
+    if not differences:
+        return None
+    return FarmStateError(
+        f"the config DB's certificates differ from its authenticated farm state (version"
+        f" {state.version}): {'; '.join(differences)}{then}",
+        REPAIR,
+    )
+
+
 def mac_key(master_key: bytes, farm: uuid.UUID) -> bytes:
     """The record's MAC key: HKDF-SHA256 of the master key under the record's own label,
     bound to the farm's DKM group."""

@@ -310,14 +310,9 @@ class Leader:
             farm=farm.dkm_group,
             key_for=lambda key_id: self._directory.master_key(farm.dkm_group, key_id),
         )
-        differences = state.differences(fence.tx.live_certificates())
-        if differences:
-            more = f" (and {len(differences) - 1} more)" if len(differences) > 1 else ""
-            raise FarmStateError(
-                f"the config DB's certificates differ from its authenticated farm state"
-                f" (version {state.version}): {differences[0]}{more}",
-                farmstate.REPAIR,
-            )
+        error = farmstate.mismatch(state, fence.tx.live_certificates())
+        if error is not None:
+            raise error
         return state
 
     def _write_state(
@@ -845,7 +840,10 @@ class Leader:
     def _answer_one(self, farm: Farm) -> tuple[dict[str, Any] | None, list[str]]:
         """Answer the oldest pending request in one fenced transaction (a master-key roll:
         only pick it; its steps follow); the request, or None when there was none."""
-        if (peek := self._next_request()) is not None and peek["repair_state"]:
+        peek = self._next_request()
+        if peek is None:
+            return None, []
+        if peek["repair_state"]:
             with self._election.fenced(self._db) as fence:
                 pending = fence.tx.execute(self._REQUEST + " FOR UPDATE SKIP LOCKED")
                 if not pending or not pending[0]["repair_state"]:

@@ -214,14 +214,10 @@ def _farm_state(
         return doc
     except DirectoryError as exc:
         problems.add("warning", f"cannot verify the farm state record: {exc.what}")
-    differences = state.differences(live)
-    if differences:
+    error = farmstate.mismatch(state, live)
+    if error is not None:
         doc["authentic"] = False
-        problems.add(
-            "critical",
-            f"the config DB's certificates differ from its farm state (version"
-            f" {state.version}): {'; '.join(differences)} — {farmstate.REPAIR}",
-        )
+        problems.add("critical", error.diagnostics())
     for n in nodes:
         if n.state_version is not None and n.state_version > state.version:
             problems.add(

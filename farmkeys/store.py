@@ -158,9 +158,20 @@ class Manifest:
     installed_at: datetime
     certificates: tuple[ManifestEntry, ...]
     dkm_group: str | None = None  # the farm this store is pinned to (its DKM group)
+    # The farm state record this set was installed under (farmkeys.farmstate): the highest
+    # version this node has installed, and the fingerprint of the record's stored bytes.
+    state_version: int | None = None
+    state_digest: str | None = None
+    # Thumbprints an urgent rollover replaced: never installed here again, and no file of
+    # theirs is kept in any generation.
+    forgotten: frozenset[str] = frozenset()
 
     def to_json(self) -> str:
         document: dict[str, Any] = {} if self.dkm_group is None else {"dkm_group": self.dkm_group}
+        if self.state_version is not None:
+            document |= {"state_version": self.state_version, "state_digest": self.state_digest}
+        if self.forgotten:
+            document["forgotten"] = sorted(self.forgotten)
         document |= {
             "node": self.node,
             "generation": self.generation,
@@ -270,19 +281,69 @@ class Store:
             if manifest.dkm_group is not None:
                 return
             pinned = dataclasses.replace(manifest, dkm_group=str(dkm_group))
-            folder = self._generation_dir(generation)
-            staged = folder / f".{MANIFEST_NAME}.{os.urandom(6).hex()}"
+            self._rewrite_manifest(generation, pinned, "pin the store to its farm")
+
+    def note_state(self, *, version: int, digest: str, forget: Iterable[str] = ()) -> Manifest:
+        """Record a newer farm state record for the set installed now (its live set is the
+        same: no new generation), and forget ``forget`` (see :meth:`install`)."""
+        with self._locked():
+            generation = self._current_generation()
+            if generation is None:
+                raise StoreError(f"the store {self.path} holds no certificate set", _SYNC_AGAIN)
+            manifest = self._read_manifest(generation)
+            noted = dataclasses.replace(
+                manifest,
+                state_version=max(version, manifest.state_version or 0),
+                state_digest=digest,
+                forgotten=manifest.forgotten | frozenset(forget),
+            )
+            self._rewrite_manifest(generation, noted, "record the farm state")
+            self._remove_forgotten(noted, generation)
+        return noted
+
+    def _rewrite_manifest(self, generation: int, manifest: Manifest, doing: str) -> None:
+        """Replace one generation's manifest atomically (the lock is held)."""
+        folder = self._generation_dir(generation)
+        staged = folder / f".{MANIFEST_NAME}.{os.urandom(6).hex()}"
+        try:
+            _write_file(staged, manifest.to_json().encode("utf-8"), PUBLIC_FILE_MODE)
+            os.replace(staged, folder / MANIFEST_NAME)
+            _fsync_folder(folder)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(staged)
+            raise StoreError(
+                f"cannot {doing} in {self.path}: {_describe(exc)}", _hint(exc)
+            ) from exc
+
+    def _remove_forgotten(self, manifest: Manifest, generation: int) -> None:
+        """Delete every other generation that holds a file of a forgotten thumbprint, so no
+        file of an urgently replaced key stays in the store (the lock is held).
+
+        Unlinking is what we do: on journaling and copy-on-write filesystems overwriting a
+        file's blocks does not reach the copies the filesystem keeps, so it would promise
+        more than it gives. Full-disk encryption covers what unlinking leaves.
+        """
+        if not manifest.forgotten:
+            return
+        keep: set[int | None] = {generation}
+        for other in self._generation_numbers():
+            if other == generation:
+                continue
             try:
-                _write_file(staged, pinned.to_json().encode("utf-8"), PUBLIC_FILE_MODE)
-                os.replace(staged, folder / MANIFEST_NAME)
-                _fsync_folder(folder)
-            except OSError as exc:
-                with contextlib.suppress(OSError):
-                    os.unlink(staged)
-                raise StoreError(
-                    f"cannot pin the store {self.path} to its farm: {_describe(exc)}",
-                    _hint(exc),
-                ) from exc
+                held = {e.thumbprint for e in self._read_manifest(other).certificates}
+            except StoreError:
+                held = set(manifest.forgotten)  # unreadable: cannot tell, so it goes
+            if not held & manifest.forgotten:
+                keep.add(other)
+        self._remove_generations(keep=keep)
+
+    def _generation_numbers(self) -> list[int]:
+        try:
+            with os.scandir(self.path / GENERATIONS_NAME) as entries:
+                return [int(e.name) for e in entries if _GENERATION.fullmatch(e.name)]
+        except OSError:
+            return []
 
     def install(
         self,
@@ -290,11 +351,17 @@ class Store:
         *,
         now: datetime,
         dkm_group: uuid.UUID | None = None,
+        state_version: int | None = None,
+        state_digest: str | None = None,
+        forget: Iterable[str] = (),
     ) -> Manifest:
         """Install ``certificates`` as the new generation and switch to it atomically.
 
         ``now`` becomes the manifest's ``installed_at``; ``dkm_group`` the farm the
-        store is pinned to. ``ValueError`` for a
+        store is pinned to; ``state_version`` and ``state_digest`` the farm state
+        record the set was checked against. ``forget``: thumbprints an urgent
+        rollover replaced, added to those the store already forgot; after the switch,
+        no generation holding a file of one is kept. ``ValueError`` for a
         set that cannot be installed as given (before anything is written);
         :class:`StoreError` if the store cannot be written, in which case the
         installed set is left exactly as it was.
@@ -306,15 +373,26 @@ class Store:
             self._check_layout()
             previous = self._current_generation()
             generation = (previous or 0) + 1
+            forgotten = frozenset(forget)
+            if previous is not None:
+                with contextlib.suppress(StoreError):  # an unreadable one is being replaced
+                    before = self._read_manifest(previous)
+                    forgotten |= before.forgotten
+                    if state_version is None:
+                        state_version, state_digest = before.state_version, before.state_digest
             manifest = Manifest(
                 node=self.node_id,
                 generation=generation,
                 installed_at=now,
                 certificates=tuple(_entry_for(c) for c in ordered),
                 dkm_group=None if dkm_group is None else str(dkm_group),
+                state_version=state_version,
+                state_digest=state_digest,
+                forgotten=forgotten,
             )
             self._write_and_switch(manifest, ordered, previous)
             self._remove_generations(keep={generation, previous})
+            self._remove_forgotten(manifest, generation)
         return manifest
 
     def _write_and_switch(
@@ -719,8 +797,21 @@ def _parse_manifest(document: object) -> Manifest:
         document,
         "the manifest",
         ("node", "generation", "installed_at", "certificates"),
-        optional=("dkm_group",),
+        optional=("dkm_group", "state_version", "state_digest", "forgotten"),
     )
+    state_version, state_digest = top.get("state_version"), top.get("state_digest")
+    if state_version is not None and (
+        type(state_version) is not int
+        or not 1 <= state_version < 1 << 63
+        or not isinstance(state_digest, str)
+        or not _SHA256_HEX.match(state_digest)
+    ):
+        raise ValueError("state_version must be a positive integer with a SHA-256 state_digest")
+    forgotten = top.get("forgotten", [])
+    if not isinstance(forgotten, list) or not all(
+        isinstance(t, str) and _THUMBPRINT.fullmatch(t) for t in forgotten
+    ):
+        raise ValueError("forgotten must be a list of thumbprints")
     dkm_group = top.get("dkm_group")
     if dkm_group is not None:
         try:
@@ -775,6 +866,9 @@ def _parse_manifest(document: object) -> Manifest:
         installed_at=installed_at,
         certificates=tuple(entries),
         dkm_group=dkm_group,
+        state_version=state_version,
+        state_digest=state_digest if state_version is not None else None,
+        forgotten=frozenset(forgotten),
     )
 
 

@@ -185,14 +185,19 @@ def check_state(
             f" {installed} this node installed (a restored backup?); nothing was installed",
             farmstate.REPAIR,
         )
-    differences = state.differences(live.rows)
-    if differences:
-        more = f" (and {len(differences) - 1} more)" if len(differences) > 1 else ""
+    if state.version == installed and manifest is not None and manifest.state_digest != digest:
+        # The leader writes every record under a new version: the same version with other
+        # bytes is a record made again from scratch (an adoption after the record was
+        # deleted), which must not replace the one this node installed.
         raise FarmStateError(
-            f"the config DB's certificates differ from its authenticated farm state (version"
-            f" {state.version}): {differences[0]}{more}; nothing was installed",
+            f"the config DB's farm state version {state.version} is not the version"
+            f" {installed} this node installed, though it has the same number; nothing was"
+            " installed",
             farmstate.REPAIR,
         )
+    error = farmstate.mismatch(state, live.rows, then="; nothing was installed")
+    if error is not None:
+        raise error
     forgotten = set(state.revoked) | (set() if manifest is None else set(manifest.forgotten))
     for row in live.rows:
         if row.thumbprint in forgotten:

@@ -69,11 +69,13 @@ def refused(farm: TestFarm, node: str, *fragments: str) -> None:
     assert snapshot(farm.store(node)) == before
 
 
-def critical(farm: TestFarm, fragment: str) -> None:
+def critical(farm: TestFarm, fragment: str, *, authentic: bool = False) -> None:
+    """`status` is critical, naming the problem and `repair-state`; ``authentic``: whether
+    the record itself verifies and matches the rows (an old genuine one does)."""
     result = farm.run("status", "--json")
     assert result.code == 2, result.out
     assert any(fragment in p and "repair-state" in p for p in result.json["problems"]), result.out
-    assert result.json["farm_state"]["authentic"] is False
+    assert result.json["farm_state"]["authentic"] is authentic
 
 
 # -- what the record holds -------------------------------------------------------------
@@ -130,12 +132,12 @@ def test_two_updates_after_an_urgent_rollover_cannot_bring_the_old_primary_back(
     )
     refused(farm, "node-a", "differ from its authenticated farm state", old)
     refused(farm, "node-b", "differ from its authenticated farm state")
-    critical(farm, "differ from its farm state")
+    critical(farm, "differ from its authenticated farm state")
 
     # The leader builds nothing on it: a rollover is refused, the DB as it was.
     before = db_query(farm.dsn, "SELECT id, role, blob FROM certificate ORDER BY id")
     answer = farm.run("rollover", "--purpose", "decryption")
-    assert answer.code == 1
+    assert answer.code == 1, answer.err
     assert "refused: the config DB's certificates differ" in answer.out
     assert db_query(farm.dsn, "SELECT id, role, blob FROM certificate ORDER BY id") == before
 
@@ -191,7 +193,11 @@ def test_a_whole_table_restore_from_an_earlier_dump_is_refused(farm: TestFarm) -
         "INSERT INTO farm_state SELECT * FROM farm_state_dump",
     )
     refused(farm, "node-a", "version 1, older than version 2 this node installed")
-    critical(farm, "node node-a installed farm state version 2, newer than the config DB's 1")
+    critical(
+        farm,
+        "node node-a installed farm state version 2, newer than the config DB's 1",
+        authentic=True,
+    )
 
     # The operator restored it on purpose: repair-state writes a version above every node's.
     repaired = farm.run("repair-state")
@@ -250,8 +256,7 @@ def test_a_farm_from_before_state_records_is_adopted_by_the_leader(farm: TestFar
         doc.pop("state_version", None)
         doc.pop("state_digest", None)
         path.write_text(json.dumps(doc))
-    fresh = farm.run("sync", node="node-c")
-    assert fresh.code == 0 and "no farm state record yet" in fresh.err
+    assert farm.run("sync", node="node-c").code == 0  # with a warning in its log
     status = farm.run("status", "--json").json
     assert any("no farm state record yet" in p for p in status["problems"])
     # The leader's next check writes the first record, audited as an adoption.
@@ -259,6 +264,23 @@ def test_a_farm_from_before_state_records_is_adopted_by_the_leader(farm: TestFar
     assert "state_adopt" in [e["action"] for e in audit_events(farm)]
     assert farm.run("sync").code == 0
     assert manifest(farm)["state_version"] == state_version(farm)
+
+
+def test_a_record_deleted_with_every_nodes_version_cannot_be_adopted_over_a_node(
+    farm: TestFarm,
+) -> None:
+    """The writer wipes the record and the node table's versions and moves a role; the
+    leader, seeing a farm from before records, adopts the rows; a node that installed
+    version 1 refuses the new version 1, whose bytes are not the ones it installed."""
+    sql(
+        farm,
+        "DELETE FROM farm_state",
+        "UPDATE node SET state_version = NULL",
+        "UPDATE certificate SET role = 'archived' WHERE purpose = 'decryption'",
+    )
+    assert farm.run("rollover", "--purpose", "signing").code == 0  # the leader adopts
+    assert "state_adopt" in [e["action"] for e in audit_events(farm)]
+    refused(farm, "node-a", "version 1 is not the version 1 this node installed")
 
 
 def test_keys_are_generated_before_the_fenced_transaction_opens(
