@@ -86,14 +86,14 @@ def sync(
         assert manifest is not None
         if manifest.dkm_group is None:
             store.pin(farm.dkm_group)
+        changed = False
+        keys = _confirm_keys(farm, rows, directory, live.confirmed_keys)
         if state is not None and (
             manifest.state_version != state.version or manifest.state_digest != state.digest
         ):
             manifest = store.note_state(
                 version=state.version, digest=state.digest, forget=state.revoked
             )
-        changed = False
-        keys = _confirm_keys(farm, rows, directory, live.confirmed_keys)
     else:
         files = [open_certificate(farm, row, directory) for row in rows]
         manifest = store.install(
@@ -150,6 +150,8 @@ def check_state(
     live set, nothing is installed either way: the sync goes on, the record unrecorded.
     """
     farm, stored = live.farm, live.state
+    if manifest is not None and manifest.dkm_group != str(farm.dkm_group):
+        manifest = None  # another farm's versions (a node moved on purpose: farm.dkm_group)
     installed = None if manifest is None else manifest.state_version
     if stored is None:
         if installed is not None:
