@@ -193,10 +193,19 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str) -> Manifest:
         """Parse and check a manifest; :class:`StoreError` says what is wrong with it."""
+        return cls.from_bytes(text.encode("utf-8", "surrogatepass"))
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, *, where: str = "the store manifest") -> Manifest:
+        """Parse and check a manifest file's bytes; :class:`StoreError` (and nothing else)
+        says what is wrong with them."""
         try:
-            return _parse_manifest(json.loads(text))
-        except ValueError as exc:  # json.JSONDecodeError is a ValueError
-            raise StoreError(f"the store manifest is malformed: {exc}", _SYNC_AGAIN) from None
+            if len(raw) > MAX_MANIFEST_BYTES:
+                raise ValueError(f"larger than {MAX_MANIFEST_BYTES} bytes")
+            return _parse_manifest(json.loads(raw.decode("utf-8")))
+        except (ValueError, RecursionError) as exc:  # also UnicodeDecodeError, JSONDecodeError
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else _reason(exc)
+            raise StoreError(f"{where} is malformed: {reason}", _SYNC_AGAIN) from None
 
     def identity(self) -> frozenset[tuple[str, str, str]]:
         """The installed set as ``{(purpose, role, thumbprint)}``."""
@@ -607,19 +616,14 @@ class Store:
                 f"cannot read the manifest of the store {self.path}: {_describe(exc)}",
                 _hint(exc) if exc.errno in (errno.EACCES, errno.EPERM) else _SYNC_AGAIN,
             ) from exc
-        try:
-            if len(raw) > MAX_MANIFEST_BYTES:
-                raise ValueError(f"larger than {MAX_MANIFEST_BYTES} bytes")
-            manifest = _parse_manifest(json.loads(raw.decode("utf-8")))
-            if manifest.generation != generation:
-                raise ValueError(
-                    f"says generation {manifest.generation} in generation {generation}"
-                )
-        except ValueError as exc:  # also UnicodeDecodeError, json.JSONDecodeError
+        where = f"the manifest of the store {self.path}"
+        manifest = Manifest.from_bytes(raw, where=where)
+        if manifest.generation != generation:
             raise StoreError(
-                f"the manifest of the store {self.path} is malformed: {_reason(exc)}",
+                f"{where} is malformed: says generation {manifest.generation} in generation"
+                f" {generation}",
                 _SYNC_AGAIN,
-            ) from None
+            )
         return manifest
 
 
