@@ -4,13 +4,15 @@
 #   make test   ruff, mypy and the whole test suite against the same real servers
 #   make bench  the propagation, failover, master-key re-seal and directory benchmarks (print figures)
 #   make soak   a randomized fault soak of serve nodes (SOAK_ARGS="--duration 1200 --seed 7")
+#   make fuzz   coverage-guided fuzzing (atheris) of every parser of untrusted input
+#               (FUZZ_SECONDS per target, default 60); prints the inputs tried
 
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint setup servers bench soak clean
+.PHONY: demo test lint setup servers bench soak fuzz clean
 
 demo: setup
 	$(PY) -m farmkeys._demo
@@ -74,6 +76,14 @@ servers:
 	  apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq age >/dev/null; \
 	fi
+
+FUZZ_SECONDS ?= 60
+
+# The blob, farm state, manifest, config, EncryptedPfx and escrow parsers, each for
+# FUZZ_SECONDS under libFuzzer; crashing inputs are kept in .fuzz/crashes/<target>/.
+fuzz: setup
+	$(PY) -m pip install --quiet -e '.[fuzz]'
+	$(PY) tests/fuzz/run.py --seconds $(FUZZ_SECONDS)
 
 # Figures, not a pass/fail: propagation to N nodes and failover time.
 bench: setup

@@ -359,7 +359,7 @@ def _db_upgrade(args: argparse.Namespace, config: Config) -> int:
 
 
 def _sync(args: argparse.Namespace, config: Config) -> int:
-    store = Store(config.store, node_id=config.node.id)
+    store = Store(config.store, node_id=config.node.id, group=config.node.store_group)
     with (
         ConfigDB(config.database, config.retry) as db,
         Directory(config.directory, config.retry) as directory,

@@ -54,6 +54,8 @@ class NodeConfig:
     id: str = field(default_factory=socket.gethostname)
     store: str = "/var/lib/farmkeys/store"
     poll_seconds: float = 60.0  # `serve` re-checks this often even without a notification
+    # A group (the federation service's) that may read the store: 0750 folders, 0640 keys.
+    store_group: str | None = None
 
 
 @dataclass(frozen=True)

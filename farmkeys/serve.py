@@ -100,7 +100,7 @@ class Service:
         self.config = config
         self.node_id = config.node.id
         self.stop = stop or threading.Event()
-        self.store = Store(config.store, node_id=self.node_id)
+        self.store = Store(config.store, node_id=self.node_id, group=config.node.store_group)
         self.directory = Directory(config.directory, config.retry)
         # The probe makes one attempt: it reports the directory's state, it does not wait it out.
         self._probe = Directory(config.directory, RetryConfig(total_seconds=0.0))

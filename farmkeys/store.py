@@ -47,6 +47,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import grp
 import hashlib
 import json
 import os
@@ -85,6 +86,9 @@ FIXED_LINKS = {name: f"{CURRENT_NAME}/{name}" for name in (MANIFEST_NAME, *PURPO
 FOLDER_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
 PUBLIC_FILE_MODE = 0o644
+# With node.store_group: the federation service's group reads the store, never writes it.
+GROUP_FOLDER_MODE = 0o750
+GROUP_PRIVATE_FILE_MODE = 0o640
 # How long an install waits for another install on this node to finish.
 LOCK_TIMEOUT_SECONDS = 60.0
 # A manifest larger than this is corrupt, not read.
@@ -221,7 +225,9 @@ class Store:
         *,
         node_id: str,
         lock_timeout_seconds: float = LOCK_TIMEOUT_SECONDS,
+        group: str | None = None,
     ) -> None:
+        """``group``: node.store_group, the group that may read (never write) the store."""
         if not isinstance(node_id, str) or not node_id:
             raise ValueError("node_id must be a non-empty string")
         if lock_timeout_seconds < 0:
@@ -229,6 +235,8 @@ class Store:
         self.path = Path(path).absolute()
         self.node_id = node_id
         self.lock_timeout_seconds = lock_timeout_seconds
+        self.group = group
+        self._modes = _Modes.for_group(group)
 
     # -- reading --------------------------------------------------------------
 
@@ -418,8 +426,9 @@ class Store:
         try:
             _remove_leftovers(self.path, generations, stale=final)
             staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=generations))
-            os.chmod(staging, FOLDER_MODE)
-            _write_generation(staging, manifest, certificates)
+            os.chmod(staging, self._modes.folder)
+            self._modes.own(staging)
+            _write_generation(staging, manifest, certificates, self._modes)
             os.rename(staging, final)
             staging = None
             _fsync_folder(generations)
@@ -452,20 +461,28 @@ class Store:
             _fsync_folder(self.path)
 
     def _prepare_folder(self) -> None:
-        """Create the store (0700) or tighten it; refuse a folder that is not a store."""
+        """Create the store (0700, or 0750 with a store group) or tighten it; refuse a folder
+        that is not a store, or one that someone else could change (see :meth:`_check_tree`)."""
         try:
             try:
-                status = os.stat(self.path)
+                status = os.lstat(self.path)
             except FileNotFoundError:
-                _make_folders(self.path)
-                status = os.stat(self.path)
+                _make_folders(self.path, self._modes)
+                status = os.lstat(self.path)
+            if stat.S_ISLNK(status.st_mode):
+                raise StoreError(
+                    f"the store {self.path} is a symbolic link",
+                    "point node.store at the real folder; farmkeys does not follow a link there",
+                )
             if not stat.S_ISDIR(status.st_mode):
                 raise StoreError(
                     f"the store {self.path} is not a folder",
                     "point node.store at a folder of its own",
                 )
-            if stat.S_IMODE(status.st_mode) & 0o077:
-                os.chmod(self.path, FOLDER_MODE)
+            self._check_tree()
+            if stat.S_IMODE(status.st_mode) != self._modes.folder:
+                os.chmod(self.path, self._modes.folder, follow_symlinks=False)
+            self._modes.own(self.path)
             with os.scandir(self.path) as entries:
                 names = {entry.name for entry in entries}
             if names and not self._has_layout(names):
@@ -479,12 +496,38 @@ class Store:
             except FileExistsError:
                 pass
             else:
-                os.chmod(generations, FOLDER_MODE)
+                os.chmod(generations, self._modes.folder)
+                self._modes.own(generations)
         except OSError as exc:
             raise StoreError(
                 f"cannot prepare the store folder {self.path}: {_describe(exc)}",
                 f"{_hint(exc)}; the installed certificates were left as they were",
             ) from exc
+
+    def _check_tree(self) -> None:
+        """Refuse a store that anyone but this account could change, before anything in it
+        is read for an install, written or deleted: the store folder, ``.generations`` and
+        every folder below must be real folders (not symbolic links), owned by this
+        process's user, and not writable by group or others. Walked through directory
+        descriptors opened with ``O_NOFOLLOW``, so a link swapped in is never followed.
+        Once these hold, only this account (or root) can change what is in the store.
+        """
+        root = _open_folder(self.path, None, self.path, top=True)
+        try:
+            _check_folder(root, self.path)
+            try:
+                generations = _open_folder(GENERATIONS_NAME, root, self.path / GENERATIONS_NAME)
+            except FileNotFoundError:
+                return
+            try:
+                _check_folder(generations, self.path / GENERATIONS_NAME)
+                for _, folders, _, fd in os.fwalk(dir_fd=generations, follow_symlinks=False):
+                    for name in folders:
+                        _check_folder(_stat_at(fd, name), self.path / GENERATIONS_NAME / name)
+            finally:
+                os.close(generations)
+        finally:
+            os.close(root)
 
     def _has_layout(self, names: set[str]) -> bool:
         if CURRENT_NAME in names and (self.path / CURRENT_NAME).is_symlink():
@@ -520,18 +563,22 @@ class Store:
     def _remove_generations(self, keep: set[int | None]) -> None:
         """Best effort: delete every generation but ``keep`` (the switch has happened)."""
         names = {str(generation) for generation in keep if generation is not None}
-        generations = self.path / GENERATIONS_NAME
         try:
-            with os.scandir(generations) as entries:
-                doomed = [Path(entry.path) for entry in entries if entry.name not in names]
-        except OSError:
+            fd = _open_folder(GENERATIONS_NAME, None, self.path / GENERATIONS_NAME, base=self.path)
+        except (OSError, StoreError):
             return
-        for path in doomed:
-            if path.is_symlink() or not path.is_dir():
-                with contextlib.suppress(OSError):
-                    path.unlink()
-            else:
-                shutil.rmtree(path, ignore_errors=True)
+        try:
+            doomed = [name for name in os.listdir(fd) if name not in names]
+            for name in doomed:
+                if stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                    shutil.rmtree(name, dir_fd=fd, ignore_errors=True)  # never follows a link
+                else:
+                    with contextlib.suppress(OSError):
+                        os.unlink(name, dir_fd=fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -631,20 +678,25 @@ class Store:
 
 
 def _write_generation(
-    folder: Path, manifest: Manifest, certificates: Sequence[CertificateFiles]
+    folder: Path,
+    manifest: Manifest,
+    certificates: Sequence[CertificateFiles],
+    modes: _Modes | None = None,
 ) -> None:
+    modes = modes or _Modes.for_group(None)
     for purpose in PURPOSES:
         os.mkdir(folder / purpose, FOLDER_MODE)
-        os.chmod(folder / purpose, FOLDER_MODE)
+        os.chmod(folder / purpose, modes.folder)
+        modes.own(folder / purpose)
     for certificate in certificates:
         base = folder / certificate.purpose
         contents = {
             ".pem": (certificate.certificate_pem, PUBLIC_FILE_MODE),
-            ".key": (certificate.private_key_pem, PRIVATE_FILE_MODE),
-            ".p12": (certificate.pkcs12, PRIVATE_FILE_MODE),
+            ".key": (certificate.private_key_pem, modes.private),
+            ".p12": (certificate.pkcs12, modes.private),
         }
         for suffix, (data, mode) in contents.items():
-            _write_file(base / f"{certificate.thumbprint}{suffix}", data, mode)
+            _write_file(base / f"{certificate.thumbprint}{suffix}", data, mode, gid=modes.gid)
         if certificate.role in ALIASED_ROLES:
             for suffix in contents:
                 os.link(
@@ -657,10 +709,12 @@ def _write_generation(
     _fsync_folder(folder)
 
 
-def _write_file(path: Path, data: bytes, mode: int) -> None:
+def _write_file(path: Path, data: bytes, mode: int, *, gid: int | None = None) -> None:
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    descriptor = os.open(path, flags, mode)
+    descriptor = os.open(path, flags, mode & 0o600)  # no group bit before the group is set
     try:
+        if gid is not None:
+            os.fchown(descriptor, -1, gid)
         os.fchmod(descriptor, mode)  # whatever the umask
         view = memoryview(data)
         while view:
@@ -681,8 +735,8 @@ def _fsync_folder(path: Path) -> None:
         os.close(descriptor)
 
 
-def _make_folders(path: Path) -> None:
-    """Create ``path`` and its missing parents, each 0700."""
+def _make_folders(path: Path, modes: _Modes) -> None:
+    """Create ``path`` and its missing parents, each 0700 (the store itself: its mode)."""
     missing: list[Path] = []
     while not os.path.lexists(path) and path != path.parent:
         missing.append(path)
@@ -693,6 +747,100 @@ def _make_folders(path: Path) -> None:
         except FileExistsError:
             continue
         os.chmod(folder, FOLDER_MODE)
+    if missing:
+        os.chmod(missing[0], modes.folder)
+        modes.own(missing[0])
+
+
+@dataclass(frozen=True)
+class _Modes:
+    """The modes and group of what an install writes: 0700 folders and 0600 keys, or with
+    node.store_group, 0750 and 0640 owned by that group."""
+
+    folder: int
+    private: int
+    gid: int | None
+
+    @classmethod
+    def for_group(cls, group: str | None) -> _Modes:
+        if group is None:
+            return cls(FOLDER_MODE, PRIVATE_FILE_MODE, None)
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise StoreError(
+                f"node.store_group names the group {group!r}, which this machine does not have",
+                "create the group (groupadd) or correct node.store_group",
+            ) from None
+        return cls(GROUP_FOLDER_MODE, GROUP_PRIVATE_FILE_MODE, gid)
+
+    def own(self, path: Path) -> None:
+        """Give ``path`` (a folder just made, not a link) to the store group, if any."""
+        if self.gid is not None:
+            os.chown(path, -1, self.gid, follow_symlinks=False)
+
+
+def _open_folder(
+    name: str | Path,
+    dir_fd: int | None,
+    shown: Path,
+    *,
+    top: bool = False,
+    base: Path | None = None,
+) -> int:
+    """A descriptor of the folder ``name`` (relative to ``dir_fd``, or to ``base``),
+    opened without following a link; :class:`StoreError` for a link or a non-folder."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        if base is not None:
+            parent = _open_folder(base, None, base, top=True)
+            try:
+                return os.open(name, flags, dir_fd=parent)
+            finally:
+                os.close(parent)
+        return os.open(name, flags, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            # O_DIRECTORY | O_NOFOLLOW on a link may say either: look at what it is.
+            try:
+                link = stat.S_ISLNK(os.lstat(shown).st_mode)
+            except OSError:
+                link = exc.errno == errno.ELOOP
+            what = "a symbolic link" if link else "not a folder"
+            raise StoreError(
+                f"{shown} in the store is {what}, not the folder farmkeys made"
+                if not top
+                else f"the store {shown} is {what}",
+                "move it away (someone may have tried to redirect the store), then sync again",
+            ) from None
+        raise
+
+
+def _stat_at(dir_fd: int, name: str) -> os.stat_result:
+    return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+
+
+def _check_folder(folder: int | os.stat_result, shown: Path) -> None:
+    """Refuse a folder (a descriptor, or its lstat) that is a link, is not this account's,
+    or that group or others may write."""
+    status = os.fstat(folder) if isinstance(folder, int) else folder
+    if stat.S_ISLNK(status.st_mode) or not stat.S_ISDIR(status.st_mode):
+        raise StoreError(
+            f"{shown} in the store is not a folder but a link or a file",
+            "move it away (someone may have tried to redirect the store), then sync again",
+        )
+    if status.st_uid != os.geteuid():
+        raise StoreError(
+            f"{shown} is owned by uid {status.st_uid}, not by this account (uid {os.geteuid()})",
+            "give the store to the account farmkeys runs as (chown -R), or point node.store"
+            " at a folder of its own; nothing was changed",
+        )
+    if stat.S_IMODE(status.st_mode) & 0o022:
+        raise StoreError(
+            f"{shown} may be written by group or others (mode {stat.S_IMODE(status.st_mode):o})",
+            "chmod go-w it (farmkeys makes 0700, or 0750 with node.store_group); nothing was"
+            " changed",
+        )
 
 
 def _remove_leftovers(store: Path, generations: Path, *, stale: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 import subprocess
 import uuid
@@ -632,3 +633,17 @@ def test_sync_repairs_a_corrupt_manifest(initialised: TestFarm) -> None:
     assert result.code == 0, result.err
     document = json.loads((initialised.store() / "manifest.json").read_text())
     assert document["generation"] == 2 and document["dkm_group"] == group_of(initialised)
+
+
+def test_sync_with_a_store_group_lets_that_group_read_the_keys(initialised: TestFarm) -> None:
+    import grp
+
+    group = next(g for g in grp.getgrall() if g.gr_gid not in (0, os.getegid()))
+    farm = initialised
+    farm.overrides["node"] = {"store_group": group.gr_name}
+    assert farm.run("sync").code == 0
+    key = (farm.store() / "signing" / "primary.key").resolve()
+    status = key.lstat()
+    assert (stat.S_IMODE(status.st_mode), status.st_gid) == (0o640, group.gr_gid)
+    # The config (it may hold a password) stays farmkeys' alone.
+    assert stat.S_IMODE(farm.config().stat().st_mode) == 0o600

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
+import grp
 import hashlib
 import json
 import os
@@ -482,7 +483,7 @@ def reachable_folder() -> Iterator[Path]:
     shutil.rmtree(folder)
 
 
-def test_a_read_only_generations_folder_leaves_the_previous_set_byte_for_byte(
+def test_a_generations_folder_of_another_owner_leaves_the_previous_set_byte_for_byte(
     tmp_path, reachable_folder, first_set, rolled_set
 ):
     # The test command runs as root (it installs slapd); without root this must fail, not skip.
@@ -498,10 +499,11 @@ def test_a_read_only_generations_folder_leaves_the_previous_set_byte_for_byte(
     result = install_in_subprocess(tmp_path, store.path, rolled_set, uid=NOBODY)
 
     assert result.returncode == 3, result.stderr
+    # A folder the service account does not own is refused before anything is written.
     assert result.stdout.strip() == (
-        f"cannot write the new certificate set into {store.path}: [Errno 13] Permission denied"
-        " — make the store folder writable by the service account;"
-        " the installed certificates were left as they were"
+        f"{store.path}/.generations is owned by uid 0, not by this account (uid {NOBODY})"
+        " — give the store to the account farmkeys runs as (chown -R), or point node.store"
+        " at a folder of its own; nothing was changed"
     )
     assert snapshot(store.path) == before
     assert store.matches(identity(first_set))
@@ -891,3 +893,143 @@ def test_a_malformed_digest_makes_the_manifest_corrupt(store, first_set, bad):
 
     with pytest.raises(StoreError, match="sha256 must map"):
         store.manifest()
+
+
+# -- a store that cannot be turned against the node (issue 9, part 3) ---------------------
+
+
+def every_file(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_a_store_that_is_a_symbolic_link_is_refused(
+    tmp_path: Path, first_set: list[CertificateFiles]
+) -> None:
+    real = tmp_path / "elsewhere"
+    real.mkdir(mode=0o700)
+    (tmp_path / "store").symlink_to(real)
+    with pytest.raises(StoreError, match="is a symbolic link"):
+        Store(tmp_path / "store", node_id="node-1").install(first_set, now=NOW)
+    assert list(real.iterdir()) == []
+
+
+def test_a_generations_link_is_refused_and_the_folder_it_names_keeps_its_files(
+    tmp_path: Path,
+    store: Store,
+    first_set: list[CertificateFiles],
+    rolled_set: list[CertificateFiles],
+) -> None:
+    """Today's attack: `.generations` pointed at another folder, whose every entry an
+    install would have deleted as an old generation."""
+    store.install(first_set, now=NOW)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep me")
+    (victim / "7").mkdir()
+    (victim / "7" / "data").write_text("and me")
+    os.rename(store.path / ".generations", tmp_path / "moved-aside")
+    (store.path / ".generations").symlink_to(victim)
+    with pytest.raises(StoreError, match=r"\.generations in the store is a symbolic link"):
+        store.install(rolled_set, now=NOW)
+    assert every_file(victim) == {"precious.txt": b"keep me", "7/data": b"and me"}
+
+
+def test_a_generation_replaced_by_a_link_is_refused(
+    tmp_path: Path,
+    store: Store,
+    first_set: list[CertificateFiles],
+    rolled_set: list[CertificateFiles],
+) -> None:
+    store.install(first_set, now=NOW)
+    store.install(rolled_set, now=NOW)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep me")
+    shutil.rmtree(store.path / ".generations" / "1")
+    (store.path / ".generations" / "1").symlink_to(victim)
+    before = every_file(store.path / "current")
+    with pytest.raises(StoreError, match="not a folder but a link"):
+        store.install(first_set, now=NOW)
+    assert every_file(victim) == {"precious.txt": b"keep me"}
+    assert every_file(store.path / "current") == before
+
+
+@pytest.mark.parametrize("where", ["", ".generations", ".generations/1/signing"])
+def test_a_folder_that_group_or_others_may_write_is_refused(
+    store: Store, first_set: list[CertificateFiles], rolled_set: list[CertificateFiles], where: str
+) -> None:
+    store.install(first_set, now=NOW)
+    folder = store.path / where
+    folder.chmod(0o777 if where else 0o770)
+    before = every_file(store.path)
+    with pytest.raises(StoreError, match="may be written by group or others"):
+        store.install(rolled_set, now=NOW)
+    assert every_file(store.path) == before
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a folder to another user needs root")
+@pytest.mark.parametrize(
+    "where", ["", ".generations", ".generations/1", ".generations/1/decryption"]
+)
+def test_a_folder_owned_by_another_user_is_refused(
+    store: Store, first_set: list[CertificateFiles], rolled_set: list[CertificateFiles], where: str
+) -> None:
+    store.install(first_set, now=NOW)
+    os.chown(store.path / where, 65534, -1)
+    before = every_file(store.path)
+    with pytest.raises(StoreError, match="is owned by uid 65534, not by this account"):
+        store.install(rolled_set, now=NOW)
+    assert every_file(store.path) == before
+
+
+def a_group() -> grp.struct_group:
+    """A group of this machine other than this process's own."""
+    return next(g for g in grp.getgrall() if g.gr_gid not in (0, os.getegid()))
+
+
+def test_a_store_group_may_read_the_store_and_never_write_it(
+    tmp_path: Path, first_set: list[CertificateFiles]
+) -> None:
+    group = a_group()
+    store = Store(tmp_path / "store", node_id="node-1", group=group.gr_name)
+    store.install(first_set, now=NOW)
+    generation = (store.path / "current").resolve()
+    for folder in [store.path, store.path / ".generations", generation, generation / "signing"]:
+        status = folder.lstat()
+        assert (stat.S_IMODE(status.st_mode), status.st_gid) == (0o750, group.gr_gid), folder
+    for key in generation.glob("*/*.key"):
+        status = key.lstat()
+        assert (stat.S_IMODE(status.st_mode), status.st_gid) == (0o640, group.gr_gid), key
+    for p12 in generation.glob("*/*.p12"):
+        assert stat.S_IMODE(p12.lstat().st_mode) == 0o640
+    # The group's modes are accepted on the next install; a group-writable one is not.
+    store.install(first_set[:1] + first_set[2:], now=NOW)
+    (store.path / ".generations").chmod(0o770)
+    with pytest.raises(StoreError, match="may be written by group or others"):
+        store.install(first_set, now=NOW)
+
+
+def test_an_unknown_store_group_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="store_group names the group 'no-such-group-x'"):
+        Store(tmp_path / "store", node_id="node-1", group="no-such-group-x")
+
+
+def test_after_an_urgent_rollover_no_file_of_the_replaced_key_stays_anywhere(
+    store: Store, pki: dict[str, Issued], first_set: list[CertificateFiles]
+) -> None:
+    replaced = pki["signing-1"]
+    store.install(first_set, now=NOW)
+    store.install(first_set, now=NOW)  # two generations hold it now
+    after = [
+        pki["signing-3"].as_("signing", "primary"),
+        pki["decryption-1"].as_("decryption", "primary"),
+    ]
+    manifest = store.install(after, now=NOW, forget=[replaced.thumbprint])
+    assert replaced.thumbprint in manifest.forgotten
+    for name, data in every_file(store.path).items():
+        assert replaced.thumbprint not in name
+        assert replaced.private_key_pem not in data and replaced.pkcs12 not in data
+    assert [p.name for p in (store.path / ".generations").iterdir()] == [str(manifest.generation)]
+    # Remembered by later installs too.
+    again = store.install(after, now=NOW)
+    assert replaced.thumbprint in again.forgotten
