@@ -122,7 +122,12 @@ class LocalSlapd:
         *,
         suffix: str = "dc=farmkeys,dc=test",
         anonymous_read_dkm: bool = False,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
+        """``tls``: a certificate (PEM, its chain after it) and its key; slapd then also
+        listens on ``ldaps_url`` and offers StartTLS on ``url``."""
+        self.tls = tls
+        self.tls_port = 0
         self.workdir = Path(workdir).resolve()
         self.suffix = suffix
         self.anonymous_read_dkm = anonymous_read_dkm
@@ -145,6 +150,11 @@ class LocalSlapd:
     @property
     def url(self) -> str:
         return f"ldap://127.0.0.1:{self.port}"
+
+    @property
+    def ldaps_url(self) -> str:
+        """The ldaps:// URL (only when started with ``tls``)."""
+        return f"ldaps://127.0.0.1:{self.tls_port}"
 
     @property
     def running(self) -> bool:
@@ -189,8 +199,12 @@ class LocalSlapd:
         (self.workdir / "data").mkdir(parents=True, exist_ok=True)
         if self.port == 0:
             self.port = free_port()
+        if self.tls is not None and self.tls_port == 0:
+            self.tls_port = free_port()
         self._write_conf()
         listen = f"ldap://127.0.0.1:{self.port}/"
+        if self.tls is not None:
+            listen += f" ldaps://127.0.0.1:{self.tls_port}/"
         log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log_file:
             self._process = subprocess.Popen(
@@ -244,6 +258,9 @@ class LocalSlapd:
             # Debian builds the backends as modules: only config, ldif and monitor are static.
             modules = f'modulepath "{MODULE_DIR}"\nmoduleload back_mdb\n'
         rootpw = hashed(ldap3.HASHED_SALTED_SHA, self.admin_password)
+        if self.tls is not None:
+            certificate, key = self.tls
+            modules += f'TLSCertificateFile "{certificate}"\nTLSCertificateKeyFile "{key}"\n'
         acl = acl_lines(self.container, self.service_dn, anonymous_read=self.anonymous_read_dkm)
         text = (
             "# Written by farmkeys.lab.slapd.LocalSlapd; a disposable test directory.\n"
