@@ -406,6 +406,23 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
 
 def _rollover(args: argparse.Namespace, config: Config) -> int:
     purpose = None if args.master_key else (args.purpose or "all")
+    return _request(args, config, "rollover", purpose=purpose, urgent=args.urgent)
+
+
+def _repair_state(args: argparse.Namespace, config: Config) -> int:
+    return _request(args, config, "repair-state", purpose="all", repair_state=True)
+
+
+def _request(
+    args: argparse.Namespace,
+    config: Config,
+    kind: str,
+    *,
+    purpose: str | None,
+    urgent: bool = False,
+    repair_state: bool = False,
+) -> int:
+    """Ask the leader (or, when no node leads, act under the lease) and print its answer."""
     with (
         ConfigDB(config.database, config.retry) as db,
         Directory(config.directory, config.retry) as directory,
@@ -415,27 +432,11 @@ def _rollover(args: argparse.Namespace, config: Config) -> int:
             db,
             directory,
             purpose=purpose,
-            urgent=args.urgent,
+            urgent=urgent,
+            repair_state=repair_state,
             timeout_seconds=args.wait,
         )
-    return _answer("rollover", outcome)
-
-
-def _repair_state(args: argparse.Namespace, config: Config) -> int:
-    with (
-        ConfigDB(config.database, config.retry) as db,
-        Directory(config.directory, config.retry) as directory,
-    ):
-        outcome = rollover.request_rollover(
-            config,
-            db,
-            directory,
-            purpose="all",
-            urgent=False,
-            repair_state=True,
-            timeout_seconds=args.wait,
-        )
-    return _answer("repair-state", outcome)
+    return _answer(kind, outcome)
 
 
 # An EncryptedPfx is a few kilobytes; adfs.parse refuses blobs over 1 MiB (1.4 MB of base64).

@@ -63,18 +63,15 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 import ldap3
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from ldap3.core.exceptions import LDAPException, LDAPNoSuchObjectResult
 
+from farmkeys.lab import tls
 from farmkeys.lab._common import LOOPBACK, accepts, log_tail
 
 log = logging.getLogger(__name__)
@@ -513,48 +510,12 @@ def sid_text(raw: bytes) -> str:
 # -- TLS ---------------------------------------------------------------------------------
 
 
-def _new_ca(common_name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.now(UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(hours=1))
-        .not_valid_after(now + timedelta(days=365))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return key, certificate
-
-
 def write_ca_certificate(path: Path, common_name: str = "farmkeys lab: an unrelated CA") -> Path:
     """Write a fresh self-signed CA certificate (PEM) to ``path``, its key discarded.
 
     For tests that need a CA which did not issue the DC's certificate.
     """
-    _, certificate = _new_ca(common_name)
-    path = Path(path)
-    path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    return path
+    return tls.write_pem(Path(path), tls.new_ca(common_name)[1])
 
 
 def _write_tls(directory: Path) -> None:
@@ -563,67 +524,24 @@ def _write_tls(directory: Path) -> None:
     ``ca.pem``, ``cert.pem`` and ``key.pem`` (0600: Samba refuses a key others can read).
     The CA's key is not kept.
     """
-    ca_key, ca = _new_ca(f"farmkeys lab CA {secrets.token_hex(4)}")
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.now(UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(hours=1))
-        .not_valid_after(now + timedelta(days=365))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address(LOOPBACK)), x509.DNSName("localhost")]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=True,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
+    authority = tls.new_ca(f"farmkeys lab CA {secrets.token_hex(4)}")
+    names: list[x509.GeneralName] = [
+        x509.IPAddress(ipaddress.ip_address(LOOPBACK)),
+        x509.DNSName("localhost"),
+    ]
+    key, certificate = tls.issue_server(authority, names)
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     for stale in ("ca.pem", "cert.pem", "key.pem"):
         (directory / stale).unlink(missing_ok=True)
-    (directory / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    (directory / "cert.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    _write_private(
-        directory / "key.pem",
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-    )
+    tls.write_pem(directory / "ca.pem", authority[1])
+    tls.write_pem(directory / "cert.pem", certificate)
+    tls.write_key(directory / "key.pem", key)
 
 
 def _write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
-
-
-# -- smb.conf ----------------------------------------------------------------------------
 
 
 def _write_smb_conf(domain_dir: Path, *, into: Path | None = None) -> Path:
