@@ -111,6 +111,30 @@ def test_each_leader_change_writes_the_next_version(farm: TestFarm) -> None:
     assert state_version(farm) == 2
 
 
+def test_a_master_key_roll_authenticates_the_state_under_the_new_key(farm: TestFarm) -> None:
+    before = farmstate.parse(bytes(db_query(farm.dsn, "SELECT body FROM farm_state")[0]["body"]))
+    assert farm.run("rollover", "--master-key", "--urgent").code == 0  # the old key deleted
+    current = db_query(farm.dsn, "SELECT id FROM master_key WHERE state = 'current'")[0]["id"]
+    state = farmstate.parse(bytes(db_query(farm.dsn, "SELECT body FROM farm_state")[0]["body"]))
+    assert state.master_key == current != before.master_key
+    assert {e.master_key for e in state.live} == {current}
+    assert farm.run("status", "--json").json["farm_state"]["authentic"] is True
+    assert farm.run("sync").code == 0
+    assert manifest(farm)["state_version"] == state.version
+
+
+def test_no_file_of_an_urgently_replaced_key_stays_in_a_nodes_store(farm: TestFarm) -> None:
+    old = next(t for t, (p, r) in live(farm).items() if p == "signing" and r == "primary")
+    key = (farm.store() / "signing" / f"{old}.key").read_bytes()
+    assert farm.run("rollover", "--purpose", "signing").code == 0
+    assert farm.run("sync").code == 0  # a second generation that still holds it
+    assert farm.run("rollover", "--purpose", "signing", "--urgent").code == 0
+    assert farm.run("sync").code == 0
+    for path in farm.store().rglob("*"):
+        assert old not in path.name
+        assert path.is_dir() or path.is_symlink() or key not in path.read_bytes()
+
+
 # -- the attacks -----------------------------------------------------------------------
 
 
