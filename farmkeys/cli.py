@@ -114,6 +114,27 @@ def _parser() -> argparse.ArgumentParser:
         "change, heartbeat, and run hooks.on_change after the store changed. Logs to stderr; "
         "SIGTERM or SIGINT stops it cleanly and releases the lease.",
     )
+    metadata = commands.add_parser(
+        "metadata",
+        parents=[common],
+        help="print the SAML 2.0 IdP metadata of this node's installed keys",
+        description="Print SAML 2.0 IdP metadata built from this node's store: the primary, "
+        "the secondary and every unexpired retired token-signing certificate as signing "
+        "keys, the primary token-decryption certificate as the encryption key. The same "
+        "document `serve` answers at /FederationMetadata/2007-06/FederationMetadata.xml.",
+    )
+    metadata.add_argument("--entity-id", metavar="URI", help="the entityID (default: [publish])")
+    metadata.add_argument(
+        "--sso-url", metavar="URL", help="the SingleSignOnService location (default: [publish])"
+    )
+    commands.add_parser(
+        "jwks",
+        parents=[common],
+        help="print the JSON Web Key Set of this node's installed signing keys",
+        description="Print the JSON Web Key Set of the signing certificates this node's store "
+        "publishes (kid and x5t: the base64url SHA-1 thumbprint, as AD FS's "
+        "/adfs/discovery/keys). The same document `serve` answers there.",
+    )
     rollover = commands.add_parser(
         "rollover",
         parents=[common],
@@ -292,6 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "escrow": _escrow,
         "import": _import,
         "events": _events,
+        "metadata": _metadata,
+        "jwks": _jwks,
     }
     try:
         config = config_module.load(getattr(args, "config", None))
@@ -359,7 +382,7 @@ def _db_upgrade(args: argparse.Namespace, config: Config) -> int:
 
 
 def _sync(args: argparse.Namespace, config: Config) -> int:
-    store = Store(config.store, node_id=config.node.id, group=config.node.store_group)
+    store = _store(config)
     with (
         ConfigDB(config.database, config.retry) as db,
         Directory(config.directory, config.retry) as directory,
@@ -402,6 +425,28 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
     from farmkeys.serve import Service
 
     return Service(config).run()
+
+
+def _metadata(args: argparse.Namespace, config: Config) -> int:
+    from farmkeys import publish
+
+    entity_id, sso_url = publish.metadata_settings(
+        config.publish, entity_id=args.entity_id, sso_url=args.sso_url
+    )
+    keys = publish.from_store(_store(config), now=_now())
+    sys.stdout.write(publish.metadata(keys, entity_id=entity_id, sso_url=sso_url).decode())
+    return EXIT_OK
+
+
+def _jwks(args: argparse.Namespace, config: Config) -> int:
+    from farmkeys import publish
+
+    sys.stdout.write(publish.jwks(publish.from_store(_store(config), now=_now())).decode())
+    return EXIT_OK
+
+
+def _store(config: Config) -> Store:
+    return Store(config.store, node_id=config.node.id, group=config.node.store_group)
 
 
 def _rollover(args: argparse.Namespace, config: Config) -> int:
@@ -614,6 +659,13 @@ def render_status(doc: dict[str, Any]) -> str:
             f"  {n['id']:<20} {state:<12} last sync {last}  generation {n['generation']}"
             f"  last contact {contact}{dc}"
         )
+    parties = doc.get("relying_parties") or []
+    if parties:
+        lines += ["", "relying parties"]
+    for rp in parties:
+        seen = {True: "has the secondary", False: "HAS NOT FETCHED THE SECONDARY", None: ""}
+        last = (rp["last_fetch_at"] or "never")[:19]
+        lines.append(f"  {rp['name']:<20} last fetch {last}  {seen[rp['has_secondary']]}".rstrip())
     return "\n".join(lines)
 
 

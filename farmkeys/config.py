@@ -122,6 +122,9 @@ class PolicyConfig:
     critical_threshold: int = 2
     threshold_unit_seconds: int = 86400
     rollover_interval_seconds: float = 43200.0  # AD FS's 720 minutes
+    # Hold a signing secondary's promotion until every [publish] relying party has fetched
+    # keys that contain it (or until critical_threshold). False: AD FS's behaviour.
+    require_fetch: bool = False
 
     def units(self, n: int) -> timedelta:
         """``n`` threshold units as a duration."""
@@ -163,6 +166,43 @@ class HooksConfig:
 
 
 @dataclass(frozen=True)
+class RelyingParty:
+    """One relying party that fetches the farm's keys: ``?rp=<name>`` in its metadata URL."""
+
+    name: str
+    url: str | None = None  # what the operator noted for it (its entity ID or metadata URL)
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    """SAML metadata, JWKS, metrics: what `farmkeys metadata`, `jwks` and serve's HTTP publish."""
+
+    entity_id: str | None = None  # the IdP's entityID (AD FS: https://<fs>/adfs/services/trust)
+    sso_url: str | None = None  # the SingleSignOnService location
+    listen: str | None = None  # "127.0.0.1:9464": serve answers HTTP there; off when unset
+    # "name" or "name=https://rp.example/...": whose fetches are recorded (publish.py).
+    relying_parties: list[str] | None = None
+    max_age_seconds: int = 300  # Cache-Control max-age of the metadata and the JWKS
+
+    @property
+    def parties(self) -> tuple[RelyingParty, ...]:
+        """The relying parties, parsed (validated when the configuration was loaded)."""
+        found = []
+        for item in self.relying_parties or ():
+            name, _, url = item.partition("=")
+            found.append(RelyingParty(name.strip(), url.strip() or None))
+        return tuple(found)
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """``listen`` as (host, port), or None when serve publishes nothing over HTTP."""
+        if self.listen is None:
+            return None
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
 class RetryConfig:
     """How transient failures to reach the config DB or the directory are retried."""
 
@@ -181,6 +221,7 @@ class Config:
     master_key: MasterKeyConfig = field(default_factory=MasterKeyConfig)
     lease: LeaseConfig = field(default_factory=LeaseConfig)
     hooks: HooksConfig = field(default_factory=HooksConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
 
     @property
@@ -311,7 +352,8 @@ def _convert(section: str, key: str, value: object, kind: object) -> object:
     wants = next(t for t in allowed if t is not type(None))
     where = _describe(section, key, value)
     if list[str] in allowed:
-        return _string_or_list(where, value)
+        found = _string_or_list(where, value)
+        return [found] if isinstance(found, str) and str not in allowed else found
     if isinstance(value, _EnvValue):
         text = str(value)
         try:
@@ -544,10 +586,56 @@ def _validate(config: Config) -> None:
         "give the command to run, or leave the key out",
     )
     _require(hooks.timeout_seconds > 0, "hooks.timeout_seconds must be positive", "correct it")
+    _validate_publish(config.publish)
     r = config.retry
     _require(
         r.total_seconds >= 0 and 0 < r.initial_backoff_seconds <= r.max_backoff_seconds,
         "retry settings must satisfy total_seconds >= 0 and "
         "0 < initial_backoff_seconds <= max_backoff_seconds",
         "correct [retry]",
+    )
+
+
+_RP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _validate_publish(publish: PublishConfig) -> None:
+    for key in ("entity_id", "sso_url"):
+        value = getattr(publish, key)
+        _require(
+            value is None or (re.fullmatch(r"[a-zA-Z][a-zA-Z0-9+.-]*:\S+", value) is not None),
+            f"publish.{key} must be an absolute URI without spaces, not {value!r}",
+            "AD FS's entity ID looks like https://fs.example.com/adfs/services/trust",
+        )
+    _require(
+        publish.sso_url is None or publish.sso_url.startswith(("https://", "http://")),
+        f"publish.sso_url must be an http(s) URL, not {publish.sso_url!r}",
+        "give the SingleSignOnService URL, for example https://fs.example.com/adfs/ls/",
+    )
+    if publish.listen is not None:
+        host, sep, port = publish.listen.rpartition(":")
+        _require(
+            bool(sep and host and port.isdigit() and 0 < int(port) < 65536),
+            f"publish.listen must be HOST:PORT, not {publish.listen!r}",
+            'for example "127.0.0.1:9464" (Prometheus scrapes /metrics there)',
+        )
+    names = []
+    for item in publish.relying_parties or ():
+        name = item.partition("=")[0].strip()
+        _require(
+            _RP_NAME.fullmatch(name) is not None,
+            f"publish.relying_parties has {item!r}, whose name is not 1 to 64 letters, digits,"
+            " '.', '_' or '-'",
+            'write "name" or "name=https://rp.example/..."; the name goes in ?rp=<name>',
+        )
+        names.append(name)
+    _require(
+        len(set(names)) == len(names),
+        "publish.relying_parties names a relying party twice",
+        "list each relying party once",
+    )
+    _require(
+        publish.max_age_seconds >= 0,
+        "publish.max_age_seconds must not be negative",
+        "the default is 300",
     )

@@ -135,6 +135,24 @@ class StoredState:
 
 
 @dataclass(frozen=True)
+class FetchRow:
+    """A relying party was served ``thumbprint`` among its signing keys (publish.py)."""
+
+    relying_party: str
+    thumbprint: str
+    first_fetched_at: datetime
+    last_fetched_at: datetime
+    node: str
+    document: str
+
+
+_FETCHES = (
+    "SELECT relying_party, thumbprint, first_fetched_at, last_fetched_at, node, document"
+    " FROM relying_party_fetch ORDER BY relying_party, thumbprint"
+)
+
+
+@dataclass(frozen=True)
 class LiveSet:
     """What a sync reads in one round trip: the farm, its live rows, the farm state record,
     and what this node last proved it can open."""
@@ -553,6 +571,23 @@ class ConfigDB:
             {"since": since},
         )
 
+    def record_fetch(
+        self, relying_party: str, *, node_id: str, document: str, thumbprints: Sequence[str]
+    ) -> None:
+        """``relying_party`` fetched ``document`` (metadata or jwks) from ``node_id``, which
+        served it these signing thumbprints."""
+        self.fetch(
+            "INSERT INTO relying_party_fetch (relying_party, thumbprint, node, document)"
+            " SELECT %(rp)s, t, %(node)s, %(doc)s FROM unnest(%(thumbprints)s::text[]) AS t"
+            " ON CONFLICT (relying_party, thumbprint) DO UPDATE SET last_fetched_at = now(),"
+            " node = EXCLUDED.node, document = EXCLUDED.document",
+            {"rp": relying_party, "node": node_id, "doc": document, "thumbprints": thumbprints},
+        )
+
+    def fetches(self) -> list[FetchRow]:
+        """Every recorded relying-party fetch, by relying party and thumbprint."""
+        return [FetchRow(**r) for r in self.fetch(_FETCHES)]
+
     def request_rollover(
         self, *, node_id: str, purpose: str | None, urgent: bool, repair_state: bool = False
     ) -> int:
@@ -679,6 +714,10 @@ class Transaction:
             "UPDATE certificate SET blob = %s, master_key = %s WHERE id = %s",
             (blob, master_key, certificate_id),
         )
+
+    def fetches(self) -> list[FetchRow]:
+        """Every recorded relying-party fetch (read inside this transaction)."""
+        return [FetchRow(**r) for r in self.execute(_FETCHES)]
 
     def stored_state(self) -> StoredState | None:
         """The farm state record, locked until the transaction ends."""

@@ -27,7 +27,8 @@ certificates, master keys and endpoints by their ids, never by content.
     ├── CertificateError         a certificate or key does not match what its row says
     ├── StoreError               the node's local store cannot be read or written
     ├── EscrowError              an escrow file or its passphrase is unusable, or names another farm
-    └── ImportRefusedError       `import adfs` refused: exposed key file, no key, certificate known
+    ├── ImportRefusedError       `import adfs` refused: exposed key file, no key, certificate known
+    └── PublishError             the keys cannot be published (nothing installed, a key JWKS lacks)
 """
 
 from __future__ import annotations
@@ -124,3 +125,7 @@ class EscrowError(Error):
 class ImportRefusedError(Error):
     """`farmkeys import adfs` refused its input: an unreadable or exposed key file, no DKM
     key to try, or a certificate the farm already has or has no room for."""
+
+
+class PublishError(Error):
+    """The node cannot publish its keys: nothing is installed yet, or a key has no JWK form."""

@@ -29,9 +29,12 @@ primary and one secondary (the database enforces it; :func:`decide` raises
 
 5. A primary P and a usable secondary S:
 
-   - ``now >= S.created_at + M``: promote S;
+   - ``now >= S.created_at + M``: promote S, except that with
+     ``policy.require_fetch`` a *signing* S waits while a relying party has not
+     fetched it (``unfetched[S.id]`` names them);
    - else ``now >= P.not_after - C``: promote S at once, since a usable
-     successor exists inside the critical window.
+     successor exists inside the critical window (fetched or not, as AD FS
+     would).
 
 6. Anything else: nothing is due for that purpose.
 
@@ -54,7 +57,7 @@ settles within three calls that return actions.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final, Literal, Protocol, TypeVar
@@ -149,8 +152,17 @@ class Scheduled:
     at: datetime
 
 
-def decide(policy: PolicyConfig, now: datetime, rows: Sequence[CertificateState]) -> list[Action]:
-    """The actions due at ``now``, archives first; ``[]`` when nothing is due."""
+def decide(
+    policy: PolicyConfig,
+    now: datetime,
+    rows: Sequence[CertificateState],
+    *,
+    unfetched: Mapping[uuid.UUID, Sequence[str]] | None = None,
+) -> list[Action]:
+    """The actions due at ``now``, archives first; ``[]`` when nothing is due.
+
+    ``unfetched``: for a secondary, the relying parties that have not fetched it
+    (:func:`unfetched_by`); read only with ``policy.require_fetch``."""
     _require_aware("now", now)
     archives: list[Action] = []
     steps: list[Action] = []
@@ -171,7 +183,8 @@ def decide(policy: PolicyConfig, now: datetime, rows: Sequence[CertificateState]
                 Action("archive", purpose, secondary.id, _unusable_reason(secondary, now))
             )
             secondary = None
-        step = _step(policy, now, purpose, live.primary, secondary)
+        waiting = _waiting(policy, purpose, secondary, unfetched)
+        step = _step(policy, now, purpose, live.primary, secondary, waiting)
         if step is not None:
             steps.append(step)
     return archives + steps
@@ -182,6 +195,8 @@ def next_action(
     now: datetime,
     rows: Sequence[CertificateState],
     certificate_id: uuid.UUID,
+    *,
+    unfetched: Mapping[uuid.UUID, Sequence[str]] | None = None,
 ) -> Scheduled | None:
     """The next scheduled action of one certificate, by the rules of :func:`decide`.
 
@@ -211,16 +226,48 @@ def next_action(
             return Scheduled("archive", now)
         if live.primary is None:
             return Scheduled("promote", now)
-        return Scheduled("promote", _promotion_at(policy, live.primary, row))
+        waiting = _waiting(policy, row.purpose, row, unfetched)
+        return Scheduled("promote", _promotion_at(policy, live.primary, row, waiting))
     # The primary.
     secondary = live.secondary
     if secondary is not None and _usable(secondary, now):
-        return Scheduled("retire", _promotion_at(policy, row, secondary))
+        waiting = _waiting(policy, row.purpose, secondary, unfetched)
+        return Scheduled("retire", _promotion_at(policy, row, secondary, waiting))
     generation_at = row.not_after - policy.units(policy.generation_threshold)
     critical_at = row.not_after - policy.units(policy.critical_threshold)
     if generation_at < critical_at and now < critical_at:
         return Scheduled("generate_secondary", generation_at)  # overdue once generation_at passed
     return Scheduled("generate_and_promote", critical_at)
+
+
+class Published(Protocol):
+    """A certificate row with the thumbprint relying parties are served."""
+
+    @property
+    def id(self) -> uuid.UUID: ...
+    @property
+    def purpose(self) -> str: ...
+    @property
+    def role(self) -> str: ...
+    @property
+    def thumbprint(self) -> str: ...
+
+
+def unfetched_by(
+    parties: Sequence[str],
+    fetched: Collection[tuple[str, str]],
+    rows: Iterable[Published],
+) -> dict[uuid.UUID, tuple[str, ...]]:
+    """For each signing secondary among ``rows``: which of ``parties`` have not fetched it,
+    by the ``(relying party, thumbprint)`` pairs in ``fetched``; absent when all have."""
+    found = {}
+    for row in rows:
+        if row.purpose != "signing" or row.role != "secondary":
+            continue
+        missing = tuple(p for p in parties if (p, row.thumbprint) not in fetched)
+        if missing:
+            found[row.id] = missing
+    return found
 
 
 K = TypeVar("K", bound=MasterKeyState)
@@ -352,12 +399,25 @@ def _by_purpose(rows: Sequence[CertificateState]) -> dict[str, _Live]:
     return grouped
 
 
+def _waiting(
+    policy: PolicyConfig,
+    purpose: str,
+    secondary: CertificateState | None,
+    unfetched: Mapping[uuid.UUID, Sequence[str]] | None,
+) -> tuple[str, ...]:
+    """The relying parties a secondary's promotion waits for (none without require_fetch)."""
+    if not policy.require_fetch or purpose != "signing" or secondary is None or not unfetched:
+        return ()
+    return tuple(unfetched.get(secondary.id, ()))
+
+
 def _step(
     policy: PolicyConfig,
     now: datetime,
     purpose: str,
     primary: CertificateState | None,
     secondary: CertificateState | None,
+    waiting: Sequence[str] = (),
 ) -> Action | None:
     """The one non-archive action due for a purpose; ``secondary`` is usable or ``None``."""
     if primary is None:
@@ -396,7 +456,7 @@ def _step(
             )
         return None
     promotion = policy.units(policy.promotion_threshold)
-    if now >= secondary.created_at + promotion:
+    if now >= secondary.created_at + promotion and not waiting:
         return Action(
             "promote",
             purpose,
@@ -405,22 +465,26 @@ def _step(
             f"{_threshold('promotion_threshold', policy.promotion_threshold, policy)} ago",
         )
     if in_critical:
+        unseen = f" (not yet fetched by {', '.join(waiting)})" if waiting else ""
         return Action(
             "promote",
             purpose,
             secondary.id,
-            f"{_nearness(primary, now, policy)} and the secondary is ready to replace it",
+            f"{_nearness(primary, now, policy)} and the secondary is ready to replace it" + unseen,
         )
     return None
 
 
 def _promotion_at(
-    policy: PolicyConfig, primary: CertificateState, secondary: CertificateState
+    policy: PolicyConfig,
+    primary: CertificateState,
+    secondary: CertificateState,
+    waiting: Sequence[str] = (),
 ) -> datetime:
-    return min(
-        secondary.created_at + policy.units(policy.promotion_threshold),
-        primary.not_after - policy.units(policy.critical_threshold),
-    )
+    critical_at = primary.not_after - policy.units(policy.critical_threshold)
+    if waiting:
+        return critical_at
+    return min(secondary.created_at + policy.units(policy.promotion_threshold), critical_at)
 
 
 def _usable(secondary: CertificateState, now: datetime) -> bool:

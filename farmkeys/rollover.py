@@ -28,6 +28,7 @@ from farmkeys.configdb import (
     CertificateRow,
     ConfigDB,
     Farm,
+    FetchRow,
     NewCertificate,
     Transaction,
 )
@@ -419,11 +420,18 @@ class Leader:
         done: list[Applied] = []
         for _ in range(MAX_ROUNDS):
             # What is likely due, decided outside the fence, so its keys are made before.
-            self._make_spares(policy.decide(self._config.policy, self._db_now(), self._live()))
+            live = self._live()
+            unfetched = self._unfetched(self._db.fetches, live)
+            self._make_spares(
+                policy.decide(self._config.policy, self._db_now(), live, unfetched=unfetched)
+            )
             try:
                 with self._fenced(farm) as fence:
                     rows = fence.tx.live_certificates()
-                    actions = policy.decide(self._config.policy, fence.now, rows)
+                    unfetched = self._unfetched(fence.tx.fetches, rows)
+                    actions = policy.decide(
+                        self._config.policy, fence.now, rows, unfetched=unfetched
+                    )
                     if not actions:
                         break
                     steps = [self._apply(fence, farm, rows, action) for action in actions]
@@ -443,6 +451,18 @@ class Leader:
         for step in done:
             log.info("rollover: %s", step)
         return done
+
+    def _unfetched(
+        self, fetches: Callable[[], Sequence[FetchRow]], rows: Sequence[CertificateRow]
+    ) -> dict[uuid.UUID, tuple[str, ...]]:
+        """With policy.require_fetch: the relying parties that have not fetched each signing
+        secondary (read only then, and only when there is a secondary)."""
+        parties = [p.name for p in self._config.publish.parties]
+        has_secondary = any(r.purpose == "signing" and r.role == "secondary" for r in rows)
+        if not (self._config.policy.require_fetch and parties and has_secondary):
+            return {}
+        fetched = {(f.relying_party, f.thumbprint) for f in fetches()}
+        return policy.unfetched_by(parties, fetched, rows)
 
     def _db_now(self) -> datetime:
         now: datetime = self._db.fetch("SELECT now() AS now")[0]["now"]

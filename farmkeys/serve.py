@@ -13,12 +13,18 @@ Every node runs one. It
   ``policy.rollover_interval_seconds`` and answers `farmkeys rollover`
   requests, each write fenced by the lease term;
 - after its store changed, runs ``hooks.on_change`` so the federation service
-  can reload.
+  can reload;
+- with ``publish.listen``, answers the SAML metadata, the JWKS, ``/metrics`` and
+  ``/healthz`` over HTTP (:mod:`farmkeys.publish`, :mod:`farmkeys.metrics`);
+- under systemd (``Type=notify``), reports ``READY=1`` once it has synced and
+  joined the election, ``STATUS=`` lines, and ``WATCHDOG=1`` (:mod:`farmkeys.sdnotify`).
 
 Threads: the main thread listens and syncs; APScheduler's background
 scheduler runs the lease, directory-probe and rollover jobs. Each has its
 own config DB connection, so a slow one never stalls another; the
-directory (and its in-memory key cache) is shared.
+directory (and its in-memory key cache) is shared. The HTTP endpoints run in
+threads of their own with one more connection, made only when scraped or
+fetched.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -47,7 +54,12 @@ from farmkeys.directory import Directory
 from farmkeys.election import Election
 from farmkeys.errors import DatabaseError, Error, LeaseLostError
 from farmkeys.rollover import Leader
+from farmkeys.sdnotify import Notifier
 from farmkeys.store import Manifest, Store
+
+if TYPE_CHECKING:
+    from farmkeys import metrics
+    from farmkeys.publish import Health, Publisher
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +133,18 @@ class Service:
         self._directory_error: str | None = None
         self._group: uuid.UUID | None = None  # the farm's DKM group, known after a sync
         self._failed_syncs = 0  # in a row; the next sync is retried sooner than the poll
+        self.notifier = Notifier.from_environment(os.environ)
+        self._ready_lock = threading.Lock()
+        self._synced_once = False
+        self._joined = False  # the first lease attempt was made
+        self._ready = False
+        self._watchdog_at = 0.0
+        self.syncs = 0
+        self.sync_errors = 0
+        # The HTTP endpoints' connection: one attempt per request, so a scrape fails fast.
+        self._publish_db = ConfigDB(config.database, RetryConfig(total_seconds=0.0))
+        self._publish_lock = threading.Lock()
+        self._publisher: Publisher | None = None
         self.scheduler = BackgroundScheduler(
             timezone=UTC,
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
@@ -135,6 +159,8 @@ class Service:
         older schema: a service manager restarting it is the right retry.
         """
         self._sync_db.require_farm()
+        if self.config.publish.address is not None:
+            self._publisher = self._make_publisher()
         self._install_signal_handlers()
         now = _utcnow()
         renew = self.config.lease.renew_seconds
@@ -148,6 +174,8 @@ class Service:
             self.scheduler.add_job(tick, "interval", id=job_id, seconds=seconds, **kwargs)
         log.info("%s serving farm %s from %s", self.node_id, self.config.farm.name, self.store.path)
         self.scheduler.start()
+        if self._publisher is not None:
+            self._publisher.start()
         try:
             self._listen()
         finally:
@@ -166,6 +194,9 @@ class Service:
         signal.signal(signal.SIGINT, handle)
 
     def _shutdown(self) -> None:
+        self.notifier.stopping()
+        if self._publisher is not None:
+            self._publisher.stop()
         self.scheduler.shutdown(wait=True)
         for what, action in (
             ("release the lease", self.election.release),
@@ -180,7 +211,7 @@ class Service:
 
     def close(self) -> None:
         """Close every connection this service opened (the lease is left as it is)."""
-        for db in (self._sync_db, self._lease_db, self._leader_db):
+        for db in (self._sync_db, self._lease_db, self._leader_db, self._publish_db):
             db.close()
         self.directory.close()
         self._probe.close()
@@ -191,6 +222,7 @@ class Service:
         conn: psycopg.Connection[tuple[object, ...]] | None = None
         next_poll = 0.0  # sync at once
         while not self.stop.is_set():
+            self._watchdog()
             if conn is None:
                 conn = self._connect_listener()
                 if conn is None:
@@ -251,7 +283,11 @@ class Service:
                 self.config, self._sync_db, self.directory, self.store, now=_utcnow()
             )
         except Error as exc:
+            self.syncs += 1
+            self.sync_errors += 1
             self._failed_syncs += 1
+            if self._ready:
+                self.notifier.status(f"sync failing: {exc.what}")
             log.warning(
                 "%s: sync failed: %s; trying again in %.0f s",
                 self.node_id,
@@ -262,11 +298,94 @@ class Service:
                 with contextlib.suppress(Error):
                     self._sync_db.record_sync_error(self.node_id, exc.diagnostics())
             return False
+        self.syncs += 1
+        recovered = self._failed_syncs > 0
         self._failed_syncs = 0
         self._group = report.dkm_group
         if report.changed:
             self._run_hook(before, report.manifest)
+        self._synced_once = True
+        if not self._maybe_ready() and (report.changed or recovered):
+            self.notifier.status(self._describe())
         return True
+
+    # -- the service manager and the HTTP endpoints ------------------------------------
+
+    def _describe(self) -> str:
+        manifest = self._manifest()
+        generation = (
+            "nothing installed" if manifest is None else f"generation {manifest.generation}"
+        )
+        role = f"leading, term {self.election.term}" if self.election.leading else "following"
+        return f"farm {self.config.farm.name}: {generation} installed; {role}"
+
+    def _maybe_ready(self) -> bool:
+        """Send READY=1 once the store is synced and the first lease attempt was made."""
+        with self._ready_lock:
+            if self._ready or not (self._synced_once and self._joined):
+                return False
+            self._ready = True
+        self.notifier.ready(self._describe())
+        return True
+
+    def _watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval_seconds
+        if interval is not None and time.monotonic() - self._watchdog_at >= interval:
+            self._watchdog_at = time.monotonic()
+            self.notifier.watchdog()
+
+    def _make_publisher(self) -> Publisher:
+        from farmkeys import metrics
+        from farmkeys.publish import Publisher
+
+        collector = metrics.FarmCollector(self._farm_status, self._node_view)
+        return Publisher(
+            self.config.publish,
+            self.store,
+            record=self._record_fetch,
+            metrics=lambda: metrics.render(collector),
+            health=self._health,
+            clock=_utcnow,
+        )
+
+    def _record_fetch(self, rp: str, document: str, thumbprints: Sequence[str]) -> None:
+        with self._publish_lock:
+            self._publish_db.record_fetch(
+                rp, node_id=self.node_id, document=document, thumbprints=thumbprints
+            )
+
+    def _farm_status(self) -> dict[str, Any]:
+        from farmkeys.status import farm_status
+
+        with self._publish_lock:
+            return farm_status(self.config, self._publish_db, None, now=_utcnow())
+
+    def _node_view(self) -> metrics.NodeView:
+        from farmkeys.metrics import NodeView
+
+        return NodeView(
+            node=self.node_id,
+            leading=self.election.leading,
+            term=self.election.term if self.election.leading else None,
+            syncs=self.syncs,
+            sync_errors=self.sync_errors,
+        )
+
+    def _health(self) -> Health:
+        from farmkeys.publish import Health
+
+        manifest = self._manifest()
+        ok = manifest is not None and self._failed_syncs == 0
+        return Health(
+            ok,
+            {
+                "status": "ok" if ok else "failing",
+                "node": self.node_id,
+                "generation": None if manifest is None else manifest.generation,
+                "failed_syncs": self._failed_syncs,
+                "leading": self.election.leading,
+            },
+        )
 
     def _manifest(self) -> Manifest | None:
         try:
@@ -313,12 +432,16 @@ class Service:
             leading = self.election.try_acquire()
             self._renewed_at = time.monotonic()
         except Error as exc:
+            self._joined = True  # it tried: READY does not wait for a config DB that is away
             log.warning("%s cannot renew the lease: %s", self.node_id, exc.diagnostics())
             expired = time.monotonic() - self._renewed_at >= self.config.lease.ttl_seconds
             if was_leading and expired:
                 log.warning("%s: the lease has run out unrenewed; stepping down", self.node_id)
                 self.election.step_down()
             return
+        self._joined = True
+        if not self._maybe_ready() and leading != was_leading:
+            self.notifier.status(self._describe())
         if leading and self.election.term != self._led_term:
             # A new term (or one whose `lead` event could not be written yet).
             self._record_leadership()

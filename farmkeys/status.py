@@ -98,6 +98,7 @@ def farm_status(
     current_key = None if current is None else current.id
 
     state_doc = _farm_state(db, farm, live, nodes, directory, problems)
+    parties_doc, unfetched = _relying_parties(config, db, live, now, problems)
 
     lease = _lease(db)
     if lease is None or not lease["valid"]:
@@ -159,11 +160,13 @@ def farm_status(
         "problems": [text for _, text in problems.items],
         "leader": _leader_json(lease),
         "certificates": [
-            _certificate_json(r, _next(policy, now, live, r, current_key, schedule)) for r in rows
+            _certificate_json(r, _next(policy, now, live, r, current_key, schedule, unfetched))
+            for r in rows
         ],
         "master_keys": master_keys,
         "farm_state": state_doc,
         "nodes": node_docs,
+        "relying_parties": parties_doc,
         "checked_at": _iso(now),
     }
 
@@ -228,6 +231,62 @@ def _farm_state(
     return doc
 
 
+def _relying_parties(
+    config: Config,
+    db: ConfigDB,
+    live: Sequence[CertificateRow],
+    now: datetime,
+    problems: _Problems,
+) -> tuple[list[dict[str, Any]], dict[uuid.UUID, tuple[str, ...]]]:
+    """Each relying party of ``[publish]``: its last fetch, and whether it has fetched the
+    signing secondary; and which secondaries' promotions wait for whom."""
+    parties = config.publish.parties
+    if not parties:
+        return [], {}
+    fetches = db.fetches()
+    fetched = {(f.relying_party, f.thumbprint) for f in fetches}
+    secondary = next((r for r in live if r.purpose == "signing" and r.role == "secondary"), None)
+    live_signing = {r.thumbprint for r in live if r.purpose == "signing"}
+    docs = []
+    for party in parties:
+        own = [f for f in fetches if f.relying_party == party.name]
+        last = max(own, key=lambda f: f.last_fetched_at, default=None)
+        docs.append(
+            {
+                "name": party.name,
+                "url": party.url,
+                "last_fetch_at": _iso(last.last_fetched_at) if last else None,
+                "last_node": last.node if last else None,
+                "fetched": sorted(f.thumbprint for f in own if f.thumbprint in live_signing),
+                "has_secondary": None
+                if secondary is None
+                else (party.name, secondary.thumbprint) in fetched,
+            }
+        )
+    names = [p.name for p in parties]
+    waiting = rollover_policy.unfetched_by(names, fetched, live)
+    policy = config.policy
+    if secondary is not None and secondary.id in waiting and policy.require_fetch:
+        due = secondary.created_at + policy.units(policy.promotion_threshold)
+        if now >= due:
+            primary = next(
+                (r for r in live if r.purpose == "signing" and r.role == "primary"), None
+            )
+            regardless = (
+                ""
+                if primary is None
+                else f"; it is promoted regardless at"
+                f" {_iso(primary.not_after - policy.units(policy.critical_threshold))}"
+            )
+            problems.add(
+                "warning",
+                f"the promotion of signing secondary {secondary.thumbprint}, due since"
+                f" {_iso(due)}, waits for relying parties that have not fetched it:"
+                f" {', '.join(waiting[secondary.id])}{regardless}",
+            )
+    return docs, (waiting if policy.require_fetch else {})
+
+
 def _lease(db: ConfigDB) -> dict[str, Any] | None:
     rows = db.fetch(
         "SELECT holder_node, term, expires_at, now() AS now,"
@@ -253,6 +312,7 @@ def _next(
     row: CertificateRow,
     current_key: uuid.UUID | None,
     schedule: dict[uuid.UUID, rollover_policy.KeySchedule],
+    unfetched: dict[uuid.UUID, tuple[str, ...]],
 ) -> dict[str, Any] | None:
     """The next thing that happens to a certificate: a rollover step, a re-seal of its blob
     when the master key rolls, or, for an archived one, its shredding."""
@@ -261,7 +321,7 @@ def _next(
         if keys is None or keys.delete_at is None:
             return None
         return {"action": "shred", "at": _iso(keys.delete_at)}
-    scheduled = rollover_policy.next_action(policy, now, live, row.id)
+    scheduled = rollover_policy.next_action(policy, now, live, row.id, unfetched=unfetched)
     found = None if scheduled is None else (scheduled.action, scheduled.at)
     if current_key is not None and row.master_key != current_key:
         found = ("reseal", now)  # a roll in progress or cut short: the next check re-seals it

@@ -247,6 +247,30 @@ class Store:
             return None
         return self._read_manifest(generation)
 
+    def public_certificates(self) -> tuple[Manifest, dict[str, bytes]] | None:
+        """The installed set's manifest and its certificates (PEM, no key) by thumbprint, all
+        read from one generation and each checked against the manifest's digest; None when
+        nothing is installed. What publishing reads: no private key is opened."""
+        for _ in range(3):  # the generation read may be removed by two installs meanwhile
+            generation = self._current_generation()
+            if generation is None:
+                return None
+            manifest = self._read_manifest(generation)
+            folder = self._generation_dir(generation)
+            found: dict[str, bytes] = {}
+            try:
+                for entry in manifest.certificates:
+                    found[entry.thumbprint] = _read_checked(
+                        folder / entry.files["cert"], (entry.sha256 or {}).get("cert")
+                    )
+            except FileNotFoundError:
+                continue
+            return manifest, found
+        raise StoreError(
+            f"the store {self.path} changed three times while its certificates were read",
+            "try again",
+        )
+
     def matches(self, wanted: frozenset[tuple[str, str, str]]) -> bool:
         """Whether the installed set is exactly ``wanted`` and all of its files are in place.
 
@@ -895,6 +919,22 @@ def _holds(path: Path, digest: str | None) -> bool:
             return hashlib.sha256(file.read()).hexdigest() == digest
     except OSError:
         return False
+
+
+def _read_checked(path: Path, digest: str | None) -> bytes:
+    """A regular file's bytes (never through a link), refused unless its SHA-256 is
+    ``digest`` (when the manifest recorded one). FileNotFoundError passes through."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        with os.fdopen(descriptor, "rb") as file:
+            data = file.read()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {_describe(exc)}", _hint(exc)) from exc
+    if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+        raise StoreError(f"{path} is not the file its manifest records", _SYNC_AGAIN)
+    return data
 
 
 def _files_of(purpose: str, thumbprint: str) -> dict[str, str]:
