@@ -581,7 +581,12 @@ class ConfigDB:
             " SELECT %(rp)s, t, %(node)s, %(doc)s FROM unnest(%(thumbprints)s::text[]) AS t"
             " ON CONFLICT (relying_party, thumbprint) DO UPDATE SET last_fetched_at = now(),"
             " node = EXCLUDED.node, document = EXCLUDED.document",
-            {"rp": relying_party, "node": node_id, "doc": document, "thumbprints": thumbprints},
+            {
+                "rp": relying_party,
+                "node": node_id,
+                "doc": document,
+                "thumbprints": list(thumbprints),
+            },
         )
 
     def fetches(self) -> list[FetchRow]:
