@@ -52,7 +52,7 @@ from farmkeys.config import Config, RetryConfig
 from farmkeys.configdb import CHANGED_CHANNEL, REQUEST_CHANNEL, ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.election import Election
-from farmkeys.errors import DatabaseError, Error, LeaseLostError
+from farmkeys.errors import DatabaseError, DirectoryError, Error, LeaseLostError
 from farmkeys.rollover import Leader
 from farmkeys.sdnotify import Notifier
 from farmkeys.store import Manifest, Store
@@ -101,6 +101,41 @@ def sync_retry_delay(failures: int, poll_seconds: float) -> float:
     return min(backoff, _SYNC_RETRY_MAX_SECONDS, poll_seconds)
 
 
+def node_health(
+    manifest: Manifest | None, sync_error: Error | None, *, listening: bool, now: datetime
+) -> tuple[bool, dict[str, object]]:
+    """What ``/healthz`` answers: (healthy, its JSON body).
+
+    Unhealthy (503) only when this node cannot serve with the farm's keys: nothing
+    installed, the installed signing primary expired, or the last sync *refused* the
+    farm's set (a forged record, a bad blob, a store it cannot write), so it knows it
+    is behind. A config DB or directory that is away is ``degraded`` but healthy: the
+    installed set still signs, and a shared outage must not take every node out of a
+    load balancer at once."""
+    problems: list[str] = []
+    healthy = True
+    if manifest is None:
+        healthy = False
+        problems.append("nothing is installed; run `farmkeys sync`")
+    else:
+        for entry in manifest.certificates:
+            if (entry.purpose, entry.role) == ("signing", "primary") and now >= entry.not_after:
+                healthy = False
+                problems.append(f"the installed signing primary {entry.thumbprint} has expired")
+    if sync_error is not None:
+        transient = isinstance(sync_error, DatabaseError | DirectoryError)
+        healthy = healthy and transient
+        problems.append(f"the last sync failed: {sync_error.what}")
+    if not listening:
+        problems.append("not connected to the config DB")
+    status = "failing" if not healthy else "degraded" if problems else "ok"
+    return healthy, {
+        "status": status,
+        "generation": None if manifest is None else manifest.generation,
+        "problems": problems,
+    }
+
+
 def _utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -133,6 +168,8 @@ class Service:
         self._directory_error: str | None = None
         self._group: uuid.UUID | None = None  # the farm's DKM group, known after a sync
         self._failed_syncs = 0  # in a row; the next sync is retried sooner than the poll
+        self._sync_error: Error | None = None  # the last sync's, None when it succeeded
+        self._listening = False  # the config DB listener is connected
         self.notifier = Notifier.from_environment(os.environ)
         self._ready_lock = threading.Lock()
         self._synced_once = False
@@ -223,8 +260,10 @@ class Service:
         next_poll = 0.0  # sync at once
         while not self.stop.is_set():
             self._watchdog()
+            self._listening = conn is not None
             if conn is None:
                 conn = self._connect_listener()
+                self._listening = conn is not None
                 if conn is None:
                     self.stop.wait(1.0)
                     continue
@@ -283,6 +322,7 @@ class Service:
                 self.config, self._sync_db, self.directory, self.store, now=_utcnow()
             )
         except Error as exc:
+            self._sync_error = exc
             self.syncs += 1
             self.sync_errors += 1
             self._failed_syncs += 1
@@ -299,6 +339,7 @@ class Service:
                     self._sync_db.record_sync_error(self.node_id, exc.diagnostics())
             return False
         self.syncs += 1
+        self._sync_error = None
         recovered = self._failed_syncs > 0
         self._failed_syncs = 0
         self._group = report.dkm_group
@@ -372,20 +413,17 @@ class Service:
         )
 
     def _health(self) -> Health:
+        """Whether this node can serve with the farm's keys (see :func:`node_health`)."""
         from farmkeys.publish import Health
 
-        manifest = self._manifest()
-        ok = manifest is not None and self._failed_syncs == 0
-        return Health(
-            ok,
-            {
-                "status": "ok" if ok else "failing",
-                "node": self.node_id,
-                "generation": None if manifest is None else manifest.generation,
-                "failed_syncs": self._failed_syncs,
-                "leading": self.election.leading,
-            },
+        ok, detail = node_health(
+            self._manifest(),
+            self._sync_error,
+            listening=self._listening,
+            now=_utcnow(),
         )
+        detail |= {"node": self.node_id, "leading": self.election.leading}
+        return Health(ok, detail)
 
     def _manifest(self) -> Manifest | None:
         try:

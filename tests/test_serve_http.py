@@ -1,0 +1,380 @@
+"""`farmkeys serve`'s HTTP endpoints and its systemd notifications, on real serving processes.
+
+Two nodes serve the farm with ``[publish] listen`` on free loopback ports: they answer
+the metadata and the JWKS with the same bytes, ETags and caching headers, record a
+relying party's fetch, expose Prometheus metrics that agree with ``status --json``, and
+say whether they are healthy. A third process runs under a real notify socket, as
+systemd would start it with ``Type=notify`` and ``WatchdogSec=``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from farmtools import REPO, ServeNodes, TestFarm, clean_env, db_query, wait_until
+from prometheus_client.parser import text_string_to_metric_families
+
+from farmkeys import publish
+from farmkeys.configdb import CHANGED_CHANNEL
+from farmkeys.lab.slapd import LocalSlapd
+
+START = 30.0  # two processes start and sync on a loaded machine
+PUBLISH = {
+    "entity_id": "https://fs.contoso.example/adfs/services/trust",
+    "sso_url": "https://fs.contoso.example/adfs/ls/",
+    "relying_parties": ["rp1=https://rp1.example/metadata", "rp2"],
+    "max_age_seconds": 120,
+}
+QUICK = {
+    "policy": {"rollover_interval_seconds": 3600},
+    "lease": {"ttl_seconds": 3.0, "renew_seconds": 0.5},
+    "node": {"poll_seconds": 5},
+    "retry": {"total_seconds": 1.0, "initial_backoff_seconds": 0.05, "max_backoff_seconds": 0.2},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def farm(tmp_path: Path, slapd: LocalSlapd, pg_dsn: str) -> TestFarm:
+    found = TestFarm(
+        root=tmp_path, slapd=slapd, dsn=pg_dsn, overrides=json.loads(json.dumps(QUICK))
+    )
+    assert found.run("init").code == 0
+    return found
+
+
+@pytest.fixture
+def serving(farm: TestFarm) -> Iterator[dict[str, str]]:
+    """node-a and node-b serving with HTTP; their base URLs."""
+    urls = {}
+    with ServeNodes(farm) as nodes:
+        for node in ("node-a", "node-b"):
+            port = free_port()
+            nodes.start(node, publish={**PUBLISH, "listen": f"127.0.0.1:{port}"})
+            urls[node] = f"http://127.0.0.1:{port}"
+        for node, url in urls.items():
+            wait_until(
+                lambda url=url: get(url + publish.HEALTH_PATH)[0] == 200,
+                START,
+                f"{node} answers /healthz with 200",
+                interval=0.1,
+                detail=nodes.logs,
+            )
+        wait_until(lambda: leader_rows(farm), START, "a node leads", detail=nodes.logs)
+        yield urls
+
+
+def leader_rows(farm: TestFarm) -> list[dict[str, Any]]:
+    return db_query(farm.dsn, "SELECT holder_node FROM leader_lease WHERE expires_at > now()")
+
+
+def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+    except OSError:
+        return 0, {}, b""
+
+
+def test_every_node_answers_the_same_documents_with_caching_headers(
+    farm: TestFarm, serving: dict[str, str]
+) -> None:
+    for path, kind in (
+        (publish.METADATA_PATH, "application/samlmetadata+xml"),
+        (publish.JWKS_PATH, "application/json"),
+    ):
+        answers = [get(url + path) for url in serving.values()]
+        assert [a[0] for a in answers] == [200, 200]
+        (_, headers, body), (_, other_headers, other_body) = answers
+        assert body == other_body  # any node answers for the farm
+        assert headers["ETag"] == other_headers["ETag"] == publish.etag(body)
+        assert headers["Cache-Control"] == "public, max-age=120"
+        assert headers["Content-Type"] == kind
+        # The CLI prints the same document from the store.
+        command = "metadata" if path == publish.METADATA_PATH else "jwks"
+        assert farm.run(command, publish=PUBLISH).out.encode() == body
+        # A client holding the current version gets 304 and no body.
+        status, _, empty = get(serving["node-a"] + path, {"If-None-Match": headers["ETag"]})
+        assert (status, empty) == (304, b"")
+        status, _, again = get(serving["node-a"] + path, {"If-None-Match": '"stale"'})
+        assert (status, again) == (200, body)
+
+
+def test_a_fetch_naming_a_relying_party_is_recorded_with_the_keys_it_was_served(
+    farm: TestFarm, serving: dict[str, str]
+) -> None:
+    status, _, body = get(serving["node-b"] + publish.JWKS_PATH + "?rp=rp1")
+    assert status == 200
+    served = sorted(
+        db_query(
+            farm.dsn,
+            "SELECT thumbprint FROM certificate WHERE role = 'primary' AND purpose = 'signing'",
+        )[0].values()
+    )
+    rows = db_query(
+        farm.dsn, "SELECT relying_party, thumbprint, node, document FROM relying_party_fetch"
+    )
+    assert rows == [
+        {"relying_party": "rp1", "thumbprint": served[0], "node": "node-b", "document": "jwks"}
+    ]
+    assert served[0] in json.dumps(json.loads(body)) or rows  # the JWKS names it by x5t
+    # A name not in publish.relying_parties is served but not recorded.
+    assert get(serving["node-a"] + publish.METADATA_PATH + "?rp=mallory")[0] == 200
+    assert len(db_query(farm.dsn, "SELECT * FROM relying_party_fetch")) == 1
+    doc = farm.run("status", "--json", publish=PUBLISH).json
+    rp1 = next(rp for rp in doc["relying_parties"] if rp["name"] == "rp1")
+    assert rp1["last_node"] == "node-b" and rp1["fetched"] == served
+
+
+def test_unknown_paths_are_404(serving: dict[str, str]) -> None:
+    status, _, body = get(serving["node-a"] + "/adfs/ls/")
+    assert status == 404
+    assert b"/FederationMetadata/2007-06/FederationMetadata.xml" in body
+
+
+def metrics(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    status, headers, body = get(url + publish.METRICS_PATH)
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    found: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            found.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
+    return found
+
+
+def ts(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
+
+
+def test_metrics_agree_with_status(farm: TestFarm, serving: dict[str, str]) -> None:
+    get(serving["node-a"] + publish.METADATA_PATH + "?rp=rp2")
+    scraped = metrics(serving["node-b"])
+    doc = farm.run("status", "--json", publish=PUBLISH).json
+
+    live = [c for c in doc["certificates"] if c["role"] != "archived"]
+    expiry = {
+        (m["purpose"], m["role"], m["thumbprint"]): v
+        for m, v in scraped["farmkeys_certificate_expiration_timestamp_seconds"]
+    }
+    assert expiry == {(c["purpose"], c["role"], c["thumbprint"]): ts(c["not_after"]) for c in live}
+    not_before = {
+        m["thumbprint"]: v for m, v in scraped["farmkeys_certificate_not_before_timestamp_seconds"]
+    }
+    assert not_before == {c["thumbprint"]: ts(c["not_before"]) for c in live}
+    next_action = {
+        (m["thumbprint"], m["action"]): v
+        for m, v in scraped["farmkeys_certificate_next_action_timestamp_seconds"]
+    }
+    assert next_action == {
+        (c["thumbprint"], c["next_action"]["action"]): ts(c["next_action"]["at"])
+        for c in live
+        if c["next_action"]
+    }
+    assert len(next_action) == 2
+
+    in_sync = {m["node"]: v for m, v in scraped["farmkeys_node_in_sync"]}
+    assert in_sync == {n["id"]: 1.0 for n in doc["nodes"]} == {"node-a": 1.0, "node-b": 1.0}
+    last_sync = {m["node"]: v for m, v in scraped["farmkeys_node_last_sync_timestamp_seconds"]}
+    assert last_sync.keys() == {"node-a", "node-b"}
+    # A node re-syncing between the scrape and the status may move its time forward only.
+    for n in doc["nodes"]:
+        assert last_sync[n["id"]] <= ts(n["last_sync"])
+
+    keys = {
+        (m["id"], m["state"]): v
+        for m, v in scraped["farmkeys_master_key_created_timestamp_seconds"]
+    }
+    assert keys == {(k["id"], k["state"]): ts(k["created_at"]) for k in doc["master_keys"]}
+    fetches = {
+        m["rp"]: v for m, v in scraped["farmkeys_relying_party_last_fetch_timestamp_seconds"]
+    }
+    rp2 = next(rp for rp in doc["relying_parties"] if rp["name"] == "rp2")
+    assert fetches == {"rp2": ts(rp2["last_fetch_at"])}
+    assert scraped["farmkeys_status_up"] == [({}, 1.0)]
+    health = {"ok": 0.0, "warning": 1.0, "critical": 2.0}[doc["health"]]
+    assert scraped["farmkeys_health"] == [({}, health)]
+    assert scraped["farmkeys_sync_total"][0][1] >= 1
+    assert scraped["farmkeys_sync_errors_total"] == [({}, 0.0)]
+
+    # Exactly one node says it leads, with the lease's term.
+    lease = db_query(farm.dsn, "SELECT holder_node, term FROM leader_lease")[0]
+    leaders = {}
+    for node, url in serving.items():
+        ((labels, value),) = metrics(url)["farmkeys_leader"]
+        assert labels["node"] == node
+        leaders[node] = (value, labels["term"])
+    assert leaders[lease["holder_node"]] == (1.0, str(lease["term"]))
+    other = next(n for n in serving if n != lease["holder_node"])
+    assert leaders[other] == (0.0, "")
+
+
+def health(url: str) -> tuple[int, dict[str, Any]]:
+    status, _, body = get(url + publish.HEALTH_PATH)
+    return status, json.loads(body) if body else {}
+
+
+def test_healthz_stays_200_but_degraded_while_the_config_db_is_away(
+    farm: TestFarm, serving: dict[str, str], postgres: Any
+) -> None:
+    """A shared config DB outage must not take every node out of a load balancer: the
+    installed keys still sign. /healthz says degraded; the metrics say the farm is unread."""
+    url = serving["node-a"]
+    status, body = health(url)
+    assert (status, body["status"], body["problems"]) == (200, "ok", [])
+    postgres.stop()
+    try:
+        wait_until(
+            lambda: health(url)[1].get("status") == "degraded",
+            20.0,
+            "/healthz says degraded once the listener lost the config DB",
+            interval=0.2,
+        )
+        status, body = health(url)
+        assert status == 200 and "not connected to the config DB" in body["problems"]
+        assert metrics(url)["farmkeys_status_up"] == [({}, 0.0)]
+        # The documents come from the store: relying parties still get the keys.
+        assert get(url + publish.JWKS_PATH)[0] == 200
+    finally:
+        postgres.start()
+    wait_until(
+        lambda: health(url)[1].get("status") == "ok",
+        30.0,
+        "/healthz is ok again once the config DB is back",
+        interval=0.2,
+    )
+
+
+def test_healthz_is_503_once_a_sync_refuses_the_farms_set(
+    farm: TestFarm, serving: dict[str, str]
+) -> None:
+    """A node that knows it cannot install the farm's set (here: a forged farm state
+    record) leaves the load balancer; its metrics count the failure."""
+    db_query(
+        farm.dsn, "UPDATE farm_state SET mac = decode(repeat('00', 32), 'hex') RETURNING version"
+    )
+    db_query(farm.dsn, "SELECT pg_notify(%s, 'test')", (CHANGED_CHANNEL,))
+    url = serving["node-b"]
+    wait_until(lambda: health(url)[0] == 503, 20.0, "/healthz says 503", interval=0.2)
+    _, body = health(url)
+    assert body["status"] == "failing"
+    assert any("the last sync failed" in p for p in body["problems"]), body
+    assert metrics(url)["farmkeys_sync_errors_total"][0][1] >= 1
+
+
+def test_a_port_in_use_is_one_clear_error(farm: TestFarm) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = farm.spawn("serve", publish={"listen": f"127.0.0.1:{port}"})
+    assert result.code == 1
+    lines = [line for line in result.err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and f"cannot listen on publish.listen 127.0.0.1:{port}" in lines[0]
+
+
+# -- systemd's notify protocol -------------------------------------------------------------
+
+
+def receive(sock: socket.socket, want: str, timeout: float) -> list[str]:
+    """Datagrams until one holds the line ``want``; all of them."""
+    got: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            got.append(sock.recv(4096).decode())
+        except TimeoutError:
+            break
+        if want in got[-1].splitlines():
+            return got
+    raise AssertionError(f"no {want!r} within {timeout} s; got {got}")
+
+
+def test_serve_tells_systemd_it_is_ready_pings_the_watchdog_and_says_it_stops(
+    farm: TestFarm, tmp_path: Path
+) -> None:
+    address = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(address)
+        env = {**clean_env(), "NOTIFY_SOCKET": address, "WATCHDOG_USEC": "1000000"}
+        log = (tmp_path / "serve.log").open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "farmkeys", "serve", "--config", str(farm.config("node-a"))],
+            env=env,
+            cwd=REPO,
+            stdout=log,
+            stderr=log,
+        )
+        try:
+            before = receive(sock, "READY=1", START)
+            ready = before[-1].splitlines()
+            assert ready[0] == "READY=1"
+            assert ready[1].startswith("STATUS=farm contoso: generation 1 installed;")
+            # By then the node has synced: READY waits for the store.
+            assert (farm.store() / "manifest.json").exists()
+            assert receive(sock, "WATCHDOG=1", 5.0)  # every half of WATCHDOG_USEC
+            proc.send_signal(signal.SIGTERM)
+            assert receive(sock, "STOPPING=1", 10.0)
+            assert proc.wait(10) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+
+
+def test_notifier_speaks_to_path_and_abstract_sockets(tmp_path: Path) -> None:
+    from farmkeys.sdnotify import Notifier
+
+    abstract = f"@farmkeys-test-{os.getpid()}"
+    for where, bind_to in (
+        (str(tmp_path / "n"), str(tmp_path / "n")),
+        (abstract, "\0" + abstract[1:]),
+    ):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.bind(bind_to)
+            notifier = Notifier.from_environment({"NOTIFY_SOCKET": where})
+            notifier.ready("line one\nline two")
+            assert sock.recv(4096) == b"READY=1\nSTATUS=line one line two"
+            notifier.watchdog()  # off without WATCHDOG_USEC: nothing sent
+            notifier.stopping()
+            assert sock.recv(4096) == b"STOPPING=1"
+
+
+def test_notifier_watchdog_rules_and_failures() -> None:
+    from farmkeys.sdnotify import Notifier
+
+    assert Notifier.from_environment({}).notify("READY=1") is False
+    on = {"NOTIFY_SOCKET": "/nonexistent/socket", "WATCHDOG_USEC": "3000000"}
+    assert Notifier.from_environment(on).watchdog_interval_seconds == 1.5
+    mine = Notifier.from_environment({**on, "WATCHDOG_PID": str(os.getpid())})
+    assert mine.watchdog_interval_seconds == 1.5
+    for other in (
+        {"WATCHDOG_PID": str(os.getpid() + 1)},
+        {"WATCHDOG_USEC": "soon"},
+        {"WATCHDOG_USEC": "0"},
+    ):
+        assert Notifier.from_environment({**on, **other}).watchdog_interval_seconds is None
+    # Nobody listening: False and a warning, never an exception.
+    assert Notifier.from_environment(on).notify("READY=1") is False
