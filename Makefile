@@ -71,6 +71,13 @@ servers:
 	  done; \
 	  true; \
 	fi
+	@# systemd-analyze checks deploy/systemd/ (tests/test_deploy.py); systemd need not run.
+	@if ! command -v systemd-analyze >/dev/null; then \
+	  echo "installing systemd (for systemd-analyze) from Debian"; \
+	  apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq --no-install-recommends \
+	    systemd >/dev/null; \
+	fi
 	@if ! command -v age >/dev/null; then \
 	  echo "installing age from Debian"; \
 	  apt-get update -qq && \

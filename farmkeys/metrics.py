@@ -14,6 +14,7 @@ without the directory, so a scrape makes no LDAP request and opens no key);
 ``farmkeys_leader``                                     1 on the leader's scrape, else 0
 ``farmkeys_master_key_created_timestamp_seconds``       each master key that is not deleted
 ``farmkeys_relying_party_last_fetch_timestamp_seconds`` each relying party's last fetch
+``farmkeys_relying_party_has_secondary``                1 when it fetched the signing secondary
 ``farmkeys_health``                                     status: 0 ok, 1 warning, 2 critical
 ``farmkeys_status_up``                                  1 when the farm's state could be read
 ``farmkeys_sync_total`` / ``farmkeys_sync_errors_total``  this process's syncs, and failures
@@ -136,10 +137,17 @@ def farm_metrics(doc: dict[str, Any]) -> Iterator[Metric]:
         "When a relying party last fetched the metadata or the JWKS (Unix time)",
         labels=["rp"],
     )
+    has_secondary = GaugeMetricFamily(
+        "farmkeys_relying_party_has_secondary",
+        "1 when a relying party has fetched the signing secondary (absent: no secondary)",
+        labels=["rp"],
+    )
     for rp in doc.get("relying_parties") or []:
         if rp["last_fetch_at"] is not None:
             fetches.add_metric([rp["name"]], _ts(rp["last_fetch_at"]))
-    yield fetches
+        if rp["has_secondary"] is not None:
+            has_secondary.add_metric([rp["name"]], 1 if rp["has_secondary"] else 0)
+    yield from (fetches, has_secondary)
     yield _gauge(
         "farmkeys_health",
         "farmkeys status: 0 ok, 1 warning, 2 critical",

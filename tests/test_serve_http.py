@@ -211,6 +211,7 @@ def test_metrics_agree_with_status(farm: TestFarm, serving: dict[str, str]) -> N
     }
     rp2 = next(rp for rp in doc["relying_parties"] if rp["name"] == "rp2")
     assert fetches == {"rp2": ts(rp2["last_fetch_at"])}
+    assert "farmkeys_relying_party_has_secondary" not in scraped  # no secondary yet
     assert scraped["farmkeys_status_up"] == [({}, 1.0)]
     health = {"ok": 0.0, "warning": 1.0, "critical": 2.0}[doc["health"]]
     assert scraped["farmkeys_health"] == [({}, health)]
