@@ -265,3 +265,23 @@ def test_no_config_object_shows_a_secret_in_its_repr(tmp_path: Path) -> None:
     cfg = config.load(path, environ={})
     shown = repr(cfg) + repr(cfg.database) + repr(cfg.directory) + str(cfg)
     assert "inline-pw-1" not in shown and "dsn-pw-2" not in shown
+
+
+def test_publish_settings_from_the_file_and_the_environment(tmp_path: Path) -> None:
+    text = MINIMAL + (
+        '\n[publish]\nlisten = "127.0.0.1:9464"\nrelying_parties = "rp1"\n'
+        'entity_id = "https://fs.example/adfs/services/trust"\n'
+    )
+    cfg = config.load(write(tmp_path, text), environ={})
+    assert cfg.publish.address == ("127.0.0.1", 9464)
+    assert [p.name for p in cfg.publish.parties] == ["rp1"]  # one string is a list of one
+    env = {"FARMKEYS_PUBLISH_RELYING_PARTIES": "rp1=https://rp1.example/md, rp2"}
+    cfg = config.load(write(tmp_path, text), environ=env)
+    assert cfg.publish.parties == (
+        config.RelyingParty("rp1", "https://rp1.example/md"),
+        config.RelyingParty("rp2", None),
+    )
+    assert config.load(write(tmp_path, MINIMAL), environ={}).publish.address is None
+    env = {"FARMKEYS_POLICY_REQUIRE_FETCH": "true"}
+    assert config.load(write(tmp_path, MINIMAL), environ=env).policy.require_fetch is True
+    assert config.load(write(tmp_path, MINIMAL), environ={}).policy.require_fetch is False

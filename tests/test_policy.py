@@ -648,3 +648,101 @@ def test_decide_settles_from_any_state_without_repeating_itself(
             assert r.not_before <= now < r.not_after
         elif r.role == "retired":
             assert now < r.not_after
+
+
+# --- require_fetch: promotion waits for the relying parties ---------------------
+
+
+def fetch_case(purpose: str = "signing") -> tuple[Row, Row]:
+    """A primary with a year to go and a secondary generated at ANCHOR."""
+    primary = new_row(
+        "primary",
+        created=ANCHOR - timedelta(days=300),
+        not_after=ANCHOR + timedelta(days=18),
+        purpose=purpose,
+    )
+    secondary = new_row(
+        "secondary", created=ANCHOR, not_after=ANCHOR + timedelta(days=365), purpose=purpose
+    )
+    return primary, secondary
+
+
+WAITING = dataclasses.replace(DAYS, require_fetch=True)
+
+
+def test_require_fetch_holds_a_due_promotion_while_a_relying_party_has_not_fetched() -> None:
+    primary, secondary = fetch_case()
+    due = ANCHOR + timedelta(days=5)
+    unfetched = {secondary.id: ("rp2",)}
+    assert only(decide(WAITING, due, [primary, secondary], unfetched=unfetched), "signing") == []
+    # Without require_fetch the same rows promote, fetched or not (AD FS).
+    (promote,) = only(decide(DAYS, due, [primary, secondary], unfetched=unfetched), "signing")
+    assert (promote.kind, promote.certificate_id) == ("promote", secondary.id)
+    # Once every relying party fetched it, the promotion happens.
+    (promote,) = only(decide(WAITING, due, [primary, secondary], unfetched={}), "signing")
+    assert promote.kind == "promote"
+
+
+def test_require_fetch_gives_way_at_the_critical_threshold_to_the_second() -> None:
+    primary, secondary = fetch_case()
+    critical = primary.not_after - timedelta(days=2)
+    unfetched = {secondary.id: ("rp1", "rp2")}
+    rows = [primary, secondary]
+    assert (
+        only(decide(WAITING, critical - timedelta(seconds=1), rows, unfetched=unfetched), "signing")
+        == []
+    )
+    (promote,) = only(decide(WAITING, critical, rows, unfetched=unfetched), "signing")
+    assert promote.kind == "promote"
+    assert promote.reason.endswith("(not yet fetched by rp1, rp2)")
+
+
+def test_require_fetch_moves_the_scheduled_promotion_to_the_critical_moment() -> None:
+    primary, secondary = fetch_case()
+    rows = [primary, secondary]
+    critical = primary.not_after - timedelta(days=2)
+    waiting = {secondary.id: ("rp1",)}
+    assert next_action(WAITING, ANCHOR, rows, secondary.id, unfetched=waiting) == Scheduled(
+        "promote", critical
+    )
+    assert next_action(WAITING, ANCHOR, rows, primary.id, unfetched=waiting) == Scheduled(
+        "retire", critical
+    )
+    assert next_action(WAITING, ANCHOR, rows, secondary.id, unfetched={}) == Scheduled(
+        "promote", ANCHOR + timedelta(days=5)
+    )
+
+
+def test_require_fetch_never_holds_a_decryption_secondary() -> None:
+    primary, secondary = fetch_case("decryption")
+    (promote,) = only(
+        decide(
+            WAITING,
+            ANCHOR + timedelta(days=5),
+            [primary, secondary],
+            unfetched={secondary.id: ("rp1",)},
+        ),
+        "decryption",
+    )
+    assert promote.kind == "promote"
+
+
+def test_unfetched_by_names_who_has_not_fetched_each_signing_secondary() -> None:
+    from farmkeys.policy import unfetched_by
+
+    @dataclass(frozen=True)
+    class Published:
+        id: uuid.UUID
+        purpose: str
+        role: str
+        thumbprint: str
+
+    secondary = Published(uuid.uuid4(), "signing", "secondary", "B" * 40)
+    rows = [
+        Published(uuid.uuid4(), "signing", "primary", "A" * 40),
+        secondary,
+        Published(uuid.uuid4(), "decryption", "secondary", "C" * 40),
+    ]
+    fetched = {("rp1", "A" * 40), ("rp1", "B" * 40), ("rp2", "A" * 40), ("rp3", "C" * 40)}
+    assert unfetched_by(["rp1", "rp2", "rp3"], fetched, rows) == {secondary.id: ("rp2", "rp3")}
+    assert unfetched_by(["rp1"], fetched, rows) == {}
