@@ -7,18 +7,28 @@ for three nodes, then runs the real command
 line: ``farmkeys init``, ``farmkeys sync`` on every node, ``farmkeys serve``
 on every node in the background, ``farmkeys rollover --purpose signing``
 (answered by whichever node leads, and installed by all within a second),
-``farmkeys status`` and ``farmkeys events``. Everything listens on
-127.0.0.1; the services, slapd and PostgreSQL are stopped at the end.
+``farmkeys status`` and ``farmkeys events``; node-a also publishes over HTTP,
+and the demo fetches its SAML metadata, JWKS and health as a relying party and
+a load balancer would. Everything listens on 127.0.0.1; the services, slapd and
+PostgreSQL are stopped at the end.
+
+With ``DEMO_DATABASE_DSN`` set, the demo uses that database of an existing
+PostgreSQL (empty, or holding a farm "contoso" from an earlier demo) instead of
+starting a cluster of its own.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import psycopg
@@ -30,7 +40,7 @@ DATABASE = "farmkeys_demo"
 NODES = ("node-a", "node-b", "node-c")  # three: _wait_for_leader counts them
 
 
-def _write_config(root: Path, slapd: LocalSlapd, dsn: str, node: str) -> Path:
+def _write_config(root: Path, slapd: LocalSlapd, dsn: str, node: str, publish: str = "") -> Path:
     password_file = slapd.write_password_file(root / "directory.password")
     path = root / f"{node}.toml"
     path.write_text(
@@ -51,7 +61,7 @@ layout = "openldap"
 [policy]
 key = "rsa-2048"
 certificate_duration = 365
-""",
+{publish}""",
         encoding="utf-8",
     )
     return path
@@ -108,17 +118,48 @@ def _wait_for_nodes(dsn: str) -> bool:
     )
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _fetch(url: str) -> None:
+    """GET one of node-a's endpoints and show its head, as a relying party would see it."""
+    print(f"\n$ curl {url}", flush=True)
+    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - loopback
+        body = response.read().decode()
+        print(f"HTTP {response.status}  ETag {response.headers.get('ETag')}")
+    lines = body.splitlines()
+    print("\n".join(line[:110] for line in lines[:8]) + ("\n..." if len(lines) > 8 else ""))
+
+
 def main() -> int:
     root = Path(".demo").resolve()
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(mode=0o700)
     print(f"demo farm in {root}")
-    with LocalSlapd(root / "slapd") as slapd, LocalPostgres(root / "postgres") as postgres:
+    with contextlib.ExitStack() as stack:
+        slapd = stack.enter_context(LocalSlapd(root / "slapd"))
         print(f"directory: private slapd at {slapd.url} (suffix {slapd.suffix})")
-        dsn = postgres.create_database(DATABASE)
-        print(f"config DB: {DATABASE} on a private PostgreSQL at 127.0.0.1:{postgres.port}")
-        configs = {node: _write_config(root, slapd, dsn, node) for node in NODES}
+        dsn = os.environ.get("DEMO_DATABASE_DSN", "")
+        if dsn:
+            print("config DB: the existing database DEMO_DATABASE_DSN names")
+        else:
+            postgres = stack.enter_context(LocalPostgres(root / "postgres"))
+            dsn = postgres.create_database(DATABASE)
+            print(f"config DB: {DATABASE} on a private PostgreSQL at 127.0.0.1:{postgres.port}")
+        port = _free_port()
+        publish = (
+            f'[publish]\nlisten = "127.0.0.1:{port}"\n'
+            'entity_id = "https://fs.contoso.example/adfs/services/trust"\n'
+            'sso_url = "https://fs.contoso.example/adfs/ls/"\nrelying_parties = ["rp1"]\n'
+        )
+        configs = {
+            node: _write_config(root, slapd, dsn, node, publish if node == "node-a" else "")
+            for node in NODES
+        }
         steps = [("init", configs["node-a"]), ("init", configs["node-b"])]
         steps += [("sync", configs[node]) for node in NODES]
         for command, config in steps:
@@ -135,6 +176,13 @@ def main() -> int:
                     print(f"demo: `farmkeys rollover {' '.join(args)}` failed", file=sys.stderr)
                     return 1
             _wait_for_nodes(dsn)
+            base = f"http://127.0.0.1:{port}"
+            for path in (
+                "/FederationMetadata/2007-06/FederationMetadata.xml?rp=rp1",
+                "/adfs/discovery/keys",
+                "/healthz",
+            ):
+                _fetch(base + path)
             code = _farmkeys("status", config=configs["node-a"])
             print(f"\nstatus exit code {code} (0 ok, 1 warning, 2 critical, 3 unknown)")
             _farmkeys("events", config=configs["node-a"])

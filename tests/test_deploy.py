@@ -36,6 +36,7 @@ HARDENING = {
     "MemoryDenyWriteExecute": "yes",
     "CapabilityBoundingSet": "",
     "UMask": "0077",
+    "LimitCORE": "0",
     "User": "farmkeys",
     "StateDirectory": "farmkeys",
 }
@@ -61,6 +62,7 @@ def test_the_serve_unit_is_a_hardened_notify_service() -> None:
     # directory.timeout_seconds 5 by default).
     assert int(settings["WatchdogSec"][0].removesuffix("s")) > 30 + 5
     drop_in = unit_settings(DROP_IN)
+    assert drop_in["LimitCORE"] == ["0"]
     assert drop_in["ExecStartPre"] == [
         "+/usr/sbin/runuser -u farmkeys -- /usr/local/bin/farmkeys sync"
     ]
