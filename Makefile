@@ -2,7 +2,7 @@
 #
 #   make demo   a local demo farm on real PostgreSQL and OpenLDAP (loopback only)
 #   make test   ruff, mypy and the whole test suite against the same real servers
-#   make bench  the propagation, failover, master-key re-seal and directory benchmarks (print figures)
+#   make bench  the propagation, failover, master-key re-seal, directory and publishing benchmarks
 #   make soak   a randomized fault soak of serve nodes (SOAK_ARGS="--duration 1200 --seed 7")
 #   make fuzz   coverage-guided fuzzing (atheris) of every parser of untrusted input
 #               (FUZZ_SECONDS per target, default 60); prints the inputs tried
@@ -97,6 +97,7 @@ bench: setup
 	$(PY) tests/bench/bench_propagation.py
 	$(PY) tests/bench/bench_master_key.py
 	$(PY) tests/bench/bench_directory.py
+	$(PY) tests/bench/bench_publish.py
 
 # Faults at random while serve nodes roll certificates over; exits 1 on a broken invariant.
 SOAK_ARGS ?=
