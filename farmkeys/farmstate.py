@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from farmkeys.errors import FarmStateError
+from farmkeys.policy import Published
 
 FORMAT = "farmkeys-state/1"
 MAC_INFO = b"farmkeys farm state MAC v1\x00"
@@ -56,17 +57,9 @@ _ENTRY_FIELDS = {"id", "master_key", "purpose", "role", "thumbprint"}
 REPAIR = "restore the config DB from a backup, or run `farmkeys repair-state` as the leader"
 
 
-class LiveRow(Protocol):
+class LiveRow(Published, Protocol):
     """What the record takes from a certificate row (CertificateRow has it)."""
 
-    @property
-    def id(self) -> uuid.UUID: ...
-    @property
-    def purpose(self) -> str: ...
-    @property
-    def role(self) -> str: ...
-    @property
-    def thumbprint(self) -> str: ...
     @property
     def master_key(self) -> uuid.UUID: ...
 

@@ -68,6 +68,21 @@ def test_the_serve_unit_is_a_hardened_notify_service() -> None:
     ]
 
 
+def verify(folder: Path, *units: str) -> tuple[int, str]:
+    """``systemd-analyze verify`` of units in ``folder`` (drop-ins found beside them)."""
+    analyze = shutil.which("systemd-analyze")
+    assert analyze is not None
+    done = subprocess.run(
+        [analyze, "verify", *(str(folder / unit) for unit in units)],
+        env={**clean_env(), "SYSTEMD_UNIT_PATH": f"{folder}:"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
 def test_systemd_analyze_verifies_the_units(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
@@ -87,38 +102,20 @@ def test_systemd_analyze_verifies_the_units(tmp_path: Path) -> None:
     (tmp_path / "federation.service").write_text(
         "[Unit]\nDescription=a federation service\n[Service]\nExecStart=/bin/sleep infinity\n"
     )
-    done = subprocess.run(
-        [analyze, "verify", str(tmp_path / SERVE_UNIT.name), str(tmp_path / "federation.service")],
-        env={**clean_env(), "SYSTEMD_UNIT_PATH": f"{tmp_path}:"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    said = done.stdout + done.stderr
-    assert done.returncode == 0, said
+    code, said = verify(tmp_path, SERVE_UNIT.name, "federation.service")
+    assert code == 0, said
     for complaint in ("Unknown key", "Unknown section", "not executable", "Failed", "Invalid"):
         assert complaint not in said, said
 
 
 def test_systemd_analyze_would_catch_a_broken_unit(tmp_path: Path) -> None:
     """The check above can fail: a misspelt key in the drop-in is reported."""
-    analyze = shutil.which("systemd-analyze")
-    assert analyze is not None
     (tmp_path / "federation.service.d").mkdir()
     (tmp_path / "federation.service.d" / DROP_IN.name).write_text(
         DROP_IN.read_text() + "\nExecStartPree=/bin/true\n"
     )
     (tmp_path / "federation.service").write_text("[Service]\nExecStart=/bin/sleep infinity\n")
-    done = subprocess.run(
-        [analyze, "verify", str(tmp_path / "federation.service")],
-        env={**clean_env(), "SYSTEMD_UNIT_PATH": f"{tmp_path}:"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert "Unknown key 'ExecStartPree'" in done.stdout + done.stderr
+    assert "Unknown key 'ExecStartPree'" in verify(tmp_path, "federation.service")[1]
 
 
 def test_compose_v2_accepts_compose_yaml(tmp_path: Path) -> None:
