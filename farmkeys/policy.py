@@ -77,8 +77,8 @@ KEY_STATES: Final = ("pending", "current", "previous", "deleted")
 _SECONDS_PER_DAY: Final = 86400
 
 
-class CertificateState(Protocol):
-    """What the policy reads of a certificate row (``configdb.CertificateRow`` has it)."""
+class Row(Protocol):
+    """A certificate row's identity and place (``configdb.CertificateRow`` has it)."""
 
     @property
     def id(self) -> uuid.UUID: ...
@@ -86,6 +86,11 @@ class CertificateState(Protocol):
     def purpose(self) -> str: ...
     @property
     def role(self) -> str: ...
+
+
+class CertificateState(Row, Protocol):
+    """What the policy reads of a certificate row."""
+
     @property
     def not_before(self) -> datetime: ...
     @property
@@ -240,15 +245,9 @@ def next_action(
     return Scheduled("generate_and_promote", critical_at)
 
 
-class Published(Protocol):
+class Published(Row, Protocol):
     """A certificate row with the thumbprint relying parties are served."""
 
-    @property
-    def id(self) -> uuid.UUID: ...
-    @property
-    def purpose(self) -> str: ...
-    @property
-    def role(self) -> str: ...
     @property
     def thumbprint(self) -> str: ...
 
