@@ -575,13 +575,18 @@ class ConfigDB:
         self, relying_party: str, *, node_id: str, document: str, thumbprints: Sequence[str]
     ) -> None:
         """``relying_party`` fetched ``document`` (metadata or jwks) from ``node_id``, which
-        served it these signing thumbprints."""
+        served it these signing thumbprints. A thumbprint it had never fetched wakes the
+        leader (a promotion may have waited for it: ``policy.require_fetch``)."""
         self.fetch(
-            "INSERT INTO relying_party_fetch (relying_party, thumbprint, node, document)"
+            "WITH upserted AS ("
+            " INSERT INTO relying_party_fetch (relying_party, thumbprint, node, document)"
             " SELECT %(rp)s, t, %(node)s, %(doc)s FROM unnest(%(thumbprints)s::text[]) AS t"
             " ON CONFLICT (relying_party, thumbprint) DO UPDATE SET last_fetched_at = now(),"
-            " node = EXCLUDED.node, document = EXCLUDED.document",
+            " node = EXCLUDED.node, document = EXCLUDED.document"
+            " RETURNING (xmax = 0) AS inserted)"
+            " SELECT pg_notify(%(channel)s, 'fetch') FROM upserted WHERE inserted LIMIT 1",
             {
+                "channel": REQUEST_CHANNEL,
                 "rp": relying_party,
                 "node": node_id,
                 "doc": document,

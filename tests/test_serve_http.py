@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from farmtools import REPO, ServeNodes, TestFarm, clean_env, db_query, wait_until
+from farmtools import REPO, ServeNodes, TestFarm, add_certificate, clean_env, db_query, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from farmkeys import publish
@@ -379,3 +379,61 @@ def test_notifier_watchdog_rules_and_failures() -> None:
         assert Notifier.from_environment({**on, **other}).watchdog_interval_seconds is None
     # Nobody listening: False and a warning, never an exception.
     assert Notifier.from_environment(on).notify("READY=1") is False
+
+
+def test_the_last_relying_partys_fetch_wakes_the_leader_to_promote(farm: TestFarm) -> None:
+    """With require_fetch, the fetch that completes the set is answered within seconds, not
+    at the next rollover check (an hour away here)."""
+    due = {}
+    for purpose in ("signing", "decryption"):
+        due[purpose] = add_certificate(farm, purpose=purpose, role="secondary")
+        db_query(
+            farm.dsn,
+            "UPDATE certificate SET created_at = now() - interval '6 days'"
+            " WHERE thumbprint = %s RETURNING id",
+            (due[purpose],),
+        )
+    port = free_port()
+    settings = {
+        "publish": {**PUBLISH, "relying_parties": ["rp1"], "listen": f"127.0.0.1:{port}"},
+        "policy": {**QUICK["policy"], "require_fetch": True},
+    }
+
+    def primary(purpose: str) -> str:
+        rows = db_query(
+            farm.dsn,
+            "SELECT thumbprint FROM certificate WHERE purpose = %s AND role = 'primary'",
+            (purpose,),
+        )
+        return str(rows[0]["thumbprint"])
+
+    with ServeNodes(farm) as nodes:
+        nodes.start("node-a", **settings)
+        # The leader's first check promotes the decryption secondary and holds the signing one.
+        wait_until(
+            lambda: primary("decryption") == due["decryption"],
+            START,
+            "the leader's first check promoted the decryption secondary",
+            detail=nodes.logs,
+        )
+        assert primary("signing") != due["signing"]
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: get(url + publish.HEALTH_PATH)[0] == 200, START, "serve answers")
+        wait_until(lambda: _has(url, due["signing"]), START, "the secondary is published")
+        assert get(url + publish.METADATA_PATH + "?rp=rp1")[0] == 200
+        wait_until(
+            lambda: primary("signing") == due["signing"],
+            10.0,
+            "the fetch woke the leader, which promoted the signing secondary",
+            detail=nodes.logs,
+        )
+    (event,) = db_query(
+        farm.dsn,
+        "SELECT detail FROM audit_event WHERE action = 'promote' AND purpose = 'signing'",
+    )
+    assert "generated at" in event["detail"]  # promoted as due, not at the critical moment
+
+
+def _has(url: str, thumbprint: str) -> bool:
+    """Whether the metadata lists ``thumbprint`` (its KeyName)."""
+    return f"<ds:KeyName>{thumbprint}</ds:KeyName>" in get(url + publish.METADATA_PATH)[2].decode()
