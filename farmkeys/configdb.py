@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -155,12 +155,29 @@ _FETCHES = (
 @dataclass(frozen=True)
 class LiveSet:
     """What a sync reads in one round trip: the farm, its live rows, the farm state record,
-    and what this node last proved it can open."""
+    and what this node last proved it can open.
+
+    ``withheld``: the rows whose blob was not sent (``blob`` is empty), because the node
+    holds that certificate intact and has opened a blob under its master key before.
+    ``recorded``: the node's claim matched the live set and its own row, and the read
+    recorded the sync (:meth:`ConfigDB.live_set`)."""
 
     farm: Farm
     rows: list[CertificateRow]
     confirmed_keys: frozenset[uuid.UUID]
     state: StoredState | None = None
+    withheld: frozenset[uuid.UUID] = frozenset()
+    recorded: bool = False
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a node's store holds, sent with the read of the live set: when the live set
+    is still exactly this, the same statement records the sync."""
+
+    generation: int
+    installed: frozenset[tuple[str, str, str]]
+    state_version: int | None
 
 
 @dataclass(frozen=True)
@@ -442,27 +459,39 @@ class ConfigDB:
                 "run `farmkeys db upgrade` once",
             )
 
-    def live_set(self, node_id: str) -> LiveSet:
-        """The farm, its live (not archived) certificates, and the master keys ``node_id``
-        last confirmed, in one query."""
+    def live_set(
+        self, node_id: str, *, claim: Claim | None = None, have: Collection[str] = ()
+    ) -> LiveSet:
+        """The farm, its live (not archived) certificates, the farm state record and the
+        master keys ``node_id`` last confirmed, in one statement.
+
+        ``have``: thumbprints the node's store holds intact; their blobs are withheld
+        unless sealed under a master key the node has not confirmed. ``claim``: what the
+        store holds; when the live set, the farm state version and the node's own row all
+        still say exactly that, the same statement records the sync (``recorded``), so a
+        sync that finds nothing changed costs one round trip."""
+        doc = None if claim is None else _installed_doc(claim.installed)
         rows = self.fetch(
-            "SELECT f.name, f.dkm_group, f.dkm_container,"
-            " (SELECT max(version) FROM farmkeys_migration) AS schema_version,"
-            " (SELECT master_keys FROM node WHERE id = %s) AS confirmed_keys,"
-            " (SELECT body FROM farm_state) AS state_body,"
-            " (SELECT mac FROM farm_state) AS state_mac,"
-            " (SELECT version FROM farm_state) AS state_version, c.*"
-            " FROM farm f LEFT JOIN certificate c ON c.role <> 'archived'"
-            " ORDER BY c.purpose, c.role, c.not_after",
-            (node_id,),
+            _LIVE_SET,
+            {
+                "node": node_id,
+                "claimed": claim is not None,
+                "gen": None if claim is None else claim.generation,
+                "doc": doc,
+                "sv": None if claim is None else claim.state_version,
+                "have": sorted(have),
+            },
         )
         if not rows:
             raise self._no_farm()
+        live = [r for r in rows if r["id"] is not None]
         return LiveSet(
             farm=_farm(rows[0]),
-            rows=[_certificate(r) for r in rows if r["id"] is not None],
+            rows=[_certificate(r) for r in live],
             confirmed_keys=frozenset(rows[0]["confirmed_keys"] or ()),
             state=_stored_state(rows[0]),
+            withheld=frozenset(r["id"] for r in live if r["blob"] is None),
+            recorded=bool(rows[0]["recorded"]),
         )
 
     def stored_state(self) -> StoredState | None:
@@ -518,7 +547,7 @@ class ConfigDB:
         blobs with ``master_keys``; ``directory_server`` is the directory server it last
         bound to (None: it did not need the directory this time); ``state_version`` the
         highest farm state version its store has installed."""
-        doc = [{"purpose": p, "role": r, "thumbprint": t} for p, r, t in sorted(installed)]
+        doc = _installed_doc(installed)
         self.fetch(
             "INSERT INTO node (id, last_sync, last_seen, generation, installed, last_error,"
             " master_keys, directory_server, state_version)"
@@ -531,7 +560,7 @@ class ConfigDB:
             {
                 "id": node_id,
                 "gen": generation,
-                "doc": Jsonb(doc),
+                "doc": doc,
                 "keys": sorted(master_keys, key=str),
                 "dc": directory_server,
                 "sv": state_version,
@@ -807,10 +836,43 @@ def _master_key(row: dict[str, Any]) -> MasterKeyRow:
 
 _CERTIFICATE_FIELDS = tuple(CertificateRow.__dataclass_fields__)
 
+# The sync's one statement (ConfigDB.live_set). `claim` records the sync only when the node's
+# store, its row and the live set all agree (jsonb arrays compared both ways as sets).
+# The names interpolated are the dataclass's fields, never input.
+_LIVE_SET = (
+    "WITH live AS (SELECT coalesce(jsonb_agg(jsonb_build_object('purpose', purpose,"  # noqa: S608
+    " 'role', role, 'thumbprint', thumbprint)), '[]') AS doc,"
+    " coalesce(array_agg(DISTINCT master_key), '{}') AS keys"
+    " FROM certificate WHERE role <> 'archived'),"
+    " claim AS (UPDATE node SET last_sync = now(), last_seen = now(), last_error = NULL"
+    " FROM live WHERE %(claimed)s AND node.id = %(node)s AND node.generation = %(gen)s"
+    " AND node.installed @> %(doc)s::jsonb AND node.installed <@ %(doc)s::jsonb"
+    " AND live.doc @> %(doc)s::jsonb AND live.doc <@ %(doc)s::jsonb"
+    " AND node.master_keys @> live.keys"
+    " AND node.state_version IS NOT DISTINCT FROM %(sv)s::bigint"
+    " AND %(sv)s::bigint IS NOT DISTINCT FROM (SELECT version FROM farm_state)"
+    " RETURNING 1)"
+    " SELECT f.name, f.dkm_group, f.dkm_container,"
+    " (SELECT max(version) FROM farmkeys_migration) AS schema_version,"
+    " n.master_keys AS confirmed_keys, s.body AS state_body, s.mac AS state_mac,"
+    " s.version AS state_version, (SELECT count(*) FROM claim) > 0 AS recorded, "
+    + ", ".join(f"c.{name}" for name in _CERTIFICATE_FIELDS if name != "blob")
+    + ", CASE WHEN c.thumbprint = ANY(%(have)s::text[])"
+    " AND c.master_key = ANY(coalesce(n.master_keys, '{}')) THEN NULL ELSE c.blob END AS blob"
+    " FROM farm f LEFT JOIN farm_state s ON true LEFT JOIN node n ON n.id = %(node)s"
+    " LEFT JOIN certificate c ON c.role <> 'archived'"
+    " ORDER BY c.purpose, c.role, c.not_after"
+)
+
+
+def _installed_doc(installed: Collection[tuple[str, str, str]]) -> Jsonb:
+    """How the node row records an installed set: sorted objects of purpose, role, thumbprint."""
+    return Jsonb([{"purpose": p, "role": r, "thumbprint": t} for p, r, t in sorted(installed)])
+
 
 def _certificate(row: dict[str, Any]) -> CertificateRow:
     values = {name: row[name] for name in _CERTIFICATE_FIELDS}
     values["der"] = bytes(values["der"])
-    values["blob"] = bytes(values["blob"])
+    values["blob"] = b"" if values["blob"] is None else bytes(values["blob"])
     values["thumbprint"] = values["thumbprint"].strip()
     return CertificateRow(**values)

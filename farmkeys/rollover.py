@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from farmkeys import certs, dkm, farmstate, policy
+from farmkeys import bundle, certs, dkm, farmstate, policy
 from farmkeys.config import Config, RetryConfig
 from farmkeys.configdb import (
     CHANGED_CHANNEL,
@@ -129,11 +129,11 @@ def sealed_certificate(
     """A certificate and its key sealed under a master key, as its row will hold them."""
     cert = generated.certificate
     thumb = certs.thumbprint(cert)
-    pkcs12 = certs.to_pkcs12(
-        cert, generated.key, friendly_name=f"{config.farm.name} token {purpose} {thumb}"
-    )
+    # The exact bytes each node writes (farmkeys.bundle): a node checks them cheaply and
+    # never parses a PKCS#12 or re-encodes the key.
+    packed = bundle.pack(generated, friendly_name=f"{config.farm.name} token {purpose} {thumb}")
     blob = dkm.seal(
-        pkcs12,
+        packed,
         master_key=master_key,
         master_key_id=master_key_id,
         context=blob_context(dkm_group, certificate_id, purpose),

@@ -142,6 +142,19 @@ class CertificateFiles:
 
 
 @dataclass(frozen=True)
+class Carried:
+    """A certificate the installed generation already holds, carried into the next one by
+    hard links to its files (which are never written again), in ``role``."""
+
+    purpose: str
+    role: str
+    thumbprint: str
+
+    def __post_init__(self) -> None:
+        _check_names(self.purpose, self.role, self.thumbprint)
+
+
+@dataclass(frozen=True)
 class ManifestEntry:
     """One installed certificate; ``files`` maps cert/key/pkcs12 to paths relative to the store."""
 
@@ -216,6 +229,22 @@ class Manifest:
         return frozenset((e.purpose, e.role, e.thumbprint) for e in self.certificates)
 
 
+@dataclass(frozen=True)
+class Installed:
+    """The installed generation as found on disk (:meth:`Store.inspect`)."""
+
+    manifest: Manifest
+    # (purpose, thumbprint) of every certificate whose files all hold the bytes the manifest
+    # records: what the next install can carry (:class:`Carried`) instead of writing.
+    intact: frozenset[tuple[str, str]]
+    # Every certificate intact, the role aliases and the fixed links in place.
+    complete: bool
+
+    def matches(self, wanted: frozenset[tuple[str, str, str]]) -> bool:
+        """Whether this is exactly ``wanted`` (as :meth:`Manifest.identity`), all in place."""
+        return self.complete and self.manifest.identity() == wanted
+
+
 class Store:
     """The certificate store folder of this node. See the module docstring for its layout."""
 
@@ -271,43 +300,49 @@ class Store:
             "try again",
         )
 
-    def matches(self, wanted: frozenset[tuple[str, str, str]]) -> bool:
-        """Whether the installed set is exactly ``wanted`` and all of its files are in place.
+    def inspect(self) -> Installed | None:
+        """The installed generation and which of its certificates are intact; None when
+        nothing is installed or the store cannot be read (an install repairs it or says
+        why it cannot).
 
-        ``wanted`` is ``{(purpose, role, thumbprint)}``, as :meth:`Manifest.identity`.
-        Checks one generation (``current`` is resolved once): every file the
-        manifest names and the role aliases, by their SHA-256 where the manifest
-        records it (a file changed in place does not match), and the fixed links. A store that
-        cannot be read or is corrupt does not match (an install repairs it or
-        says why it cannot).
+        ``current`` is resolved once. A certificate is intact when each of its files is a
+        regular file holding the bytes whose SHA-256 the manifest records (any bytes in a
+        manifest from before digests); a file changed in place is not.
         """
         try:
             generation = self._current_generation()
             if generation is None:
-                return False
+                return None
             manifest = self._read_manifest(generation)
         except StoreError:
-            return False
-        if manifest.identity() != wanted:
-            return False
+            return None
+        complete = True
         for name, target in FIXED_LINKS.items():
             try:
-                if os.readlink(self.path / name) != target:
-                    return False
+                complete = complete and os.readlink(self.path / name) == target
             except OSError:
-                return False
+                complete = False
         folder = self._generation_dir(generation)
+        intact: set[tuple[str, str]] = set()
         for entry in manifest.certificates:
             digests = entry.sha256 or {}
-            expected = [(folder / rel, digests.get(kind)) for kind, rel in entry.files.items()]
-            if entry.role in ALIASED_ROLES:
-                expected += [
-                    (folder / entry.purpose / f"{entry.role}{suffix}", digests.get(kind))
-                    for kind, suffix in FILE_SUFFIXES.items()
-                ]
-            if not all(_holds(path, digest) for path, digest in expected):
-                return False
-        return True
+            if all(_holds(folder / rel, digests.get(kind)) for kind, rel in entry.files.items()):
+                intact.add((entry.purpose, entry.thumbprint))
+            else:
+                complete = False
+            if entry.role in ALIASED_ROLES and not all(
+                _same_file(folder / rel, folder / entry.purpose / f"{entry.role}{suffix}")
+                for kind, rel in entry.files.items()
+                if (suffix := FILE_SUFFIXES.get(kind)) is not None
+            ):
+                complete = False
+        return Installed(manifest=manifest, intact=frozenset(intact), complete=complete)
+
+    def matches(self, wanted: frozenset[tuple[str, str, str]]) -> bool:
+        """Whether the installed set is exactly ``wanted`` and all of its files are in place
+        (``wanted`` is ``{(purpose, role, thumbprint)}``, as :meth:`Manifest.identity`)."""
+        installed = self.inspect()
+        return installed is not None and installed.matches(wanted)
 
     # -- installing -----------------------------------------------------------
 
@@ -388,7 +423,7 @@ class Store:
 
     def install(
         self,
-        certificates: Sequence[CertificateFiles],
+        certificates: Sequence[CertificateFiles | Carried],
         *,
         now: datetime,
         dkm_group: uuid.UUID | None = None,
@@ -397,6 +432,10 @@ class Store:
         forget: Iterable[str] = (),
     ) -> Manifest:
         """Install ``certificates`` as the new generation and switch to it atomically.
+
+        A :class:`Carried` certificate is taken from the installed generation by hard
+        links, checked against the digests its manifest records, in its new role:
+        only what changed is written.
 
         ``now`` becomes the manifest's ``installed_at``; ``dkm_group`` the farm the
         store is pinned to; ``state_version`` and ``state_digest`` the farm state
@@ -415,17 +454,19 @@ class Store:
             previous = self._current_generation()
             generation = (previous or 0) + 1
             forgotten = frozenset(forget)
+            before: Manifest | None = None
             if previous is not None:
                 with contextlib.suppress(StoreError):  # an unreadable one is being replaced
                     before = self._read_manifest(previous)
                     forgotten |= before.forgotten
                     if state_version is None:
                         state_version, state_digest = before.state_version, before.state_digest
+            entries = tuple(self._entry(c, before, previous) for c in ordered)
             manifest = Manifest(
                 node=self.node_id,
                 generation=generation,
                 installed_at=now,
-                certificates=tuple(_entry_for(c) for c in ordered),
+                certificates=entries,
                 dkm_group=None if dkm_group is None else str(dkm_group),
                 state_version=state_version,
                 state_digest=state_digest,
@@ -436,10 +477,38 @@ class Store:
             self._remove_forgotten(manifest, generation)
         return manifest
 
+    def _entry(
+        self, certificate: CertificateFiles | Carried, before: Manifest | None, previous: int | None
+    ) -> ManifestEntry:
+        """The manifest entry of one certificate of the new generation. A carried one keeps
+        the entry (and digests) the installed generation records for it, in its new role."""
+        if isinstance(certificate, CertificateFiles):
+            return _entry_for(certificate)
+        found = [
+            e
+            for e in (before.certificates if before is not None else ())
+            if (e.purpose, e.thumbprint) == (certificate.purpose, certificate.thumbprint)
+        ]
+        if not found or previous is None:
+            raise StoreError(
+                f"the installed generation of {self.path} no longer holds {certificate.purpose}"
+                f" certificate {certificate.thumbprint}, which the install would carry",
+                "sync again: the certificate is then installed from the config DB",
+            )
+        entry = found[0]
+        if entry.sha256 is None:  # a manifest from before digests: record them now
+            folder = self._generation_dir(previous)
+            digests = {
+                kind: hashlib.sha256(_read_checked(folder / rel, None)).hexdigest()
+                for kind, rel in entry.files.items()
+            }
+            entry = dataclasses.replace(entry, sha256=digests)
+        return dataclasses.replace(entry, role=certificate.role)
+
     def _write_and_switch(
         self,
         manifest: Manifest,
-        certificates: Sequence[CertificateFiles],
+        certificates: Sequence[CertificateFiles | Carried],
         previous: int | None,
     ) -> None:
         generations = self.path / GENERATIONS_NAME
@@ -452,7 +521,8 @@ class Store:
             staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=generations))
             os.chmod(staging, self._modes.folder)
             self._modes.own(staging)
-            _write_generation(staging, manifest, certificates, self._modes)
+            carried_from = None if previous is None else self._generation_dir(previous)
+            _write_generation(staging, manifest, certificates, self._modes, carried_from)
             os.rename(staging, final)
             staging = None
             _fsync_folder(generations)
@@ -704,25 +774,32 @@ class Store:
 def _write_generation(
     folder: Path,
     manifest: Manifest,
-    certificates: Sequence[CertificateFiles],
+    certificates: Sequence[CertificateFiles | Carried],
     modes: _Modes | None = None,
+    carried_from: Path | None = None,
 ) -> None:
     modes = modes or _Modes.for_group(None)
     for purpose in PURPOSES:
         os.mkdir(folder / purpose, FOLDER_MODE)
         os.chmod(folder / purpose, modes.folder)
         modes.own(folder / purpose)
+    entries = {(e.purpose, e.thumbprint): e for e in manifest.certificates}
     for certificate in certificates:
         base = folder / certificate.purpose
-        contents = {
-            ".pem": (certificate.certificate_pem, PUBLIC_FILE_MODE),
-            ".key": (certificate.private_key_pem, modes.private),
-            ".p12": (certificate.pkcs12, modes.private),
-        }
-        for suffix, (data, mode) in contents.items():
-            _write_file(base / f"{certificate.thumbprint}{suffix}", data, mode, gid=modes.gid)
+        if isinstance(certificate, Carried):
+            assert carried_from is not None  # Store._entry refused a carry without one
+            entry = entries[(certificate.purpose, certificate.thumbprint)]
+            _carry(carried_from, folder, entry, modes)
+        else:
+            contents = {
+                ".pem": (certificate.certificate_pem, PUBLIC_FILE_MODE),
+                ".key": (certificate.private_key_pem, modes.private),
+                ".p12": (certificate.pkcs12, modes.private),
+            }
+            for suffix, (data, mode) in contents.items():
+                _write_file(base / f"{certificate.thumbprint}{suffix}", data, mode, gid=modes.gid)
         if certificate.role in ALIASED_ROLES:
-            for suffix in contents:
+            for suffix in FILE_SUFFIXES.values():
                 os.link(
                     base / f"{certificate.thumbprint}{suffix}",
                     base / f"{certificate.role}{suffix}",
@@ -731,6 +808,28 @@ def _write_generation(
     for purpose in PURPOSES:
         _fsync_folder(folder / purpose)
     _fsync_folder(folder)
+
+
+def _carry(source: Path, folder: Path, entry: ManifestEntry, modes: _Modes) -> None:
+    """Hard-link one certificate's files from the generation ``source`` into ``folder``,
+    check that each holds the bytes ``entry`` records (a file changed in place since the
+    sync inspected it is refused, never carried), and give it the mode and group a
+    written one would have (``node.store_group`` may have changed)."""
+    for kind, rel in entry.files.items():
+        os.link(source / rel, folder / rel, follow_symlinks=False)
+        if not _holds(folder / rel, (entry.sha256 or {}).get(kind)):
+            raise StoreError(
+                f"{source / rel} changed since it was installed; it was not carried into the"
+                " new generation",
+                "sync again: the certificate is then installed from the config DB",
+            )
+        descriptor = os.open(folder / rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            if modes.gid is not None:
+                os.fchown(descriptor, -1, modes.gid)
+            os.fchmod(descriptor, PUBLIC_FILE_MODE if kind == "cert" else modes.private)
+        finally:
+            os.close(descriptor)
 
 
 def _write_file(path: Path, data: bytes, mode: int, *, gid: int | None = None) -> None:
@@ -906,6 +1005,15 @@ def _entry_for(certificate: CertificateFiles) -> ManifestEntry:
     )
 
 
+def _same_file(path: Path, alias: Path) -> bool:
+    """Whether ``alias`` is a hard link to ``path`` (both regular files, never symlinks)."""
+    try:
+        one, two = os.lstat(path), os.lstat(alias)
+    except OSError:
+        return False
+    return stat.S_ISREG(one.st_mode) and (one.st_dev, one.st_ino) == (two.st_dev, two.st_ino)
+
+
 def _holds(path: Path, digest: str | None) -> bool:
     """Whether ``path`` is a regular file itself (not a link) whose SHA-256 is ``digest``
     (any content when ``digest`` is None, as in a manifest from before digests)."""
@@ -972,10 +1080,14 @@ def _check_set(identities: Iterable[tuple[str, str, str]]) -> None:
             roles.add((purpose, role))
 
 
-def _validate_set(certificates: Sequence[CertificateFiles]) -> list[CertificateFiles]:
+def _validate_set(
+    certificates: Sequence[CertificateFiles | Carried],
+) -> list[CertificateFiles | Carried]:
     for certificate in certificates:
-        if not isinstance(certificate, CertificateFiles):
-            raise TypeError(f"expected CertificateFiles, not {type(certificate).__name__}")
+        if not isinstance(certificate, CertificateFiles | Carried):
+            raise TypeError(
+                f"expected CertificateFiles or Carried, not {type(certificate).__name__}"
+            )
     _check_set((c.purpose, c.role, c.thumbprint) for c in certificates)
     return sorted(
         certificates,

@@ -12,9 +12,9 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from farmkeys import certs, dkm, farmstate
+from farmkeys import bundle, certs, dkm, farmstate
 from farmkeys.config import Config
-from farmkeys.configdb import CertificateRow, ConfigDB, Farm, LiveSet
+from farmkeys.configdb import CertificateRow, Claim, ConfigDB, Farm, LiveSet
 from farmkeys.directory import Directory
 from farmkeys.errors import (
     CertificateError,
@@ -25,7 +25,7 @@ from farmkeys.errors import (
     NotInitialisedError,
     StoreError,
 )
-from farmkeys.store import CertificateFiles, Manifest, Store
+from farmkeys.store import Carried, CertificateFiles, Manifest, Store
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +57,15 @@ def sync(
 ) -> SyncReport:
     """Install the farm's live certificates into this node's store, then report them.
 
-    One query reads the live set; each master key is read from the directory
-    at most once per process (the directory caches it in memory); archived
-    certificates are never read. When the store already holds the live set,
-    nothing is decrypted or written. Every blob is opened and checked before
-    the store is touched, and the store switches all at once, so a failure
-    leaves the installed certificates as they were.
+    The store is inspected first; then one statement reads the live set, with
+    the blobs of only the certificates the store does not hold intact, and,
+    when nothing changed, records the sync too: such a sync makes one round
+    trip and no directory request. Otherwise only the certificates that changed
+    are decrypted and written; the others are carried into the new generation by
+    hard link, in their new roles. Each master key is read from the directory at
+    most once per process (the directory caches it in memory). Every blob is
+    opened and checked before the store is touched, and the store switches all
+    at once, so a failure leaves the installed certificates as they were.
 
     A master-key roll re-seals the blobs without changing any certificate:
     the store stays as it is (no new generation, no on_change hook), but the
@@ -70,7 +73,13 @@ def sync(
     opened once, and the node records the keys it opened with. So `status`
     shows which nodes can read the new key before the old one is deleted.
     """
-    live = db.live_set(config.node.id)
+    installed = store.inspect()
+    claim = None
+    if installed is not None and installed.complete:
+        manifest = installed.manifest
+        claim = Claim(manifest.generation, manifest.identity(), manifest.state_version)
+    have = sorted(t for _, t in installed.intact) if installed is not None else []
+    live = db.live_set(config.node.id, claim=claim, have=have)
     farm, rows = live.farm, live.rows
     if not any(r.role == "primary" for r in rows):
         raise NotInitialisedError(
@@ -79,11 +88,12 @@ def sync(
         )
     _check_pinned(config, farm, store, db.endpoint)
     wanted = frozenset(r.identity for r in rows)
-    in_sync = store.matches(wanted)
-    state = check_state(live, _readable_manifest(store), directory, in_sync=in_sync)
+    in_sync = installed is not None and installed.matches(wanted)
+    previous = None if installed is None else installed.manifest
+    state = check_state(live, previous, directory, in_sync=in_sync)
     if in_sync:
-        manifest = store.manifest()
-        assert manifest is not None
+        assert installed is not None
+        manifest = installed.manifest
         if manifest.dkm_group is None:
             store.pin(farm.dkm_group)
         changed = False
@@ -94,8 +104,20 @@ def sync(
             manifest = store.note_state(
                 version=state.version, digest=state.digest, forget=state.revoked
             )
+        elif live.recorded and set(keys) == live.confirmed_keys & {r.master_key for r in rows}:
+            # Nothing changed, and the read recorded the sync already.
+            return SyncReport(
+                node=config.node.id, dkm_group=farm.dkm_group, manifest=manifest, changed=False
+            )
     else:
-        files = [open_certificate(farm, row, directory) for row in rows]
+        intact = frozenset() if installed is None else installed.intact
+        carried = [r for r in rows if (r.purpose, r.thumbprint) in intact]
+        # The read sent the blobs of exactly these (the store did not hold them intact).
+        fresh = [r for r in rows if (r.purpose, r.thumbprint) not in intact]
+        files: list[CertificateFiles | Carried] = [
+            open_certificate(farm, row, directory) for row in fresh
+        ]
+        files += [Carried(r.purpose, r.role, r.thumbprint) for r in carried]
         manifest = store.install(
             files,
             now=now,
@@ -105,11 +127,15 @@ def sync(
             forget=() if state is None else state.revoked,
         )
         changed = True
-        keys = sorted({r.master_key for r in rows}, key=str)
+        opened = frozenset(r.master_key for r in fresh)
+        keys = _confirm_keys(farm, carried, directory, live.confirmed_keys | opened)
+        keys = sorted(set(keys) | opened, key=str)
         log.info(
-            "installed generation %d: %s",
+            "installed generation %d: %s (%d written, %d carried)",
             manifest.generation,
             ", ".join(f"{p} {r} {t}" for p, r, t in sorted(wanted)),
+            len(fresh),
+            len(carried),
         )
     db.record_sync(
         config.node.id,
@@ -294,14 +320,37 @@ def open_blob(farm: Farm, row: CertificateRow, directory: Directory) -> bytes:
 
 
 def open_certificate(farm: Farm, row: CertificateRow, directory: Directory) -> CertificateFiles:
-    """Decrypt and verify one certificate row, ready for the store."""
-    pkcs12 = open_blob(farm, row, directory)
+    """Decrypt and check one certificate row, ready for the store.
+
+    A blob that seals a bundle (:mod:`farmkeys.bundle`) gives the very bytes the node
+    writes, checked cheaply against the row; an older blob's bare PKCS#12 is parsed
+    and its files built here (the slow path, until the leader re-seals it)."""
+    what = f"{row.purpose} certificate {row.id}"
+    plaintext = open_blob(farm, row, directory)
+    packed = bundle.unpack(plaintext, what=what)
+    if packed is not None:
+        checked = bundle.check(
+            packed,
+            what=what,
+            thumbprint=row.thumbprint,
+            der=row.der,
+            not_before=row.not_before,
+            not_after=row.not_after,
+        )
+        return CertificateFiles(
+            purpose=row.purpose,
+            role=row.role,
+            thumbprint=row.thumbprint,
+            not_after=checked.not_after,
+            certificate_pem=packed.certificate_pem,
+            private_key_pem=packed.private_key_pem,
+            pkcs12=packed.pkcs12,
+        )
     try:
-        generated = certs.from_pkcs12(pkcs12)
+        generated = certs.from_pkcs12(plaintext)
     except CertificateError as exc:
         raise CertificateError(
-            f"the blob of {row.purpose} certificate {row.id} opened but holds no usable"
-            f" PKCS#12: {exc.what}",
+            f"the blob of {what} opened but holds no usable PKCS#12: {exc.what}",
             "restore the row from a backup or replace the certificate",
         ) from None
     cert = generated.certificate
@@ -312,14 +361,8 @@ def open_certificate(farm: Farm, row: CertificateRow, directory: Directory) -> C
         or cert.not_valid_after_utc != row.not_after
     ):
         raise CertificateError(
-            f"the blob of {row.purpose} certificate {row.id} holds a certificate other than"
-            f" its row describes ({row.thumbprint})",
-            "restore the row from a backup or replace the certificate",
-        )
-    if not certs.key_matches(cert, generated.key):
-        raise CertificateError(
-            f"the private key in the blob of {row.purpose} certificate {row.thumbprint} does"
-            " not match the certificate",
+            f"the blob of {what} holds a certificate other than its row describes"
+            f" ({row.thumbprint})",
             "restore the row from a backup or replace the certificate",
         )
     return CertificateFiles(

@@ -302,8 +302,9 @@ def test_blob_with_one_byte_flipped_fails_and_the_store_is_kept(initialised: Tes
 def test_blob_copied_into_another_row_fails(initialised: TestFarm) -> None:
     line = corrupt_and_sync(
         initialised,
-        "UPDATE certificate SET blob = (SELECT blob FROM certificate WHERE role = 'secondary')"
-        " WHERE role = 'primary' AND purpose = 'signing'",
+        # The node must install the new secondary: the primary's blob in its row does not open.
+        "UPDATE certificate SET blob = (SELECT blob FROM certificate WHERE role = 'primary'"
+        " AND purpose = 'signing') WHERE role = 'secondary'",
     )
     assert "signing certificate" in line and "not authentic" in line
 
@@ -330,17 +331,21 @@ def test_blob_whose_master_key_is_missing_fails_naming_the_key(initialised: Test
         )
     add_certificate(farm, purpose="decryption", role="secondary")  # node-a must reinstall
 
+    # node-a holds the signing certificate intact: it carries it into the new generation
+    # without opening its blob, and only cannot confirm the missing key.
     result = farm.run("sync")
-    assert result.code == 1
-    line = one_error_line(result)
-    assert f"master key {missing}" in line and "missing from the directory" in line
-    assert snapshot(farm.store()) == before
+    assert result.code == 0
+    assert snapshot(farm.store()) != before
+    (confirmed,) = db_rows(farm.dsn, "SELECT master_keys FROM node WHERE id = 'node-a'")[0]
+    assert missing not in confirmed
+    # A node that must install it fails, naming the key, and installs nothing.
     fresh = farm.run("sync", node="node-b")
     assert fresh.code == 1
-    assert f"master key {missing}" in one_error_line(fresh)
+    line = one_error_line(fresh)
+    assert f"master key {missing}" in line and "missing from the directory" in line
     assert not (farm.store("node-b") / "manifest.json").exists()
     doc = farm.run("status", "--json").json
-    assert any("node-a's last sync failed" in p for p in doc["problems"])
+    assert any("node-b's last sync failed" in p for p in doc["problems"])
 
 
 def test_a_write_failing_midway_leaves_the_store_as_it_was(initialised: TestFarm) -> None:
