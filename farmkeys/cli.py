@@ -17,15 +17,19 @@ import traceback
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from farmkeys import __version__, adfs_import, escrow, init, rollover, status, sync
+from farmkeys import __version__
 from farmkeys import config as config_module
 from farmkeys.config import Config
-from farmkeys.configdb import ConfigDB
-from farmkeys.directory import Directory
 from farmkeys.errors import DatabaseError, Error, ImportRefusedError
-from farmkeys.store import Store
+
+# Each command imports what it needs when it runs: a `farmkeys sync` that finds nothing to
+# do never loads ldap3, certificate building, the leader's code or APScheduler.
+if TYPE_CHECKING:
+    from farmkeys.configdb import ConfigDB
+    from farmkeys.rollover import RolloverOutcome
+    from farmkeys.store import Store
 
 log = logging.getLogger("farmkeys")
 
@@ -349,6 +353,10 @@ def _configure_logging(debug: bool, *, service: bool = False) -> None:
 
 
 def _init(args: argparse.Namespace, config: Config) -> int:
+    from farmkeys import init
+    from farmkeys.configdb import ConfigDB
+    from farmkeys.directory import Directory
+
     with (
         ConfigDB(config.database, config.retry) as db,
         Directory(config.directory, config.retry) as directory,
@@ -372,6 +380,8 @@ def _init(args: argparse.Namespace, config: Config) -> int:
 
 
 def _db_upgrade(args: argparse.Namespace, config: Config) -> int:
+    from farmkeys.configdb import ConfigDB
+
     with ConfigDB(config.database, config.retry) as db:
         applied = db.upgrade()
     if not applied:
@@ -382,17 +392,23 @@ def _db_upgrade(args: argparse.Namespace, config: Config) -> int:
 
 
 def _sync(args: argparse.Namespace, config: Config) -> int:
+    from farmkeys import sync
+    from farmkeys.configdb import ConfigDB
+    from farmkeys.directory import Deferred
+
     store = _store(config)
-    with (
-        ConfigDB(config.database, config.retry) as db,
-        Directory(config.directory, config.retry) as directory,
-    ):
-        try:
-            report = sync.sync(config, db, directory, store, now=_now())
-        except Error as exc:
-            if not isinstance(exc, DatabaseError):
-                _record_failure(db, config.node.id, exc)
-            raise
+    # The directory is made (and ldap3 loaded) only if the sync needs a master key.
+    directory = Deferred(config.directory, config.retry)
+    try:
+        with ConfigDB(config.database, config.retry) as db:
+            try:
+                report = sync.sync(config, db, directory, store, now=_now())
+            except Error as exc:
+                if not isinstance(exc, DatabaseError):
+                    _record_failure(db, config.node.id, exc)
+                raise
+    finally:
+        directory.close()
     manifest = report.manifest
     verb = "installed" if report.changed else "already in sync at"
     print(f"{report.node}: {verb} generation {manifest.generation} in {store.path}")
@@ -409,6 +425,10 @@ def _record_failure(db: ConfigDB, node_id: str, exc: Error) -> None:
 
 
 def _status(args: argparse.Namespace, config: Config) -> int:
+    from farmkeys import status
+    from farmkeys.configdb import ConfigDB
+    from farmkeys.directory import Directory
+
     with (
         ConfigDB(config.database, config.retry) as db,
         Directory(config.directory, config.retry) as directory,
@@ -446,6 +466,8 @@ def _jwks(args: argparse.Namespace, config: Config) -> int:
 
 
 def _store(config: Config) -> Store:
+    from farmkeys.store import Store
+
     return Store(config.store, node_id=config.node.id, group=config.node.store_group)
 
 
@@ -468,6 +490,10 @@ def _request(
     repair_state: bool = False,
 ) -> int:
     """Ask the leader (or, when no node leads, act under the lease) and print its answer."""
+    from farmkeys import rollover
+    from farmkeys.configdb import ConfigDB
+    from farmkeys.directory import Directory
+
     with (
         ConfigDB(config.database, config.retry) as db,
         Directory(config.directory, config.retry) as directory,
@@ -489,6 +515,10 @@ _MAX_PFX_FILE = 4 * 1024 * 1024
 
 
 def _import(args: argparse.Namespace, config: Config) -> int:
+    from farmkeys import adfs_import
+    from farmkeys.configdb import ConfigDB
+    from farmkeys.directory import Directory
+
     path = Path(args.encrypted_pfx)
     try:
         with path.open("rb") as f:
@@ -527,7 +557,7 @@ def _import(args: argparse.Namespace, config: Config) -> int:
     return _answer("import", outcome)
 
 
-def _answer(kind: str, outcome: rollover.RolloverOutcome) -> int:
+def _answer(kind: str, outcome: RolloverOutcome) -> int:
     """Print the leader's answer to a request; the exit code it means."""
     print(f"{kind} request {outcome.request}, answered by {outcome.done_by} (term {outcome.term}):")
     for line in outcome.result.splitlines():
@@ -536,6 +566,10 @@ def _answer(kind: str, outcome: rollover.RolloverOutcome) -> int:
 
 
 def _escrow(args: argparse.Namespace, config: Config) -> int:
+    from farmkeys import escrow
+    from farmkeys.configdb import ConfigDB
+    from farmkeys.directory import Directory
+
     exporting = args.escrow_command == "export"
     passphrase = escrow.read_passphrase(
         args.passphrase_file,
@@ -575,6 +609,8 @@ def _escrow(args: argparse.Namespace, config: Config) -> int:
 
 
 def _events(args: argparse.Namespace, config: Config) -> int:
+    from farmkeys.configdb import ConfigDB
+
     with ConfigDB(config.database, config.retry) as db:
         db.require_farm()
         rows = db.events(since=args.since)

@@ -12,8 +12,12 @@ the endpoint as ``host:port/dbname as user``, never the password.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
+import select
+import threading
 import uuid
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
@@ -24,6 +28,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import psycopg
+from psycopg import Notify
 from psycopg import errors as pgerrors
 from psycopg.abc import Params
 from psycopg.rows import dict_row
@@ -243,7 +248,14 @@ def _cause(exc: BaseException) -> str:
 
 
 class ConfigDB:
-    """A connection to the config DB, opened lazily and reopened after a loss."""
+    """A connection to the config DB, opened lazily and reopened after a loss.
+
+    Threads may share one: each statement, and each transaction as a whole, holds the
+    object's lock, so no thread's statement lands inside another's transaction. With
+    ``listen``, every (re)connection LISTENs on those channels and :meth:`wait` returns
+    the notifications, without holding the lock while it waits: `serve` carries its
+    LISTEN, heartbeat, lease and sync reads on one connection this way.
+    """
 
     def __init__(
         self,
@@ -251,10 +263,13 @@ class ConfigDB:
         retry: RetryConfig,
         *,
         idle_in_transaction_seconds: float = 60.0,
+        listen: Sequence[str] = (),
+        application_name: str = "farmkeys",
     ) -> None:
         """``idle_in_transaction_seconds``: the server ends a transaction whose client
         went silent inside it (a stopped or partitioned process) after this long,
-        releasing its locks: a frozen leader never holds the lease row for good."""
+        releasing its locks: a frozen leader never holds the lease row for good.
+        ``listen``: NOTIFY channels to listen on (see :meth:`wait`)."""
         try:
             psycopg.conninfo.conninfo_to_dict(config.dsn)
         except psycopg.ProgrammingError:
@@ -266,8 +281,15 @@ class ConfigDB:
         self._retry = retry
         self._idle_ms = max(1, int(idle_in_transaction_seconds * 1000))
         self._conn: psycopg.Connection[dict[str, Any]] | None = None
+        self._lock = threading.RLock()
+        self._listen = tuple(listen)
+        self._application_name = application_name
+        # Wakes wait() when another thread used the connection: the notifications that
+        # arrived during its statement wait in psycopg's backlog, not on the socket.
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC) if listen else (-1, -1)
         self.endpoint = describe_dsn(config.dsn)
         self.statements = 0  # statements sent, for tests that prove how much a sync costs
+        self.connects = 0  # connections made; a new one may have missed notifications
 
     # -- connection -----------------------------------------------------------
 
@@ -278,12 +300,30 @@ class ConfigDB:
         self.close()
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
-    def connection(self) -> psycopg.Connection[dict[str, Any]]:
-        """The open connection, connecting (with retries) when there is none."""
+    def dispose(self) -> None:
+        """Close the connection and release what :meth:`wait` uses; the object is done."""
+        self.close()
+        for descriptor in (self._wake_r, self._wake_w):
+            if descriptor >= 0:
+                os.close(descriptor)
+        self._wake_r = self._wake_w = -1
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._conn.closed
+
+    def connection(self, retry: RetryConfig | None = None) -> psycopg.Connection[dict[str, Any]]:
+        """The open connection, connecting when there is none, with retries under ``retry``
+        (default: the object's own policy)."""
+        with self._lock:
+            return self._connection(retry)
+
+    def _connection(self, retry: RetryConfig | None = None) -> psycopg.Connection[dict[str, Any]]:
         if self._conn is not None and not self._conn.closed:
             return self._conn
 
@@ -293,7 +333,7 @@ class ConfigDB:
                 autocommit=True,
                 connect_timeout=self._config.connect_timeout_seconds,
                 row_factory=dict_row,
-                application_name="farmkeys",
+                application_name=self._application_name,
                 # Times come back in UTC whatever the server's zone; a silent client's
                 # open transaction is ended by the server.
                 options=f"-c TimeZone=UTC -c idle_in_transaction_session_timeout={self._idle_ms}",
@@ -302,7 +342,7 @@ class ConfigDB:
         try:
             self._conn = call_with_retry(
                 attempt,
-                policy=self._retry,
+                policy=retry or self._retry,
                 is_transient=_is_transient,
                 what=f"config DB {self.endpoint}",
             )
@@ -317,7 +357,48 @@ class ConfigDB:
                 f"the config DB at {self.endpoint} refused the login: {_cause(exc)}",
                 "check database.dsn: the user, its password and the database name",
             ) from exc
+        self.connects += 1
+        for channel in self._listen:
+            with self._conn.cursor() as cur:
+                self._execute(cur, f"LISTEN {channel}")
         return self._conn
+
+    def wait(self, timeout: float) -> list[Notify]:
+        """The notifications on the ``listen`` channels, waiting up to ``timeout`` seconds
+        for one; connects (with retries) when not connected. The lock is not held while
+        waiting, so other threads use the connection meanwhile. :class:`DatabaseError`
+        when the connection is lost (the next call reconnects and LISTENs again)."""
+        if self._wake_r < 0:
+            raise ValueError("wait() needs a ConfigDB made with listen=")
+        found = self._drain()
+        if found:
+            return found
+        conn = self.connection()
+        # OSError, ValueError: closed meanwhile by another thread; _drain reconnects or says why.
+        with contextlib.suppress(OSError, ValueError):
+            select.select([conn.fileno(), self._wake_r], [], [], max(0.0, timeout))
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._wake_r, 4096):
+                pass
+        return self._drain()
+
+    def _drain(self) -> list[Notify]:
+        with self._lock:
+            conn = self._connection()
+            try:
+                return list(conn.notifies(timeout=0))
+            except psycopg.OperationalError as exc:
+                self.close()
+                raise DatabaseError(
+                    f"lost the config DB at {self.endpoint}: {_cause(exc)}",
+                    "check that PostgreSQL is running; farmkeys reconnects by itself",
+                ) from exc
+
+    def _used(self) -> None:
+        """Another thread's statement may have taken notifications into the backlog."""
+        if self._wake_w >= 0:
+            with contextlib.suppress(OSError):  # full (a wake-up is pending) or closed
+                os.write(self._wake_w, b"!")
 
     def _execute(
         self, cur: psycopg.Cursor[dict[str, Any]], query: str, params: Params | None = None
@@ -347,31 +428,39 @@ class ConfigDB:
 
     def fetch(self, query: str, params: Params | None = None) -> list[dict[str, Any]]:
         """Run one statement and return its rows, reconnecting once if the connection was lost."""
-        for attempt in (1, 2):
-            conn = self.connection()
+        with self._lock:
             try:
-                with conn.cursor() as cur:
-                    self._execute(cur, query, params)
-                    return cur.fetchall() if cur.description else []
-            except DatabaseError:
-                if attempt == 2 or self._conn is not None:
-                    raise
-                log.warning("config DB %s: connection lost; reconnecting", self.endpoint)
+                for attempt in (1, 2):
+                    conn = self._connection()
+                    try:
+                        with conn.cursor() as cur:
+                            self._execute(cur, query, params)
+                            return cur.fetchall() if cur.description else []
+                    except DatabaseError:
+                        if attempt == 2 or self._conn is not None:
+                            raise
+                        log.warning("config DB %s: connection lost; reconnecting", self.endpoint)
+            finally:
+                self._used()
         raise AssertionError("unreachable")
 
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
-        """One transaction: everything in it commits together or not at all."""
-        conn = self.connection()
-        try:
-            with conn.transaction(), conn.cursor() as cur:
-                yield Transaction(self, cur)
-        except psycopg.OperationalError as exc:
-            self.close()
-            raise DatabaseError(
-                f"lost the config DB at {self.endpoint} during a transaction: {_cause(exc)}",
-                "nothing was changed; run the operation again",
-            ) from exc
+        """One transaction: everything in it commits together or not at all. The
+        connection is this thread's until it ends."""
+        with self._lock:
+            conn = self._connection()
+            try:
+                with conn.transaction(), conn.cursor() as cur:
+                    yield Transaction(self, cur)
+            except psycopg.OperationalError as exc:
+                self.close()
+                raise DatabaseError(
+                    f"lost the config DB at {self.endpoint} during a transaction: {_cause(exc)}",
+                    "nothing was changed; run the operation again",
+                ) from exc
+            finally:
+                self._used()
 
     # -- migrations -----------------------------------------------------------
 

@@ -130,10 +130,13 @@ class Election:
 
     def _take(self) -> list[dict[str, Any]]:
         return self._db.fetch(
+            # A new term whenever the lease changes hands or had run out, even back to the
+            # same process: what it wrote under the old term can no longer pass the fence.
             "UPDATE leader_lease SET"
-            " term = CASE WHEN holder IS DISTINCT FROM %(me)s THEN term + 1 ELSE term END,"
-            " acquired_at = CASE WHEN holder IS DISTINCT FROM %(me)s THEN now()"
-            "  ELSE acquired_at END,"
+            " term = CASE WHEN holder IS DISTINCT FROM %(me)s OR expires_at IS NULL"
+            "  OR expires_at <= now() THEN term + 1 ELSE term END,"
+            " acquired_at = CASE WHEN holder IS DISTINCT FROM %(me)s OR expires_at IS NULL"
+            "  OR expires_at <= now() THEN now() ELSE acquired_at END,"
             " holder = %(me)s, holder_node = %(node)s,"
             " expires_at = now() + make_interval(secs => %(ttl)s)"
             " WHERE holder = %(me)s OR holder IS NULL OR expires_at <= now()"

@@ -20,11 +20,14 @@ Every node runs one. It
   joined the election, ``STATUS=`` lines, and ``WATCHDOG=1`` (:mod:`farmkeys.sdnotify`).
 
 Threads: the main thread listens and syncs; APScheduler's background
-scheduler runs the lease, directory-probe and rollover jobs. Each has its
-own config DB connection, so a slow one never stalls another; the
-directory (and its in-memory key cache) is shared. The HTTP endpoints run in
-threads of their own with one more connection, made only when scraped or
-fetched.
+scheduler runs the lease, directory-probe and rollover jobs; the HTTP
+endpoints run in threads of their own. They share one config DB connection
+(LISTEN, heartbeat, lease attempts, sync reads, status for ``/metrics``),
+each statement or transaction holding it only while it runs: a following
+node holds one connection, so a farm of a hundred nodes fits a stock
+PostgreSQL. Only the leader's fenced writes take a second connection, made
+when it starts leading and closed when it stops. The directory (and its
+in-memory key cache) is shared.
 """
 
 from __future__ import annotations
@@ -44,7 +47,6 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-import psycopg
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from farmkeys import sync as node_sync
@@ -158,11 +160,24 @@ class Service:
             max_backoff_seconds=max(0.1, config.lease.renew_seconds / 2),
         )
         idle = config.lease.ttl_seconds
-        self._sync_db = ConfigDB(config.database, config.retry, idle_in_transaction_seconds=idle)
-        self._lease_db = ConfigDB(config.database, lease_retry, idle_in_transaction_seconds=idle)
-        self._leader_db = ConfigDB(config.database, config.retry, idle_in_transaction_seconds=idle)
+        # The one connection every thread shares; its retries are the lease's, so no thread
+        # waits long behind another's reconnection (a failed sync is tried again soon).
+        self._db = ConfigDB(
+            config.database,
+            lease_retry,
+            idle_in_transaction_seconds=idle,
+            listen=(CHANGED_CHANNEL, REQUEST_CHANNEL),
+            application_name=f"farmkeys {self.node_id}",
+        )
+        # The leader's fenced writes: connected only while this node leads.
+        self._leader_db = ConfigDB(
+            config.database,
+            config.retry,
+            idle_in_transaction_seconds=idle,
+            application_name=f"farmkeys leader {self.node_id}",
+        )
         self._led_term: int | None = None  # the last term recorded as a `lead` event
-        self.election = Election(self._lease_db, node_id=self.node_id, lease=config.lease)
+        self.election = Election(self._db, node_id=self.node_id, lease=config.lease)
         self.leader = Leader(config, self._leader_db, self.directory, self.election)
         self._renewed_at = 0.0
         self._directory_error: str | None = None
@@ -178,9 +193,6 @@ class Service:
         self._watchdog_at = 0.0
         self.syncs = 0
         self.sync_errors = 0
-        # The HTTP endpoints' connection: one attempt per request, so a scrape fails fast.
-        self._publish_db = ConfigDB(config.database, RetryConfig(total_seconds=0.0))
-        self._publish_lock = threading.Lock()
         self._publisher: Publisher | None = None
         self.scheduler = BackgroundScheduler(
             timezone=UTC,
@@ -195,7 +207,8 @@ class Service:
         Refuses to start (raising) on a config DB without a farm or with an
         older schema: a service manager restarting it is the right retry.
         """
-        self._sync_db.require_farm()
+        self._db.connection(self.config.retry)  # at start-up, wait out a busy server
+        self._db.require_farm()
         if self.config.publish.address is not None:
             self._publisher = self._make_publisher()
         self._install_signal_handlers()
@@ -237,7 +250,7 @@ class Service:
         self.scheduler.shutdown(wait=True)
         for what, action in (
             ("release the lease", self.election.release),
-            ("record the stop", lambda: self._sync_db.stopped_serving(self.node_id)),
+            ("record the stop", lambda: self._db.stopped_serving(self.node_id)),
         ):
             try:
                 action()
@@ -248,67 +261,44 @@ class Service:
 
     def close(self) -> None:
         """Close every connection this service opened (the lease is left as it is)."""
-        for db in (self._sync_db, self._lease_db, self._leader_db, self._publish_db):
-            db.close()
+        self._leader_db.close()
+        self._db.dispose()
         self.directory.close()
         self._probe.close()
 
     # -- listening and syncing (main thread) ---------------------------------------------
 
     def _listen(self) -> None:
-        conn: psycopg.Connection[tuple[object, ...]] | None = None
         next_poll = 0.0  # sync at once
+        seen = 0  # the connection count at the last catch-up
         while not self.stop.is_set():
             self._watchdog()
-            self._listening = conn is not None
-            if conn is None:
-                conn = self._connect_listener()
-                self._listening = conn is not None
-                if conn is None:
-                    self.stop.wait(1.0)
-                    continue
-                next_poll = 0.0  # catch up on whatever was missed while disconnected
             if time.monotonic() >= next_poll:
                 self.sync()
                 next_poll = time.monotonic() + self._next_sync_in()
             wait = max(0.0, min(_WAKE_SECONDS, next_poll - time.monotonic()))
             try:
-                for note in conn.notifies(timeout=wait, stop_after=1):
-                    if note.channel == CHANGED_CHANNEL:
-                        self.sync()
-                        next_poll = min(next_poll, time.monotonic() + self._next_sync_in())
-                    elif note.channel == REQUEST_CHANNEL and self.election.leading:
-                        self._run_rollover_now()
-            except psycopg.Error as exc:
-                log.warning(
-                    "%s lost its config DB listener (%s); reconnecting",
-                    self.node_id,
-                    " ".join(str(exc).split()),
-                )
-                conn.close()
-                conn = None
-        if conn is not None:
-            conn.close()
-
-    def _connect_listener(self) -> psycopg.Connection[tuple[object, ...]] | None:
-        try:
-            conn = psycopg.connect(
-                self.config.database.dsn,
-                autocommit=True,
-                connect_timeout=self.config.database.connect_timeout_seconds,
-                application_name=f"farmkeys listener {self.node_id}",
-            )
-            conn.execute(f"LISTEN {CHANGED_CHANNEL}")
-            conn.execute(f"LISTEN {REQUEST_CHANNEL}")
-        except psycopg.Error as exc:
-            log.warning(
-                "%s cannot listen on the config DB at %s: %s",
-                self.node_id,
-                self._sync_db.endpoint,
-                " ".join(str(exc).split()),
-            )
-            return None
-        return conn
+                notes = self._db.wait(wait)
+            except DatabaseError as exc:
+                if self._listening:
+                    log.warning("%s lost the config DB: %s; reconnecting", self.node_id, exc.what)
+                self._listening = False
+                self.stop.wait(1.0)
+                continue
+            self._listening = True
+            if self._db.connects != seen:
+                # A new connection: whatever was notified while there was none is lost.
+                next_poll = 0.0 if seen else next_poll
+                seen = self._db.connects
+            changed = False
+            for note in notes:
+                if note.channel == CHANGED_CHANNEL:
+                    changed = True  # a burst of notifications is one sync
+                elif note.channel == REQUEST_CHANNEL and self.election.leading:
+                    self._run_rollover_now()
+            if changed:
+                self.sync()
+                next_poll = min(next_poll, time.monotonic() + self._next_sync_in())
 
     def _next_sync_in(self) -> float:
         return sync_retry_delay(self._failed_syncs, self.config.node.poll_seconds)
@@ -319,7 +309,7 @@ class Service:
         before = self._manifest()
         try:
             report = node_sync.sync(
-                self.config, self._sync_db, self.directory, self.store, now=_utcnow()
+                self.config, self._db, self.directory, self.store, now=_utcnow()
             )
         except Error as exc:
             self._sync_error = exc
@@ -336,7 +326,7 @@ class Service:
             )
             if not isinstance(exc, DatabaseError):
                 with contextlib.suppress(Error):
-                    self._sync_db.record_sync_error(self.node_id, exc.diagnostics())
+                    self._db.record_sync_error(self.node_id, exc.diagnostics())
             return False
         self.syncs += 1
         self._sync_error = None
@@ -390,16 +380,12 @@ class Service:
         )
 
     def _record_fetch(self, rp: str, document: str, thumbprints: Sequence[str]) -> None:
-        with self._publish_lock:
-            self._publish_db.record_fetch(
-                rp, node_id=self.node_id, document=document, thumbprints=thumbprints
-            )
+        self._db.record_fetch(rp, node_id=self.node_id, document=document, thumbprints=thumbprints)
 
     def _farm_status(self) -> dict[str, Any]:
         from farmkeys.status import farm_status
 
-        with self._publish_lock:
-            return farm_status(self.config, self._publish_db, None, now=_utcnow())
+        return farm_status(self.config, self._db, None, now=_utcnow())
 
     def _node_view(self) -> metrics.NodeView:
         from farmkeys.metrics import NodeView
@@ -458,7 +444,7 @@ class Service:
         else:
             log.info("%s: on_change hook ran for %s", self.node_id, " ".join(changed))
         try:
-            self._sync_db.record_hook(self.node_id, error=error)
+            self._db.record_hook(self.node_id, error=error)
         except Error as exc:
             log.warning("%s could not record the hook's outcome: %s", self.node_id, exc.what)
 
@@ -478,6 +464,8 @@ class Service:
                 self.election.step_down()
             return
         self._joined = True
+        if not leading:
+            self._leader_db.close()  # a follower holds one connection
         if not self._maybe_ready() and leading != was_leading:
             self.notifier.status(self._describe())
         if leading and self.election.term != self._led_term:
@@ -488,7 +476,7 @@ class Service:
             # A request whose notification met a running check: answer it now.
             self._run_rollover_now()
         try:
-            self._lease_db.heartbeat(
+            self._db.heartbeat(
                 self.node_id,
                 directory_error=self._directory_error,
                 directory_server=self.directory.last_server,
@@ -498,7 +486,7 @@ class Service:
 
     def _requests_pending(self) -> bool:
         try:
-            rows = self._lease_db.fetch(
+            rows = self._db.fetch(
                 "SELECT EXISTS (SELECT 1 FROM rollover_request WHERE done_at IS NULL) AS pending"
             )
         except Error:
@@ -510,7 +498,7 @@ class Service:
         so a process that lost the term meanwhile cannot write it late."""
         term = self.election.term
         try:
-            with self.election.fenced(self._lease_db) as fence:
+            with self.election.fenced(self._leader_db) as fence:
                 fence.tx.audit(
                     node=self.node_id,
                     term=fence.term,
@@ -545,6 +533,13 @@ class Service:
             job.modify(next_run_time=_utcnow())
 
     def _rollover_tick(self) -> None:
+        try:
+            self._rollover()
+        finally:
+            if not self.election.leading:
+                self._leader_db.close()  # stepped down meanwhile: back to one connection
+
+    def _rollover(self) -> None:
         if not self.election.leading:
             return
         try:

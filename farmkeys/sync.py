@@ -15,7 +15,7 @@ from datetime import datetime
 from farmkeys import bundle, certs, dkm, farmstate
 from farmkeys.config import Config
 from farmkeys.configdb import CertificateRow, Claim, ConfigDB, Farm, LiveSet
-from farmkeys.directory import Directory
+from farmkeys.directory import MasterKeys
 from farmkeys.errors import (
     CertificateError,
     DirectoryError,
@@ -53,7 +53,7 @@ class SyncReport:
 
 
 def sync(
-    config: Config, db: ConfigDB, directory: Directory, store: Store, *, now: datetime
+    config: Config, db: ConfigDB, directory: MasterKeys, store: Store, *, now: datetime
 ) -> SyncReport:
     """Install the farm's live certificates into this node's store, then report them.
 
@@ -161,7 +161,7 @@ class CheckedState:
 
 
 def check_state(
-    live: LiveSet, manifest: Manifest | None, directory: Directory, *, in_sync: bool
+    live: LiveSet, manifest: Manifest | None, directory: MasterKeys, *, in_sync: bool
 ) -> CheckedState | None:
     """The farm state record that vouches for ``live``; :class:`FarmStateError` when none
     does. None for a farm from before farm state records, which this node has never seen
@@ -278,7 +278,7 @@ def _check_pinned(config: Config, farm: Farm, store: Store, endpoint: str) -> No
 def _confirm_keys(
     farm: Farm,
     rows: list[CertificateRow],
-    directory: Directory,
+    directory: MasterKeys,
     confirmed: frozenset[uuid.UUID],
 ) -> list[uuid.UUID]:
     """Open the blobs under keys this node has not yet proved it can read; the keys proved.
@@ -306,7 +306,7 @@ def _confirm_keys(
     return sorted(proved & {r.master_key for r in rows}, key=str)
 
 
-def open_blob(farm: Farm, row: CertificateRow, directory: Directory) -> bytes:
+def open_blob(farm: Farm, row: CertificateRow, directory: MasterKeys) -> bytes:
     """The PKCS#12 sealed in one certificate row's blob, under the master key its row names."""
     context = blob_context(farm, row.id, row.purpose)
     named = dkm.master_key_id(row.blob, context=context)
@@ -319,7 +319,7 @@ def open_blob(farm: Farm, row: CertificateRow, directory: Directory) -> bytes:
     return dkm.open_blob(row.blob, master_key=key, context=context)
 
 
-def open_certificate(farm: Farm, row: CertificateRow, directory: Directory) -> CertificateFiles:
+def open_certificate(farm: Farm, row: CertificateRow, directory: MasterKeys) -> CertificateFiles:
     """Decrypt and check one certificate row, ready for the store.
 
     A blob that seals a bundle (:mod:`farmkeys.bundle`) gives the very bytes the node

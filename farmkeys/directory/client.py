@@ -1,0 +1,1099 @@
+"""Master keys in LDAP, in the shape of AD FS's DKM container.
+
+One interface, :class:`Directory`, over two layouts of the same tree
+(:mod:`farmkeys.directory.layout`): ``openldap`` (stock OpenLDAP schema,
+:mod:`~farmkeys.directory.openldap`) and ``ad`` (AD FS's own contacts on
+Active Directory, with a protected security descriptor on the farm's
+container, :mod:`~farmkeys.directory.ad`). Who may read what is the
+directory's access control (``docs/directory-setup.md``): the farm's service
+account alone sees anything in the farm's container. A directory hides an
+entry from an account that may not read it, so "missing" and "not
+readable" look alike from here and every message says both.
+
+``directory.url`` may list several servers (domain controllers): the first
+that answers is used, and when it stops answering the next one is, for reads
+and writes alike. :attr:`Directory.last_server` names the one in use.
+
+Key bytes and passwords never appear in a log line, an exception message or a
+repr: keys and entries are named by their GUIDs and DNs only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import re
+import secrets
+import ssl
+import threading
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, TypeVar
+from urllib.parse import urlsplit
+
+import ldap3
+from ldap3.core import exceptions as ldap_exc
+from ldap3.protocol.microsoft import security_descriptor_control
+from ldap3.utils.conv import escape_filter_chars
+from ldap3.utils.dn import parse_dn
+
+from farmkeys._retry import RetryExhaustedError, call_with_retry
+from farmkeys.config import DirectoryConfig, RetryConfig
+from farmkeys.directory import ad, sd
+from farmkeys.directory.ad import AD
+from farmkeys.directory.layout import (
+    KEY_ID_ATTRIBUTE,
+    POLICY_ATTRIBUTE,
+    POLICY_CN,
+    Layout,
+)
+from farmkeys.directory.openldap import OPENLDAP
+from farmkeys.errors import (
+    ConfigError,
+    DirectoryAuthError,
+    DirectoryError,
+    FarmConflictError,
+    MasterKeyMissingError,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MASTER_KEY_LENGTH = 32
+"""Bytes of one master key (AD FS's DKM keys are 256 bits too)."""
+
+LAYOUTS: dict[str, Layout] = {OPENLDAP.name: OPENLDAP, AD.name: AD}
+SETUP_DOC = "docs/directory-setup.md"
+
+_GENERALIZED_TIME = re.compile(r"^(\d{14})(?:[.,]\d+)?Z$")
+
+# Failures worth another attempt: the server is down, restarting, or slow.
+_TRANSIENT_RESULTS = (ldap_exc.LDAPBusyResult, ldap_exc.LDAPUnavailableResult)
+_CONNECTION_LOST = (ldap_exc.LDAPCommunicationError, ldap_exc.LDAPResponseTimeoutError)
+
+
+_UPN = re.compile(r"^[^@=,\s]+@[^@=,\s]+$")
+
+
+def _is_ldaps(url: str) -> bool:
+    return urlsplit(url).scheme == "ldaps"
+
+
+def _validate_url(url: str, config: DirectoryConfig) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("ldap", "ldaps") or not parts.hostname:
+        raise ConfigError(
+            f"directory.url {url!r} is not an ldap:// or ldaps:// URL with a host",
+            "write it as ldap://host[:port] or ldaps://host[:port]",
+        )
+    try:
+        _ = parts.port
+    except ValueError:
+        raise ConfigError(
+            f"directory.url {url!r} has an invalid port",
+            "write it as ldap://host[:port] or ldaps://host[:port]",
+        ) from None
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(
+            f"directory.url {url!r} has a path, query or fragment",
+            "give only the scheme, host and port; the DNs are separate settings",
+        )
+    if config.start_tls and parts.scheme == "ldaps":
+        raise ConfigError(
+            "directory.start_tls is set with an ldaps:// URL",
+            "use either ldaps:// or ldap:// with start_tls = true, not both",
+        )
+
+
+@dataclass(frozen=True)
+class MasterKeyInfo:
+    """What ``farmkeys status`` may know about a master key: never the key itself."""
+
+    id: uuid.UUID
+    created_at: datetime | None
+    current: bool
+
+
+def _describe(exc: BaseException) -> str:
+    """A short cause for a message: the LDAP result, or the socket error, never a value."""
+    if isinstance(exc, ldap_exc.LDAPOperationResult):
+        text = f"{exc.description} (result {exc.result})"
+        if exc.message:
+            text += f": {exc.message}"
+    else:
+        text = str(exc)
+    # Servers end their diagnostic messages with newlines (Samba does): one line, always.
+    return " ".join(text.split()) or type(exc).__name__
+
+
+def _is_certificate_failure(exc: BaseException) -> bool:
+    text = str(exc)
+    return "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, _TRANSIENT_RESULTS):
+        return True
+    if isinstance(exc, _CONNECTION_LOST):
+        return not _is_certificate_failure(exc)
+    return False
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _parse_generalized_time(value: str) -> datetime | None:
+    match = _GENERALIZED_TIME.match(value.strip())
+    if match is None:
+        return None
+    return datetime.strptime(match.group(1), "%Y%m%d%H%M%S").replace(tzinfo=UTC)
+
+
+def _first(entry: dict[str, Any], attribute: str) -> bytes | None:
+    """The first raw value of ``attribute`` in a search result entry, matched case-insensitively."""
+    for name, values in entry.get("raw_attributes", {}).items():
+        if name.lower() == attribute.lower() and values:
+            value = values[0]
+            return value if isinstance(value, bytes) else str(value).encode()
+    return None
+
+
+def _entries(conn: ldap3.Connection) -> list[dict[str, Any]]:
+    return [r for r in (conn.response or []) if r.get("type") == "searchResEntry"]
+
+
+class Directory:
+    """The farm's master keys in an LDAP directory, through the service account.
+
+    Construction validates the configuration and does no I/O; the first
+    operation connects and binds, retrying transient failures within
+    ``retry``. A connection lost mid-operation (the server restarted) is
+    re-opened once and the operation repeated, so a long-lived node rides
+    out a directory restart. Master keys read once are kept in this object
+    (in memory only) and never read again; :attr:`key_reads` counts the reads
+    that reached the server. Thread-safe: one lock serialises the operations.
+    """
+
+    def __init__(self, config: DirectoryConfig, retry: RetryConfig) -> None:
+        self._config = config
+        self._retry = retry
+        self._layout = self._validate(config)
+        self._conn: ldap3.Connection = None
+        self._server_url: str | None = None
+        self._lock = threading.RLock()
+        self._keys: dict[tuple[uuid.UUID, uuid.UUID], bytes] = {}
+        self._key_reads = 0
+        self._service_sid: str | None = None
+        self._warned_plaintext = False
+
+    @staticmethod
+    def _validate(config: DirectoryConfig) -> Layout:
+        """Check the configuration; returns its layout."""
+        layout = LAYOUTS.get(config.layout)
+        if layout is None:
+            raise ConfigError(
+                f"directory.layout {config.layout!r} is not a known layout",
+                f"use one of: {', '.join(LAYOUTS)}",
+            )
+        for url in config.urls:
+            _validate_url(url, config)
+        if layout.requires_tls and not (config.start_tls or all(_is_ldaps(u) for u in config.urls)):
+            raise ConfigError(
+                f"directory.layout {layout.name!r} needs TLS: Active Directory refuses a "
+                "simple bind in clear text",
+                "use ldaps:// URLs, or ldap:// URLs with start_tls = true, and set "
+                "directory.ca_file",
+            )
+        plaintext = [
+            u
+            for u in config.urls
+            if not _is_ldaps(u) and not _is_loopback(urlsplit(u).hostname or "")
+        ]
+        if plaintext and not config.start_tls and not config.allow_plaintext:
+            raise ConfigError(
+                f"directory.url {plaintext[0]} is reached without TLS: the bind password and "
+                "the master keys would cross the network in the clear",
+                "use ldaps://, or set start_tls = true with ca_file; only on a network you "
+                "trust, set allow_plaintext = true",
+            )
+        if config.start_tls and not config.ca_file:
+            raise ConfigError(
+                "directory.start_tls is set but directory.ca_file is not",
+                "set directory.ca_file to the CA certificate (PEM) that issued "
+                "the directory server's certificate",
+            )
+        for setting, dn in (("bind_dn", config.bind_dn), ("container", config.container)):
+            if setting == "bind_dn" and layout is AD and _UPN.match(dn):
+                continue  # Active Directory also binds by userPrincipalName
+            try:
+                parse_dn(dn)
+                valid = bool(dn.strip())
+            except ldap_exc.LDAPException:
+                valid = False
+            if not valid:
+                upn = " or a user principal name (svc-farm@example.com)" if layout is AD else ""
+                raise ConfigError(
+                    f"directory.{setting} {dn!r} is not a distinguished name{upn}",
+                    "write it as an LDAP DN, e.g. cn=svc-farm,ou=people,dc=example,dc=com",
+                )
+        if config.password is None and config.password_file is None:
+            raise ConfigError(
+                "neither directory.password nor directory.password_file is set",
+                "set directory.password_file to a file holding the service account's password",
+            )
+        if config.password is not None and not config.password:
+            raise ConfigError(
+                "directory.password is empty (an empty simple bind is anonymous)",
+                "set the service account's password, or use directory.password_file",
+            )
+        if config.timeout_seconds <= 0:
+            raise ConfigError(
+                f"directory.timeout_seconds is {config.timeout_seconds}",
+                "set it to a positive number of seconds",
+            )
+        return layout
+
+    def __repr__(self) -> str:
+        return (
+            f"Directory({self.endpoint!r}, bind_dn={self._config.bind_dn!r}, "
+            f"layout={self._config.layout!r})"
+        )
+
+    # -- public API ---------------------------------------------------------------
+
+    @property
+    def endpoint(self) -> str:
+        """The directory server in use (or, before the first bind, the list), for messages."""
+        return self._server_url or ", ".join(self._config.urls)
+
+    @property
+    def last_server(self) -> str | None:
+        """The URL of the server (domain controller) this object last bound to, if any."""
+        return self._server_url
+
+    @property
+    def container(self) -> str:
+        """The DKM parent (``directory.container``) under which each farm has its container."""
+        return self._config.container
+
+    @property
+    def layout(self) -> Layout:
+        """The directory layout (``openldap`` or ``ad``)."""
+        return self._layout
+
+    @property
+    def key_reads(self) -> int:
+        """How many master-key reads this object sent to the server."""
+        return self._key_reads
+
+    def bind(self) -> None:
+        """Connect and bind now, so a bad URL or password fails before anything is written."""
+        with self._lock:
+            self._connection()
+
+    def close(self) -> None:
+        """Close the connection (a later operation opens a new one). Keeps the key cache."""
+        with self._lock:
+            self._drop()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def container_dn(self, group: uuid.UUID) -> str:
+        """The DN of the DKM container of ``group``."""
+        return f"cn={group},{self._config.container}"
+
+    def container_exists(self, group: uuid.UUID) -> bool:
+        """Whether the DKM container of ``group`` exists and this account can see it."""
+        dn = self.container_dn(group)
+        return self._exists(dn)
+
+    def create_container(self, group: uuid.UUID, *, farm_name: str) -> uuid.UUID:
+        """Create the DKM container of ``group``, its first master key and CryptoPolicy.
+
+        Returns the id of the new key, which CryptoPolicy names as current.
+        On any failure, removes whatever it created (best effort) and raises.
+        """
+        container = self.container_dn(group)
+        key_id = uuid.uuid4()
+        created: list[str] = []
+        try:
+            created.append(self._add_container_entry(group, farm_name))
+            created.append(self._add_key_entry(group, key_id))
+            created.append(self._add_policy_entry(group, key_id))
+        except BaseException:
+            self._remove_best_effort(reversed(created))
+            raise
+        log.info(
+            "created DKM container %s with master key %s in %s", container, key_id, self.endpoint
+        )
+        return key_id
+
+    def delete_container(self, group: uuid.UUID) -> None:
+        """Remove the DKM container of ``group`` and everything in it (no-op if absent)."""
+        container = self.container_dn(group)
+
+        def children(conn: ldap3.Connection) -> list[str]:
+            try:
+                conn.search(
+                    container,
+                    "(objectClass=*)",
+                    search_scope=ldap3.SUBTREE,
+                    attributes=[ldap3.NO_ATTRIBUTES],
+                )
+            except ldap_exc.LDAPNoSuchObjectResult:
+                return []
+            return [str(e["dn"]) for e in _entries(conn)]
+
+        dns = self._run(children)
+        # Leaves first: the deeper a DN, the more RDNs it has.
+        for dn in sorted(dns, key=lambda d: len(parse_dn(d)), reverse=True):
+            self._delete(dn)
+        if dns:
+            with self._lock:
+                self._keys = {k: v for k, v in self._keys.items() if k[0] != group}
+            log.info("deleted DKM container %s from %s", container, self.endpoint)
+
+    def add_key(self, group: uuid.UUID, *, make_current: bool) -> uuid.UUID:
+        """Add a random master key to ``group``; ``make_current`` names it in CryptoPolicy."""
+        key_id = uuid.uuid4()
+        dn = self._add_key_entry(group, key_id)
+        if make_current:
+            try:
+                self.set_current_key(group, key_id)
+            except BaseException:
+                self._remove_best_effort([dn])
+                raise
+        log.info(
+            "added master key %s to DKM group %s%s",
+            key_id,
+            group,
+            " and made it current" if make_current else "",
+        )
+        return key_id
+
+    def ensure_key(self, group: uuid.UUID, key_id: uuid.UUID, key: bytes | None = None) -> bool:
+        """Add master key ``key_id`` to ``group`` unless an entry of that id exists.
+
+        ``key`` gives the bytes (an escrow import); None makes 32 random ones.
+        True when this call added it. An entry of that id is never replaced: the
+        caller reads it back to learn which bytes the directory holds.
+        """
+        if key is not None and len(key) != MASTER_KEY_LENGTH:
+            raise ValueError(f"a master key is {MASTER_KEY_LENGTH} bytes, not {len(key)}")
+        if self._key_entry_dn(group, key_id) is not None:
+            return False
+        try:
+            self._add_key_entry(group, key_id, key)
+        except DirectoryError as exc:
+            if isinstance(exc.__cause__, ldap_exc.LDAPEntryAlreadyExistsResult):
+                return False  # another writer added it between the look and the add
+            raise
+        log.info("added master key %s to DKM group %s", key_id, group)
+        return True
+
+    def delete_key(self, group: uuid.UUID, key_id: uuid.UUID) -> None:
+        """Remove master key ``key_id`` from the directory and from this object's memory.
+
+        A no-op when it is already gone. Blobs sealed under it can never be opened again.
+        """
+        dn = self._key_entry_dn(group, key_id)
+        if dn is not None:
+            self._delete(dn)
+        self.forget(group, key_id)
+        log.info("deleted master key %s of DKM group %s", key_id, group)
+
+    def forget(self, group: uuid.UUID, key_id: uuid.UUID) -> None:
+        """Drop a cached master key from memory (it was deleted from the directory)."""
+        with self._lock:
+            self._keys.pop((group, key_id), None)
+
+    def restore_container(self, group: uuid.UUID, *, farm_name: str, current: uuid.UUID) -> bool:
+        """Re-create the DKM container of ``group`` and its CryptoPolicy (naming ``current``)
+        where they are missing, without any key. True when anything was created.
+
+        A re-created container is protected as the first one was: on the
+        ``ad`` layout it gets the same security descriptor in the same add; on
+        ``openldap`` the rule on the DKM parent covers it
+        (``docs/directory-setup.md``).
+        """
+        created = False
+        container = self.container_dn(group)
+        if not self._exists(container):
+            self._add_container_entry(group, farm_name)
+            created = True
+        if not self._exists(self._policy_dn(group)):
+            self._add_policy_entry(group, current)
+            created = True
+        if created:
+            log.info("re-created DKM container %s in %s", container, self.endpoint)
+        return created
+
+    def set_current_key(self, group: uuid.UUID, key_id: uuid.UUID) -> None:
+        """Name ``key_id`` as the current master key of ``group`` in CryptoPolicy."""
+        policy = self._policy_dn(group)
+
+        def modify(conn: ldap3.Connection) -> None:
+            conn.modify(policy, {POLICY_ATTRIBUTE: [(ldap3.MODIFY_REPLACE, [str(key_id)])]})
+
+        self._run(modify, writing=policy)
+
+    def current_key_id(self, group: uuid.UUID) -> uuid.UUID:
+        """The id of the current master key of ``group``, from its CryptoPolicy."""
+        policy = self._policy_dn(group)
+
+        def read(conn: ldap3.Connection) -> bytes | None:
+            try:
+                conn.search(policy, "(objectClass=*)", ldap3.BASE, attributes=[POLICY_ATTRIBUTE])
+            except ldap_exc.LDAPNoSuchObjectResult:
+                return None
+            found = _entries(conn)
+            return _first(found[0], POLICY_ATTRIBUTE) if found else None
+
+        value = self._run(read)
+        if value is None:
+            raise DirectoryError(
+                f"{policy} is missing from the directory at {self.endpoint}, "
+                f"or {self._config.bind_dn} cannot read it",
+                "run `farmkeys init`, restore the DKM container from a directory backup, "
+                f"or check the account's access ({SETUP_DOC})",
+            )
+        try:
+            return uuid.UUID(value.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise DirectoryError(
+                f"{policy} in the directory at {self.endpoint} names no valid key id "
+                f"in {POLICY_ATTRIBUTE}",
+                "restore the DKM container from a directory backup",
+            ) from None
+
+    def master_key(self, group: uuid.UUID, key_id: uuid.UUID) -> bytes:
+        """The 32 bytes of master key ``key_id``; read from the server once per object."""
+        with self._lock:
+            cached = self._keys.get((group, key_id))
+            if cached is not None:
+                return cached
+            attribute = self._layout.key_attribute
+
+            def read(conn: ldap3.Connection) -> bytes | None:
+                self._key_reads += 1
+                found = self._search_key(conn, group, key_id, [attribute])
+                return _first(found, attribute) if found else None
+
+            key = self._run(read)
+            if key is None:
+                raise MasterKeyMissingError(
+                    f"master key {key_id} of DKM group {group} is missing from the directory "
+                    f"at {self.endpoint}, or {self._config.bind_dn} cannot read it",
+                    "restore it with `farmkeys escrow import` or from a directory backup, or check"
+                    " the account's access "
+                    f"({SETUP_DOC})",
+                )
+            if len(key) != MASTER_KEY_LENGTH:
+                raise MasterKeyMissingError(
+                    f"master key {key_id} of DKM group {group} in the directory at "
+                    f"{self.endpoint} is {len(key)} bytes long, not {MASTER_KEY_LENGTH}",
+                    "restore it with `farmkeys escrow import` or from a directory backup",
+                )
+            self._keys[(group, key_id)] = key
+            log.debug("read master key %s of DKM group %s", key_id, group)
+            return key
+
+    def list_keys(self, group: uuid.UUID) -> list[MasterKeyInfo]:
+        """The master keys of ``group``, oldest first, without reading any key material."""
+        container = self.container_dn(group)
+        found = self._key_entries(group, [KEY_ID_ATTRIBUTE, self._layout.created_attribute])
+        if found is None:
+            raise MasterKeyMissingError(
+                f"the DKM container {container} is missing from the directory at "
+                f"{self.endpoint}, or {self._config.bind_dn} cannot read it",
+                "restore it with `farmkeys escrow import` or from a directory backup, or check"
+                f" the account's access ({SETUP_DOC})",
+            )
+        current = self.current_key_id(group)
+        keys: list[MasterKeyInfo] = []
+        for entry in found:
+            raw_id = _first(entry, KEY_ID_ATTRIBUTE)
+            try:
+                key_id = uuid.UUID(raw_id.decode("utf-8")) if raw_id else None
+            except (UnicodeDecodeError, ValueError):
+                key_id = None
+            if key_id is None:
+                log.warning("ignoring %s: its %s is not a key id", entry["dn"], KEY_ID_ATTRIBUTE)
+                continue
+            stamp = _first(entry, self._layout.created_attribute)
+            created = _parse_generalized_time(stamp.decode("ascii", "replace")) if stamp else None
+            keys.append(MasterKeyInfo(id=key_id, created_at=created, current=key_id == current))
+        far_past = datetime.min.replace(tzinfo=UTC)
+        keys.sort(key=lambda k: (k.created_at or far_past, str(k.id)))
+        return keys
+
+    def find_keys(self, key_id: uuid.UUID) -> list[tuple[str, bytes]]:
+        """Master keys anywhere under ``directory.container``, for reading another farm's
+        blobs (an AD FS farm's DKM container): the entries whose ``l`` is ``key_id`` first,
+        then every other key entry there, as (DN, 32 bytes) pairs; never cached. The id a
+        blob names is a hint only (AD FS does not authenticate it): its MAC decides.
+        """
+        attribute = self._layout.key_attribute
+        base = self._config.container
+
+        def search(conn: ldap3.Connection) -> list[tuple[bool, str, bytes]]:
+            try:
+                conn.search(
+                    base,
+                    f"(&(objectClass={self._layout.key_class})({attribute}=*))",
+                    search_scope=ldap3.SUBTREE,
+                    attributes=[attribute, KEY_ID_ATTRIBUTE],
+                )
+            except ldap_exc.LDAPNoSuchObjectResult:
+                return []
+            named = str(key_id).encode()  # compared as LDAP's caseIgnoreMatch of `l` would
+            found = (
+                (
+                    (_first(e, KEY_ID_ATTRIBUTE) or b"").strip().lower() == named,
+                    str(e["dn"]),
+                    _first(e, attribute),
+                )
+                for e in _entries(conn)
+            )
+            return [(n, dn, key) for n, dn, key in found if key and len(key) == MASTER_KEY_LENGTH]
+
+        found = self._run(search)
+        # The entries the blob names first; sorted() keeps the directory's order otherwise.
+        return [(dn, key) for _, dn, key in sorted(found, key=lambda f: not f[0])]
+
+    def anonymous_can_read(self, group: uuid.UUID) -> bool:
+        """Whether an anonymous bind can see any master-key entry of ``group`` or its key.
+
+        Looks both ways: a subtree search under the container, and a base read
+        of every key the service account knows of (in case the container
+        itself is hidden but its children are not).
+        """
+        container = self.container_dn(group)
+        try:
+            known = [str(e["dn"]) for e in self._key_entries(group, [ldap3.NO_ATTRIBUTES]) or []]
+        except DirectoryError:
+            known = []
+        key_attribute = self._layout.key_attribute
+        conn = self._open_anonymous()
+        if conn is None:
+            return False
+        try:
+            for base, scope in [(container, ldap3.SUBTREE), *((dn, ldap3.BASE) for dn in known)]:
+                try:
+                    conn.search(base, "(objectClass=*)", scope, attributes=[key_attribute])
+                except ldap_exc.LDAPNoSuchObjectResult:
+                    continue
+                except (
+                    ldap_exc.LDAPInsufficientAccessRightsResult,
+                    # Active Directory: "Operation unavailable without authentication".
+                    ldap_exc.LDAPOperationsErrorResult,
+                    ldap_exc.LDAPStrongerAuthRequiredResult,
+                ):
+                    continue
+                for entry in _entries(conn):
+                    if self._is_key_dn(str(entry["dn"]), container) or _first(entry, key_attribute):
+                        return True
+            return False
+        except ldap_exc.LDAPException as exc:
+            raise DirectoryError(
+                f"the anonymous check of {container} at {self.endpoint} failed: {_describe(exc)}",
+                "check that the directory is reachable",
+            ) from exc
+        finally:
+            self._unbind(conn)
+
+    def service_sid(self) -> str:
+        """The objectSid of the service account (Active Directory), read once per object."""
+        if self._service_sid is not None:
+            return self._service_sid
+        who = self._config.bind_dn
+        if _UPN.match(who):
+            base = ",".join(
+                f"{attr}={value}"
+                for attr, value, _ in parse_dn(self._config.container)
+                if str(attr).lower() == "dc"
+            )
+            query = (base, f"(userPrincipalName={escape_filter_chars(who)})", ldap3.SUBTREE)
+        else:
+            query = (who, "(objectClass=*)", ldap3.BASE)
+
+        def read(conn: ldap3.Connection) -> bytes | None:
+            try:
+                conn.search(*query, attributes=["objectSid"])
+            except ldap_exc.LDAPNoSuchObjectResult:
+                return None
+            found = _entries(conn)
+            return _first(found[0], "objectSid") if len(found) == 1 else None
+
+        raw = self._run(read)
+        try:
+            sid = sd.sid_from_bytes(raw)[0] if raw else None
+        except sd.DescriptorError:
+            sid = None
+        if sid is None:
+            raise DirectoryError(
+                f"cannot read the objectSid of {who} at {self.endpoint}",
+                "check directory.bind_dn (the service account's DN or user principal name)",
+            )
+        self._service_sid = sid
+        return sid
+
+    def container_protection_problem(self, group: uuid.UUID) -> str | None:
+        """On the ``ad`` layout: why the farm's container, or an entry in it, would let
+        someone other than the service account, Domain Admins and SYSTEM read the keys;
+        None when every descriptor is the protected one farmkeys writes (always None on
+        ``openldap``, whose access rule is the server's)."""
+        if not self._layout.protects_container:
+            return None
+        container = self.container_dn(group)
+        control = security_descriptor_control(sdflags=ad.DACL_SECURITY_INFORMATION)
+
+        def read(conn: ldap3.Connection) -> list[tuple[str, bytes | None]]:
+            try:
+                conn.search(
+                    container,
+                    "(objectClass=*)",
+                    ldap3.SUBTREE,
+                    attributes=[ad.SECURITY_DESCRIPTOR_ATTRIBUTE],
+                    controls=control,
+                )
+            except ldap_exc.LDAPNoSuchObjectResult:
+                return []
+            return [
+                (str(e["dn"]), _first(e, ad.SECURITY_DESCRIPTOR_ATTRIBUTE)) for e in _entries(conn)
+            ]
+
+        found = self._run(read)
+        if not found:
+            return "its security descriptor cannot be read"
+        service = self.service_sid()
+        for dn, raw in found:
+            problem = ad.descriptor_problem(raw, service)
+            if problem is not None:
+                return problem if dn.lower() == container.lower() else f"{dn}: {problem}"
+        return None
+
+    def _delegation_hint(self) -> str:
+        """What a domain admin must grant so ``init`` can protect the farm's container."""
+        sid = self._service_sid or "<the account's objectSid>"
+        return (
+            f"a domain admin must give {self._config.bind_dn} full control of "
+            f"{self._config.container} (Samba: samba-tool dsacl set "
+            f'--objectdn="{self._config.container}" --trusteedn="<the account\'s DN>" '
+            f'--sddl="(A;CI;GA;;;{sid})"; '
+            f'Windows: dsacls "{self._config.container}" /I:T /G "<DOMAIN>\\<account>:GA"); '
+            f"see {SETUP_DOC}"
+        )
+
+    # -- entries ------------------------------------------------------------------
+
+    def _key_dn(self, group: uuid.UUID, key_id: uuid.UUID) -> str:
+        return f"cn={key_id},{self.container_dn(group)}"
+
+    def _policy_dn(self, group: uuid.UUID) -> str:
+        return f"cn={POLICY_CN},{self.container_dn(group)}"
+
+    @staticmethod
+    def _is_key_dn(dn: str, container: str) -> bool:
+        parts = parse_dn(dn)
+        if len(parts) != len(parse_dn(container)) + 1:
+            return False
+        attr, value, _ = parts[0]
+        return str(attr).lower() == "cn" and str(value).lower() != POLICY_CN.lower()
+
+    def _key_entries(self, group: uuid.UUID, attributes: list[str]) -> list[dict[str, Any]] | None:
+        """The master-key entries (those with an ``l``) of ``group``'s container, or None
+        when the container is missing or hidden from this account."""
+        container = self.container_dn(group)
+
+        def search(conn: ldap3.Connection) -> list[dict[str, Any]] | None:
+            try:
+                conn.search(
+                    container,
+                    f"(&(objectClass={self._layout.key_class})({KEY_ID_ATTRIBUTE}=*))",
+                    search_scope=ldap3.LEVEL,
+                    attributes=attributes,
+                )
+            except ldap_exc.LDAPNoSuchObjectResult:
+                return None
+            return _entries(conn)
+
+        return self._run(search)
+
+    def _search_key(
+        self, conn: ldap3.Connection, group: uuid.UUID, key_id: uuid.UUID, attributes: list[str]
+    ) -> dict[str, Any] | None:
+        """The entry whose ``l`` is ``key_id`` in the container of ``group``, or None.
+
+        By ``l``, not by name, so a container AD FS made reads the same way.
+        """
+        try:
+            conn.search(
+                self.container_dn(group),
+                f"(&(objectClass={self._layout.key_class})({KEY_ID_ATTRIBUTE}={key_id}))",
+                search_scope=ldap3.LEVEL,
+                attributes=attributes,
+            )
+        except ldap_exc.LDAPNoSuchObjectResult:
+            return None
+        found = _entries(conn)
+        if len(found) > 1:
+            raise DirectoryError(
+                f"the DKM container {self.container_dn(group)} at {self.endpoint} holds "
+                f"{len(found)} entries for master key {key_id}",
+                "remove the duplicates (keep the one whose key the blobs open)",
+            )
+        return found[0] if found else None
+
+    def _key_entry_dn(self, group: uuid.UUID, key_id: uuid.UUID) -> str | None:
+        """The DN of master key ``key_id``'s entry, or None when there is none."""
+
+        def find(conn: ldap3.Connection) -> str | None:
+            found = self._search_key(conn, group, key_id, [ldap3.NO_ATTRIBUTES])
+            return str(found["dn"]) if found else None
+
+        return self._run(find)
+
+    def _add_container_entry(self, group: uuid.UUID, farm_name: str) -> str:
+        dn = self.container_dn(group)
+        protection, controls = self._protection()
+        self._add(
+            dn,
+            self._layout.container_classes,
+            {
+                "cn": str(group),
+                "description": f"farmkeys DKM container for farm {farm_name}",
+                **protection,
+            },
+            creating_container=True,
+            controls=controls,
+        )
+        if self._layout.protects_container:
+            try:
+                problem = self.container_protection_problem(group)
+            except BaseException:
+                self._remove_best_effort([dn])
+                raise
+            if problem is not None:
+                self._remove_best_effort([dn])
+                raise DirectoryError(
+                    f"the DKM container {dn} was created at {self.endpoint} but {problem}; "
+                    "it was removed again and no key was written",
+                    self._delegation_hint(),
+                )
+        return dn
+
+    def _protection(self) -> tuple[dict[str, Any], list[Any] | None]:
+        """The attributes and controls that give a new entry its own protected descriptor
+        (``ad``: the container, every key and CryptoPolicy), so no schema default, such as a
+        contact's read access for Authenticated Users, applies to it; none on ``openldap``."""
+        if not self._layout.protects_container:
+            return {}, None
+        descriptor = ad.container_descriptor(self.service_sid())
+        controls = security_descriptor_control(sdflags=ad.DACL_SECURITY_INFORMATION)
+        return {ad.SECURITY_DESCRIPTOR_ATTRIBUTE: descriptor}, controls
+
+    def _add_policy_entry(self, group: uuid.UUID, current: uuid.UUID) -> str:
+        dn = self._policy_dn(group)
+        protection, controls = self._protection()
+        self._add(
+            dn,
+            self._layout.key_classes,
+            {
+                "cn": POLICY_CN,
+                POLICY_ATTRIBUTE: str(current),
+                **self._layout.policy_extra,
+                **protection,
+            },
+            controls=controls,
+        )
+        return dn
+
+    def _add_key_entry(self, group: uuid.UUID, key_id: uuid.UUID, key: bytes | None = None) -> str:
+        dn = self._key_dn(group, key_id)
+        protection, controls = self._protection()
+        self._add(
+            dn,
+            self._layout.key_classes,
+            {
+                "cn": str(key_id),
+                KEY_ID_ATTRIBUTE: str(key_id),
+                self._layout.key_attribute: key
+                if key is not None
+                else secrets.token_bytes(MASTER_KEY_LENGTH),
+                **self._layout.key_extra,
+                **protection,
+            },
+            controls=controls,
+        )
+        return dn
+
+    def _exists(self, dn: str) -> bool:
+        def search(conn: ldap3.Connection) -> bool:
+            try:
+                conn.search(dn, "(objectClass=*)", ldap3.BASE, attributes=[ldap3.NO_ATTRIBUTES])
+            except ldap_exc.LDAPNoSuchObjectResult:
+                return False
+            return bool(_entries(conn))
+
+        return self._run(search)
+
+    def _add(
+        self,
+        dn: str,
+        classes: tuple[str, ...],
+        attributes: dict[str, Any],
+        *,
+        creating_container: bool = False,
+        controls: list[Any] | None = None,
+    ) -> None:
+        def add(conn: ldap3.Connection) -> None:
+            conn.add(dn, list(classes), attributes, controls=controls)
+
+        try:
+            self._run(add, writing=dn)
+        except DirectoryError as exc:
+            cause = exc.__cause__
+            if creating_container and isinstance(cause, ldap_exc.LDAPEntryAlreadyExistsResult):
+                raise FarmConflictError(
+                    f"the directory at {self.endpoint} already holds a DKM container {dn}",
+                    "a farm was already initialised with this DKM group: reuse its config, "
+                    "or remove the container if it is a leftover",
+                ) from cause
+            if creating_container and isinstance(cause, ldap_exc.LDAPNoSuchObjectResult):
+                raise DirectoryError(
+                    f"the DKM parent container {self._config.container} does not exist in "
+                    f"the directory at {self.endpoint} (or {self._config.bind_dn} cannot see it)",
+                    f"create it as {SETUP_DOC} shows, or correct directory.container",
+                ) from cause
+            if creating_container and self._layout.protects_container:
+                raise DirectoryError(
+                    f"the directory at {self.endpoint} refused to create the DKM container "
+                    f"{dn} with its protected security descriptor: "
+                    f"{_describe(cause) if cause else exc.what}",
+                    self._delegation_hint(),
+                ) from cause
+            raise
+
+    def _delete(self, dn: str) -> None:
+        def delete(conn: ldap3.Connection) -> None:
+            with contextlib.suppress(ldap_exc.LDAPNoSuchObjectResult):
+                conn.delete(dn)
+
+        self._run(delete, writing=dn)
+
+    def _remove_best_effort(self, dns: Iterable[str]) -> None:
+        for dn in dns:
+            try:
+                self._delete(dn)
+            except Exception as exc:  # undoing is best effort; the original error matters
+                log.warning("could not remove %s while undoing a failed change: %s", dn, exc)
+            else:
+                log.info("removed %s after a failed change", dn)
+
+    # -- connection ---------------------------------------------------------------
+
+    def _run(self, operation: Callable[[Any], T], *, writing: str | None = None) -> T:
+        """Run ``operation`` on the bound connection, re-opening it once if it was lost.
+
+        LDAP errors become :class:`DirectoryError`; ``writing`` names the entry
+        a write touches, for the message when access is denied.
+        """
+        with self._lock:
+            for attempt in (1, 2):
+                conn = self._connection()
+                try:
+                    return operation(conn)
+                except _CONNECTION_LOST as exc:
+                    self._drop()
+                    if attempt == 2:
+                        raise DirectoryError(
+                            f"lost the connection to the directory at {self.endpoint} "
+                            f"again right after reconnecting: {_describe(exc)}",
+                            "check the directory server's health and the network",
+                        ) from exc
+                    log.warning(
+                        "lost the connection to %s (%s); reconnecting",
+                        self.endpoint,
+                        _describe(exc),
+                    )
+                except ldap_exc.LDAPInsufficientAccessRightsResult as exc:
+                    if writing is None:
+                        raise DirectoryError(
+                            f"the directory at {self.endpoint} denied {self._config.bind_dn} "
+                            f"access: {_describe(exc)}",
+                            f"grant the access {SETUP_DOC} shows",
+                        ) from exc
+                    raise DirectoryError(
+                        f"the directory account {self._config.bind_dn} may not create entries "
+                        f"under {self._config.container} (denied on {writing})",
+                        f"grant it write access there as {SETUP_DOC} shows",
+                    ) from exc
+                except ldap_exc.LDAPException as exc:
+                    target = f" on {writing}" if writing else ""
+                    raise DirectoryError(
+                        f"the directory at {self.endpoint} failed an operation{target}: "
+                        f"{_describe(exc)}",
+                        "check the directory server's log and the DKM container's state",
+                    ) from exc
+            raise AssertionError("unreachable")
+
+    def _connection(self) -> ldap3.Connection:
+        if self._conn is not None and not self._conn.closed:
+            return self._conn
+        self._drop()
+        self._conn = self._retrying(self._open, ", ".join(self._config.urls))
+        return self._conn
+
+    def _retrying(self, attempt: Callable[[], ldap3.Connection], where: str) -> ldap3.Connection:
+        """``attempt()``, retried on transient failures within ``retry``; the exhausted
+        budget becomes a :class:`DirectoryError` naming ``where``."""
+        try:
+            return call_with_retry(
+                attempt, policy=self._retry, is_transient=_is_transient, what=f"directory {where}"
+            )
+        except RetryExhaustedError as exc:
+            raise DirectoryError(
+                f"cannot reach the directory at {where}: {_describe(exc.last)} ({exc.summary()})",
+                "check directory.url, that the directory server runs, and the network "
+                "between this node and it",
+            ) from exc
+
+    def _server(self, url: str) -> ldap3.Server:
+        use_ssl = _is_ldaps(url)
+        tls = None
+        if use_ssl or self._config.start_tls:
+            ca_file = self._config.ca_file
+            if ca_file is not None and not Path(ca_file).is_file():
+                raise ConfigError(
+                    f"directory.ca_file {ca_file} does not exist or is not a file",
+                    "point it at the CA certificate (PEM) of the directory server",
+                )
+            tls = ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=ca_file)
+        return ldap3.Server(
+            url,
+            use_ssl=use_ssl,
+            tls=tls,
+            connect_timeout=self._config.timeout_seconds,
+            get_info=ldap3.NONE,
+        )
+
+    def _open(self) -> ldap3.Connection:
+        """One pass over the servers, in order: the first that binds is used.
+
+        A server that does not answer (or whose certificate does not verify)
+        is passed over for the next; a rejected password is not, so an
+        account is not locked out by trying it everywhere. When every server
+        failed, the last transient failure is raised for another pass, else
+        the first server's error.
+        """
+        failures: list[BaseException] = []
+        for url in self._config.urls:
+            try:
+                conn = self._open_one(url, anonymous=False)
+            except DirectoryAuthError:
+                raise
+            except (ldap_exc.LDAPException, DirectoryError) as exc:
+                failures.append(exc)
+                if len(self._config.urls) > 1:
+                    log.warning("directory server %s failed: %s", url, _describe(exc))
+                continue
+            if self._server_url not in (None, url):
+                log.warning("the directory is now reached at %s", url)
+            self._server_url = url
+            return conn
+        transient = [f for f in failures if _is_transient(f)]
+        raise transient[-1] if transient else failures[0]
+
+    def _open_one(self, url: str, *, anonymous: bool) -> ldap3.Connection:
+        """One attempt to connect to ``url`` and bind as the service account (or anonymously)."""
+        who = "anonymously" if anonymous else f"as {self._config.bind_dn}"
+        conn = ldap3.Connection(
+            self._server(url),
+            user=None if anonymous else self._config.bind_dn,
+            password=None if anonymous else self._config.read_password(),
+            auto_bind=ldap3.AUTO_BIND_NONE,
+            receive_timeout=self._config.timeout_seconds,
+            raise_exceptions=True,
+            read_only=anonymous,
+        )
+        try:
+            conn.open()
+            if self._config.start_tls:
+                conn.start_tls()
+            conn.bind()
+        except ldap_exc.LDAPInvalidCredentialsResult:
+            self._unbind(conn)
+            raise DirectoryAuthError(
+                f"the directory at {url} rejected the bind {who} (invalid credentials)",
+                "check directory.password / password_file",
+            ) from None
+        except ldap_exc.LDAPException as exc:
+            self._unbind(conn)
+            if _is_transient(exc) or anonymous:
+                raise
+            raise DirectoryError(
+                f"cannot bind to the directory at {url} {who}: {_describe(exc)}",
+                "check directory.url, start_tls and ca_file, and the account",
+            ) from exc
+        finally:
+            # ldap3 keeps the password and shows it in the connection's repr.
+            conn.password = None
+        log.debug("bound to %s %s", url, who)
+        if not (_is_ldaps(url) or self._config.start_tls or self._warned_plaintext):
+            self._warned_plaintext = True
+            if not _is_loopback(urlsplit(url).hostname or ""):
+                log.warning(
+                    "the directory at %s is reached without TLS: the bind password and the "
+                    "master keys cross the network in the clear; use ldaps:// or start_tls",
+                    url,
+                )
+        return conn
+
+    def _open_anonymous(self) -> ldap3.Connection | None:
+        """An anonymous connection to the server in use (or the first listed), or None when
+        the server refuses anonymous binds."""
+        url = self._server_url or self._config.urls[0]
+        try:
+            return self._retrying(lambda: self._open_one(url, anonymous=True), url)
+        except ldap_exc.LDAPOperationResult as exc:
+            log.info("the directory at %s refuses anonymous binds: %s", url, exc)
+            return None
+        except ldap_exc.LDAPException as exc:
+            raise DirectoryError(
+                f"cannot open an anonymous connection to {url}: {_describe(exc)}",
+                "check directory.url, start_tls and ca_file",
+            ) from exc
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._unbind(conn)
+
+    @staticmethod
+    def _unbind(conn: ldap3.Connection) -> None:
+        try:
+            conn.unbind()
+        except Exception as exc:  # closing a dead socket may fail; nothing to do about it
+            log.debug("ignoring an error while closing an LDAP connection: %s", exc)
