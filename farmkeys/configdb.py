@@ -219,16 +219,23 @@ def _migration_files() -> list[Path]:
 
 
 def describe_dsn(dsn: str) -> str:
-    """``host:port/dbname as user``: the endpoint without any password."""
+    """``host:port/dbname as user``: the endpoint without any password. A DSN that lists
+    several hosts (libpq's ``host=a,b port=p,q``, for a config DB that fails over) names
+    each: ``a:p,b:q/dbname``."""
     try:
         info = psycopg.conninfo.conninfo_to_dict(dsn)
     except psycopg.ProgrammingError:
         return "the config DB (unparsable dsn)"
-    host = str(info.get("host") or info.get("hostaddr") or "localhost")
-    port = str(info.get("port") or 5432)
+    hosts = str(info.get("host") or info.get("hostaddr") or "localhost").split(",")
+    ports = str(info.get("port") or 5432).split(",")
+    if len(ports) == 1:
+        ports = ports * len(hosts)
+    endpoints = ",".join(
+        f"{h or 'localhost'}:{p or 5432}" for h, p in zip(hosts, ports, strict=False)
+    )
     dbname = str(info.get("dbname") or info.get("user") or "?")
     user = info.get("user")
-    return f"{host}:{port}/{dbname}" + (f" as {user}" if user else "")
+    return f"{endpoints}/{dbname}" + (f" as {user}" if user else "")
 
 
 def _is_transient(exc: BaseException) -> bool:

@@ -35,6 +35,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -235,6 +236,108 @@ class LocalPostgres:
             shutil.rmtree(self._data, ignore_errors=True)
         self._data = None
 
+    # -- replication ------------------------------------------------------------------
+
+    def standby(
+        self, workdir: Path, *, name: str = "standby", synchronous: bool = True
+    ) -> LocalPostgres:
+        """A streaming standby of this running server, started on a port of its own: its
+        data is ``pg_basebackup -R`` of this one. With ``synchronous``, this server then
+        waits for the standby on every commit (``synchronous_standby_names``), so a
+        commit it acknowledged is on both. Returns once the standby streams."""
+        if not self.running:
+            raise PostgresError("the primary must run to make a standby of it")
+        bindir = find_bindir()
+        assert bindir is not None  # the primary runs
+        standby = LocalPostgres(
+            workdir, max_connections=self.max_connections, settings=self.settings
+        )
+        standby.workdir.mkdir(parents=True, exist_ok=True)
+        _write_private(standby.passfile, self.passfile.read_text())
+        parent, data = standby._data_folder()
+        # The standby's server reads the password from a passfile it can open.
+        passfile = parent / "replication.pgpass"
+        _write_private(passfile, self.passfile.read_text())
+        if standby._account is not None:
+            os.chown(passfile, standby._account.pw_uid, standby._account.pw_gid)
+        conninfo = psycopg.conninfo.make_conninfo(
+            host=LOOPBACK,
+            port=str(self.port),
+            user=SUPERUSER,
+            passfile=str(passfile),
+            application_name=name,
+        )
+        done = subprocess.run(
+            [str(bindir / "pg_basebackup"), "-D", str(data), "-R", "-X", "stream", "-d", conninfo],
+            capture_output=True,
+            text=True,
+            cwd="/",
+            **standby._as_account(),
+            check=False,
+            timeout=120,
+        )
+        if done.returncode != 0:
+            standby.remove()
+            raise PostgresError(
+                f"pg_basebackup failed with status {done.returncode}:"
+                f" {(done.stderr or done.stdout).strip()[-2000:]}"
+            )
+        with (data / "postgresql.auto.conf").open("a") as conf:
+            conf.write(f"primary_conninfo = '{conninfo}'\n")
+        standby._data = data
+        try:
+            standby.start()
+            with psycopg.connect(self.admin_dsn, autocommit=True) as admin:
+                if synchronous:
+                    admin.execute(f"ALTER SYSTEM SET synchronous_standby_names = '{name}'")
+                    admin.execute("SELECT pg_reload_conf()")
+                wanted = "sync" if synchronous else "async"
+                deadline = time.monotonic() + START_TIMEOUT_SECONDS
+                while True:
+                    row = admin.execute(
+                        "SELECT state, sync_state FROM pg_stat_replication"
+                        " WHERE application_name = %s",
+                        (name,),
+                    ).fetchone()
+                    if row == ("streaming", wanted):
+                        break
+                    if time.monotonic() > deadline:
+                        raise PostgresError(f"the standby {name} does not stream ({row})")
+                    time.sleep(0.05)
+        except BaseException:
+            standby.remove()
+            raise
+        return standby
+
+    def promote(self) -> None:
+        """Promote this standby (``pg_ctl promote``); returns once it takes writes."""
+        bindir = find_bindir()
+        if bindir is None or self._data is None or not self.running:
+            raise PostgresError("only a running standby can be promoted")
+        done = subprocess.run(
+            [str(bindir / "pg_ctl"), "promote", "-D", str(self._data), "-w", "-t", "60"],
+            capture_output=True,
+            text=True,
+            cwd="/",
+            **self._as_account(),
+            check=False,
+            timeout=90,
+        )
+        if done.returncode != 0:
+            raise PostgresError(f"pg_ctl promote failed: {(done.stderr or done.stdout).strip()}")
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        while self.in_recovery:
+            if time.monotonic() > deadline:
+                raise PostgresError("the promoted standby is still in recovery")
+            time.sleep(0.05)
+
+    @property
+    def in_recovery(self) -> bool:
+        """Whether this server is a standby (``pg_is_in_recovery()``)."""
+        with psycopg.connect(self.admin_dsn) as conn:
+            row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+        return bool(row and row[0])
+
     def __enter__(self) -> Self:
         self.start()
         return self
@@ -249,21 +352,24 @@ class LocalPostgres:
 
     # -- internals ----------------------------------------------------------------------
 
+    def _data_folder(self) -> tuple[Path, Path]:
+        """(a folder the server's account owns, the data folder to make in it)."""
+        if self._account is None:
+            return self.workdir, self.workdir / "data"
+        parent = Path(tempfile.mkdtemp(prefix="farmkeys-pg-"))
+        self._private_parent = parent
+        os.chown(parent, self._account.pw_uid, self._account.pw_gid)
+        data = parent / "data"
+        link = self.workdir / "data"
+        with contextlib.suppress(FileNotFoundError):
+            link.unlink()
+        link.symlink_to(data)
+        return parent, data
+
     def _initdb(self, bindir: Path) -> Path:
         password = secrets.token_urlsafe(24)
         _write_private(self.passfile, f"{LOOPBACK}:*:*:{SUPERUSER}:{password}\n")
-        if self._account is None:
-            parent = self.workdir
-            data = self.workdir / "data"
-        else:
-            parent = Path(tempfile.mkdtemp(prefix="farmkeys-pg-"))
-            self._private_parent = parent
-            os.chown(parent, self._account.pw_uid, self._account.pw_gid)
-            data = parent / "data"
-            link = self.workdir / "data"
-            with contextlib.suppress(FileNotFoundError):
-                link.unlink()
-            link.symlink_to(data)
+        parent, data = self._data_folder()
         pwfile = parent / "initdb.pw"
         _write_private(pwfile, password + "\n")
         if self._account is not None:
@@ -348,3 +454,19 @@ def _write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
+
+
+def multi_host_dsn(servers: Sequence[LocalPostgres], dbname: str, *, user: str = SUPERUSER) -> str:
+    """A libpq connection string that lists every server (``host=a,b port=p,q``) and takes
+    the one that accepts writes (``target_session_attrs=read-write``), as a farm whose
+    config DB fails over to its standby is configured. The passfile is the first server's
+    (a standby's holds the same password)."""
+    return psycopg.conninfo.make_conninfo(
+        host=",".join(LOOPBACK for _ in servers),
+        port=",".join(str(s.port) for s in servers),
+        user=user,
+        dbname=dbname,
+        passfile=str(servers[0].passfile),
+        target_session_attrs="read-write",
+        connect_timeout="5",
+    )
