@@ -342,8 +342,12 @@ class ConfigDB:
                 row_factory=dict_row,
                 application_name=self._application_name,
                 # Times come back in UTC whatever the server's zone; a silent client's
-                # open transaction is ended by the server.
-                options=f"-c TimeZone=UTC -c idle_in_transaction_session_timeout={self._idle_ms}",
+                # open transaction is ended by the server; no JIT compilation: every
+                # statement here reads a few rows, and compiling one costs ~400 ms.
+                options=(
+                    f"-c TimeZone=UTC -c idle_in_transaction_session_timeout={self._idle_ms}"
+                    " -c jit=off"
+                ),
             )
 
         try:

@@ -36,9 +36,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
 from farmkeys.errors import FarmStateError
 from farmkeys.policy import Published
 
@@ -178,6 +175,9 @@ def mismatch(state: FarmState, rows: Iterable[LiveRow], *, then: str = "") -> Fa
 def mac_key(master_key: bytes, farm: uuid.UUID) -> bytes:
     """The record's MAC key: HKDF-SHA256 of the master key under the record's own label,
     bound to the farm's DKM group."""
+    from cryptography.hazmat.primitives import hashes  # a sync with nothing new needs none
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
     return HKDF(
         algorithm=hashes.SHA256(), length=MAC_SIZE, salt=None, info=MAC_INFO + farm.bytes
     ).derive(master_key)

@@ -194,6 +194,8 @@ class Service:
         self.syncs = 0
         self.sync_errors = 0
         self._publisher: Publisher | None = None
+        self._scheduling = threading.Lock()  # jobs changing jobs, against the shutdown
+        self._stopping = False
         self.scheduler = BackgroundScheduler(
             timezone=UTC,
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
@@ -247,6 +249,8 @@ class Service:
         self.notifier.stopping()
         if self._publisher is not None:
             self._publisher.stop()
+        with self._scheduling:
+            self._stopping = True
         self.scheduler.shutdown(wait=True)
         for what, action in (
             ("release the lease", self.election.release),
@@ -528,9 +532,18 @@ class Service:
             self._probe.close()
 
     def _run_rollover_now(self) -> None:
-        job = self.scheduler.get_job("rollover")
-        if job is not None:
-            job.modify(next_run_time=_utcnow())
+        self._schedule_rollover(_utcnow())
+
+    def _schedule_rollover(self, at: datetime) -> None:
+        """Move the next rollover check to ``at``. Never once the scheduler is shutting
+        down: APScheduler's shutdown holds its job-store lock while it waits for the
+        running jobs, so a job asking for a job then would wait for ever."""
+        with self._scheduling:
+            if self._stopping:
+                return
+            job = self.scheduler.get_job("rollover")
+            if job is not None:
+                job.modify(next_run_time=at)
 
     def _rollover_tick(self) -> None:
         try:
@@ -556,6 +569,4 @@ class Service:
                 exc.diagnostics(),
                 retry_in,
             )
-            job = self.scheduler.get_job("rollover")
-            if job is not None:
-                job.modify(next_run_time=_utcnow() + timedelta(seconds=retry_in))
+            self._schedule_rollover(_utcnow() + timedelta(seconds=retry_in))

@@ -63,9 +63,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-
 from farmkeys.errors import StoreError
 
 PURPOSES = ("signing", "decryption")
@@ -129,12 +126,17 @@ class CertificateFiles:
                 f"the private key of certificate {self.thumbprint} is not an unencrypted PKCS#8 PEM"
             )
         try:
+            # Only an install needs cryptography: a sync with nothing new starts fast.
+            from cryptography import x509
+            from cryptography.hazmat.primitives.serialization import Encoding
+
             certificate = x509.load_pem_x509_certificate(self.certificate_pem)
         except ValueError:
             raise ValueError(
                 f"certificate_pem of certificate {self.thumbprint} is not a PEM certificate"
             ) from None
-        actual = certificate.fingerprint(hashes.SHA1()).hex().upper()  # noqa: S303 - AD FS's FindValue
+        der = certificate.public_bytes(Encoding.DER)
+        actual = hashlib.sha1(der, usedforsecurity=False).hexdigest().upper()  # AD FS's FindValue
         if actual != self.thumbprint:
             raise ValueError(
                 f"certificate_pem given for thumbprint {self.thumbprint} has thumbprint {actual}"

@@ -11,8 +11,9 @@ import logging
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
-from farmkeys import bundle, certs, dkm, farmstate
+from farmkeys import farmstate
 from farmkeys.config import Config
 from farmkeys.configdb import CertificateRow, Claim, ConfigDB, Farm, LiveSet
 from farmkeys.directory import MasterKeys
@@ -27,6 +28,12 @@ from farmkeys.errors import (
 )
 from farmkeys.store import Carried, CertificateFiles, Manifest, Store
 
+if TYPE_CHECKING:
+    from farmkeys import dkm
+
+# bundle, certs and dkm (cryptography) are imported where a blob is opened: a sync that finds
+# nothing changed opens none, and `farmkeys sync` at a service's start stays fast.
+
 log = logging.getLogger(__name__)
 
 
@@ -37,6 +44,8 @@ def blob_context(
     farm: Farm | uuid.UUID, certificate_id: uuid.UUID, purpose: str
 ) -> dkm.BlobContext:
     """What a certificate's blob is bound to: its farm's DKM group, its id and its purpose."""
+    from farmkeys import dkm
+
     group = farm.dkm_group if isinstance(farm, Farm) else farm
     return dkm.BlobContext(farm=str(group), certificate_id=str(certificate_id), purpose=purpose)
 
@@ -308,6 +317,8 @@ def _confirm_keys(
 
 def open_blob(farm: Farm, row: CertificateRow, directory: MasterKeys) -> bytes:
     """The PKCS#12 sealed in one certificate row's blob, under the master key its row names."""
+    from farmkeys import dkm
+
     context = blob_context(farm, row.id, row.purpose)
     named = dkm.master_key_id(row.blob, context=context)
     if named != row.master_key:
@@ -325,6 +336,8 @@ def open_certificate(farm: Farm, row: CertificateRow, directory: MasterKeys) -> 
     A blob that seals a bundle (:mod:`farmkeys.bundle`) gives the very bytes the node
     writes, checked cheaply against the row; an older blob's bare PKCS#12 is parsed
     and its files built here (the slow path, until the leader re-seals it)."""
+    from farmkeys import bundle, certs
+
     what = f"{row.purpose} certificate {row.id}"
     plaintext = open_blob(farm, row, directory)
     packed = bundle.unpack(plaintext, what=what)

@@ -78,7 +78,7 @@ def farm_dsn(stock_postgres: LocalPostgres, tmp_path: Path) -> Iterator[str]:
             dbname=name,
             user=name,
             passfile=str(passfile),
-            connect_timeout="10",
+            connect_timeout="30",
         )
     finally:
         stock_postgres.drop_database(name)

@@ -536,19 +536,20 @@ def test_a_paused_leader_is_fenced_and_steps_down(farm: TestFarm, nodes: ServeNo
 
 
 def recovered(farm: TestFarm, since: datetime) -> bool:
-    """A leader, every node's listener connected, every node heartbeating since ``since``."""
+    """A leader, every node's connection (its LISTEN) back, every node heartbeating since
+    ``since``."""
     try:
         listeners = db_query(
             farm.dsn,
             "SELECT application_name AS name FROM pg_stat_activity"
-            " WHERE datname = current_database() AND application_name LIKE 'farmkeys listener %'",
+            " WHERE datname = current_database() AND application_name LIKE 'farmkeys node-%'",
         )
         beating = db_query(farm.dsn, "SELECT id FROM node WHERE heartbeat_at > %s", (since,))
         lease = lease_row(farm.dsn)
     except psycopg.OperationalError:
         return False
     return (
-        sorted(r["name"] for r in listeners) == [f"farmkeys listener {n}" for n in NODES]
+        sorted(r["name"] for r in listeners) == [f"farmkeys {n}" for n in NODES]
         and sorted(r["id"] for r in beating) == list(NODES)
         and bool(lease["valid"])
     )
