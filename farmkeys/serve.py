@@ -85,6 +85,9 @@ def hook_environment(
 
 # How often the main thread wakes to notice a stop request while it waits.
 _WAKE_SECONDS = 0.5
+# The directory probe binds afresh each time: at most this often, however short the renewal
+# (fifty nodes renewing every half second would otherwise bind a hundred times a second).
+_PROBE_MIN_SECONDS = 3.0
 # After a failed sync the node tries again after 1 s, then 2, 4, ... up to this (or the poll).
 _SYNC_RETRY_FIRST_SECONDS = 1.0
 _SYNC_RETRY_MAX_SECONDS = 30.0
@@ -218,7 +221,7 @@ class Service:
         renew = self.config.lease.renew_seconds
         jobs = (
             ("lease", self._lease_tick, renew, now),
-            ("directory", self._probe_tick, renew, now),
+            ("directory", self._probe_tick, max(renew, _PROBE_MIN_SECONDS), now),
             ("rollover", self._rollover_tick, self.config.policy.rollover_interval_seconds, None),
         )
         for job_id, tick, seconds, first in jobs:
@@ -310,7 +313,7 @@ class Service:
     def sync(self) -> bool:
         """Sync the store now; True when it succeeded. Failures are logged and recorded,
         and counted so the next attempt comes sooner than the poll (:func:`sync_retry_delay`)."""
-        before = self._manifest()
+        before = self._manifest() if self.config.hooks.on_change else None  # for the hook
         try:
             report = node_sync.sync(
                 self.config, self._db, self.directory, self.store, now=_utcnow()
@@ -340,7 +343,7 @@ class Service:
         if report.changed:
             self._run_hook(before, report.manifest)
         self._synced_once = True
-        if not self._maybe_ready() and (report.changed or recovered):
+        if not self._maybe_ready() and (report.changed or recovered) and self.notifier.address:
             self.notifier.status(self._describe())
         return True
 

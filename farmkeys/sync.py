@@ -26,7 +26,7 @@ from farmkeys.errors import (
     NotInitialisedError,
     StoreError,
 )
-from farmkeys.store import Carried, CertificateFiles, Manifest, Store
+from farmkeys.store import Carried, CertificateFiles, Installed, Manifest, Store
 
 if TYPE_CHECKING:
     from farmkeys import dkm
@@ -95,7 +95,7 @@ def sync(
             f"farm {farm.name!r} has no primary certificates in the config DB at {db.endpoint}",
             "run `farmkeys init` to generate them",
         )
-    _check_pinned(config, farm, store, db.endpoint)
+    _check_pinned(config, farm, store, db.endpoint, installed)
     wanted = frozenset(r.identity for r in rows)
     in_sync = installed is not None and installed.matches(wanted)
     previous = None if installed is None else installed.manifest
@@ -256,7 +256,9 @@ def _readable_manifest(store: Store) -> Manifest | None:
         return None
 
 
-def _check_pinned(config: Config, farm: Farm, store: Store, endpoint: str) -> None:
+def _check_pinned(
+    config: Config, farm: Farm, store: Store, endpoint: str, installed: Installed | None
+) -> None:
     """Refuse a config DB that names another farm than this node belongs to: the one
     ``farm.dkm_group`` names, else the one its store was first installed from (trust on
     first use). A store installed before pinning is pinned to the farm it holds.
@@ -267,10 +269,7 @@ def _check_pinned(config: Config, farm: Farm, store: Store, endpoint: str) -> No
     if config.farm.dkm_group is not None:
         pinned, by = uuid.UUID(config.farm.dkm_group), "farm.dkm_group"
     else:
-        try:
-            manifest = store.manifest()
-        except StoreError:
-            return
+        manifest = None if installed is None else installed.manifest
         if manifest is None or manifest.dkm_group is None:
             return
         pinned, by = uuid.UUID(manifest.dkm_group), f"its store {store.path} (first installed)"

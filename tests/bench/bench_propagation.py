@@ -233,10 +233,14 @@ def run_farm(
 
 
 def _ms(values: list[float]) -> str:
+    if not values:
+        return f"{'-':>8} {'-':>8}"
     return f"{statistics.median(values) * 1000:8.0f} {max(values) * 1000:8.0f}"
 
 
 def _s(values: list[float]) -> str:
+    if not values:
+        return f"{'-':>8} {'-':>8}"
     return f"{statistics.median(values):8.2f} {max(values):8.2f}"
 
 
