@@ -2,7 +2,8 @@
 #
 #   make demo   a local demo farm on real PostgreSQL and OpenLDAP (loopback only)
 #   make test   ruff, mypy and the whole test suite against the same real servers
-#   make bench  the propagation, failover, master-key re-seal, directory and publishing benchmarks
+#   make bench  every benchmark (sync, cold start, propagation, failover, herd, connections,
+#               master-key re-seal, directory, publishing), then one table of the goals
 #   make soak   a randomized fault soak of serve nodes (SOAK_ARGS="--duration 1200 --seed 7")
 #   make fuzz   coverage-guided fuzzing (atheris) of every parser of untrusted input
 #               (FUZZ_SECONDS per target, default 60); prints the inputs tried
@@ -92,12 +93,11 @@ fuzz: setup
 	$(PY) -m pip install --quiet -e '.[fuzz]'
 	$(PY) tests/fuzz/run.py --seconds $(FUZZ_SECONDS)
 
-# Figures, not a pass/fail: propagation to N nodes and failover time.
+# Figures, not a pass/fail: one script per goal of docs/operations.md ("Measured"), then one
+# table of figure, goal and ratio (tests/bench/run.py). BENCH_ARGS=--quick for a short run.
+BENCH_ARGS ?=
 bench: setup
-	$(PY) tests/bench/bench_propagation.py
-	$(PY) tests/bench/bench_master_key.py
-	$(PY) tests/bench/bench_directory.py
-	$(PY) tests/bench/bench_publish.py
+	$(PY) tests/bench/run.py $(BENCH_ARGS)
 
 # Faults at random while serve nodes roll certificates over; exits 1 on a broken invariant.
 SOAK_ARGS ?=

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from farmtools import TestFarm, add_certificate, db_query, one_error_line, seal_state, snapshot
+from farmtools import (
+    TestFarm,
+    add_certificate,
+    db_query,
+    one_error_line,
+    run_python,
+    seal_state,
+    snapshot,
+)
 
 from farmkeys import bundle, certs, dkm
 from farmkeys.config import Config, RetryConfig, load
@@ -332,3 +340,38 @@ def test_a_store_moved_to_a_new_group_gets_the_group_on_carried_files(
     key = farm.store() / "signing" / "primary.key"
     assert key.stat().st_gid == gid
     assert key.stat().st_mode & 0o777 == 0o640
+
+
+def test_a_sync_with_nothing_to_do_loads_neither_ldap3_nor_cryptography(
+    farm: TestFarm, node: Node
+) -> None:
+    """What keeps `farmkeys sync` at a service's start about as cheap as importing its
+    libraries (tests/bench/bench_cold.py measures it): nothing it does not need."""
+    assert node.sync()
+    code = (
+        "import sys; from farmkeys import cli; code = cli.main(sys.argv[1:]);"
+        " print(sorted(m for m in ('ldap3', 'cryptography', 'apscheduler', 'farmkeys.rollover',"
+        " 'farmkeys.certs') if m in sys.modules)); sys.exit(code)"
+    )
+    done = run_python("-c", code, "sync", "--config", str(farm.config("node-a")))
+    assert done.code == 0, done.err
+    assert done.out.splitlines()[-1] == "[]"
+    # A sync that installs does load them.
+    add_certificate(farm, purpose="signing", role="secondary")
+    done = run_python("-c", code, "sync", "--config", str(farm.config("node-a")))
+    assert done.code == 0, done.err
+    assert "ldap3" in done.out.splitlines()[-1] and "cryptography" in done.out.splitlines()[-1]
+
+
+def test_bad_directory_settings_fail_a_sync_at_start_even_with_nothing_to_do(
+    farm: TestFarm, node: Node
+) -> None:
+    assert node.sync()
+    farm.overrides["directory"] = {"start_tls": True}
+    result = farm.run("sync")
+    assert result.code == 1
+    assert "directory.start_tls is set but directory.ca_file is not" in one_error_line(result)
+    farm.overrides["directory"] = {"bind_dn": "svc-farm"}
+    result = farm.run("sync")
+    assert result.code == 1
+    assert "is not a distinguished name" in one_error_line(result)

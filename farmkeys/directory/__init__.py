@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from farmkeys.config import DirectoryConfig, RetryConfig
     from farmkeys.directory.client import (
-        LAYOUTS,
         MASTER_KEY_LENGTH,
         SETUP_DOC,
         Directory,
         MasterKeyInfo,
     )
+    from farmkeys.directory.settings import LAYOUTS
 
 __all__ = [
     "LAYOUTS",
@@ -49,7 +49,16 @@ __all__ = [
 ]
 
 
+_SUBMODULES = frozenset({"ad", "client", "layout", "openldap", "sd", "settings"})
+
+
 def __getattr__(name: str) -> Any:  # noqa: ANN401 - whatever the client module holds
+    if name in _SUBMODULES:  # `from farmkeys.directory import sd`: the submodule itself
+        return importlib.import_module(f"{__name__}.{name}")
+    if name == "LAYOUTS":
+        from farmkeys.directory.settings import LAYOUTS
+
+        return LAYOUTS
     client = importlib.import_module("farmkeys.directory.client")
     try:
         return getattr(client, name)
@@ -69,10 +78,13 @@ class MasterKeys(Protocol):
 class Deferred:
     """A :class:`Directory` made on its first use. `farmkeys sync` hands one to the sync:
     when nothing changed, no master key is needed, and neither ldap3 nor the directory
-    settings' checks (which parse DNs with it) are loaded. Any use makes the real
-    directory, whose errors are the ones a plain :class:`Directory` raises."""
+    settings are checked as a :class:`Directory` checks them, but for the full parse of the
+    DNs, which waits for the first use (that makes the real directory)."""
 
     def __init__(self, config: DirectoryConfig, retry: RetryConfig) -> None:
+        from farmkeys.directory.settings import validate
+
+        validate(config)  # bad settings fail at start, as a Directory's would
         self._config, self._retry = config, retry
         self._real: Directory | None = None
 

@@ -21,7 +21,6 @@ repr: keys and entries are named by their GUIDs and DNs only.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import re
 import secrets
@@ -45,14 +44,13 @@ from ldap3.utils.dn import parse_dn
 from farmkeys._retry import RetryExhaustedError, call_with_retry
 from farmkeys.config import DirectoryConfig, RetryConfig
 from farmkeys.directory import ad, sd
-from farmkeys.directory.ad import AD
 from farmkeys.directory.layout import (
     KEY_ID_ATTRIBUTE,
     POLICY_ATTRIBUTE,
     POLICY_CN,
     Layout,
 )
-from farmkeys.directory.openldap import OPENLDAP
+from farmkeys.directory.settings import _UPN, _is_ldaps, _is_loopback, validate
 from farmkeys.errors import (
     ConfigError,
     DirectoryAuthError,
@@ -68,7 +66,6 @@ T = TypeVar("T")
 MASTER_KEY_LENGTH = 32
 """Bytes of one master key (AD FS's DKM keys are 256 bits too)."""
 
-LAYOUTS: dict[str, Layout] = {OPENLDAP.name: OPENLDAP, AD.name: AD}
 SETUP_DOC = "docs/directory-setup.md"
 
 _GENERALIZED_TIME = re.compile(r"^(\d{14})(?:[.,]\d+)?Z$")
@@ -76,39 +73,6 @@ _GENERALIZED_TIME = re.compile(r"^(\d{14})(?:[.,]\d+)?Z$")
 # Failures worth another attempt: the server is down, restarting, or slow.
 _TRANSIENT_RESULTS = (ldap_exc.LDAPBusyResult, ldap_exc.LDAPUnavailableResult)
 _CONNECTION_LOST = (ldap_exc.LDAPCommunicationError, ldap_exc.LDAPResponseTimeoutError)
-
-
-_UPN = re.compile(r"^[^@=,\s]+@[^@=,\s]+$")
-
-
-def _is_ldaps(url: str) -> bool:
-    return urlsplit(url).scheme == "ldaps"
-
-
-def _validate_url(url: str, config: DirectoryConfig) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in ("ldap", "ldaps") or not parts.hostname:
-        raise ConfigError(
-            f"directory.url {url!r} is not an ldap:// or ldaps:// URL with a host",
-            "write it as ldap://host[:port] or ldaps://host[:port]",
-        )
-    try:
-        _ = parts.port
-    except ValueError:
-        raise ConfigError(
-            f"directory.url {url!r} has an invalid port",
-            "write it as ldap://host[:port] or ldaps://host[:port]",
-        ) from None
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ConfigError(
-            f"directory.url {url!r} has a path, query or fragment",
-            "give only the scheme, host and port; the DNs are separate settings",
-        )
-    if config.start_tls and parts.scheme == "ldaps":
-        raise ConfigError(
-            "directory.start_tls is set with an ldaps:// URL",
-            "use either ldaps:// or ldap:// with start_tls = true, not both",
-        )
 
 
 @dataclass(frozen=True)
@@ -145,13 +109,12 @@ def _is_transient(exc: BaseException) -> bool:
     return False
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
+def _parses_as_dn(dn: str) -> bool:
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
+        parse_dn(dn)
+    except ldap_exc.LDAPException:
         return False
+    return True
 
 
 def _parse_generalized_time(value: str) -> datetime | None:
@@ -189,7 +152,7 @@ class Directory:
     def __init__(self, config: DirectoryConfig, retry: RetryConfig) -> None:
         self._config = config
         self._retry = retry
-        self._layout = self._validate(config)
+        self._layout = validate(config, is_dn=_parses_as_dn)
         self._conn: ldap3.Connection = None
         self._server_url: str | None = None
         self._lock = threading.RLock()
@@ -197,73 +160,6 @@ class Directory:
         self._key_reads = 0
         self._service_sid: str | None = None
         self._warned_plaintext = False
-
-    @staticmethod
-    def _validate(config: DirectoryConfig) -> Layout:
-        """Check the configuration; returns its layout."""
-        layout = LAYOUTS.get(config.layout)
-        if layout is None:
-            raise ConfigError(
-                f"directory.layout {config.layout!r} is not a known layout",
-                f"use one of: {', '.join(LAYOUTS)}",
-            )
-        for url in config.urls:
-            _validate_url(url, config)
-        if layout.requires_tls and not (config.start_tls or all(_is_ldaps(u) for u in config.urls)):
-            raise ConfigError(
-                f"directory.layout {layout.name!r} needs TLS: Active Directory refuses a "
-                "simple bind in clear text",
-                "use ldaps:// URLs, or ldap:// URLs with start_tls = true, and set "
-                "directory.ca_file",
-            )
-        plaintext = [
-            u
-            for u in config.urls
-            if not _is_ldaps(u) and not _is_loopback(urlsplit(u).hostname or "")
-        ]
-        if plaintext and not config.start_tls and not config.allow_plaintext:
-            raise ConfigError(
-                f"directory.url {plaintext[0]} is reached without TLS: the bind password and "
-                "the master keys would cross the network in the clear",
-                "use ldaps://, or set start_tls = true with ca_file; only on a network you "
-                "trust, set allow_plaintext = true",
-            )
-        if config.start_tls and not config.ca_file:
-            raise ConfigError(
-                "directory.start_tls is set but directory.ca_file is not",
-                "set directory.ca_file to the CA certificate (PEM) that issued "
-                "the directory server's certificate",
-            )
-        for setting, dn in (("bind_dn", config.bind_dn), ("container", config.container)):
-            if setting == "bind_dn" and layout is AD and _UPN.match(dn):
-                continue  # Active Directory also binds by userPrincipalName
-            try:
-                parse_dn(dn)
-                valid = bool(dn.strip())
-            except ldap_exc.LDAPException:
-                valid = False
-            if not valid:
-                upn = " or a user principal name (svc-farm@example.com)" if layout is AD else ""
-                raise ConfigError(
-                    f"directory.{setting} {dn!r} is not a distinguished name{upn}",
-                    "write it as an LDAP DN, e.g. cn=svc-farm,ou=people,dc=example,dc=com",
-                )
-        if config.password is None and config.password_file is None:
-            raise ConfigError(
-                "neither directory.password nor directory.password_file is set",
-                "set directory.password_file to a file holding the service account's password",
-            )
-        if config.password is not None and not config.password:
-            raise ConfigError(
-                "directory.password is empty (an empty simple bind is anonymous)",
-                "set the service account's password, or use directory.password_file",
-            )
-        if config.timeout_seconds <= 0:
-            raise ConfigError(
-                f"directory.timeout_seconds is {config.timeout_seconds}",
-                "set it to a positive number of seconds",
-            )
-        return layout
 
     def __repr__(self) -> str:
         return (
