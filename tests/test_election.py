@@ -89,6 +89,25 @@ def test_an_expired_lease_is_taken_over_under_a_higher_term(db: ConfigDB, farm: 
     assert a.term is None
 
 
+def test_a_lease_that_ran_out_is_a_new_term_even_for_its_own_holder(
+    db: ConfigDB, farm: TestFarm
+) -> None:
+    """A leader cut off for longer than the ttl (a config DB failing over, a paused process)
+    that takes its own lease back leads under a new term: what it began under the old one
+    can no longer pass the fence."""
+    a = Election(db, node_id="node-a", lease=LEASE)
+    assert a.try_acquire()
+    assert a.term == 1
+    old = Election(db, node_id="node-a", lease=LEASE)
+    old._term, old.identity = 1, a.identity  # the same process, as it was before the gap
+    expire_lease(farm.dsn)
+    assert a.try_acquire()
+    assert a.term == 2
+    refused = pytest.raises(LeaseLostError, match="no longer holds the leader lease of term 1")
+    with refused, old.fenced():
+        pass
+
+
 def test_a_stale_leader_cannot_write_after_a_takeover(
     db: ConfigDB, farm: TestFarm, config: Config
 ) -> None:
