@@ -11,8 +11,6 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-import tenacity
-
 from farmkeys.config import RetryConfig
 
 T = TypeVar("T")
@@ -55,6 +53,25 @@ def call_with_retry(
     endpoint in the log lines written between attempts.
     """
     started = time.monotonic()
+    # The first attempt needs no retry machinery: most succeed, and importing tenacity is a
+    # cost every short-lived command (a `farmkeys sync` at a service's start) would pay.
+    try:
+        return fn()
+    except BaseException as exc:
+        if not is_transient(exc) or policy.total_seconds <= 0:
+            if is_transient(exc):
+                raise RetryExhaustedError(exc, 1, time.monotonic() - started) from exc
+            raise
+        first: BaseException | None = exc
+    import tenacity
+
+    def attempt() -> T:
+        # Tenacity's first attempt is the one already made: it fails the same way again.
+        nonlocal first
+        if first is not None:
+            failed, first = first, None
+            raise failed
+        return fn()
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
@@ -78,7 +95,7 @@ def call_with_retry(
         reraise=False,
     )
     try:
-        return retrying(fn)
+        return retrying(attempt)
     except tenacity.RetryError as exc:
         last = exc.last_attempt.exception()
         assert last is not None

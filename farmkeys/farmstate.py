@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from farmkeys.errors import FarmStateError
-from farmkeys.policy import Published
+from farmkeys.rows import Published
 
 FORMAT = "farmkeys-state/1"
 MAC_INFO = b"farmkeys farm state MAC v1\x00"

@@ -63,6 +63,7 @@ from datetime import UTC, datetime
 from typing import Final, Literal, Protocol, TypeVar
 
 from farmkeys.config import MasterKeyConfig, PolicyConfig
+from farmkeys.rows import Published, Row
 
 PURPOSES: Final = ("signing", "decryption")
 ROLES: Final = ("primary", "secondary", "retired", "archived")
@@ -75,17 +76,6 @@ KeyActionKind = Literal["finish", "roll", "reseal", "unused", "delete"]
 KEY_STATES: Final = ("pending", "current", "previous", "deleted")
 
 _SECONDS_PER_DAY: Final = 86400
-
-
-class Row(Protocol):
-    """A certificate row's identity and place (``configdb.CertificateRow`` has it)."""
-
-    @property
-    def id(self) -> uuid.UUID: ...
-    @property
-    def purpose(self) -> str: ...
-    @property
-    def role(self) -> str: ...
 
 
 class CertificateState(Row, Protocol):
@@ -243,13 +233,6 @@ def next_action(
     if generation_at < critical_at and now < critical_at:
         return Scheduled("generate_secondary", generation_at)  # overdue once generation_at passed
     return Scheduled("generate_and_promote", critical_at)
-
-
-class Published(Row, Protocol):
-    """A certificate row with the thumbprint relying parties are served."""
-
-    @property
-    def thumbprint(self) -> str: ...
 
 
 def unfetched_by(

@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from farmkeys import certs, farmstate
+from farmkeys import farmstate
 from farmkeys import policy as rollover_policy
 from farmkeys.config import Config, PolicyConfig
-from farmkeys.configdb import CertificateRow, ConfigDB, Farm, MasterKeyRow, NodeRow
+from farmkeys.configdb import CertificateRow, ConfigDB, Farm, MasterKeyRow
 from farmkeys.directory import Directory, MasterKeyInfo
 from farmkeys.errors import DirectoryError, FarmStateError, MasterKeyMissingError
+from farmkeys.store import PURPOSES
 from farmkeys.sync import LIVE_ROLES
 
 log = logging.getLogger(__name__)
@@ -52,13 +53,14 @@ def farm_status(
     """
     farm = db.require_farm()
     rows = db.certificates()
-    nodes = db.nodes()
     problems = _Problems()
     policy = config.policy
     live = [r for r in rows if r.role in LIVE_ROLES]
     live_set = frozenset(r.identity for r in live)
+    silent_after = timedelta(seconds=3 * config.lease.ttl_seconds)
+    nodes = db.node_documents(live_set, silent_after_seconds=silent_after.total_seconds())
 
-    for purpose in certs.PURPOSES:
+    for purpose in PURPOSES:
         primary = next((r for r in live if r.purpose == purpose and r.role == "primary"), None)
         secondary = next((r for r in live if r.purpose == purpose and r.role == "secondary"), None)
         if primary is None:
@@ -106,48 +108,37 @@ def farm_status(
 
     if not nodes:
         problems.add("warning", "no node has synced yet; run `farmkeys sync` on each node")
-    silent_after = timedelta(seconds=3 * config.lease.ttl_seconds)
+    live_keys = {str(r.master_key) for r in live}
     node_docs = []
-    for n in nodes:
-        in_sync = frozenset(n.installed) == live_set
-        if not in_sync:
-            problems.add("warning", f"node {n.id} has not installed the live certificate set")
-        if n.last_error:
-            problems.add("warning", f"node {n.id}'s last sync failed: {n.last_error}")
-        db_now = lease["now"] if lease is not None else now
-        if n.heartbeat_at is not None and db_now - n.heartbeat_at > silent_after:
+    for doc in nodes:
+        node, silent = doc["id"], doc.pop("silent")
+        if not doc["in_sync"]:
+            problems.add("warning", f"node {node} has not installed the live certificate set")
+        if doc["last_error"]:
+            problems.add("warning", f"node {node}'s last sync failed: {doc['last_error']}")
+        if silent:
+            problems.add(
+                "warning", f"node {node} has not been heard from since {doc['heartbeat_at']}"
+            )
+        if doc["directory_error"] and doc["heartbeat_at"] is not None:
+            problems.add(
+                "warning", f"node {node} cannot reach the directory: {doc['directory_error']}"
+            )
+        if doc["hook_error"]:
+            problems.add("warning", f"node {node}'s on_change hook failed: {doc['hook_error']}")
+        unconfirmed = sorted(live_keys - set(doc["master_keys"]))
+        if (
+            doc["in_sync"]
+            and unconfirmed
+            and doc["heartbeat_at"] is not None
+            and not doc["last_error"]
+        ):
             problems.add(
                 "warning",
-                f"node {n.id} has not been heard from since {n.heartbeat_at.isoformat()}",
+                f"node {node} has not yet opened the live blobs under master key"
+                f" {', '.join(unconfirmed)}",
             )
-        if n.directory_error and n.heartbeat_at is not None:
-            problems.add("warning", f"node {n.id} cannot reach the directory: {n.directory_error}")
-        if n.hook_error:
-            problems.add("warning", f"node {n.id}'s on_change hook failed: {n.hook_error}")
-        unconfirmed = sorted({r.master_key for r in live} - set(n.master_keys), key=str)
-        if in_sync and unconfirmed and n.heartbeat_at is not None and not n.last_error:
-            problems.add(
-                "warning",
-                f"node {n.id} has not yet opened the live blobs under master key"
-                f" {', '.join(map(str, unconfirmed))}",
-            )
-        node_docs.append(
-            {
-                "id": n.id,
-                "last_sync": _iso(n.last_sync),
-                "last_seen": _iso(n.last_seen),
-                "generation": n.generation,
-                "installed": [t for _, _, t in sorted(n.installed)],
-                "in_sync": in_sync,
-                "last_error": n.last_error,
-                "heartbeat_at": _iso(n.heartbeat_at),
-                "directory_error": n.directory_error,
-                "directory_server": n.directory_server,
-                "hook_error": n.hook_error,
-                "master_keys": [str(k) for k in n.master_keys],
-                "state_version": n.state_version,
-            }
-        )
+        node_docs.append(doc)
 
     return {
         "farm": {
@@ -175,7 +166,7 @@ def _farm_state(
     db: ConfigDB,
     farm: Farm,
     live: Sequence[CertificateRow],
-    nodes: Sequence[NodeRow],
+    nodes: Sequence[dict[str, Any]],
     directory: Directory | None,
     problems: _Problems,
 ) -> dict[str, Any]:
@@ -183,7 +174,9 @@ def _farm_state(
     authentic (None: it could not be checked) and matches the live rows."""
     stored = db.stored_state()
     doc: dict[str, Any] = {"version": None, "master_key": None, "authentic": None}
-    newest = max((n.state_version for n in nodes if n.state_version is not None), default=None)
+    newest = max(
+        (n["state_version"] for n in nodes if n["state_version"] is not None), default=None
+    )
     if stored is None:
         if newest is not None:
             problems.add(
@@ -222,10 +215,10 @@ def _farm_state(
         doc["authentic"] = False
         problems.add("critical", error.diagnostics())
     for n in nodes:
-        if n.state_version is not None and n.state_version > state.version:
+        if n["state_version"] is not None and n["state_version"] > state.version:
             problems.add(
                 "critical",
-                f"node {n.id} installed farm state version {n.state_version}, newer than the"
+                f"node {n['id']} installed farm state version {n['state_version']}, newer than the"
                 f" config DB's {state.version} (a restored backup?) — {farmstate.REPAIR}",
             )
     return doc

@@ -268,6 +268,10 @@ class Store:
         self.lock_timeout_seconds = lock_timeout_seconds
         self.group = group
         self._modes = _Modes.for_group(group)
+        # Files this object read and found holding their digest, by path: (device, inode, size,
+        # mtime, ctime) when read. Any write to a file changes its ctime, which no one but
+        # root can set back, so a file whose stat is unchanged needs no second read.
+        self._verified: dict[str, tuple[tuple[int, ...], str | None]] = {}
 
     # -- reading --------------------------------------------------------------
 
@@ -319,26 +323,48 @@ class Store:
         except StoreError:
             return None
         complete = True
+        store = str(self.path)
         for name, target in FIXED_LINKS.items():
             try:
-                complete = complete and os.readlink(self.path / name) == target
+                complete = complete and os.readlink(f"{store}/{name}") == target
             except OSError:
                 complete = False
-        folder = self._generation_dir(generation)
+        # Plain strings, not Path objects: this runs on every sync, and pathlib's joins
+        # cost more than the system calls they name.
+        folder = str(self._generation_dir(generation))
         intact: set[tuple[str, str]] = set()
         for entry in manifest.certificates:
             digests = entry.sha256 or {}
-            if all(_holds(folder / rel, digests.get(kind)) for kind, rel in entry.files.items()):
+            if all(
+                self._holds(f"{folder}/{rel}", digests.get(kind))
+                for kind, rel in entry.files.items()
+            ):
                 intact.add((entry.purpose, entry.thumbprint))
             else:
                 complete = False
             if entry.role in ALIASED_ROLES and not all(
-                _same_file(folder / rel, folder / entry.purpose / f"{entry.role}{suffix}")
+                _same_file(f"{folder}/{rel}", f"{folder}/{entry.purpose}/{entry.role}{suffix}")
                 for kind, rel in entry.files.items()
                 if (suffix := FILE_SUFFIXES.get(kind)) is not None
             ):
                 complete = False
         return Installed(manifest=manifest, intact=frozenset(intact), complete=complete)
+
+    def _holds(self, path: str, digest: str | None) -> bool:
+        """:func:`_holds`, remembering what it verified (see ``_verified``)."""
+        try:
+            found = os.lstat(path)
+        except OSError:
+            return False
+        key = (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns)
+        if stat.S_ISREG(found.st_mode) and self._verified.get(path) == (key, digest):
+            return True
+        if not _holds(path, digest):
+            return False
+        if len(self._verified) > 4096:  # paths of generations long removed
+            self._verified.clear()
+        self._verified[path] = (key, digest)
+        return True
 
     def matches(self, wanted: frozenset[tuple[str, str, str]]) -> bool:
         """Whether the installed set is exactly ``wanted`` and all of its files are in place
@@ -983,7 +1009,7 @@ def _remove_leftovers(store: Path, generations: Path, *, stale: Path) -> None:
         shutil.rmtree(stale)
 
 
-def _is_regular_file(path: Path) -> bool:
+def _is_regular_file(path: str | Path) -> bool:
     """Whether ``path`` is a regular file itself (not a link to one)."""
     try:
         return stat.S_ISREG(os.lstat(path).st_mode)
@@ -1007,7 +1033,7 @@ def _entry_for(certificate: CertificateFiles) -> ManifestEntry:
     )
 
 
-def _same_file(path: Path, alias: Path) -> bool:
+def _same_file(path: str | Path, alias: str | Path) -> bool:
     """Whether ``alias`` is a hard link to ``path`` (both regular files, never symlinks)."""
     try:
         one, two = os.lstat(path), os.lstat(alias)
@@ -1016,7 +1042,7 @@ def _same_file(path: Path, alias: Path) -> bool:
     return stat.S_ISREG(one.st_mode) and (one.st_dev, one.st_ino) == (two.st_dev, two.st_ino)
 
 
-def _holds(path: Path, digest: str | None) -> bool:
+def _holds(path: str | Path, digest: str | None) -> bool:
     """Whether ``path`` is a regular file itself (not a link) whose SHA-256 is ``digest``
     (any content when ``digest`` is None, as in a manifest from before digests)."""
     if not _is_regular_file(path):

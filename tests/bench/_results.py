@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -88,3 +90,11 @@ def table(rows: list[Row]) -> str:
             f"  {r.ratio:>6.2f}  {'yes' if r.met else 'NO'}" + (f"  ({r.note})" if r.note else "")
         )
     return "\n".join(lines)
+
+
+def compile_farmkeys() -> None:
+    """Byte-compile farmkeys as installing its wheel does. An editable install never does,
+    and with PYTHONDONTWRITEBYTECODE (set on some machines) every new process would compile
+    every module again: tens of milliseconds a cold process would not pay once installed."""
+    repo = Path(__file__).resolve().parent.parent.parent
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(repo / "farmkeys")], check=True)

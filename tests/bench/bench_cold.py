@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: farmtools
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/bench: _results
 
-from _results import Row, record
+from _results import Row, compile_farmkeys, record
 from farmtools import TestFarm, clean_env, db_query
 
 from farmkeys.lab.postgres import LocalPostgres
@@ -83,6 +83,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=21)
     parser.add_argument("--results", help="append the goal rows to this JSON-lines file")
     args = parser.parse_args()
+    compile_farmkeys()
     top = Path(tempfile.mkdtemp(prefix="farmkeys-bench-cold-"))
     try:
         with LocalSlapd(top / "slapd") as slapd, LocalPostgres(top / "postgres") as postgres:

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: farmt
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/bench: _results
 
 import psycopg
-from _results import Row, record
+from _results import Row, compile_farmkeys, record
 from farmtools import TestFarm, clean_env, live_identity, manifest_identity
 
 from farmkeys.config import load
@@ -95,6 +95,7 @@ def main() -> int:
     parser.add_argument("--fresh", action="store_true", help="start on empty stores")
     parser.add_argument("--results", help="append the goal rows to this JSON-lines file")
     args = parser.parse_args()
+    compile_farmkeys()
     top = Path(tempfile.mkdtemp(prefix="farmkeys-bench-herd-"))
     try:
         with (

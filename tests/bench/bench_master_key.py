@@ -42,7 +42,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: farmtools
 
-from farmtools import ServeNodes, TestFarm, db_query, lease_row, wait_until
+from farmtools import ServeNodes, TestFarm, db_query, lease_row, seal_state, wait_until
 
 from farmkeys.config import LeaseConfig, load
 from farmkeys.configdb import ConfigDB
@@ -84,7 +84,15 @@ class TimedElection(Election):
 
 def fill(farm: TestFarm, blobs: int) -> None:
     """Make the live set ``blobs`` long: retired certificates under the current key, or,
-    for one blob, the signing primary alone (the decryption primary archived)."""
+    for one blob, the signing primary alone (the decryption primary archived). The farm
+    state record is sealed again afterwards, as the leader would, or nodes refuse the set."""
+    try:
+        _fill(farm, blobs)
+    finally:
+        seal_state(farm)
+
+
+def _fill(farm: TestFarm, blobs: int) -> None:
     if blobs == 1:
         db_query(
             farm.dsn,
