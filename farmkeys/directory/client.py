@@ -1,18 +1,6 @@
-"""Master keys in LDAP, in the shape of AD FS's DKM container.
-
-One interface, :class:`Directory`, over two layouts of the same tree
-(:mod:`farmkeys.directory.layout`): ``openldap`` (stock OpenLDAP schema,
-:mod:`~farmkeys.directory.openldap`) and ``ad`` (AD FS's own contacts on
-Active Directory, with a protected security descriptor on the farm's
-container, :mod:`~farmkeys.directory.ad`). Who may read what is the
-directory's access control (``docs/directory-setup.md``): the farm's service
-account alone sees anything in the farm's container. A directory hides an
-entry from an account that may not read it, so "missing" and "not
-readable" look alike from here and every message says both.
-
-``directory.url`` may list several servers (domain controllers): the first
-that answers is used, and when it stops answering the next one is, for reads
-and writes alike. :attr:`Directory.last_server` names the one in use.
+"""The directory client: :class:`Directory` over ldap3. The package's docstring
+(:mod:`farmkeys.directory`) describes the interface; this module is loaded, with ldap3, on
+the first use of a name from it.
 
 Key bytes and passwords never appear in a log line, an exception message or a
 repr: keys and entries are named by their GUIDs and DNs only.
