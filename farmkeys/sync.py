@@ -7,6 +7,7 @@ tests run it against real servers without a clock.
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
 from dataclasses import dataclass
@@ -24,7 +25,6 @@ from farmkeys.errors import (
     FarmStateError,
     InvalidBlobError,
     NotInitialisedError,
-    StoreError,
 )
 from farmkeys.store import Carried, CertificateFiles, Installed, Manifest, Store
 
@@ -202,7 +202,7 @@ def check_state(
         return None
     digest = farmstate.digest(stored.body, stored.mac)
     if manifest is not None and manifest.state_digest == digest:
-        state = farmstate.parse(stored.body)  # these very bytes were verified before
+        state = _parsed_state(stored.body)  # these very bytes were verified before
     else:
         try:
             state = farmstate.verify(
@@ -247,13 +247,11 @@ def check_state(
     return CheckedState(version=state.version, digest=digest, revoked=state.revoked)
 
 
-def _readable_manifest(store: Store) -> Manifest | None:
-    """The store's manifest, or None when there is none or it cannot be read (the install
-    that follows repairs it)."""
-    try:
-        return store.manifest()
-    except StoreError:
-        return None
+@functools.lru_cache(maxsize=4)
+def _parsed_state(body: bytes) -> farmstate.FarmState:
+    """A record's bytes, parsed once per process: `serve` meets the same bytes on every
+    sync until the leader writes the next version (a FarmState is immutable)."""
+    return farmstate.parse(body)
 
 
 def _check_pinned(
