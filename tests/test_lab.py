@@ -1,6 +1,7 @@
 """The lab's private servers.
 
-PostgreSQL: its own cluster, closed to anyone without its password. Samba: an
+PostgreSQL: its own cluster, closed to anyone without its password, and a
+synchronous streaming standby of it that can be promoted. Samba: an
 AD domain controller on 127.0.0.1 only, TLS verified with the lab's CA, the
 service account delegated on the AD FS parent and nobody else.
 """
@@ -14,15 +15,18 @@ import socket
 import ssl
 import stat
 import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ldap3
 import psycopg
 import pytest
+from farmtools import wait_until
 from ldap3.core.exceptions import LDAPException, LDAPSocketOpenError
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from farmkeys.lab.postgres import LocalPostgres
+from farmkeys.lab.postgres import LocalPostgres, multi_host_dsn
 from farmkeys.lab.samba import (
     PORTS,
     LocalSambaDC,
@@ -74,6 +78,140 @@ def test_a_restart_keeps_the_port_and_the_data(postgres: LocalPostgres, pg_dsn: 
     assert postgres.port == port and postgres.pid != pid
     with psycopg.connect(pg_dsn) as conn:
         assert conn.execute("SELECT x FROM kept").fetchall() == [(42,)]
+
+
+# -- PostgreSQL streaming standby ----------------------------------------------------------
+
+# Generous: the tests share a 2-core machine with whatever else runs.
+REPLICATION_WAIT_SECONDS = 120.0
+
+
+@pytest.fixture
+def replicated(tmp_path: Path) -> Iterator[tuple[LocalPostgres, LocalPostgres]]:
+    """A private primary and its synchronous standby (not the session's cluster, whose
+    commits would wait for a standby); both removed after the test."""
+    primary = LocalPostgres(tmp_path / "primary")
+    try:
+        primary.start()
+        standby = primary.standby(tmp_path / "standby")
+        try:
+            yield primary, standby
+        finally:
+            standby.remove()
+    finally:
+        primary.remove()
+
+
+def test_a_synchronous_standby_has_each_commit_at_once_and_refuses_writes(
+    replicated: tuple[LocalPostgres, LocalPostgres],
+) -> None:
+    primary, standby = replicated
+    assert standby.running and standby.port not in (0, primary.port, 5432)
+    assert not primary.in_recovery and standby.in_recovery
+    with psycopg.connect(primary.admin_dsn) as conn:
+        shown = conn.execute(
+            "SELECT application_name, state, sync_state FROM pg_stat_replication"
+        ).fetchall()
+    assert shown == [("standby", "streaming", "sync")]
+    # Run like the primary: unprivileged, private data, the same password in a 0600 passfile.
+    data = os.stat(standby.workdir / "data")
+    assert stat.S_IMODE(data.st_mode) == 0o700
+    assert standby.pid is not None
+    if os.geteuid() == 0:
+        owner = os.stat(f"/proc/{standby.pid}").st_uid
+        assert owner != 0 and data.st_uid == owner
+    assert standby.passfile.read_text() == primary.passfile.read_text()
+    assert stat.S_IMODE(os.stat(standby.passfile).st_mode) == 0o600
+
+    # A database created on the primary is on the standby as soon as CREATE DATABASE returns,
+    # and so is every row whose commit returned.
+    dsn = primary.create_database("replicated")
+    with (
+        psycopg.connect(dsn, autocommit=True) as writer,
+        psycopg.connect(standby.dsn_for("replicated"), autocommit=True) as reader,
+    ):
+        writer.execute("CREATE TABLE kept (x int)")
+        for x in range(1, 21):
+            writer.execute("INSERT INTO kept VALUES (%s)", (x,))
+            assert reader.execute("SELECT max(x) FROM kept").fetchone() == (x,)
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            reader.execute("INSERT INTO kept VALUES (0)")
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            reader.execute("CREATE TABLE other (x int)")
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM kept").fetchone() == (20,)
+
+
+def test_while_the_synchronous_standby_is_down_a_commit_waits_for_it(
+    replicated: tuple[LocalPostgres, LocalPostgres],
+) -> None:
+    primary, standby = replicated
+    dsn = primary.create_database("replicated")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE kept (x int)")
+    standby.stop()
+    with (
+        psycopg.connect(dsn, autocommit=True) as writer,
+        psycopg.connect(primary.admin_dsn, autocommit=True) as admin,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        pid = writer.info.backend_pid
+        commit = pool.submit(writer.execute, "INSERT INTO kept VALUES (1)")
+        try:
+            wait_until(
+                lambda: (
+                    admin.execute(
+                        "SELECT wait_event = 'SyncRep' FROM pg_stat_activity WHERE pid = %s", (pid,)
+                    ).fetchone()
+                    == (True,)
+                ),
+                REPLICATION_WAIT_SECONDS,
+                "the commit waits for the standby (wait_event SyncRep)",
+            )
+            assert not commit.done()
+            standby.start()  # it catches up, then the primary's commit returns
+            commit.result(timeout=REPLICATION_WAIT_SECONDS)
+        finally:
+            if not commit.done():  # never leave the worker blocked in its commit
+                admin.execute("SELECT pg_cancel_backend(%s)", (pid,))
+    with psycopg.connect(standby.dsn_for("replicated")) as conn:
+        assert conn.execute("SELECT x FROM kept").fetchall() == [(1,)]
+
+
+def test_after_a_failover_the_multi_host_dsn_reaches_the_promoted_standby(
+    replicated: tuple[LocalPostgres, LocalPostgres],
+) -> None:
+    primary, standby = replicated
+    primary.create_database("replicated")
+    dsn = multi_host_dsn([primary, standby], "replicated")
+    info = conninfo_to_dict(dsn)
+    assert info["host"] == "127.0.0.1,127.0.0.1"
+    assert info["port"] == f"{primary.port},{standby.port}"
+    assert info["target_session_attrs"] == "read-write"
+    assert info["passfile"] == str(primary.passfile)
+    where = "SELECT inet_server_port(), pg_is_in_recovery()"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute(where).fetchone() == (primary.port, False)
+        conn.execute("CREATE TABLE kept (x int); INSERT INTO kept VALUES (42)")
+
+    primary.stop(mode="fast")
+    standby.promote()
+    assert not standby.in_recovery
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute(where).fetchone() == (standby.port, False)
+        assert conn.execute("SELECT x FROM kept").fetchall() == [(42,)]
+        # It takes writes, and waits for no standby of its own.
+        assert conn.execute("SHOW synchronous_standby_names").fetchone() == ("",)
+        conn.execute("INSERT INTO kept VALUES (43)")
+        assert conn.execute("SELECT count(*) FROM kept").fetchone() == (2,)
+
+    # remove() leaves nothing behind (the fixture's second remove() is a no-op).
+    folders = [(server.workdir / "data").resolve() for server in (primary, standby)]
+    assert all(folder.is_dir() for folder in folders)
+    standby.remove()
+    primary.remove()
+    assert not any(folder.exists() for folder in folders)
+    assert not standby.running and not primary.running
 
 
 # -- Samba AD DC -------------------------------------------------------------------------

@@ -16,6 +16,10 @@ be free, no shared socket folder.
   connection strings carry no secret.
 - ``stop()`` / ``start()`` (or ``restart()``) keep the data and the port, so a
   test can take the config DB away from running nodes and bring it back.
+- ``standby()`` makes a streaming standby of a running server (``pg_basebackup``,
+  by default synchronous: a commit returns once the standby applied it),
+  ``promote()`` turns it into a primary, and :func:`multi_host_dsn` names both
+  the way a config DB that fails over is configured.
 - Durability is relaxed (``fsync = off``): a crash of the server loses
   nothing (the kernel keeps the writes), only a crash of the machine would.
 
@@ -51,6 +55,8 @@ SUPERUSER = "postgres"
 # How long start() waits for the server to accept logins, and stop() for it to exit.
 START_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 30.0
+# How long pg_basebackup may take to copy a primary for standby().
+BASEBACKUP_TIMEOUT_SECONDS = 300.0
 # The accounts a root caller runs the server as, first one found.
 RUN_AS_CANDIDATES = ("postgres", "nobody")
 _VERSION_DIR = re.compile(r"[0-9]+")
@@ -241,12 +247,33 @@ class LocalPostgres:
     def standby(
         self, workdir: Path, *, name: str = "standby", synchronous: bool = True
     ) -> LocalPostgres:
-        """A streaming standby of this running server, started on a port of its own: its
-        data is ``pg_basebackup -R`` of this one. With ``synchronous``, this server then
-        waits for the standby on every commit (``synchronous_standby_names``), so a
-        commit it acknowledged is on both. Returns once the standby streams."""
+        """A streaming standby of this running server in ``workdir``, started on a port of its
+        own; returns once it accepts logins and this server shows it streaming.
+
+        Its data is ``pg_basebackup -R -X stream`` of this server, made as the same account
+        (a root caller's standby, like :meth:`start`'s cluster, lives in a private /tmp
+        folder), and it connects back as the superuser under ``application_name`` ``name``.
+        Its ``passfile`` holds this server's line (``127.0.0.1:*:*:postgres:…``), so the
+        password is the same on both. A database created here appears there.
+
+        With ``synchronous``, this server is then set (``ALTER SYSTEM``) to
+        ``synchronous_standby_names = '"<name>"'`` and ``synchronous_commit = remote_apply``:
+        a commit returns only once the standby has applied it, so what a commit here
+        acknowledged is readable on the standby at once and survives a failover to it. It
+        also means a commit here waits while the standby is down or gone: after removing
+        the standby, write nothing here (stopping is fine) unless both settings are
+        ``ALTER SYSTEM RESET`` first. One synchronous standby at a time: a second one
+        replaces the first in ``synchronous_standby_names``.
+        """
+        _check_name(name, what="standby name")
         if not self.running:
             raise PostgresError("the primary must run to make a standby of it")
+        overridden = {"synchronous_standby_names", "synchronous_commit"} & set(self.settings)
+        if synchronous and overridden:
+            raise PostgresError(
+                f"settings= fixes {', '.join(sorted(overridden))} on the command line, "
+                "where ALTER SYSTEM cannot make the primary wait for its standby"
+            )
         bindir = find_bindir()
         assert bindir is not None  # the primary runs
         standby = LocalPostgres(
@@ -254,82 +281,108 @@ class LocalPostgres:
         )
         standby.workdir.mkdir(parents=True, exist_ok=True)
         _write_private(standby.passfile, self.passfile.read_text())
-        parent, data = standby._data_folder()
-        # The standby's server reads the password from a passfile it can open.
-        passfile = parent / "replication.pgpass"
-        _write_private(passfile, self.passfile.read_text())
-        if standby._account is not None:
-            os.chown(passfile, standby._account.pw_uid, standby._account.pw_gid)
-        conninfo = psycopg.conninfo.make_conninfo(
-            host=LOOPBACK,
-            port=str(self.port),
-            user=SUPERUSER,
-            passfile=str(passfile),
-            application_name=name,
-        )
-        done = subprocess.run(
-            [str(bindir / "pg_basebackup"), "-D", str(data), "-R", "-X", "stream", "-d", conninfo],
-            capture_output=True,
-            text=True,
-            cwd="/",
-            **standby._as_account(),
-            check=False,
-            timeout=120,
-        )
-        if done.returncode != 0:
-            standby.remove()
-            raise PostgresError(
-                f"pg_basebackup failed with status {done.returncode}:"
-                f" {(done.stderr or done.stdout).strip()[-2000:]}"
-            )
-        with (data / "postgresql.auto.conf").open("a") as conf:
-            conf.write(f"primary_conninfo = '{conninfo}'\n")
-        standby._data = data
+        configured = False
         try:
-            standby.start()
+            parent, data = standby._data_folder()
+            # The standby's server reads the password from a passfile it can open.
+            passfile = parent / "replication.pgpass"
+            _write_private(passfile, self.passfile.read_text())
+            if standby._account is not None:
+                os.chown(passfile, standby._account.pw_uid, standby._account.pw_gid)
+            conninfo = psycopg.conninfo.make_conninfo(
+                host=LOOPBACK,
+                port=str(self.port),
+                user=SUPERUSER,
+                passfile=str(passfile),
+                application_name=name,
+            )
+            argv = [str(bindir / "pg_basebackup"), "-D", str(data), "-R", "-X", "stream"]
+            # A fast checkpoint: the default spreads it over minutes when there is much to write.
+            argv += ["--checkpoint=fast", "--no-sync", "-d", conninfo]
+            try:
+                done = subprocess.run(
+                    argv,
+                    capture_output=True,
+                    text=True,
+                    cwd="/",
+                    **standby._as_account(),
+                    check=False,
+                    timeout=BASEBACKUP_TIMEOUT_SECONDS,
+                )
+            except subprocess.TimeoutExpired as exc:
+                raise PostgresError(
+                    f"pg_basebackup of port {self.port} did not finish within "
+                    f"{BASEBACKUP_TIMEOUT_SECONDS:.0f} s"
+                ) from exc
+            if done.returncode != 0:
+                raise PostgresError(
+                    f"pg_basebackup failed with status {done.returncode}:"
+                    f" {(done.stderr or done.stdout).strip()[-2000:]}"
+                )
+            standby._data = data
+            # -R wrote primary_conninfo (with application_name) there; a primary's own
+            # synchronous settings it copied must not make the standby wait once promoted.
+            with (data / "postgresql.auto.conf").open("a", encoding="utf-8") as conf:
+                conf.write("synchronous_standby_names = ''\nsynchronous_commit = 'on'\n")
             with psycopg.connect(self.admin_dsn, autocommit=True) as admin:
                 if synchronous:
-                    admin.execute(f"ALTER SYSTEM SET synchronous_standby_names = '{name}'")
+                    # Before the standby starts, so every process of the primary has reloaded
+                    # by the time the standby streams (a commit then waits, never races it).
+                    configured = True
+                    admin.execute(f"ALTER SYSTEM SET synchronous_standby_names = '\"{name}\"'")
+                    admin.execute("ALTER SYSTEM SET synchronous_commit = 'remote_apply'")
                     admin.execute("SELECT pg_reload_conf()")
-                wanted = "sync" if synchronous else "async"
-                deadline = time.monotonic() + START_TIMEOUT_SECONDS
-                while True:
-                    row = admin.execute(
-                        "SELECT state, sync_state FROM pg_stat_replication"
-                        " WHERE application_name = %s",
-                        (name,),
-                    ).fetchone()
-                    if row == ("streaming", wanted):
-                        break
-                    if time.monotonic() > deadline:
-                        raise PostgresError(f"the standby {name} does not stream ({row})")
-                    time.sleep(0.05)
+                standby.start()
+                standby._wait_until_streaming(admin, name, "sync" if synchronous else "async")
         except BaseException:
+            if configured:
+                self._reset_synchronous()
             standby.remove()
             raise
+        log.info(
+            "standby %s of %s:%d streams on %s:%d (%s)",
+            name,
+            LOOPBACK,
+            self.port,
+            LOOPBACK,
+            standby.port,
+            "synchronous" if synchronous else "asynchronous",
+        )
         return standby
 
     def promote(self) -> None:
-        """Promote this standby (``pg_ctl promote``); returns once it takes writes."""
+        """Promote this standby (``pg_ctl promote -w``, as the server's account); returns
+        once ``pg_is_in_recovery()`` is false, i.e. it takes writes."""
         bindir = find_bindir()
         if bindir is None or self._data is None or not self.running:
             raise PostgresError("only a running standby can be promoted")
-        done = subprocess.run(
-            [str(bindir / "pg_ctl"), "promote", "-D", str(self._data), "-w", "-t", "60"],
-            capture_output=True,
-            text=True,
-            cwd="/",
-            **self._as_account(),
-            check=False,
-            timeout=90,
-        )
+        wait = f"{START_TIMEOUT_SECONDS:.0f}"
+        try:
+            done = subprocess.run(
+                [str(bindir / "pg_ctl"), "promote", "-D", str(self._data), "-w", "-t", wait],
+                capture_output=True,
+                text=True,
+                cwd="/",
+                **self._as_account(),
+                check=False,
+                timeout=START_TIMEOUT_SECONDS + 30,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise PostgresError(f"pg_ctl promote of port {self.port} did not return") from exc
         if done.returncode != 0:
-            raise PostgresError(f"pg_ctl promote failed: {(done.stderr or done.stdout).strip()}")
+            raise PostgresError(
+                f"pg_ctl promote of port {self.port} failed with status {done.returncode}: "
+                f"{(done.stderr or done.stdout).strip()[-2000:]}"
+            )
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
         while self.in_recovery:
             if time.monotonic() > deadline:
-                raise PostgresError("the promoted standby is still in recovery")
+                raise PostgresError(
+                    f"the standby on port {self.port} is still in recovery "
+                    f"{START_TIMEOUT_SECONDS:.0f} s after pg_ctl promote"
+                )
             time.sleep(0.05)
+        log.info("standby %s:%d promoted", LOOPBACK, self.port)
 
     @property
     def in_recovery(self) -> bool:
@@ -351,6 +404,39 @@ class LocalPostgres:
         self.remove()
 
     # -- internals ----------------------------------------------------------------------
+
+    def _wait_until_streaming(
+        self, primary: psycopg.Connection[Any], name: str, wanted: str
+    ) -> None:
+        """Wait until ``primary`` shows this standby (``name``) streaming as ``wanted``."""
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        row: tuple[Any, ...] | None = None
+        while row != ("streaming", wanted):
+            if not self.running:
+                raise PostgresError(
+                    f"the standby {name} on port {self.port} exited; its log:\n{self._log_tail(0)}"
+                )
+            if time.monotonic() > deadline:
+                raise PostgresError(
+                    f"the standby {name} on port {self.port} does not stream as {wanted} "
+                    f"within {START_TIMEOUT_SECONDS:.0f} s (pg_stat_replication: {row}); "
+                    f"its log:\n{self._log_tail(0)}"
+                )
+            time.sleep(0.05)
+            row = primary.execute(
+                "SELECT state, sync_state FROM pg_stat_replication WHERE application_name = %s",
+                (name,),
+            ).fetchone()
+
+    def _reset_synchronous(self) -> None:
+        """Undo :meth:`standby`'s settings here, so commits stop waiting for a standby."""
+        with (
+            contextlib.suppress(psycopg.Error),
+            psycopg.connect(self.admin_dsn, autocommit=True) as admin,
+        ):
+            admin.execute("ALTER SYSTEM RESET synchronous_standby_names")
+            admin.execute("ALTER SYSTEM RESET synchronous_commit")
+            admin.execute("SELECT pg_reload_conf()")
 
     def _data_folder(self) -> tuple[Path, Path]:
         """(a folder the server's account owns, the data folder to make in it)."""
@@ -445,9 +531,9 @@ class LocalPostgres:
         return log_tail(self.log_path, offset, empty="(no log)")
 
 
-def _check_name(name: str) -> None:
+def _check_name(name: str, *, what: str = "database name") -> None:
     if not _SAFE_NAME.fullmatch(name):
-        raise ValueError(f"database name {name!r}: use lower-case letters, digits and _")
+        raise ValueError(f"{what} {name!r}: use lower-case letters, digits and _")
 
 
 def _write_private(path: Path, text: str) -> None:
