@@ -56,14 +56,24 @@ class Bundle:
     pkcs12: bytes = field(repr=False)
 
 
+def files(generated: certs.Generated, *, friendly_name: str) -> Bundle:
+    """The three files of ``generated``."""
+    return Bundle(
+        certificate_pem=certs.certificate_pem(generated.certificate),
+        private_key_pem=certs.private_key_pem(generated.key),
+        pkcs12=certs.to_pkcs12(generated.certificate, generated.key, friendly_name=friendly_name),
+    )
+
+
+def encode(bundle: Bundle) -> bytes:
+    """The bundle's bytes, in the layout of the module docstring."""
+    parts = (bundle.certificate_pem, bundle.private_key_pem, bundle.pkcs12)
+    return MAGIC + b"".join(_LENGTH.pack(len(p)) + p for p in parts)
+
+
 def pack(generated: certs.Generated, *, friendly_name: str) -> bytes:
     """The bundle of ``generated``: what the leader seals in its blob."""
-    parts = (
-        certs.certificate_pem(generated.certificate),
-        certs.private_key_pem(generated.key),
-        certs.to_pkcs12(generated.certificate, generated.key, friendly_name=friendly_name),
-    )
-    return MAGIC + b"".join(_LENGTH.pack(len(p)) + p for p in parts)
+    return encode(files(generated, friendly_name=friendly_name))
 
 
 def is_bundle(plaintext: bytes) -> bool:
@@ -96,14 +106,6 @@ def _malformed(what: str) -> CertificateError:
     return CertificateError(f"the blob of {what} opened but holds a malformed bundle", _TODO)
 
 
-@dataclass(frozen=True)
-class Checked:
-    """A bundle checked against the row that carried it."""
-
-    bundle: Bundle
-    not_after: datetime
-
-
 def check(
     bundle: Bundle,
     *,
@@ -112,7 +114,7 @@ def check(
     der: bytes,
     not_before: datetime,
     not_after: datetime,
-) -> Checked:
+) -> None:
     """Check a bundle against its row, cheaply: the certificate is the row's (the same DER,
     thumbprint and dates) and the private key is that certificate's key (the same public
     key). The PKCS#12 is not parsed: the authenticated blob vouches for it."""
@@ -142,4 +144,3 @@ def check(
         raise CertificateError(
             f"the private key in the blob of {what} does not match the certificate", _TODO
         )
-    return Checked(bundle=bundle, not_after=cert.not_valid_after_utc)

@@ -162,16 +162,15 @@ class LiveSet:
     """What a sync reads in one round trip: the farm, its live rows, the farm state record,
     and what this node last proved it can open.
 
-    ``withheld``: the rows whose blob was not sent (``blob`` is empty), because the node
-    holds that certificate intact and has opened a blob under its master key before.
-    ``recorded``: the node's claim matched the live set and its own row, and the read
-    recorded the sync (:meth:`ConfigDB.live_set`)."""
+    A row whose ``blob`` is empty had it withheld: the node holds that certificate intact
+    and has opened a blob under its master key before. ``recorded``: the node's claim
+    matched the live set and its own row, and the read recorded the sync
+    (:meth:`ConfigDB.live_set`)."""
 
     farm: Farm
     rows: list[CertificateRow]
     confirmed_keys: frozenset[uuid.UUID]
     state: StoredState | None = None
-    withheld: frozenset[uuid.UUID] = frozenset()
     recorded: bool = False
 
 
@@ -319,10 +318,6 @@ class ConfigDB:
             if descriptor >= 0:
                 os.close(descriptor)
         self._wake_r = self._wake_w = -1
-
-    @property
-    def connected(self) -> bool:
-        return self._conn is not None and not self._conn.closed
 
     def connection(self, retry: RetryConfig | None = None) -> psycopg.Connection[dict[str, Any]]:
         """The open connection, connecting when there is none, with retries under ``retry``
@@ -590,7 +585,6 @@ class ConfigDB:
             rows=[_certificate(r) for r in live],
             confirmed_keys=frozenset(rows[0]["confirmed_keys"] or ()),
             state=_stored_state(rows[0]),
-            withheld=frozenset(r["id"] for r in live if r["blob"] is None),
             recorded=bool(rows[0]["recorded"]),
         )
 

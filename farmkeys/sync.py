@@ -331,56 +331,37 @@ def open_certificate(farm: Farm, row: CertificateRow, directory: MasterKeys) -> 
     """Decrypt and check one certificate row, ready for the store.
 
     A blob that seals a bundle (:mod:`farmkeys.bundle`) gives the very bytes the node
-    writes, checked cheaply against the row; an older blob's bare PKCS#12 is parsed
-    and its files built here (the slow path, until the leader re-seals it)."""
+    writes; an older blob's bare PKCS#12 is parsed and its files built here (the slow
+    path, until the certificate rolls over). Either is checked against the row the same
+    cheap way (:func:`farmkeys.bundle.check`)."""
     from farmkeys import bundle, certs
 
     what = f"{row.purpose} certificate {row.id}"
     plaintext = open_blob(farm, row, directory)
-    packed = bundle.unpack(plaintext, what=what)
-    if packed is not None:
-        checked = bundle.check(
-            packed,
-            what=what,
-            thumbprint=row.thumbprint,
-            der=row.der,
-            not_before=row.not_before,
-            not_after=row.not_after,
-        )
-        return CertificateFiles(
-            purpose=row.purpose,
-            role=row.role,
-            thumbprint=row.thumbprint,
-            not_after=checked.not_after,
-            certificate_pem=packed.certificate_pem,
-            private_key_pem=packed.private_key_pem,
-            pkcs12=packed.pkcs12,
-        )
-    try:
-        generated = certs.from_pkcs12(plaintext)
-    except CertificateError as exc:
-        raise CertificateError(
-            f"the blob of {what} opened but holds no usable PKCS#12: {exc.what}",
-            "restore the row from a backup or replace the certificate",
-        ) from None
-    cert = generated.certificate
-    if (
-        certs.thumbprint(cert) != row.thumbprint
-        or certs.certificate_der(cert) != row.der
-        or cert.not_valid_before_utc != row.not_before
-        or cert.not_valid_after_utc != row.not_after
-    ):
-        raise CertificateError(
-            f"the blob of {what} holds a certificate other than its row describes"
-            f" ({row.thumbprint})",
-            "restore the row from a backup or replace the certificate",
-        )
+    files = bundle.unpack(plaintext, what=what)
+    if files is None:
+        try:
+            generated = certs.from_pkcs12(plaintext)
+        except CertificateError as exc:
+            raise CertificateError(
+                f"the blob of {what} opened but holds no usable PKCS#12: {exc.what}",
+                "restore the row from a backup or replace the certificate",
+            ) from None
+        files = bundle.files(generated, friendly_name=row.subject)
+    bundle.check(
+        files,
+        what=what,
+        thumbprint=row.thumbprint,
+        der=row.der,
+        not_before=row.not_before,
+        not_after=row.not_after,
+    )
     return CertificateFiles(
         purpose=row.purpose,
         role=row.role,
         thumbprint=row.thumbprint,
-        not_after=cert.not_valid_after_utc,
-        certificate_pem=certs.certificate_pem(cert),
-        private_key_pem=certs.private_key_pem(generated.key),
-        pkcs12=certs.to_pkcs12(cert, generated.key, friendly_name=row.subject),
+        not_after=row.not_after,
+        certificate_pem=files.certificate_pem,
+        private_key_pem=files.private_key_pem,
+        pkcs12=files.pkcs12,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import secrets
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -67,3 +68,19 @@ def pg_role(postgres: LocalPostgres) -> Iterator[str]:
     finally:
         with psycopg.connect(postgres.admin_dsn, autocommit=True) as admin:
             admin.execute(f'DROP ROLE IF EXISTS "{name}"')
+
+
+@pytest.fixture
+def replicated(tmp_path: Path) -> Iterator[tuple[LocalPostgres, LocalPostgres]]:
+    """A private primary and its synchronous streaming standby (not the session's cluster,
+    whose commits would then wait for a standby); both removed after the test."""
+    primary = LocalPostgres(tmp_path / "primary")
+    try:
+        primary.start()
+        standby = primary.standby(tmp_path / "standby")
+        try:
+            yield primary, standby
+        finally:
+            standby.remove()
+    finally:
+        primary.remove()

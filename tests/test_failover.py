@@ -14,12 +14,10 @@ import contextlib
 import copy
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
-import pytest
 from farmtools import (
     ServeNodes,
     TestFarm,
@@ -44,21 +42,6 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "node": {"poll_seconds": 5},
     "retry": {"total_seconds": 2.0, "initial_backoff_seconds": 0.05, "max_backoff_seconds": 0.5},
 }
-
-
-@pytest.fixture
-def pair(tmp_path: Path) -> Iterator[tuple[LocalPostgres, LocalPostgres]]:
-    """A primary and its synchronous streaming standby, both removed at the end."""
-    primary = LocalPostgres(tmp_path / "primary")
-    primary.start()
-    try:
-        standby = primary.standby(tmp_path / "standby", name="farmkeys_standby")
-        try:
-            yield primary, standby
-        finally:
-            standby.remove()
-    finally:
-        primary.remove()
 
 
 class Writer:
@@ -111,9 +94,9 @@ def test_describe_dsn_names_every_host_of_a_multi_host_dsn() -> None:
 
 
 def test_the_farm_carries_on_when_its_config_db_fails_over_to_the_standby(
-    tmp_path: Path, slapd: LocalSlapd, pair: tuple[LocalPostgres, LocalPostgres]
+    tmp_path: Path, slapd: LocalSlapd, replicated: tuple[LocalPostgres, LocalPostgres]
 ) -> None:
-    primary, standby = pair
+    primary, standby = replicated
     primary.create_database("farm")
     dsn = multi_host_dsn([primary, standby], "farm")
     (tmp_path / "farm").mkdir()

@@ -15,7 +15,6 @@ import socket
 import ssl
 import stat
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -84,22 +83,6 @@ def test_a_restart_keeps_the_port_and_the_data(postgres: LocalPostgres, pg_dsn: 
 
 # Generous: the tests share a 2-core machine with whatever else runs.
 REPLICATION_WAIT_SECONDS = 120.0
-
-
-@pytest.fixture
-def replicated(tmp_path: Path) -> Iterator[tuple[LocalPostgres, LocalPostgres]]:
-    """A private primary and its synchronous standby (not the session's cluster, whose
-    commits would wait for a standby); both removed after the test."""
-    primary = LocalPostgres(tmp_path / "primary")
-    try:
-        primary.start()
-        standby = primary.standby(tmp_path / "standby")
-        try:
-            yield primary, standby
-        finally:
-            standby.remove()
-    finally:
-        primary.remove()
 
 
 def test_a_synchronous_standby_has_each_commit_at_once_and_refuses_writes(
