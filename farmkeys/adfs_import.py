@@ -21,13 +21,13 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 
-from farmkeys import adfs, certs, dkm, policy
+from farmkeys import adfs, certs, dkm, policy, requests
 from farmkeys._private_file import read_private_file
 from farmkeys.config import Config
 from farmkeys.configdb import ConfigDB
 from farmkeys.directory import MASTER_KEY_LENGTH, Directory
 from farmkeys.errors import AdfsKeyMismatchError, ImportRefusedError
-from farmkeys.rollover import RolloverOutcome, await_answer, import_conflict
+from farmkeys.rollover import RolloverOutcome, await_answer, file_request, import_conflict
 from farmkeys.sync import blob_context
 
 log = logging.getLogger(__name__)
@@ -127,12 +127,20 @@ def import_adfs(
     )
     source = f"AD FS (DKM key {blob.key_id})"
     log.info("importing %s certificate %s from %s, key from %s", purpose, thumb, source, where)
-    request = db.request_import(
-        node_id=config.node.id,
-        purpose=purpose,
+    terms = requests.ImportTerms(
+        certificate=certificate_id,
         role=role,
-        certificate_id=certificate_id,
-        blob=sealed,
         source=source,
+        blob_sha256=requests.blob_digest(sealed),
+    )
+    request = file_request(
+        config,
+        db,
+        directory,
+        kind="import",
+        purpose=purpose,
+        urgent=False,
+        lifetime_seconds=timeout_seconds,
+        import_=(terms, sealed),
     )
     return await_answer(config, db, directory, request, timeout_seconds=timeout_seconds)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from farmkeys import __version__
 from farmkeys import config as config_module
 from farmkeys.config import Config
-from farmkeys.errors import DatabaseError, Error, ImportRefusedError
+from farmkeys.errors import DatabaseError, Error, ImportRefusedError, RequestRefusedError
 
 # Each command imports what it needs when it runs: a `farmkeys sync` that finds nothing to
 # do never loads ldap3, certificate building, the leader's code or APScheduler.
@@ -181,9 +181,24 @@ def _parser() -> argparse.ArgumentParser:
         "the certificates (after restoring the config DB from a backup, say), and you have "
         "checked that the live certificates `farmkeys status` shows are the ones the farm "
         "should have: ask the leader (or take the lease when no node leads) to write a new "
-        "farm state record for them, under the current master key, with a version above "
-        "any node's. A certificate that an urgent rollover replaced is archived again, never "
-        "authenticated. Audited as state_repair.",
+        "farm state record for them, under the current master key. It first shows every "
+        "difference it would authenticate and asks you to confirm; the request is signed "
+        "over exactly those rows, so the leader writes nothing if they changed meanwhile. "
+        "Nothing revoked is ever dropped: a certificate that an urgent rollover replaced is "
+        "archived again, never authenticated; when no record verifies, name the revoked "
+        "thumbprints with --revoked. Audited as state_repair.",
+    )
+    repair.add_argument(
+        "--revoked",
+        metavar="FILE",
+        default=None,
+        help="thumbprints (one per line) the new record keeps as urgently replaced; required"
+        " when no farm state record verifies (an empty file if there are none)",
+    )
+    repair.add_argument(
+        "--yes",
+        action="store_true",
+        help="do not ask for confirmation (for scripts; without a terminal it is required)",
     )
     repair.add_argument(
         "--wait",
@@ -479,7 +494,56 @@ def _rollover(args: argparse.Namespace, config: Config) -> int:
 
 
 def _repair_state(args: argparse.Namespace, config: Config) -> int:
-    return _request(args, config, "repair-state", purpose="all", repair_state=True)
+    from farmkeys import repair, rollover
+    from farmkeys.configdb import ConfigDB
+    from farmkeys.directory import Directory
+
+    named = None if args.revoked is None else repair.read_revoked_file(Path(args.revoked))
+    with (
+        ConfigDB(config.database, config.retry) as db,
+        Directory(config.directory, config.retry) as directory,
+    ):
+        review = repair.review(db, directory, revoked_file=named)
+        for line in review.lines:
+            print(f"  {line}")
+        if not review.needed:
+            print(
+                "repair-state: the farm state record is authentic and matches the live rows;"
+                " nothing to repair"
+            )
+            return EXIT_OK
+        if not review.terms.revoked_named and any(
+            line.startswith("no farm state record verifies") for line in review.lines
+        ):
+            raise RequestRefusedError(
+                "no farm state record verifies, so the revoked thumbprints it kept are unknown",
+                "name the urgently replaced thumbprints to keep with --revoked FILE (an empty"
+                " file if there are none); nothing was changed",
+            )
+        print(
+            f"repair-state would authenticate these live rows as farm state version"
+            f" {review.terms.min_version} or above, keeping {len(review.terms.revoked)}"
+            " thumbprints revoked."
+        )
+        if not args.yes:
+            if not sys.stdin.isatty():
+                raise RequestRefusedError(
+                    "repair-state needs confirmation and there is no terminal to ask at",
+                    "review the lines above and run it again with --yes; nothing was changed",
+                )
+            if input("Authenticate them? [y/N] ").strip().lower() not in ("y", "yes"):
+                print("repair-state: nothing was changed")
+                return EXIT_ERROR
+        outcome = rollover.request_rollover(
+            config,
+            db,
+            directory,
+            purpose="all",
+            urgent=False,
+            repair=review.terms,
+            timeout_seconds=args.wait,
+        )
+    return _answer("repair-state", outcome)
 
 
 def _request(
@@ -489,7 +553,6 @@ def _request(
     *,
     purpose: str | None,
     urgent: bool = False,
-    repair_state: bool = False,
 ) -> int:
     """Ask the leader (or, when no node leads, act under the lease) and print its answer."""
     from farmkeys import rollover
@@ -506,7 +569,6 @@ def _request(
             directory,
             purpose=purpose,
             urgent=urgent,
-            repair_state=repair_state,
             timeout_seconds=args.wait,
         )
     return _answer(kind, outcome)

@@ -19,7 +19,7 @@ import re
 import select
 import threading
 import uuid
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -664,22 +664,27 @@ class ConfigDB:
         master_keys: Sequence[uuid.UUID] = (),
         directory_server: str | None = None,
         state_version: int | None = None,
+        revoked: Collection[str] = (),
     ) -> None:
         """Record that ``node_id`` now has ``installed`` in its store, and opened the live
         blobs with ``master_keys``; ``directory_server`` is the directory server it last
         bound to (None: it did not need the directory this time); ``state_version`` the
-        highest farm state version its store has installed."""
+        highest farm state version its store has installed; ``revoked`` the thumbprints
+        it remembers as urgently replaced (shown by `repair-state`, never acted on)."""
         doc = _installed_doc(installed)
         self.fetch(
             "INSERT INTO node (id, last_sync, last_seen, generation, installed, last_error,"
-            " master_keys, directory_server, state_version)"
-            " VALUES (%(id)s, now(), now(), %(gen)s, %(doc)s, NULL, %(keys)s, %(dc)s, %(sv)s)"
+            " master_keys, directory_server, state_version, revoked)"
+            " VALUES (%(id)s, now(), now(), %(gen)s, %(doc)s, NULL, %(keys)s, %(dc)s, %(sv)s,"
+            " %(revoked)s)"
             " ON CONFLICT (id) DO UPDATE SET last_sync = now(), last_seen = now(),"
             " generation = EXCLUDED.generation, installed = EXCLUDED.installed, last_error = NULL,"
             " master_keys = EXCLUDED.master_keys,"
             " directory_server = COALESCE(EXCLUDED.directory_server, node.directory_server),"
-            " state_version = COALESCE(EXCLUDED.state_version, node.state_version)",
+            " state_version = COALESCE(EXCLUDED.state_version, node.state_version),"
+            " revoked = EXCLUDED.revoked",
             {
+                "revoked": sorted(revoked),
                 "id": node_id,
                 "gen": generation,
                 "doc": doc,
@@ -749,48 +754,39 @@ class ConfigDB:
         """Every recorded relying-party fetch, by relying party and thumbprint."""
         return [FetchRow(**r) for r in self.fetch(_FETCHES)]
 
-    def request_rollover(
-        self, *, node_id: str, purpose: str | None, urgent: bool, repair_state: bool = False
-    ) -> int:
-        """Queue a rollover for the leader and wake it; the request's id.
-
-        ``purpose`` None asks for a master-key rollover; ``repair_state`` for
-        `farmkeys repair-state` instead of a rollover."""
-        with self.transaction() as tx:
-            rows = tx.execute(
-                "INSERT INTO rollover_request (requested_by, purpose, urgent, master_key,"
-                " repair_state) VALUES (%s, %s, %s, %s, %s) RETURNING id",
-                (
-                    node_id,
-                    "all" if repair_state else purpose,
-                    urgent,
-                    purpose is None and not repair_state,
-                    repair_state,
-                ),
-            )
-            tx.notify(REQUEST_CHANNEL, str(rows[0]["id"]))
-        return int(rows[0]["id"])
-
-    def request_import(
+    def file_request(
         self,
         *,
         node_id: str,
-        purpose: str,
-        role: str,
-        certificate_id: uuid.UUID,
-        blob: bytes,
-        source: str,
+        purpose: str | None,
+        urgent: bool,
+        master_key: bool = False,
+        repair_state: bool = False,
+        import_: tuple[uuid.UUID, bytes, str, str] | None = None,
+        sign: Callable[[int, datetime], tuple[bytes, bytes]],
     ) -> int:
-        """Hand a sealed certificate to the leader (`farmkeys import adfs`); the request's id."""
+        """Queue a request for the leader and wake it; the request's id.
+
+        ``sign(id, now)`` makes the request's body and MAC (:mod:`farmkeys.requests`) once
+        the row has its id, with the config DB's clock; both are written in the same
+        transaction, so the leader never sees the row unsigned. ``import_``: the
+        certificate id, sealed blob, role and source of `import adfs`."""
+        cert, blob, role, source = import_ if import_ is not None else (None, None, None, None)
         with self.transaction() as tx:
             rows = tx.execute(
                 "INSERT INTO rollover_request (requested_by, purpose, urgent, master_key,"
-                " import_certificate, import_blob, import_role, import_source)"
-                " VALUES (%s, %s, false, false, %s, %s, %s, %s) RETURNING id",
-                (node_id, purpose, certificate_id, blob, role, source),
+                " repair_state, import_certificate, import_blob, import_role, import_source)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id, now() AS now",
+                (node_id, purpose, urgent, master_key, repair_state, cert, blob, role, source),
             )
-            tx.notify(REQUEST_CHANNEL, str(rows[0]["id"]))
-        return int(rows[0]["id"])
+            request_id = int(rows[0]["id"])
+            body, mac = sign(request_id, rows[0]["now"])
+            tx.execute(
+                "UPDATE rollover_request SET body = %s, mac = %s WHERE id = %s",
+                (body, mac, request_id),
+            )
+            tx.notify(REQUEST_CHANNEL, str(request_id))
+        return request_id
 
     def rollover_request(self, request_id: int) -> dict[str, Any]:
         return self.fetch("SELECT * FROM rollover_request WHERE id = %s", (request_id,))[0]

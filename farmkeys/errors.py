@@ -24,6 +24,8 @@ certificates, master keys and endpoints by their ids, never by content.
     │       └── AdfsKeyMismatchError  its MAC does not verify under the DKM key given
     ├── FarmStateError           the config DB's farm state record is missing, malformed,
     │                            not authentic, older than a node installed, or not the live set
+    ├── RequestRefusedError      an operator request is not authentic, stale, already answered,
+    │                            or its rows changed since the operator reviewed them
     ├── CertificateError         a certificate or key does not match what its row says
     ├── StoreError               the node's local store cannot be read or written
     ├── EscrowError              an escrow file or its passphrase is unusable, or names another farm
@@ -108,6 +110,12 @@ class FarmStateError(Error):
     """The config DB's farm state record (which certificate holds which role) cannot be
     trusted: missing, malformed, failing its MAC, another farm's, older than what this node
     installed, or not matching the certificate rows. Nothing is installed or written."""
+
+
+class RequestRefusedError(Error):
+    """An operator request the leader will not act on: it carries no valid MAC, names
+    another farm or row, expired, was already answered, or (repair-state) the live rows
+    differ from those the operator reviewed. Nothing is done but the refusal's audit."""
 
 
 class CertificateError(Error):

@@ -41,12 +41,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Final
 
-from farmkeys import agefmt, policy
+from farmkeys import agefmt, farmstate, policy
 from farmkeys._private_file import read_private_file
 from farmkeys.config import Config
 from farmkeys.configdb import ConfigDB
 from farmkeys.directory import MASTER_KEY_LENGTH, Directory
-from farmkeys.errors import EscrowError, MasterKeyMissingError
+from farmkeys.errors import (
+    DirectoryError,
+    EscrowError,
+    FarmStateError,
+    MasterKeyMissingError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -333,10 +338,10 @@ def import_keys(
     group = farm.dkm_group
     recorded = {k.id: k for k in db.master_keys()}
     report = ImportReport(farm=farm.name, dkm_group=group)
+    shredded = _tombstones(db, directory, document, path)
     wanted = []
     for escrowed in document.keys:
-        record = recorded.get(escrowed.id)
-        if record is not None and record.state == "deleted":
+        if escrowed.id in shredded:
             report.skipped_deleted.append(escrowed.id)
             continue
         wanted.append(escrowed)
@@ -386,6 +391,50 @@ def import_keys(
         )
     log.info("%s", _import_detail(report, path))
     return report
+
+
+def _tombstones(
+    db: ConfigDB, directory: Directory, document: EscrowDocument, path: Path
+) -> frozenset[uuid.UUID]:
+    """The master keys the farm shredded, from its authenticated farm state record
+    (verified under the key it names, from the escrow file or else the directory), never
+    from the ``master_key`` table, which a config DB writer can edit. A record from before
+    tombstones (format 1) lists none: then the table's ``deleted`` keys are kept out too,
+    as before (that can only refuse a restore, never make one). No record that verifies:
+    :class:`EscrowError`, nothing restored."""
+    group = document.dkm_group
+    stored = db.stored_state()
+    if stored is None:
+        raise EscrowError(
+            "the config DB has no farm state record, so which master keys the farm shredded"
+            " cannot be told",
+            "restore the config DB from a backup first; nothing was changed",
+        )
+    escrowed = {k.id: k.key for k in document.keys}
+
+    def key_for(key_id: uuid.UUID) -> bytes:
+        # The directory's key first: a key the file holds with other bytes is refused later,
+        # by name, and must not make the record look forged.
+        try:
+            return directory.master_key(group, key_id)
+        except DirectoryError:
+            if key_id in escrowed:
+                return escrowed[key_id]
+            raise
+
+    try:
+        state = farmstate.verify(stored.body, stored.mac, farm=group, key_for=key_for)
+    except (FarmStateError, DirectoryError) as exc:
+        raise EscrowError(
+            f"the farm state record, which lists the master keys the farm shredded, cannot"
+            f" be verified: {exc.what}",
+            f"use an escrow file that holds the master key the record names ({path} does"
+            " not, or the record is forged), or restore the config DB from a backup; nothing"
+            " was changed",
+        ) from None
+    if state.format == farmstate.FORMAT_1:
+        return frozenset(k.id for k in db.master_keys() if k.state == "deleted")
+    return frozenset(state.shredded)
 
 
 def _held(directory: Directory, group: uuid.UUID, key_id: uuid.UUID) -> bytes | None:

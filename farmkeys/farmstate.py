@@ -13,6 +13,12 @@ leader writes, with every change, one record of the whole live set:
   installs again;
 - ``master_key``: the master key the record's MAC is made under (the
   current one when it was written; a master-key roll re-authenticates it);
+- ``shredded`` (format 2): the master keys the leader deleted from the
+  directory, which `escrow import` never restores (the tombstones; the
+  ``master_key`` table's ``deleted`` state is only a copy for reading);
+- ``answered`` (format 2): the operator requests (:mod:`farmkeys.requests`)
+  the leader carried out that are not yet expired, by nonce, so an authentic
+  request copied back into the queue is refused instead of done twice;
 
 and a MAC: HMAC-SHA256 over the record's bytes under a key derived from that
 master key with HKDF-SHA256 and a label of its own (:data:`MAC_INFO` and the
@@ -39,16 +45,23 @@ from typing import Any, Protocol
 from farmkeys.errors import FarmStateError
 from farmkeys.rows import Published
 
-FORMAT = "farmkeys-state/1"
+FORMAT = "farmkeys-state/2"
+FORMAT_1 = "farmkeys-state/1"  # before tombstones and answered requests: still read
 MAC_INFO = b"farmkeys farm state MAC v1\x00"
 MAC_SIZE = 32
 MAX_RECORD = 1 << 20  # far above any farm's: a live set is a handful of rows
 MAX_VERSION = (1 << 63) - 1  # the config DB's bigint
+MAX_VERSION_STEP = 1 << 32
+"""The most a version may rise over the last authentic one (repair-state past a restored
+backup); a farm makes a handful of versions a day, so this bound is never met honestly."""
+MAX_ANSWERED = 4096  # unexpired answered requests a record keeps; far above any farm's
 
 PURPOSES = ("signing", "decryption")
 LIVE_ROLES = ("primary", "secondary", "retired")
 _THUMBPRINT = re.compile(r"\A[0-9A-F]{40}\Z")
-_FIELDS = {"farm", "format", "live", "master_key", "revoked", "term", "version"}
+_FIELDS_1 = {"farm", "format", "live", "master_key", "revoked", "term", "version"}
+_FIELDS = _FIELDS_1 | {"answered", "shredded"}
+_ANSWERED_FIELDS = {"expires", "request"}
 _ENTRY_FIELDS = {"id", "master_key", "purpose", "role", "thumbprint"}
 
 REPAIR = "restore the config DB from a backup, or run `farmkeys repair-state` as the leader"
@@ -79,6 +92,15 @@ class LiveEntry:
         return f"{self.purpose} {self.role} {self.thumbprint}"
 
 
+@dataclass(frozen=True, order=True)
+class Answered:
+    """An operator request the leader carried out: its nonce, and when it expires (seconds
+    since the epoch, by the config DB's clock); after that it is refused as stale anyway."""
+
+    request: uuid.UUID
+    expires: int
+
+
 @dataclass(frozen=True)
 class FarmState:
     """One version of the farm state (not yet authentic until :func:`verify` says so)."""
@@ -89,6 +111,9 @@ class FarmState:
     master_key: uuid.UUID
     live: tuple[LiveEntry, ...]  # sorted by id
     revoked: tuple[str, ...]  # sorted
+    shredded: tuple[uuid.UUID, ...] = ()  # sorted
+    answered: tuple[Answered, ...] = ()  # sorted by nonce
+    format: str = FORMAT  # FORMAT_1 only for a record read from before format 2
 
     @classmethod
     def build(
@@ -100,16 +125,37 @@ class FarmState:
         master_key: uuid.UUID,
         rows: Iterable[LiveRow],
         revoked: Iterable[str] = (),
+        shredded: Iterable[uuid.UUID] = (),
+        answered: Iterable[Answered] = (),
     ) -> FarmState:
-        """The record of ``rows`` (the live certificates), in canonical order."""
+        """The record of ``rows`` (the live certificates), in canonical order. Of two
+        ``answered`` entries for one request, the later expiry is kept."""
         live = tuple(sorted(LiveEntry.of(r) for r in rows))
-        return cls(farm, version, term, master_key, live, tuple(sorted(set(revoked))))
+        latest: dict[uuid.UUID, int] = {}
+        for a in answered:
+            latest[a.request] = max(a.expires, latest.get(a.request, a.expires))
+        return cls(
+            farm,
+            version,
+            term,
+            master_key,
+            live,
+            tuple(sorted(set(revoked))),
+            tuple(sorted(set(shredded))),
+            tuple(sorted(Answered(r, e) for r, e in latest.items())),
+        )
+
+    def answered_now(self, now: int) -> tuple[Answered, ...]:
+        """The answered requests not yet expired at ``now`` (seconds since the epoch)."""
+        return tuple(a for a in self.answered if a.expires >= now)
+
+    def has_answered(self, request: uuid.UUID) -> bool:
+        return any(a.request == request for a in self.answered)
 
     def encode(self) -> bytes:
         """The record's canonical bytes: what the MAC covers and the config DB stores."""
-        document = {
+        document: dict[str, object] = {
             "farm": str(self.farm),
-            "format": FORMAT,
             "live": [
                 {
                     "id": str(e.id),
@@ -125,13 +171,28 @@ class FarmState:
             "term": self.term,
             "version": self.version,
         }
+        if self.format != FORMAT_1:
+            document["format"] = self.format
+            document["shredded"] = [str(k) for k in self.shredded]
+            document["answered"] = [
+                {"expires": a.expires, "request": str(a.request)} for a in self.answered
+            ]
+        else:
+            document["format"] = FORMAT_1
         return json.dumps(
             document, sort_keys=True, separators=(",", ":"), ensure_ascii=True
         ).encode("ascii")
 
     def same_content(self, other: FarmState) -> bool:
-        """The same live set and revoked list (version, term and MAC key aside)."""
-        return self.live == other.live and self.revoked == other.revoked
+        """The same live set, revoked list, tombstones and answered requests (version, term
+        and MAC key aside), in the same format."""
+        return (
+            self.live == other.live
+            and self.revoked == other.revoked
+            and self.shredded == other.shredded
+            and self.answered == other.answered
+            and self.format == other.format
+        )
 
     def differences(self, rows: Iterable[LiveRow]) -> list[str]:
         """How the config DB's live rows differ from this record; empty when they agree."""
@@ -245,9 +306,10 @@ def parse(body: bytes) -> FarmState:
 
 
 def _state(document: object) -> FarmState:
-    fields = _object(document, _FIELDS, "the record")
-    if fields["format"] != FORMAT:
+    if not isinstance(document, dict) or document.get("format") not in (FORMAT, FORMAT_1):
         raise _malformed(f"its format is not {FORMAT!r}")
+    form = document["format"]
+    fields = _object(document, _FIELDS if form == FORMAT else _FIELDS_1, "the record")
     version = _integer(fields["version"], "version")
     if version < 1:
         raise _malformed("its version is below 1")
@@ -265,6 +327,21 @@ def _state(document: object) -> FarmState:
         raise _malformed("revoked is not a list of thumbprints")
     if revoked != sorted(set(revoked)):
         raise _malformed("revoked is not sorted without repeats")
+    shredded: tuple[uuid.UUID, ...] = ()
+    answered: tuple[Answered, ...] = ()
+    if form == FORMAT:
+        listed = fields["shredded"]
+        if not isinstance(listed, list):
+            raise _malformed("shredded is not a list")
+        shredded = tuple(_uuid(k, "a shredded master key") for k in listed)
+        if list(shredded) != sorted(set(shredded)):
+            raise _malformed("shredded is not sorted without repeats")
+        items = fields["answered"]
+        if not isinstance(items, list) or len(items) > MAX_ANSWERED:
+            raise _malformed(f"answered is not a list of at most {MAX_ANSWERED}")
+        answered = tuple(_answered(item) for item in items)
+        if [a.request for a in answered] != sorted({a.request for a in answered}):
+            raise _malformed("answered is not sorted by request without repeats")
     return FarmState(
         farm=_uuid(fields["farm"], "farm"),
         version=version,
@@ -272,6 +349,17 @@ def _state(document: object) -> FarmState:
         master_key=_uuid(fields["master_key"], "master_key"),
         live=entries,
         revoked=tuple(revoked),
+        shredded=shredded,
+        answered=answered,
+        format=form,
+    )
+
+
+def _answered(item: object) -> Answered:
+    fields = _object(item, _ANSWERED_FIELDS, "an answered request")
+    return Answered(
+        request=_uuid(fields["request"], "an answered request's nonce"),
+        expires=_integer(fields["expires"], "answered request's expiry"),
     )
 
 

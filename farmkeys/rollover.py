@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from farmkeys import bundle, certs, dkm, farmstate, policy
+from farmkeys import bundle, certs, dkm, farmstate, policy, requests
 from farmkeys.config import Config, RetryConfig
 from farmkeys.configdb import (
     CHANGED_CHANNEL,
@@ -42,6 +42,7 @@ from farmkeys.errors import (
     InvalidBlobError,
     LeaderTimeoutError,
     MasterKeyMissingError,
+    RequestRefusedError,
 )
 from farmkeys.sync import blob_context
 
@@ -212,6 +213,9 @@ class Leader:
         # locked meanwhile.
         self._spares: dict[str, tuple[certs.Generated, datetime]] = {}
         self._revoking: set[str] = set()  # urgently replaced in the open fenced transaction
+        self._shredding: set[uuid.UUID] = set()  # master keys deleted in it
+        self._answering: list[farmstate.Answered] = []  # requests answered in it
+        self._before: farmstate.FarmState | None = None  # its authentic record
 
     def _refresh_key(self, farm: Farm) -> None:
         """Learn the current master key before any transaction opens.
@@ -284,8 +288,9 @@ class Leader:
         match an authentic record (see `farmkeys repair-state`).
         """
         with self._election.fenced(self._db) as fence:
-            self._revoking = set()
+            self._revoking, self._shredding, self._answering = set(), set(), []
             before = self._authentic_state(fence, farm)
+            self._before = before
             yield fence
             self._write_state(fence, farm, before, key=key)
 
@@ -331,19 +336,29 @@ class Leader:
         *,
         key: tuple[uuid.UUID, bytes] | None,
         revoked: set[str] | None = None,
+        shredded: set[uuid.UUID] | None = None,
+        version: int | None = None,
         action: str | None = None,
     ) -> farmstate.FarmState | None:
         """Write the next farm state record if it differs from ``before``; the one written.
 
-        ``revoked``: the whole revoked list (repair-state), else ``before``'s and what this
-        transaction replaced urgently. ``action``: the audit action to record the write
-        under (a farm's first record is ``state_adopt``).
+        ``revoked`` and ``shredded``: the whole lists (repair-state), else ``before``'s and
+        what this transaction replaced urgently or deleted. ``version``: the version to
+        write (repair-state), else one above ``before``'s. ``action``: the audit action to
+        record the write under (a farm's first record is ``state_adopt``).
         """
         rows = fence.tx.live_certificates()
         if revoked is None:
             revoked = set(before.revoked if before is not None else ()) | self._revoking
+        if shredded is None:
+            shredded = self._shredding | (
+                set(before.shredded)
+                if before is not None and before.format != farmstate.FORMAT_1
+                else self._tombstones(fence)
+            )
         known = key if key is not None else self._key  # None: not read (the directory is down)
-        if before is not None and action is None:
+        kept = () if before is None else before.answered
+        if before is not None and action is None and not self._answering:
             unchanged = farmstate.FarmState.build(
                 farm=farm.dkm_group,
                 version=before.version,
@@ -351,17 +366,23 @@ class Leader:
                 master_key=before.master_key,
                 rows=rows,
                 revoked=revoked,
+                shredded=shredded,
+                answered=kept,
             )
             if before.same_content(unchanged) and (known is None or known[0] == before.master_key):
                 return None  # nothing to write: no key needed
         key_id, key_bytes = known if known is not None else self._current_key()
+        now = int(fence.now.timestamp())
         state = farmstate.FarmState.build(
             farm=farm.dkm_group,
-            version=self._next_version(fence, before),
+            version=self._next_version(before) if version is None else version,
             term=fence.term,
             master_key=key_id,
             rows=rows,
             revoked=revoked,
+            shredded=shredded,
+            # Expired requests are refused as stale anyway: a record keeps only the others.
+            answered=[a for a in kept if a.expires >= now] + self._answering,
         )
         body, mac = farmstate.seal(state, key_bytes)
         fence.tx.write_state(body=body, mac=mac, version=state.version, term=fence.term)
@@ -377,15 +398,33 @@ class Leader:
             )
         return state
 
-    def _next_version(self, fence: Fence, before: farmstate.FarmState | None) -> int:
-        """One above any version the farm has seen: the record's, the stored column's and
-        every node's (a node refuses a version below what it installed)."""
-        seen = fence.tx.execute(
-            "SELECT greatest((SELECT max(version) FROM farm_state),"
-            " (SELECT max(state_version) FROM node), %s::bigint, 0) AS seen",
-            (before.version if before is not None else 0,),
-        )[0]["seen"]
-        return int(seen) + 1
+    def _tombstones(self, fence: Fence) -> set[uuid.UUID]:
+        """The master keys to record as shredded when no record lists them yet (a farm's
+        first record of format 2): those the ``master_key`` table marks deleted. The table
+        is a DB writer's to edit, so never the current key nor one a live blob names: a
+        tombstone only keeps `escrow import` from restoring a key, so one too many can at
+        worst refuse the restore of a key the farm no longer uses."""
+        rows = fence.tx.execute(
+            "SELECT id FROM master_key WHERE state = 'deleted' AND NOT EXISTS (SELECT 1 FROM"
+            " certificate c WHERE c.master_key = master_key.id AND c.role <> 'archived')"
+        )
+        current = None if self._key is None else self._key[0]
+        return {r["id"] for r in rows} - {current}
+
+    @staticmethod
+    def _next_version(before: farmstate.FarmState | None) -> int:
+        """One above the last authentic record's version (1 for a farm's first record).
+
+        Never the ``farm_state.version`` column nor a node's reported version: both are a
+        DB writer's to set, and a version pushed to the bigint's end would freeze the farm
+        (`status` flags either when it disagrees with the record)."""
+        version = 1 if before is None else before.version + 1
+        if version > farmstate.MAX_VERSION:
+            raise FarmStateError(
+                f"the farm state version cannot rise above {before.version if before else 0}",
+                farmstate.REPAIR,
+            )
+        return version
 
     def _take_spare(self, purpose: str, now: datetime) -> certs.Generated:
         """The key made for ``purpose`` before this transaction; :class:`_NeedKey` when
@@ -765,6 +804,7 @@ class Leader:
             if counts["live"] or not state or state[0]["state"] != "previous":
                 return f"master key {key_id} was not deleted: it is not a replaced, unused key"
             once.delete_key(farm.dkm_group, key_id)
+            self._shredding.add(key_id)  # the tombstone, in the record this commit writes
             fence.tx.execute(
                 "UPDATE master_key SET state = 'deleted', deleted_at = now() WHERE id = %s",
                 (key_id,),
@@ -829,9 +869,17 @@ class Leader:
         )
 
     # -- operator requests -------------------------------------------------------------
+    #
+    # A row of rollover_request is a letter box anyone who writes the config DB can fill.
+    # The leader acts only on a request's signed body (farmkeys.requests), after checking
+    # its MAC, that the row's columns say the same, that it has not expired, and that the
+    # authentic farm state does not list its nonce as answered; the nonce goes into the
+    # record written with the answer. Any other row is answered "refused", audited as
+    # request_refused with the requester the row claims, and nothing else is done.
 
     def answer_requests(self, *, farm: Farm | None = None) -> int:
-        """Carry out every pending `farmkeys rollover` request; how many were answered.
+        """Carry out every pending request that is authentic, refuse the rest; how many
+        were answered.
 
         ``farm``: given by :meth:`tick`, which has just read the master key.
         """
@@ -839,87 +887,153 @@ class Leader:
             farm = self._farm_and_key()
         answered = 0
         while True:
+            row = self._next_request()
+            if row is None:
+                return answered
             try:
-                request, lines = self._answer_one(farm)
-                if request is not None and request["master_key"]:
+                request = self._authenticate(farm, row)
+                lines = self._answer_one(farm, row, request)
+                if lines is None:
+                    continue  # another process took the row meanwhile
+                if request.kind == "master_key":
                     # A master-key roll spans several fenced steps: answered after the last.
-                    lines = self.roll_master_key(
-                        farm, urgent=request["urgent"], request=request["id"]
-                    )
-                    with self._election.fenced(self._db) as fence:
-                        self._answered(fence, request["id"], lines)
+                    lines = self.roll_master_key(farm, urgent=request.urgent, request=row["id"])
+                    with self._fenced(farm) as fence:
+                        self._answered(fence, row["id"], lines, signed=request)
             except _NeedKey as need:
                 self._make_spare(need.purpose)
+                continue
+            except RequestRefusedError as exc:
+                self._refuse(row, exc)
+                answered += 1
                 continue
             except FarmStateError as exc:
                 # No change can be built on rows that fail their farm state: the request is
                 # answered with why, so the operator learns it at once.
-                request = self._next_request()
-                if request is None or request["repair_state"]:
+                if row["repair_state"]:
                     raise
                 with self._election.fenced(self._db) as fence:
-                    self._answered(fence, request["id"], [f"refused: {exc.what}"], ok=False)
+                    self._answered(fence, row["id"], [f"refused: {exc.what}"], ok=False)
                 answered += 1
                 continue
-            if request is None:
-                return answered
             answered += 1
-            log.info("rollover request %d answered: %s", request["id"], "; ".join(lines))
+            log.info("request %d answered: %s", row["id"], "; ".join(lines))
 
-    _REQUEST = (
-        "SELECT id, purpose, urgent, master_key, repair_state, import_certificate, import_blob,"
-        " import_role, import_source FROM rollover_request"
-        " WHERE done_at IS NULL ORDER BY id LIMIT 1"
+    _COLUMNS = (
+        "SELECT id, requested_by, purpose, urgent, master_key, repair_state,"
+        " import_certificate, import_blob, import_role, import_source, body, mac"
+        " FROM rollover_request WHERE done_at IS NULL"
     )
+    _REQUEST = _COLUMNS + " ORDER BY id LIMIT 1"
 
     def _next_request(self) -> dict[str, Any] | None:
         """The oldest pending request, read outside any transaction."""
         rows = self._db.fetch(self._REQUEST)
         return rows[0] if rows else None
 
-    def _answer_one(self, farm: Farm) -> tuple[dict[str, Any] | None, list[str]]:
-        """Answer the oldest pending request in one fenced transaction (a master-key roll:
-        only pick it; its steps follow); the request, or None when there was none."""
-        peek = self._next_request()
-        if peek is None:
-            return None, []
-        if peek["repair_state"]:
+    def _authenticate(self, farm: Farm, row: dict[str, Any]) -> requests.Request:
+        """The request a row carries, once its MAC verifies and its columns agree with it
+        (read outside any transaction: the key may come from the directory);
+        :class:`RequestRefusedError` otherwise. Freshness and replay are judged in the
+        fenced transaction that carries it out (:meth:`_admit`)."""
+        request = requests.verify(
+            row["body"],
+            row["mac"],
+            farm=farm.dkm_group,
+            row_id=row["id"],
+            key_for=lambda key_id: self._key_bytes(farm, key_id),
+        )
+        if requests.columns_differ(request, row):
+            raise RequestRefusedError(
+                f"request {row['id']}'s columns do not say what its signed body says"
+                f" ({request.describe()})",
+                "someone who can write the config DB changed it; nothing was done. Find out"
+                " who, and re-issue the request if it was yours",
+            )
+        return request
+
+    def _admit(self, fence: Fence, request: requests.Request) -> None:
+        """Refuse, in the fenced transaction that would carry it out, a request that has
+        expired or that the authentic farm state lists as answered (a copy of an earlier
+        row put back in the queue)."""
+        requests.check_fresh(request, now=int(fence.now.timestamp()))
+        if self._before is not None and self._before.has_answered(request.nonce):
+            raise RequestRefusedError(
+                f"request {request.id} ({request.describe()}) was answered before: this is"
+                " a copy of it put back in the queue",
+                "nothing was done; someone who can write the config DB replayed it",
+            )
+
+    def _same_row(self, fence: Fence, row: dict[str, Any]) -> bool:
+        """The row is still pending exactly as it was authenticated, and now locked for this
+        transaction (False: another process answered it, or it was changed meanwhile, and
+        is authenticated again on the next round)."""
+        locked = fence.tx.execute(
+            self._COLUMNS + " AND id = %s FOR UPDATE SKIP LOCKED", (row["id"],)
+        )
+        return bool(locked) and locked[0] == row
+
+    def _answer_one(
+        self, farm: Farm, row: dict[str, Any], request: requests.Request
+    ) -> list[str] | None:
+        """Carry out one authentic request in one fenced transaction (a master-key roll:
+        only admit it; its steps follow); the answer's lines, None if the row was gone."""
+        if request.kind == "repair_state":
             with self._election.fenced(self._db) as fence:
-                pending = fence.tx.execute(self._REQUEST + " FOR UPDATE SKIP LOCKED")
-                if not pending or not pending[0]["repair_state"]:
-                    return None, []
-                lines = self._repair_state(fence, farm)
-                self._answered(fence, pending[0]["id"], lines)
-                return pending[0], lines
+                if not self._same_row(fence, row):
+                    return None
+                lines = self._repair_state(fence, farm, request)
+                self._answered(fence, row["id"], lines)
+                return lines
         with self._fenced(farm) as fence:
-            pending = fence.tx.execute(self._REQUEST + " FOR UPDATE SKIP LOCKED")
-            if not pending or pending[0]["repair_state"]:
-                return None, []
-            request = pending[0]
-            lines = []
-            if request["import_blob"] is not None:
-                ok, line = self._import(fence, farm, request)
+            if not self._same_row(fence, row):
+                return None
+            self._admit(fence, request)
+            if request.kind == "master_key":
+                return []
+            if request.kind == "import":
+                ok, line = self._import(fence, farm, row, request)
                 lines = [line]
-                self._answered(fence, request["id"], lines, ok=ok)
-            elif not request["master_key"]:
-                purposes = certs.PURPOSES if request["purpose"] == "all" else (request["purpose"],)
-                rows = fence.tx.live_certificates()
-                lines = [
-                    self._requested(fence, farm, rows, purpose, urgent=request["urgent"])
-                    for purpose in purposes
-                ]
-                self._answered(fence, request["id"], lines)
-            return request, lines
+                self._answered(fence, row["id"], lines, ok=ok, signed=request)
+                return lines
+            assert request.purpose is not None
+            purposes = certs.PURPOSES if request.purpose == "all" else (request.purpose,)
+            rows = fence.tx.live_certificates()
+            lines = [
+                self._requested(fence, farm, rows, purpose, urgent=request.urgent)
+                for purpose in purposes
+            ]
+            self._answered(fence, row["id"], lines, signed=request)
+            return lines
 
-    def _repair_state(self, fence: Fence, farm: Farm) -> list[str]:
-        """`farmkeys repair-state`: authenticate the config DB's live rows as the farm state.
+    def _refuse(self, row: dict[str, Any], exc: RequestRefusedError) -> None:
+        """Answer a request the leader will not act on, and audit why."""
+        log.warning("request %d refused: %s", row["id"], exc.what)
+        with self._election.fenced(self._db) as fence:
+            fence.tx.audit(
+                node=self._election.node_id,
+                term=fence.term,
+                action="request_refused",
+                detail=f"request {row['id']} (claimed requester {row['requested_by']!r}):"
+                f" {exc.what}",
+            )
+            self._answered(fence, row["id"], [f"refused: {exc.what}"], ok=False)
 
-        The operator vouches for the rows (after restoring a backup, say). What the
-        last record that still verifies says is kept where it is stronger than the rows:
-        a certificate it lists as urgently replaced is archived again, never made live.
-        The answer names every difference from that record, so the operator sees what
-        was authenticated.
+    def _repair_state(self, fence: Fence, farm: Farm, request: requests.Request) -> list[str]:
+        """`farmkeys repair-state`: authenticate exactly the live rows the operator reviewed
+        as the farm state.
+
+        The request's MAC covers a digest of those rows; if they changed since, nothing is
+        written. Nothing revoked is ever dropped: the last record that still verifies keeps
+        its revoked list and tombstones, the operator's list adds to it, and when no record
+        verifies the operator must have named the revoked thumbprints. A live certificate
+        in the revoked list is archived again, never made live. The version is one above
+        the last authentic one, or the operator's floor (above what nodes installed after
+        a restored backup), at most :data:`farmstate.MAX_VERSION_STEP` above it.
         """
+        terms = request.repair
+        assert terms is not None
+        requests.check_fresh(request, now=int(fence.now.timestamp()))
         stored = fence.tx.stored_state()
         previous: farmstate.FarmState | None = None
         why = "the config DB has no farm state record"
@@ -933,9 +1047,40 @@ class Leader:
                 )
             except (FarmStateError, DirectoryError) as exc:
                 why = exc.what
-        revoked = set(previous.revoked) if previous is not None else set()
+        if previous is not None and previous.has_answered(request.nonce):
+            raise RequestRefusedError(
+                f"request {request.id} (repair-state) was answered before: this is a copy of"
+                " it put back in the queue",
+                "nothing was done; someone who can write the config DB replayed it",
+            )
+        rows = fence.tx.live_certificates()
+        if requests.rows_digest(farmstate.LiveEntry.of(r) for r in rows) != terms.rows:
+            raise RequestRefusedError(
+                "the config DB's live certificates changed since the operator reviewed them",
+                "nothing was written; run `farmkeys repair-state` again and review them anew",
+            )
+        if previous is None and not terms.revoked_named:
+            raise RequestRefusedError(
+                f"no farm state record verifies ({why}), so its revoked list is unknown",
+                "name the urgently replaced thumbprints to keep with `farmkeys repair-state"
+                " --revoked FILE`; nothing was written",
+            )
+        floor = 0 if previous is None else previous.version
+        version = max(floor + 1, terms.min_version)
+        if version > floor + farmstate.MAX_VERSION_STEP:
+            raise RequestRefusedError(
+                f"repair-state asks for farm state version {version}, more than"
+                f" {farmstate.MAX_VERSION_STEP} above the last authentic version {floor}",
+                "nothing was written; a node row reporting such a version is forged",
+            )
+        revoked = set(terms.revoked) | (set(previous.revoked) if previous is not None else set())
+        shredded = (
+            set(previous.shredded)
+            if previous is not None and previous.format != farmstate.FORMAT_1
+            else self._tombstones(fence)
+        )
         lines = []
-        for row in fence.tx.live_certificates():
+        for row in rows:
             if row.thumbprint in revoked:
                 fence.tx.set_role(row.id, "archived")
                 detail = "urgently replaced before; archived again by repair-state"
@@ -949,22 +1094,45 @@ class Leader:
                 f"differs from version {previous.version}: {line}"
                 for line in previous.differences(rows)
             )
+        self._before, self._answering = previous, [self._answer_entry(request)]
         state = self._write_state(
-            fence, farm, previous, key=None, revoked=revoked, action="state_repair"
+            fence,
+            farm,
+            previous,
+            key=None,
+            revoked=revoked,
+            shredded=shredded,
+            version=version,
+            action="state_repair",
         )
+        self._answering = []
         assert state is not None
         fence.tx.notify(CHANGED_CHANNEL, f"term {fence.term}")
         live = ", ".join(e.describe() for e in state.live) or "none"
         lines.append(f"farm state version {state.version} written: {live}")
         return lines
 
+    @staticmethod
+    def _answer_entry(request: requests.Request) -> farmstate.Answered:
+        return farmstate.Answered(request.nonce, request.expires)
+
     def _answered(
-        self, fence: Fence, request: int, lines: Sequence[str], *, ok: bool = True
+        self,
+        fence: Fence,
+        request_id: int,
+        lines: Sequence[str],
+        *,
+        ok: bool = True,
+        signed: requests.Request | None = None,
     ) -> None:
+        """Record the answer; a ``signed`` request's nonce goes into the farm state record
+        the transaction writes (a :meth:`_fenced` one), so a copy of it is refused."""
+        if signed is not None:
+            self._answering.append(self._answer_entry(signed))
         fence.tx.execute(
             "UPDATE rollover_request SET done_at = now(), done_by = %s, term = %s,"
             " ok = %s, result = %s WHERE id = %s AND done_at IS NULL",
-            (self._election.node_id, fence.term, ok, "\n".join(lines), request),
+            (self._election.node_id, fence.term, ok, "\n".join(lines), request_id),
         )
         fence.tx.notify(CHANGED_CHANNEL, f"term {fence.term}")
 
@@ -997,17 +1165,22 @@ class Leader:
         made = self._generate(fence, farm, purpose, "secondary", reason)
         return f"{purpose}: new secondary {made.thumbprint}"
 
-    def _import(self, fence: Fence, farm: Farm, request: dict[str, Any]) -> tuple[bool, str]:
+    def _import(
+        self, fence: Fence, farm: Farm, row: dict[str, Any], request: requests.Request
+    ) -> tuple[bool, str]:
         """Carry out a `farmkeys import adfs` request: (done, the answer's line).
 
         The certificate arrives sealed under a master key of this farm and bound
         to the id its row gets; it is opened, checked again (another import may
         have brought it meanwhile), sealed under the current key and inserted.
-        A refusal changes nothing but the request's answer.
+        A refusal changes nothing but the request's answer. Everything but the
+        blob comes from the signed request; the blob is the one its digest names.
         """
-        purpose, role = request["purpose"], request["import_role"]
-        cert_id: uuid.UUID = request["import_certificate"]
-        blob = bytes(request["import_blob"])
+        terms = request.import_
+        assert terms is not None
+        assert request.purpose is not None
+        purpose, role, cert_id = request.purpose, terms.role, terms.certificate
+        blob = bytes(row["import_blob"])
         context = blob_context(farm, cert_id, purpose)
         try:
             sealed_under = dkm.master_key_id(blob, context=context)
@@ -1029,10 +1202,10 @@ class Leader:
         if conflict is not None:
             return False, f"import refused: {conflict}"
         key_id, key = self._current_key()  # raising rolls the transaction back
-        reason = f"imported from {request['import_source']}"
+        reason = f"imported from {terms.source}"
         if role == "primary":
             self._retire_primary(fence, fence.tx.live_certificates(), purpose, reason=reason)
-        row = sealed_certificate(
+        made = sealed_certificate(
             self._config,
             dkm_group=farm.dkm_group,
             certificate_id=cert_id,
@@ -1042,8 +1215,8 @@ class Leader:
             master_key_id=key_id,
             master_key=key,
         )
-        fence.tx.insert_certificate(row)
-        self._audit(fence, "import", purpose, row.id, thumb, reason)
+        fence.tx.insert_certificate(made)
+        self._audit(fence, "import", purpose, made.id, thumb, reason)
         return True, f"{purpose}: imported {thumb} as the {role}"
 
 
@@ -1097,23 +1270,90 @@ def request_rollover(
     purpose: str | None,
     urgent: bool,
     timeout_seconds: float,
-    repair_state: bool = False,
+    repair: requests.RepairTerms | None = None,
 ) -> RolloverOutcome:
     """Ask the leader for a rollover and wait for its answer.
 
     ``purpose`` None asks for a master-key rollover (`--master-key`);
-    ``repair_state`` for `farmkeys repair-state` instead.
+    ``repair`` for `farmkeys repair-state` instead, vouching for those terms.
 
     When no process holds the lease, take it for the operation, answer the
     request under the fence, and give the lease back. Either way exactly one
     writer acts. A request nobody answered in time is withdrawn, so it cannot
     surprise anyone later.
     """
-    db.require_farm()
-    request = db.request_rollover(
-        node_id=config.node.id, purpose=purpose, urgent=urgent, repair_state=repair_state
+    kind = "repair_state" if repair is not None else "master_key" if purpose is None else "rollover"
+    request = file_request(
+        config,
+        db,
+        directory,
+        kind=kind,
+        purpose="all" if repair is not None else purpose,
+        urgent=urgent,
+        lifetime_seconds=timeout_seconds,
+        repair=repair,
     )
     return await_answer(config, db, directory, request, timeout_seconds=timeout_seconds)
+
+
+# A request stays valid this much longer than its maker waits for the answer.
+_LIFETIME_MARGIN_SECONDS = 60
+
+
+def file_request(
+    config: Config,
+    db: ConfigDB,
+    directory: Directory,
+    *,
+    kind: str,
+    purpose: str | None,
+    urgent: bool,
+    lifetime_seconds: float,
+    repair: requests.RepairTerms | None = None,
+    import_: tuple[requests.ImportTerms, bytes] | None = None,
+) -> int:
+    """Sign a request under the farm's current master key (the one the directory's
+    CryptoPolicy names, not the config DB's word) and queue it; its id.
+
+    It stays valid for ``lifetime_seconds`` and a minute more (at most
+    :data:`farmkeys.requests.MAX_LIFETIME_SECONDS`), by the config DB's clock.
+    """
+    farm = db.require_farm()
+    key_id = directory.current_key_id(farm.dkm_group)
+    key = directory.master_key(farm.dkm_group, key_id)
+    nonce = uuid.uuid4()
+    lifetime = min(int(lifetime_seconds) + _LIFETIME_MARGIN_SECONDS, requests.MAX_LIFETIME_SECONDS)
+
+    def sign(request_id: int, now: datetime) -> tuple[bytes, bytes]:
+        created = int(now.timestamp())
+        request = requests.Request(
+            id=request_id,
+            nonce=nonce,
+            farm=farm.dkm_group,
+            kind=kind,
+            purpose=purpose,
+            urgent=urgent,
+            requested_by=config.node.id,
+            created=created,
+            expires=created + lifetime,
+            master_key=key_id,
+            repair=repair,
+            import_=None if import_ is None else import_[0],
+        )
+        return requests.sign(request, key)
+
+    terms = None if import_ is None else import_[0]
+    return db.file_request(
+        node_id=config.node.id,
+        purpose=purpose,
+        urgent=urgent,
+        master_key=kind == "master_key",
+        repair_state=kind == "repair_state",
+        import_=None
+        if import_ is None or terms is None
+        else (terms.certificate, import_[1], terms.role, terms.source),
+        sign=sign,
+    )
 
 
 def await_answer(

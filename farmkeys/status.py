@@ -210,6 +210,13 @@ def _farm_state(
         return doc
     except DirectoryError as exc:
         problems.add("warning", f"cannot verify the farm state record: {exc.what}")
+    if stored.version != state.version:
+        problems.add(
+            "critical",
+            f"the farm_state row's version column says {stored.version}, but its record is"
+            f" version {state.version}: someone wrote the config DB by hand (the leader"
+            " ignores the column and rewrites it with its next record)",
+        )
     error = farmstate.mismatch(state, live)
     if error is not None:
         doc["authentic"] = False

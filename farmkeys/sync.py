@@ -153,6 +153,7 @@ def sync(
         master_keys=keys,
         directory_server=directory.last_server,
         state_version=manifest.state_version,
+        revoked=manifest.forgotten,
     )
     return SyncReport(
         node=config.node.id, dkm_group=farm.dkm_group, manifest=manifest, changed=changed
@@ -220,6 +221,13 @@ def check_state(
         raise FarmStateError(
             f"the config DB's farm state is version {state.version}, older than version"
             f" {installed} this node installed (a restored backup?); nothing was installed",
+            farmstate.REPAIR,
+        )
+    if installed is not None and state.version > installed + farmstate.MAX_VERSION_STEP:
+        raise FarmStateError(
+            f"the config DB's farm state is version {state.version}, more than"
+            f" {farmstate.MAX_VERSION_STEP} above version {installed} this node installed;"
+            " no leader makes such a jump, so nothing was installed",
             farmstate.REPAIR,
         )
     if state.version == installed and manifest is not None and manifest.state_digest != digest:

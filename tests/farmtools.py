@@ -216,14 +216,16 @@ def seal_state(farm: TestFarm) -> int:
                 )[0]["v"]
             )
             stored = tx.stored_state()
-            revoked = farmstate.parse(stored.body).revoked if stored is not None else ()
+            before = farmstate.parse(stored.body) if stored is not None else None
             state = farmstate.FarmState.build(
                 farm=found.dkm_group,
                 version=version,
                 term=None,
                 master_key=key_id,
                 rows=tx.live_certificates(),
-                revoked=revoked,
+                revoked=before.revoked if before is not None else (),
+                shredded=before.shredded if before is not None else (),
+                answered=before.answered if before is not None else (),
             )
             body, mac = farmstate.seal(replace(state), dirx.master_key(found.dkm_group, key_id))
             tx.write_state(body=body, mac=mac, version=version, term=None)

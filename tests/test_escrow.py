@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 import ldap3
+import psycopg
 import pytest
 from farmtools import REPO, TestFarm, audit_events, clean_env, db_query, one_error_line
 
@@ -145,6 +146,39 @@ def test_a_key_the_farm_deleted_is_never_brought_back(farm: TestFarm, tmp_path: 
     assert result.code == 0, result.err
     assert f"master key {old} not restored: the farm deleted it" in result.out
     assert old not in directory_keys(farm)
+
+
+def test_a_shredded_key_stays_shredded_whatever_the_master_key_table_says(
+    farm: TestFarm, tmp_path: Path
+) -> None:
+    # The tombstone is in the authenticated farm state record; a config DB writer who
+    # marks the shredded key as merely replaced cannot get it restored.
+    old = next(iter(directory_keys(farm)))
+    out = export(farm, tmp_path)
+    assert farm.run("rollover", "--master-key", "--urgent").code == 0  # old is shredded
+    record = db_query(farm.dsn, "SELECT body FROM farm_state")[0]["body"]
+    assert str(old) in json.loads(bytes(record))["shredded"]
+    with psycopg.connect(farm.dsn) as conn:
+        conn.execute(
+            "UPDATE master_key SET state = 'previous', deleted_at = NULL WHERE id = %s", (old,)
+        )
+    result = farm.run("escrow", "import", str(out), "--passphrase-file", passphrase_file(tmp_path))
+    assert result.code == 0, result.err
+    assert f"master key {old} not restored: the farm deleted it" in result.out
+    assert old not in directory_keys(farm)
+
+
+def test_escrow_import_refuses_when_no_farm_state_record_verifies(
+    farm: TestFarm, tmp_path: Path
+) -> None:
+    out = export(farm, tmp_path)
+    with psycopg.connect(farm.dsn) as conn:
+        conn.execute("UPDATE farm_state SET mac = decode(repeat('00', 32), 'hex')")
+    before = directory_keys(farm)
+    result = farm.run("escrow", "import", str(out), "--passphrase-file", passphrase_file(tmp_path))
+    assert result.code == 1
+    assert "lists the master keys the farm shredded, cannot be verified" in one_error_line(result)
+    assert directory_keys(farm) == before
 
 
 def test_a_key_in_the_directory_with_other_bytes_is_never_overwritten(

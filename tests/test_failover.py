@@ -28,8 +28,10 @@ from farmtools import (
     wait_until,
 )
 
+from farmkeys import rollover
 from farmkeys.config import load
 from farmkeys.configdb import ConfigDB, describe_dsn
+from farmkeys.directory import Directory
 from farmkeys.lab.postgres import LocalPostgres, multi_host_dsn
 from farmkeys.lab.slapd import LocalSlapd
 
@@ -121,8 +123,16 @@ def test_the_farm_carries_on_when_its_config_db_fails_over_to_the_standby(
 
         # A rollover is asked for, and the primary stops at once: the leader is in the
         # middle of it (or has not begun, or has just committed: each must end the same).
-        with ConfigDB(cfg.database, cfg.retry) as db:
-            request = db.request_rollover(node_id="asker", purpose="signing", urgent=True)
+        with ConfigDB(cfg.database, cfg.retry) as db, Directory(cfg.directory, cfg.retry) as dirx:
+            request = rollover.file_request(
+                cfg,
+                db,
+                dirx,
+                kind="rollover",
+                purpose="signing",
+                urgent=True,
+                lifetime_seconds=120,
+            )
         primary.stop()
         time.sleep(TTL + 1.0)  # the lease runs out while there is no primary
         standby.promote()

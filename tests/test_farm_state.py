@@ -106,9 +106,13 @@ def test_each_leader_change_writes_the_next_version(farm: TestFarm) -> None:
     ]
     assert farm.run("sync").code == 0
     assert manifest(farm)["state_version"] == 2
-    # Asking again changes nothing (a secondary exists): no new version.
+    # Asking again changes no certificate (a secondary exists): the next version has the
+    # same live set and notes only that the request was answered, so a copy is refused.
     assert farm.run("rollover", "--purpose", "signing").code == 0
-    assert state_version(farm) == 2
+    assert state_version(farm) == 3
+    again = farmstate.parse(bytes(db_query(farm.dsn, "SELECT body FROM farm_state")[0]["body"]))
+    assert again.live == state.live
+    assert len(again.answered) == 2
 
 
 def test_a_master_key_roll_authenticates_the_state_under_the_new_key(farm: TestFarm) -> None:
@@ -166,7 +170,7 @@ def test_two_updates_after_an_urgent_rollover_cannot_bring_the_old_primary_back(
     assert db_query(farm.dsn, "SELECT id, role, blob FROM certificate ORDER BY id") == before
 
     # repair-state: the urgently replaced certificate is archived again, never authenticated.
-    repaired = farm.run("repair-state")
+    repaired = farm.run("repair-state", "--yes")
     assert repaired.code == 0, repaired.err + repaired.out
     assert f"{old}: urgently replaced before; archived again" in repaired.out
     assert live(farm)[old] == ("signing", "archived")
@@ -224,7 +228,7 @@ def test_a_whole_table_restore_from_an_earlier_dump_is_refused(farm: TestFarm) -
     )
 
     # The operator restored it on purpose: repair-state writes a version above every node's.
-    repaired = farm.run("repair-state")
+    repaired = farm.run("repair-state", "--yes")
     assert repaired.code == 0, repaired.err + repaired.out
     assert "farm state version 3 written" in repaired.out
     assert farm.run("sync").code == 0

@@ -63,15 +63,17 @@ def test_the_bytes_are_canonical_json_with_the_documented_fields() -> None:
     body = state().encode()
     document = json.loads(body)
     assert sorted(document) == [
+        "answered",
         "farm",
         "format",
         "live",
         "master_key",
         "revoked",
+        "shredded",
         "term",
         "version",
     ]
-    assert document["format"] == "farmkeys-state/1"
+    assert document["format"] == "farmkeys-state/2"
     assert document["live"][0] == {
         "id": str(uuid.UUID(int=1)),
         "master_key": str(KEY_ID),
@@ -141,7 +143,7 @@ def test_the_key_lookup_error_passes_through() -> None:
         (lambda d: d.update(version=0), "version is below 1"),
         (lambda d: d.update(version=True), "version"),
         (lambda d: d.update(version=1.5), "version"),
-        (lambda d: d.update(format="farmkeys-state/2"), "format"),
+        (lambda d: d.update(format="farmkeys-state/3"), "format"),
         (lambda d: d.pop("revoked"), "exactly the fields"),
         (lambda d: d.update(extra=1), "exactly the fields"),
         (lambda d: d.update(farm="not-a-uuid"), "farm is not a UUID"),
@@ -209,3 +211,39 @@ def test_the_digest_tells_stored_records_apart() -> None:
     assert farmstate.digest(body, mac) == farmstate.digest(body, mac)
     assert farmstate.digest(body, mac) != farmstate.digest(body, bytes(32))
     assert farmstate.digest(body, mac) != farmstate.digest(body + b" ", mac)
+
+
+def test_a_format_1_record_still_verifies_and_reads_back_without_tombstones() -> None:
+    old = replace(state(), format=farmstate.FORMAT_1)
+    body, mac = farmstate.seal(old, KEY)
+    document = json.loads(body)
+    assert document["format"] == "farmkeys-state/1"
+    assert "shredded" not in document and "answered" not in document
+    got = farmstate.verify(body, mac, farm=FARM, key_for=keys)
+    assert got == old
+    assert got.shredded == () and got.answered == ()
+
+
+def test_tombstones_and_answered_requests_are_covered_by_the_mac() -> None:
+    shredded = uuid.UUID(int=99)
+    answered = farmstate.Answered(uuid.UUID(int=98), 1_700_000_000)
+    record = farmstate.FarmState.build(
+        farm=FARM,
+        version=3,
+        term=1,
+        master_key=KEY_ID,
+        rows=rows(),
+        shredded=[shredded],
+        answered=[answered],
+    )
+    body, mac = farmstate.seal(record, KEY)
+    got = farmstate.verify(body, mac, farm=FARM, key_for=keys)
+    assert got.shredded == (shredded,)
+    assert got.has_answered(answered.request)
+    forged = body.replace(str(shredded).encode(), str(uuid.UUID(int=97)).encode())
+    with pytest.raises(FarmStateError, match="fails authentication"):
+        farmstate.verify(forged, mac, farm=FARM, key_for=keys)
+    unlisted = body.replace(b'"shredded":["' + str(shredded).encode() + b'"]', b'"shredded":[]')
+    assert unlisted != body
+    with pytest.raises(FarmStateError, match="fails authentication"):
+        farmstate.verify(unlisted, mac, farm=FARM, key_for=keys)

@@ -381,13 +381,29 @@ def _forged_request(farm: TestFarm, made: certs.Generated, master_key: bytes | N
             master_key_id=key_id,
             context=blob_context(found.dkm_group, cert_id, "signing"),
         )
-        return db.request_import(
-            node_id="intruder",
+        if master_key is not None:  # the writer's own row: it cannot sign the request
+            return int(
+                db.fetch(
+                    "INSERT INTO rollover_request (requested_by, purpose, urgent, master_key,"
+                    " import_certificate, import_blob, import_role, import_source) VALUES"
+                    " ('intruder', 'signing', false, false, %s, %s, 'primary', 'forged')"
+                    " RETURNING id",
+                    (cert_id, blob),
+                )[0]["id"]
+            )
+        from farmkeys import requests
+        from farmkeys.rollover import file_request
+
+        terms = requests.ImportTerms(cert_id, "primary", "forged", requests.blob_digest(blob))
+        return file_request(
+            cfg,
+            db,
+            dirx,
+            kind="import",
             purpose="signing",
-            role="primary",
-            certificate_id=cert_id,
-            blob=blob,
-            source="forged",
+            urgent=False,
+            lifetime_seconds=60,
+            import_=(terms, blob),
         )
 
 
@@ -399,7 +415,7 @@ def test_a_config_db_writer_without_the_master_key_cannot_slip_a_certificate_in(
     # The next time anyone leads, the pending request is answered: refused.
     assert farm.run("rollover", "--purpose", "decryption").code == 0
     row = db_query(farm.dsn, "SELECT ok, result FROM rollover_request WHERE id = %s", (request,))
-    assert row[0]["ok"] is False and "import refused" in row[0]["result"]
+    assert row[0]["ok"] is False and "carries no MAC" in row[0]["result"]
     thumb = certs.thumbprint(made.certificate)
     assert not db_query(farm.dsn, "SELECT 1 FROM certificate WHERE thumbprint = %s", (thumb,))
     assert not [e for e in audit_events(farm) if e["action"] == "import"]

@@ -1,0 +1,162 @@
+"""The operator's side of `farmkeys repair-state`: what the repair would vouch for.
+
+`repair-state` asks the leader to authenticate the config DB's live rows as
+the farm state, so it must vouch for exactly what the operator saw. This
+module reads the live rows, the stored record (verified if it can be) and
+what the nodes report, and builds a :class:`Review`: every difference from
+the last authentic record, the revoked thumbprints the new record keeps, the
+version it takes, and the warnings the operator must weigh (thumbprints nodes
+remember as revoked that the repair would not keep; node versions too far
+ahead to be honest). Its :attr:`Review.terms` are what the request's MAC
+covers (:class:`farmkeys.requests.RepairTerms`): the leader writes nothing if
+the rows differ when it acts.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from farmkeys import farmstate, requests
+from farmkeys.configdb import ConfigDB
+from farmkeys.directory import Directory
+from farmkeys.errors import ConfigError, DirectoryError, FarmStateError
+
+_THUMBPRINT = re.compile(r"\A[0-9A-F]{40}\Z")
+_MAX_REVOKED_FILE = 1 << 20
+
+
+@dataclass(frozen=True)
+class Review:
+    """What a repair would authenticate, for the operator to confirm."""
+
+    lines: list[str]  # every difference and warning, one line each
+    terms: requests.RepairTerms
+    needed: bool  # False: the record verifies, matches the rows, and nothing would change
+
+
+def read_revoked_file(path: Path) -> tuple[str, ...]:
+    """The thumbprints in ``path``: one per line (SHA-1, hex, any case, colons allowed);
+    blank lines and ``#`` comments are skipped. :class:`ConfigError` for anything else."""
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(_MAX_REVOKED_FILE + 1)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read the revoked-thumbprints file {path}: {exc.strerror}",
+            "give a file with one urgently replaced thumbprint per line",
+        ) from None
+    if len(raw) > _MAX_REVOKED_FILE:
+        raise ConfigError(
+            f"the revoked-thumbprints file {path} is larger than {_MAX_REVOKED_FILE} bytes",
+            "give a file with one urgently replaced thumbprint per line",
+        )
+    found = []
+    for number, line in enumerate(raw.decode("utf-8", "replace").splitlines(), 1):
+        text = line.split("#", 1)[0].strip().replace(":", "").upper()
+        if not text:
+            continue
+        if not _THUMBPRINT.match(text):
+            raise ConfigError(
+                f"line {number} of {path} is not a SHA-1 thumbprint (40 hex digits)",
+                "give a file with one urgently replaced thumbprint per line",
+            )
+        found.append(text)
+    return tuple(sorted(set(found)))
+
+
+def review(db: ConfigDB, directory: Directory, *, revoked_file: tuple[str, ...] | None) -> Review:
+    """What `repair-state` would vouch for now; ``revoked_file``: the thumbprints the
+    operator named (None: not given)."""
+    farm = db.require_farm()
+    rows = db.certificates(include_archived=False)
+    entries = [farmstate.LiveEntry.of(r) for r in rows]
+    stored = db.stored_state()
+    previous: farmstate.FarmState | None = None
+    unverified: farmstate.FarmState | None = None
+    lines: list[str] = []
+    if stored is None:
+        why = "the config DB has no farm state record"
+    else:
+        try:
+            previous = farmstate.verify(
+                stored.body,
+                stored.mac,
+                farm=farm.dkm_group,
+                key_for=lambda key_id: directory.master_key(farm.dkm_group, key_id),
+            )
+        except (FarmStateError, DirectoryError) as exc:
+            why = exc.what
+            try:
+                unverified = farmstate.parse(stored.body)
+            except FarmStateError:
+                unverified = None
+    keep = set(revoked_file or ())
+    if previous is not None:
+        keep |= set(previous.revoked)
+        differences = previous.differences(rows)
+        lines += [f"differs from authentic version {previous.version}: {d}" for d in differences]
+        if stored is not None and stored.version != previous.version:
+            lines.append(
+                f"the farm_state row's version column says {stored.version}, its authentic"
+                f" record {previous.version}: the column is ignored"
+            )
+    else:
+        lines.append(f"no farm state record verifies ({why})")
+        if unverified is not None and unverified.revoked:
+            lines.append(
+                "the unverified record lists as revoked (not trusted; put those you know"
+                f" to be right in --revoked FILE): {', '.join(unverified.revoked)}"
+            )
+        if revoked_file is None:
+            lines.append(
+                "refused unless you name the urgently replaced thumbprints to keep with"
+                " --revoked FILE (an empty file if there are none)"
+            )
+    for entry in entries:
+        if entry.thumbprint in keep:
+            lines.append(f"{entry.describe()} is revoked: the repair archives it again")
+    floor = 0 if previous is None else previous.version
+    nodes = db.nodes()
+    ahead = 0
+    for n in nodes:
+        if n.state_version is None:
+            continue
+        if n.state_version > floor + farmstate.MAX_VERSION_STEP:
+            lines.append(
+                f"node {n.id!r} reports farm state version {n.state_version}, more than"
+                f" {farmstate.MAX_VERSION_STEP} above the last authentic one: ignored (forged?)"
+            )
+        else:
+            ahead = max(ahead, n.state_version)
+    version = max(floor, ahead) + 1
+    if ahead > floor:
+        lines.append(
+            f"nodes installed farm state versions up to {ahead}, above the last authentic"
+            f" {floor}: the new record is version {version}"
+        )
+    for thumbprint, holders in sorted(_remembered(db).items()):
+        if thumbprint not in keep:
+            lines.append(
+                f"node(s) {', '.join(repr(h) for h in holders)} remember {thumbprint} as"
+                " urgently replaced, and the repair would not keep it revoked: add it to"
+                " --revoked FILE to keep it"
+            )
+    terms = requests.RepairTerms(
+        rows=requests.rows_digest(entries),
+        revoked=tuple(sorted(keep)),
+        revoked_named=revoked_file is not None,
+        min_version=version,
+    )
+    needed = previous is None or bool(lines) or not keep <= set(previous.revoked)
+    return Review(lines=lines, terms=terms, needed=needed)
+
+
+def _remembered(db: ConfigDB) -> dict[str, list[str]]:
+    """The thumbprints nodes report they remember as urgently replaced, by thumbprint."""
+    found: dict[str, list[str]] = {}
+    for row in db.fetch("SELECT id, revoked FROM node ORDER BY id"):
+        for thumbprint in row["revoked"] or ():
+            found.setdefault(str(thumbprint), []).append(str(row["id"]))
+    return found

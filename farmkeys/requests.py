@@ -1,0 +1,377 @@
+"""Operator requests, authenticated: what `rollover`, `repair-state` and `import adfs` ask.
+
+The config DB is attacker-writable, so a row of ``rollover_request`` is only a
+letter box. The command that files a request can read the directory (a config
+DB writer cannot), so it signs what it asks: the canonical bytes of a
+:class:`Request` (sorted-key ASCII JSON, like the farm state record) and an
+HMAC-SHA256 over them under a key derived from a master key of the farm with
+HKDF-SHA256, its own label (:data:`MAC_INFO`) and the farm's DKM group, so it
+can be mistaken neither for a blob key nor for the farm state's MAC key, nor
+carried to another farm.
+
+The body covers every field the leader acts on: the row's id, a random nonce,
+the kind, the purpose, urgency, the requester, the creation time and expiry
+(by the config DB's clock, which the leader also judges by), and per kind:
+
+- ``repair_state``: the digest of exactly the live rows the operator reviewed
+  (:func:`rows_digest`), the revoked thumbprints the operator keeps, whether
+  the operator named them, and the lowest version the new record may take;
+- ``import``: the certificate id its row gets, its role, its source, and the
+  SHA-256 of the sealed blob in the row.
+
+The leader (:mod:`farmkeys.rollover`) acts on the body alone, after
+:func:`verify`, and refuses a row whose columns say anything else, whose nonce
+the authentic farm state lists as answered, or whose time has passed. Pure:
+no I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from farmkeys.errors import RequestRefusedError
+
+FORMAT = "farmkeys-request/1"
+MAC_INFO = b"farmkeys operator request MAC v1\x00"
+MAC_SIZE = 32
+MAX_BODY = 64 * 1024  # a request is a few hundred bytes; a repair lists some thumbprints
+MAX_LIFETIME_SECONDS = 24 * 3600
+"""The longest a request stays valid after it was made, whatever its ``--wait``."""
+CLOCK_ALLOWANCE_SECONDS = 5 * 60
+"""How far in the future a request's creation time may be (the config DB's clock, read by
+the command, then by the leader: a database failover can move it)."""
+
+KINDS = ("rollover", "master_key", "repair_state", "import")
+PURPOSES = ("signing", "decryption", "all")
+IMPORT_ROLES = ("primary", "secondary")
+_FIELDS = {
+    "created",
+    "expires",
+    "farm",
+    "format",
+    "id",
+    "import",
+    "kind",
+    "master_key",
+    "nonce",
+    "purpose",
+    "repair",
+    "requested_by",
+    "urgent",
+}
+_REPAIR_FIELDS = {"min_version", "revoked", "revoked_named", "rows"}
+_IMPORT_FIELDS = {"blob_sha256", "certificate", "role", "source"}
+
+
+@dataclass(frozen=True)
+class RepairTerms:
+    """What `repair-state` vouches for."""
+
+    rows: str  # rows_digest() of the live rows the operator reviewed
+    revoked: tuple[str, ...]  # sorted: every thumbprint the new record keeps revoked
+    revoked_named: bool  # the operator named them (--revoked FILE)
+    min_version: int  # the new record's version is at least this
+
+
+@dataclass(frozen=True)
+class ImportTerms:
+    """What `import adfs` hands over (the sealed blob stays in its column)."""
+
+    certificate: uuid.UUID
+    role: str
+    source: str
+    blob_sha256: str
+
+
+@dataclass(frozen=True)
+class Request:
+    """One operator request as its maker signed it."""
+
+    id: int
+    nonce: uuid.UUID
+    farm: uuid.UUID
+    kind: str
+    purpose: str | None  # None for a master-key roll
+    urgent: bool
+    requested_by: str
+    created: int  # seconds since the epoch, the config DB's clock
+    expires: int
+    master_key: uuid.UUID  # the key the MAC is under
+    repair: RepairTerms | None = None
+    import_: ImportTerms | None = None
+
+    def encode(self) -> bytes:
+        """The canonical bytes the MAC covers."""
+        document: dict[str, Any] = {
+            "created": self.created,
+            "expires": self.expires,
+            "farm": str(self.farm),
+            "format": FORMAT,
+            "id": self.id,
+            "import": None,
+            "kind": self.kind,
+            "master_key": str(self.master_key),
+            "nonce": str(self.nonce),
+            "purpose": self.purpose,
+            "repair": None,
+            "requested_by": self.requested_by,
+            "urgent": self.urgent,
+        }
+        if self.repair is not None:
+            document["repair"] = {
+                "min_version": self.repair.min_version,
+                "revoked": list(self.repair.revoked),
+                "revoked_named": self.repair.revoked_named,
+                "rows": self.repair.rows,
+            }
+        if self.import_ is not None:
+            document["import"] = {
+                "blob_sha256": self.import_.blob_sha256,
+                "certificate": str(self.import_.certificate),
+                "role": self.import_.role,
+                "source": self.import_.source,
+            }
+        return json.dumps(
+            document, sort_keys=True, separators=(",", ":"), ensure_ascii=True
+        ).encode("ascii")
+
+    def describe(self) -> str:
+        if self.kind == "rollover":
+            return f"rollover of {self.purpose}" + (" (urgent)" if self.urgent else "")
+        if self.kind == "master_key":
+            return "master-key roll" + (" (urgent)" if self.urgent else "")
+        if self.kind == "import":
+            return f"import of a {self.purpose} certificate"
+        return "repair-state"
+
+
+def mac_key(master_key: bytes, farm: uuid.UUID) -> bytes:
+    """The request MAC key: HKDF-SHA256 of a master key under the requests' own label,
+    bound to the farm's DKM group."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return HKDF(
+        algorithm=hashes.SHA256(), length=MAC_SIZE, salt=None, info=MAC_INFO + farm.bytes
+    ).derive(master_key)
+
+
+def sign(request: Request, master_key: bytes) -> tuple[bytes, bytes]:
+    """The request's bytes and their MAC under ``master_key`` (the key it names)."""
+    body = request.encode()
+    return body, hmac.new(mac_key(master_key, request.farm), body, hashlib.sha256).digest()
+
+
+def rows_digest(entries: Iterable[Any]) -> str:
+    """SHA-256 over the live entries (:class:`farmkeys.farmstate.LiveEntry`: id, purpose,
+    role, thumbprint, master key) in id order: what `repair-state` showed the operator."""
+    h = hashlib.sha256(b"farmkeys repair rows v1\x00")
+    for e in sorted(entries):
+        h.update(f"{e.id} {e.purpose} {e.role} {e.thumbprint} {e.master_key}\n".encode("ascii"))
+    return h.hexdigest()
+
+
+def blob_digest(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
+
+
+def verify(
+    body: bytes | None,
+    mac: bytes | None,
+    *,
+    farm: uuid.UUID,
+    row_id: int,
+    key_for: Callable[[uuid.UUID], bytes],
+) -> Request:
+    """The request in ``body``, once it parses, is this farm's and this row's, and carries
+    a valid MAC under the master key it names; :class:`RequestRefusedError` otherwise.
+
+    ``key_for(id)`` reads that master key; a key the farm no longer has (it was deleted
+    by an urgent master-key roll) refuses the request, which its maker then re-issues.
+    """
+    if body is None or mac is None:
+        raise RequestRefusedError(
+            f"request {row_id} carries no MAC (it was not made by farmkeys' request commands)",
+            "file requests with `farmkeys rollover`, `repair-state` or `import adfs` only",
+        )
+    request = parse(bytes(body))
+    if request.farm != farm or request.id != row_id:
+        raise _forged(row_id, "it was made for another farm or another request row")
+    from farmkeys.errors import DirectoryError
+
+    try:
+        key = key_for(request.master_key)
+    except DirectoryError as exc:
+        raise RequestRefusedError(
+            f"request {row_id} is signed under master key {request.master_key}, which cannot"
+            f" be read: {exc.what}",
+            "re-issue the request (it is signed under the current master key then)",
+        ) from None
+    expected = hmac.new(mac_key(key, farm), bytes(body), hashlib.sha256).digest()
+    if not hmac.compare_digest(expected, bytes(mac)):
+        raise _forged(row_id, "its MAC does not verify")
+    return request
+
+
+def columns_differ(request: Request, row: Mapping[str, Any]) -> bool:
+    """Whether a ``rollover_request`` row's columns say anything else than its signed body
+    (a DB writer flipped the kind, the purpose or urgency, or swapped the import's blob)."""
+    kind = (
+        "master_key"
+        if row["master_key"]
+        else "repair_state"
+        if row["repair_state"]
+        else "import"
+        if row["import_blob"] is not None
+        else "rollover"
+    )
+    if (kind, row["purpose"], bool(row["urgent"])) != (
+        request.kind,
+        request.purpose,
+        request.urgent,
+    ) or row["requested_by"] != request.requested_by:
+        return True
+    terms = request.import_
+    if terms is None:
+        return row["import_blob"] is not None or row["import_certificate"] is not None
+    return (
+        row["import_certificate"] != terms.certificate
+        or row["import_role"] != terms.role
+        or row["import_source"] != terms.source
+        or blob_digest(bytes(row["import_blob"])) != terms.blob_sha256
+    )
+
+
+def check_fresh(request: Request, *, now: int) -> None:
+    """Refuse a request that expired, or that claims to be made in the future."""
+    if now > request.expires:
+        raise RequestRefusedError(
+            f"request {request.id} ({request.describe()}) expired at {request.expires} (now {now})",
+            "re-issue the request",
+        )
+    if request.created > now + CLOCK_ALLOWANCE_SECONDS:
+        raise RequestRefusedError(
+            f"request {request.id} claims to be made in the future", "re-issue the request"
+        )
+
+
+def parse(body: bytes) -> Request:
+    """The request in ``body``; :class:`RequestRefusedError` for anything but canonical
+    bytes of a well-formed request. Says nothing of its authenticity: see :func:`verify`."""
+    if len(body) > MAX_BODY:
+        raise _malformed(f"it is {len(body)} bytes, more than {MAX_BODY}")
+    try:
+        document = json.loads(body.decode("ascii"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise _malformed("it is not ASCII JSON") from None
+    request = _request(document)
+    if request.encode() != body:
+        raise _malformed("it is not in canonical form")
+    return request
+
+
+def _request(document: object) -> Request:
+    fields = _object(document, _FIELDS, "the request")
+    if fields["format"] != FORMAT:
+        raise _malformed(f"its format is not {FORMAT!r}")
+    kind, purpose = fields["kind"], fields["purpose"]
+    if kind not in KINDS:
+        raise _malformed("its kind is unknown")
+    if (purpose is None) != (kind == "master_key") or (
+        purpose is not None and purpose not in PURPOSES
+    ):
+        raise _malformed("its purpose does not fit its kind")
+    if not isinstance(fields["urgent"], bool) or not isinstance(fields["requested_by"], str):
+        raise _malformed("urgent or requested_by has the wrong type")
+    repair = None
+    if (fields["repair"] is None) != (kind != "repair_state"):
+        raise _malformed("repair terms do not fit its kind")
+    if fields["repair"] is not None:
+        terms = _object(fields["repair"], _REPAIR_FIELDS, "the repair terms")
+        revoked = terms["revoked"]
+        if not isinstance(revoked, list) or not all(isinstance(t, str) for t in revoked):
+            raise _malformed("the revoked list is not a list of thumbprints")
+        if revoked != sorted(set(revoked)) or not isinstance(terms["revoked_named"], bool):
+            raise _malformed("the revoked list is not sorted without repeats")
+        if not isinstance(terms["rows"], str):
+            raise _malformed("the rows digest is not a string")
+        repair = RepairTerms(
+            rows=terms["rows"],
+            revoked=tuple(revoked),
+            revoked_named=terms["revoked_named"],
+            min_version=_integer(terms["min_version"], "min_version"),
+        )
+    import_ = None
+    if (fields["import"] is None) != (kind != "import"):
+        raise _malformed("import terms do not fit its kind")
+    if fields["import"] is not None:
+        terms = _object(fields["import"], _IMPORT_FIELDS, "the import terms")
+        if terms["role"] not in IMPORT_ROLES or purpose == "all":
+            raise _malformed("the import's role or purpose is unknown")
+        if not isinstance(terms["source"], str) or not isinstance(terms["blob_sha256"], str):
+            raise _malformed("the import's source or digest is not a string")
+        import_ = ImportTerms(
+            certificate=_uuid(terms["certificate"], "the import's certificate"),
+            role=terms["role"],
+            source=terms["source"],
+            blob_sha256=terms["blob_sha256"],
+        )
+    return Request(
+        id=_integer(fields["id"], "id"),
+        nonce=_uuid(fields["nonce"], "nonce"),
+        farm=_uuid(fields["farm"], "farm"),
+        kind=kind,
+        purpose=purpose,
+        urgent=fields["urgent"],
+        requested_by=fields["requested_by"],
+        created=_integer(fields["created"], "created"),
+        expires=_integer(fields["expires"], "expires"),
+        master_key=_uuid(fields["master_key"], "master_key"),
+        repair=repair,
+        import_=import_,
+    )
+
+
+def _object(value: object, keys: set[str], what: str) -> dict[str, Any]:
+    if not isinstance(value, dict) or set(value) != keys:
+        raise _malformed(f"{what} does not have exactly the fields {sorted(keys)}")
+    return value
+
+
+def _integer(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 63:
+        raise _malformed(f"its {what} is not a non-negative 64-bit integer")
+    return value
+
+
+def _uuid(value: object, what: str) -> uuid.UUID:
+    if not isinstance(value, str):
+        raise _malformed(f"{what} is not a UUID")
+    try:
+        parsed = uuid.UUID(value)
+    except ValueError:
+        raise _malformed(f"{what} is not a UUID") from None
+    if str(parsed) != value:
+        raise _malformed(f"{what} is not a UUID in canonical form")
+    return parsed
+
+
+def _malformed(why: str) -> RequestRefusedError:
+    return RequestRefusedError(
+        f"the request is malformed: {why}",
+        "file requests with `farmkeys rollover`, `repair-state` or `import adfs` only",
+    )
+
+
+def _forged(row_id: int, why: str) -> RequestRefusedError:
+    return RequestRefusedError(
+        f"request {row_id} is not authentic: {why}",
+        "someone who can write the config DB filed or changed it; nothing was done."
+        " Find out who, and re-issue the request if it was yours",
+    )
