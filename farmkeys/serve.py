@@ -57,7 +57,7 @@ from farmkeys.election import Election
 from farmkeys.errors import DatabaseError, DirectoryError, Error, LeaseLostError
 from farmkeys.rollover import Leader
 from farmkeys.sdnotify import Notifier
-from farmkeys.store import Manifest, Store
+from farmkeys.store import Installed, Manifest, Store
 
 if TYPE_CHECKING:
     from farmkeys import metrics
@@ -107,30 +107,54 @@ def sync_retry_delay(failures: int, poll_seconds: float) -> float:
 
 
 def node_health(
-    manifest: Manifest | None, sync_error: Error | None, *, listening: bool, now: datetime
+    installed: Installed | None,
+    sync_error: Error | None,
+    *,
+    listening: bool,
+    now: datetime,
+    store_error: Error | None = None,
 ) -> tuple[bool, dict[str, object]]:
     """What ``/healthz`` answers: (healthy, its JSON body).
 
-    Unhealthy (503) only when this node cannot serve with the farm's keys: nothing
-    installed, the installed signing primary expired, or the last sync *refused* the
-    farm's set (a forged record, a bad blob, a store it cannot write), so it knows it
-    is behind. A config DB or directory that is away is ``degraded`` but healthy: the
-    installed set still signs, and a shared outage must not take every node out of a
-    load balancer at once."""
+    Health follows what this node can serve, never what the config DB claims: the
+    config DB is attacker-writable, and one forged row (a zeroed farm state MAC) makes
+    every node's sync refuse at once; were that a 503, a load balancer would drain the
+    whole farm although each node still serves its intact set. So unhealthy (503,
+    ``failing``) only when the node itself cannot serve: ``store_error`` (the store
+    cannot be read), nothing installed (``installed`` None), an installed file that no
+    longer holds what the manifest records (removed, changed, a role or fixed link gone),
+    or an expired installed signing primary. A failed or refused sync, and a config DB
+    or directory that is away, are ``degraded`` and healthy, the problem named: the
+    installed set still signs, and `farmkeys status` is what alerts."""
     problems: list[str] = []
     healthy = True
-    if manifest is None:
+    manifest = None if installed is None else installed.manifest
+    if store_error is not None:
+        healthy = False
+        problems.append(f"the store cannot be read: {store_error.what}")
+    elif installed is None:
         healthy = False
         problems.append("nothing is installed; run `farmkeys sync`")
     else:
-        for entry in manifest.certificates:
+        for entry in installed.manifest.certificates:
+            if (entry.purpose, entry.thumbprint) not in installed.intact:
+                healthy = False
+                problems.append(
+                    f"the installed {entry.purpose} {entry.role} {entry.thumbprint} no longer"
+                    " matches the store's manifest (a file removed or changed)"
+                )
             if (entry.purpose, entry.role) == ("signing", "primary") and now >= entry.not_after:
                 healthy = False
                 problems.append(f"the installed signing primary {entry.thumbprint} has expired")
+        if healthy and not installed.complete:
+            healthy = False
+            problems.append("the store's role or fixed links are not the installed set's")
     if sync_error is not None:
-        transient = isinstance(sync_error, DatabaseError | DirectoryError)
-        healthy = healthy and transient
-        problems.append(f"the last sync failed: {sync_error.what}")
+        if isinstance(sync_error, DatabaseError | DirectoryError):
+            problems.append(f"the last sync failed: {sync_error.what}")
+        else:
+            serving = f"; serving generation {manifest.generation}" if healthy and manifest else ""
+            problems.append(f"the last sync refused the farm's set: {sync_error.what}{serving}")
     if not listening:
         problems.append("not connected to the config DB")
     status = "failing" if not healthy else "degraded" if problems else "ok"
@@ -406,14 +430,22 @@ class Service:
         )
 
     def _health(self) -> Health:
-        """Whether this node can serve with the farm's keys (see :func:`node_health`)."""
+        """Whether this node can serve with its installed set (see :func:`node_health`):
+        the store is looked at on every request, cheaply (:meth:`Store.verify_installed`)."""
         from farmkeys.publish import Health
 
+        installed: Installed | None = None
+        store_error: Error | None = None
+        try:
+            installed = self.store.verify_installed()
+        except Error as exc:
+            store_error = exc
         ok, detail = node_health(
-            self._manifest(),
+            installed,
             self._sync_error,
             listening=self._listening,
             now=_utcnow(),
+            store_error=store_error,
         )
         detail |= {"node": self.node_id, "leading": self.election.leading}
         return Health(ok, detail)

@@ -319,9 +319,37 @@ class Store:
             generation = self._current_generation()
             if generation is None:
                 return None
-            manifest = self._read_manifest(generation)
+            return self._inspect(generation)
         except StoreError:
             return None
+
+    def verify_installed(self) -> Installed | None:
+        """The installed generation as :meth:`inspect` finds it, for a health check: None
+        only when nothing is installed, :class:`StoreError` when the store cannot be read.
+
+        Cheap enough to run per request: files whose stat is unchanged since this object
+        last verified them are not read again (``_verified``), so a look costs a readlink,
+        the manifest's read and one lstat per file. A generation that an install replaced
+        during the look is looked at again, so a set switched under it is not reported
+        damaged.
+        """
+        for attempt in range(3):
+            last = attempt == 2
+            generation = self._current_generation()
+            if generation is None:
+                return None
+            try:
+                found = self._inspect(generation)
+            except StoreError:
+                if last or self._current_generation() == generation:
+                    raise
+                continue  # its manifest went with two installs meanwhile
+            if found.complete or last or self._current_generation() == generation:
+                return found
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _inspect(self, generation: int) -> Installed:
+        manifest = self._read_manifest(generation)
         complete = True
         store = str(self.path)
         for name, target in FIXED_LINKS.items():

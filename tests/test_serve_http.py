@@ -19,7 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from farmkeys import publish
 from farmkeys.configdb import CHANGED_CHANNEL
+from farmkeys.errors import DirectoryError, Error, FarmStateError, StoreError
 from farmkeys.lab.slapd import LocalSlapd
+from farmkeys.serve import node_health
+from farmkeys.store import Installed, Manifest, ManifestEntry
 
 START = 30.0  # two processes start and sync on a loaded machine
 PUBLISH = {
@@ -266,21 +269,219 @@ def test_healthz_stays_200_but_degraded_while_the_config_db_is_away(
     )
 
 
-def test_healthz_is_503_once_a_sync_refuses_the_farms_set(
+def signing_primary(store: Path) -> str:
+    """The thumbprint of the signing primary a store's manifest.json says is installed."""
+    doc = json.loads((store / "manifest.json").read_text())
+    (found,) = [
+        c["thumbprint"]
+        for c in doc["certificates"]
+        if (c["purpose"], c["role"]) == ("signing", "primary")
+    ]
+    return str(found)
+
+
+def refused_record(problems: list[str]) -> bool:
+    """Whether ``problems`` name a sync that refused the farm state record's MAC."""
+    return any("farm state" in p and "fails authentication" in p for p in problems)
+
+
+def test_a_zeroed_farm_state_mac_leaves_every_node_serving_degraded_not_drained(
     farm: TestFarm, serving: dict[str, str]
 ) -> None:
-    """A node that knows it cannot install the farm's set (here: a forged farm state
-    record) leaves the load balancer; its metrics count the failure."""
-    db_query(
-        farm.dsn, "UPDATE farm_state SET mac = decode(repeat('00', 32), 'hex') RETURNING version"
-    )
+    """Issue 19, attack 4: one UPDATE by someone who can write the config DB makes every
+    node's sync refuse the farm's rows. Each node's installed set is intact, unexpired and
+    still served, so /healthz stays 200 (degraded, naming the refused record): a load
+    balancer keeps the farm. `status` is critical, so monitoring alerts. Only what a node
+    itself cannot serve is 503: here a key file removed (the refused sync cannot repair
+    it) and a new node with nothing installed."""
+    before = {url: get(url + publish.METADATA_PATH) for url in serving.values()}
+    assert all(answer[0] == 200 for answer in before.values())
+    db_query(farm.dsn, "UPDATE farm_state SET mac = decode(repeat('00',32),'hex') RETURNING mac")
     db_query(farm.dsn, "SELECT pg_notify(%s, 'test')", (CHANGED_CHANNEL,))
-    url = serving["node-b"]
-    wait_until(lambda: health(url)[0] == 503, 20.0, "/healthz says 503", interval=0.2)
-    _, body = health(url)
-    assert body["status"] == "failing"
-    assert any("the last sync failed" in p for p in body["problems"]), body
-    assert metrics(url)["farmkeys_sync_errors_total"][0][1] >= 1
+    for node, url in serving.items():
+        wait_until(
+            lambda url=url: refused_record(health(url)[1].get("problems", [])),
+            20.0,
+            f"{node}'s /healthz names the refused farm state record",
+            interval=0.2,
+        )
+        status, body = health(url)
+        assert (status, body["status"], body["node"]) == (200, "degraded", node), body
+        assert body["generation"] == 1
+        # It still serves the set it installed, byte for byte.
+        assert get(url + publish.METADATA_PATH)[::2] == before[url][::2]
+        assert get(url + publish.JWKS_PATH)[0] == 200
+        assert metrics(url)["farmkeys_sync_errors_total"][0][1] >= 1
+    result = farm.run("status")
+    assert result.code == 2, result.out + result.err  # critical: monitoring alerts
+    assert "fails authentication" in result.out + result.err
+
+    # A node whose installed set is damaged cannot serve: 503, even while the others stay.
+    thumbprint = signing_primary(farm.store("node-a"))
+    (farm.store("node-a") / "signing" / f"{thumbprint}.key").unlink()
+    status, body = health(serving["node-a"])
+    assert (status, body["status"]) == (503, "failing"), body
+    assert any(f"signing primary {thumbprint} no longer matches" in p for p in body["problems"])
+    assert refused_record(body["problems"])
+    assert health(serving["node-b"])[:1] == (200,)
+
+    # A node that joins now has nothing it could serve: 503.
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with ServeNodes(farm) as nodes:
+        nodes.start("node-c", publish={**PUBLISH, "listen": f"127.0.0.1:{port}"})
+        wait_until(
+            lambda: refused_record(health(url)[1].get("problems", [])),
+            START,
+            "node-c's first sync refuses the record",
+            interval=0.2,
+            detail=nodes.logs,
+        )
+        status, body = health(url)
+        assert (status, body["status"], body["generation"]) == (503, "failing", None), body
+        assert "nothing is installed; run `farmkeys sync`" in body["problems"]
+    assert not (farm.store("node-c") / "manifest.json").exists()
+
+
+def test_healthz_is_503_while_an_installed_file_is_damaged_until_a_sync_repairs_it(
+    farm: TestFarm,
+) -> None:
+    """/healthz checks the installed files against the manifest on each request (cheaply:
+    a file whose stat is unchanged is not read again), so a key overwritten in place,
+    which changes no name, is seen at once; a sync installs the set again."""
+    farm.overrides["node"]["poll_seconds"] = 3600  # only the notification below re-syncs
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with ServeNodes(farm) as nodes:
+        nodes.start("node-a", publish={**PUBLISH, "listen": f"127.0.0.1:{port}"})
+        wait_until(lambda: health(url)[0] == 200, START, "node-a answers", detail=nodes.logs)
+        wait_until(lambda: leader_rows(farm), START, "node-a leads", detail=nodes.logs)
+        status, body = health(url)
+        assert (status, body["status"], body["generation"]) == (200, "ok", 1), body
+        thumbprint = signing_primary(farm.store())
+        key = farm.store() / "signing" / f"{thumbprint}.key"
+        good = key.read_bytes()
+        with key.open("r+b") as file:  # the same inode and size, other bytes
+            file.write(b"X")
+        status, body = health(url)
+        assert (status, body["status"], body["generation"]) == (503, "failing", 1), body
+        assert body["problems"] == [
+            f"the installed signing primary {thumbprint} no longer matches the store's manifest"
+            " (a file removed or changed)"
+        ]
+        assert get(url + publish.METADATA_PATH)[0] == 200  # certificates only: still published
+        db_query(farm.dsn, "SELECT pg_notify(%s, 'test')", (CHANGED_CHANNEL,))
+        wait_until(
+            lambda: health(url)[:1] == (200,), 20.0, "the sync repaired it", detail=nodes.logs
+        )
+        status, body = health(url)
+        assert (status, body["status"], body["generation"]) == (200, "ok", 2), body
+        assert key.read_bytes() == good
+
+
+# -- node_health, the answer itself ------------------------------------------------------
+
+NOW = datetime(2030, 6, 1, tzinfo=UTC)
+
+
+def installed_set(
+    *, expires: datetime = NOW + timedelta(days=30), damaged: bool = False, links: bool = True
+) -> Installed:
+    entries = tuple(
+        ManifestEntry(
+            purpose=purpose,
+            role="primary",
+            thumbprint=thumbprint,
+            not_after=expires,
+            files={"cert": f"{purpose}/{thumbprint}.pem"},
+        )
+        for purpose, thumbprint in (("signing", "A" * 40), ("decryption", "B" * 40))
+    )
+    manifest = Manifest(node="node-a", generation=7, installed_at=NOW, certificates=entries)
+    intact = {(e.purpose, e.thumbprint) for e in entries}
+    if damaged:
+        intact.discard(("signing", "A" * 40))
+    return Installed(manifest=manifest, intact=frozenset(intact), complete=links and not damaged)
+
+
+def test_node_health_follows_what_the_node_can_serve_not_the_config_db() -> None:
+    refused = FarmStateError(
+        "the config DB's farm state (version 3) fails authentication", "repair"
+    )
+    cases: list[tuple[Installed | None, Error | None, Error | None, int, str, list[str]]] = [
+        (installed_set(), None, None, 200, "ok", []),
+        (
+            installed_set(),
+            refused,
+            None,
+            200,
+            "degraded",
+            [f"the last sync refused the farm's set: {refused.what}; serving generation 7"],
+        ),
+        (
+            installed_set(),
+            DirectoryError("the directory is away", "wait"),
+            None,
+            200,
+            "degraded",
+            ["the last sync failed: the directory is away"],
+        ),
+        (
+            None,
+            refused,
+            None,
+            503,
+            "failing",
+            [
+                "nothing is installed; run `farmkeys sync`",
+                f"the last sync refused the farm's set: {refused.what}",
+            ],
+        ),
+        (
+            installed_set(expires=NOW),
+            None,
+            None,
+            503,
+            "failing",
+            [f"the installed signing primary {'A' * 40} has expired"],
+        ),
+        (
+            installed_set(damaged=True),
+            None,
+            None,
+            503,
+            "failing",
+            [
+                f"the installed signing primary {'A' * 40} no longer matches the store's"
+                " manifest (a file removed or changed)"
+            ],
+        ),
+        (
+            installed_set(links=False),
+            None,
+            None,
+            503,
+            "failing",
+            ["the store's role or fixed links are not the installed set's"],
+        ),
+        (
+            None,
+            None,
+            StoreError("cannot read the manifest", "sync"),
+            503,
+            "failing",
+            ["the store cannot be read: cannot read the manifest"],
+        ),
+    ]
+    for installed, sync_error, store_error, code, status, problems in cases:
+        ok, body = node_health(
+            installed, sync_error, listening=True, now=NOW, store_error=store_error
+        )
+        assert (200 if ok else 503, body["status"]) == (code, status), body
+        assert body["problems"] == problems
+    ok, body = node_health(installed_set(), None, listening=False, now=NOW)
+    assert ok and body["status"] == "degraded"
+    assert body["problems"] == ["not connected to the config DB"]
 
 
 def test_a_port_in_use_is_one_clear_error(farm: TestFarm) -> None:

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
+from farmkeys import store as store_module
 from farmkeys.errors import StoreError
 from farmkeys.store import CertificateFiles, Manifest, Store
 
@@ -651,6 +652,41 @@ def test_a_current_link_pointing_outside_the_store_is_a_store_error(store, first
 
     with pytest.raises(StoreError, match="not at a generation of the store"):
         store.manifest()
+
+
+def test_verify_installed_reads_a_file_once_and_sees_one_changed_in_place(
+    store, first_set, monkeypatch
+):
+    """What /healthz runs per request: nothing installed is None, an unreadable store a
+    StoreError (inspect() says None for both), and a file is read again only when its
+    stat changed, which any write to it does."""
+    assert store.verify_installed() is None
+    store.install(first_set, now=NOW)
+    fresh = Store(store.path, node_id="node-1")  # nothing verified yet
+    reads = []
+    real = store_module._holds
+    monkeypatch.setattr(store_module, "_holds", lambda *a: reads.append(a) or real(*a))
+    found = fresh.verify_installed()
+    assert found is not None and found.complete and found.matches(identity(first_set))
+    assert len(reads) == 9  # three certificates, three files each
+    reads.clear()
+    assert fresh.verify_installed().complete
+    assert reads == []  # every stat unchanged: no file read again
+
+    primary = first_set[0]
+    key = store.path / "signing" / f"{primary.thumbprint}.key"
+    with key.open("r+b") as file:  # the same name, inode and size; other bytes
+        file.write(b"X")
+    found = fresh.verify_installed()
+    assert not found.complete
+    assert ("signing", primary.thumbprint) not in found.intact
+    assert len(found.intact) == 2
+
+    (store.path / "current").unlink()
+    (store.path / "current").write_text("not a link")
+    assert fresh.inspect() is None
+    with pytest.raises(StoreError, match="is not a link"):
+        fresh.verify_installed()
 
 
 @pytest.mark.parametrize(
