@@ -4,6 +4,10 @@ Expected failures (every :class:`farmkeys.errors.Error`) print one line,
 ``farmkeys: error: <what is wrong> — <what to do>``, to stderr and exit 1;
 ``--debug`` adds the traceback. `status` exits 0 / 1 / 2 for ok / warning /
 critical, and 3 when it cannot tell because the config DB is out of reach.
+
+The config DB is attacker-writable: every text this module prints that may hold a DB
+string (status, events, a leader's answer, an error, a log line) passes through
+:func:`farmkeys.terminal.escape` on its way out, one line at a time.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from farmkeys import __version__
 from farmkeys import config as config_module
 from farmkeys.config import Config
 from farmkeys.errors import DatabaseError, Error, ImportRefusedError, RequestRefusedError
+from farmkeys.terminal import EscapingFormatter, escape
 
 # Each command imports what it needs when it runs: a `farmkeys sync` that finds nothing to
 # do never loads ldap3, certificate building, the leader's code or APScheduler.
@@ -348,9 +353,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _report(exc: Error, debug: bool) -> None:
+    # An error's text may quote the config DB (a lease holder, a leader's answer).
     if debug:
-        traceback.print_exception(exc, file=sys.stderr)
-    print(f"farmkeys: error: {exc.diagnostics()}", file=sys.stderr)
+        for chunk in traceback.format_exception(exc):
+            sys.stderr.write("\n".join(escape(line) for line in chunk.split("\n")))
+    print(f"farmkeys: error: {escape(exc.diagnostics())}", file=sys.stderr)
 
 
 def _configure_logging(debug: bool, *, service: bool = False) -> None:
@@ -361,7 +368,10 @@ def _configure_logging(debug: bool, *, service: bool = False) -> None:
         if service
         else "farmkeys: %(levelname)s: %(name)s: %(message)s"
     )
-    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
+    # Every message escaped, from whichever module: it may quote the config DB.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(EscapingFormatter(fmt))
+    logging.basicConfig(level=level, handlers=[handler])
     # Libraries' own debug output may echo requests and responses: keep them quiet.
     for noisy in ("ldap3", "psycopg", "tenacity", "apscheduler"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -378,7 +388,7 @@ def _init(args: argparse.Namespace, config: Config) -> int:
     ):
         report = init.init_farm(config, db, directory, now=_now())
     for warning in report.warnings:
-        print(f"farmkeys: warning: {warning}", file=sys.stderr)
+        print(f"farmkeys: warning: {escape(warning)}", file=sys.stderr)
     if not report.changed:
         print(
             f"farm {report.farm_name!r} is already initialised (DKM group {report.dkm_group});"
@@ -505,7 +515,7 @@ def _repair_state(args: argparse.Namespace, config: Config) -> int:
     ):
         review = repair.review(db, directory, revoked_file=named)
         for line in review.lines:
-            print(f"  {line}")
+            print(f"  {escape(line)}")
         if not review.needed:
             print(
                 "repair-state: the farm state record is authentic and matches the live rows;"
@@ -622,10 +632,15 @@ def _import(args: argparse.Namespace, config: Config) -> int:
 
 
 def _answer(kind: str, outcome: RolloverOutcome) -> int:
-    """Print the leader's answer to a request; the exit code it means."""
-    print(f"{kind} request {outcome.request}, answered by {outcome.done_by} (term {outcome.term}):")
-    for line in outcome.result.splitlines():
-        print(f"  {line}")
+    """Print the leader's answer to a request; the exit code it means.
+
+    The answer is read from the config DB: its lines are the leader's (split at newlines
+    only), every control character within them escaped.
+    """
+    by = escape(str(outcome.done_by))
+    print(f"{kind} request {outcome.request}, answered by {by} (term {outcome.term}):")
+    for line in outcome.result.removesuffix("\n").split("\n") if outcome.result else ():
+        print(f"  {escape(line)}")
     return EXIT_OK if outcome.ok else EXIT_ERROR
 
 
@@ -701,14 +716,14 @@ def _events(args: argparse.Namespace, config: Config) -> int:
         subject = (d["action"], d["purpose"], d["thumbprint"], d["master_key"])
         what = " ".join(x for x in subject if x)
         line = f"{d['at'][:19]}  {d['node']:<12} term {term!s:<4} {what}  {d['detail']}"
-        print(line.rstrip())
+        print(escape(line).rstrip())
     if not docs:
         print("no events")
     return EXIT_OK
 
 
 def render_status(doc: dict[str, Any]) -> str:
-    """The status document as a person reads it."""
+    """The status document as a person reads it, each line escaped (it quotes the config DB)."""
     farm = doc["farm"]
     lines = [
         f"farm      {farm['name']}   DKM group {farm['dkm_group']}",
@@ -766,7 +781,7 @@ def render_status(doc: dict[str, Any]) -> str:
         seen = {True: "has the secondary", False: "HAS NOT FETCHED THE SECONDARY", None: ""}
         last = (rp["last_fetch_at"] or "never")[:19]
         lines.append(f"  {rp['name']:<20} last fetch {last}  {seen[rp['has_secondary']]}".rstrip())
-    return "\n".join(lines)
+    return "\n".join(escape(line) for line in lines)
 
 
 def entry() -> None:

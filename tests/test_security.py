@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import psycopg
@@ -107,3 +109,115 @@ def test_no_output_or_log_line_carries_a_master_key_or_a_password(farm: TestFarm
     assert "DEBUG" in text  # --debug really produced log lines to search
     for secret in secrets:
         assert secret not in text
+
+
+# -- text from the config DB cannot forge output ------------------------------------------
+
+FORGED_ID = "node-x\n  health OK\x1b[8m"
+FORGED_ERROR = "boom\x1b[2J\r\u202eKO \x9b31m\u2028done\x7f"
+# The characters escape() shows escaped (tests/test_terminal.py checks it on each of them).
+CONTROLS = {
+    *map(chr, range(0x20)),
+    "\x7f",
+    *map(chr, range(0x80, 0xA0)),
+    "\u2028",
+    "\u2029",
+    *map(chr, range(0x202A, 0x202F)),
+    *map(chr, range(0x2066, 0x206A)),
+}
+
+
+def raw_controls(text: str) -> set[str]:
+    """Control characters in ``text`` other than the line breaks between its lines."""
+    return {c for line in text.split("\n") for c in line if c in CONTROLS}
+
+
+def test_a_forged_node_row_and_audit_event_cannot_forge_status_or_events_output(
+    farm: TestFarm,
+) -> None:
+    assert farm.run("sync").code == 0
+    with psycopg.connect(farm.dsn) as conn:
+        conn.execute(
+            "INSERT INTO node (id, last_sync, generation, last_error, heartbeat_at,"
+            " directory_error, hook_error, directory_server)"
+            " VALUES (%s, now(), 1, %s, now(), %s, %s, %s)",
+            (FORGED_ID, FORGED_ERROR, FORGED_ERROR, FORGED_ERROR, "dc\x1b]0;owned\x07"),
+        )
+        conn.execute(
+            "INSERT INTO audit_event (node, term, action, detail) VALUES (%s, 1, %s, %s)",
+            (FORGED_ID, "sync\x1b[1A", FORGED_ERROR),
+        )
+    status = farm.spawn("status")
+    events = farm.spawn("events")
+    assert status.code == 1, status.err  # the forged node's errors are warnings
+    assert events.code == 0, events.err
+    for result in (status, events):
+        assert raw_controls(result.out) == set(), result.out
+        assert "node-x\\n  health OK\\x1b[8m" in result.out
+        assert "boom\\x1b[2J\\r\\u202eKO \\x9b31m\\u2028done\\x7f" in result.out
+        assert not any(line.startswith("  health OK") for line in result.out.splitlines())
+    assert "health    WARNING" in status.out
+    assert "directory dc\\x1b]0;owned\\x07" in status.out
+    assert "sync\\x1b[1A" in events.out
+
+    # JSON keeps the text exactly, as JSON escapes: no raw control character either.
+    for args in (("status", "--json"), ("events", "--json")):
+        result = farm.spawn(*args)
+        assert raw_controls(result.out) == set(), result.out
+    nodes = {n["id"]: n for n in farm.spawn("status", "--json").json["nodes"]}
+    assert nodes[FORGED_ID]["last_error"] == FORGED_ERROR
+    (forged,) = [e for e in farm.spawn("events", "--json").json if e["node"] == FORGED_ID]
+    assert forged["detail"] == FORGED_ERROR
+
+
+def test_a_forged_answer_or_lease_holder_cannot_forge_the_commands_output(farm: TestFarm) -> None:
+    # A "leader" that never answers: the forger answers the request in its place.
+    hold_lease(farm)
+    with psycopg.connect(farm.dsn) as conn:
+        conn.execute(
+            "UPDATE leader_lease SET holder_node = %s", ("node-a\n  rollover done\x1b[8m",)
+        )
+    forged_answer = "signing: new secondary\x1b[8m\n\x1b[1A\x1b[2Kall fine\u202e"
+
+    def forge() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with psycopg.connect(farm.dsn, autocommit=True) as conn:
+                row = conn.execute(
+                    "UPDATE rollover_request SET done_at = now(), done_by = %s, term = 1,"
+                    " ok = true, result = %s WHERE done_at IS NULL RETURNING id",
+                    (FORGED_ID, forged_answer),
+                ).fetchone()
+            if row:
+                return
+            time.sleep(0.05)
+
+    forger = threading.Thread(target=forge)
+    forger.start()
+    answered = farm.spawn("rollover", "--wait", "30")
+    forger.join()
+    assert answered.code == 0, answered.err
+    assert raw_controls(answered.out) == set(), answered.out
+    lines = answered.out.splitlines()
+    assert "answered by node-x\\n  health OK\\x1b[8m (term 1):" in lines[0]
+    assert lines[1:] == ["  signing: new secondary\\x1b[8m", "  \\x1b[1A\\x1b[2Kall fine\\u202e"]
+
+    # Nobody answers in time: the error names the lease's holder, escaped, on one line.
+    timed_out = farm.spawn("rollover", "--wait", "0.3")
+    assert timed_out.code == 1
+    assert raw_controls(timed_out.err) == set(), timed_out.err
+    assert "the leader (node-a\\n  rollover done\\x1b[8m) did not answer" in one_error_line(
+        timed_out
+    )
+    debug = farm.spawn("--debug", "rollover", "--wait", "0.3")
+    assert "Traceback" in debug.err
+    assert raw_controls(debug.err) == set(), debug.err
+
+
+def test_a_forged_dkm_container_cannot_forge_an_error_line(farm: TestFarm) -> None:
+    with psycopg.connect(farm.dsn) as conn:
+        conn.execute("UPDATE farm SET dkm_container = %s", ("ou=x\nfarmkeys: ok\x1b[8m",))
+    result = farm.spawn("init")
+    assert result.code == 1
+    assert raw_controls(result.err) == set(), result.err
+    assert "the farm's DKM container is ou=x\\nfarmkeys: ok\\x1b[8m," in one_error_line(result)
