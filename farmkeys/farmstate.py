@@ -16,6 +16,10 @@ leader writes, with every change, one record of the whole live set:
 - ``shredded`` (format 2): the master keys the leader deleted from the
   directory, which `escrow import` never restores (the tombstones; the
   ``master_key`` table's ``deleted`` state is only a copy for reading);
+- ``replaced`` (format 2): each master key the leader replaced and has not yet
+  deleted, with when (and whether urgently), so a DB writer who edits the
+  ``master_key`` table cannot make the leader delete a key sooner than its
+  retention (deleting is irreversible: it shreds what was sealed under it);
 - ``answered`` (format 2): the operator requests (:mod:`farmkeys.requests`)
   the leader carried out that are not yet expired, by nonce, so an authentic
   request copied back into the queue is refused instead of done twice;
@@ -60,8 +64,9 @@ PURPOSES = ("signing", "decryption")
 LIVE_ROLES = ("primary", "secondary", "retired")
 _THUMBPRINT = re.compile(r"\A[0-9A-F]{40}\Z")
 _FIELDS_1 = {"farm", "format", "live", "master_key", "revoked", "term", "version"}
-_FIELDS = _FIELDS_1 | {"answered", "shredded"}
+_FIELDS = _FIELDS_1 | {"answered", "replaced", "shredded"}
 _ANSWERED_FIELDS = {"expires", "request"}
+_REPLACED_FIELDS = {"at", "key", "urgent"}
 _ENTRY_FIELDS = {"id", "master_key", "purpose", "role", "thumbprint"}
 
 REPAIR = "restore the config DB from a backup, or run `farmkeys repair-state` as the leader"
@@ -101,6 +106,16 @@ class Answered:
     expires: int
 
 
+@dataclass(frozen=True, order=True)
+class Replaced:
+    """A master key the leader replaced: when (seconds since the epoch, the config DB's
+    clock), and whether urgently (then it is deleted at once, not after ``retain``)."""
+
+    key: uuid.UUID
+    at: int
+    urgent: bool
+
+
 @dataclass(frozen=True)
 class FarmState:
     """One version of the farm state (not yet authentic until :func:`verify` says so)."""
@@ -113,6 +128,7 @@ class FarmState:
     revoked: tuple[str, ...]  # sorted
     shredded: tuple[uuid.UUID, ...] = ()  # sorted
     answered: tuple[Answered, ...] = ()  # sorted by nonce
+    replaced: tuple[Replaced, ...] = ()  # sorted by key
     format: str = FORMAT  # FORMAT_1 only for a record read from before format 2
 
     @classmethod
@@ -127,10 +143,12 @@ class FarmState:
         revoked: Iterable[str] = (),
         shredded: Iterable[uuid.UUID] = (),
         answered: Iterable[Answered] = (),
+        replaced: Iterable[Replaced] = (),
     ) -> FarmState:
         """The record of ``rows`` (the live certificates), in canonical order. Of two
         ``answered`` entries for one request, the later expiry is kept."""
         live = tuple(sorted(LiveEntry.of(r) for r in rows))
+        shredded = set(shredded)
         latest: dict[uuid.UUID, int] = {}
         for a in answered:
             latest[a.request] = max(a.expires, latest.get(a.request, a.expires))
@@ -141,9 +159,13 @@ class FarmState:
             master_key,
             live,
             tuple(sorted(set(revoked))),
-            tuple(sorted(set(shredded))),
+            tuple(sorted(shredded)),
             tuple(sorted(Answered(r, e) for r, e in latest.items())),
+            tuple(sorted({r.key: r for r in replaced if r.key not in shredded}.values())),
         )
+
+    def replaced_key(self, key: uuid.UUID) -> Replaced | None:
+        return next((r for r in self.replaced if r.key == key), None)
 
     def answered_now(self, now: int) -> tuple[Answered, ...]:
         """The answered requests not yet expired at ``now`` (seconds since the epoch)."""
@@ -177,6 +199,9 @@ class FarmState:
             document["answered"] = [
                 {"expires": a.expires, "request": str(a.request)} for a in self.answered
             ]
+            document["replaced"] = [
+                {"at": r.at, "key": str(r.key), "urgent": r.urgent} for r in self.replaced
+            ]
         else:
             document["format"] = FORMAT_1
         return json.dumps(
@@ -191,6 +216,7 @@ class FarmState:
             and self.revoked == other.revoked
             and self.shredded == other.shredded
             and self.answered == other.answered
+            and self.replaced == other.replaced
             and self.format == other.format
         )
 
@@ -329,7 +355,14 @@ def _state(document: object) -> FarmState:
         raise _malformed("revoked is not sorted without repeats")
     shredded: tuple[uuid.UUID, ...] = ()
     answered: tuple[Answered, ...] = ()
+    replaced: tuple[Replaced, ...] = ()
     if form == FORMAT:
+        items = fields["replaced"]
+        if not isinstance(items, list):
+            raise _malformed("replaced is not a list")
+        replaced = tuple(_replaced(item) for item in items)
+        if [r.key for r in replaced] != sorted({r.key for r in replaced}):
+            raise _malformed("replaced is not sorted by key without repeats")
         listed = fields["shredded"]
         if not isinstance(listed, list):
             raise _malformed("shredded is not a list")
@@ -351,7 +384,19 @@ def _state(document: object) -> FarmState:
         revoked=tuple(revoked),
         shredded=shredded,
         answered=answered,
+        replaced=replaced,
         format=form,
+    )
+
+
+def _replaced(item: object) -> Replaced:
+    fields = _object(item, _REPLACED_FIELDS, "a replaced master key")
+    if not isinstance(fields["urgent"], bool):
+        raise _malformed("a replaced master key's urgent is not a boolean")
+    return Replaced(
+        key=_uuid(fields["key"], "a replaced master key"),
+        at=_integer(fields["at"], "replaced master key's time"),
+        urgent=fields["urgent"],
     )
 
 

@@ -215,6 +215,7 @@ class Leader:
         self._revoking: set[str] = set()  # urgently replaced in the open fenced transaction
         self._shredding: set[uuid.UUID] = set()  # master keys deleted in it
         self._answering: list[farmstate.Answered] = []  # requests answered in it
+        self._replacing: list[farmstate.Replaced] = []  # master keys replaced in it
         self._before: farmstate.FarmState | None = None  # its authentic record
 
     def _refresh_key(self, farm: Farm) -> None:
@@ -289,6 +290,7 @@ class Leader:
         """
         with self._election.fenced(self._db) as fence:
             self._revoking, self._shredding, self._answering = set(), set(), []
+            self._replacing = []
             before = self._authentic_state(fence, farm)
             self._before = before
             yield fence
@@ -356,6 +358,11 @@ class Leader:
                 if before is not None and before.format != farmstate.FORMAT_1
                 else self._tombstones(fence)
             )
+        replaced = self._replacing + (
+            list(before.replaced)
+            if before is not None and before.format != farmstate.FORMAT_1
+            else self._replaced_since_now(fence)
+        )
         known = key if key is not None else self._key  # None: not read (the directory is down)
         kept = () if before is None else before.answered
         if before is not None and action is None and not self._answering:
@@ -368,6 +375,7 @@ class Leader:
                 revoked=revoked,
                 shredded=shredded,
                 answered=kept,
+                replaced=replaced,
             )
             if before.same_content(unchanged) and (known is None or known[0] == before.master_key):
                 return None  # nothing to write: no key needed
@@ -383,6 +391,7 @@ class Leader:
             shredded=shredded,
             # Expired requests are refused as stale anyway: a record keeps only the others.
             answered=[a for a in kept if a.expires >= now] + self._answering,
+            replaced=replaced,
         )
         body, mac = farmstate.seal(state, key_bytes)
         fence.tx.write_state(body=body, mac=mac, version=state.version, term=fence.term)
@@ -397,6 +406,14 @@ class Leader:
                 detail=f"farm state version {state.version}: {len(state.live)} live certificates",
             )
         return state
+
+    def _replaced_since_now(self, fence: Fence) -> list[farmstate.Replaced]:
+        """The replaced master keys to record when no record lists them yet (a farm's first
+        record of format 2): those the ``master_key`` table marks ``previous``, replaced as
+        of now. Later than the truth, so their deletion can only come later, never sooner."""
+        rows = fence.tx.execute("SELECT id FROM master_key WHERE state = 'previous'")
+        now = int(fence.now.timestamp())
+        return [farmstate.Replaced(r["id"], now, False) for r in rows]
 
     def _tombstones(self, fence: Fence) -> set[uuid.UUID]:
         """The master keys to record as shredded when no record lists them yet (a farm's
@@ -700,6 +717,12 @@ class Leader:
             self._reseal(fence, farm, rows, key_id, new_key, olds)
             replaced_key = policy.current_key(fence.tx.master_keys())
             replaced = None if replaced_key is None else replaced_key.id
+            if self._before is not None:  # the authenticated current key, not the table's
+                replaced = self._before.master_key
+            if replaced is not None and replaced != key_id:
+                self._replacing.append(
+                    farmstate.Replaced(replaced, int(fence.now.timestamp()), urgent)
+                )
             once.set_current_key(group, key_id)
             fence.tx.execute(
                 "UPDATE master_key SET state = 'previous', replaced_at = now(),"
@@ -803,6 +826,10 @@ class Leader:
             state = fence.tx.execute("SELECT state FROM master_key WHERE id = %s", (key_id,))
             if counts["live"] or not state or state[0]["state"] != "previous":
                 return f"master key {key_id} was not deleted: it is not a replaced, unused key"
+            held = self._deletion_held(fence, key_id)
+            if held is not None:
+                log.warning("%s", held)
+                return held
             once.delete_key(farm.dkm_group, key_id)
             self._shredding.add(key_id)  # the tombstone, in the record this commit writes
             fence.tx.execute(
@@ -818,6 +845,31 @@ class Leader:
         self._directory.forget(farm.dkm_group, key_id)
         self._step("deleted", key_id)
         return line
+
+    def _deletion_held(self, fence: Fence, key_id: uuid.UUID) -> str | None:
+        """Why the authenticated farm state forbids deleting ``key_id`` now, or None.
+
+        Deleting a master key is irreversible, and the ``master_key`` table that schedules
+        it (``delete_now``, ``unused_since``) is a DB writer's to edit: the key must be one
+        the record lists as replaced (urgently, or ``retain`` ago), neither the record's
+        current key nor named by a live entry."""
+        before = self._before
+        entry = None if before is None else before.replaced_key(key_id)
+        if before is None or entry is None:
+            return (
+                f"master key {key_id} was not deleted: the authenticated farm state does not"
+                " record it as replaced"
+            )
+        if key_id == before.master_key or any(e.master_key == key_id for e in before.live):
+            return f"master key {key_id} was not deleted: the authenticated farm state uses it"
+        retain = self._config.policy.units(self._config.master_key.retain).total_seconds()
+        due = entry.at + int(retain)
+        if not entry.urgent and int(fence.now.timestamp()) < due:
+            return (
+                f"master key {key_id} was not deleted: the authenticated farm state shows it"
+                f" replaced at {entry.at}, so it is kept until {due} (its retention)"
+            )
+        return None
 
     def _repair_policy(
         self, farm: Farm, once: Directory, current: uuid.UUID, found: uuid.UUID

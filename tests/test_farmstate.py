@@ -68,6 +68,7 @@ def test_the_bytes_are_canonical_json_with_the_documented_fields() -> None:
         "format",
         "live",
         "master_key",
+        "replaced",
         "revoked",
         "shredded",
         "term",

@@ -219,6 +219,31 @@ def age_current_key(farm: TestFarm, days: int) -> None:
         )
 
 
+def age_replaced_key(farm: TestFarm, config: Config, key: uuid.UUID, days: int) -> None:
+    """Time passes for a replaced key: the ``master_key`` table and the authenticated farm
+    state record (re-sealed as the leader would, with the key it names) both say it was
+    replaced ``days`` ago."""
+    from dataclasses import replace
+
+    from farmkeys import farmstate
+
+    with psycopg.connect(farm.dsn) as conn:
+        conn.execute(
+            "UPDATE master_key SET unused_since = now() - make_interval(days => %s),"
+            " replaced_at = now() - make_interval(days => %s) WHERE id = %s",
+            (days, days, key),
+        )
+        body = bytes(conn.execute("SELECT body FROM farm_state").fetchone()[0])  # type: ignore[index]
+        state = farmstate.parse(body)
+        entry = state.replaced_key(key)
+        assert entry is not None
+        aged = replace(entry, at=entry.at - days * 86400)
+        state = replace(state, replaced=tuple(aged if r.key == key else r for r in state.replaced))
+        with Directory(config.directory, config.retry) as dirx:
+            sealed, mac = farmstate.seal(state, dirx.master_key(group_of(farm), state.master_key))
+        conn.execute("UPDATE farm_state SET body = %s, mac = %s", (sealed, mac))
+
+
 def assert_consistent(farm: TestFarm, config: Config) -> None:
     """The two invariants of every instant: no live blob names a key the directory lacks,
     and the directory holds no key the farm does not record."""
@@ -285,11 +310,7 @@ def test_a_replaced_key_is_deleted_after_retain_and_its_archived_blobs_are_shred
     age_current_key(farm, 365)
     leader.tick()
     assert old in directory_keys(config, group)  # kept for `retain` (365 by default)
-    with psycopg.connect(farm.dsn) as conn:  # retain has passed since the roll
-        conn.execute(
-            "UPDATE master_key SET unused_since = now() - interval '365 days' WHERE id = %s",
-            (old,),
-        )
+    age_replaced_key(farm, config, old, 365)  # retain has passed since the roll
     done = leader.tick()
 
     assert [(d.action, d.thumbprint) for d in done] == [("delete", str(old))]
@@ -311,6 +332,30 @@ def test_a_replaced_key_is_deleted_after_retain_and_its_archived_blobs_are_shred
     status = farm.run("status", "--json").json
     states = {k["id"]: k["state"] for k in status["master_keys"]}
     assert states[str(old)] == "deleted"
+
+
+def test_a_config_db_writer_cannot_make_the_leader_delete_a_replaced_key_early(
+    farm: TestFarm, config: Config, leader: Leader
+) -> None:
+    # Deleting a key is irreversible (it shreds the archived blobs sealed under it): the
+    # schedule in the master_key table alone, which a DB writer edits, is not enough.
+    group = group_of(farm)
+    add_certificate(farm, purpose="signing", role="archived")
+    old = current_key(farm)
+    age_current_key(farm, 365)
+    leader.tick()
+    with psycopg.connect(farm.dsn) as conn:
+        conn.execute(
+            "UPDATE master_key SET unused_since = now() - interval '10 years',"
+            " replaced_at = now() - interval '10 years', delete_now = true WHERE id = %s",
+            (old,),
+        )
+    for step in leader.tick():
+        if step.action == "delete":
+            assert "not deleted: the authenticated farm state shows it replaced" in step.detail
+    assert old in directory_keys(config, group)
+    assert recorded(farm)[old] == "previous"
+    assert "master_key_delete" not in [e["action"] for e in audit_events(farm)]
 
 
 def test_rollover_master_key_rolls_now_and_answers_the_operator(
