@@ -149,10 +149,13 @@ class FetchRow:
     last_fetched_at: datetime
     node: str
     document: str
+    mac: bytes | None = None  # by the node that served it (farmkeys.fetch_record)
+    mac_key: uuid.UUID | None = None
 
 
 _FETCHES = (
-    "SELECT relying_party, thumbprint, first_fetched_at, last_fetched_at, node, document"
+    "SELECT relying_party, thumbprint, first_fetched_at, last_fetched_at, node, document,"
+    " mac, mac_key"
     " FROM relying_party_fetch ORDER BY relying_party, thumbprint"
 )
 
@@ -728,17 +731,31 @@ class ConfigDB:
         )
 
     def record_fetch(
-        self, relying_party: str, *, node_id: str, document: str, thumbprints: Sequence[str]
+        self,
+        relying_party: str,
+        *,
+        node_id: str,
+        document: str,
+        thumbprints: Sequence[str],
+        macs: Sequence[bytes | None] | None = None,
+        mac_key: uuid.UUID | None = None,
     ) -> None:
         """``relying_party`` fetched ``document`` (metadata or jwks) from ``node_id``, which
-        served it these signing thumbprints. A thumbprint it had never fetched wakes the
-        leader (a promotion may have waited for it: ``policy.require_fetch``)."""
+        served it these signing thumbprints; ``macs``: each one's fetch MAC under master
+        key ``mac_key`` (:mod:`farmkeys.fetch_record`). A thumbprint it had never fetched
+        wakes the leader (a promotion may have waited for it: ``policy.require_fetch``)."""
+        marks = list(macs) if macs is not None else [None] * len(thumbprints)
         self.fetch(
             "WITH upserted AS ("
-            " INSERT INTO relying_party_fetch (relying_party, thumbprint, node, document)"
-            " SELECT %(rp)s, t, %(node)s, %(doc)s FROM unnest(%(thumbprints)s::text[]) AS t"
+            " INSERT INTO relying_party_fetch (relying_party, thumbprint, node, document, mac,"
+            " mac_key)"
+            " SELECT %(rp)s, t, %(node)s, %(doc)s, m, %(key)s::uuid"
+            " FROM unnest(%(thumbprints)s::text[], %(macs)s::bytea[]) AS u(t, m)"
             " ON CONFLICT (relying_party, thumbprint) DO UPDATE SET last_fetched_at = now(),"
-            " node = EXCLUDED.node, document = EXCLUDED.document"
+            " node = EXCLUDED.node, document = EXCLUDED.document,"
+            " mac = coalesce(EXCLUDED.mac, relying_party_fetch.mac),"
+            " mac_key = CASE WHEN EXCLUDED.mac IS NULL THEN relying_party_fetch.mac_key"
+            " ELSE EXCLUDED.mac_key END"
             " RETURNING (xmax = 0) AS inserted)"
             " SELECT pg_notify(%(channel)s, 'fetch') FROM upserted WHERE inserted LIMIT 1",
             {
@@ -747,6 +764,8 @@ class ConfigDB:
                 "node": node_id,
                 "doc": document,
                 "thumbprints": list(thumbprints),
+                "macs": marks,
+                "key": mac_key,
             },
         )
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from farmkeys import bundle, certs, dkm, farmstate, policy, requests
+from farmkeys import bundle, certs, dkm, farmstate, fetch_record, policy, requests
 from farmkeys.config import Config, RetryConfig
 from farmkeys.configdb import (
     CHANGED_CHANNEL,
@@ -217,6 +217,7 @@ class Leader:
         self._answering: list[farmstate.Answered] = []  # requests answered in it
         self._replacing: list[farmstate.Replaced] = []  # master keys replaced in it
         self._before: farmstate.FarmState | None = None  # its authentic record
+        self._farm: Farm | None = None  # the farm, as last read
 
     def _refresh_key(self, farm: Farm) -> None:
         """Learn the current master key before any transaction opens.
@@ -266,6 +267,7 @@ class Leader:
         """The farm, with the current master key, and the one the farm state record names,
         read (outside any transaction)."""
         farm = self._db.require_farm()
+        self._farm = farm
         self._refresh_key(farm)
         try:
             stored = self._db.stored_state()
@@ -517,8 +519,27 @@ class Leader:
         has_secondary = any(r.purpose == "signing" and r.role == "secondary" for r in rows)
         if not (self._config.policy.require_fetch and parties and has_secondary):
             return {}
-        fetched = {(f.relying_party, f.thumbprint) for f in fetches()}
+        fetched = {(f.relying_party, f.thumbprint) for f in fetches() if self._authentic(f)}
         return policy.unfetched_by(parties, fetched, rows)
+
+    def _authentic(self, fetch: FetchRow) -> bool:
+        """Whether a fetch record carries a valid MAC of the node that served it: a forged
+        row must not release a promotion held for that relying party. The key is one the
+        leader has read (cached by the directory client), so this costs no request."""
+        if fetch.mac is None or fetch.mac_key is None or self._farm is None:
+            return False
+        farm = self._farm
+        try:
+            key = fetch_record.mac_key(self._key_bytes(farm, fetch.mac_key), farm.dkm_group)
+        except DirectoryError:
+            return False
+        return fetch_record.verify(
+            key,
+            fetch.mac,
+            farm=farm.dkm_group,
+            relying_party=fetch.relying_party,
+            thumbprint=fetch.thumbprint,
+        )
 
     def _db_now(self) -> datetime:
         now: datetime = self._db.fetch("SELECT now() AS now")[0]["now"]

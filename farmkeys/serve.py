@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from farmkeys import fetch_record
 from farmkeys import sync as node_sync
 from farmkeys.config import Config, RetryConfig
 from farmkeys.configdb import CHANGED_CHANNEL, REQUEST_CHANNEL, ConfigDB
@@ -209,6 +210,8 @@ class Service:
         self._renewed_at = 0.0
         self._directory_error: str | None = None
         self._group: uuid.UUID | None = None  # the farm's DKM group, known after a sync
+        self._fetch_keys: tuple[uuid.UUID, ...] = ()  # master keys the last sync opened with
+        self._fetch_macs: dict[uuid.UUID, bytes] = {}  # the fetch MAC key derived, by its key
         self._failed_syncs = 0  # in a row; the next sync is retried sooner than the poll
         self._sync_error: Error | None = None  # the last sync's, None when it succeeded
         self._listening = False  # the config DB listener is connected
@@ -364,6 +367,7 @@ class Service:
         recovered = self._failed_syncs > 0
         self._failed_syncs = 0
         self._group = report.dkm_group
+        self._fetch_keys = report.master_keys
         if report.changed:
             self._run_hook(before, report.manifest)
         self._synced_once = True
@@ -411,7 +415,45 @@ class Service:
         )
 
     def _record_fetch(self, rp: str, document: str, thumbprints: Sequence[str]) -> None:
-        self._db.record_fetch(rp, node_id=self.node_id, document=document, thumbprints=thumbprints)
+        """Record a relying party's fetch, each thumbprint marked with its fetch MAC under a
+        master key the last sync opened blobs with (in memory: no directory request)."""
+        group, key = self._group, self._fetch_key()
+        if group is None or key is None:
+            self._db.record_fetch(
+                rp, node_id=self.node_id, document=document, thumbprints=thumbprints
+            )
+            return
+        key_id, mac_key = key
+        macs = [
+            fetch_record.sign(mac_key, farm=group, relying_party=rp, thumbprint=t)
+            for t in thumbprints
+        ]
+        self._db.record_fetch(
+            rp,
+            node_id=self.node_id,
+            document=document,
+            thumbprints=thumbprints,
+            macs=macs,
+            mac_key=key_id,
+        )
+
+    def _fetch_key(self) -> tuple[uuid.UUID, bytes] | None:
+        """A fetch MAC key and the id of the master key it comes from; None if none is known
+        (the fetch is then recorded unmarked: it only delays a held promotion)."""
+        group = self._group
+        for key_id in self._fetch_keys:
+            cached = self._fetch_macs.get(key_id)
+            if cached is not None:
+                return key_id, cached
+            if group is None:
+                break
+            try:
+                derived = fetch_record.mac_key(self.directory.master_key(group, key_id), group)
+            except DirectoryError:
+                continue
+            self._fetch_macs = {key_id: derived}
+            return key_id, derived
+        return None
 
     def _farm_status(self) -> dict[str, Any]:
         from farmkeys.status import farm_status

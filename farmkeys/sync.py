@@ -59,6 +59,7 @@ class SyncReport:
     dkm_group: uuid.UUID
     manifest: Manifest
     changed: bool
+    master_keys: tuple[uuid.UUID, ...] = ()  # the keys this sync proved it can open with
 
 
 def sync(
@@ -116,7 +117,11 @@ def sync(
         elif live.recorded and set(keys) == live.confirmed_keys & {r.master_key for r in rows}:
             # Nothing changed, and the read recorded the sync already.
             return SyncReport(
-                node=config.node.id, dkm_group=farm.dkm_group, manifest=manifest, changed=False
+                node=config.node.id,
+                dkm_group=farm.dkm_group,
+                manifest=manifest,
+                changed=False,
+                master_keys=tuple(keys),
             )
     else:
         intact = frozenset() if installed is None else installed.intact
@@ -156,7 +161,11 @@ def sync(
         revoked=manifest.forgotten,
     )
     return SyncReport(
-        node=config.node.id, dkm_group=farm.dkm_group, manifest=manifest, changed=changed
+        node=config.node.id,
+        dkm_group=farm.dkm_group,
+        manifest=manifest,
+        changed=changed,
+        master_keys=tuple(keys),
     )
 
 

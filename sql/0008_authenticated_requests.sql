@@ -11,3 +11,10 @@ ALTER TABLE rollover_request
 -- `farmkeys repair-state` can show the operator any the repair would not keep. Reported by
 -- the node, so never an input to what the leader writes: only shown.
 ALTER TABLE node ADD COLUMN revoked text[] NOT NULL DEFAULT '{}';
+
+-- A relying party's fetch, marked by the node that served it (farmkeys/fetch_record.py):
+-- an HMAC over the farm, the relying party and the thumbprint under a key derived from
+-- master key `mac_key`. `policy.require_fetch` counts only the rows whose MAC verifies.
+ALTER TABLE relying_party_fetch
+    ADD COLUMN mac     bytea CHECK (mac IS NULL OR octet_length(mac) = 32),
+    ADD COLUMN mac_key uuid;

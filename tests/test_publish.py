@@ -343,10 +343,33 @@ def due_secondary(farm: TestFarm) -> str:
     return thumbprint
 
 
-def record_fetch(farm: TestFarm, rp: str, *thumbprints: str) -> None:
+def record_fetch(farm: TestFarm, rp: str, *thumbprints: str, signed: bool = True) -> None:
+    """A fetch recorded as node-b's serve records it: each thumbprint marked with its fetch
+    MAC under the current master key (``signed``), or unmarked, as a DB writer could."""
+    from farmkeys import fetch_record
+
     config = load(farm.config())
-    with ConfigDB(config.database, config.retry) as db:
-        db.record_fetch(rp, node_id="node-b", document="metadata", thumbprints=thumbprints)
+    with (
+        ConfigDB(config.database, config.retry) as db,
+        Directory(config.directory, config.retry) as directory,
+    ):
+        if not signed:
+            db.record_fetch(rp, node_id="node-b", document="metadata", thumbprints=thumbprints)
+            return
+        group = db.require_farm().dkm_group
+        key_id = directory.current_key_id(group)
+        key = fetch_record.mac_key(directory.master_key(group, key_id), group)
+        macs = [
+            fetch_record.sign(key, farm=group, relying_party=rp, thumbprint=t) for t in thumbprints
+        ]
+        db.record_fetch(
+            rp,
+            node_id="node-b",
+            document="metadata",
+            thumbprints=thumbprints,
+            macs=macs,
+            mac_key=key_id,
+        )
 
 
 def status(farm: TestFarm) -> dict[str, Any]:
@@ -388,6 +411,32 @@ def test_require_fetch_holds_promotion_until_every_relying_party_fetched(
     assert leader_check(synced) == ["promote signing"]
     assert live(synced, "signing", "primary") == secondary
     assert not [p for p in status(synced)["problems"] if "waits for" in p]
+
+
+def test_a_forged_fetch_row_never_releases_a_held_promotion(synced: TestFarm) -> None:
+    synced.overrides["publish"] = {**PUBLISH, "relying_parties": PARTIES}
+    synced.overrides["policy"] = {**CALM_POLICY, "require_fetch": True}
+    primary = live(synced, "signing", "primary")
+    secondary = due_secondary(synced)
+    record_fetch(synced, "rp1", primary, secondary)
+    # A config DB writer: rp2's row with no MAC, then with a MAC that does not verify.
+    record_fetch(synced, "rp2", primary, secondary, signed=False)
+    assert leader_check(synced) == []
+    with psycopg.connect(synced.dsn) as conn:
+        key_id = conn.execute(
+            "SELECT mac_key FROM relying_party_fetch WHERE mac_key IS NOT NULL LIMIT 1"
+        ).fetchone()
+        assert key_id is not None
+        conn.execute(
+            "UPDATE relying_party_fetch SET mac = decode(repeat('00', 32), 'hex'), mac_key = %s"
+            " WHERE relying_party = 'rp2'",
+            (key_id[0],),
+        )
+    assert leader_check(synced) == []
+    assert live(synced, "signing", "primary") == primary
+    # The node's own record releases it.
+    record_fetch(synced, "rp2", primary, secondary)
+    assert leader_check(synced) == ["promote signing"]
 
 
 def test_require_fetch_gives_way_at_the_critical_threshold(synced: TestFarm) -> None:
