@@ -235,6 +235,7 @@ class Leader:
         try:
             current = policy.current_key(self._db.master_keys())
             key_id = current.id if current is not None else self._adopt(farm)
+            key_id = self._record_key(key_id)
             if self._key is None or self._key[0] != key_id:
                 self._key = (key_id, self._directory.master_key(farm.dkm_group, key_id))
             self._key_error = None
@@ -246,6 +247,28 @@ class Leader:
                     "directory unavailable; sealing under the last master key read: %s", exc.what
                 )
                 self._key_error = exc
+
+    def _record_key(self, table_current: uuid.UUID) -> uuid.UUID:
+        """The current master key: the one the farm state record is under, which the leader
+        chose when it last wrote it (the fence verifies the record before anything is built
+        on it); the ``master_key`` table's ``current`` only for a farm without a record.
+        A table that names another key is a DB writer's edit, and is not followed."""
+        stored = self._db.stored_state()
+        if stored is None:
+            return table_current
+        try:
+            named = farmstate.parse(stored.body).master_key
+        except FarmStateError:
+            return table_current  # the fenced check refuses it
+        if named != table_current:
+            log.warning(
+                "the master_key table names %s current, but the farm state record is under %s:"
+                " sealing under %s",
+                table_current,
+                named,
+                named,
+            )
+        return named
 
     def _current_key(self) -> tuple[uuid.UUID, bytes]:
         """The current master key in memory, or the error that kept it from being read."""
@@ -717,7 +740,14 @@ class Leader:
                         " urgent = urgent OR %s WHERE id = %s",
                         (request, urgent, key_id),
                     )
-            urgent = urgent or pending.urgent
+            if pending.urgent and not urgent:
+                # The table's flag is a DB writer's to set, and an urgent finish deletes the
+                # replaced key at once (irreversible): only an authenticated request's counts.
+                log.warning(
+                    "finishing master-key roll %s without deleting the replaced key at once;"
+                    " if it must go now, run `farmkeys rollover --master-key --urgent` again",
+                    key_id,
+                )
 
         with self._fenced(farm) as fence:
             if once.ensure_key(group, key_id):
@@ -897,6 +927,16 @@ class Leader:
     ) -> Applied:
         """CryptoPolicy names another key than the farm's record: name the recorded one."""
         with self._fenced(farm) as fence:
+            if self._before is not None and self._before.master_key != current:
+                # The table is a DB writer's to edit; the authenticated record is under the
+                # key the leader last made current. The directory is left as it is.
+                detail = (
+                    f"the master_key table names {current} current, but the authenticated farm"
+                    f" state is under {self._before.master_key}: CryptoPolicy ({found}) left"
+                    " as it is"
+                )
+                log.warning("%s", detail)
+                return Applied("policy", "master key", str(current), detail)
             once.set_current_key(farm.dkm_group, current)
             detail = f"CryptoPolicy named {found}, not the current key; corrected"
             self._audit_key(fence, "master_key_policy", current, detail)

@@ -29,7 +29,7 @@ from farmtools import (
     seal_state,
 )
 
-from farmkeys import policy
+from farmkeys import farmstate, policy
 from farmkeys.config import Config, LeaseConfig, MasterKeyConfig, PolicyConfig, load
 from farmkeys.configdb import ConfigDB, MasterKeyRow
 from farmkeys.directory import Directory
@@ -498,7 +498,7 @@ from farmkeys.config import load
 from farmkeys.configdb import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.election import Election
-from farmkeys.rollover import Leader
+from farmkeys.rollover import Leader, file_request
 
 config = load(sys.argv[1])
 stop_at = sys.argv[2]
@@ -509,17 +509,21 @@ def on_step(step, key_id):
         os.kill(os.getpid(), signal.SIGKILL)
 
 with ConfigDB(config.database, config.retry) as db, Directory(config.directory, config.retry) as d:
+    # The operator's urgent roll, as `rollover --master-key --urgent` files it: the next
+    # leader finishes it urgently because the authenticated request says so.
+    file_request(
+        config, db, d, kind="master_key", purpose=None, urgent=True, lifetime_seconds=120
+    )
     election = Election(db, node_id=config.node.id, lease=config.lease)
     assert election.try_acquire()
-    Leader(config, db, d, election, on_step=on_step).roll_master_key(
-        db.require_farm(), urgent=True, request=None
-    )
+    Leader(config, db, d, election, on_step=on_step).answer_requests()
 sys.exit(3)
 """
 
 
 def run_leader_killed_at(farm: TestFarm, step: str) -> uuid.UUID:
-    """A leader process rolls the master key (urgently) and is SIGKILLed right after ``step``
+    """A leader process rolls the master key (urgently, as the operator's authenticated
+    request asks) and is SIGKILLed right after ``step``
     committed; returns the key id the step reported, which proves the step was reached."""
     done = run_python("-c", _CHILD, str(farm.config("node-a")), step)
     assert done.code == -9, (done.code, done.out, done.err)
@@ -576,6 +580,45 @@ def test_a_leader_killed_after_each_step_of_a_roll_leaves_a_farm_the_next_leader
     assert live_keys(farm) == {new}
     assert certificates(farm) == before
     assert fresh_node_installs(farm, "node-d") == installed
+
+
+def test_a_pending_roll_marked_urgent_in_the_table_alone_keeps_the_replaced_key(
+    farm: TestFarm, config: Config, db: ConfigDB
+) -> None:
+    # A DB writer records a pending roll and marks it urgent: the leader finishes it (a
+    # roll is never harmful), but deletes the replaced key only as its retention says.
+    group = group_of(farm)
+    old = current_key(farm)
+    with psycopg.connect(farm.dsn) as conn:
+        conn.execute(
+            "INSERT INTO master_key (id, state, urgent, reason) VALUES (%s, 'pending', true,"
+            " 'forged')",
+            (uuid.uuid4(),),
+        )
+    election = Election(db, node_id="node-c", lease=LEASE)
+    assert election.try_acquire()
+    with Directory(config.directory, config.retry) as directory:
+        Leader(config, db, directory, election).tick()
+    assert current_key(farm) != old
+    assert recorded(farm)[old] == "previous"
+    assert old in directory_keys(config, group)
+
+
+def test_a_swapped_current_key_in_the_table_is_not_followed(
+    farm: TestFarm, config: Config, db: ConfigDB, leader: Leader
+) -> None:
+    group = group_of(farm)
+    old = current_key(farm)
+    leader.roll_master_key(leader_farm(farm, config), urgent=False, request=None)
+    new = current_key(farm)
+    with psycopg.connect(farm.dsn) as conn:
+        conn.execute("UPDATE master_key SET state = 'previous' WHERE id = %s", (new,))
+        conn.execute("UPDATE master_key SET state = 'current' WHERE id = %s", (old,))
+    leader.tick()
+    assert directory_keys(config, group) == {old: False, new: True}  # CryptoPolicy unchanged
+    body = db_query(farm.dsn, "SELECT body FROM farm_state")[0]["body"]
+    assert farmstate.parse(bytes(body)).master_key == new
+    assert live_keys(farm) == {new}
 
 
 def test_a_stale_leader_can_neither_start_nor_continue_a_roll(
