@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
 
-from farmkeys import adfs, agefmt, config, dkm, farmstate
+from farmkeys import adfs, agefmt, config, dkm, farmstate, requests
 from farmkeys.store import CertificateFiles, Manifest, Store
 
 FARM = uuid.UUID("4d3c2b1a-0f9e-4d8c-8b7a-6f5e4d3c2b1a")
@@ -194,7 +194,45 @@ def _escrow_seeds() -> list[bytes]:
     return [agefmt.encrypt(b'{"keys": []}', PASSPHRASE, work_factor=ESCROW_WORK_FACTOR)]
 
 
+# -- an operator request ------------------------------------------------------------------
+
+
+def _request(data: bytes) -> None:
+    requests.parse(data)
+    key = requests.mac_key(KEY, FARM)
+    mac = hmac.new(key, data, hashlib.sha256).digest()
+    parsed = requests.verify(
+        data, mac, farm=FARM, row_id=requests.parse(data).id, key_for=lambda _: KEY
+    )
+    assert parsed.encode() == data
+
+
+def _request_seeds() -> list[bytes]:
+    base = requests.Request(
+        id=7,
+        nonce=uuid.UUID(int=9),
+        farm=FARM,
+        kind="rollover",
+        purpose="all",
+        urgent=True,
+        requested_by="node-a",
+        created=1_700_000_000,
+        expires=1_700_000_180,
+        master_key=KEY_ID,
+    )
+    repair = requests.RepairTerms("ab" * 32, ("A" * 40,), True, 3)
+    terms = requests.ImportTerms(uuid.UUID(int=4), "secondary", "AD FS", "cd" * 32)
+    return [
+        base.encode(),
+        requests.Request(**{**base.__dict__, "kind": "repair_state", "repair": repair}).encode(),
+        requests.Request(
+            **{**base.__dict__, "kind": "import", "purpose": "signing", "import_": terms}
+        ).encode(),
+    ]
+
+
 TARGETS: dict[str, Target] = {
+    "request": Target(_request, _request_seeds),
     "blob": Target(_blob, _blob_seeds),
     "state": Target(_state, _state_seeds),
     "manifest": Target(_manifest, _manifest_seeds),
