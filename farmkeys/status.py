@@ -99,7 +99,7 @@ def farm_status(
     current = rollover_policy.current_key(recorded)
     current_key = None if current is None else current.id
 
-    state_doc = _farm_state(db, farm, live, nodes, directory, problems)
+    state_doc = _farm_state(db, farm, live, nodes, current, directory, problems)
     parties_doc, unfetched = _relying_parties(config, db, live, now, problems)
 
     lease = _lease(db)
@@ -167,11 +167,13 @@ def _farm_state(
     farm: Farm,
     live: Sequence[CertificateRow],
     nodes: Sequence[dict[str, Any]],
+    table_current: MasterKeyRow | None,
     directory: Directory | None,
     problems: _Problems,
 ) -> dict[str, Any]:
     """The farm state record: its version, the key its MAC is under, and whether it is
-    authentic (None: it could not be checked) and matches the live rows."""
+    authentic (None: it could not be checked) and matches the live rows; ``table_current``
+    is the key the ``master_key`` table calls current, which must be the record's."""
     stored = db.stored_state()
     doc: dict[str, Any] = {"version": None, "master_key": None, "authentic": None}
     newest = max(
@@ -216,6 +218,13 @@ def _farm_state(
             f"the farm_state row's version column says {stored.version}, but its record is"
             f" version {state.version}: someone wrote the config DB by hand (the leader"
             " ignores the column and rewrites it with its next record)",
+        )
+    if table_current is not None and table_current.id != state.master_key:
+        problems.add(
+            "critical",
+            f"the master_key table names {table_current.id} current, but the farm state record"
+            f" is under {state.master_key}: someone wrote the config DB by hand (the leader"
+            " follows the record and seals under its key)",
         )
     error = farmstate.mismatch(state, live)
     if error is not None:

@@ -619,6 +619,11 @@ def test_a_swapped_current_key_in_the_table_is_not_followed(
     body = db_query(farm.dsn, "SELECT body FROM farm_state")[0]["body"]
     assert farmstate.parse(bytes(body)).master_key == new
     assert live_keys(farm) == {new}
+    # ...and status names the edit: the table's current key is not the record's.
+    doc = farm.run("status", "--json").json
+    assert doc["health"] == "critical"
+    [problem] = [p for p in doc["problems"] if "master_key table names" in p]
+    assert f"names {old} current" in problem and f"is under {new}" in problem
 
 
 def test_a_stale_leader_can_neither_start_nor_continue_a_roll(
