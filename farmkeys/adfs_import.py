@@ -29,6 +29,7 @@ from farmkeys.directory import MASTER_KEY_LENGTH, Directory
 from farmkeys.errors import AdfsKeyMismatchError, ImportRefusedError
 from farmkeys.rollover import RolloverOutcome, await_answer, file_request, import_conflict
 from farmkeys.sync import blob_context
+from farmkeys.vocab import PURPOSES
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def import_adfs(
     timeout_seconds: float,
 ) -> RolloverOutcome:
     """Check an AD FS certificate and have the leader add it to the farm as ``role``."""
-    if purpose not in certs.PURPOSES or role not in ROLES:
+    if purpose not in PURPOSES or role not in ROLES:
         raise ValueError(f"purpose {purpose!r} or role {role!r} is not one farmkeys knows")
     farm = db.require_farm()
     pkcs12, blob, where = open_encrypted_pfx(encrypted_pfx, directory=directory, key_file=key_file)

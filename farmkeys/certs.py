@@ -32,12 +32,10 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
-from farmkeys.config import KEY_TYPES
 from farmkeys.errors import CertificateError
+from farmkeys.vocab import KEY_TYPES, PURPOSES
 
 __all__ = [
-    "KEY_TYPES",
-    "PURPOSES",
     "RSA_PUBLIC_EXPONENT",
     "Generated",
     "PrivateKey",
@@ -60,7 +58,6 @@ __all__ = [
 
 PrivateKey: TypeAlias = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
-PURPOSES: Final = ("signing", "decryption")
 
 RSA_PUBLIC_EXPONENT: Final = 65537
 

@@ -29,15 +29,13 @@ from psycopg.conninfo import conninfo_to_dict
 
 from farmkeys._private_file import refuse_if_exposed
 from farmkeys.errors import ConfigError
+from farmkeys.vocab import KEY_TYPES, LAYOUT_NAMES, RSA_KEY_TYPES
 
 ENV_PREFIX = "FARMKEYS_"
 ENV_CONFIG = "FARMKEYS_CONFIG"
 # Variables farmkeys sets for the hooks it runs; never configuration.
 _ENV_NOT_CONFIG = frozenset({ENV_CONFIG, "FARMKEYS_STORE", "FARMKEYS_CHANGED"})
 
-KEY_TYPES = ("rsa-2048", "rsa-3072", "rsa-4096", "ec-p256")
-RSA_KEY_TYPES = tuple(k for k in KEY_TYPES if k.startswith("rsa-"))
-LAYOUTS = ("openldap", "ad")
 # The longest farm name that keeps "CN=<name> Token Decryption" within X.520's
 # 64-character upper bound for a common name.
 MAX_FARM_NAME = 64 - len(" Token Decryption")
@@ -516,9 +514,9 @@ def _validate(config: Config) -> None:
         "prefer password_file, readable by the service account alone",
     )
     _require(
-        d.layout in LAYOUTS,
+        d.layout in LAYOUT_NAMES,
         f"directory.layout {d.layout!r} is not supported",
-        f"use one of {', '.join(LAYOUTS)}",
+        f"use one of {', '.join(LAYOUT_NAMES)}",
     )
     _require(
         d.layout != "ad" or d.start_tls or all(u.startswith("ldaps://") for u in d.urls),

@@ -57,8 +57,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from farmkeys.certs import PURPOSES
 from farmkeys.errors import InvalidBlobError
+from farmkeys.vocab import PURPOSES
 
 __all__ = [
     "AD_LABEL",

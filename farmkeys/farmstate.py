@@ -48,6 +48,7 @@ from typing import Any, Protocol
 
 from farmkeys.errors import FarmStateError
 from farmkeys.rows import Published
+from farmkeys.vocab import LIVE_ROLES, PURPOSES
 
 FORMAT = "farmkeys-state/2"
 FORMAT_1 = "farmkeys-state/1"  # before tombstones and answered requests: still read
@@ -60,8 +61,6 @@ MAX_VERSION_STEP = 1 << 32
 backup); a farm makes a handful of versions a day, so this bound is never met honestly."""
 MAX_ANSWERED = 4096  # unexpired answered requests a record keeps; far above any farm's
 
-PURPOSES = ("signing", "decryption")
-LIVE_ROLES = ("primary", "secondary", "retired")
 _THUMBPRINT = re.compile(r"\A[0-9A-F]{40}\Z")
 _FIELDS_1 = {"farm", "format", "live", "master_key", "revoked", "term", "version"}
 _FIELDS = _FIELDS_1 | {"answered", "replaced", "shredded"}

@@ -11,7 +11,6 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from farmkeys import certs
 from farmkeys.config import Config
 from farmkeys.configdb import ConfigDB, Farm, Transaction
 from farmkeys.directory import Directory
@@ -22,6 +21,7 @@ from farmkeys.errors import (
     FarmConflictError,
 )
 from farmkeys.rollover import Leader, new_certificate, write_first_state
+from farmkeys.vocab import PURPOSES
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def init_farm(config: Config, db: ConfigDB, directory: Directory, *, now: dateti
             report.dkm_group = farm.dkm_group
             _check_same_farm(config, farm, directory)
             live = db.certificates(include_archived=False)
-            if {r.purpose for r in live if r.role == "primary"} != set(certs.PURPOSES):
+            if {r.purpose for r in live if r.role == "primary"} != set(PURPOSES):
                 _complete_as_leader(config, db, directory, report)
     if report.dkm_group is not None and _anonymous_can_read(directory, report):
         report.warnings.append(
@@ -141,7 +141,7 @@ def _add_primaries(
     """A new farm's primaries and its first farm state record, in its creating transaction."""
     created = []
     rows = []
-    for purpose in certs.PURPOSES:
+    for purpose in PURPOSES:
         row = new_certificate(
             config,
             dkm_group=group,

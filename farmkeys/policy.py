@@ -64,16 +64,13 @@ from typing import Final, Literal, Protocol, TypeVar
 
 from farmkeys.config import MasterKeyConfig, PolicyConfig
 from farmkeys.rows import Published, Row
-
-PURPOSES: Final = ("signing", "decryption")
-ROLES: Final = ("primary", "secondary", "retired", "archived")
+from farmkeys.vocab import PURPOSES, ROLES
 
 ActionKind = Literal["generate", "promote", "generate_and_promote", "archive"]
 ScheduledKind = Literal[
     "generate_secondary", "promote", "retire", "archive", "generate_and_promote", "reseal", "shred"
 ]
 KeyActionKind = Literal["finish", "roll", "reseal", "unused", "delete"]
-KEY_STATES: Final = ("pending", "current", "previous", "deleted")
 
 _SECONDS_PER_DAY: Final = 86400
 

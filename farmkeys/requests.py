@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from farmkeys.errors import RequestRefusedError
+from farmkeys.vocab import REQUEST_PURPOSES
 
 FORMAT = "farmkeys-request/1"
 MAC_INFO = b"farmkeys operator request MAC v1\x00"
@@ -48,7 +49,6 @@ CLOCK_ALLOWANCE_SECONDS = 5 * 60
 the command, then by the leader: a database failover can move it)."""
 
 KINDS = ("rollover", "master_key", "repair_state", "import")
-PURPOSES = ("signing", "decryption", "all")
 IMPORT_ROLES = ("primary", "secondary")
 _FIELDS = {
     "created",
@@ -284,7 +284,7 @@ def _request(document: object) -> Request:
     if kind not in KINDS:
         raise _malformed("its kind is unknown")
     if (purpose is None) != (kind == "master_key") or (
-        purpose is not None and purpose not in PURPOSES
+        purpose is not None and purpose not in REQUEST_PURPOSES
     ):
         raise _malformed("its purpose does not fit its kind")
     if not isinstance(fields["urgent"], bool) or not isinstance(fields["requested_by"], str):

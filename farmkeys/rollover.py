@@ -45,6 +45,7 @@ from farmkeys.errors import (
     RequestRefusedError,
 )
 from farmkeys.sync import blob_context
+from farmkeys.vocab import PURPOSES
 
 log = logging.getLogger(__name__)
 
@@ -1110,7 +1111,7 @@ class Leader:
                 self._answered(fence, row["id"], lines, ok=ok, signed=request)
                 return lines
             assert request.purpose is not None
-            purposes = certs.PURPOSES if request.purpose == "all" else (request.purpose,)
+            purposes = PURPOSES if request.purpose == "all" else (request.purpose,)
             rows = fence.tx.live_certificates()
             lines = [
                 self._requested(fence, farm, rows, purpose, urgent=request.urgent)

@@ -19,8 +19,7 @@ from farmkeys.config import Config, PolicyConfig
 from farmkeys.configdb import CertificateRow, ConfigDB, Farm, MasterKeyRow
 from farmkeys.directory import Directory, MasterKeyInfo
 from farmkeys.errors import DirectoryError, FarmStateError, MasterKeyMissingError
-from farmkeys.store import PURPOSES
-from farmkeys.sync import LIVE_ROLES
+from farmkeys.vocab import LIVE_ROLES, PURPOSES
 
 log = logging.getLogger(__name__)
 

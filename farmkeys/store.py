@@ -64,11 +64,9 @@ from pathlib import Path
 from typing import Any
 
 from farmkeys.errors import StoreError
+from farmkeys.vocab import ALIASED_ROLES, LIVE_ROLES, PURPOSES
 
-PURPOSES = ("signing", "decryption")
-ROLES = ("primary", "secondary", "retired")
 # Roles that get a role-named alias (primary.pem, ...); at most one per purpose.
-ALIASED_ROLES = ("primary", "secondary")
 # Manifest "files" key -> file name suffix.
 FILE_SUFFIXES = {"cert": ".pem", "key": ".key", "pkcs12": ".p12"}
 
@@ -1111,8 +1109,8 @@ def _files_of(purpose: str, thumbprint: str) -> dict[str, str]:
 def _check_names(purpose: object, role: object, thumbprint: object) -> None:
     if purpose not in PURPOSES:
         raise ValueError(f"purpose must be one of {', '.join(PURPOSES)}, not {purpose!r}")
-    if role not in ROLES:
-        raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+    if role not in LIVE_ROLES:
+        raise ValueError(f"role must be one of {', '.join(LIVE_ROLES)}, not {role!r}")
     if not isinstance(thumbprint, str) or not _THUMBPRINT.fullmatch(thumbprint):
         raise ValueError(f"thumbprint must be 40 upper-case hex digits, not {thumbprint!r}")
 
@@ -1147,7 +1145,7 @@ def _validate_set(
     _check_set((c.purpose, c.role, c.thumbprint) for c in certificates)
     return sorted(
         certificates,
-        key=lambda c: (PURPOSES.index(c.purpose), ROLES.index(c.role), c.thumbprint),
+        key=lambda c: (PURPOSES.index(c.purpose), LIVE_ROLES.index(c.role), c.thumbprint),
     )
 
 

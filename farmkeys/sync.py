@@ -37,9 +37,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-LIVE_ROLES = ("primary", "secondary", "retired")
-
-
 def blob_context(
     farm: Farm | uuid.UUID, certificate_id: uuid.UUID, purpose: str
 ) -> dkm.BlobContext:

@@ -36,10 +36,8 @@ if TYPE_CHECKING:
         Directory,
         MasterKeyInfo,
     )
-    from farmkeys.directory.settings import LAYOUTS
 
 __all__ = [
-    "LAYOUTS",
     "MASTER_KEY_LENGTH",
     "SETUP_DOC",
     "Deferred",
@@ -55,10 +53,6 @@ _SUBMODULES = frozenset({"ad", "client", "layout", "openldap", "sd", "settings"}
 def __getattr__(name: str) -> Any:  # noqa: ANN401 - whatever the client module holds
     if name in _SUBMODULES:  # `from farmkeys.directory import sd`: the submodule itself
         return importlib.import_module(f"{__name__}.{name}")
-    if name == "LAYOUTS":
-        from farmkeys.directory.settings import LAYOUTS
-
-        return LAYOUTS
     client = importlib.import_module("farmkeys.directory.client")
     try:
         return getattr(client, name)

@@ -14,7 +14,7 @@ from farmkeys.directory.layout import Layout
 from farmkeys.directory.openldap import OPENLDAP
 from farmkeys.errors import ConfigError
 
-LAYOUTS: dict[str, Layout] = {OPENLDAP.name: OPENLDAP, AD.name: AD}
+LAYOUT_BY_NAME: dict[str, Layout] = {OPENLDAP.name: OPENLDAP, AD.name: AD}
 
 _UPN = re.compile(r"^[^@=,\s]+@[^@=,\s]+$")
 
@@ -72,11 +72,11 @@ def looks_like_dn(dn: str) -> bool:
 def validate(config: DirectoryConfig, *, is_dn: Callable[[str], bool] = looks_like_dn) -> Layout:
     """Check the directory settings; their layout. ``is_dn`` judges a distinguished name."""
 
-    layout = LAYOUTS.get(config.layout)
+    layout = LAYOUT_BY_NAME.get(config.layout)
     if layout is None:
         raise ConfigError(
             f"directory.layout {config.layout!r} is not a known layout",
-            f"use one of: {', '.join(LAYOUTS)}",
+            f"use one of: {', '.join(LAYOUT_BY_NAME)}",
         )
     for url in config.urls:
         _validate_url(url, config)
