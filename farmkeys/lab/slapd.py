@@ -28,6 +28,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
@@ -178,9 +179,14 @@ class LocalSlapd:
         if which not in passwords:
             raise ValueError(f"which must be one of {sorted(passwords)}, not {which!r}")
         path = Path(path)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # Written beside it and renamed over it: a farmkeys process reading the file while
+        # a test writes another node's config sees the old file or the new, never an empty
+        # one (a truncate-and-write let a herd of syncs read it empty).
+        partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(passwords[which] + "\n")
+        os.replace(partial, path)
         return path
 
     # -- lifecycle ----------------------------------------------------------------
