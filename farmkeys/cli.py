@@ -33,7 +33,7 @@ from farmkeys.terminal import EscapingFormatter, escape
 # do never loads ldap3, certificate building, the leader's code or APScheduler.
 if TYPE_CHECKING:
     from farmkeys.configdb import ConfigDB
-    from farmkeys.rollover import RolloverOutcome
+    from farmkeys.requesting import RolloverOutcome
     from farmkeys.store import Store
 
 log = logging.getLogger("farmkeys")
@@ -504,7 +504,7 @@ def _rollover(args: argparse.Namespace, config: Config) -> int:
 
 
 def _repair_state(args: argparse.Namespace, config: Config) -> int:
-    from farmkeys import repair, rollover
+    from farmkeys import repair, requesting
     from farmkeys.configdb import ConfigDB
     from farmkeys.directory import Directory
 
@@ -544,7 +544,7 @@ def _repair_state(args: argparse.Namespace, config: Config) -> int:
             if input("Authenticate them? [y/N] ").strip().lower() not in ("y", "yes"):
                 print("repair-state: nothing was changed")
                 return EXIT_ERROR
-        outcome = rollover.request_rollover(
+        outcome = requesting.request_rollover(
             config,
             db,
             directory,
@@ -565,7 +565,7 @@ def _request(
     urgent: bool = False,
 ) -> int:
     """Ask the leader (or, when no node leads, act under the lease) and print its answer."""
-    from farmkeys import rollover
+    from farmkeys import requesting
     from farmkeys.configdb import ConfigDB
     from farmkeys.directory import Directory
 
@@ -573,7 +573,7 @@ def _request(
         ConfigDB(config.database, config.retry) as db,
         Directory(config.directory, config.retry) as directory,
     ):
-        outcome = rollover.request_rollover(
+        outcome = requesting.request_rollover(
             config,
             db,
             directory,
