@@ -27,7 +27,8 @@ from farmkeys.config import Config
 from farmkeys.configdb import ConfigDB
 from farmkeys.directory import MASTER_KEY_LENGTH, Directory
 from farmkeys.errors import AdfsKeyMismatchError, ImportRefusedError
-from farmkeys.rollover import RolloverOutcome, await_answer, file_request, import_conflict
+from farmkeys.requesting import RolloverOutcome, await_answer, file_request
+from farmkeys.rollover import import_conflict
 from farmkeys.sync import blob_context
 from farmkeys.vocab import PURPOSES
 

@@ -28,7 +28,7 @@ from farmtools import (
     wait_until,
 )
 
-from farmkeys import farmstate, repair, requests, rollover
+from farmkeys import farmstate, repair, requesting, requests, rollover
 from farmkeys.config import LeaseConfig, load
 from farmkeys.configdb import ConfigDB
 from farmkeys.directory import Directory
@@ -230,7 +230,7 @@ def test_an_authentic_row_replayed_or_changed_is_refused(farm: TestFarm) -> None
 def test_an_expired_request_is_refused(farm: TestFarm) -> None:
     cfg = load(farm.config())
     with ConfigDB(cfg.database, cfg.retry) as db, Directory(cfg.directory, cfg.retry) as dirx:
-        request = rollover.file_request(
+        request = requesting.file_request(
             cfg, db, dirx, kind="rollover", purpose="signing", urgent=True, lifetime_seconds=0
         )
     # Its maker's clock said it expires a minute after it was made: an hour later it is stale.
@@ -326,7 +326,7 @@ def test_a_repair_is_refused_when_the_rows_changed_after_the_review(farm: TestFa
             f"UPDATE certificate SET role = 'primary' WHERE thumbprint = '{secondary}'",
         )
         version = record(farm).version
-        outcome = rollover.request_rollover(
+        outcome = requesting.request_rollover(
             cfg, db, dirx, purpose="all", urgent=False, repair=review.terms, timeout_seconds=30
         )
     assert not outcome.ok
@@ -383,7 +383,7 @@ def _leader(farm: TestFarm) -> tuple[rollover.Leader, ConfigDB, Directory, Any]:
 def test_a_request_pending_across_a_master_key_roll(farm: TestFarm, urgent: bool) -> None:
     leader, db, dirx, cfg = _leader(farm)
     try:
-        request = rollover.file_request(
+        request = requesting.file_request(
             cfg, db, dirx, kind="rollover", purpose="signing", urgent=False, lifetime_seconds=60
         )
         signed_under = requests.parse(bytes(request_row(farm, request)["body"])).master_key

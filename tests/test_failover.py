@@ -28,7 +28,7 @@ from farmtools import (
     wait_until,
 )
 
-from farmkeys import rollover
+from farmkeys import requesting
 from farmkeys.config import load
 from farmkeys.configdb import ConfigDB, describe_dsn
 from farmkeys.directory import Directory
@@ -124,7 +124,7 @@ def test_the_farm_carries_on_when_its_config_db_fails_over_to_the_standby(
         # A rollover is asked for, and the primary stops at once: the leader is in the
         # middle of it (or has not begun, or has just committed: each must end the same).
         with ConfigDB(cfg.database, cfg.retry) as db, Directory(cfg.directory, cfg.retry) as dirx:
-            request = rollover.file_request(
+            request = requesting.file_request(
                 cfg,
                 db,
                 dirx,

@@ -14,7 +14,8 @@ import psycopg
 import pytest
 from farmtools import TestFarm, add_certificate, hold_lease, one_error_line, snapshot
 
-from farmkeys import cli, dkm
+from farmkeys import dkm
+from farmkeys.cli import commands
 from farmkeys.config import load
 from farmkeys.configdb import ConfigDB
 from farmkeys.directory import Directory
@@ -443,7 +444,7 @@ def test_status_is_critical_inside_the_critical_threshold(
 
     farm = initialised
     assert farm.run("sync").code == 0
-    monkeypatch.setattr(cli, "_now", lambda: datetime.now(UTC) + timedelta(days=364))
+    monkeypatch.setattr(commands, "_now", lambda: datetime.now(UTC) + timedelta(days=364))
     result = farm.run("status", "--json")
     assert result.code == 2
     assert result.json["health"] == "critical"

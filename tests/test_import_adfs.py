@@ -392,7 +392,7 @@ def _forged_request(farm: TestFarm, made: certs.Generated, master_key: bytes | N
                 )[0]["id"]
             )
         from farmkeys import requests
-        from farmkeys.rollover import file_request
+        from farmkeys.requesting import file_request
 
         terms = requests.ImportTerms(cert_id, "primary", "forged", requests.blob_digest(blob))
         return file_request(

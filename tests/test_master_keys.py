@@ -498,7 +498,8 @@ from farmkeys.config import load
 from farmkeys.configdb import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.election import Election
-from farmkeys.rollover import Leader, file_request
+from farmkeys.requesting import file_request
+from farmkeys.rollover import Leader
 
 config = load(sys.argv[1])
 stop_at = sys.argv[2]

@@ -12,7 +12,7 @@ serve` processes; all of it is stopped and removed at the end, whatever
 happens.
 
 (a) Propagation. The bench asks the leader for `rollover --urgent --purpose
-    signing` (rollover.request_rollover, what the CLI runs): one transaction
+    signing` (requesting.request_rollover, what the CLI runs): one transaction
     replaces the signing primary. It times
     - from commit: the bench LISTENs on the farm's change channel itself; the
       NOTIFY arrives when the transaction commits;
@@ -57,7 +57,7 @@ from farmtools import (
     wait_until,
 )
 
-from farmkeys import rollover as farm_rollover
+from farmkeys import requesting
 from farmkeys.config import load
 from farmkeys.configdb import CHANGED_CHANNEL, ConfigDB
 from farmkeys.directory import Directory
@@ -127,7 +127,7 @@ def one_rollover(farm: TestFarm, stores: list[Path], figures: Figures) -> None:
     def request() -> None:
         with ConfigDB(cfg.database, cfg.retry) as db, Directory(cfg.directory, cfg.retry) as d:
             outcome.append(
-                farm_rollover.request_rollover(
+                requesting.request_rollover(
                     cfg, db, d, purpose="signing", urgent=True, timeout_seconds=30
                 )
             )

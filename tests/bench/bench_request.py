@@ -10,7 +10,7 @@ times, in one process with the connections a `rollover` command already holds
 
 - ``sign``: building and signing a request body (HKDF-SHA256 and HMAC-SHA256);
 - ``file unsigned``: the bare INSERT and NOTIFY a request cost before issue 19;
-- ``file signed``: `rollover.file_request`, as the command runs it: the directory's
+- ``file signed``: `requesting.file_request`, as the command runs it: the directory's
   CryptoPolicy and the current key (each read once per command; the client caches
   the key, so later runs show the cached cost; ``first`` is the uncached one), the
   INSERT, the signature and its UPDATE in the same transaction;
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: farmt
 
 from farmtools import TestFarm
 
-from farmkeys import requests, rollover
+from farmkeys import requesting, requests
 from farmkeys.config import load
 from farmkeys.configdb import REQUEST_CHANNEL, ConfigDB
 from farmkeys.directory import Directory
@@ -100,7 +100,7 @@ def main() -> None:
                     tx.notify(REQUEST_CHANNEL, "bench")
 
             def signed() -> None:
-                rollover.file_request(
+                requesting.file_request(
                     cfg,
                     db,
                     directory,
@@ -112,7 +112,7 @@ def main() -> None:
 
             with Directory(cfg.directory, cfg.retry) as cold:
                 started = time.perf_counter()
-                rollover.file_request(
+                requesting.file_request(
                     cfg,
                     db,
                     cold,

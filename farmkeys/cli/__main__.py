@@ -1,0 +1,3 @@
+from farmkeys.cli import entry
+
+entry()

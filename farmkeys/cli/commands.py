@@ -1,0 +1,374 @@
+"""The commands of `farmkeys`: each reads its arguments and the config, calls the module
+that does the work, and prints what it did; :data:`HANDLERS` names them.
+
+Each command imports what it needs when it runs: a `farmkeys sync` that finds nothing to
+do never loads ldap3, certificate building, the leader's code or APScheduler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from farmkeys.cli.exit_codes import EXIT_ERROR, EXIT_OK, STATUS_EXIT
+from farmkeys.cli.render import (
+    answer_lines,
+    event_docs,
+    events_json,
+    events_text,
+    status_json,
+    status_text,
+)
+from farmkeys.config import Config
+from farmkeys.errors import DatabaseError, Error, ImportRefusedError, RequestRefusedError
+from farmkeys.terminal import escape
+
+if TYPE_CHECKING:
+    from farmkeys.configdb import ConfigDB
+    from farmkeys.requesting import RolloverOutcome
+    from farmkeys.store import Store
+
+log = logging.getLogger("farmkeys")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _init(args: argparse.Namespace, config: Config) -> int:
+    from farmkeys import init
+    from farmkeys.configdb import ConfigDB
+    from farmkeys.directory import Directory
+
+    with (
+        ConfigDB(config.database, config.retry) as db,
+        Directory(config.directory, config.retry) as directory,
+    ):
+        report = init.init_farm(config, db, directory, now=_now())
+    for warning in report.warnings:
+        print(f"farmkeys: warning: {escape(warning)}", file=sys.stderr)
+    if not report.changed:
+        print(
+            f"farm {report.farm_name!r} is already initialised (DKM group {report.dkm_group});"
+            " nothing changed"
+        )
+        return EXIT_OK
+    for name in report.migrations:
+        print(f"applied migration {name}")
+    if report.created_farm:
+        print(f"created farm {report.farm_name!r} with DKM group {report.dkm_group}")
+    for line in report.created_certificates:
+        print(f"generated {line}")
+    return EXIT_OK
+
+
+def _db_upgrade(args: argparse.Namespace, config: Config) -> int:
+    from farmkeys.configdb import ConfigDB
+
+    with ConfigDB(config.database, config.retry) as db:
+        applied = db.upgrade()
+    if not applied:
+        print("config DB schema is up to date; nothing changed")
+    for name in applied:
+        print(f"applied migration {name}")
+    return EXIT_OK
+
+
+def _sync(args: argparse.Namespace, config: Config) -> int:
+    from farmkeys import sync
+    from farmkeys.configdb import ConfigDB
+    from farmkeys.directory import Deferred
+
+    store = _store(config)
+    # The directory is made (and ldap3 loaded) only if the sync needs a master key.
+    directory = Deferred(config.directory, config.retry)
+    try:
+        with ConfigDB(config.database, config.retry) as db:
+            try:
+                report = sync.sync(config, db, directory, store, now=_now())
+            except Error as exc:
+                if not isinstance(exc, DatabaseError):
+                    _record_failure(db, config.node.id, exc)
+                raise
+    finally:
+        directory.close()
+    manifest = report.manifest
+    verb = "installed" if report.changed else "already in sync at"
+    print(f"{report.node}: {verb} generation {manifest.generation} in {store.path}")
+    for entry in manifest.certificates:
+        print(f"  {entry.purpose:<10} {entry.role:<9} {entry.thumbprint}")
+    return EXIT_OK
+
+
+def _record_failure(db: ConfigDB, node_id: str, exc: Error) -> None:
+    try:
+        db.record_sync_error(node_id, exc.diagnostics())
+    except Error as second:
+        log.warning("could not record the failed sync in the config DB: %s", second.what)
+
+
+def _status(args: argparse.Namespace, config: Config) -> int:
+    from farmkeys import status
+    from farmkeys.configdb import ConfigDB
+    from farmkeys.directory import Directory
+
+    with (
+        ConfigDB(config.database, config.retry) as db,
+        Directory(config.directory, config.retry) as directory,
+    ):
+        doc = status.farm_status(config, db, directory, now=_now())
+    if args.json:
+        print(status_json(doc, pretty=sys.stdout.isatty()))
+    else:
+        print(status_text(doc))
+    return STATUS_EXIT[doc["health"]]
+
+
+def _serve(args: argparse.Namespace, config: Config) -> int:
+    from farmkeys.serve import Service
+
+    return Service(config).run()
+
+
+def _metadata(args: argparse.Namespace, config: Config) -> int:
+    from farmkeys import publish
+
+    entity_id, sso_url = publish.metadata_settings(
+        config.publish, entity_id=args.entity_id, sso_url=args.sso_url
+    )
+    keys = publish.from_store(_store(config), now=_now())
+    sys.stdout.write(publish.metadata(keys, entity_id=entity_id, sso_url=sso_url).decode())
+    return EXIT_OK
+
+
+def _jwks(args: argparse.Namespace, config: Config) -> int:
+    from farmkeys import publish
+
+    sys.stdout.write(publish.jwks(publish.from_store(_store(config), now=_now())).decode())
+    return EXIT_OK
+
+
+def _store(config: Config) -> Store:
+    from farmkeys.store import Store
+
+    return Store(config.store, node_id=config.node.id, group=config.node.store_group)
+
+
+def _rollover(args: argparse.Namespace, config: Config) -> int:
+    purpose = None if args.master_key else (args.purpose or "all")
+    return _request(args, config, "rollover", purpose=purpose, urgent=args.urgent)
+
+
+def _repair_state(args: argparse.Namespace, config: Config) -> int:
+    from farmkeys import repair, requesting
+    from farmkeys.configdb import ConfigDB
+    from farmkeys.directory import Directory
+
+    named = None if args.revoked is None else repair.read_revoked_file(Path(args.revoked))
+    with (
+        ConfigDB(config.database, config.retry) as db,
+        Directory(config.directory, config.retry) as directory,
+    ):
+        review = repair.review(db, directory, revoked_file=named)
+        for line in review.lines:
+            print(f"  {escape(line)}")
+        if not review.needed:
+            print(
+                "repair-state: the farm state record is authentic and matches the live rows;"
+                " nothing to repair"
+            )
+            return EXIT_OK
+        if not review.terms.revoked_named and any(
+            line.startswith("no farm state record verifies") for line in review.lines
+        ):
+            raise RequestRefusedError(
+                "no farm state record verifies, so the revoked thumbprints it kept are unknown",
+                "name the urgently replaced thumbprints to keep with --revoked FILE (an empty"
+                " file if there are none); nothing was changed",
+            )
+        print(
+            f"repair-state would authenticate these live rows as farm state version"
+            f" {review.terms.min_version} or above, keeping {len(review.terms.revoked)}"
+            " thumbprints revoked."
+        )
+        if not args.yes:
+            if not sys.stdin.isatty():
+                raise RequestRefusedError(
+                    "repair-state needs confirmation and there is no terminal to ask at",
+                    "review the lines above and run it again with --yes; nothing was changed",
+                )
+            if input("Authenticate them? [y/N] ").strip().lower() not in ("y", "yes"):
+                print("repair-state: nothing was changed")
+                return EXIT_ERROR
+        outcome = requesting.request_rollover(
+            config,
+            db,
+            directory,
+            purpose="all",
+            urgent=False,
+            repair=review.terms,
+            timeout_seconds=args.wait,
+        )
+    return _answer("repair-state", outcome)
+
+
+def _request(
+    args: argparse.Namespace,
+    config: Config,
+    kind: str,
+    *,
+    purpose: str | None,
+    urgent: bool = False,
+) -> int:
+    """Ask the leader (or, when no node leads, act under the lease) and print its answer."""
+    from farmkeys import requesting
+    from farmkeys.configdb import ConfigDB
+    from farmkeys.directory import Directory
+
+    with (
+        ConfigDB(config.database, config.retry) as db,
+        Directory(config.directory, config.retry) as directory,
+    ):
+        outcome = requesting.request_rollover(
+            config,
+            db,
+            directory,
+            purpose=purpose,
+            urgent=urgent,
+            timeout_seconds=args.wait,
+        )
+    return _answer(kind, outcome)
+
+
+# An EncryptedPfx is a few kilobytes; adfs.parse refuses blobs over 1 MiB (1.4 MB of base64).
+_MAX_PFX_FILE = 4 * 1024 * 1024
+
+
+def _import(args: argparse.Namespace, config: Config) -> int:
+    from farmkeys import adfs_import
+    from farmkeys.configdb import ConfigDB
+    from farmkeys.directory import Directory
+
+    path = Path(args.encrypted_pfx)
+    try:
+        with path.open("rb") as f:
+            data = f.read(_MAX_PFX_FILE + 1)
+    except OSError as exc:
+        raise ImportRefusedError(
+            f"cannot read the EncryptedPfx file {path}: {exc.strerror}",
+            "give the path of a file holding the certificate's EncryptedPfx",
+        ) from None
+    if len(data) > _MAX_PFX_FILE:
+        raise ImportRefusedError(
+            f"the EncryptedPfx file {path} is larger than {_MAX_PFX_FILE} bytes",
+            "give the file holding one certificate's EncryptedPfx, nothing more",
+        )
+    with (
+        ConfigDB(config.database, config.retry) as db,
+        Directory(config.directory, config.retry) as directory,
+    ):
+        outcome = adfs_import.import_adfs(
+            config,
+            db,
+            directory,
+            encrypted_pfx=data,
+            purpose=args.purpose,
+            role=args.role,
+            key_file=Path(args.dkm_key_file) if args.dkm_key_file else None,
+            now=_now(),
+            timeout_seconds=args.wait,
+        )
+    if not outcome.ok:
+        raise ImportRefusedError(
+            f"{outcome.done_by or 'the leader'} answered import request {outcome.request}:"
+            f" {' '.join(outcome.result.split())}",
+            "nothing was changed; correct the input, or check `farmkeys status`, and try again",
+        )
+    return _answer("import", outcome)
+
+
+def _answer(kind: str, outcome: RolloverOutcome) -> int:
+    """Print the leader's answer to a request; the exit code it means."""
+    for line in answer_lines(kind, outcome):
+        print(line)
+    return EXIT_OK if outcome.ok else EXIT_ERROR
+
+
+def _escrow(args: argparse.Namespace, config: Config) -> int:
+    from farmkeys import escrow
+    from farmkeys.configdb import ConfigDB
+    from farmkeys.directory import Directory
+
+    exporting = args.escrow_command == "export"
+    passphrase = escrow.read_passphrase(
+        args.passphrase_file,
+        confirm=exporting,
+        minimum=escrow.MIN_PASSPHRASE if exporting else 0,
+    )
+    with (
+        ConfigDB(config.database, config.retry) as db,
+        Directory(config.directory, config.retry) as directory,
+    ):
+        if exporting:
+            exported = escrow.export_keys(
+                config, db, directory, out=Path(args.out), passphrase=passphrase, now=_now()
+            )
+            print(
+                f"wrote {len(exported.keys)} master keys of farm {exported.farm!r}"
+                f" (DKM group {exported.dkm_group}) to {exported.path}, sealed under the"
+                " passphrase; keep the file and the passphrase apart"
+            )
+            for key_id in exported.keys:
+                print(f"  {key_id}{'  current' if key_id == exported.current else ''}")
+            return EXIT_OK
+        report = escrow.import_keys(
+            config, db, directory, path=Path(args.file), passphrase=passphrase
+        )
+    if report.recreated_container:
+        print(
+            f"re-created the DKM container of farm {report.farm!r} (DKM group {report.dkm_group})"
+        )
+    for key_id in report.restored:
+        print(f"restored master key {key_id}")
+    for key_id in report.present:
+        print(f"master key {key_id} was already in the directory")
+    for key_id in report.skipped_deleted:
+        print(f"master key {key_id} not restored: the farm deleted it, and it stays deleted")
+    return EXIT_OK
+
+
+def _events(args: argparse.Namespace, config: Config) -> int:
+    from farmkeys.configdb import ConfigDB
+
+    with ConfigDB(config.database, config.retry) as db:
+        db.require_farm()
+        rows = db.events(since=args.since)
+    docs = event_docs(rows)
+    if args.json:
+        print(events_json(docs))
+        return EXIT_OK
+    for line in events_text(docs):
+        print(line)
+    return EXIT_OK
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
+    "init": _init,
+    "db": _db_upgrade,
+    "sync": _sync,
+    "status": _status,
+    "serve": _serve,
+    "rollover": _rollover,
+    "repair-state": _repair_state,
+    "escrow": _escrow,
+    "import": _import,
+    "events": _events,
+    "metadata": _metadata,
+    "jwks": _jwks,
+}
+"""The function that runs each command, by its name on the command line."""

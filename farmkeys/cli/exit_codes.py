@@ -1,0 +1,7 @@
+"""The exit codes of the `farmkeys` command."""
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 64  # sysexits' EX_USAGE: apart from status's 0-3
+STATUS_EXIT = {"ok": 0, "warning": 1, "critical": 2}
+STATUS_UNKNOWN = 3

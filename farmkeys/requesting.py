@@ -1,0 +1,183 @@
+"""The operator's side of a request to the leader: sign and file it, then await the answer.
+
+`farmkeys rollover`, `farmkeys repair-state` and `farmkeys import adfs` ask the
+leader for a change through the config DB's request table. The request is
+signed under the farm's current master key (:mod:`farmkeys.requests` is the
+codec; the leader authenticates it before doing anything), and the command
+waits for the leader's answer. When no process leads, the command takes the
+lease itself and answers its own request under the fence, with the leader's
+code: that is why this module sits above :mod:`farmkeys.rollover` and below
+the CLI and :mod:`farmkeys.adfs_import`, its two callers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from farmkeys import requests
+from farmkeys.config import Config
+from farmkeys.configdb import ConfigDB
+from farmkeys.directory import Directory
+from farmkeys.election import Election, read_lease
+from farmkeys.errors import Error, LeaderTimeoutError
+from farmkeys.rollover import Leader
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RolloverOutcome:
+    request: int
+    ok: bool
+    done_by: str | None
+    term: int | None
+    result: str
+
+
+def request_rollover(
+    config: Config,
+    db: ConfigDB,
+    directory: Directory,
+    *,
+    purpose: str | None,
+    urgent: bool,
+    timeout_seconds: float,
+    repair: requests.RepairTerms | None = None,
+) -> RolloverOutcome:
+    """Ask the leader for a rollover and wait for its answer.
+
+    ``purpose`` None asks for a master-key rollover (`--master-key`);
+    ``repair`` for `farmkeys repair-state` instead, vouching for those terms.
+
+    When no process holds the lease, take it for the operation, answer the
+    request under the fence, and give the lease back. Either way exactly one
+    writer acts. A request nobody answered in time is withdrawn, so it cannot
+    surprise anyone later.
+    """
+    kind = "repair_state" if repair is not None else "master_key" if purpose is None else "rollover"
+    request = file_request(
+        config,
+        db,
+        directory,
+        kind=kind,
+        purpose="all" if repair is not None else purpose,
+        urgent=urgent,
+        lifetime_seconds=timeout_seconds,
+        repair=repair,
+    )
+    return await_answer(config, db, directory, request, timeout_seconds=timeout_seconds)
+
+
+# A request stays valid this much longer than its maker waits for the answer.
+_LIFETIME_MARGIN_SECONDS = 60
+
+
+def file_request(
+    config: Config,
+    db: ConfigDB,
+    directory: Directory,
+    *,
+    kind: str,
+    purpose: str | None,
+    urgent: bool,
+    lifetime_seconds: float,
+    repair: requests.RepairTerms | None = None,
+    import_: tuple[requests.ImportTerms, bytes] | None = None,
+) -> int:
+    """Sign a request under the farm's current master key (the one the directory's
+    CryptoPolicy names, not the config DB's word) and queue it; its id.
+
+    It stays valid for ``lifetime_seconds`` and a minute more (at most
+    :data:`farmkeys.requests.MAX_LIFETIME_SECONDS`), by the config DB's clock.
+    """
+    farm = db.require_farm()
+    key_id = directory.current_key_id(farm.dkm_group)
+    key = directory.master_key(farm.dkm_group, key_id)
+    nonce = uuid.uuid4()
+    lifetime = min(int(lifetime_seconds) + _LIFETIME_MARGIN_SECONDS, requests.MAX_LIFETIME_SECONDS)
+
+    def sign(request_id: int, now: datetime) -> tuple[bytes, bytes]:
+        created = int(now.timestamp())
+        request = requests.Request(
+            id=request_id,
+            nonce=nonce,
+            farm=farm.dkm_group,
+            kind=kind,
+            purpose=purpose,
+            urgent=urgent,
+            requested_by=config.node.id,
+            created=created,
+            expires=created + lifetime,
+            master_key=key_id,
+            repair=repair,
+            import_=None if import_ is None else import_[0],
+        )
+        return requests.sign(request, key)
+
+    terms = None if import_ is None else import_[0]
+    return db.file_request(
+        node_id=config.node.id,
+        purpose=purpose,
+        urgent=urgent,
+        master_key=kind == "master_key",
+        repair_state=kind == "repair_state",
+        import_=None
+        if import_ is None or terms is None
+        else (terms.certificate, import_[1], terms.role, terms.source),
+        sign=sign,
+    )
+
+
+def await_answer(
+    config: Config,
+    db: ConfigDB,
+    directory: Directory,
+    request: int,
+    *,
+    timeout_seconds: float,
+) -> RolloverOutcome:
+    """Wait for the leader's answer to ``request``, or answer it under the lease when no
+    process holds it; withdraw it when nobody answered within ``timeout_seconds``."""
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        row = db.rollover_request(request)
+        if row["done_at"] is not None:
+            return RolloverOutcome(
+                request, bool(row["ok"]), row["done_by"], row["term"], row["result"] or ""
+            )
+        if not read_lease(db).valid:
+            election = Election(db, node_id=config.node.id, lease=config.lease)
+            if election.try_acquire():
+                log.info("no node leads; %s took the lease for request %d", config.node.id, request)
+                try:
+                    Leader(config, db, directory, election).answer_requests()
+                except Error as exc:
+                    _withdraw(db, request, f"withdrawn: {exc.what}")
+                    raise
+                finally:
+                    election.release()
+                continue
+        if time.monotonic() >= deadline:
+            if _withdraw(db, request, "withdrawn: no leader answered in time"):
+                lease = read_lease(db)
+                raise LeaderTimeoutError(
+                    f"the leader ({lease.holder_node or 'none'}) did not answer request"
+                    f" {request} within {timeout_seconds:.0f} s; it was withdrawn",
+                    "check `farmkeys serve` on the leader (`farmkeys status`), then try again",
+                )
+            continue  # answered as we withdrew it: report the answer
+        time.sleep(0.2)
+
+
+def _withdraw(db: ConfigDB, request: int, why: str) -> bool:
+    """Mark a request that nobody carried out as done and failed; False if it was answered."""
+    rows = db.fetch(
+        "UPDATE rollover_request SET done_at = now(), ok = false, result = %s"
+        " WHERE id = %s AND done_at IS NULL RETURNING id",
+        (why, request),
+    )
+    return bool(rows)
