@@ -24,7 +24,7 @@ from pathlib import Path
 from farmkeys import adfs, certs, dkm, policy, requests
 from farmkeys._private_file import read_private_file
 from farmkeys.config import Config
-from farmkeys.configdb import ConfigDB
+from farmkeys.db import ConfigDB
 from farmkeys.directory import MASTER_KEY_LENGTH, Directory
 from farmkeys.errors import AdfsKeyMismatchError, ImportRefusedError
 from farmkeys.rollover import RolloverOutcome, await_answer, file_request, import_conflict

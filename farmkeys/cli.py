@@ -32,7 +32,7 @@ from farmkeys.terminal import EscapingFormatter, escape
 # Each command imports what it needs when it runs: a `farmkeys sync` that finds nothing to
 # do never loads ldap3, certificate building, the leader's code or APScheduler.
 if TYPE_CHECKING:
-    from farmkeys.configdb import ConfigDB
+    from farmkeys.db import ConfigDB
     from farmkeys.rollover import RolloverOutcome
     from farmkeys.store import Store
 
@@ -379,7 +379,7 @@ def _configure_logging(debug: bool, *, service: bool = False) -> None:
 
 def _init(args: argparse.Namespace, config: Config) -> int:
     from farmkeys import init
-    from farmkeys.configdb import ConfigDB
+    from farmkeys.db import ConfigDB
     from farmkeys.directory import Directory
 
     with (
@@ -405,7 +405,7 @@ def _init(args: argparse.Namespace, config: Config) -> int:
 
 
 def _db_upgrade(args: argparse.Namespace, config: Config) -> int:
-    from farmkeys.configdb import ConfigDB
+    from farmkeys.db import ConfigDB
 
     with ConfigDB(config.database, config.retry) as db:
         applied = db.upgrade()
@@ -418,7 +418,7 @@ def _db_upgrade(args: argparse.Namespace, config: Config) -> int:
 
 def _sync(args: argparse.Namespace, config: Config) -> int:
     from farmkeys import sync
-    from farmkeys.configdb import ConfigDB
+    from farmkeys.db import ConfigDB
     from farmkeys.directory import Deferred
 
     store = _store(config)
@@ -451,7 +451,7 @@ def _record_failure(db: ConfigDB, node_id: str, exc: Error) -> None:
 
 def _status(args: argparse.Namespace, config: Config) -> int:
     from farmkeys import status
-    from farmkeys.configdb import ConfigDB
+    from farmkeys.db import ConfigDB
     from farmkeys.directory import Directory
 
     with (
@@ -505,7 +505,7 @@ def _rollover(args: argparse.Namespace, config: Config) -> int:
 
 def _repair_state(args: argparse.Namespace, config: Config) -> int:
     from farmkeys import repair, rollover
-    from farmkeys.configdb import ConfigDB
+    from farmkeys.db import ConfigDB
     from farmkeys.directory import Directory
 
     named = None if args.revoked is None else repair.read_revoked_file(Path(args.revoked))
@@ -566,7 +566,7 @@ def _request(
 ) -> int:
     """Ask the leader (or, when no node leads, act under the lease) and print its answer."""
     from farmkeys import rollover
-    from farmkeys.configdb import ConfigDB
+    from farmkeys.db import ConfigDB
     from farmkeys.directory import Directory
 
     with (
@@ -590,7 +590,7 @@ _MAX_PFX_FILE = 4 * 1024 * 1024
 
 def _import(args: argparse.Namespace, config: Config) -> int:
     from farmkeys import adfs_import
-    from farmkeys.configdb import ConfigDB
+    from farmkeys.db import ConfigDB
     from farmkeys.directory import Directory
 
     path = Path(args.encrypted_pfx)
@@ -646,7 +646,7 @@ def _answer(kind: str, outcome: RolloverOutcome) -> int:
 
 def _escrow(args: argparse.Namespace, config: Config) -> int:
     from farmkeys import escrow
-    from farmkeys.configdb import ConfigDB
+    from farmkeys.db import ConfigDB
     from farmkeys.directory import Directory
 
     exporting = args.escrow_command == "export"
@@ -688,7 +688,7 @@ def _escrow(args: argparse.Namespace, config: Config) -> int:
 
 
 def _events(args: argparse.Namespace, config: Config) -> int:
-    from farmkeys.configdb import ConfigDB
+    from farmkeys.db import ConfigDB
 
     with ConfigDB(config.database, config.retry) as db:
         db.require_farm()

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from farmkeys.config import Config
-from farmkeys.configdb import ConfigDB, Farm, Transaction
+from farmkeys.db import ConfigDB, Farm, Transaction
 from farmkeys.directory import Directory
 from farmkeys.election import Election, read_lease
 from farmkeys.errors import (

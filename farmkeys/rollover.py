@@ -23,7 +23,7 @@ from typing import Any
 
 from farmkeys import bundle, certs, dkm, farmstate, fetch_record, policy, requests
 from farmkeys.config import Config, RetryConfig
-from farmkeys.configdb import (
+from farmkeys.db import (
     CHANGED_CHANNEL,
     CertificateRow,
     ConfigDB,
@@ -327,12 +327,7 @@ class Leader:
         from before farm states, whose first record the next write makes."""
         stored = fence.tx.stored_state()
         if stored is None:
-            installed = fence.tx.execute(
-                "SELECT max(state_version) AS version FROM node"
-                " UNION ALL SELECT count(*) FROM audit_event"
-                " WHERE action IN ('state_adopt', 'state_repair')"
-            )
-            if not any(r["version"] for r in installed):
+            if not fence.tx.had_state_record():
                 return None
             raise FarmStateError(
                 "the config DB has no farm state record, but this farm has had one",
@@ -437,9 +432,8 @@ class Leader:
         """The replaced master keys to record when no record lists them yet (a farm's first
         record of format 2): those the ``master_key`` table marks ``previous``, replaced as
         of now. Later than the truth, so their deletion can only come later, never sooner."""
-        rows = fence.tx.execute("SELECT id FROM master_key WHERE state = 'previous'")
         now = int(fence.now.timestamp())
-        return [farmstate.Replaced(r["id"], now, False) for r in rows]
+        return [farmstate.Replaced(key, now, False) for key in fence.tx.previous_keys()]
 
     def _tombstones(self, fence: Fence) -> set[uuid.UUID]:
         """The master keys to record as shredded when no record lists them yet (a farm's
@@ -447,12 +441,8 @@ class Leader:
         is a DB writer's to edit, so never the current key nor one a live blob names: a
         tombstone only keeps `escrow import` from restoring a key, so one too many can at
         worst refuse the restore of a key the farm no longer uses."""
-        rows = fence.tx.execute(
-            "SELECT id FROM master_key WHERE state = 'deleted' AND NOT EXISTS (SELECT 1 FROM"
-            " certificate c WHERE c.master_key = master_key.id AND c.role <> 'archived')"
-        )
         current = None if self._key is None else self._key[0]
-        return {r["id"] for r in rows} - {current}
+        return fence.tx.deleted_keys_unnamed_by_live() - {current}
 
     @staticmethod
     def _next_version(before: farmstate.FarmState | None) -> int:
@@ -479,7 +469,7 @@ class Leader:
 
     def _make_spare(self, purpose: str) -> None:
         """Generate a key and certificate for ``purpose``, with no transaction open."""
-        now = self._db.fetch("SELECT now() AS now")[0]["now"]
+        now = self._db.now()
         self._spares[purpose] = (
             generate_certificate(self._config, purpose=purpose, now=now),
             now,
@@ -566,8 +556,7 @@ class Leader:
         )
 
     def _db_now(self) -> datetime:
-        now: datetime = self._db.fetch("SELECT now() AS now")[0]["now"]
-        return now
+        return self._db.now()
 
     def _live(self) -> list[CertificateRow]:
         return self._db.certificates(include_archived=False)
@@ -708,11 +697,7 @@ class Leader:
 
     def _named_by_live(self) -> tuple[set[uuid.UUID], datetime]:
         """The master keys the live blobs are sealed under, and the database's clock."""
-        rows = self._db.fetch(
-            "SELECT now() AS now, array(SELECT DISTINCT master_key FROM certificate"
-            " WHERE role <> 'archived') AS named"
-        )
-        return set(rows[0]["named"]), rows[0]["now"]
+        return self._db.keys_named_by_live()
 
     def _step(self, step: str, key_id: uuid.UUID) -> None:
         log.info("master-key roll: %s %s", step, key_id)
@@ -736,11 +721,7 @@ class Leader:
             key_id = pending.id
             if request is not None or (urgent and not pending.urgent):
                 with self._fenced(farm) as fence:
-                    fence.tx.execute(
-                        "UPDATE master_key SET request = coalesce(request, %s),"
-                        " urgent = urgent OR %s WHERE id = %s",
-                        (request, urgent, key_id),
-                    )
+                    fence.tx.join_pending_roll(key_id, request=request, urgent=urgent)
             if pending.urgent and not urgent:
                 # The table's flag is a DB writer's to set, and an urgent finish deletes the
                 # replaced key at once (irreversible): only an authenticated request's counts.
@@ -776,15 +757,7 @@ class Leader:
                     farmstate.Replaced(replaced, int(fence.now.timestamp()), urgent)
                 )
             once.set_current_key(group, key_id)
-            fence.tx.execute(
-                "UPDATE master_key SET state = 'previous', replaced_at = now(),"
-                " unused_since = now(), delete_now = %s WHERE state = 'current'",
-                (urgent,),
-            )
-            fence.tx.execute(
-                "UPDATE master_key SET state = 'current', current_since = now() WHERE id = %s",
-                (key_id,),
-            )
+            fence.tx.make_current(key_id, urgent=urgent)
             self._audit_key(
                 fence,
                 "master_key_roll",
@@ -858,25 +831,14 @@ class Leader:
 
     def _mark_unused(self, farm: Farm, key_id: uuid.UUID) -> None:
         with self._fenced(farm) as fence:
-            fence.tx.execute(
-                "UPDATE master_key SET unused_since = now() WHERE id = %s AND state = 'previous'"
-                " AND unused_since IS NULL AND NOT EXISTS (SELECT 1 FROM certificate"
-                " WHERE master_key = %s AND role <> 'archived')",
-                (key_id, key_id),
-            )
+            fence.tx.mark_unused(key_id)
 
     def _delete_key(self, farm: Farm, once: Directory, key_id: uuid.UUID, reason: str) -> str:
         """Delete a replaced key from the directory: what was sealed under it is gone."""
         with self._fenced(farm) as fence:
             # The lease row is locked: no leader can seal under this key meanwhile.
-            counts = fence.tx.execute(
-                "SELECT count(*) FILTER (WHERE role <> 'archived') AS live,"
-                " count(*) FILTER (WHERE role = 'archived') AS archived"
-                " FROM certificate WHERE master_key = %s",
-                (key_id,),
-            )[0]
-            state = fence.tx.execute("SELECT state FROM master_key WHERE id = %s", (key_id,))
-            if counts["live"] or not state or state[0]["state"] != "previous":
+            use = fence.tx.key_use(key_id)
+            if use.live or fence.tx.key_stage(key_id) != "previous":
                 return f"master key {key_id} was not deleted: it is not a replaced, unused key"
             held = self._deletion_held(fence, key_id)
             if held is not None:
@@ -884,13 +846,10 @@ class Leader:
                 return held
             once.delete_key(farm.dkm_group, key_id)
             self._shredding.add(key_id)  # the tombstone, in the record this commit writes
-            fence.tx.execute(
-                "UPDATE master_key SET state = 'deleted', deleted_at = now() WHERE id = %s",
-                (key_id,),
-            )
+            fence.tx.mark_deleted(key_id)
             line = (
                 f"master key {key_id} is deleted from the directory ({reason}): the"
-                f" {counts['archived']} archived certificates sealed under it can never be"
+                f" {use.archived} archived certificates sealed under it can never be"
                 " opened again"
             )
             self._audit_key(fence, "master_key_delete", key_id, line)
@@ -1033,17 +992,9 @@ class Leader:
             answered += 1
             log.info("request %d answered: %s", row["id"], "; ".join(lines))
 
-    _COLUMNS = (
-        "SELECT id, requested_by, purpose, urgent, master_key, repair_state,"
-        " import_certificate, import_blob, import_role, import_source, body, mac"
-        " FROM rollover_request WHERE done_at IS NULL"
-    )
-    _REQUEST = _COLUMNS + " ORDER BY id LIMIT 1"
-
     def _next_request(self) -> dict[str, Any] | None:
         """The oldest pending request, read outside any transaction."""
-        rows = self._db.fetch(self._REQUEST)
-        return rows[0] if rows else None
+        return self._db.next_request()
 
     def _authenticate(self, farm: Farm, row: dict[str, Any]) -> requests.Request:
         """The request a row carries, once its MAC verifies and its columns agree with it
@@ -1082,10 +1033,7 @@ class Leader:
         """The row is still pending exactly as it was authenticated, and now locked for this
         transaction (False: another process answered it, or it was changed meanwhile, and
         is authenticated again on the next round)."""
-        locked = fence.tx.execute(
-            self._COLUMNS + " AND id = %s FOR UPDATE SKIP LOCKED", (row["id"],)
-        )
-        return bool(locked) and locked[0] == row
+        return fence.tx.lock_pending_request(row["id"]) == row
 
     def _answer_one(
         self, farm: Farm, row: dict[str, Any], request: requests.Request
@@ -1243,10 +1191,8 @@ class Leader:
         the transaction writes (a :meth:`_fenced` one), so a copy of it is refused."""
         if signed is not None:
             self._answering.append(self._answer_entry(signed))
-        fence.tx.execute(
-            "UPDATE rollover_request SET done_at = now(), done_by = %s, term = %s,"
-            " ok = %s, result = %s WHERE id = %s AND done_at IS NULL",
-            (self._election.node_id, fence.term, ok, "\n".join(lines), request_id),
+        fence.tx.answer_request(
+            request_id, node=self._election.node_id, term=fence.term, ok=ok, result="\n".join(lines)
         )
         fence.tx.notify(CHANGED_CHANNEL, f"term {fence.term}")
 

@@ -30,7 +30,7 @@ from farmtools import (
 
 from farmkeys import farmstate, repair, requests, rollover
 from farmkeys.config import LeaseConfig, load
-from farmkeys.configdb import ConfigDB
+from farmkeys.db import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.election import Election
 from farmkeys.errors import RequestRefusedError

@@ -16,7 +16,7 @@ import pytest
 from farmtools import TestFarm, add_certificate
 
 from farmkeys.config import Config, LeaseConfig, load
-from farmkeys.configdb import ConfigDB
+from farmkeys.db import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.election import Election, read_lease
 from farmkeys.errors import LeaseLostError

@@ -23,7 +23,7 @@ from farmtools import (
 
 from farmkeys import bundle, certs, dkm
 from farmkeys.config import Config, RetryConfig, load
-from farmkeys.configdb import ConfigDB
+from farmkeys.db import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.errors import StoreError
 from farmkeys.lab._common import free_port

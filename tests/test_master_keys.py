@@ -31,7 +31,7 @@ from farmtools import (
 
 from farmkeys import farmstate, policy
 from farmkeys.config import Config, LeaseConfig, MasterKeyConfig, PolicyConfig, load
-from farmkeys.configdb import ConfigDB, MasterKeyRow
+from farmkeys.db import ConfigDB, MasterKeyRow
 from farmkeys.directory import Directory
 from farmkeys.election import Election
 from farmkeys.errors import LeaseLostError, MasterKeyMissingError
@@ -495,7 +495,7 @@ def test_status_is_critical_when_a_key_live_blobs_need_is_missing_from_the_direc
 _CHILD = """
 import os, signal, sys
 from farmkeys.config import load
-from farmkeys.configdb import ConfigDB
+from farmkeys.db import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.election import Election
 from farmkeys.rollover import Leader, file_request

@@ -29,7 +29,7 @@ from signxml.exceptions import InvalidSignature
 
 from farmkeys import publish
 from farmkeys.config import load
-from farmkeys.configdb import ConfigDB
+from farmkeys.db import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.election import Election
 from farmkeys.lab.slapd import LocalSlapd

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: farmt
 from farmtools import ServeNodes, TestFarm, db_query, lease_row, seal_state, wait_until
 
 from farmkeys.config import LeaseConfig, load
-from farmkeys.configdb import ConfigDB
+from farmkeys.db import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.election import Election, Fence
 from farmkeys.lab.postgres import LocalPostgres
