@@ -7,7 +7,7 @@ blob names, or, failing that, every key there: the MAC decides). The
 certificate is checked here, so a refusal costs nothing, then handed to the
 leader sealed under this farm's master key through the request table; the
 leader checks it again and writes its row under the fence
-(:meth:`farmkeys.rollover.Leader.answer_requests`). Relying parties keep
+(:meth:`farmkeys.leader.Leader.answer_requests`). Relying parties keep
 trusting the same certificate: its key and thumbprint do not change.
 """
 

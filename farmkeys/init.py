@@ -20,7 +20,7 @@ from farmkeys.errors import (
     Error,
     FarmConflictError,
 )
-from farmkeys.rollover import Leader, new_certificate, write_first_state
+from farmkeys.leader import Leader, new_certificate, write_first_state
 from farmkeys.vocab import PURPOSES
 
 log = logging.getLogger(__name__)

@@ -56,7 +56,7 @@ from farmkeys.db import CHANGED_CHANNEL, REQUEST_CHANNEL, ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.election import Election
 from farmkeys.errors import DatabaseError, DirectoryError, Error, LeaseLostError
-from farmkeys.rollover import Leader
+from farmkeys.leader import Leader
 from farmkeys.sdnotify import Notifier
 from farmkeys.store import Installed, Manifest, Store
 

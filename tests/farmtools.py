@@ -168,7 +168,7 @@ def add_certificate(farm: TestFarm, *, purpose: str, role: str) -> str:
     from farmkeys.config import load
     from farmkeys.db import ConfigDB
     from farmkeys.directory import Directory
-    from farmkeys.rollover import new_certificate
+    from farmkeys.leader import new_certificate
 
     cfg = load(farm.config())
     with ConfigDB(cfg.database, cfg.retry) as db, Directory(cfg.directory, cfg.retry) as dirx:

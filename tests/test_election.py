@@ -21,7 +21,7 @@ from farmkeys.directory import Directory
 from farmkeys.election import Election, read_lease
 from farmkeys.errors import LeaseLostError
 from farmkeys.lab.slapd import LocalSlapd
-from farmkeys.rollover import Leader
+from farmkeys.leader import Leader
 from farmkeys.serve import Service
 
 LEASE = LeaseConfig(ttl_seconds=30, renew_seconds=10)

@@ -36,7 +36,7 @@ from farmkeys.directory import Directory
 from farmkeys.election import Election
 from farmkeys.errors import LeaseLostError, MasterKeyMissingError
 from farmkeys.lab.slapd import LocalSlapd
-from farmkeys.rollover import Leader
+from farmkeys.leader import Leader
 from farmkeys.sync import open_blob
 
 LEASE = LeaseConfig(ttl_seconds=30, renew_seconds=10)
@@ -498,7 +498,8 @@ from farmkeys.config import load
 from farmkeys.db import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.election import Election
-from farmkeys.rollover import Leader, file_request
+from farmkeys.leader import Leader
+from farmkeys.rollover import file_request
 
 config = load(sys.argv[1])
 stop_at = sys.argv[2]

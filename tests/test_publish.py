@@ -33,7 +33,7 @@ from farmkeys.db import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.election import Election
 from farmkeys.lab.slapd import LocalSlapd
-from farmkeys.rollover import Leader
+from farmkeys.leader import Leader
 from farmkeys.store import Store
 
 ENTITY = "https://fs.contoso.example/adfs/services/trust"

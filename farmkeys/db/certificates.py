@@ -9,8 +9,9 @@ them the leader's fenced one).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime
+from typing import Any
 
 from farmkeys.db.connection import REQUEST_CHANNEL, Statements
 from farmkeys.db.migrations import MigrationQueries
@@ -73,6 +74,35 @@ _LIVE_SET = (
     " LEFT JOIN certificate c ON c.role <> 'archived'"
     " ORDER BY c.purpose, c.role, c.not_after"
 )
+
+
+def _import_conflict(
+    run: Callable[[str, tuple[object, ...]], list[dict[str, Any]]],
+    *,
+    thumbprint: str,
+    purpose: str,
+    role: str,
+    certificate_id: uuid.UUID | None,
+) -> str | None:
+    """Why the farm has no room for an imported certificate, or None: it (or its row id)
+    is already in the farm, or it would be a second secondary of its purpose."""
+    known = run(
+        "SELECT role FROM certificate WHERE thumbprint = %s OR id = %s",
+        (thumbprint, certificate_id),
+    )
+    if known:
+        return f"certificate {thumbprint} is already in the farm ({known[0]['role']})"
+    if role == "secondary":
+        secondary = run(
+            "SELECT thumbprint FROM certificate WHERE purpose = %s AND role = 'secondary'",
+            (purpose,),
+        )
+        if secondary:
+            return (
+                f"the farm already has a secondary {purpose} certificate"
+                f" {secondary[0]['thumbprint']}"
+            )
+    return None
 
 
 class CertificateQueries(MigrationQueries):
@@ -189,6 +219,24 @@ class CertificateQueries(MigrationQueries):
             },
         )
 
+    def import_conflict(
+        self,
+        *,
+        thumbprint: str,
+        purpose: str,
+        role: str,
+        certificate_id: uuid.UUID | None = None,
+    ) -> str | None:
+        """Why the farm has no room for an imported certificate, or None (read before
+        `import adfs` files its request; the leader checks again when it answers)."""
+        return _import_conflict(
+            self.fetch,
+            thumbprint=thumbprint,
+            purpose=purpose,
+            role=role,
+            certificate_id=certificate_id,
+        )
+
     def fetches(self) -> list[FetchRow]:
         """Every recorded relying-party fetch, by relying party and thumbprint."""
         return [FetchRow(**r) for r in self.fetch(_FETCHES)]
@@ -231,6 +279,19 @@ class CertificateWrites(Statements):
         self.execute(
             "UPDATE certificate SET blob = %s, master_key = %s WHERE id = %s",
             (blob, master_key, certificate_id),
+        )
+
+    def import_conflict(
+        self, *, thumbprint: str, purpose: str, role: str, certificate_id: uuid.UUID | None
+    ) -> str | None:
+        """Why the farm has no room for an imported certificate, or None (in the leader's
+        fenced transaction, which inserts it)."""
+        return _import_conflict(
+            self.execute,
+            thumbprint=thumbprint,
+            purpose=purpose,
+            role=role,
+            certificate_id=certificate_id,
         )
 
     def fetches(self) -> list[FetchRow]:
