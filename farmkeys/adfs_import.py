@@ -7,7 +7,7 @@ blob names, or, failing that, every key there: the MAC decides). The
 certificate is checked here, so a refusal costs nothing, then handed to the
 leader sealed under this farm's master key through the request table; the
 leader checks it again and writes its row under the fence
-(:meth:`farmkeys.rollover.Leader.answer_requests`). Relying parties keep
+(:meth:`farmkeys.leader.Leader.answer_requests`). Relying parties keep
 trusting the same certificate: its key and thumbprint do not change.
 """
 
@@ -24,11 +24,10 @@ from pathlib import Path
 from farmkeys import adfs, certs, dkm, policy, requests
 from farmkeys._private_file import read_private_file
 from farmkeys.config import Config
-from farmkeys.configdb import ConfigDB
+from farmkeys.db import ConfigDB
 from farmkeys.directory import MASTER_KEY_LENGTH, Directory
 from farmkeys.errors import AdfsKeyMismatchError, ImportRefusedError
 from farmkeys.requesting import RolloverOutcome, await_answer, file_request
-from farmkeys.rollover import import_conflict
 from farmkeys.sync import blob_context
 from farmkeys.vocab import PURPOSES
 
@@ -111,7 +110,7 @@ def import_adfs(
     cert = generated.certificate
     certs.check_importable(cert, generated.key, purpose=purpose, now=now)
     thumb = certs.thumbprint(cert)
-    conflict = import_conflict(db.fetch, thumbprint=thumb, purpose=purpose, role=role)
+    conflict = db.import_conflict(thumbprint=thumb, purpose=purpose, role=role)
     if conflict is not None:
         raise ImportRefusedError(
             conflict,

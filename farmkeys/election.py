@@ -27,26 +27,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from farmkeys.config import LeaseConfig
-from farmkeys.configdb import ConfigDB, Transaction
+from farmkeys.db import ConfigDB, Lease, Transaction
 from farmkeys.errors import LeaseLostError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Lease:
-    """The lease row as the config DB sees it now."""
-
-    holder: str | None
-    holder_node: str | None
-    term: int
-    acquired_at: datetime | None
-    expires_at: datetime | None
-    valid: bool  # held, and not yet expired by the database's clock
-    now: datetime
 
 
 @dataclass(frozen=True)
@@ -65,22 +51,10 @@ def instance_id(node_id: str) -> str:
 
 def read_lease(db: ConfigDB) -> Lease:
     """The lease row; a missing row (deleted by hand) reads as a lease nobody holds."""
-    rows = db.fetch(
-        "SELECT holder, holder_node, term, acquired_at, expires_at,"
-        " holder IS NOT NULL AND expires_at > now() AS valid, now() AS now FROM leader_lease"
-    )
-    if not rows:
-        now = db.fetch("SELECT now() AS now")[0]["now"]
-        return Lease(None, None, 0, None, None, valid=False, now=now)
-    return Lease(**rows[0])
-
-
-# Re-creates a lease row deleted by hand, under the highest term the audit log has seen,
-# so terms never go back (the next holder takes that term + 1).
-_RECREATE_LEASE = (
-    "INSERT INTO leader_lease (singleton, term)"
-    " SELECT true, COALESCE(max(term), 0) FROM audit_event ON CONFLICT DO NOTHING"
-)
+    lease = db.lease()
+    if lease is None:
+        return Lease(None, None, 0, None, None, valid=False, now=db.now())
+    return lease
 
 
 class Election:
@@ -113,14 +87,14 @@ class Election:
 
         A lease row that is missing is re-created first (it heals itself).
         """
-        rows = self._take()
-        if not rows and not self._db.fetch("SELECT 1 FROM leader_lease"):
+        term = self._take()
+        if term is None and not self._db.lease_row_exists():
             log.warning("the leader lease row is missing from the config DB; re-creating it")
-            self._db.fetch(_RECREATE_LEASE + " RETURNING term")
-            rows = self._take()
+            self._db.recreate_lease()
+            term = self._take()
         with self._lock:
             before = self._term
-            self._term = rows[0]["term"] if rows else None
+            self._term = term
             after = self._term
         if after is not None and before != after:
             log.info("%s leads the farm under term %d", self.node_id, after)
@@ -128,32 +102,16 @@ class Election:
             log.warning("%s lost the lease of term %d; stepping down", self.node_id, before)
         return after is not None
 
-    def _take(self) -> list[dict[str, Any]]:
-        return self._db.fetch(
-            # A new term whenever the lease changes hands or had run out, even back to the
-            # same process: what it wrote under the old term can no longer pass the fence.
-            "UPDATE leader_lease SET"
-            " term = CASE WHEN holder IS DISTINCT FROM %(me)s OR expires_at IS NULL"
-            "  OR expires_at <= now() THEN term + 1 ELSE term END,"
-            " acquired_at = CASE WHEN holder IS DISTINCT FROM %(me)s OR expires_at IS NULL"
-            "  OR expires_at <= now() THEN now() ELSE acquired_at END,"
-            " holder = %(me)s, holder_node = %(node)s,"
-            " expires_at = now() + make_interval(secs => %(ttl)s)"
-            " WHERE holder = %(me)s OR holder IS NULL OR expires_at <= now()"
-            " OR expires_at IS NULL"
-            " RETURNING term",
-            {"me": self.identity, "node": self.node_id, "ttl": self._lease.ttl_seconds},
+    def _take(self) -> int | None:
+        return self._db.take_lease(
+            me=self.identity, node=self.node_id, ttl_seconds=self._lease.ttl_seconds
         )
 
     def release(self) -> None:
         """Give the lease up at once (on a clean stop), so another node need not wait it out."""
         with self._lock:
             self._term = None
-        self._db.fetch(
-            "UPDATE leader_lease SET holder = NULL, holder_node = NULL, expires_at = now()"
-            " WHERE holder = %s",
-            (self.identity,),
-        )
+        self._db.release_lease(self.identity)
 
     @contextmanager
     def fenced(self, db: ConfigDB | None = None) -> Iterator[Fence]:
@@ -165,34 +123,25 @@ class Election:
         """
         term = self._term
         with (db or self._db).transaction() as tx:
-            # Lock first, then judge the expiry by the clock as it is once the lock is held:
-            # now() is the transaction's start, before any wait for the lock.
-            tx.execute("SELECT 1 FROM leader_lease FOR UPDATE")
-            # The fence's `now` stays the transaction's: every time the write stamps
-            # (audit `at`, `role_since`) is now(), and the policy must agree with them.
-            rows = tx.execute(
-                "SELECT holder, term, expires_at > clock_timestamp() AS valid,"
-                " now() AS now FROM leader_lease"
-            )
-            if not rows:
+            row = tx.check_fence()
+            if row is None:
                 self.step_down()
                 raise LeaseLostError(
                     "the leader lease row is missing from the config DB",
                     "the next lease attempt re-creates it; nothing was written",
                 )
-            row = rows[0]
-            if term is None or row["holder"] != self.identity or row["term"] != term:
+            if term is None or row.holder != self.identity or row.term != term:
                 self.step_down()
                 raise LeaseLostError(
                     f"{self.node_id} no longer holds the leader lease"
                     + (f" of term {term}" if term is not None else "")
-                    + f" (now term {row['term']})",
+                    + f" (now term {row.term})",
                     "another node leads; nothing was written",
                 )
-            if not row["valid"]:
+            if not row.valid:
                 self.step_down()
                 raise LeaseLostError(
                     f"the leader lease of term {term} held by {self.node_id} has expired",
                     "renew it before writing; nothing was written",
                 )
-            yield Fence(tx=tx, term=term, now=row["now"])
+            yield Fence(tx=tx, term=term, now=row.now)

@@ -44,7 +44,7 @@ from typing import Final
 from farmkeys import agefmt, farmstate, policy
 from farmkeys._private_file import read_private_file
 from farmkeys.config import Config
-from farmkeys.configdb import ConfigDB
+from farmkeys.db import ConfigDB
 from farmkeys.directory import MASTER_KEY_LENGTH, Directory
 from farmkeys.errors import (
     DirectoryError,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from farmkeys.config import Config
-from farmkeys.configdb import ConfigDB, Farm, Transaction
+from farmkeys.db import ConfigDB, Farm, Transaction
 from farmkeys.directory import Directory
 from farmkeys.election import Election, read_lease
 from farmkeys.errors import (
@@ -20,7 +20,7 @@ from farmkeys.errors import (
     Error,
     FarmConflictError,
 )
-from farmkeys.rollover import Leader, new_certificate, write_first_state
+from farmkeys.leader import Leader, new_certificate, write_first_state
 from farmkeys.vocab import PURPOSES
 
 log = logging.getLogger(__name__)

@@ -87,7 +87,7 @@ class CertificateState(Row, Protocol):
 
 
 class MasterKeyState(Protocol):
-    """What the policy reads of a master key's record (``configdb.MasterKeyRow`` has it)."""
+    """What the policy reads of a master key's record (``db.MasterKeyRow`` has it)."""
 
     @property
     def id(self) -> uuid.UUID: ...

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from farmkeys import farmstate, requests
-from farmkeys.configdb import ConfigDB
+from farmkeys.db import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.errors import ConfigError, DirectoryError, FarmStateError
 
@@ -156,7 +156,7 @@ def review(db: ConfigDB, directory: Directory, *, revoked_file: tuple[str, ...] 
 def _remembered(db: ConfigDB) -> dict[str, list[str]]:
     """The thumbprints nodes report they remember as urgently replaced, by thumbprint."""
     found: dict[str, list[str]] = {}
-    for row in db.fetch("SELECT id, revoked FROM node ORDER BY id"):
-        for thumbprint in row["revoked"] or ():
-            found.setdefault(str(thumbprint), []).append(str(row["id"]))
+    for node, revoked in db.revoked_by_node():
+        for thumbprint in revoked:
+            found.setdefault(thumbprint, []).append(node)
     return found

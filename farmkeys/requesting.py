@@ -6,7 +6,7 @@ signed under the farm's current master key (:mod:`farmkeys.requests` is the
 codec; the leader authenticates it before doing anything), and the command
 waits for the leader's answer. When no process leads, the command takes the
 lease itself and answers its own request under the fence, with the leader's
-code: that is why this module sits above :mod:`farmkeys.rollover` and below
+code: that is why this module sits above :mod:`farmkeys.leader` and below
 the CLI and :mod:`farmkeys.adfs_import`, its two callers.
 """
 
@@ -20,11 +20,11 @@ from datetime import datetime
 
 from farmkeys import requests
 from farmkeys.config import Config
-from farmkeys.configdb import ConfigDB
+from farmkeys.db import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.election import Election, read_lease
 from farmkeys.errors import Error, LeaderTimeoutError
-from farmkeys.rollover import Leader
+from farmkeys.leader import Leader
 
 log = logging.getLogger(__name__)
 
@@ -156,13 +156,13 @@ def await_answer(
                 try:
                     Leader(config, db, directory, election).answer_requests()
                 except Error as exc:
-                    _withdraw(db, request, f"withdrawn: {exc.what}")
+                    db.withdraw_request(request, f"withdrawn: {exc.what}")
                     raise
                 finally:
                     election.release()
                 continue
         if time.monotonic() >= deadline:
-            if _withdraw(db, request, "withdrawn: no leader answered in time"):
+            if db.withdraw_request(request, "withdrawn: no leader answered in time"):
                 lease = read_lease(db)
                 raise LeaderTimeoutError(
                     f"the leader ({lease.holder_node or 'none'}) did not answer request"
@@ -171,13 +171,3 @@ def await_answer(
                 )
             continue  # answered as we withdrew it: report the answer
         time.sleep(0.2)
-
-
-def _withdraw(db: ConfigDB, request: int, why: str) -> bool:
-    """Mark a request that nobody carried out as done and failed; False if it was answered."""
-    rows = db.fetch(
-        "UPDATE rollover_request SET done_at = now(), ok = false, result = %s"
-        " WHERE id = %s AND done_at IS NULL RETURNING id",
-        (why, request),
-    )
-    return bool(rows)

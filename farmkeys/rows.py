@@ -1,4 +1,4 @@
-"""What the pure modules read of a certificate row, as protocols (``configdb.CertificateRow``
+"""What the pure modules read of a certificate row, as protocols (``db.CertificateRow``
 has all of it). Apart from :mod:`farmkeys.policy` so that the farm state record
 (:mod:`farmkeys.farmstate`), which a sync checks, does not load the rollover policy.
 """
@@ -12,7 +12,7 @@ __all__ = ["Published", "Row"]
 
 
 class Row(Protocol):
-    """A certificate row's identity and place (``configdb.CertificateRow`` has it)."""
+    """A certificate row's identity and place (``db.CertificateRow`` has it)."""
 
     @property
     def id(self) -> uuid.UUID: ...

@@ -52,11 +52,11 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from farmkeys import fetch_record
 from farmkeys import sync as node_sync
 from farmkeys.config import Config, RetryConfig
-from farmkeys.configdb import CHANGED_CHANNEL, REQUEST_CHANNEL, ConfigDB
+from farmkeys.db import CHANGED_CHANNEL, REQUEST_CHANNEL, ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.election import Election
 from farmkeys.errors import DatabaseError, DirectoryError, Error, LeaseLostError
-from farmkeys.rollover import Leader
+from farmkeys.leader import Leader
 from farmkeys.sdnotify import Notifier
 from farmkeys.store import Installed, Manifest, Store
 
@@ -567,12 +567,9 @@ class Service:
 
     def _requests_pending(self) -> bool:
         try:
-            rows = self._db.fetch(
-                "SELECT EXISTS (SELECT 1 FROM rollover_request WHERE done_at IS NULL) AS pending"
-            )
+            return self._db.requests_pending()
         except Error:
             return False
-        return bool(rows[0]["pending"])
 
     def _record_leadership(self) -> None:
         """The `lead` event that opens a term, written under the fence like any leader write,

@@ -16,7 +16,7 @@ from typing import Any
 from farmkeys import farmstate
 from farmkeys import policy as rollover_policy
 from farmkeys.config import Config, PolicyConfig
-from farmkeys.configdb import CertificateRow, ConfigDB, Farm, MasterKeyRow
+from farmkeys.db import CertificateRow, ConfigDB, Farm, Lease, MasterKeyRow
 from farmkeys.directory import Directory, MasterKeyInfo
 from farmkeys.errors import DirectoryError, FarmStateError, MasterKeyMissingError
 from farmkeys.vocab import LIVE_ROLES, PURPOSES
@@ -101,8 +101,8 @@ def farm_status(
     state_doc = _farm_state(db, farm, live, nodes, current, directory, problems)
     parties_doc, unfetched = _relying_parties(config, db, live, now, problems)
 
-    lease = _lease(db)
-    if lease is None or not lease["valid"]:
+    lease = db.lease()
+    if lease is None or not lease.valid:
         problems.add("warning", "no node holds the leader lease; is `farmkeys serve` running?")
 
     if not nodes:
@@ -295,21 +295,13 @@ def _relying_parties(
     return docs, (waiting if policy.require_fetch else {})
 
 
-def _lease(db: ConfigDB) -> dict[str, Any] | None:
-    rows = db.fetch(
-        "SELECT holder_node, term, expires_at, now() AS now,"
-        " holder IS NOT NULL AND expires_at > now() AS valid FROM leader_lease"
-    )
-    return rows[0] if rows else None
-
-
-def _leader_json(lease: dict[str, Any] | None) -> dict[str, Any] | None:
-    if lease is None or not lease["valid"]:
+def _leader_json(lease: Lease | None) -> dict[str, Any] | None:
+    if lease is None or not lease.valid:
         return None
     return {
-        "node": lease["holder_node"],
-        "term": lease["term"],
-        "expires_at": _iso(lease["expires_at"]),
+        "node": lease.holder_node,
+        "term": lease.term,
+        "expires_at": _iso(lease.expires_at),
     }
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from farmkeys import farmstate
 from farmkeys.config import Config
-from farmkeys.configdb import CertificateRow, Claim, ConfigDB, Farm, LiveSet
+from farmkeys.db import CertificateRow, Claim, ConfigDB, Farm, LiveSet
 from farmkeys.directory import MasterKeys
 from farmkeys.errors import (
     CertificateError,

@@ -166,9 +166,9 @@ def add_certificate(farm: TestFarm, *, purpose: str, role: str) -> str:
     from datetime import UTC, datetime
 
     from farmkeys.config import load
-    from farmkeys.configdb import ConfigDB
+    from farmkeys.db import ConfigDB
     from farmkeys.directory import Directory
-    from farmkeys.rollover import new_certificate
+    from farmkeys.leader import new_certificate
 
     cfg = load(farm.config())
     with ConfigDB(cfg.database, cfg.retry) as db, Directory(cfg.directory, cfg.retry) as dirx:
@@ -199,7 +199,7 @@ def seal_state(farm: TestFarm) -> int:
 
     from farmkeys import farmstate
     from farmkeys.config import load
-    from farmkeys.configdb import ConfigDB
+    from farmkeys.db import ConfigDB
     from farmkeys.directory import Directory
 
     cfg = load(farm.config())
@@ -235,7 +235,7 @@ def seal_state(farm: TestFarm) -> int:
 def hold_lease(farm: TestFarm, node: str = "node-a", ttl_seconds: float = 600.0) -> int:
     """Take the leader lease as ``node`` for the rest of the test (as `serve` would); the term."""
     from farmkeys.config import LeaseConfig, load
-    from farmkeys.configdb import ConfigDB
+    from farmkeys.db import ConfigDB
     from farmkeys.election import Election
 
     cfg = load(farm.config(node))

@@ -28,13 +28,14 @@ from farmtools import (
     wait_until,
 )
 
-from farmkeys import farmstate, repair, requesting, requests, rollover
+from farmkeys import farmstate, repair, requesting, requests
 from farmkeys.config import LeaseConfig, load
-from farmkeys.configdb import ConfigDB
+from farmkeys.db import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.election import Election
 from farmkeys.errors import RequestRefusedError
 from farmkeys.lab.slapd import LocalSlapd
+from farmkeys.leader import Leader
 
 BIGINT_END = 9223372036854775806  # 2^63 - 2: one more version and the bigint is full
 
@@ -370,13 +371,13 @@ def test_a_forged_node_version_cannot_freeze_the_farm(farm: TestFarm) -> None:
 # -- master-key rolls and pending requests -----------------------------------------------
 
 
-def _leader(farm: TestFarm) -> tuple[rollover.Leader, ConfigDB, Directory, Any]:
+def _leader(farm: TestFarm) -> tuple[Leader, ConfigDB, Directory, Any]:
     cfg = load(farm.config())
     db = ConfigDB(cfg.database, cfg.retry).__enter__()
     dirx = Directory(cfg.directory, cfg.retry).__enter__()
     election = Election(db, node_id="node-a", lease=LeaseConfig(ttl_seconds=60, renew_seconds=1))
     assert election.try_acquire()
-    return rollover.Leader(cfg, db, dirx, election), db, dirx, cfg
+    return Leader(cfg, db, dirx, election), db, dirx, cfg
 
 
 @pytest.mark.parametrize("urgent", [False, True])

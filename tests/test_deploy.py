@@ -235,7 +235,7 @@ def test_the_wheel_builds_without_warnings_and_runs_from_anywhere(tmp_path: Path
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     probe = (
-        "import sys, farmkeys, farmkeys.configdb as c;"
+        "import sys, farmkeys, farmkeys.db as c;"
         "print(farmkeys.__file__); print(' '.join(m.name for m in c.migrations()))"
     )
     deps = [p for p in sys.path if p.endswith("site-packages")]

@@ -16,12 +16,12 @@ import pytest
 from farmtools import TestFarm, add_certificate
 
 from farmkeys.config import Config, LeaseConfig, load
-from farmkeys.configdb import ConfigDB
+from farmkeys.db import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.election import Election, read_lease
 from farmkeys.errors import LeaseLostError
 from farmkeys.lab.slapd import LocalSlapd
-from farmkeys.rollover import Leader
+from farmkeys.leader import Leader
 from farmkeys.serve import Service
 
 LEASE = LeaseConfig(ttl_seconds=30, renew_seconds=10)

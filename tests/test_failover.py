@@ -30,7 +30,7 @@ from farmtools import (
 
 from farmkeys import requesting
 from farmkeys.config import load
-from farmkeys.configdb import ConfigDB, describe_dsn
+from farmkeys.db import ConfigDB, describe_dsn
 from farmkeys.directory import Directory
 from farmkeys.lab.postgres import LocalPostgres, multi_host_dsn
 from farmkeys.lab.slapd import LocalSlapd

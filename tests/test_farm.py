@@ -17,7 +17,7 @@ from farmtools import TestFarm, add_certificate, hold_lease, one_error_line, sna
 from farmkeys import dkm
 from farmkeys.cli import commands
 from farmkeys.config import load
-from farmkeys.configdb import ConfigDB
+from farmkeys.db import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.lab._common import free_port
 from farmkeys.lab.postgres import LocalPostgres
@@ -539,7 +539,7 @@ def test_migrations_come_from_the_installed_package_not_a_folder_beside_it(
     result = run_python(
         "-c",
         f"import sys; sys.path.insert(0, {str(site)!r}); "
-        "from farmkeys.configdb import migrations; "
+        "from farmkeys.db import migrations; "
         "print(' '.join(m.name for m in migrations()))",
     )
     assert result.code == 0, result.err

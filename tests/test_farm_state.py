@@ -22,9 +22,10 @@ from farmtools import (
     snapshot,
 )
 
-from farmkeys import farmstate, rollover
+from farmkeys import farmstate
 from farmkeys.lab.postgres import LocalPostgres
 from farmkeys.lab.slapd import LocalSlapd
+from farmkeys.leader import sealing
 
 
 @pytest.fixture
@@ -316,7 +317,7 @@ def test_keys_are_generated_before_the_fenced_transaction_opens(
 ) -> None:
     """While a key is made, another connection can lock the lease row at once."""
     seen: list[str] = []
-    real = rollover.generate_certificate
+    real = sealing.generate_certificate
 
     def watched(*args: Any, **kwargs: Any) -> Any:
         with psycopg.connect(farm.dsn) as conn:
@@ -327,7 +328,7 @@ def test_keys_are_generated_before_the_fenced_transaction_opens(
                 seen.append("locked")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(rollover, "generate_certificate", watched)
+    monkeypatch.setattr(sealing, "generate_certificate", watched)
     assert farm.run("rollover", "--purpose", "all").code == 0
     assert farm.run("rollover", "--purpose", "signing", "--urgent").code == 0
     assert seen and set(seen) == {"free"}, seen

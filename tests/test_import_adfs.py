@@ -365,7 +365,7 @@ def _forged_request(farm: TestFarm, made: certs.Generated, master_key: bytes | N
     """An import request written straight into the config DB, as its writer could: sealed
     under ``master_key`` (a guess, without the farm's key), or under the farm's own key."""
     from farmkeys import dkm
-    from farmkeys.configdb import ConfigDB
+    from farmkeys.db import ConfigDB
     from farmkeys.sync import blob_context
 
     cfg = load(farm.config())

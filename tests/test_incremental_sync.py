@@ -23,7 +23,7 @@ from farmtools import (
 
 from farmkeys import bundle, certs, dkm
 from farmkeys.config import Config, RetryConfig, load
-from farmkeys.configdb import ConfigDB
+from farmkeys.db import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.errors import StoreError
 from farmkeys.lab._common import free_port
@@ -350,7 +350,7 @@ def test_a_sync_with_nothing_to_do_loads_neither_ldap3_nor_cryptography(
     assert node.sync()
     code = (
         "import sys; from farmkeys import cli; code = cli.main(sys.argv[1:]);"
-        " print(sorted(m for m in ('ldap3', 'cryptography', 'apscheduler', 'farmkeys.rollover',"
+        " print(sorted(m for m in ('ldap3', 'cryptography', 'apscheduler', 'farmkeys.leader',"
         " 'farmkeys.certs') if m in sys.modules)); sys.exit(code)"
     )
     done = run_python("-c", code, "sync", "--config", str(farm.config("node-a")))

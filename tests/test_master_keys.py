@@ -31,12 +31,12 @@ from farmtools import (
 
 from farmkeys import farmstate, policy
 from farmkeys.config import Config, LeaseConfig, MasterKeyConfig, PolicyConfig, load
-from farmkeys.configdb import ConfigDB, MasterKeyRow
+from farmkeys.db import ConfigDB, MasterKeyRow
 from farmkeys.directory import Directory
 from farmkeys.election import Election
 from farmkeys.errors import LeaseLostError, MasterKeyMissingError
 from farmkeys.lab.slapd import LocalSlapd
-from farmkeys.rollover import Leader
+from farmkeys.leader import Leader
 from farmkeys.sync import open_blob
 
 LEASE = LeaseConfig(ttl_seconds=30, renew_seconds=10)
@@ -495,11 +495,11 @@ def test_status_is_critical_when_a_key_live_blobs_need_is_missing_from_the_direc
 _CHILD = """
 import os, signal, sys
 from farmkeys.config import load
-from farmkeys.configdb import ConfigDB
+from farmkeys.db import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.election import Election
+from farmkeys.leader import Leader
 from farmkeys.requesting import file_request
-from farmkeys.rollover import Leader
 
 config = load(sys.argv[1])
 stop_at = sys.argv[2]

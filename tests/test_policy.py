@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from farmkeys.config import PolicyConfig
-from farmkeys.configdb import CertificateRow
+from farmkeys.db import CertificateRow
 from farmkeys.policy import Action, Scheduled, decide, next_action
 
 ANCHOR = datetime(2027, 11, 1, tzinfo=UTC)

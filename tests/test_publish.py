@@ -29,11 +29,11 @@ from signxml.exceptions import InvalidSignature
 
 from farmkeys import publish
 from farmkeys.config import load
-from farmkeys.configdb import ConfigDB
+from farmkeys.db import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.election import Election
 from farmkeys.lab.slapd import LocalSlapd
-from farmkeys.rollover import Leader
+from farmkeys.leader import Leader
 from farmkeys.store import Store
 
 ENTITY = "https://fs.contoso.example/adfs/services/trust"

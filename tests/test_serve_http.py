@@ -28,7 +28,7 @@ from farmtools import REPO, ServeNodes, TestFarm, add_certificate, clean_env, db
 from prometheus_client.parser import text_string_to_metric_families
 
 from farmkeys import publish
-from farmkeys.configdb import CHANGED_CHANNEL
+from farmkeys.db import CHANGED_CHANNEL
 from farmkeys.errors import DirectoryError, Error, FarmStateError, StoreError
 from farmkeys.lab.slapd import LocalSlapd
 from farmkeys.serve import node_health

@@ -29,7 +29,7 @@ from farmkeys.errors import DatabaseError, Error, ImportRefusedError, RequestRef
 from farmkeys.terminal import escape
 
 if TYPE_CHECKING:
-    from farmkeys.configdb import ConfigDB
+    from farmkeys.db import ConfigDB
     from farmkeys.requesting import RolloverOutcome
     from farmkeys.store import Store
 
@@ -42,7 +42,7 @@ def _now() -> datetime:
 
 def _init(args: argparse.Namespace, config: Config) -> int:
     from farmkeys import init
-    from farmkeys.configdb import ConfigDB
+    from farmkeys.db import ConfigDB
     from farmkeys.directory import Directory
 
     with (
@@ -68,7 +68,7 @@ def _init(args: argparse.Namespace, config: Config) -> int:
 
 
 def _db_upgrade(args: argparse.Namespace, config: Config) -> int:
-    from farmkeys.configdb import ConfigDB
+    from farmkeys.db import ConfigDB
 
     with ConfigDB(config.database, config.retry) as db:
         applied = db.upgrade()
@@ -81,7 +81,7 @@ def _db_upgrade(args: argparse.Namespace, config: Config) -> int:
 
 def _sync(args: argparse.Namespace, config: Config) -> int:
     from farmkeys import sync
-    from farmkeys.configdb import ConfigDB
+    from farmkeys.db import ConfigDB
     from farmkeys.directory import Deferred
 
     store = _store(config)
@@ -114,7 +114,7 @@ def _record_failure(db: ConfigDB, node_id: str, exc: Error) -> None:
 
 def _status(args: argparse.Namespace, config: Config) -> int:
     from farmkeys import status
-    from farmkeys.configdb import ConfigDB
+    from farmkeys.db import ConfigDB
     from farmkeys.directory import Directory
 
     with (
@@ -166,7 +166,7 @@ def _rollover(args: argparse.Namespace, config: Config) -> int:
 
 def _repair_state(args: argparse.Namespace, config: Config) -> int:
     from farmkeys import repair, requesting
-    from farmkeys.configdb import ConfigDB
+    from farmkeys.db import ConfigDB
     from farmkeys.directory import Directory
 
     named = None if args.revoked is None else repair.read_revoked_file(Path(args.revoked))
@@ -227,7 +227,7 @@ def _request(
 ) -> int:
     """Ask the leader (or, when no node leads, act under the lease) and print its answer."""
     from farmkeys import requesting
-    from farmkeys.configdb import ConfigDB
+    from farmkeys.db import ConfigDB
     from farmkeys.directory import Directory
 
     with (
@@ -251,7 +251,7 @@ _MAX_PFX_FILE = 4 * 1024 * 1024
 
 def _import(args: argparse.Namespace, config: Config) -> int:
     from farmkeys import adfs_import
-    from farmkeys.configdb import ConfigDB
+    from farmkeys.db import ConfigDB
     from farmkeys.directory import Directory
 
     path = Path(args.encrypted_pfx)
@@ -301,7 +301,7 @@ def _answer(kind: str, outcome: RolloverOutcome) -> int:
 
 def _escrow(args: argparse.Namespace, config: Config) -> int:
     from farmkeys import escrow
-    from farmkeys.configdb import ConfigDB
+    from farmkeys.db import ConfigDB
     from farmkeys.directory import Directory
 
     exporting = args.escrow_command == "export"
@@ -343,7 +343,7 @@ def _escrow(args: argparse.Namespace, config: Config) -> int:
 
 
 def _events(args: argparse.Namespace, config: Config) -> int:
-    from farmkeys.configdb import ConfigDB
+    from farmkeys.db import ConfigDB
 
     with ConfigDB(config.database, config.retry) as db:
         db.require_farm()

@@ -38,7 +38,7 @@ from _results import Row, compile_farmkeys, record
 from farmtools import TestFarm, clean_env, live_identity, manifest_identity
 
 from farmkeys.config import load
-from farmkeys.configdb import ConfigDB
+from farmkeys.db import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.lab.postgres import LocalPostgres
 from farmkeys.lab.slapd import LocalSlapd

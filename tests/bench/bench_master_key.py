@@ -11,7 +11,7 @@ processes that only follow (they never lead: the bench holds the lease). For
 each count B it fills the live set to B blobs (the two primaries and B-2
 retired certificates, each a real RSA-2048 certificate sealed under the
 farm's key), then rolls the master key through the leader's own code
-(rollover.Leader.roll_master_key) and times
+(leader.Leader.roll_master_key) and times
 
 - the fenced transactions of the roll: how long each held the lease row
   (the re-seal of every blob, and the one that makes the key current);
@@ -45,12 +45,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: farmt
 from farmtools import ServeNodes, TestFarm, db_query, lease_row, seal_state, wait_until
 
 from farmkeys.config import LeaseConfig, load
-from farmkeys.configdb import ConfigDB
+from farmkeys.db import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.election import Election, Fence
 from farmkeys.lab.postgres import LocalPostgres
 from farmkeys.lab.slapd import LocalSlapd
-from farmkeys.rollover import Leader, new_certificate
+from farmkeys.leader import Leader, new_certificate
 
 OVERRIDES: dict[str, dict[str, Any]] = {
     "policy": {"rollover_interval_seconds": 3600},

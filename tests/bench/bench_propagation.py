@@ -59,7 +59,7 @@ from farmtools import (
 
 from farmkeys import requesting
 from farmkeys.config import load
-from farmkeys.configdb import CHANGED_CHANNEL, ConfigDB
+from farmkeys.db import CHANGED_CHANNEL, ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.lab.postgres import LocalPostgres
 from farmkeys.lab.slapd import LocalSlapd

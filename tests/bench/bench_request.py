@@ -36,7 +36,7 @@ from farmtools import TestFarm
 
 from farmkeys import requesting, requests
 from farmkeys.config import load
-from farmkeys.configdb import REQUEST_CHANNEL, ConfigDB
+from farmkeys.db import REQUEST_CHANNEL, ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.lab.postgres import LocalPostgres
 from farmkeys.lab.slapd import LocalSlapd

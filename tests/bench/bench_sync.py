@@ -40,7 +40,7 @@ from farmtools import TestFarm, add_certificate, db_query, seal_state
 
 from farmkeys import dkm
 from farmkeys.config import load
-from farmkeys.configdb import Claim, ConfigDB
+from farmkeys.db import Claim, ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.lab.postgres import LocalPostgres
 from farmkeys.lab.slapd import LocalSlapd
