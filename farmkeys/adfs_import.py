@@ -21,12 +21,13 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 
-from farmkeys import adfs, certs, dkm, policy, requests
+from farmkeys import adfs, certs, policy, requests
 from farmkeys._private_file import read_private_file
 from farmkeys.config import Config
 from farmkeys.configdb import ConfigDB
 from farmkeys.directory import MASTER_KEY_LENGTH, Directory
 from farmkeys.errors import AdfsKeyMismatchError, ImportRefusedError
+from farmkeys.formats import blob as blob_format
 from farmkeys.rollover import RolloverOutcome, await_answer, file_request, import_conflict
 from farmkeys.sync import blob_context
 from farmkeys.vocab import PURPOSES
@@ -120,7 +121,7 @@ def import_adfs(
     current = policy.current_key(db.master_keys())
     key_id = current.id if current is not None else directory.current_key_id(farm.dkm_group)
     certificate_id = uuid.uuid4()
-    sealed = dkm.seal(
+    sealed = blob_format.seal(
         pkcs12,
         master_key=directory.master_key(farm.dkm_group, key_id),
         master_key_id=key_id,

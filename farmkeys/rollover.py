@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from farmkeys import bundle, certs, dkm, farmstate, fetch_record, policy, requests
+from farmkeys import bundle, certs, farmstate, fetch_record, policy, requests
 from farmkeys.config import Config, RetryConfig
 from farmkeys.configdb import (
     CHANGED_CHANNEL,
@@ -44,6 +44,7 @@ from farmkeys.errors import (
     MasterKeyMissingError,
     RequestRefusedError,
 )
+from farmkeys.formats import blob as blob_format
 from farmkeys.sync import blob_context
 from farmkeys.vocab import PURPOSES
 
@@ -134,7 +135,7 @@ def sealed_certificate(
     # The exact bytes each node writes (farmkeys.bundle): a node checks them cheaply and
     # never parses a PKCS#12 or re-encodes the key.
     packed = bundle.pack(generated, friendly_name=f"{config.farm.name} token {purpose} {thumb}")
-    blob = dkm.seal(
+    blob = blob_format.seal(
         packed,
         master_key=master_key,
         master_key_id=master_key_id,
@@ -835,7 +836,7 @@ class Leader:
             old = olds.get(row.master_key)
             if old is None:  # sealed after olds was read: one more (cached) read
                 old = self._directory.master_key(farm.dkm_group, row.master_key)
-            blob = dkm.reseal(
+            blob = blob_format.reseal(
                 row.blob,
                 old_key=old,
                 new_key=key,
@@ -1297,8 +1298,8 @@ class Leader:
         blob = bytes(row["import_blob"])
         context = blob_context(farm, cert_id, purpose)
         try:
-            sealed_under = dkm.master_key_id(blob, context=context)
-            pkcs12 = dkm.open_blob(
+            sealed_under = blob_format.master_key_id(blob, context=context)
+            pkcs12 = blob_format.open_blob(
                 blob,
                 master_key=self._directory.master_key(farm.dkm_group, sealed_under),
                 context=context,

@@ -29,9 +29,9 @@ from farmkeys.errors import (
 from farmkeys.store import Carried, CertificateFiles, Installed, Manifest, Store
 
 if TYPE_CHECKING:
-    from farmkeys import dkm
+    from farmkeys.formats import blob
 
-# bundle, certs and dkm (cryptography) are imported where a blob is opened: a sync that finds
+# bundle, certs and blob (cryptography) are imported where a blob is opened: a sync that finds
 # nothing changed opens none, and `farmkeys sync` at a service's start stays fast.
 
 log = logging.getLogger(__name__)
@@ -39,12 +39,12 @@ log = logging.getLogger(__name__)
 
 def blob_context(
     farm: Farm | uuid.UUID, certificate_id: uuid.UUID, purpose: str
-) -> dkm.BlobContext:
+) -> blob.BlobContext:
     """What a certificate's blob is bound to: its farm's DKM group, its id and its purpose."""
-    from farmkeys import dkm
+    from farmkeys.formats import blob
 
     group = farm.dkm_group if isinstance(farm, Farm) else farm
-    return dkm.BlobContext(farm=str(group), certificate_id=str(certificate_id), purpose=purpose)
+    return blob.BlobContext(farm=str(group), certificate_id=str(certificate_id), purpose=purpose)
 
 
 # -- sync ------------------------------------------------------------------------------
@@ -328,17 +328,17 @@ def _confirm_keys(
 
 def open_blob(farm: Farm, row: CertificateRow, directory: MasterKeys) -> bytes:
     """The PKCS#12 sealed in one certificate row's blob, under the master key its row names."""
-    from farmkeys import dkm
+    from farmkeys.formats import blob
 
     context = blob_context(farm, row.id, row.purpose)
-    named = dkm.master_key_id(row.blob, context=context)
+    named = blob.master_key_id(row.blob, context=context)
     if named != row.master_key:
         raise InvalidBlobError(
             f"the blob of {row.purpose} certificate {row.id} names another master key than its row",
             "restore the row from a backup or replace the certificate",
         )
     key = directory.master_key(farm.dkm_group, named)
-    return dkm.open_blob(row.blob, master_key=key, context=context)
+    return blob.open_blob(row.blob, master_key=key, context=context)
 
 
 def open_certificate(farm: Farm, row: CertificateRow, directory: MasterKeys) -> CertificateFiles:

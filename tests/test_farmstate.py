@@ -13,8 +13,9 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from farmkeys import dkm, farmstate
+from farmkeys import farmstate
 from farmkeys.errors import Error, FarmStateError
+from farmkeys.formats import blob
 
 FARM = uuid.UUID("6f1c5a0e-2b1d-4c53-9a3e-0d7f3b2a9c11")
 KEY_ID = uuid.UUID("0b5a9c1e-8d2f-4e6a-b1c3-5d7e9f0a2b4c")
@@ -95,7 +96,9 @@ def test_the_mac_is_hmac_sha256_under_an_hkdf_key_of_its_own_label() -> None:
     ).derive(KEY)
     assert mac == hmac.new(derived, body, hashlib.sha256).digest()
     # Not the key that seals blobs under the same master key.
-    blob_key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=dkm.HKDF_INFO).derive(KEY)
+    blob_key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=blob.HKDF_INFO).derive(
+        KEY
+    )
     assert derived != blob_key
 
 

@@ -364,8 +364,8 @@ def test_the_key_never_reaches_output_or_logs(
 def _forged_request(farm: TestFarm, made: certs.Generated, master_key: bytes | None) -> int:
     """An import request written straight into the config DB, as its writer could: sealed
     under ``master_key`` (a guess, without the farm's key), or under the farm's own key."""
-    from farmkeys import dkm
     from farmkeys.configdb import ConfigDB
+    from farmkeys.formats import blob as blob_format
     from farmkeys.sync import blob_context
 
     cfg = load(farm.config())
@@ -375,7 +375,7 @@ def _forged_request(farm: TestFarm, made: certs.Generated, master_key: bytes | N
         assert found is not None
         key_id = dirx.current_key_id(found.dkm_group)
         cert_id = uuid.uuid4()
-        blob = dkm.seal(
+        blob = blob_format.seal(
             pkcs12,
             master_key=master_key or dirx.master_key(found.dkm_group, key_id),
             master_key_id=key_id,

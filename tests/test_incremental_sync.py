@@ -21,11 +21,12 @@ from farmtools import (
     snapshot,
 )
 
-from farmkeys import bundle, certs, dkm
+from farmkeys import bundle, certs
 from farmkeys.config import Config, RetryConfig, load
 from farmkeys.configdb import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.errors import StoreError
+from farmkeys.formats import blob as blob_format
 from farmkeys.lab._common import free_port
 from farmkeys.lab.slapd import LocalSlapd
 from farmkeys.store import Store
@@ -211,7 +212,7 @@ def test_the_node_writes_the_exact_bytes_the_blob_seals(farm: TestFarm, node: No
         " WHERE c.purpose = 'signing' AND c.role = 'primary'",
     )
     key = node.directory.master_key(row["dkm_group"], row["master_key"])
-    plain = dkm.open_blob(
+    plain = blob_format.open_blob(
         bytes(row["blob"]),
         master_key=key,
         context=blob_context(row["dkm_group"], row["id"], "signing"),
@@ -238,9 +239,9 @@ def reseal_signing(farm: TestFarm, node: Node, plaintext_of: object) -> None:
     )
     key = node.directory.master_key(row["dkm_group"], row["master_key"])
     context = blob_context(row["dkm_group"], row["id"], "signing")
-    plain = dkm.open_blob(bytes(row["blob"]), master_key=key, context=context)
+    plain = blob_format.open_blob(bytes(row["blob"]), master_key=key, context=context)
     assert callable(plaintext_of)
-    blob = dkm.seal(
+    blob = blob_format.seal(
         plaintext_of(plain), master_key=key, master_key_id=row["master_key"], context=context
     )
     with psycopg.connect(farm.dsn) as conn:

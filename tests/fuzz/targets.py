@@ -18,13 +18,14 @@ from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
 
-from farmkeys import adfs, agefmt, config, dkm, farmstate, requests
+from farmkeys import adfs, agefmt, config, farmstate, requests
+from farmkeys.formats import blob
 from farmkeys.store import CertificateFiles, Manifest, Store
 
 FARM = uuid.UUID("4d3c2b1a-0f9e-4d8c-8b7a-6f5e4d3c2b1a")
 KEY_ID = uuid.UUID("11111111-2222-4333-8444-555555555555")
 KEY = bytes(range(32))
-CONTEXT = dkm.BlobContext(
+CONTEXT = blob.BlobContext(
     farm=str(FARM), certificate_id="9f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a", purpose="signing"
 )
 PASSPHRASE = b"correct horse battery staple"
@@ -43,14 +44,14 @@ class Target:
 
 
 def _blob(data: bytes) -> None:
-    dkm.master_key_id(data, context=CONTEXT)
-    dkm.open_blob(data, master_key=KEY, context=CONTEXT)
+    blob.master_key_id(data, context=CONTEXT)
+    blob.open_blob(data, master_key=KEY, context=CONTEXT)
 
 
 @cache
 def _blob_seeds() -> list[bytes]:
-    sealed = dkm.seal(b"pkcs12 bytes" * 8, master_key=KEY, master_key_id=KEY_ID, context=CONTEXT)
-    return [sealed, dkm.seal(b"", master_key=KEY, master_key_id=KEY_ID, context=CONTEXT)]
+    sealed = blob.seal(b"pkcs12 bytes" * 8, master_key=KEY, master_key_id=KEY_ID, context=CONTEXT)
+    return [sealed, blob.seal(b"", master_key=KEY, master_key_id=KEY_ID, context=CONTEXT)]
 
 
 # -- the farm state record -------------------------------------------------------------
