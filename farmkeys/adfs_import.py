@@ -21,13 +21,14 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 
-from farmkeys import adfs, certs, policy, requests
+from farmkeys import adfs, policy, requests
 from farmkeys._private_file import read_private_file
 from farmkeys.config import Config
 from farmkeys.configdb import ConfigDB
 from farmkeys.directory import MASTER_KEY_LENGTH, Directory
 from farmkeys.errors import AdfsKeyMismatchError, ImportRefusedError
 from farmkeys.formats import blob as blob_format
+from farmkeys.formats import certificates
 from farmkeys.rollover import RolloverOutcome, await_answer, file_request, import_conflict
 from farmkeys.sync import blob_context
 from farmkeys.vocab import PURPOSES
@@ -107,10 +108,10 @@ def import_adfs(
         raise ValueError(f"purpose {purpose!r} or role {role!r} is not one farmkeys knows")
     farm = db.require_farm()
     pkcs12, blob, where = open_encrypted_pfx(encrypted_pfx, directory=directory, key_file=key_file)
-    generated = certs.from_pkcs12(pkcs12)
+    generated = certificates.from_pkcs12(pkcs12)
     cert = generated.certificate
-    certs.check_importable(cert, generated.key, purpose=purpose, now=now)
-    thumb = certs.thumbprint(cert)
+    certificates.check_importable(cert, generated.key, purpose=purpose, now=now)
+    thumb = certificates.thumbprint(cert)
     conflict = import_conflict(db.fetch, thumbprint=thumb, purpose=purpose, role=role)
     if conflict is not None:
         raise ImportRefusedError(

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from farmkeys import bundle, certs, farmstate, fetch_record, policy, requests
+from farmkeys import farmstate, fetch_record, policy, requests
 from farmkeys.config import Config, RetryConfig
 from farmkeys.configdb import (
     CHANGED_CHANNEL,
@@ -45,6 +45,7 @@ from farmkeys.errors import (
     RequestRefusedError,
 )
 from farmkeys.formats import blob as blob_format
+from farmkeys.formats import bundle, certificates
 from farmkeys.sync import blob_context
 from farmkeys.vocab import PURPOSES
 
@@ -80,12 +81,12 @@ class Applied:
         return f"{self.action} {self.purpose} {self.thumbprint}: {self.detail}"
 
 
-def generate_certificate(config: Config, *, purpose: str, now: datetime) -> certs.Generated:
+def generate_certificate(config: Config, *, purpose: str, now: datetime) -> certificates.Generated:
     """A new key and certificate for ``purpose``, valid from ``now`` less the clock-skew
     allowance for the policy's certificate duration. The costly part of a rollover: the
     leader does it before it opens a fenced transaction."""
     start = now.replace(microsecond=0)
-    return certs.generate(
+    return certificates.generate(
         farm_name=config.farm.name,
         purpose=purpose,
         key_type=config.policy.key_for(purpose),
@@ -125,13 +126,13 @@ def sealed_certificate(
     certificate_id: uuid.UUID,
     purpose: str,
     role: str,
-    generated: certs.Generated,
+    generated: certificates.Generated,
     master_key_id: uuid.UUID,
     master_key: bytes,
 ) -> NewCertificate:
     """A certificate and its key sealed under a master key, as its row will hold them."""
     cert = generated.certificate
-    thumb = certs.thumbprint(cert)
+    thumb = certificates.thumbprint(cert)
     # The exact bytes each node writes (farmkeys.bundle): a node checks them cheaply and
     # never parses a PKCS#12 or re-encodes the key.
     packed = bundle.pack(generated, friendly_name=f"{config.farm.name} token {purpose} {thumb}")
@@ -146,12 +147,12 @@ def sealed_certificate(
         purpose=purpose,
         role=role,
         thumbprint=thumb,
-        sha256=certs.sha256_fingerprint(cert),
+        sha256=certificates.sha256_fingerprint(cert),
         subject=cert.subject.rfc4514_string(),
-        key_type=certs.key_type_of(generated.key),
+        key_type=certificates.key_type_of(generated.key),
         not_before=cert.not_valid_before_utc,
         not_after=cert.not_valid_after_utc,
-        der=certs.certificate_der(cert),
+        der=certificates.certificate_der(cert),
         master_key=master_key_id,
         blob=blob,
     )
@@ -213,7 +214,7 @@ class Leader:
         # Keys and certificates made before a fenced transaction opened, by purpose, with the
         # database's clock when they were made: generating is slow, the lease row is not
         # locked meanwhile.
-        self._spares: dict[str, tuple[certs.Generated, datetime]] = {}
+        self._spares: dict[str, tuple[certificates.Generated, datetime]] = {}
         self._revoking: set[str] = set()  # urgently replaced in the open fenced transaction
         self._shredding: set[uuid.UUID] = set()  # master keys deleted in it
         self._answering: list[farmstate.Answered] = []  # requests answered in it
@@ -470,7 +471,7 @@ class Leader:
             )
         return version
 
-    def _take_spare(self, purpose: str, now: datetime) -> certs.Generated:
+    def _take_spare(self, purpose: str, now: datetime) -> certificates.Generated:
         """The key made for ``purpose`` before this transaction; :class:`_NeedKey` when
         none was (or it is stale), so the caller makes one outside and tries again."""
         spare = self._spares.pop(purpose, None)
@@ -1304,13 +1305,13 @@ class Leader:
                 master_key=self._directory.master_key(farm.dkm_group, sealed_under),
                 context=context,
             )
-            generated = certs.from_pkcs12(pkcs12)
-            certs.check_importable(
+            generated = certificates.from_pkcs12(pkcs12)
+            certificates.check_importable(
                 generated.certificate, generated.key, purpose=purpose, now=fence.now
             )
         except (InvalidBlobError, CertificateError, MasterKeyMissingError) as exc:
             return False, f"import refused: {exc.what}"
-        thumb = certs.thumbprint(generated.certificate)
+        thumb = certificates.thumbprint(generated.certificate)
         conflict = import_conflict(
             fence.tx.execute, thumbprint=thumb, purpose=purpose, role=role, certificate_id=cert_id
         )

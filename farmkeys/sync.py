@@ -31,8 +31,8 @@ from farmkeys.store import Carried, CertificateFiles, Installed, Manifest, Store
 if TYPE_CHECKING:
     from farmkeys.formats import blob
 
-# bundle, certs and blob (cryptography) are imported where a blob is opened: a sync that finds
-# nothing changed opens none, and `farmkeys sync` at a service's start stays fast.
+# bundle, certificates and blob (cryptography) are imported where a blob is opened: a sync
+# that finds nothing changed opens none, and `farmkeys sync` at a service's start stays fast.
 
 log = logging.getLogger(__name__)
 
@@ -348,14 +348,14 @@ def open_certificate(farm: Farm, row: CertificateRow, directory: MasterKeys) -> 
     writes; an older blob's bare PKCS#12 is parsed and its files built here (the slow
     path, until the certificate rolls over). Either is checked against the row the same
     cheap way (:func:`farmkeys.bundle.check`)."""
-    from farmkeys import bundle, certs
+    from farmkeys.formats import bundle, certificates
 
     what = f"{row.purpose} certificate {row.id}"
     plaintext = open_blob(farm, row, directory)
     files = bundle.unpack(plaintext, what=what)
     if files is None:
         try:
-            generated = certs.from_pkcs12(plaintext)
+            generated = certificates.from_pkcs12(plaintext)
         except CertificateError as exc:
             raise CertificateError(
                 f"the blob of {what} opened but holds no usable PKCS#12: {exc.what}",

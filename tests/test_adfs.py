@@ -46,9 +46,10 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from farmkeys import adfs, certs
+from farmkeys import adfs
 from farmkeys.adfs import decrypt, derive_keys, open_pfx, parse
 from farmkeys.errors import AdfsBlobError, AdfsKeyMismatchError, InvalidBlobError
+from farmkeys.formats import certificates
 
 
 def flipped(blob: bytes, at: int, mask: int = 0x01) -> bytes:
@@ -60,14 +61,14 @@ def flipped(blob: bytes, at: int, mask: int = 0x01) -> bytes:
 
 def make_pkcs12(key_type: str) -> bytes:
     now = datetime.now(UTC)
-    made = certs.generate(
+    made = certificates.generate(
         farm_name="contoso",
         purpose="signing",
         key_type=key_type,
         not_before=now,
         not_after=now + timedelta(days=365),
     )
-    return certs.to_pkcs12(made.certificate, made.key, friendly_name="")
+    return certificates.to_pkcs12(made.certificate, made.key, friendly_name="")
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ def test_decrypt_gives_the_exact_pkcs12_which_loads_without_a_password(rsa_pkcs1
     assert opened == rsa_pkcs12
     key, cert, others = pkcs12.load_key_and_certificates(opened, None)
     assert key is not None and cert is not None and others == []
-    assert certs.from_pkcs12(opened).certificate == cert
+    assert certificates.from_pkcs12(opened).certificate == cert
 
 
 def test_open_pfx_is_parse_then_decrypt(ec_pkcs12: bytes, ec_blob: bytes) -> None:

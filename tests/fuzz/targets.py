@@ -89,24 +89,24 @@ def _manifest(data: bytes) -> None:
 
 @cache
 def _manifest_seeds() -> list[bytes]:
-    from farmkeys import certs
+    from farmkeys.formats import certificates
 
-    made = certs.generate(
+    made = certificates.generate(
         farm_name="fuzz",
         purpose="signing",
         key_type="rsa-2048",
         not_before=datetime(2026, 1, 1, tzinfo=UTC),
         not_after=datetime(2027, 1, 1, tzinfo=UTC),
     )
-    thumb = certs.thumbprint(made.certificate)
+    thumb = certificates.thumbprint(made.certificate)
     files = CertificateFiles(
         purpose="signing",
         role="primary",
         thumbprint=thumb,
         not_after=made.certificate.not_valid_after_utc,
-        certificate_pem=certs.certificate_pem(made.certificate),
-        private_key_pem=certs.private_key_pem(made.key),
-        pkcs12=certs.to_pkcs12(made.certificate, made.key, friendly_name="fuzz"),
+        certificate_pem=certificates.certificate_pem(made.certificate),
+        private_key_pem=certificates.private_key_pem(made.key),
+        pkcs12=certificates.to_pkcs12(made.certificate, made.key, friendly_name="fuzz"),
     )
     with tempfile.TemporaryDirectory() as folder:
         store = Store(Path(folder) / "store", node_id="fuzz")
