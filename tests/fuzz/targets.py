@@ -18,8 +18,8 @@ from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
 
-from farmkeys import adfs, agefmt, config, farmstate, requests
-from farmkeys.formats import blob
+from farmkeys import adfs, config, farmstate, requests
+from farmkeys.formats import blob, escrow_file
 from farmkeys.store import CertificateFiles, Manifest, Store
 
 FARM = uuid.UUID("4d3c2b1a-0f9e-4d8c-8b7a-6f5e4d3c2b1a")
@@ -187,12 +187,12 @@ def _adfs_seeds() -> list[bytes]:
 
 
 def _escrow(data: bytes) -> None:
-    agefmt.decrypt(data, PASSPHRASE, max_work_factor=ESCROW_WORK_FACTOR + 2)
+    escrow_file.decrypt(data, PASSPHRASE, max_work_factor=ESCROW_WORK_FACTOR + 2)
 
 
 @cache
 def _escrow_seeds() -> list[bytes]:
-    return [agefmt.encrypt(b'{"keys": []}', PASSPHRASE, work_factor=ESCROW_WORK_FACTOR)]
+    return [escrow_file.encrypt(b'{"keys": []}', PASSPHRASE, work_factor=ESCROW_WORK_FACTOR)]
 
 
 # -- an operator request ------------------------------------------------------------------
