@@ -21,14 +21,14 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 
-from farmkeys import adfs, policy, requests
+from farmkeys import policy, requests
 from farmkeys._private_file import read_private_file
 from farmkeys.config import Config
 from farmkeys.configdb import ConfigDB
 from farmkeys.directory import MASTER_KEY_LENGTH, Directory
 from farmkeys.errors import AdfsKeyMismatchError, ImportRefusedError
+from farmkeys.formats import adfs_pfx, certificates
 from farmkeys.formats import blob as blob_format
-from farmkeys.formats import certificates
 from farmkeys.rollover import RolloverOutcome, await_answer, file_request, import_conflict
 from farmkeys.sync import blob_context
 from farmkeys.vocab import PURPOSES
@@ -65,9 +65,9 @@ def _decode_key(text: str) -> bytes | None:
 
 def open_encrypted_pfx(
     data: bytes, *, directory: Directory, key_file: Path | None
-) -> tuple[bytes, adfs.EncryptedPfx, str]:
+) -> tuple[bytes, adfs_pfx.EncryptedPfx, str]:
     """The PKCS#12 inside an ``EncryptedPfx``, the parsed blob, and where its key came from."""
-    blob = adfs.parse(data)
+    blob = adfs_pfx.parse(data)
     if key_file is not None:
         keys = [(str(key_file), read_dkm_key_file(key_file))]
     else:
@@ -81,7 +81,7 @@ def open_encrypted_pfx(
             )
     for where, key in keys:
         try:
-            return adfs.decrypt(blob, key), blob, where
+            return adfs_pfx.decrypt(blob, key), blob, where
         except AdfsKeyMismatchError:
             log.debug("DKM key at %s does not open the EncryptedPfx", where)
     raise AdfsKeyMismatchError(

@@ -32,7 +32,7 @@ def child(name: str, seconds: int, corpus: Path, crashes: Path) -> None:
     sys.path[:0] = [str(TESTS), str(REPO)]
     with atheris.instrument_imports():  # coverage feedback from farmkeys' parsers
         for module in (
-            "adfs",
+            "formats.adfs_pfx",
             "formats.escrow_file",
             "config",
             "formats.blob",

@@ -18,8 +18,8 @@ from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
 
-from farmkeys import adfs, config, farmstate, requests
-from farmkeys.formats import blob, escrow_file
+from farmkeys import config, farmstate, requests
+from farmkeys.formats import adfs_pfx, blob, escrow_file
 from farmkeys.store import CertificateFiles, Manifest, Store
 
 FARM = uuid.UUID("4d3c2b1a-0f9e-4d8c-8b7a-6f5e4d3c2b1a")
@@ -172,8 +172,8 @@ renew_seconds = 5
 
 
 def _adfs(data: bytes) -> None:
-    adfs.parse(data)
-    adfs.open_pfx(data, KEY)
+    adfs_pfx.parse(data)
+    adfs_pfx.open_pfx(data, KEY)
 
 
 @cache

@@ -4,7 +4,7 @@ AD FS keeps each token-signing and token-decryption certificate it generated
 in its configuration (the ``EncryptedPfx`` element of the service settings,
 base64) as a PKCS#12 encrypted under a key of its DKM container. This module
 parses that blob and, given the DKM key, verifies and decrypts it. It never
-writes the format: farmkeys seals its own blobs with :mod:`farmkeys.dkm`.
+writes the format: farmkeys seals its own blobs with :mod:`farmkeys.formats.blob`.
 Pure: no I/O, no clock, no randomness.
 
 Layout (all integers big-endian; offsets for the usual 3-byte length field)::
@@ -416,9 +416,9 @@ def decrypt(blob: EncryptedPfx, dkm_key: bytes) -> bytes:
     (wrong key, or an altered blob), :class:`~farmkeys.errors.AdfsBlobError`
     if the plaintext's PKCS#7 padding is invalid after a good MAC, and
     :class:`ValueError` if ``dkm_key`` is not :data:`DKM_KEY_BYTES` long (a
-    mistake of the calling code, like :mod:`farmkeys.dkm`'s master keys).
+    mistake of the calling code, like :mod:`farmkeys.formats.blob`'s master keys).
     Whether the result is a usable PKCS#12 is for
-    :func:`farmkeys.certs.from_pkcs12` to say.
+    :func:`farmkeys.formats.certificates.from_pkcs12` to say.
     """
     _check_length("dkm_key", dkm_key, DKM_KEY_BYTES)
     aes_key, mac_key = derive_keys(dkm_key, blob.nonce)
