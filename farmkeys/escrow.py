@@ -41,7 +41,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Final
 
-from farmkeys import farmstate, policy
+from farmkeys import policy
 from farmkeys._private_file import read_private_file
 from farmkeys.config import Config
 from farmkeys.configdb import ConfigDB
@@ -52,7 +52,7 @@ from farmkeys.errors import (
     FarmStateError,
     MasterKeyMissingError,
 )
-from farmkeys.formats import escrow_file
+from farmkeys.formats import escrow_file, farm_state
 
 log = logging.getLogger(__name__)
 
@@ -424,7 +424,7 @@ def _tombstones(
             raise
 
     try:
-        state = farmstate.verify(stored.body, stored.mac, farm=group, key_for=key_for)
+        state = farm_state.verify(stored.body, stored.mac, farm=group, key_for=key_for)
     except (FarmStateError, DirectoryError) as exc:
         raise EscrowError(
             f"the farm state record, which lists the master keys the farm shredded, cannot"
@@ -433,7 +433,7 @@ def _tombstones(
             " not, or the record is forged), or restore the config DB from a backup; nothing"
             " was changed",
         ) from None
-    if state.format == farmstate.FORMAT_1:
+    if state.format == farm_state.FORMAT_1:
         return frozenset(k.id for k in db.master_keys() if k.state == "deleted")
     return frozenset(state.shredded)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from farmkeys import farmstate, fetch_record, policy, requests
+from farmkeys import fetch_record, policy, requests
 from farmkeys.config import Config, RetryConfig
 from farmkeys.configdb import (
     CHANGED_CHANNEL,
@@ -45,7 +45,7 @@ from farmkeys.errors import (
     RequestRefusedError,
 )
 from farmkeys.formats import blob as blob_format
-from farmkeys.formats import bundle, certificates
+from farmkeys.formats import bundle, certificates, farm_state
 from farmkeys.sync import blob_context
 from farmkeys.vocab import PURPOSES
 
@@ -162,15 +162,15 @@ def write_first_state(
     tx: Transaction,
     *,
     dkm_group: uuid.UUID,
-    rows: Sequence[farmstate.LiveRow],
+    rows: Sequence[farm_state.LiveRow],
     master_key_id: uuid.UUID,
     master_key: bytes,
-) -> farmstate.FarmState:
+) -> farm_state.FarmState:
     """A new farm's state record, version 1, written in the transaction that creates it."""
-    state = farmstate.FarmState.build(
+    state = farm_state.FarmState.build(
         farm=dkm_group, version=1, term=None, master_key=master_key_id, rows=rows
     )
-    body, mac = farmstate.seal(state, master_key)
+    body, mac = farm_state.seal(state, master_key)
     tx.write_state(body=body, mac=mac, version=state.version, term=None)
     return state
 
@@ -217,9 +217,9 @@ class Leader:
         self._spares: dict[str, tuple[certificates.Generated, datetime]] = {}
         self._revoking: set[str] = set()  # urgently replaced in the open fenced transaction
         self._shredding: set[uuid.UUID] = set()  # master keys deleted in it
-        self._answering: list[farmstate.Answered] = []  # requests answered in it
-        self._replacing: list[farmstate.Replaced] = []  # master keys replaced in it
-        self._before: farmstate.FarmState | None = None  # its authentic record
+        self._answering: list[farm_state.Answered] = []  # requests answered in it
+        self._replacing: list[farm_state.Replaced] = []  # master keys replaced in it
+        self._before: farm_state.FarmState | None = None  # its authentic record
         self._farm: Farm | None = None  # the farm, as last read
 
     def _refresh_key(self, farm: Farm) -> None:
@@ -260,7 +260,7 @@ class Leader:
         if stored is None:
             return table_current
         try:
-            named = farmstate.parse(stored.body).master_key
+            named = farm_state.parse(stored.body).master_key
         except FarmStateError:
             return table_current  # the fenced check refuses it
         if named != table_current:
@@ -298,7 +298,7 @@ class Leader:
         try:
             stored = self._db.stored_state()
             if stored is not None:
-                named = farmstate.parse(stored.body).master_key
+                named = farm_state.parse(stored.body).master_key
                 if self._key is None or self._key[0] != named:
                     self._directory.master_key(farm.dkm_group, named)  # cached for _fenced
         except (FarmStateError, DirectoryError):
@@ -324,7 +324,7 @@ class Leader:
             yield fence
             self._write_state(fence, farm, before, key=key)
 
-    def _authentic_state(self, fence: Fence, farm: Farm) -> farmstate.FarmState | None:
+    def _authentic_state(self, fence: Fence, farm: Farm) -> farm_state.FarmState | None:
         """The config DB's farm state, verified and matching the live rows; None for a farm
         from before farm states, whose first record the next write makes."""
         stored = fence.tx.stored_state()
@@ -338,15 +338,15 @@ class Leader:
                 return None
             raise FarmStateError(
                 "the config DB has no farm state record, but this farm has had one",
-                farmstate.REPAIR,
+                farm_state.REPAIR,
             )
-        state = farmstate.verify(
+        state = farm_state.verify(
             stored.body,
             stored.mac,
             farm=farm.dkm_group,
             key_for=lambda key_id: self._key_bytes(farm, key_id),
         )
-        error = farmstate.mismatch(state, fence.tx.live_certificates())
+        error = farm_state.mismatch(state, fence.tx.live_certificates())
         if error is not None:
             raise error
         return state
@@ -362,14 +362,14 @@ class Leader:
         self,
         fence: Fence,
         farm: Farm,
-        before: farmstate.FarmState | None,
+        before: farm_state.FarmState | None,
         *,
         key: tuple[uuid.UUID, bytes] | None,
         revoked: set[str] | None = None,
         shredded: set[uuid.UUID] | None = None,
         version: int | None = None,
         action: str | None = None,
-    ) -> farmstate.FarmState | None:
+    ) -> farm_state.FarmState | None:
         """Write the next farm state record if it differs from ``before``; the one written.
 
         ``revoked`` and ``shredded``: the whole lists (repair-state), else ``before``'s and
@@ -383,18 +383,18 @@ class Leader:
         if shredded is None:
             shredded = self._shredding | (
                 set(before.shredded)
-                if before is not None and before.format != farmstate.FORMAT_1
+                if before is not None and before.format != farm_state.FORMAT_1
                 else self._tombstones(fence)
             )
         replaced = self._replacing + (
             list(before.replaced)
-            if before is not None and before.format != farmstate.FORMAT_1
+            if before is not None and before.format != farm_state.FORMAT_1
             else self._replaced_since_now(fence)
         )
         known = key if key is not None else self._key  # None: not read (the directory is down)
         kept = () if before is None else before.answered
         if before is not None and action is None and not self._answering:
-            unchanged = farmstate.FarmState.build(
+            unchanged = farm_state.FarmState.build(
                 farm=farm.dkm_group,
                 version=before.version,
                 term=before.term,
@@ -409,7 +409,7 @@ class Leader:
                 return None  # nothing to write: no key needed
         key_id, key_bytes = known if known is not None else self._current_key()
         now = int(fence.now.timestamp())
-        state = farmstate.FarmState.build(
+        state = farm_state.FarmState.build(
             farm=farm.dkm_group,
             version=self._next_version(before) if version is None else version,
             term=fence.term,
@@ -421,7 +421,7 @@ class Leader:
             answered=[a for a in kept if a.expires >= now] + self._answering,
             replaced=replaced,
         )
-        body, mac = farmstate.seal(state, key_bytes)
+        body, mac = farm_state.seal(state, key_bytes)
         fence.tx.write_state(body=body, mac=mac, version=state.version, term=fence.term)
         if before is None and action is None:
             action = "state_adopt"
@@ -435,13 +435,13 @@ class Leader:
             )
         return state
 
-    def _replaced_since_now(self, fence: Fence) -> list[farmstate.Replaced]:
+    def _replaced_since_now(self, fence: Fence) -> list[farm_state.Replaced]:
         """The replaced master keys to record when no record lists them yet (a farm's first
         record of format 2): those the ``master_key`` table marks ``previous``, replaced as
         of now. Later than the truth, so their deletion can only come later, never sooner."""
         rows = fence.tx.execute("SELECT id FROM master_key WHERE state = 'previous'")
         now = int(fence.now.timestamp())
-        return [farmstate.Replaced(r["id"], now, False) for r in rows]
+        return [farm_state.Replaced(r["id"], now, False) for r in rows]
 
     def _tombstones(self, fence: Fence) -> set[uuid.UUID]:
         """The master keys to record as shredded when no record lists them yet (a farm's
@@ -457,17 +457,17 @@ class Leader:
         return {r["id"] for r in rows} - {current}
 
     @staticmethod
-    def _next_version(before: farmstate.FarmState | None) -> int:
+    def _next_version(before: farm_state.FarmState | None) -> int:
         """One above the last authentic record's version (1 for a farm's first record).
 
         Never the ``farm_state.version`` column nor a node's reported version: both are a
         DB writer's to set, and a version pushed to the bigint's end would freeze the farm
         (`status` flags either when it disagrees with the record)."""
         version = 1 if before is None else before.version + 1
-        if version > farmstate.MAX_VERSION:
+        if version > farm_state.MAX_VERSION:
             raise FarmStateError(
                 f"the farm state version cannot rise above {before.version if before else 0}",
-                farmstate.REPAIR,
+                farm_state.REPAIR,
             )
         return version
 
@@ -775,7 +775,7 @@ class Leader:
                 replaced = self._before.master_key
             if replaced is not None and replaced != key_id:
                 self._replacing.append(
-                    farmstate.Replaced(replaced, int(fence.now.timestamp()), urgent)
+                    farm_state.Replaced(replaced, int(fence.now.timestamp()), urgent)
                 )
             once.set_current_key(group, key_id)
             fence.tx.execute(
@@ -1151,11 +1151,11 @@ class Leader:
         assert terms is not None
         requests.check_fresh(request, now=int(fence.now.timestamp()))
         stored = fence.tx.stored_state()
-        previous: farmstate.FarmState | None = None
+        previous: farm_state.FarmState | None = None
         why = "the config DB has no farm state record"
         if stored is not None:
             try:
-                previous = farmstate.verify(
+                previous = farm_state.verify(
                     stored.body,
                     stored.mac,
                     farm=farm.dkm_group,
@@ -1170,7 +1170,7 @@ class Leader:
                 "nothing was done; someone who can write the config DB replayed it",
             )
         rows = fence.tx.live_certificates()
-        if requests.rows_digest(farmstate.LiveEntry.of(r) for r in rows) != terms.rows:
+        if requests.rows_digest(farm_state.LiveEntry.of(r) for r in rows) != terms.rows:
             raise RequestRefusedError(
                 "the config DB's live certificates changed since the operator reviewed them",
                 "nothing was written; run `farmkeys repair-state` again and review them anew",
@@ -1183,16 +1183,16 @@ class Leader:
             )
         floor = 0 if previous is None else previous.version
         version = max(floor + 1, terms.min_version)
-        if version > floor + farmstate.MAX_VERSION_STEP:
+        if version > floor + farm_state.MAX_VERSION_STEP:
             raise RequestRefusedError(
                 f"repair-state asks for farm state version {version}, more than"
-                f" {farmstate.MAX_VERSION_STEP} above the last authentic version {floor}",
+                f" {farm_state.MAX_VERSION_STEP} above the last authentic version {floor}",
                 "nothing was written; a node row reporting such a version is forged",
             )
         revoked = set(terms.revoked) | (set(previous.revoked) if previous is not None else set())
         shredded = (
             set(previous.shredded)
-            if previous is not None and previous.format != farmstate.FORMAT_1
+            if previous is not None and previous.format != farm_state.FORMAT_1
             else self._tombstones(fence)
         )
         lines = []
@@ -1229,8 +1229,8 @@ class Leader:
         return lines
 
     @staticmethod
-    def _answer_entry(request: requests.Request) -> farmstate.Answered:
-        return farmstate.Answered(request.nonce, request.expires)
+    def _answer_entry(request: requests.Request) -> farm_state.Answered:
+        return farm_state.Answered(request.nonce, request.expires)
 
     def _answered(
         self,

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from farmkeys import farmstate
 from farmkeys.config import Config
 from farmkeys.configdb import CertificateRow, Claim, ConfigDB, Farm, LiveSet
 from farmkeys.directory import MasterKeys
@@ -26,6 +25,7 @@ from farmkeys.errors import (
     InvalidBlobError,
     NotInitialisedError,
 )
+from farmkeys.formats import farm_state
 from farmkeys.store import Carried, CertificateFiles, Installed, Manifest, Store
 
 if TYPE_CHECKING:
@@ -200,19 +200,19 @@ def check_state(
             raise FarmStateError(
                 "the config DB has no farm state record, but this node installed version"
                 f" {installed}; nothing was installed",
-                farmstate.REPAIR,
+                farm_state.REPAIR,
             )
         log.warning(
             "the config DB has no farm state record yet (a farm from before them): the"
             " leader writes one at its next check"
         )
         return None
-    digest = farmstate.digest(stored.body, stored.mac)
+    digest = farm_state.digest(stored.body, stored.mac)
     if manifest is not None and manifest.state_digest == digest:
         state = _parsed_state(stored.body)  # these very bytes were verified before
     else:
         try:
-            state = farmstate.verify(
+            state = farm_state.verify(
                 stored.body,
                 stored.mac,
                 farm=farm.dkm_group,
@@ -227,14 +227,14 @@ def check_state(
         raise FarmStateError(
             f"the config DB's farm state is version {state.version}, older than version"
             f" {installed} this node installed (a restored backup?); nothing was installed",
-            farmstate.REPAIR,
+            farm_state.REPAIR,
         )
-    if installed is not None and state.version > installed + farmstate.MAX_VERSION_STEP:
+    if installed is not None and state.version > installed + farm_state.MAX_VERSION_STEP:
         raise FarmStateError(
             f"the config DB's farm state is version {state.version}, more than"
-            f" {farmstate.MAX_VERSION_STEP} above version {installed} this node installed;"
+            f" {farm_state.MAX_VERSION_STEP} above version {installed} this node installed;"
             " no leader makes such a jump, so nothing was installed",
-            farmstate.REPAIR,
+            farm_state.REPAIR,
         )
     if state.version == installed and manifest is not None and manifest.state_digest != digest:
         # The leader writes every record under a new version: the same version with other
@@ -244,9 +244,9 @@ def check_state(
             f"the config DB's farm state version {state.version} is not the version"
             f" {installed} this node installed, though it has the same number; nothing was"
             " installed",
-            farmstate.REPAIR,
+            farm_state.REPAIR,
         )
-    error = farmstate.mismatch(state, live.rows, then="; nothing was installed")
+    error = farm_state.mismatch(state, live.rows, then="; nothing was installed")
     if error is not None:
         raise error
     forgotten = set(state.revoked) | (set() if manifest is None else set(manifest.forgotten))
@@ -256,16 +256,16 @@ def check_state(
                 f"{row.purpose} certificate {row.thumbprint} was urgently replaced and must"
                 " never be installed again, but the config DB has it live; nothing was"
                 " installed",
-                farmstate.REPAIR,
+                farm_state.REPAIR,
             )
     return CheckedState(version=state.version, digest=digest, revoked=state.revoked)
 
 
 @functools.lru_cache(maxsize=4)
-def _parsed_state(body: bytes) -> farmstate.FarmState:
+def _parsed_state(body: bytes) -> farm_state.FarmState:
     """A record's bytes, parsed once per process: `serve` meets the same bytes on every
     sync until the leader writes the next version (a FarmState is immutable)."""
-    return farmstate.parse(body)
+    return farm_state.parse(body)
 
 
 def _check_pinned(

@@ -28,12 +28,13 @@ from farmtools import (
     wait_until,
 )
 
-from farmkeys import farmstate, repair, requests, rollover
+from farmkeys import repair, requests, rollover
 from farmkeys.config import LeaseConfig, load
 from farmkeys.configdb import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.election import Election
 from farmkeys.errors import RequestRefusedError
+from farmkeys.formats import farm_state
 from farmkeys.lab.slapd import LocalSlapd
 
 BIGINT_END = 9223372036854775806  # 2^63 - 2: one more version and the bigint is full
@@ -81,8 +82,8 @@ def holder(farm: TestFarm, purpose: str, role: str) -> str:
     return next(t for t, pr in roles(farm).items() if pr == (purpose, role))
 
 
-def record(farm: TestFarm) -> farmstate.FarmState:
-    return farmstate.parse(bytes(db_query(farm.dsn, "SELECT body FROM farm_state")[0]["body"]))
+def record(farm: TestFarm) -> farm_state.FarmState:
+    return farm_state.parse(bytes(db_query(farm.dsn, "SELECT body FROM farm_state")[0]["body"]))
 
 
 def request_row(farm: TestFarm, request: int) -> dict[str, Any]:

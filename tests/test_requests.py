@@ -13,8 +13,9 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from farmkeys import farmstate, requests
+from farmkeys import requests
 from farmkeys.errors import DirectoryError, RequestRefusedError
+from farmkeys.formats import farm_state
 
 FARM = uuid.UUID("0b3f6c0e-8a55-4a57-9d1c-6f6d2a7e9a01")
 KEY_ID = uuid.UUID("5d2f0f4e-1b8e-4a9c-b7c1-3d0b8c2d4e11")
@@ -73,7 +74,7 @@ def test_the_mac_is_hmac_sha256_under_the_documented_hkdf_label() -> None:
     ).derive(KEY)
     assert mac == hmac.new(key, body, hashlib.sha256).digest()
     # Neither the farm state's key nor another farm's.
-    assert requests.mac_key(KEY, FARM) != farmstate.mac_key(KEY, FARM)
+    assert requests.mac_key(KEY, FARM) != farm_state.mac_key(KEY, FARM)
     assert requests.mac_key(KEY, FARM) != requests.mac_key(KEY, uuid.uuid4())
 
 
@@ -196,7 +197,7 @@ def test_freshness_is_judged_by_the_time_passed_in() -> None:
 
 
 def test_the_rows_digest_changes_with_any_field_of_any_row() -> None:
-    entry = farmstate.LiveEntry(uuid.UUID(int=1), "signing", "primary", "A" * 40, KEY_ID)
+    entry = farm_state.LiveEntry(uuid.UUID(int=1), "signing", "primary", "A" * 40, KEY_ID)
     other = replace(entry, role="retired")
     assert requests.rows_digest([entry]) != requests.rows_digest([other])
     assert requests.rows_digest([entry, other]) == requests.rows_digest([other, entry])

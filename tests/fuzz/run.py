@@ -36,7 +36,7 @@ def child(name: str, seconds: int, corpus: Path, crashes: Path) -> None:
             "formats.escrow_file",
             "config",
             "formats.blob",
-            "farmstate",
+            "formats.farm_state",
             "store",
         ):
             importlib.import_module(f"farmkeys.{module}")

@@ -18,8 +18,8 @@ from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
 
-from farmkeys import config, farmstate, requests
-from farmkeys.formats import adfs_pfx, blob, escrow_file
+from farmkeys import config, requests
+from farmkeys.formats import adfs_pfx, blob, escrow_file, farm_state
 from farmkeys.store import CertificateFiles, Manifest, Store
 
 FARM = uuid.UUID("4d3c2b1a-0f9e-4d8c-8b7a-6f5e4d3c2b1a")
@@ -58,10 +58,10 @@ def _blob_seeds() -> list[bytes]:
 
 
 def _state(data: bytes) -> None:
-    farmstate.parse(data)
+    farm_state.parse(data)
     # Past the parser, under a MAC that verifies: what a node does next with it.
-    mac = hmac.new(farmstate.mac_key(KEY, FARM), data, hashlib.sha256).digest()
-    state = farmstate.verify(data, mac, farm=FARM, key_for=lambda _: KEY)
+    mac = hmac.new(farm_state.mac_key(KEY, FARM), data, hashlib.sha256).digest()
+    state = farm_state.verify(data, mac, farm=FARM, key_for=lambda _: KEY)
     state.differences(())
 
 
@@ -74,7 +74,7 @@ def _state_seeds() -> list[bytes]:
 
     rows = [Row(1, "signing", "primary"), Row(2, "decryption", "primary")]
     rows.append(Row(3, "signing", "secondary"))
-    built = farmstate.FarmState.build(
+    built = farm_state.FarmState.build(
         farm=FARM, version=5, term=2, master_key=KEY_ID, rows=rows, revoked=["A" * 40]
     )
     return [built.encode()]

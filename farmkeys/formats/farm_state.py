@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from farmkeys.errors import FarmStateError
-from farmkeys.rows import Published
+from farmkeys.formats.certificate_row import Published
 from farmkeys.vocab import LIVE_ROLES, PURPOSES
 
 FORMAT = "farmkeys-state/2"
