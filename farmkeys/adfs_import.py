@@ -21,7 +21,7 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 
-from farmkeys import policy, requests
+from farmkeys import policy
 from farmkeys._private_file import read_private_file
 from farmkeys.config import Config
 from farmkeys.configdb import ConfigDB
@@ -29,6 +29,7 @@ from farmkeys.directory import MASTER_KEY_LENGTH, Directory
 from farmkeys.errors import AdfsKeyMismatchError, ImportRefusedError
 from farmkeys.formats import adfs_pfx, certificates
 from farmkeys.formats import blob as blob_format
+from farmkeys.formats import request as request_format
 from farmkeys.rollover import RolloverOutcome, await_answer, file_request, import_conflict
 from farmkeys.sync import blob_context
 from farmkeys.vocab import PURPOSES
@@ -130,11 +131,11 @@ def import_adfs(
     )
     source = f"AD FS (DKM key {blob.key_id})"
     log.info("importing %s certificate %s from %s, key from %s", purpose, thumb, source, where)
-    terms = requests.ImportTerms(
+    terms = request_format.ImportTerms(
         certificate=certificate_id,
         role=role,
         source=source,
-        blob_sha256=requests.blob_digest(sealed),
+        blob_sha256=request_format.blob_digest(sealed),
     )
     request = file_request(
         config,

@@ -18,11 +18,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from farmkeys import requests
 from farmkeys.configdb import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.errors import ConfigError, DirectoryError, FarmStateError
-from farmkeys.formats import farm_state
+from farmkeys.formats import farm_state, request
 
 _THUMBPRINT = re.compile(r"\A[0-9A-F]{40}\Z")
 _MAX_REVOKED_FILE = 1 << 20
@@ -33,7 +32,7 @@ class Review:
     """What a repair would authenticate, for the operator to confirm."""
 
     lines: list[str]  # every difference and warning, one line each
-    terms: requests.RepairTerms
+    terms: request.RepairTerms
     needed: bool  # False: the record verifies, matches the rows, and nothing would change
 
 
@@ -144,8 +143,8 @@ def review(db: ConfigDB, directory: Directory, *, revoked_file: tuple[str, ...] 
                 " urgently replaced, and the repair would not keep it revoked: add it to"
                 " --revoked FILE to keep it"
             )
-    terms = requests.RepairTerms(
-        rows=requests.rows_digest(entries),
+    terms = request.RepairTerms(
+        rows=request.rows_digest(entries),
         revoked=tuple(sorted(keep)),
         revoked_named=revoked_file is not None,
         min_version=version,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from farmkeys import fetch_record, policy, requests
+from farmkeys import policy
 from farmkeys.config import Config, RetryConfig
 from farmkeys.configdb import (
     CHANGED_CHANNEL,
@@ -45,7 +45,8 @@ from farmkeys.errors import (
     RequestRefusedError,
 )
 from farmkeys.formats import blob as blob_format
-from farmkeys.formats import bundle, certificates, farm_state
+from farmkeys.formats import bundle, certificates, farm_state, fetch_record
+from farmkeys.formats import request as request_format
 from farmkeys.sync import blob_context
 from farmkeys.vocab import PURPOSES
 
@@ -1047,19 +1048,19 @@ class Leader:
         rows = self._db.fetch(self._REQUEST)
         return rows[0] if rows else None
 
-    def _authenticate(self, farm: Farm, row: dict[str, Any]) -> requests.Request:
+    def _authenticate(self, farm: Farm, row: dict[str, Any]) -> request_format.Request:
         """The request a row carries, once its MAC verifies and its columns agree with it
         (read outside any transaction: the key may come from the directory);
         :class:`RequestRefusedError` otherwise. Freshness and replay are judged in the
         fenced transaction that carries it out (:meth:`_admit`)."""
-        request = requests.verify(
+        request = request_format.verify(
             row["body"],
             row["mac"],
             farm=farm.dkm_group,
             row_id=row["id"],
             key_for=lambda key_id: self._key_bytes(farm, key_id),
         )
-        if requests.columns_differ(request, row):
+        if request_format.columns_differ(request, row):
             raise RequestRefusedError(
                 f"request {row['id']}'s columns do not say what its signed body says"
                 f" ({request.describe()})",
@@ -1068,11 +1069,11 @@ class Leader:
             )
         return request
 
-    def _admit(self, fence: Fence, request: requests.Request) -> None:
+    def _admit(self, fence: Fence, request: request_format.Request) -> None:
         """Refuse, in the fenced transaction that would carry it out, a request that has
         expired or that the authentic farm state lists as answered (a copy of an earlier
         row put back in the queue)."""
-        requests.check_fresh(request, now=int(fence.now.timestamp()))
+        request_format.check_fresh(request, now=int(fence.now.timestamp()))
         if self._before is not None and self._before.has_answered(request.nonce):
             raise RequestRefusedError(
                 f"request {request.id} ({request.describe()}) was answered before: this is"
@@ -1090,7 +1091,7 @@ class Leader:
         return bool(locked) and locked[0] == row
 
     def _answer_one(
-        self, farm: Farm, row: dict[str, Any], request: requests.Request
+        self, farm: Farm, row: dict[str, Any], request: request_format.Request
     ) -> list[str] | None:
         """Carry out one authentic request in one fenced transaction (a master-key roll:
         only admit it; its steps follow); the answer's lines, None if the row was gone."""
@@ -1135,7 +1136,7 @@ class Leader:
             )
             self._answered(fence, row["id"], [f"refused: {exc.what}"], ok=False)
 
-    def _repair_state(self, fence: Fence, farm: Farm, request: requests.Request) -> list[str]:
+    def _repair_state(self, fence: Fence, farm: Farm, request: request_format.Request) -> list[str]:
         """`farmkeys repair-state`: authenticate exactly the live rows the operator reviewed
         as the farm state.
 
@@ -1149,7 +1150,7 @@ class Leader:
         """
         terms = request.repair
         assert terms is not None
-        requests.check_fresh(request, now=int(fence.now.timestamp()))
+        request_format.check_fresh(request, now=int(fence.now.timestamp()))
         stored = fence.tx.stored_state()
         previous: farm_state.FarmState | None = None
         why = "the config DB has no farm state record"
@@ -1170,7 +1171,7 @@ class Leader:
                 "nothing was done; someone who can write the config DB replayed it",
             )
         rows = fence.tx.live_certificates()
-        if requests.rows_digest(farm_state.LiveEntry.of(r) for r in rows) != terms.rows:
+        if request_format.rows_digest(farm_state.LiveEntry.of(r) for r in rows) != terms.rows:
             raise RequestRefusedError(
                 "the config DB's live certificates changed since the operator reviewed them",
                 "nothing was written; run `farmkeys repair-state` again and review them anew",
@@ -1229,7 +1230,7 @@ class Leader:
         return lines
 
     @staticmethod
-    def _answer_entry(request: requests.Request) -> farm_state.Answered:
+    def _answer_entry(request: request_format.Request) -> farm_state.Answered:
         return farm_state.Answered(request.nonce, request.expires)
 
     def _answered(
@@ -1239,7 +1240,7 @@ class Leader:
         lines: Sequence[str],
         *,
         ok: bool = True,
-        signed: requests.Request | None = None,
+        signed: request_format.Request | None = None,
     ) -> None:
         """Record the answer; a ``signed`` request's nonce goes into the farm state record
         the transaction writes (a :meth:`_fenced` one), so a copy of it is refused."""
@@ -1282,7 +1283,7 @@ class Leader:
         return f"{purpose}: new secondary {made.thumbprint}"
 
     def _import(
-        self, fence: Fence, farm: Farm, row: dict[str, Any], request: requests.Request
+        self, fence: Fence, farm: Farm, row: dict[str, Any], request: request_format.Request
     ) -> tuple[bool, str]:
         """Carry out a `farmkeys import adfs` request: (done, the answer's line).
 
@@ -1386,7 +1387,7 @@ def request_rollover(
     purpose: str | None,
     urgent: bool,
     timeout_seconds: float,
-    repair: requests.RepairTerms | None = None,
+    repair: request_format.RepairTerms | None = None,
 ) -> RolloverOutcome:
     """Ask the leader for a rollover and wait for its answer.
 
@@ -1425,8 +1426,8 @@ def file_request(
     purpose: str | None,
     urgent: bool,
     lifetime_seconds: float,
-    repair: requests.RepairTerms | None = None,
-    import_: tuple[requests.ImportTerms, bytes] | None = None,
+    repair: request_format.RepairTerms | None = None,
+    import_: tuple[request_format.ImportTerms, bytes] | None = None,
 ) -> int:
     """Sign a request under the farm's current master key (the one the directory's
     CryptoPolicy names, not the config DB's word) and queue it; its id.
@@ -1438,11 +1439,13 @@ def file_request(
     key_id = directory.current_key_id(farm.dkm_group)
     key = directory.master_key(farm.dkm_group, key_id)
     nonce = uuid.uuid4()
-    lifetime = min(int(lifetime_seconds) + _LIFETIME_MARGIN_SECONDS, requests.MAX_LIFETIME_SECONDS)
+    lifetime = min(
+        int(lifetime_seconds) + _LIFETIME_MARGIN_SECONDS, request_format.MAX_LIFETIME_SECONDS
+    )
 
     def sign(request_id: int, now: datetime) -> tuple[bytes, bytes]:
         created = int(now.timestamp())
-        request = requests.Request(
+        request = request_format.Request(
             id=request_id,
             nonce=nonce,
             farm=farm.dkm_group,
@@ -1456,7 +1459,7 @@ def file_request(
             repair=repair,
             import_=None if import_ is None else import_[0],
         )
-        return requests.sign(request, key)
+        return request_format.sign(request, key)
 
     terms = None if import_ is None else import_[0]
     return db.file_request(

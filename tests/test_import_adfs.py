@@ -399,10 +399,12 @@ def _forged_request(
                     (cert_id, blob),
                 )[0]["id"]
             )
-        from farmkeys import requests
+        from farmkeys.formats import request as request_format
         from farmkeys.rollover import file_request
 
-        terms = requests.ImportTerms(cert_id, "primary", "forged", requests.blob_digest(blob))
+        terms = request_format.ImportTerms(
+            cert_id, "primary", "forged", request_format.blob_digest(blob)
+        )
         return file_request(
             cfg,
             db,

@@ -20,7 +20,7 @@ leader writes, with every change, one record of the whole live set:
   deleted, with when (and whether urgently), so a DB writer who edits the
   ``master_key`` table cannot make the leader delete a key sooner than its
   retention (deleting is irreversible: it shreds what was sealed under it);
-- ``answered`` (format 2): the operator requests (:mod:`farmkeys.requests`)
+- ``answered`` (format 2): the operator requests (:mod:`farmkeys.formats.request`)
   the leader carried out that are not yet expired, by nonce, so an authentic
   request copied back into the queue is refused instead of done twice;
 

@@ -18,8 +18,8 @@ from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
 
-from farmkeys import config, requests
-from farmkeys.formats import adfs_pfx, blob, escrow_file, farm_state
+from farmkeys import config
+from farmkeys.formats import adfs_pfx, blob, escrow_file, farm_state, request
 from farmkeys.store import CertificateFiles, Manifest, Store
 
 FARM = uuid.UUID("4d3c2b1a-0f9e-4d8c-8b7a-6f5e4d3c2b1a")
@@ -199,17 +199,17 @@ def _escrow_seeds() -> list[bytes]:
 
 
 def _request(data: bytes) -> None:
-    requests.parse(data)
-    key = requests.mac_key(KEY, FARM)
+    request.parse(data)
+    key = request.mac_key(KEY, FARM)
     mac = hmac.new(key, data, hashlib.sha256).digest()
-    parsed = requests.verify(
-        data, mac, farm=FARM, row_id=requests.parse(data).id, key_for=lambda _: KEY
+    parsed = request.verify(
+        data, mac, farm=FARM, row_id=request.parse(data).id, key_for=lambda _: KEY
     )
     assert parsed.encode() == data
 
 
 def _request_seeds() -> list[bytes]:
-    base = requests.Request(
+    base = request.Request(
         id=7,
         nonce=uuid.UUID(int=9),
         farm=FARM,
@@ -221,12 +221,12 @@ def _request_seeds() -> list[bytes]:
         expires=1_700_000_180,
         master_key=KEY_ID,
     )
-    repair = requests.RepairTerms("ab" * 32, ("A" * 40,), True, 3)
-    terms = requests.ImportTerms(uuid.UUID(int=4), "secondary", "AD FS", "cd" * 32)
+    repair = request.RepairTerms("ab" * 32, ("A" * 40,), True, 3)
+    terms = request.ImportTerms(uuid.UUID(int=4), "secondary", "AD FS", "cd" * 32)
     return [
         base.encode(),
-        requests.Request(**{**base.__dict__, "kind": "repair_state", "repair": repair}).encode(),
-        requests.Request(
+        request.Request(**{**base.__dict__, "kind": "repair_state", "repair": repair}).encode(),
+        request.Request(
             **{**base.__dict__, "kind": "import", "purpose": "signing", "import_": terms}
         ).encode(),
     ]

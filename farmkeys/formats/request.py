@@ -169,7 +169,7 @@ def sign(request: Request, master_key: bytes) -> tuple[bytes, bytes]:
 
 
 def rows_digest(entries: Iterable[Any]) -> str:
-    """SHA-256 over the live entries (:class:`farmkeys.farmstate.LiveEntry`: id, purpose,
+    """SHA-256 over the live entries (:class:`farmkeys.formats.farm_state.LiveEntry`: id, purpose,
     role, thumbprint, master key) in id order: what `repair-state` showed the operator."""
     h = hashlib.sha256(b"farmkeys repair rows v1\x00")
     for e in sorted(entries):
