@@ -352,6 +352,21 @@ def parse(data: bytes | bytearray | memoryview | str) -> EncryptedPfx:
         raise _unsupported(
             f"has a MAC of {mac_length} bytes; farmkeys reads only {MAC_BYTES} (HMAC-SHA256)"
         )
+    ciphertext, mac = _ciphertext_and_mac(reader)
+    return EncryptedPfx(
+        version=version,
+        method=method,
+        key_id=key_id,
+        nonce=nonce,
+        iv=iv,
+        ciphertext=ciphertext,
+        mac=mac,
+    )
+
+
+def _ciphertext_and_mac(reader: _Reader) -> tuple[bytes, bytes]:
+    """The rest of the blob after the MAC length: a DER length, then exactly that many
+    bytes of ciphertext (whole AES blocks) and MAC."""
     at = reader.at
     body = reader.der_length("ciphertext length")
     if body > reader.remaining:
@@ -367,17 +382,7 @@ def parse(data: bytes | bytearray | memoryview | str) -> EncryptedPfx:
             f"its ciphertext is {max(cipher_size, 0)} bytes, not a positive multiple of "
             f"{_BLOCK_BYTES} (the AES block)"
         )
-    ciphertext = reader.take(cipher_size, "ciphertext")
-    mac = reader.take(MAC_BYTES, "MAC")
-    return EncryptedPfx(
-        version=version,
-        method=method,
-        key_id=key_id,
-        nonce=nonce,
-        iv=iv,
-        ciphertext=ciphertext,
-        mac=mac,
-    )
+    return reader.take(cipher_size, "ciphertext"), reader.take(MAC_BYTES, "MAC")
 
 
 def _check_length(name: str, value: bytes, size: int) -> None:
