@@ -32,10 +32,10 @@ def child(name: str, seconds: int, corpus: Path, crashes: Path) -> None:
     sys.path[:0] = [str(TESTS), str(REPO)]
     with atheris.instrument_imports():  # coverage feedback from farmkeys' parsers
         for module in (
-            "formats.adfs_pfx",
-            "formats.escrow_file",
             "config",
+            "formats.adfs_pfx",
             "formats.blob",
+            "formats.escrow_file",
             "formats.farm_state",
             "store",
         ):
