@@ -21,12 +21,15 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 
-from farmkeys import adfs, certs, dkm, policy, requests
+from farmkeys import policy
 from farmkeys._private_file import read_private_file
 from farmkeys.config import Config
 from farmkeys.db import ConfigDB
 from farmkeys.directory import MASTER_KEY_LENGTH, Directory
 from farmkeys.errors import AdfsKeyMismatchError, ImportRefusedError
+from farmkeys.formats import adfs_pfx, certificates
+from farmkeys.formats import blob as blob_format
+from farmkeys.formats import request as request_format
 from farmkeys.requesting import RolloverOutcome, await_answer, file_request
 from farmkeys.sync import blob_context
 from farmkeys.vocab import PURPOSES
@@ -63,9 +66,9 @@ def _decode_key(text: str) -> bytes | None:
 
 def open_encrypted_pfx(
     data: bytes, *, directory: Directory, key_file: Path | None
-) -> tuple[bytes, adfs.EncryptedPfx, str]:
+) -> tuple[bytes, adfs_pfx.EncryptedPfx, str]:
     """The PKCS#12 inside an ``EncryptedPfx``, the parsed blob, and where its key came from."""
-    blob = adfs.parse(data)
+    blob = adfs_pfx.parse(data)
     if key_file is not None:
         keys = [(str(key_file), read_dkm_key_file(key_file))]
     else:
@@ -79,7 +82,7 @@ def open_encrypted_pfx(
             )
     for where, key in keys:
         try:
-            return adfs.decrypt(blob, key), blob, where
+            return adfs_pfx.decrypt(blob, key), blob, where
         except AdfsKeyMismatchError:
             log.debug("DKM key at %s does not open the EncryptedPfx", where)
     raise AdfsKeyMismatchError(
@@ -106,10 +109,10 @@ def import_adfs(
         raise ValueError(f"purpose {purpose!r} or role {role!r} is not one farmkeys knows")
     farm = db.require_farm()
     pkcs12, blob, where = open_encrypted_pfx(encrypted_pfx, directory=directory, key_file=key_file)
-    generated = certs.from_pkcs12(pkcs12)
+    generated = certificates.from_pkcs12(pkcs12)
     cert = generated.certificate
-    certs.check_importable(cert, generated.key, purpose=purpose, now=now)
-    thumb = certs.thumbprint(cert)
+    certificates.check_importable(cert, generated.key, purpose=purpose, now=now)
+    thumb = certificates.thumbprint(cert)
     conflict = db.import_conflict(thumbprint=thumb, purpose=purpose, role=role)
     if conflict is not None:
         raise ImportRefusedError(
@@ -120,7 +123,7 @@ def import_adfs(
     current = policy.current_key(db.master_keys())
     key_id = current.id if current is not None else directory.current_key_id(farm.dkm_group)
     certificate_id = uuid.uuid4()
-    sealed = dkm.seal(
+    sealed = blob_format.seal(
         pkcs12,
         master_key=directory.master_key(farm.dkm_group, key_id),
         master_key_id=key_id,
@@ -128,11 +131,11 @@ def import_adfs(
     )
     source = f"AD FS (DKM key {blob.key_id})"
     log.info("importing %s certificate %s from %s, key from %s", purpose, thumb, source, where)
-    terms = requests.ImportTerms(
+    terms = request_format.ImportTerms(
         certificate=certificate_id,
         role=role,
         source=source,
-        blob_sha256=requests.blob_digest(sealed),
+        blob_sha256=request_format.blob_digest(sealed),
     )
     request = file_request(
         config,

@@ -41,7 +41,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Final
 
-from farmkeys import agefmt, farmstate, policy
+from farmkeys import policy
 from farmkeys._private_file import read_private_file
 from farmkeys.config import Config
 from farmkeys.db import ConfigDB
@@ -52,6 +52,7 @@ from farmkeys.errors import (
     FarmStateError,
     MasterKeyMissingError,
 )
+from farmkeys.formats import escrow_file, farm_state
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ def export_keys(
     out: Path,
     passphrase: bytes,
     now: datetime,
-    work_factor: int = agefmt.DEFAULT_WORK_FACTOR,
+    work_factor: int = escrow_file.DEFAULT_WORK_FACTOR,
 ) -> ExportReport:
     """Write every master key the directory holds, sealed under ``passphrase``, to ``out``.
 
@@ -244,7 +245,7 @@ def export_keys(
         for info in infos
     )
     document = EscrowDocument(farm=farm.name, dkm_group=group, exported_at=now, keys=keys)
-    sealed = agefmt.encrypt(document.to_json(), passphrase, work_factor=work_factor)
+    sealed = escrow_file.encrypt(document.to_json(), passphrase, work_factor=work_factor)
     partial = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial")
     try:
         _write_new(partial, sealed)
@@ -302,13 +303,13 @@ def open_escrow(path: Path, passphrase: bytes) -> EscrowDocument:
     """Read and open an escrow file; :class:`EscrowError` for every way it can fail."""
     try:
         with path.open("rb") as handle:
-            data = handle.read(agefmt.MAX_FILE_BYTES + 1)
+            data = handle.read(escrow_file.MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise EscrowError(
             f"cannot read escrow file {path}: {exc.strerror}", "check the path"
         ) from None
     try:
-        raw = agefmt.decrypt(data, passphrase)
+        raw = escrow_file.decrypt(data, passphrase)
     except EscrowError as exc:
         raise EscrowError(f"escrow file {path}: {exc.what}", exc.todo) from None
     return EscrowDocument.from_json(raw, source=str(path))
@@ -423,7 +424,7 @@ def _tombstones(
             raise
 
     try:
-        state = farmstate.verify(stored.body, stored.mac, farm=group, key_for=key_for)
+        state = farm_state.verify(stored.body, stored.mac, farm=group, key_for=key_for)
     except (FarmStateError, DirectoryError) as exc:
         raise EscrowError(
             f"the farm state record, which lists the master keys the farm shredded, cannot"
@@ -432,7 +433,7 @@ def _tombstones(
             " not, or the record is forged), or restore the config DB from a backup; nothing"
             " was changed",
         ) from None
-    if state.format == farmstate.FORMAT_1:
+    if state.format == farm_state.FORMAT_1:
         return frozenset(k.id for k in db.master_keys() if k.state == "deleted")
     return frozenset(state.shredded)
 

@@ -63,7 +63,7 @@ from datetime import UTC, datetime
 from typing import Final, Literal, Protocol, TypeVar
 
 from farmkeys.config import MasterKeyConfig, PolicyConfig
-from farmkeys.rows import Published, Row
+from farmkeys.formats.certificate_row import Published, Row
 from farmkeys.vocab import PURPOSES, ROLES
 
 ActionKind = Literal["generate", "promote", "generate_and_promote", "archive"]

@@ -8,7 +8,7 @@ the last authentic record, the revoked thumbprints the new record keeps, the
 version it takes, and the warnings the operator must weigh (thumbprints nodes
 remember as revoked that the repair would not keep; node versions too far
 ahead to be honest). Its :attr:`Review.terms` are what the request's MAC
-covers (:class:`farmkeys.requests.RepairTerms`): the leader writes nothing if
+covers (:class:`farmkeys.formats.request.RepairTerms`): the leader writes nothing if
 the rows differ when it acts.
 """
 
@@ -18,10 +18,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from farmkeys import farmstate, requests
 from farmkeys.db import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.errors import ConfigError, DirectoryError, FarmStateError
+from farmkeys.formats import farm_state, request
 
 _THUMBPRINT = re.compile(r"\A[0-9A-F]{40}\Z")
 _MAX_REVOKED_FILE = 1 << 20
@@ -32,7 +32,7 @@ class Review:
     """What a repair would authenticate, for the operator to confirm."""
 
     lines: list[str]  # every difference and warning, one line each
-    terms: requests.RepairTerms
+    terms: request.RepairTerms
     needed: bool  # False: the record verifies, matches the rows, and nothing would change
 
 
@@ -71,16 +71,16 @@ def review(db: ConfigDB, directory: Directory, *, revoked_file: tuple[str, ...] 
     operator named (None: not given)."""
     farm = db.require_farm()
     rows = db.certificates(include_archived=False)
-    entries = [farmstate.LiveEntry.of(r) for r in rows]
+    entries = [farm_state.LiveEntry.of(r) for r in rows]
     stored = db.stored_state()
-    previous: farmstate.FarmState | None = None
-    unverified: farmstate.FarmState | None = None
+    previous: farm_state.FarmState | None = None
+    unverified: farm_state.FarmState | None = None
     lines: list[str] = []
     if stored is None:
         why = "the config DB has no farm state record"
     else:
         try:
-            previous = farmstate.verify(
+            previous = farm_state.verify(
                 stored.body,
                 stored.mac,
                 farm=farm.dkm_group,
@@ -89,7 +89,7 @@ def review(db: ConfigDB, directory: Directory, *, revoked_file: tuple[str, ...] 
         except (FarmStateError, DirectoryError) as exc:
             why = exc.what
             try:
-                unverified = farmstate.parse(stored.body)
+                unverified = farm_state.parse(stored.body)
             except FarmStateError:
                 unverified = None
     keep = set(revoked_file or ())
@@ -123,10 +123,10 @@ def review(db: ConfigDB, directory: Directory, *, revoked_file: tuple[str, ...] 
     for n in nodes:
         if n.state_version is None:
             continue
-        if n.state_version > floor + farmstate.MAX_VERSION_STEP:
+        if n.state_version > floor + farm_state.MAX_VERSION_STEP:
             lines.append(
                 f"node {n.id!r} reports farm state version {n.state_version}, more than"
-                f" {farmstate.MAX_VERSION_STEP} above the last authentic one: ignored (forged?)"
+                f" {farm_state.MAX_VERSION_STEP} above the last authentic one: ignored (forged?)"
             )
         else:
             ahead = max(ahead, n.state_version)
@@ -143,8 +143,8 @@ def review(db: ConfigDB, directory: Directory, *, revoked_file: tuple[str, ...] 
                 " urgently replaced, and the repair would not keep it revoked: add it to"
                 " --revoked FILE to keep it"
             )
-    terms = requests.RepairTerms(
-        rows=requests.rows_digest(entries),
+    terms = request.RepairTerms(
+        rows=request.rows_digest(entries),
         revoked=tuple(sorted(keep)),
         revoked_named=revoked_file is not None,
         min_version=version,

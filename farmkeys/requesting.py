@@ -2,7 +2,7 @@
 
 `farmkeys rollover`, `farmkeys repair-state` and `farmkeys import adfs` ask the
 leader for a change through the config DB's request table. The request is
-signed under the farm's current master key (:mod:`farmkeys.requests` is the
+signed under the farm's current master key (:mod:`farmkeys.formats.request` is the
 codec; the leader authenticates it before doing anything), and the command
 waits for the leader's answer. When no process leads, the command takes the
 lease itself and answers its own request under the fence, with the leader's
@@ -18,12 +18,12 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from farmkeys import requests
 from farmkeys.config import Config
 from farmkeys.db import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.election import Election, read_lease
 from farmkeys.errors import Error, LeaderTimeoutError
+from farmkeys.formats import request as request_format
 from farmkeys.leader import Leader
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def request_rollover(
     purpose: str | None,
     urgent: bool,
     timeout_seconds: float,
-    repair: requests.RepairTerms | None = None,
+    repair: request_format.RepairTerms | None = None,
 ) -> RolloverOutcome:
     """Ask the leader for a rollover and wait for its answer.
 
@@ -85,24 +85,26 @@ def file_request(
     purpose: str | None,
     urgent: bool,
     lifetime_seconds: float,
-    repair: requests.RepairTerms | None = None,
-    import_: tuple[requests.ImportTerms, bytes] | None = None,
+    repair: request_format.RepairTerms | None = None,
+    import_: tuple[request_format.ImportTerms, bytes] | None = None,
 ) -> int:
     """Sign a request under the farm's current master key (the one the directory's
     CryptoPolicy names, not the config DB's word) and queue it; its id.
 
     It stays valid for ``lifetime_seconds`` and a minute more (at most
-    :data:`farmkeys.requests.MAX_LIFETIME_SECONDS`), by the config DB's clock.
+    :data:`farmkeys.formats.request.MAX_LIFETIME_SECONDS`), by the config DB's clock.
     """
     farm = db.require_farm()
     key_id = directory.current_key_id(farm.dkm_group)
     key = directory.master_key(farm.dkm_group, key_id)
     nonce = uuid.uuid4()
-    lifetime = min(int(lifetime_seconds) + _LIFETIME_MARGIN_SECONDS, requests.MAX_LIFETIME_SECONDS)
+    lifetime = min(
+        int(lifetime_seconds) + _LIFETIME_MARGIN_SECONDS, request_format.MAX_LIFETIME_SECONDS
+    )
 
     def sign(request_id: int, now: datetime) -> tuple[bytes, bytes]:
         created = int(now.timestamp())
-        request = requests.Request(
+        request = request_format.Request(
             id=request_id,
             nonce=nonce,
             farm=farm.dkm_group,
@@ -116,7 +118,7 @@ def file_request(
             repair=repair,
             import_=None if import_ is None else import_[0],
         )
-        return requests.sign(request, key)
+        return request_format.sign(request, key)
 
     terms = None if import_ is None else import_[0]
     return db.file_request(

@@ -49,13 +49,13 @@ from typing import TYPE_CHECKING, Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from farmkeys import fetch_record
 from farmkeys import sync as node_sync
 from farmkeys.config import Config, RetryConfig
 from farmkeys.db import CHANGED_CHANNEL, REQUEST_CHANNEL, ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.election import Election
 from farmkeys.errors import DatabaseError, DirectoryError, Error, LeaseLostError
+from farmkeys.formats import fetch_record
 from farmkeys.leader import Leader
 from farmkeys.sdnotify import Notifier
 from farmkeys.store import Installed, Manifest, Store

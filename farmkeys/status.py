@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from farmkeys import farmstate
 from farmkeys import policy as rollover_policy
 from farmkeys.config import Config, PolicyConfig
 from farmkeys.db import CertificateRow, ConfigDB, Farm, Lease, MasterKeyRow
 from farmkeys.directory import Directory, MasterKeyInfo
 from farmkeys.errors import DirectoryError, FarmStateError, MasterKeyMissingError
+from farmkeys.formats import farm_state
 from farmkeys.vocab import LIVE_ROLES, PURPOSES
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ def _farm_state(
             problems.add(
                 "critical",
                 f"the config DB has no farm state record, but nodes installed version {newest}"
-                f" — {farmstate.REPAIR}",
+                f" — {farm_state.REPAIR}",
             )
             doc["authentic"] = False
         else:
@@ -195,10 +195,10 @@ def _farm_state(
         return doc
     doc["version"] = stored.version
     try:
-        state = farmstate.parse(stored.body)
+        state = farm_state.parse(stored.body)
         doc["version"], doc["master_key"] = state.version, str(state.master_key)
         if directory is not None:
-            farmstate.verify(
+            farm_state.verify(
                 stored.body,
                 stored.mac,
                 farm=farm.dkm_group,
@@ -225,7 +225,7 @@ def _farm_state(
             f" is under {state.master_key}: someone wrote the config DB by hand (the leader"
             " follows the record and seals under its key)",
         )
-    error = farmstate.mismatch(state, live)
+    error = farm_state.mismatch(state, live)
     if error is not None:
         doc["authentic"] = False
         problems.add("critical", error.diagnostics())
@@ -234,7 +234,7 @@ def _farm_state(
             problems.add(
                 "critical",
                 f"node {n['id']} installed farm state version {n['state_version']}, newer than the"
-                f" config DB's {state.version} (a restored backup?) — {farmstate.REPAIR}",
+                f" config DB's {state.version} (a restored backup?) — {farm_state.REPAIR}",
             )
     return doc
 

@@ -175,7 +175,7 @@ class Manifest:
     installed_at: datetime
     certificates: tuple[ManifestEntry, ...]
     dkm_group: str | None = None  # the farm this store is pinned to (its DKM group)
-    # The farm state record this set was installed under (farmkeys.farmstate): the highest
+    # The farm state record this set was installed under (farmkeys.formats.farm_state): the highest
     # version this node has installed, and the fingerprint of the record's stored bytes.
     state_version: int | None = None
     state_digest: str | None = None

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from farmkeys import farmstate
 from farmkeys.config import Config
 from farmkeys.db import CertificateRow, Claim, ConfigDB, Farm, LiveSet
 from farmkeys.directory import MasterKeys
@@ -26,25 +25,26 @@ from farmkeys.errors import (
     InvalidBlobError,
     NotInitialisedError,
 )
+from farmkeys.formats import farm_state
 from farmkeys.store import Carried, CertificateFiles, Installed, Manifest, Store
 
 if TYPE_CHECKING:
-    from farmkeys import dkm
+    from farmkeys.formats import blob
 
-# bundle, certs and dkm (cryptography) are imported where a blob is opened: a sync that finds
-# nothing changed opens none, and `farmkeys sync` at a service's start stays fast.
+# bundle, certificates and blob (cryptography) are imported where a blob is opened: a sync
+# that finds nothing changed opens none, and `farmkeys sync` at a service's start stays fast.
 
 log = logging.getLogger(__name__)
 
 
 def blob_context(
     farm: Farm | uuid.UUID, certificate_id: uuid.UUID, purpose: str
-) -> dkm.BlobContext:
+) -> blob.BlobContext:
     """What a certificate's blob is bound to: its farm's DKM group, its id and its purpose."""
-    from farmkeys import dkm
+    from farmkeys.formats import blob
 
     group = farm.dkm_group if isinstance(farm, Farm) else farm
-    return dkm.BlobContext(farm=str(group), certificate_id=str(certificate_id), purpose=purpose)
+    return blob.BlobContext(farm=str(group), certificate_id=str(certificate_id), purpose=purpose)
 
 
 # -- sync ------------------------------------------------------------------------------
@@ -200,19 +200,19 @@ def check_state(
             raise FarmStateError(
                 "the config DB has no farm state record, but this node installed version"
                 f" {installed}; nothing was installed",
-                farmstate.REPAIR,
+                farm_state.REPAIR,
             )
         log.warning(
             "the config DB has no farm state record yet (a farm from before them): the"
             " leader writes one at its next check"
         )
         return None
-    digest = farmstate.digest(stored.body, stored.mac)
+    digest = farm_state.digest(stored.body, stored.mac)
     if manifest is not None and manifest.state_digest == digest:
         state = _parsed_state(stored.body)  # these very bytes were verified before
     else:
         try:
-            state = farmstate.verify(
+            state = farm_state.verify(
                 stored.body,
                 stored.mac,
                 farm=farm.dkm_group,
@@ -227,14 +227,14 @@ def check_state(
         raise FarmStateError(
             f"the config DB's farm state is version {state.version}, older than version"
             f" {installed} this node installed (a restored backup?); nothing was installed",
-            farmstate.REPAIR,
+            farm_state.REPAIR,
         )
-    if installed is not None and state.version > installed + farmstate.MAX_VERSION_STEP:
+    if installed is not None and state.version > installed + farm_state.MAX_VERSION_STEP:
         raise FarmStateError(
             f"the config DB's farm state is version {state.version}, more than"
-            f" {farmstate.MAX_VERSION_STEP} above version {installed} this node installed;"
+            f" {farm_state.MAX_VERSION_STEP} above version {installed} this node installed;"
             " no leader makes such a jump, so nothing was installed",
-            farmstate.REPAIR,
+            farm_state.REPAIR,
         )
     if state.version == installed and manifest is not None and manifest.state_digest != digest:
         # The leader writes every record under a new version: the same version with other
@@ -244,9 +244,9 @@ def check_state(
             f"the config DB's farm state version {state.version} is not the version"
             f" {installed} this node installed, though it has the same number; nothing was"
             " installed",
-            farmstate.REPAIR,
+            farm_state.REPAIR,
         )
-    error = farmstate.mismatch(state, live.rows, then="; nothing was installed")
+    error = farm_state.mismatch(state, live.rows, then="; nothing was installed")
     if error is not None:
         raise error
     forgotten = set(state.revoked) | (set() if manifest is None else set(manifest.forgotten))
@@ -256,16 +256,16 @@ def check_state(
                 f"{row.purpose} certificate {row.thumbprint} was urgently replaced and must"
                 " never be installed again, but the config DB has it live; nothing was"
                 " installed",
-                farmstate.REPAIR,
+                farm_state.REPAIR,
             )
     return CheckedState(version=state.version, digest=digest, revoked=state.revoked)
 
 
 @functools.lru_cache(maxsize=4)
-def _parsed_state(body: bytes) -> farmstate.FarmState:
+def _parsed_state(body: bytes) -> farm_state.FarmState:
     """A record's bytes, parsed once per process: `serve` meets the same bytes on every
     sync until the leader writes the next version (a FarmState is immutable)."""
-    return farmstate.parse(body)
+    return farm_state.parse(body)
 
 
 def _check_pinned(
@@ -328,17 +328,17 @@ def _confirm_keys(
 
 def open_blob(farm: Farm, row: CertificateRow, directory: MasterKeys) -> bytes:
     """The PKCS#12 sealed in one certificate row's blob, under the master key its row names."""
-    from farmkeys import dkm
+    from farmkeys.formats import blob
 
     context = blob_context(farm, row.id, row.purpose)
-    named = dkm.master_key_id(row.blob, context=context)
+    named = blob.master_key_id(row.blob, context=context)
     if named != row.master_key:
         raise InvalidBlobError(
             f"the blob of {row.purpose} certificate {row.id} names another master key than its row",
             "restore the row from a backup or replace the certificate",
         )
     key = directory.master_key(farm.dkm_group, named)
-    return dkm.open_blob(row.blob, master_key=key, context=context)
+    return blob.open_blob(row.blob, master_key=key, context=context)
 
 
 def open_certificate(farm: Farm, row: CertificateRow, directory: MasterKeys) -> CertificateFiles:
@@ -348,14 +348,14 @@ def open_certificate(farm: Farm, row: CertificateRow, directory: MasterKeys) -> 
     writes; an older blob's bare PKCS#12 is parsed and its files built here (the slow
     path, until the certificate rolls over). Either is checked against the row the same
     cheap way (:func:`farmkeys.bundle.check`)."""
-    from farmkeys import bundle, certs
+    from farmkeys.formats import bundle, certificates
 
     what = f"{row.purpose} certificate {row.id}"
     plaintext = open_blob(farm, row, directory)
     files = bundle.unpack(plaintext, what=what)
     if files is None:
         try:
-            generated = certs.from_pkcs12(plaintext)
+            generated = certificates.from_pkcs12(plaintext)
         except CertificateError as exc:
             raise CertificateError(
                 f"the blob of {what} opened but holds no usable PKCS#12: {exc.what}",

@@ -197,10 +197,10 @@ def seal_state(farm: TestFarm) -> int:
     For tests that change the live set by hand in the leader's place."""
     from dataclasses import replace
 
-    from farmkeys import farmstate
     from farmkeys.config import load
     from farmkeys.db import ConfigDB
     from farmkeys.directory import Directory
+    from farmkeys.formats import farm_state
 
     cfg = load(farm.config())
     with ConfigDB(cfg.database, cfg.retry) as db, Directory(cfg.directory, cfg.retry) as dirx:
@@ -216,8 +216,8 @@ def seal_state(farm: TestFarm) -> int:
                 )[0]["v"]
             )
             stored = tx.stored_state()
-            before = farmstate.parse(stored.body) if stored is not None else None
-            state = farmstate.FarmState.build(
+            before = farm_state.parse(stored.body) if stored is not None else None
+            state = farm_state.FarmState.build(
                 farm=found.dkm_group,
                 version=version,
                 term=None,
@@ -227,7 +227,7 @@ def seal_state(farm: TestFarm) -> int:
                 shredded=before.shredded if before is not None else (),
                 answered=before.answered if before is not None else (),
             )
-            body, mac = farmstate.seal(replace(state), dirx.master_key(found.dkm_group, key_id))
+            body, mac = farm_state.seal(replace(state), dirx.master_key(found.dkm_group, key_id))
             tx.write_state(body=body, mac=mac, version=version, term=None)
     return int(version)
 

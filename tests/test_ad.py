@@ -21,10 +21,10 @@ from adfs_encoder import encode
 from farmtools import TestFarm, audit_events, db_query, one_error_line
 from ldap3.protocol.microsoft import security_descriptor_control
 
-from farmkeys import certs
 from farmkeys.config import DirectoryConfig, RetryConfig, load
 from farmkeys.directory import Directory, ad, sd
 from farmkeys.errors import DirectoryError, MasterKeyMissingError
+from farmkeys.formats import certificates
 from farmkeys.lab._common import free_port
 from farmkeys.lab.samba import LocalSambaDC, write_ca_certificate
 from farmkeys.lab.slapd import LocalSlapd
@@ -405,21 +405,21 @@ def test_import_reads_the_dkm_key_from_a_container_that_adfs_made(
     admin.add(f"CN=CryptoPolicy,{container}", ["contact"], {"displayName": str(key_id)})
     admin.unbind()
     start = datetime.now(UTC).replace(microsecond=0)
-    made = certs.generate(
+    made = certificates.generate(
         farm_name="adfs.contoso.example",
         purpose="signing",
         key_type="rsa-2048",
         not_before=start,
         not_after=start + timedelta(days=300),
     )
-    pkcs12 = certs.to_pkcs12(made.certificate, made.key, friendly_name="")
+    pkcs12 = certificates.to_pkcs12(made.certificate, made.key, friendly_name="")
     pfx = tmp_path / "signing.pfx"
     pfx.write_bytes(base64.b64encode(encode(pkcs12, dkm_key=key, key_id=key_id)))
     result = ad_initialised.run(
         "import", "adfs", "--encrypted-pfx", str(pfx), "--purpose", "signing", "--wait", "30"
     )
     assert result.code == 0, result.err
-    thumb = certs.thumbprint(made.certificate)
+    thumb = certificates.thumbprint(made.certificate)
     assert db_query(
         ad_initialised.dsn, "SELECT role FROM certificate WHERE thumbprint = %s", (thumb,)
     )

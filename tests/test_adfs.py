@@ -46,9 +46,9 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from farmkeys import adfs, certs
-from farmkeys.adfs import decrypt, derive_keys, open_pfx, parse
 from farmkeys.errors import AdfsBlobError, AdfsKeyMismatchError, InvalidBlobError
+from farmkeys.formats import adfs_pfx, certificates
+from farmkeys.formats.adfs_pfx import decrypt, derive_keys, open_pfx, parse
 
 
 def flipped(blob: bytes, at: int, mask: int = 0x01) -> bytes:
@@ -60,14 +60,14 @@ def flipped(blob: bytes, at: int, mask: int = 0x01) -> bytes:
 
 def make_pkcs12(key_type: str) -> bytes:
     now = datetime.now(UTC)
-    made = certs.generate(
+    made = certificates.generate(
         farm_name="contoso",
         purpose="signing",
         key_type=key_type,
         not_before=now,
         not_after=now + timedelta(days=365),
     )
-    return certs.to_pkcs12(made.certificate, made.key, friendly_name="")
+    return certificates.to_pkcs12(made.certificate, made.key, friendly_name="")
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_decrypt_gives_the_exact_pkcs12_which_loads_without_a_password(rsa_pkcs1
     assert opened == rsa_pkcs12
     key, cert, others = pkcs12.load_key_and_certificates(opened, None)
     assert key is not None and cert is not None and others == []
-    assert certs.from_pkcs12(opened).certificate == cert
+    assert certificates.from_pkcs12(opened).certificate == cert
 
 
 def test_open_pfx_is_parse_then_decrypt(ec_pkcs12: bytes, ec_blob: bytes) -> None:
@@ -136,10 +136,14 @@ def test_key_id_is_in_dotnet_guid_byte_order(ec_pkcs12: bytes) -> None:
 
 
 def test_module_constants_agree_with_the_description() -> None:
-    assert adfs.KDF_LABEL == AES128_CBC_OID + SHA256_OID
-    assert adfs.OID_SHA256 == "2.16.840.1.101.3.4.2.1"
-    assert adfs.OID_AES128_CBC == "2.16.840.1.101.3.4.1.2"
-    assert (adfs.AES_KEY_BYTES, adfs.HMAC_KEY_BYTES, adfs.DERIVED_KEY_BYTES) == (16, 32, 48)
+    assert adfs_pfx.KDF_LABEL == AES128_CBC_OID + SHA256_OID
+    assert adfs_pfx.OID_SHA256 == "2.16.840.1.101.3.4.2.1"
+    assert adfs_pfx.OID_AES128_CBC == "2.16.840.1.101.3.4.1.2"
+    assert (adfs_pfx.AES_KEY_BYTES, adfs_pfx.HMAC_KEY_BYTES, adfs_pfx.DERIVED_KEY_BYTES) == (
+        16,
+        32,
+        48,
+    )
 
 
 # --- input forms -----------------------------------------------------------------------
@@ -180,9 +184,9 @@ def test_bad_base64_read_as_bytes_is_refused() -> None:
 
 def test_oversize_input_is_refused_before_decoding() -> None:
     with pytest.raises(AdfsBlobError, match="more than"):
-        parse(b"\x00\x00\x00\x01" + bytes(adfs.MAX_BLOB_BYTES))
+        parse(b"\x00\x00\x00\x01" + bytes(adfs_pfx.MAX_BLOB_BYTES))
     with pytest.raises(AdfsBlobError, match="more than"):
-        parse("A" * (4 * (adfs.MAX_BLOB_BYTES // 3 + 2)))
+        parse("A" * (4 * (adfs_pfx.MAX_BLOB_BYTES // 3 + 2)))
 
 
 # --- wrong key, tampering, truncation -----------------------------------------------------

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from farmkeys import agefmt
-from farmkeys.agefmt import CHUNK_BYTES, TAG_BYTES, decrypt, encrypt
 from farmkeys.errors import EscrowError
+from farmkeys.formats import escrow_file
+from farmkeys.formats.escrow_file import CHUNK_BYTES, TAG_BYTES, decrypt, encrypt
 
 PASSPHRASE = "correct horse battery staple é".encode()
 FAST = 10  # work factor for tests: 2^10 scrypt rounds, milliseconds instead of a second
@@ -46,7 +46,7 @@ def sealed(plaintext: bytes = PLAINTEXT, work_factor: int = FAST) -> bytes:
 
 def fixed(plaintext: bytes = PLAINTEXT) -> bytes:
     """A file sealed with FILE_KEY, SALT and NONCE, so its payload can be rebuilt."""
-    return agefmt._encrypt_with(
+    return escrow_file._encrypt_with(
         plaintext, PASSPHRASE, work_factor=FAST, file_key=FILE_KEY, salt=SALT, nonce=NONCE
     )
 
@@ -58,9 +58,9 @@ def header_of(data: bytes) -> bytes:
 
 def with_chunks(*chunks: tuple[bytes, bool]) -> bytes:
     """A genuine header and payload nonce, then (plaintext, is-final) chunks sealed as given."""
-    aead = agefmt._payload_aead(FILE_KEY, NONCE)
+    aead = escrow_file._payload_aead(FILE_KEY, NONCE)
     sealed_chunks = [
-        aead.encrypt(agefmt._chunk_nonce(i, last=final), chunk, None)
+        aead.encrypt(escrow_file._chunk_nonce(i, last=final), chunk, None)
         for i, (chunk, final) in enumerate(chunks)
     ]
     return header_of(fixed()) + NONCE + b"".join(sealed_chunks)
@@ -108,9 +108,9 @@ def test_round_trip_at_the_default_work_factor() -> None:
 
 
 def test_largest_plaintext_round_trips() -> None:
-    plaintext = os.urandom(agefmt.MAX_PLAINTEXT_BYTES)
+    plaintext = os.urandom(escrow_file.MAX_PLAINTEXT_BYTES)
     data = sealed(plaintext)
-    assert len(data) <= agefmt.MAX_FILE_BYTES
+    assert len(data) <= escrow_file.MAX_FILE_BYTES
     assert decrypt(data, PASSPHRASE) == plaintext
 
 
@@ -125,18 +125,18 @@ def test_file_is_laid_out_as_the_spec_says() -> None:
         header,
     )
     payload = data[len(header) :]
-    assert len(payload) == agefmt.PAYLOAD_NONCE_BYTES + len(PLAINTEXT) + TAG_BYTES
+    assert len(payload) == escrow_file.PAYLOAD_NONCE_BYTES + len(PLAINTEXT) + TAG_BYTES
 
 
 def test_empty_plaintext_is_one_empty_final_chunk() -> None:
     data = sealed(b"")
-    assert len(data) - len(header_of(data)) == agefmt.PAYLOAD_NONCE_BYTES + TAG_BYTES
+    assert len(data) - len(header_of(data)) == escrow_file.PAYLOAD_NONCE_BYTES + TAG_BYTES
 
 
 def test_plaintext_of_exactly_one_chunk_is_one_full_final_chunk() -> None:
     data = sealed(bytes(CHUNK_BYTES))
     payload = data[len(header_of(data)) :]
-    assert len(payload) == agefmt.PAYLOAD_NONCE_BYTES + CHUNK_BYTES + TAG_BYTES
+    assert len(payload) == escrow_file.PAYLOAD_NONCE_BYTES + CHUNK_BYTES + TAG_BYTES
 
 
 def test_every_file_has_a_fresh_file_key_salt_and_nonce() -> None:
@@ -156,7 +156,7 @@ def test_every_file_has_a_fresh_file_key_salt_and_nonce() -> None:
 def test_stanza_body_wraps_at_64_columns_and_ends_with_a_short_line(
     body_bytes: int, line_lengths: list[int]
 ) -> None:
-    lines = agefmt._wrapped(bytes(body_bytes)).split(b"\n")
+    lines = escrow_file._wrapped(bytes(body_bytes)).split(b"\n")
     assert lines[-1] == b""  # every line ends with LF
     assert [len(line) for line in lines[:-1]] == line_lengths
 
@@ -477,7 +477,7 @@ def test_spec_scrypt_vectors(
 def test_spec_vector_is_reproduced_byte_for_byte_from_its_randomness() -> None:
     data = vector(SPEC_VECTOR_HEADER, COMMON_PAYLOAD)
     payload_nonce = bytes.fromhex(COMMON_PAYLOAD)[:16]
-    rebuilt = agefmt._encrypt_with(
+    rebuilt = escrow_file._encrypt_with(
         b"age",
         b"password",
         work_factor=10,
@@ -584,7 +584,7 @@ def test_farmkeys_decrypts_what_age_encrypts(tmp_path: Path, size: int) -> None:
     )
     data = target.read_bytes()
     assert b"-> scrypt " in header_of(data)
-    assert decrypt(data, PASSPHRASE, max_work_factor=agefmt.DEFAULT_WORK_FACTOR) == plaintext
+    assert decrypt(data, PASSPHRASE, max_work_factor=escrow_file.DEFAULT_WORK_FACTOR) == plaintext
 
 
 def test_age_decrypts_a_file_built_from_fixed_randomness(tmp_path: Path) -> None:
@@ -653,13 +653,13 @@ def test_file_truncated_mid_chunk_is_refused() -> None:
 
 def test_file_truncated_at_a_chunk_boundary_is_refused() -> None:
     data = sealed(os.urandom(CHUNK_BYTES + 100))
-    cut = len(header_of(data)) + agefmt.PAYLOAD_NONCE_BYTES + CHUNK_BYTES + TAG_BYTES
+    cut = len(header_of(data)) + escrow_file.PAYLOAD_NONCE_BYTES + CHUNK_BYTES + TAG_BYTES
     error = refused(data[:cut])
     assert DAMAGED in error.what
     assert "ends after chunk 1, without its final chunk" in error.what
 
 
-@pytest.mark.parametrize("keep", [0, 1, agefmt.PAYLOAD_NONCE_BYTES, 31])
+@pytest.mark.parametrize("keep", [0, 1, escrow_file.PAYLOAD_NONCE_BYTES, 31])
 def test_file_with_its_payload_cut_away_is_refused(keep: int) -> None:
     data = sealed()
     error = refused(data[: len(header_of(data)) + keep])
@@ -795,7 +795,7 @@ def test_work_factor_above_the_max_is_refused_before_scrypt_runs(
         raise AssertionError("scrypt ran for a file asking too much")
 
     data = sealed().replace(b" 10\n", b" 21\n", 1)
-    monkeypatch.setattr(agefmt, "_wrap_key", no_scrypt)
+    monkeypatch.setattr(escrow_file, "_wrap_key", no_scrypt)
     error = refused(data)
     assert f"{TOO_HIGH} 2^21, more than the 2^20" in error.what
     assert "age -d" in error.todo
@@ -807,12 +807,12 @@ def test_lower_max_work_factor_refuses_a_file_above_it() -> None:
 
 
 def test_oversize_file_is_refused_unread() -> None:
-    error = refused(b"age-encryption.org/v1\n" + bytes(agefmt.MAX_FILE_BYTES))
+    error = refused(b"age-encryption.org/v1\n" + bytes(escrow_file.MAX_FILE_BYTES))
     assert "more than the" in error.what
 
 
 def test_overlong_header_is_refused() -> None:
-    data = b"age-encryption.org/v1\n-> scrypt " + b"A" * agefmt.MAX_HEADER_BYTES
+    data = b"age-encryption.org/v1\n-> scrypt " + b"A" * escrow_file.MAX_HEADER_BYTES
     assert "header is longer than" in refused(data).what
 
 
@@ -834,13 +834,13 @@ def test_passphrase_age_could_not_read_from_a_terminal_is_a_value_error(
         encrypt(PLAINTEXT, passphrase, work_factor=FAST)
 
 
-@pytest.mark.parametrize("work_factor", [0, -1, agefmt.MAX_WORK_FACTOR + 1, True])
+@pytest.mark.parametrize("work_factor", [0, -1, escrow_file.MAX_WORK_FACTOR + 1, True])
 def test_work_factor_out_of_range_is_a_value_error(work_factor: int) -> None:
     with pytest.raises(ValueError, match="work_factor must be an integer from 1 to 20"):
         encrypt(PLAINTEXT, PASSPHRASE, work_factor=work_factor)
 
 
-@pytest.mark.parametrize("max_work_factor", [0, agefmt.WORK_FACTOR_LIMIT + 1])
+@pytest.mark.parametrize("max_work_factor", [0, escrow_file.WORK_FACTOR_LIMIT + 1])
 def test_max_work_factor_out_of_range_is_a_value_error(max_work_factor: int) -> None:
     with pytest.raises(ValueError, match="max_work_factor must be an integer from 1 to 22"):
         decrypt(sealed(), PASSPHRASE, max_work_factor=max_work_factor)
@@ -848,4 +848,4 @@ def test_max_work_factor_out_of_range_is_a_value_error(max_work_factor: int) -> 
 
 def test_oversize_plaintext_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="more than the"):
-        encrypt(bytes(agefmt.MAX_PLAINTEXT_BYTES + 1), PASSPHRASE, work_factor=FAST)
+        encrypt(bytes(escrow_file.MAX_PLAINTEXT_BYTES + 1), PASSPHRASE, work_factor=FAST)

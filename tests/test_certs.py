@@ -16,15 +16,17 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtensionOID, NameOID
 
-from farmkeys import certs
 from farmkeys.config import MAX_FARM_NAME
 from farmkeys.errors import CertificateError
+from farmkeys.formats import certificates
 
 NOT_BEFORE = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 NOT_AFTER = NOT_BEFORE + timedelta(days=365)
 
 
-def make(purpose: str = "signing", key_type: str = "rsa-2048", **kwargs: object) -> certs.Generated:
+def make(
+    purpose: str = "signing", key_type: str = "rsa-2048", **kwargs: object
+) -> certificates.Generated:
     args: dict[str, object] = {
         "farm_name": "Contoso",
         "purpose": purpose,
@@ -33,35 +35,35 @@ def make(purpose: str = "signing", key_type: str = "rsa-2048", **kwargs: object)
         "not_after": NOT_AFTER,
     }
     args.update(kwargs)
-    return certs.generate(**args)  # type: ignore[arg-type]
+    return certificates.generate(**args)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
-def rsa_signing() -> certs.Generated:
+def rsa_signing() -> certificates.Generated:
     return make("signing", "rsa-2048")
 
 
 @pytest.fixture(scope="module")
-def rsa_decryption() -> certs.Generated:
+def rsa_decryption() -> certificates.Generated:
     return make("decryption", "rsa-2048")
 
 
 @pytest.fixture(scope="module")
-def ec_signing() -> certs.Generated:
+def ec_signing() -> certificates.Generated:
     return make("signing", "ec-p256")
 
 
 @pytest.fixture(scope="module")
-def ec_decryption() -> certs.Generated:
+def ec_decryption() -> certificates.Generated:
     return make("decryption", "ec-p256")
 
 
 @pytest.fixture(
     scope="module", params=["rsa_signing", "rsa_decryption", "ec_signing", "ec_decryption"]
 )
-def any_generated(request: pytest.FixtureRequest) -> certs.Generated:
+def any_generated(request: pytest.FixtureRequest) -> certificates.Generated:
     """Each of the four kinds of certificate a farm can have."""
-    generated: certs.Generated = request.getfixturevalue(request.param)
+    generated: certificates.Generated = request.getfixturevalue(request.param)
     return generated
 
 
@@ -77,7 +79,7 @@ def key_usage(cert: x509.Certificate) -> tuple[x509.KeyUsage, bool]:
 def test_rsa_key_types_generate_keys_of_their_size_with_exponent_65537(
     key_type: str, bits: int
 ) -> None:
-    key = certs.generate_private_key(key_type)
+    key = certificates.generate_private_key(key_type)
     assert isinstance(key, rsa.RSAPrivateKey)
     assert key.key_size == bits
     assert key.public_key().public_numbers().e == 65537
@@ -87,12 +89,12 @@ def test_rsa_4096_generates_a_working_certificate() -> None:
     generated = make("decryption", "rsa-4096")
     assert isinstance(generated.key, rsa.RSAPrivateKey)
     assert generated.key.key_size == 4096
-    assert certs.key_matches(generated.certificate, generated.key)
+    assert certificates.key_matches(generated.certificate, generated.key)
     assert key_usage(generated.certificate)[0].key_encipherment
 
 
 def test_ec_p256_generates_a_secp256r1_key() -> None:
-    key = certs.generate_private_key("ec-p256")
+    key = certificates.generate_private_key("ec-p256")
     assert isinstance(key, ec.EllipticCurvePrivateKey)
     assert isinstance(key.curve, ec.SECP256R1)
 
@@ -100,7 +102,7 @@ def test_ec_p256_generates_a_secp256r1_key() -> None:
 @pytest.mark.parametrize("key_type", ["rsa-1024", "ec-p384", "RSA-2048", "ed25519", ""])
 def test_unknown_key_type_is_refused(key_type: str) -> None:
     with pytest.raises(ValueError, match="key type"):
-        certs.generate_private_key(key_type)
+        certificates.generate_private_key(key_type)
 
 
 def test_every_configurable_key_type_is_supported() -> None:
@@ -108,7 +110,7 @@ def test_every_configurable_key_type_is_supported() -> None:
 
     assert set(KEY_TYPES) == {"rsa-2048", "rsa-3072", "rsa-4096", "ec-p256"}
     for key_type in KEY_TYPES:
-        certs.generate_private_key(key_type)
+        certificates.generate_private_key(key_type)
 
 
 # --- certificate contents ----------------------------------------------------
@@ -133,7 +135,7 @@ def test_certificate_is_self_issued_to_the_farm_and_purpose(
 
 
 def test_certificate_is_v3_signed_with_sha256_by_its_own_key(
-    any_generated: certs.Generated,
+    any_generated: certificates.Generated,
 ) -> None:
     cert = any_generated.certificate
     assert cert.version == x509.Version.v3
@@ -141,7 +143,9 @@ def test_certificate_is_v3_signed_with_sha256_by_its_own_key(
     cert.verify_directly_issued_by(cert)
 
 
-def test_certificate_is_not_a_ca_and_says_so_critically(any_generated: certs.Generated) -> None:
+def test_certificate_is_not_a_ca_and_says_so_critically(
+    any_generated: certificates.Generated,
+) -> None:
     extension = any_generated.certificate.extensions.get_extension_for_class(x509.BasicConstraints)
     assert extension.critical
     assert extension.value.ca is False
@@ -149,7 +153,7 @@ def test_certificate_is_not_a_ca_and_says_so_critically(any_generated: certs.Gen
 
 
 def test_certificate_has_a_subject_key_identifier_of_its_key(
-    any_generated: certs.Generated,
+    any_generated: certificates.Generated,
 ) -> None:
     extension = any_generated.certificate.extensions.get_extension_for_class(
         x509.SubjectKeyIdentifier
@@ -160,7 +164,9 @@ def test_certificate_has_a_subject_key_identifier_of_its_key(
     )
 
 
-def test_certificate_has_exactly_the_three_extensions(any_generated: certs.Generated) -> None:
+def test_certificate_has_exactly_the_three_extensions(
+    any_generated: certificates.Generated,
+) -> None:
     oids = {extension.oid for extension in any_generated.certificate.extensions}
     assert oids == {
         ExtensionOID.BASIC_CONSTRAINTS,
@@ -180,7 +186,7 @@ def test_signing_certificate_may_only_sign(fixture: str, request: pytest.Fixture
 
 
 def test_rsa_decryption_certificate_may_only_encipher_keys(
-    rsa_decryption: certs.Generated,
+    rsa_decryption: certificates.Generated,
 ) -> None:
     usage, critical = key_usage(rsa_decryption.certificate)
     assert critical
@@ -190,7 +196,7 @@ def test_rsa_decryption_certificate_may_only_encipher_keys(
 
 
 def test_ec_decryption_certificate_uses_key_agreement_because_ec_cannot_encipher(
-    ec_decryption: certs.Generated,
+    ec_decryption: certificates.Generated,
 ) -> None:
     usage, critical = key_usage(ec_decryption.certificate)
     assert critical
@@ -201,7 +207,9 @@ def test_ec_decryption_certificate_uses_key_agreement_because_ec_cannot_encipher
     assert not usage.decipher_only
 
 
-def test_certificate_is_valid_exactly_for_the_times_passed(rsa_signing: certs.Generated) -> None:
+def test_certificate_is_valid_exactly_for_the_times_passed(
+    rsa_signing: certificates.Generated,
+) -> None:
     assert rsa_signing.certificate.not_valid_before_utc == NOT_BEFORE
     assert rsa_signing.certificate.not_valid_after_utc == NOT_AFTER
 
@@ -247,8 +255,8 @@ def test_not_after_must_be_after_not_before(not_after: datetime) -> None:
         make("signing", "ec-p256", not_after=not_after)
 
 
-def test_serial_numbers_are_random_and_positive(ec_signing: certs.Generated) -> None:
-    again = certs.build_certificate(
+def test_serial_numbers_are_random_and_positive(ec_signing: certificates.Generated) -> None:
+    again = certificates.build_certificate(
         farm_name="Contoso",
         purpose="signing",
         key=ec_signing.key,
@@ -257,7 +265,7 @@ def test_serial_numbers_are_random_and_positive(ec_signing: certs.Generated) -> 
     )
     assert again.serial_number != ec_signing.certificate.serial_number
     assert again.serial_number > 0
-    assert certs.thumbprint(again) != certs.thumbprint(ec_signing.certificate)
+    assert certificates.thumbprint(again) != certificates.thumbprint(ec_signing.certificate)
 
 
 def test_unknown_purpose_is_refused_before_a_key_is_generated() -> None:
@@ -282,55 +290,57 @@ def test_empty_farm_name_is_refused() -> None:
 
 
 def test_generated_refuses_a_key_that_is_not_the_certificates(
-    rsa_signing: certs.Generated, ec_signing: certs.Generated
+    rsa_signing: certificates.Generated, ec_signing: certificates.Generated
 ) -> None:
     with pytest.raises(ValueError, match="not the key"):
-        certs.Generated(certificate=rsa_signing.certificate, key=ec_signing.key)
+        certificates.Generated(certificate=rsa_signing.certificate, key=ec_signing.key)
 
 
 # --- fingerprints ------------------------------------------------------------
 
 
-def test_thumbprint_is_the_upper_case_sha1_of_the_der(any_generated: certs.Generated) -> None:
+def test_thumbprint_is_the_upper_case_sha1_of_the_der(
+    any_generated: certificates.Generated,
+) -> None:
     cert = any_generated.certificate
-    thumb = certs.thumbprint(cert)
+    thumb = certificates.thumbprint(cert)
     assert re.fullmatch(r"[0-9A-F]{40}", thumb)
-    assert thumb == hashlib.sha1(certs.certificate_der(cert)).hexdigest().upper()
+    assert thumb == hashlib.sha1(certificates.certificate_der(cert)).hexdigest().upper()
 
 
 def test_sha256_fingerprint_is_the_upper_case_sha256_of_the_der(
-    any_generated: certs.Generated,
+    any_generated: certificates.Generated,
 ) -> None:
     cert = any_generated.certificate
-    fingerprint = certs.sha256_fingerprint(cert)
+    fingerprint = certificates.sha256_fingerprint(cert)
     assert re.fullmatch(r"[0-9A-F]{64}", fingerprint)
-    assert fingerprint == hashlib.sha256(certs.certificate_der(cert)).hexdigest().upper()
+    assert fingerprint == hashlib.sha256(certificates.certificate_der(cert)).hexdigest().upper()
 
 
 # --- key_matches -------------------------------------------------------------
 
 
-def test_key_matches_its_own_certificate(any_generated: certs.Generated) -> None:
-    assert certs.key_matches(any_generated.certificate, any_generated.key)
+def test_key_matches_its_own_certificate(any_generated: certificates.Generated) -> None:
+    assert certificates.key_matches(any_generated.certificate, any_generated.key)
 
 
 def test_key_does_not_match_another_certificate(
-    rsa_signing: certs.Generated,
-    rsa_decryption: certs.Generated,
-    ec_signing: certs.Generated,
-    ec_decryption: certs.Generated,
+    rsa_signing: certificates.Generated,
+    rsa_decryption: certificates.Generated,
+    ec_signing: certificates.Generated,
+    ec_decryption: certificates.Generated,
 ) -> None:
-    assert not certs.key_matches(rsa_signing.certificate, rsa_decryption.key)
-    assert not certs.key_matches(ec_signing.certificate, ec_decryption.key)
-    assert not certs.key_matches(rsa_signing.certificate, ec_signing.key)
+    assert not certificates.key_matches(rsa_signing.certificate, rsa_decryption.key)
+    assert not certificates.key_matches(ec_signing.certificate, ec_decryption.key)
+    assert not certificates.key_matches(rsa_signing.certificate, ec_signing.key)
 
 
 # --- PEM and DER -------------------------------------------------------------
 
 
-def test_certificate_der_loads_back(any_generated: certs.Generated) -> None:
-    der = certs.certificate_der(any_generated.certificate)
-    assert certs.load_certificate_der(der) == any_generated.certificate
+def test_certificate_der_loads_back(any_generated: certificates.Generated) -> None:
+    der = certificates.certificate_der(any_generated.certificate)
+    assert certificates.load_certificate_der(der) == any_generated.certificate
 
 
 @pytest.mark.parametrize(
@@ -338,35 +348,35 @@ def test_certificate_der_loads_back(any_generated: certs.Generated) -> None:
 )
 def test_garbage_is_not_a_der_certificate(data: bytes) -> None:
     with pytest.raises(CertificateError, match="not a valid DER"):
-        certs.load_certificate_der(data)
+        certificates.load_certificate_der(data)
 
 
-def test_certificate_pem_loads_back(any_generated: certs.Generated) -> None:
-    pem = certs.certificate_pem(any_generated.certificate)
+def test_certificate_pem_loads_back(any_generated: certificates.Generated) -> None:
+    pem = certificates.certificate_pem(any_generated.certificate)
     assert pem.startswith(b"-----BEGIN CERTIFICATE-----\n")
     assert x509.load_pem_x509_certificate(pem) == any_generated.certificate
 
 
-def test_private_key_pem_is_unencrypted_pkcs8(any_generated: certs.Generated) -> None:
-    pem = certs.private_key_pem(any_generated.key)
+def test_private_key_pem_is_unencrypted_pkcs8(any_generated: certificates.Generated) -> None:
+    pem = certificates.private_key_pem(any_generated.key)
     assert pem.startswith(b"-----BEGIN PRIVATE KEY-----\n")
     loaded = serialization.load_pem_private_key(pem, password=None)
     assert isinstance(loaded, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey)
-    assert certs.key_matches(any_generated.certificate, loaded)
+    assert certificates.key_matches(any_generated.certificate, loaded)
 
 
 # --- PKCS#12 -----------------------------------------------------------------
 
 
-def test_pkcs12_round_trips(any_generated: certs.Generated) -> None:
-    data = certs.to_pkcs12(any_generated.certificate, any_generated.key, friendly_name="x")
-    back = certs.from_pkcs12(data)
+def test_pkcs12_round_trips(any_generated: certificates.Generated) -> None:
+    data = certificates.to_pkcs12(any_generated.certificate, any_generated.key, friendly_name="x")
+    back = certificates.from_pkcs12(data)
     assert back.certificate == any_generated.certificate
-    assert certs.private_key_pem(back.key) == certs.private_key_pem(any_generated.key)
+    assert certificates.private_key_pem(back.key) == certificates.private_key_pem(any_generated.key)
 
 
-def test_pkcs12_carries_the_friendly_name(rsa_signing: certs.Generated) -> None:
-    data = certs.to_pkcs12(
+def test_pkcs12_carries_the_friendly_name(rsa_signing: certificates.Generated) -> None:
+    data = certificates.to_pkcs12(
         rsa_signing.certificate, rsa_signing.key, friendly_name="Contoso Token Signing ü"
     )
     loaded = pkcs12.load_pkcs12(data, None)
@@ -375,10 +385,10 @@ def test_pkcs12_carries_the_friendly_name(rsa_signing: certs.Generated) -> None:
 
 
 def test_pkcs12_refuses_a_key_that_is_not_the_certificates(
-    rsa_signing: certs.Generated, rsa_decryption: certs.Generated
+    rsa_signing: certificates.Generated, rsa_decryption: certificates.Generated
 ) -> None:
     with pytest.raises(ValueError, match="not the key"):
-        certs.to_pkcs12(rsa_signing.certificate, rsa_decryption.key, friendly_name="x")
+        certificates.to_pkcs12(rsa_signing.certificate, rsa_decryption.key, friendly_name="x")
 
 
 @pytest.mark.parametrize("fixture", ["rsa_decryption", "ec_signing"])
@@ -390,7 +400,7 @@ def test_openssl_reads_the_pkcs12_without_a_password(
     generated = request.getfixturevalue(fixture)
     path = tmp_path / "f.p12"
     path.write_bytes(
-        certs.to_pkcs12(generated.certificate, generated.key, friendly_name="farm cert")
+        certificates.to_pkcs12(generated.certificate, generated.key, friendly_name="farm cert")
     )
     result = subprocess.run(
         [openssl, "pkcs12", "-in", str(path), "-passin", "pass:", "-nodes"],
@@ -412,16 +422,16 @@ def test_openssl_reads_the_pkcs12_without_a_password(
         password=None,
     )
     assert isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey)
-    assert certs.key_matches(cert, key)
+    assert certificates.key_matches(cert, key)
 
 
 @pytest.mark.parametrize("data", [b"", b"garbage", b"\x30\x80" + bytes(40)])
 def test_garbage_is_not_a_pkcs12(data: bytes) -> None:
     with pytest.raises(CertificateError, match="cannot be parsed"):
-        certs.from_pkcs12(data)
+        certificates.from_pkcs12(data)
 
 
-def test_password_protected_pkcs12_is_refused(rsa_signing: certs.Generated) -> None:
+def test_password_protected_pkcs12_is_refused(rsa_signing: certificates.Generated) -> None:
     data = pkcs12.serialize_key_and_certificates(
         b"x",
         rsa_signing.key,
@@ -430,24 +440,24 @@ def test_password_protected_pkcs12_is_refused(rsa_signing: certs.Generated) -> N
         serialization.BestAvailableEncryption(b"secret"),
     )
     with pytest.raises(CertificateError, match="cannot be parsed"):
-        certs.from_pkcs12(data)
+        certificates.from_pkcs12(data)
 
 
-def test_pkcs12_without_a_key_is_refused(rsa_signing: certs.Generated) -> None:
+def test_pkcs12_without_a_key_is_refused(rsa_signing: certificates.Generated) -> None:
     data = pkcs12.serialize_key_and_certificates(
         b"x", None, rsa_signing.certificate, None, serialization.NoEncryption()
     )
     with pytest.raises(CertificateError, match="no private key") as caught:
-        certs.from_pkcs12(data)
-    assert certs.thumbprint(rsa_signing.certificate) in caught.value.what
+        certificates.from_pkcs12(data)
+    assert certificates.thumbprint(rsa_signing.certificate) in caught.value.what
 
 
-def test_pkcs12_without_a_certificate_is_refused(rsa_signing: certs.Generated) -> None:
+def test_pkcs12_without_a_certificate_is_refused(rsa_signing: certificates.Generated) -> None:
     data = pkcs12.serialize_key_and_certificates(
         b"x", rsa_signing.key, None, None, serialization.NoEncryption()
     )
     with pytest.raises(CertificateError, match="no certificate"):
-        certs.from_pkcs12(data)
+        certificates.from_pkcs12(data)
 
 
 def test_pkcs12_with_an_unsupported_key_type_is_refused() -> None:
@@ -467,15 +477,15 @@ def test_pkcs12_with_an_unsupported_key_type_is_refused() -> None:
         b"x", key, cert, None, serialization.NoEncryption()
     )
     with pytest.raises(CertificateError, match="neither RSA nor EC"):
-        certs.from_pkcs12(data)
+        certificates.from_pkcs12(data)
 
 
-def test_pkcs12_never_puts_key_material_in_its_errors(rsa_signing: certs.Generated) -> None:
+def test_pkcs12_never_puts_key_material_in_its_errors(rsa_signing: certificates.Generated) -> None:
     data = pkcs12.serialize_key_and_certificates(
         b"x", rsa_signing.key, None, None, serialization.NoEncryption()
     )
     with pytest.raises(CertificateError) as caught:
-        certs.from_pkcs12(data)
+        certificates.from_pkcs12(data)
     der = rsa_signing.key.private_bytes(
         serialization.Encoding.DER,
         serialization.PrivateFormat.PKCS8,

@@ -28,12 +28,14 @@ from farmtools import (
     wait_until,
 )
 
-from farmkeys import farmstate, repair, requesting, requests
+from farmkeys import repair, requesting
 from farmkeys.config import LeaseConfig, load
 from farmkeys.db import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.election import Election
 from farmkeys.errors import RequestRefusedError
+from farmkeys.formats import farm_state
+from farmkeys.formats import request as request_format
 from farmkeys.lab.slapd import LocalSlapd
 from farmkeys.leader import Leader
 
@@ -82,8 +84,8 @@ def holder(farm: TestFarm, purpose: str, role: str) -> str:
     return next(t for t, pr in roles(farm).items() if pr == (purpose, role))
 
 
-def record(farm: TestFarm) -> farmstate.FarmState:
-    return farmstate.parse(bytes(db_query(farm.dsn, "SELECT body FROM farm_state")[0]["body"]))
+def record(farm: TestFarm) -> farm_state.FarmState:
+    return farm_state.parse(bytes(db_query(farm.dsn, "SELECT body FROM farm_state")[0]["body"]))
 
 
 def request_row(farm: TestFarm, request: int) -> dict[str, Any]:
@@ -235,12 +237,12 @@ def test_an_expired_request_is_refused(farm: TestFarm) -> None:
             cfg, db, dirx, kind="rollover", purpose="signing", urgent=True, lifetime_seconds=0
         )
     # Its maker's clock said it expires a minute after it was made: an hour later it is stale.
-    body = requests.parse(bytes(request_row(farm, request)["body"]))
-    requests.check_fresh(body, now=body.created + 30)
+    body = request_format.parse(bytes(request_row(farm, request)["body"]))
+    request_format.check_fresh(body, now=body.created + 30)
     with pytest.raises(RequestRefusedError, match="expired"):
-        requests.check_fresh(body, now=body.created + 3600)
+        request_format.check_fresh(body, now=body.created + 3600)
     with pytest.raises(RequestRefusedError, match="future"):
-        requests.check_fresh(body, now=body.created - 3600)
+        request_format.check_fresh(body, now=body.created - 3600)
 
 
 # -- 2. a compromised key brought back ----------------------------------------------------
@@ -387,7 +389,7 @@ def test_a_request_pending_across_a_master_key_roll(farm: TestFarm, urgent: bool
         request = requesting.file_request(
             cfg, db, dirx, kind="rollover", purpose="signing", urgent=False, lifetime_seconds=60
         )
-        signed_under = requests.parse(bytes(request_row(farm, request)["body"])).master_key
+        signed_under = request_format.parse(bytes(request_row(farm, request)["body"])).master_key
         group = db.require_farm()
         leader.roll_master_key(group, urgent=urgent, request=None)
         assert record(farm).master_key != signed_under

@@ -13,9 +13,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from farmkeys import dkm
-from farmkeys.dkm import BlobContext, master_key_id, open_blob, reseal, seal
 from farmkeys.errors import InvalidBlobError
+from farmkeys.formats import blob as blob_format
+from farmkeys.formats.blob import BlobContext, master_key_id, open_blob, reseal, seal
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -43,14 +43,14 @@ def test_sealed_blob_opens_to_the_same_plaintext() -> None:
 
 def test_empty_plaintext_round_trips() -> None:
     blob = sealed(b"")
-    assert len(blob) == dkm.MIN_BLOB_BYTES
+    assert len(blob) == blob_format.MIN_BLOB_BYTES
     assert open_blob(blob, master_key=KEY, context=CONTEXT) == b""
 
 
 def test_largest_plaintext_round_trips() -> None:
-    plaintext = os.urandom(dkm.MAX_PLAINTEXT_BYTES)
+    plaintext = os.urandom(blob_format.MAX_PLAINTEXT_BYTES)
     blob = sealed(plaintext)
-    assert len(blob) == dkm.MAX_BLOB_BYTES
+    assert len(blob) == blob_format.MAX_BLOB_BYTES
     assert open_blob(blob, master_key=KEY, context=CONTEXT) == plaintext
 
 
@@ -61,8 +61,8 @@ def test_blob_header_is_laid_out_as_documented() -> None:
     assert blob[5] == 1
     assert blob[6:22] == KEY_ID.bytes
     assert len(blob) == 34 + len(PLAINTEXT) + 16
-    assert dkm.HEADER_BYTES == 34
-    assert dkm.MIN_BLOB_BYTES == 50
+    assert blob_format.HEADER_BYTES == 34
+    assert blob_format.MIN_BLOB_BYTES == 50
 
 
 def test_blob_built_by_hand_from_the_documentation_opens() -> None:
@@ -127,7 +127,7 @@ def test_master_key_id_rejects_a_malformed_header(blob: bytes) -> None:
 
 
 def test_master_key_id_rejects_an_overlong_blob() -> None:
-    blob = sealed() + bytes(dkm.MAX_BLOB_BYTES)
+    blob = sealed() + bytes(blob_format.MAX_BLOB_BYTES)
     with pytest.raises(InvalidBlobError):
         master_key_id(blob, context=CONTEXT)
 
@@ -244,7 +244,7 @@ def test_open_refuses_a_master_key_of_the_wrong_length() -> None:
 
 def test_seal_refuses_an_oversize_plaintext() -> None:
     with pytest.raises(ValueError, match="more than"):
-        sealed(bytes(dkm.MAX_PLAINTEXT_BYTES + 1))
+        sealed(bytes(blob_format.MAX_PLAINTEXT_BYTES + 1))
 
 
 def test_wrong_key_length_message_does_not_show_the_key() -> None:

@@ -20,10 +20,10 @@ import psycopg
 import pytest
 from farmtools import REPO, TestFarm, audit_events, clean_env, db_query, one_error_line
 
-from farmkeys import agefmt
 from farmkeys.config import load
 from farmkeys.directory import Directory
 from farmkeys.escrow import EscrowDocument, EscrowedKey
+from farmkeys.formats import escrow_file
 from farmkeys.lab.slapd import LocalSlapd
 
 PASSPHRASE = "correct horse battery staple"
@@ -127,7 +127,7 @@ def test_an_escrow_file_is_an_age_file_holding_the_farm_and_its_keys(
 ) -> None:
     out = export(farm, tmp_path)
     document = EscrowDocument.from_json(
-        agefmt.decrypt(out.read_bytes(), PASSPHRASE.encode()), source=str(out)
+        escrow_file.decrypt(out.read_bytes(), PASSPHRASE.encode()), source=str(out)
     )
     config = load(farm.config())
     with Directory(config.directory, config.retry) as service:
@@ -192,7 +192,7 @@ def test_a_key_in_the_directory_with_other_bytes_is_never_overwritten(
         keys=(EscrowedKey(id=key_id, created_at=None, current=True, key=os.urandom(32)),),
     )
     path = tmp_path / "forged.escrow"
-    path.write_bytes(agefmt.encrypt(forged.to_json(), PASSPHRASE.encode(), work_factor=10))
+    path.write_bytes(escrow_file.encrypt(forged.to_json(), PASSPHRASE.encode(), work_factor=10))
     events = len(audit_events(farm))
     result = farm.run("escrow", "import", str(path), "--passphrase-file", passphrase_file(tmp_path))
     assert result.code == 1
@@ -314,7 +314,7 @@ def test_export_asks_for_the_passphrase_twice_on_the_terminal(
         os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 0, transcript
     assert PASSPHRASE.encode() not in transcript  # not echoed
-    assert agefmt.decrypt(out.read_bytes(), PASSPHRASE.encode())
+    assert escrow_file.decrypt(out.read_bytes(), PASSPHRASE.encode())
 
 
 def _read_until(fd: int, seen: bytes, wanted: bytes, timeout: float = 60.0) -> bytes:

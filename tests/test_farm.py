@@ -14,11 +14,11 @@ import psycopg
 import pytest
 from farmtools import TestFarm, add_certificate, hold_lease, one_error_line, snapshot
 
-from farmkeys import dkm
 from farmkeys.cli import commands
 from farmkeys.config import load
 from farmkeys.db import ConfigDB
 from farmkeys.directory import Directory
+from farmkeys.formats import blob as blob_format
 from farmkeys.lab._common import free_port
 from farmkeys.lab.postgres import LocalPostgres
 from farmkeys.lab.slapd import LocalSlapd
@@ -320,9 +320,11 @@ def test_blob_whose_master_key_is_missing_fails_naming_the_key(initialised: Test
     (cert_id, blob) = db_rows(
         farm.dsn, "SELECT id, blob FROM certificate WHERE purpose = 'signing'"
     )[0]
-    context = dkm.BlobContext(farm=str(group), certificate_id=str(cert_id), purpose="signing")
-    plain = dkm.open_blob(bytes(blob), master_key=key, context=context)
-    resealed = dkm.seal(plain, master_key=bytes(32), master_key_id=missing, context=context)
+    context = blob_format.BlobContext(
+        farm=str(group), certificate_id=str(cert_id), purpose="signing"
+    )
+    plain = blob_format.open_blob(bytes(blob), master_key=key, context=context)
+    resealed = blob_format.seal(plain, master_key=bytes(32), master_key_id=missing, context=context)
     assert farm.run("sync").code == 0
     before = snapshot(farm.store())
     with psycopg.connect(farm.dsn) as conn:

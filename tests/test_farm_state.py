@@ -22,7 +22,7 @@ from farmtools import (
     snapshot,
 )
 
-from farmkeys import farmstate
+from farmkeys.formats import farm_state
 from farmkeys.lab.postgres import LocalPostgres
 from farmkeys.lab.slapd import LocalSlapd
 from farmkeys.leader import sealing
@@ -85,7 +85,7 @@ def critical(farm: TestFarm, fragment: str, *, authentic: bool = False) -> None:
 def test_init_writes_version_1_and_every_node_records_it(farm: TestFarm) -> None:
     rows = db_query(farm.dsn, "SELECT version, body, mac, term FROM farm_state")
     assert len(rows) == 1 and rows[0]["version"] == 1 and rows[0]["term"] is None
-    state = farmstate.parse(bytes(rows[0]["body"]))
+    state = farm_state.parse(bytes(rows[0]["body"]))
     assert {e.thumbprint for e in state.live} == set(live(farm))
     assert manifest(farm)["state_version"] == 1
     status = farm.run("status", "--json").json
@@ -100,7 +100,7 @@ def test_init_writes_version_1_and_every_node_records_it(farm: TestFarm) -> None
 def test_each_leader_change_writes_the_next_version(farm: TestFarm) -> None:
     assert farm.run("rollover", "--purpose", "signing").code == 0
     assert state_version(farm) == 2
-    state = farmstate.parse(bytes(db_query(farm.dsn, "SELECT body FROM farm_state")[0]["body"]))
+    state = farm_state.parse(bytes(db_query(farm.dsn, "SELECT body FROM farm_state")[0]["body"]))
     assert sorted(e.role for e in state.live if e.purpose == "signing") == [
         "primary",
         "secondary",
@@ -111,16 +111,16 @@ def test_each_leader_change_writes_the_next_version(farm: TestFarm) -> None:
     # same live set and notes only that the request was answered, so a copy is refused.
     assert farm.run("rollover", "--purpose", "signing").code == 0
     assert state_version(farm) == 3
-    again = farmstate.parse(bytes(db_query(farm.dsn, "SELECT body FROM farm_state")[0]["body"]))
+    again = farm_state.parse(bytes(db_query(farm.dsn, "SELECT body FROM farm_state")[0]["body"]))
     assert again.live == state.live
     assert len(again.answered) == 2
 
 
 def test_a_master_key_roll_authenticates_the_state_under_the_new_key(farm: TestFarm) -> None:
-    before = farmstate.parse(bytes(db_query(farm.dsn, "SELECT body FROM farm_state")[0]["body"]))
+    before = farm_state.parse(bytes(db_query(farm.dsn, "SELECT body FROM farm_state")[0]["body"]))
     assert farm.run("rollover", "--master-key", "--urgent").code == 0  # the old key deleted
     current = db_query(farm.dsn, "SELECT id FROM master_key WHERE state = 'current'")[0]["id"]
-    state = farmstate.parse(bytes(db_query(farm.dsn, "SELECT body FROM farm_state")[0]["body"]))
+    state = farm_state.parse(bytes(db_query(farm.dsn, "SELECT body FROM farm_state")[0]["body"]))
     assert state.master_key == current != before.master_key
     assert {e.master_key for e in state.live} == {current}
     assert farm.run("status", "--json").json["farm_state"]["authentic"] is True
@@ -199,7 +199,7 @@ def test_a_node_never_installs_an_urgently_replaced_certificate_again(farm: Test
         " '\"revoked\":\\[[^]]*\\]', '\"revoked\":[]'), 'UTF8')",
     )
     stored = db_query(farm.dsn, "SELECT body FROM farm_state")[0]["body"]
-    assert farmstate.parse(bytes(stored)).revoked == ()
+    assert farm_state.parse(bytes(stored)).revoked == ()
     seal_state(farm)  # takes the (emptied) revoked list it finds
     refused(farm, "node-a", old, "urgently replaced")
 

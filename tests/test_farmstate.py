@@ -13,8 +13,8 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from farmkeys import dkm, farmstate
 from farmkeys.errors import Error, FarmStateError
+from farmkeys.formats import blob, farm_state
 
 FARM = uuid.UUID("6f1c5a0e-2b1d-4c53-9a3e-0d7f3b2a9c11")
 KEY_ID = uuid.UUID("0b5a9c1e-8d2f-4e6a-b1c3-5d7e9f0a2b4c")
@@ -38,8 +38,8 @@ def rows() -> list[Row]:
     ]
 
 
-def state(version: int = 7, **changes: object) -> farmstate.FarmState:
-    built = farmstate.FarmState.build(
+def state(version: int = 7, **changes: object) -> farm_state.FarmState:
+    built = farm_state.FarmState.build(
         farm=FARM, version=version, term=4, master_key=KEY_ID, rows=rows(), revoked=["D" * 40]
     )
     return replace(built, **changes)  # type: ignore[arg-type]
@@ -52,8 +52,8 @@ def keys(key_id: uuid.UUID) -> bytes:
 
 
 def test_a_sealed_record_verifies_and_reads_back_what_was_written() -> None:
-    body, mac = farmstate.seal(state(), KEY)
-    got = farmstate.verify(body, mac, farm=FARM, key_for=keys)
+    body, mac = farm_state.seal(state(), KEY)
+    got = farm_state.verify(body, mac, farm=FARM, key_for=keys)
     assert got == state()
     assert [e.id for e in got.live] == [uuid.UUID(int=n) for n in (1, 2, 3)]  # sorted by id
     assert got.differences(rows()) == []
@@ -86,7 +86,7 @@ def test_the_bytes_are_canonical_json_with_the_documented_fields() -> None:
 
 
 def test_the_mac_is_hmac_sha256_under_an_hkdf_key_of_its_own_label() -> None:
-    body, mac = farmstate.seal(state(), KEY)
+    body, mac = farm_state.seal(state(), KEY)
     derived = HKDF(
         algorithm=hashes.SHA256(),
         length=32,
@@ -95,47 +95,49 @@ def test_the_mac_is_hmac_sha256_under_an_hkdf_key_of_its_own_label() -> None:
     ).derive(KEY)
     assert mac == hmac.new(derived, body, hashlib.sha256).digest()
     # Not the key that seals blobs under the same master key.
-    blob_key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=dkm.HKDF_INFO).derive(KEY)
+    blob_key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=blob.HKDF_INFO).derive(
+        KEY
+    )
     assert derived != blob_key
 
 
 @pytest.mark.parametrize("position", [0, 10, 100, -2])
 def test_any_changed_byte_fails(position: int) -> None:
-    body, mac = farmstate.seal(state(), KEY)
+    body, mac = farm_state.seal(state(), KEY)
     changed = bytearray(body)
     changed[position] ^= 0x01
     with pytest.raises(FarmStateError):
-        farmstate.verify(bytes(changed), mac, farm=FARM, key_for=keys)
+        farm_state.verify(bytes(changed), mac, farm=FARM, key_for=keys)
     bad_mac = bytes([mac[0] ^ 1]) + mac[1:]
     with pytest.raises(FarmStateError, match="fails authentication"):
-        farmstate.verify(body, bad_mac, farm=FARM, key_for=keys)
+        farm_state.verify(body, bad_mac, farm=FARM, key_for=keys)
 
 
 def test_a_role_changed_by_a_config_db_writer_fails_authentication() -> None:
-    body, mac = farmstate.seal(state(), KEY)
+    body, mac = farm_state.seal(state(), KEY)
     forged = body.replace(b'"role":"secondary"', b'"role":"primary"')
     assert forged != body
     with pytest.raises(FarmStateError, match="fails authentication"):
-        farmstate.verify(forged, mac, farm=FARM, key_for=keys)
+        farm_state.verify(forged, mac, farm=FARM, key_for=keys)
 
 
 def test_a_record_made_under_another_key_fails() -> None:
-    body, mac = farmstate.seal(state(), os.urandom(32))
+    body, mac = farm_state.seal(state(), os.urandom(32))
     with pytest.raises(FarmStateError, match="fails authentication"):
-        farmstate.verify(body, mac, farm=FARM, key_for=keys)
+        farm_state.verify(body, mac, farm=FARM, key_for=keys)
 
 
 def test_another_farms_record_is_refused_even_under_the_same_key() -> None:
     other = uuid.uuid4()
-    body, mac = farmstate.seal(state(farm=other), KEY)
+    body, mac = farm_state.seal(state(farm=other), KEY)
     with pytest.raises(FarmStateError, match=f"DKM group {other}"):
-        farmstate.verify(body, mac, farm=FARM, key_for=keys)
+        farm_state.verify(body, mac, farm=FARM, key_for=keys)
 
 
 def test_the_key_lookup_error_passes_through() -> None:
-    body, mac = farmstate.seal(state(master_key=uuid.UUID(int=9)), KEY)
+    body, mac = farm_state.seal(state(master_key=uuid.UUID(int=9)), KEY)
     with pytest.raises(FarmStateError, match="no key"):
-        farmstate.verify(body, mac, farm=FARM, key_for=keys)
+        farm_state.verify(body, mac, farm=FARM, key_for=keys)
 
 
 @pytest.mark.parametrize(
@@ -163,7 +165,7 @@ def test_malformed_records_are_refused_with_why(edit: object, why: str) -> None:
     edit(document)  # type: ignore[operator]
     body = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
     with pytest.raises(FarmStateError, match=why):
-        farmstate.parse(body)
+        farm_state.parse(body)
 
 
 @pytest.mark.parametrize(
@@ -177,12 +179,12 @@ def test_malformed_records_are_refused_with_why(edit: object, why: str) -> None:
         b"[" * 100_000,
         b" " + state().encode(),  # not canonical
         state().encode().replace(b":", b": "),
-        b"x" * (farmstate.MAX_RECORD + 1),
+        b"x" * (farm_state.MAX_RECORD + 1),
     ],
 )
 def test_garbage_ends_in_the_projects_own_error(body: bytes) -> None:
     with pytest.raises(FarmStateError) as caught:
-        farmstate.parse(body)
+        farm_state.parse(body)
     assert isinstance(caught.value, Error)
     assert "malformed" in caught.value.what
 
@@ -208,27 +210,27 @@ def test_a_row_sealed_under_another_master_key_is_a_difference() -> None:
 
 
 def test_the_digest_tells_stored_records_apart() -> None:
-    body, mac = farmstate.seal(state(), KEY)
-    assert farmstate.digest(body, mac) == farmstate.digest(body, mac)
-    assert farmstate.digest(body, mac) != farmstate.digest(body, bytes(32))
-    assert farmstate.digest(body, mac) != farmstate.digest(body + b" ", mac)
+    body, mac = farm_state.seal(state(), KEY)
+    assert farm_state.digest(body, mac) == farm_state.digest(body, mac)
+    assert farm_state.digest(body, mac) != farm_state.digest(body, bytes(32))
+    assert farm_state.digest(body, mac) != farm_state.digest(body + b" ", mac)
 
 
 def test_a_format_1_record_still_verifies_and_reads_back_without_tombstones() -> None:
-    old = replace(state(), format=farmstate.FORMAT_1)
-    body, mac = farmstate.seal(old, KEY)
+    old = replace(state(), format=farm_state.FORMAT_1)
+    body, mac = farm_state.seal(old, KEY)
     document = json.loads(body)
     assert document["format"] == "farmkeys-state/1"
     assert "shredded" not in document and "answered" not in document
-    got = farmstate.verify(body, mac, farm=FARM, key_for=keys)
+    got = farm_state.verify(body, mac, farm=FARM, key_for=keys)
     assert got == old
     assert got.shredded == () and got.answered == ()
 
 
 def test_tombstones_and_answered_requests_are_covered_by_the_mac() -> None:
     shredded = uuid.UUID(int=99)
-    answered = farmstate.Answered(uuid.UUID(int=98), 1_700_000_000)
-    record = farmstate.FarmState.build(
+    answered = farm_state.Answered(uuid.UUID(int=98), 1_700_000_000)
+    record = farm_state.FarmState.build(
         farm=FARM,
         version=3,
         term=1,
@@ -237,14 +239,14 @@ def test_tombstones_and_answered_requests_are_covered_by_the_mac() -> None:
         shredded=[shredded],
         answered=[answered],
     )
-    body, mac = farmstate.seal(record, KEY)
-    got = farmstate.verify(body, mac, farm=FARM, key_for=keys)
+    body, mac = farm_state.seal(record, KEY)
+    got = farm_state.verify(body, mac, farm=FARM, key_for=keys)
     assert got.shredded == (shredded,)
     assert got.has_answered(answered.request)
     forged = body.replace(str(shredded).encode(), str(uuid.UUID(int=97)).encode())
     with pytest.raises(FarmStateError, match="fails authentication"):
-        farmstate.verify(forged, mac, farm=FARM, key_for=keys)
+        farm_state.verify(forged, mac, farm=FARM, key_for=keys)
     unlisted = body.replace(b'"shredded":["' + str(shredded).encode() + b'"]', b'"shredded":[]')
     assert unlisted != body
     with pytest.raises(FarmStateError, match="fails authentication"):
-        farmstate.verify(unlisted, mac, farm=FARM, key_for=keys)
+        farm_state.verify(unlisted, mac, farm=FARM, key_for=keys)

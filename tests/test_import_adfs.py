@@ -27,10 +27,10 @@ from farmtools import (
     wait_until,
 )
 
-from farmkeys import certs
 from farmkeys.config import load
 from farmkeys.directory import Directory
 from farmkeys.errors import CertificateError
+from farmkeys.formats import certificates as certificate_format
 from farmkeys.lab.slapd import LocalSlapd
 
 ADFS_KEY = bytes(range(7, 39))
@@ -51,10 +51,10 @@ def adfs_certificate(
     key_type: str = "rsa-2048",
     days: int = 365,
     starts: timedelta = timedelta(days=-30),
-) -> certs.Generated:
+) -> certificate_format.Generated:
     """A certificate as AD FS makes one (self-signed, RSA 2048 by default)."""
     not_before = datetime.now(UTC).replace(microsecond=0) + starts
-    return certs.generate(
+    return certificate_format.generate(
         farm_name="adfs.contoso.example",
         purpose=purpose,
         key_type=key_type,
@@ -64,10 +64,10 @@ def adfs_certificate(
 
 
 def encrypted_pfx(
-    made: certs.Generated, *, key: bytes = ADFS_KEY, key_id: uuid.UUID = ADFS_KEY_ID
+    made: certificate_format.Generated, *, key: bytes = ADFS_KEY, key_id: uuid.UUID = ADFS_KEY_ID
 ) -> bytes:
     """The base64 EncryptedPfx text AD FS's configuration would hold for ``made``."""
-    pkcs12 = certs.to_pkcs12(made.certificate, made.key, friendly_name="")
+    pkcs12 = certificate_format.to_pkcs12(made.certificate, made.key, friendly_name="")
     return base64.b64encode(encode(pkcs12, dkm_key=key, key_id=key_id))
 
 
@@ -98,7 +98,7 @@ def test_import_as_secondary_keeps_key_and_thumbprint_and_every_node_installs_it
     farm: TestFarm, tmp_path: Path
 ) -> None:
     made = adfs_certificate()
-    thumb = certs.thumbprint(made.certificate)
+    thumb = certificate_format.thumbprint(made.certificate)
     pfx = write(tmp_path, "signing.pfx", encrypted_pfx(made))
     code, out, err = run_import(
         farm, pfx, "--purpose", "signing", "--dkm-key-file", str(key_file(tmp_path))
@@ -115,8 +115,10 @@ def test_import_as_secondary_keeps_key_and_thumbprint_and_every_node_installs_it
         assert farm.run("sync", node=node).code == 0
         store = farm.store(node)
         installed = x509.load_pem_x509_certificate((store / f"signing/{thumb}.pem").read_bytes())
-        assert certs.thumbprint(installed) == thumb
-        assert (store / "signing/secondary.key").read_bytes() == certs.private_key_pem(made.key)
+        assert certificate_format.thumbprint(installed) == thumb
+        assert (store / "signing/secondary.key").read_bytes() == certificate_format.private_key_pem(
+            made.key
+        )
     # The rollover policy treats it like any other certificate: status knows it.
     doc = farm.run("status", "--json").json
     assert thumb in {c["thumbprint"] for c in doc["certificates"]}
@@ -127,7 +129,7 @@ def test_import_as_primary_replaces_the_primary_at_once_and_retires_it(
 ) -> None:
     before = {r["role"]: r["thumbprint"] for r in certificates(farm) if r["purpose"] == "signing"}
     made = adfs_certificate()
-    thumb = certs.thumbprint(made.certificate)
+    thumb = certificate_format.thumbprint(made.certificate)
     pfx = write(tmp_path, "signing.pfx", encrypted_pfx(made))
     keyfile = key_file(tmp_path, form="base64")
     code, _, err = run_import(
@@ -137,7 +139,9 @@ def test_import_as_primary_replaces_the_primary_at_once_and_retires_it(
     after = {r["role"]: r["thumbprint"] for r in certificates(farm) if r["purpose"] == "signing"}
     assert after == {"primary": thumb, "retired": before["primary"]}
     assert farm.run("sync").code == 0
-    assert (farm.store() / "signing/primary.key").read_bytes() == certs.private_key_pem(made.key)
+    assert (
+        farm.store() / "signing/primary.key"
+    ).read_bytes() == certificate_format.private_key_pem(made.key)
 
 
 def test_an_rsa_decryption_certificate_imports_and_is_installed(
@@ -183,8 +187,8 @@ def test_the_dkm_key_is_found_in_the_directory_by_its_id_or_by_trying_each(
         finally:
             directory.delete_container(adfs_group)
     roles = {(r["purpose"], r["thumbprint"]) for r in certificates(farm)}
-    assert ("signing", certs.thumbprint(made.certificate)) in roles
-    assert ("decryption", certs.thumbprint(other.certificate)) in roles
+    assert ("signing", certificate_format.thumbprint(made.certificate)) in roles
+    assert ("decryption", certificate_format.thumbprint(other.certificate)) in roles
 
 
 def test_through_a_running_leader(farm: TestFarm, tmp_path: Path) -> None:
@@ -299,7 +303,9 @@ def test_a_key_that_is_not_the_certificates_is_refused() -> None:
     made = adfs_certificate()
     stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     with pytest.raises(CertificateError, match="is not its key"):
-        certs.check_importable(made.certificate, stranger, purpose="signing", now=datetime.now(UTC))
+        certificate_format.check_importable(
+            made.certificate, stranger, purpose="signing", now=datetime.now(UTC)
+        )
 
 
 def test_a_pkcs12_without_the_keys_certificate_is_refused(farm: TestFarm, tmp_path: Path) -> None:
@@ -353,7 +359,7 @@ def test_the_key_never_reaches_output_or_logs(
         "--debug",
     )
     assert result.code == 0, result.err
-    pem = certs.private_key_pem(made.key).decode()
+    pem = certificate_format.private_key_pem(made.key).decode()
     for text in (result.out, result.err, caplog.text):
         for secret in (ADFS_KEY.hex(), base64.b64encode(ADFS_KEY).decode(), pem[40:100]):
             assert secret not in text
@@ -361,21 +367,23 @@ def test_the_key_never_reaches_output_or_logs(
     assert pem.encode()[40:100] not in bytes(blob)
 
 
-def _forged_request(farm: TestFarm, made: certs.Generated, master_key: bytes | None) -> int:
+def _forged_request(
+    farm: TestFarm, made: certificate_format.Generated, master_key: bytes | None
+) -> int:
     """An import request written straight into the config DB, as its writer could: sealed
     under ``master_key`` (a guess, without the farm's key), or under the farm's own key."""
-    from farmkeys import dkm
     from farmkeys.db import ConfigDB
+    from farmkeys.formats import blob as blob_format
     from farmkeys.sync import blob_context
 
     cfg = load(farm.config())
-    pkcs12 = certs.to_pkcs12(made.certificate, made.key, friendly_name="")
+    pkcs12 = certificate_format.to_pkcs12(made.certificate, made.key, friendly_name="")
     with ConfigDB(cfg.database, cfg.retry) as db, Directory(cfg.directory, cfg.retry) as dirx:
         found = db.farm()
         assert found is not None
         key_id = dirx.current_key_id(found.dkm_group)
         cert_id = uuid.uuid4()
-        blob = dkm.seal(
+        blob = blob_format.seal(
             pkcs12,
             master_key=master_key or dirx.master_key(found.dkm_group, key_id),
             master_key_id=key_id,
@@ -391,10 +399,12 @@ def _forged_request(farm: TestFarm, made: certs.Generated, master_key: bytes | N
                     (cert_id, blob),
                 )[0]["id"]
             )
-        from farmkeys import requests
+        from farmkeys.formats import request as request_format
         from farmkeys.requesting import file_request
 
-        terms = requests.ImportTerms(cert_id, "primary", "forged", requests.blob_digest(blob))
+        terms = request_format.ImportTerms(
+            cert_id, "primary", "forged", request_format.blob_digest(blob)
+        )
         return file_request(
             cfg,
             db,
@@ -416,7 +426,7 @@ def test_a_config_db_writer_without_the_master_key_cannot_slip_a_certificate_in(
     assert farm.run("rollover", "--purpose", "decryption").code == 0
     row = db_query(farm.dsn, "SELECT ok, result FROM rollover_request WHERE id = %s", (request,))
     assert row[0]["ok"] is False and "carries no MAC" in row[0]["result"]
-    thumb = certs.thumbprint(made.certificate)
+    thumb = certificate_format.thumbprint(made.certificate)
     assert not db_query(farm.dsn, "SELECT 1 FROM certificate WHERE thumbprint = %s", (thumb,))
     assert not [e for e in audit_events(farm) if e["action"] == "import"]
 
@@ -437,7 +447,7 @@ def test_the_leader_checks_again_and_refuses_what_arrived_meanwhile(
     roles = db_query(
         farm.dsn,
         "SELECT role FROM certificate WHERE thumbprint = %s",
-        (certs.thumbprint(made.certificate),),
+        (certificate_format.thumbprint(made.certificate),),
     )
     assert roles == [{"role": "secondary"}]
 

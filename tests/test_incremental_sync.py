@@ -21,11 +21,12 @@ from farmtools import (
     snapshot,
 )
 
-from farmkeys import bundle, certs, dkm
 from farmkeys.config import Config, RetryConfig, load
 from farmkeys.db import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.errors import StoreError
+from farmkeys.formats import blob as blob_format
+from farmkeys.formats import bundle, certificates
 from farmkeys.lab._common import free_port
 from farmkeys.lab.slapd import LocalSlapd
 from farmkeys.store import Store
@@ -211,7 +212,7 @@ def test_the_node_writes_the_exact_bytes_the_blob_seals(farm: TestFarm, node: No
         " WHERE c.purpose = 'signing' AND c.role = 'primary'",
     )
     key = node.directory.master_key(row["dkm_group"], row["master_key"])
-    plain = dkm.open_blob(
+    plain = blob_format.open_blob(
         bytes(row["blob"]),
         master_key=key,
         context=blob_context(row["dkm_group"], row["id"], "signing"),
@@ -223,7 +224,10 @@ def test_the_node_writes_the_exact_bytes_the_blob_seals(farm: TestFarm, node: No
     assert (folder / "primary.key").read_bytes() == packed.private_key_pem
     assert (folder / "primary.pem").read_bytes() == packed.certificate_pem
     assert (
-        certs.from_pkcs12(packed.pkcs12).certificate.fingerprint(certs.hashes.SHA1()).hex().upper()
+        certificates.from_pkcs12(packed.pkcs12)
+        .certificate.fingerprint(certificates.hashes.SHA1())
+        .hex()
+        .upper()
         == row["thumbprint"]
     )
 
@@ -238,9 +242,9 @@ def reseal_signing(farm: TestFarm, node: Node, plaintext_of: object) -> None:
     )
     key = node.directory.master_key(row["dkm_group"], row["master_key"])
     context = blob_context(row["dkm_group"], row["id"], "signing")
-    plain = dkm.open_blob(bytes(row["blob"]), master_key=key, context=context)
+    plain = blob_format.open_blob(bytes(row["blob"]), master_key=key, context=context)
     assert callable(plaintext_of)
-    blob = dkm.seal(
+    blob = blob_format.seal(
         plaintext_of(plain), master_key=key, master_key_id=row["master_key"], context=context
     )
     with psycopg.connect(farm.dsn) as conn:
@@ -248,7 +252,7 @@ def reseal_signing(farm: TestFarm, node: Node, plaintext_of: object) -> None:
 
 
 def test_a_bundle_whose_key_is_not_the_certificates_is_refused(farm: TestFarm) -> None:
-    other = certs.generate(
+    other = certificates.generate(
         farm_name="x",
         purpose="signing",
         key_type="rsa-2048",
@@ -260,7 +264,7 @@ def test_a_bundle_whose_key_is_not_the_certificates_is_refused(farm: TestFarm) -
         packed = bundle.unpack(plain, what="x")
         assert packed is not None
         return bundle.encode(
-            dataclasses.replace(packed, private_key_pem=certs.private_key_pem(other.key))
+            dataclasses.replace(packed, private_key_pem=certificates.private_key_pem(other.key))
         )
 
     node = Node(farm, "node-b")
@@ -351,7 +355,7 @@ def test_a_sync_with_nothing_to_do_loads_neither_ldap3_nor_cryptography(
     code = (
         "import sys; from farmkeys import cli; code = cli.main(sys.argv[1:]);"
         " print(sorted(m for m in ('ldap3', 'cryptography', 'apscheduler', 'farmkeys.leader',"
-        " 'farmkeys.certs') if m in sys.modules)); sys.exit(code)"
+        " 'farmkeys.formats.certificates') if m in sys.modules)); sys.exit(code)"
     )
     done = run_python("-c", code, "sync", "--config", str(farm.config("node-a")))
     assert done.code == 0, done.err

@@ -29,12 +29,13 @@ from farmtools import (
     seal_state,
 )
 
-from farmkeys import farmstate, policy
+from farmkeys import policy
 from farmkeys.config import Config, LeaseConfig, MasterKeyConfig, PolicyConfig, load
 from farmkeys.db import ConfigDB, MasterKeyRow
 from farmkeys.directory import Directory
 from farmkeys.election import Election
 from farmkeys.errors import LeaseLostError, MasterKeyMissingError
+from farmkeys.formats import farm_state
 from farmkeys.lab.slapd import LocalSlapd
 from farmkeys.leader import Leader
 from farmkeys.sync import open_blob
@@ -225,7 +226,7 @@ def age_replaced_key(farm: TestFarm, config: Config, key: uuid.UUID, days: int) 
     replaced ``days`` ago."""
     from dataclasses import replace
 
-    from farmkeys import farmstate
+    from farmkeys.formats import farm_state
 
     with psycopg.connect(farm.dsn) as conn:
         conn.execute(
@@ -234,13 +235,13 @@ def age_replaced_key(farm: TestFarm, config: Config, key: uuid.UUID, days: int) 
             (days, days, key),
         )
         body = bytes(conn.execute("SELECT body FROM farm_state").fetchone()[0])  # type: ignore[index]
-        state = farmstate.parse(body)
+        state = farm_state.parse(body)
         entry = state.replaced_key(key)
         assert entry is not None
         aged = replace(entry, at=entry.at - days * 86400)
         state = replace(state, replaced=tuple(aged if r.key == key else r for r in state.replaced))
         with Directory(config.directory, config.retry) as dirx:
-            sealed, mac = farmstate.seal(state, dirx.master_key(group_of(farm), state.master_key))
+            sealed, mac = farm_state.seal(state, dirx.master_key(group_of(farm), state.master_key))
         conn.execute("UPDATE farm_state SET body = %s, mac = %s", (sealed, mac))
 
 
@@ -618,7 +619,7 @@ def test_a_swapped_current_key_in_the_table_is_not_followed(
     leader.tick()
     assert directory_keys(config, group) == {old: False, new: True}  # CryptoPolicy unchanged
     body = db_query(farm.dsn, "SELECT body FROM farm_state")[0]["body"]
-    assert farmstate.parse(bytes(body)).master_key == new
+    assert farm_state.parse(bytes(body)).master_key == new
     assert live_keys(farm) == {new}
     # ...and status names the edit: the table's current key is not the record's.
     doc = farm.run("status", "--json").json

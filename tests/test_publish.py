@@ -346,7 +346,7 @@ def due_secondary(farm: TestFarm) -> str:
 def record_fetch(farm: TestFarm, rp: str, *thumbprints: str, signed: bool = True) -> None:
     """A fetch recorded as node-b's serve records it: each thumbprint marked with its fetch
     MAC under the current master key (``signed``), or unmarked, as a DB writer could."""
-    from farmkeys import fetch_record
+    from farmkeys.formats import fetch_record
 
     config = load(farm.config())
     with (

@@ -13,8 +13,9 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from farmkeys import farmstate, requests
 from farmkeys.errors import DirectoryError, RequestRefusedError
+from farmkeys.formats import farm_state
+from farmkeys.formats import request as request_format
 
 FARM = uuid.UUID("0b3f6c0e-8a55-4a57-9d1c-6f6d2a7e9a01")
 KEY_ID = uuid.UUID("5d2f0f4e-1b8e-4a9c-b7c1-3d0b8c2d4e11")
@@ -27,8 +28,8 @@ def keys(key_id: uuid.UUID) -> bytes:
     raise DirectoryError(f"no key {key_id}", "test")
 
 
-def request(**changes: Any) -> requests.Request:
-    made = requests.Request(
+def request(**changes: Any) -> request_format.Request:
+    made = request_format.Request(
         id=42,
         nonce=uuid.UUID(int=7),
         farm=FARM,
@@ -43,7 +44,7 @@ def request(**changes: Any) -> requests.Request:
     return replace(made, **changes)
 
 
-def row(signed: requests.Request, **changes: Any) -> dict[str, Any]:
+def row(signed: request_format.Request, **changes: Any) -> dict[str, Any]:
     values: dict[str, Any] = {
         "requested_by": signed.requested_by,
         "purpose": signed.purpose,
@@ -59,12 +60,12 @@ def row(signed: requests.Request, **changes: Any) -> dict[str, Any]:
 
 
 def test_a_signed_request_verifies_and_reads_back_what_was_signed() -> None:
-    body, mac = requests.sign(request(), KEY)
-    assert requests.verify(body, mac, farm=FARM, row_id=42, key_for=keys) == request()
+    body, mac = request_format.sign(request(), KEY)
+    assert request_format.verify(body, mac, farm=FARM, row_id=42, key_for=keys) == request()
 
 
 def test_the_mac_is_hmac_sha256_under_the_documented_hkdf_label() -> None:
-    body, mac = requests.sign(request(), KEY)
+    body, mac = request_format.sign(request(), KEY)
     key = HKDF(
         algorithm=hashes.SHA256(),
         length=32,
@@ -73,8 +74,8 @@ def test_the_mac_is_hmac_sha256_under_the_documented_hkdf_label() -> None:
     ).derive(KEY)
     assert mac == hmac.new(key, body, hashlib.sha256).digest()
     # Neither the farm state's key nor another farm's.
-    assert requests.mac_key(KEY, FARM) != farmstate.mac_key(KEY, FARM)
-    assert requests.mac_key(KEY, FARM) != requests.mac_key(KEY, uuid.uuid4())
+    assert request_format.mac_key(KEY, FARM) != farm_state.mac_key(KEY, FARM)
+    assert request_format.mac_key(KEY, FARM) != request_format.mac_key(KEY, uuid.uuid4())
 
 
 def test_the_body_has_exactly_the_documented_fields() -> None:
@@ -105,25 +106,25 @@ def test_the_body_has_exactly_the_documented_fields() -> None:
     ],
 )
 def test_another_row_or_farm_is_refused(kw: dict[str, Any], why: str) -> None:
-    body, mac = requests.sign(request(), KEY)
+    body, mac = request_format.sign(request(), KEY)
     args: dict[str, Any] = {"farm": FARM, "row_id": 42, **kw}
     with pytest.raises(RequestRefusedError, match=why):
-        requests.verify(body, mac, key_for=keys, **args)
+        request_format.verify(body, mac, key_for=keys, **args)
 
 
 def test_a_changed_byte_a_wrong_key_or_no_mac_is_refused() -> None:
-    body, mac = requests.sign(request(), KEY)
+    body, mac = request_format.sign(request(), KEY)
     with pytest.raises(RequestRefusedError, match="MAC does not verify"):
-        requests.verify(body, bytes(32), farm=FARM, row_id=42, key_for=keys)
+        request_format.verify(body, bytes(32), farm=FARM, row_id=42, key_for=keys)
     urgent = body.replace(b'"urgent":false', b'"urgent":true')
     with pytest.raises(RequestRefusedError, match="MAC does not verify"):
-        requests.verify(urgent, mac, farm=FARM, row_id=42, key_for=keys)
+        request_format.verify(urgent, mac, farm=FARM, row_id=42, key_for=keys)
     with pytest.raises(RequestRefusedError, match="carries no MAC"):
-        requests.verify(None, None, farm=FARM, row_id=42, key_for=keys)
+        request_format.verify(None, None, farm=FARM, row_id=42, key_for=keys)
     other = request(master_key=uuid.UUID(int=3))
-    body, mac = requests.sign(other, KEY)
+    body, mac = request_format.sign(other, KEY)
     with pytest.raises(RequestRefusedError, match="re-issue"):
-        requests.verify(body, mac, farm=FARM, row_id=42, key_for=keys)
+        request_format.verify(body, mac, farm=FARM, row_id=42, key_for=keys)
 
 
 @pytest.mark.parametrize(
@@ -143,35 +144,37 @@ def test_malformed_bodies_are_refused(edit: Any) -> None:
     edit(document)
     body = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
     with pytest.raises(RequestRefusedError, match="malformed"):
-        requests.parse(body)
+        request_format.parse(body)
 
 
 def test_a_body_not_in_canonical_form_is_refused() -> None:
     body = json.dumps(json.loads(request().encode()), indent=1).encode()
     with pytest.raises(RequestRefusedError, match="canonical"):
-        requests.parse(body)
+        request_format.parse(body)
 
 
 def test_repair_and_import_terms_round_trip() -> None:
-    repair = requests.RepairTerms(
+    repair = request_format.RepairTerms(
         rows="ab" * 32, revoked=("A" * 40,), revoked_named=True, min_version=9
     )
     signed = request(kind="repair_state", purpose="all", repair=repair)
-    assert requests.parse(signed.encode()) == signed
-    terms = requests.ImportTerms(uuid.UUID(int=5), "primary", "AD FS", "cd" * 32)
+    assert request_format.parse(signed.encode()) == signed
+    terms = request_format.ImportTerms(uuid.UUID(int=5), "primary", "AD FS", "cd" * 32)
     signed = request(kind="import", import_=terms)
-    assert requests.parse(signed.encode()) == signed
+    assert request_format.parse(signed.encode()) == signed
 
 
 def test_columns_that_say_something_else_than_the_body_are_caught() -> None:
     signed = request()
-    assert not requests.columns_differ(signed, row(signed))
-    assert requests.columns_differ(signed, row(signed, repair_state=True))
-    assert requests.columns_differ(signed, row(signed, urgent=True))
-    assert requests.columns_differ(signed, row(signed, purpose="all"))
-    assert requests.columns_differ(signed, row(signed, requested_by="ops-alice"))
+    assert not request_format.columns_differ(signed, row(signed))
+    assert request_format.columns_differ(signed, row(signed, repair_state=True))
+    assert request_format.columns_differ(signed, row(signed, urgent=True))
+    assert request_format.columns_differ(signed, row(signed, purpose="all"))
+    assert request_format.columns_differ(signed, row(signed, requested_by="ops-alice"))
     blob = b"sealed"
-    terms = requests.ImportTerms(uuid.UUID(int=5), "primary", "AD FS", requests.blob_digest(blob))
+    terms = request_format.ImportTerms(
+        uuid.UUID(int=5), "primary", "AD FS", request_format.blob_digest(blob)
+    )
     imported = request(kind="import", import_=terms)
     good = row(
         imported,
@@ -180,23 +183,25 @@ def test_columns_that_say_something_else_than_the_body_are_caught() -> None:
         import_role="primary",
         import_source="AD FS",
     )
-    assert not requests.columns_differ(imported, good)
-    assert requests.columns_differ(imported, {**good, "import_blob": b"other"})
-    assert requests.columns_differ(imported, {**good, "import_role": "secondary"})
+    assert not request_format.columns_differ(imported, good)
+    assert request_format.columns_differ(imported, {**good, "import_blob": b"other"})
+    assert request_format.columns_differ(imported, {**good, "import_role": "secondary"})
 
 
 def test_freshness_is_judged_by_the_time_passed_in() -> None:
     signed = request()
-    requests.check_fresh(signed, now=signed.created)
-    requests.check_fresh(signed, now=signed.expires)
+    request_format.check_fresh(signed, now=signed.created)
+    request_format.check_fresh(signed, now=signed.expires)
     with pytest.raises(RequestRefusedError, match="expired"):
-        requests.check_fresh(signed, now=signed.expires + 1)
+        request_format.check_fresh(signed, now=signed.expires + 1)
     with pytest.raises(RequestRefusedError, match="future"):
-        requests.check_fresh(signed, now=signed.created - requests.CLOCK_ALLOWANCE_SECONDS - 1)
+        request_format.check_fresh(
+            signed, now=signed.created - request_format.CLOCK_ALLOWANCE_SECONDS - 1
+        )
 
 
 def test_the_rows_digest_changes_with_any_field_of_any_row() -> None:
-    entry = farmstate.LiveEntry(uuid.UUID(int=1), "signing", "primary", "A" * 40, KEY_ID)
+    entry = farm_state.LiveEntry(uuid.UUID(int=1), "signing", "primary", "A" * 40, KEY_ID)
     other = replace(entry, role="retired")
-    assert requests.rows_digest([entry]) != requests.rows_digest([other])
-    assert requests.rows_digest([entry, other]) == requests.rows_digest([other, entry])
+    assert request_format.rows_digest([entry]) != request_format.rows_digest([other])
+    assert request_format.rows_digest([entry, other]) == request_format.rows_digest([other, entry])

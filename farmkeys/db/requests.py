@@ -1,7 +1,7 @@
 """The ``rollover_request`` queue: operators' requests to the leader, and its answers.
 
 A row is a DB writer's to forge: the leader acts on a request only once the MAC of its
-signed body verifies under a master key (:mod:`farmkeys.requests`), and answers every
+signed body verifies under a master key (:mod:`farmkeys.formats.request`), and answers every
 other row with a refusal.
 """
 
@@ -37,7 +37,7 @@ class RequestQueries(Connection):
     ) -> int:
         """Queue a request for the leader and wake it; the request's id.
 
-        ``sign(id, now)`` makes the request's body and MAC (:mod:`farmkeys.requests`) once
+        ``sign(id, now)`` makes the request's body and MAC (:mod:`farmkeys.formats.request`) once
         the row has its id, with the config DB's clock; both are written in the same
         transaction, so the leader never sees the row unsigned. ``import_``: the
         certificate id, sealed blob, role and source of `import adfs`."""

@@ -91,7 +91,7 @@ class MasterKeyRow:
 @dataclass(frozen=True)
 class StoredState:
     """The farm state record as the config DB holds it: not trusted until verified
-    (:func:`farmkeys.farmstate.verify`)."""
+    (:func:`farmkeys.formats.farm_state.verify`)."""
 
     body: bytes
     mac: bytes

@@ -9,11 +9,12 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from farmkeys import fetch_record, policy
+from farmkeys import policy
 from farmkeys.config import Config
 from farmkeys.db import CHANGED_CHANNEL, CertificateRow, ConfigDB, Farm, FetchRow, NewCertificate
 from farmkeys.election import Election, Fence
 from farmkeys.errors import DirectoryError
+from farmkeys.formats import fetch_record
 from farmkeys.leader.keys import CurrentKey
 from farmkeys.leader.sealing import NeedKey, Spares, sealed_certificate
 from farmkeys.leader.state import StateFence

@@ -14,10 +14,11 @@ import logging
 import uuid
 from collections.abc import Callable
 
-from farmkeys import farmstate, policy
+from farmkeys import policy
 from farmkeys.db import ConfigDB, Farm
 from farmkeys.directory import Directory
 from farmkeys.errors import DirectoryError, FarmStateError
+from farmkeys.formats import farm_state
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class CurrentKey:
         if stored is None:
             return table_current
         try:
-            named = farmstate.parse(stored.body).master_key
+            named = farm_state.parse(stored.body).master_key
         except FarmStateError:
             return table_current  # the fenced check refuses it
         if named != table_current:
@@ -83,7 +84,7 @@ class CurrentKey:
         try:
             stored = self._db.stored_state()
             if stored is not None:
-                named = farmstate.parse(stored.body).master_key
+                named = farm_state.parse(stored.body).master_key
                 if self.known is None or self.known[0] != named:
                     self._directory.master_key(farm.dkm_group, named)
         except (FarmStateError, DirectoryError):

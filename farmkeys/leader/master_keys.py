@@ -17,12 +17,13 @@ import logging
 import uuid
 from collections.abc import Callable
 
-from farmkeys import farmstate, policy
+from farmkeys import policy
 from farmkeys.config import Config, RetryConfig
 from farmkeys.db import CHANGED_CHANNEL, ConfigDB, Farm, MasterKeyRow
 from farmkeys.directory import Directory
 from farmkeys.election import Election, Fence
 from farmkeys.errors import DirectoryError
+from farmkeys.formats import farm_state
 from farmkeys.leader.certificates import Applied
 from farmkeys.leader.keys import CurrentKey
 from farmkeys.leader.sealing import reseal
@@ -37,7 +38,7 @@ ONE_ATTEMPT = RetryConfig(total_seconds=0.0)
 
 
 def deletion_held(
-    before: farmstate.FarmState | None, key_id: uuid.UUID, *, now: int, retain_seconds: int
+    before: farm_state.FarmState | None, key_id: uuid.UUID, *, now: int, retain_seconds: int
 ) -> str | None:
     """Why the authenticated farm state ``before`` forbids deleting ``key_id`` at ``now``
     (seconds since the epoch), or None.
@@ -244,7 +245,7 @@ class MasterKeyLifecycle:
                 replaced = before.master_key
             if replaced is not None and replaced != key_id:
                 self._state.round.replacing.append(
-                    farmstate.Replaced(replaced, int(fence.now.timestamp()), urgent)
+                    farm_state.Replaced(replaced, int(fence.now.timestamp()), urgent)
                 )
             once.set_current_key(farm.dkm_group, key_id)
             fence.tx.make_current(key_id, urgent=urgent)

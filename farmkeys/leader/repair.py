@@ -7,15 +7,16 @@ revoked list and tombstones, the operator's list adds to it, and when no record 
 the operator must have named the revoked thumbprints. A live certificate in the revoked
 list is archived again, never made live. The version is one above the last authentic
 one, or the operator's floor (above what nodes installed after a restored backup), at
-most :data:`farmkeys.farmstate.MAX_VERSION_STEP` above it.
+most :data:`farmkeys.formats.farm_state.MAX_VERSION_STEP` above it.
 """
 
 from __future__ import annotations
 
-from farmkeys import farmstate, requests
 from farmkeys.db import CHANGED_CHANNEL, CertificateRow, Farm
 from farmkeys.election import Fence
 from farmkeys.errors import DirectoryError, FarmStateError, RequestRefusedError
+from farmkeys.formats import farm_state
+from farmkeys.formats import request as request_format
 from farmkeys.leader.certificates import CertificateRollover
 from farmkeys.leader.keys import CurrentKey
 from farmkeys.leader.state import Round, StateFence
@@ -25,7 +26,7 @@ from farmkeys.vocab import AuditAction, Role
 def repair_state(
     fence: Fence,
     farm: Farm,
-    request: requests.Request,
+    request: request_format.Request,
     state: StateFence,
     key: CurrentKey,
     certificates: CertificateRollover,
@@ -33,7 +34,7 @@ def repair_state(
     """Carry out an authentic repair-state request in ``fence``; the answer's lines."""
     terms = request.repair
     assert terms is not None
-    requests.check_fresh(request, now=int(fence.now.timestamp()))
+    request_format.check_fresh(request, now=int(fence.now.timestamp()))
     previous, why = _last_authentic(fence, farm, key)
     if previous is not None and previous.has_answered(request.nonce):
         raise RequestRefusedError(
@@ -55,7 +56,7 @@ def repair_state(
             for line in previous.differences(rows)
         )
     state.round = Round(
-        before=previous, answering=[farmstate.Answered(request.nonce, request.expires)]
+        before=previous, answering=[farm_state.Answered(request.nonce, request.expires)]
     )
     written = state.write(
         fence,
@@ -77,13 +78,13 @@ def repair_state(
 
 def _last_authentic(
     fence: Fence, farm: Farm, key: CurrentKey
-) -> tuple[farmstate.FarmState | None, str]:
+) -> tuple[farm_state.FarmState | None, str]:
     """The farm state record if it still verifies, else None and why not."""
     stored = fence.tx.stored_state()
     if stored is None:
         return None, "the config DB has no farm state record"
     try:
-        return farmstate.verify(
+        return farm_state.verify(
             stored.body,
             stored.mac,
             farm=farm.dkm_group,
@@ -94,13 +95,13 @@ def _last_authentic(
 
 
 def _check_terms(
-    terms: requests.RepairTerms,
+    terms: request_format.RepairTerms,
     rows: list[CertificateRow],
-    previous: farmstate.FarmState | None,
+    previous: farm_state.FarmState | None,
     why: str,
 ) -> int:
     """The version to write, once the request's terms hold for ``rows``; refused else."""
-    if requests.rows_digest(farmstate.LiveEntry.of(r) for r in rows) != terms.rows:
+    if request_format.rows_digest(farm_state.LiveEntry.of(r) for r in rows) != terms.rows:
         raise RequestRefusedError(
             "the config DB's live certificates changed since the operator reviewed them",
             "nothing was written; run `farmkeys repair-state` again and review them anew",
@@ -113,10 +114,10 @@ def _check_terms(
         )
     floor = 0 if previous is None else previous.version
     version = max(floor + 1, terms.min_version)
-    if version > floor + farmstate.MAX_VERSION_STEP:
+    if version > floor + farm_state.MAX_VERSION_STEP:
         raise RequestRefusedError(
             f"repair-state asks for farm state version {version}, more than"
-            f" {farmstate.MAX_VERSION_STEP} above the last authentic version {floor}",
+            f" {farm_state.MAX_VERSION_STEP} above the last authentic version {floor}",
             "nothing was written; a node row reporting such a version is forged",
         )
     return version

@@ -1,7 +1,7 @@
 """Answering the operators' requests: authenticate each, carry it out, record the answer.
 
 A row of ``rollover_request`` is a letter box anyone who writes the config DB can fill.
-The leader acts only on a request's signed body (:mod:`farmkeys.requests`), after
+The leader acts only on a request's signed body (:mod:`farmkeys.formats.request`), after
 checking its MAC, that the row's columns say the same, that it has not expired, and that
 the authentic farm state does not list its nonce as answered; the nonce goes into the
 record written with the answer. Any other row is answered "refused", audited as
@@ -14,7 +14,6 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from farmkeys import certs, dkm, farmstate, requests
 from farmkeys.config import Config
 from farmkeys.db import CHANGED_CHANNEL, ConfigDB, Farm
 from farmkeys.directory import Directory
@@ -26,6 +25,9 @@ from farmkeys.errors import (
     MasterKeyMissingError,
     RequestRefusedError,
 )
+from farmkeys.formats import blob as blob_format
+from farmkeys.formats import certificates, farm_state
+from farmkeys.formats import request as request_format
 from farmkeys.leader.certificates import CertificateRollover
 from farmkeys.leader.keys import CurrentKey
 from farmkeys.leader.master_keys import MasterKeyLifecycle
@@ -100,19 +102,19 @@ class RequestAnswering:
             answered += 1
             log.info("request %d answered: %s", row["id"], "; ".join(lines))
 
-    def _authenticate(self, farm: Farm, row: Row) -> requests.Request:
+    def _authenticate(self, farm: Farm, row: Row) -> request_format.Request:
         """The request a row carries, once its MAC verifies and its columns agree with it
         (read outside any transaction: the key may come from the directory);
         :class:`RequestRefusedError` otherwise. Freshness and replay are judged in the
         fenced transaction that carries it out (:meth:`_admit`)."""
-        request = requests.verify(
+        request = request_format.verify(
             row["body"],
             row["mac"],
             farm=farm.dkm_group,
             row_id=row["id"],
             key_for=lambda key_id: self._key.bytes_of(farm, key_id),
         )
-        if requests.columns_differ(request, row):
+        if request_format.columns_differ(request, row):
             raise RequestRefusedError(
                 f"request {row['id']}'s columns do not say what its signed body says"
                 f" ({request.describe()})",
@@ -121,11 +123,11 @@ class RequestAnswering:
             )
         return request
 
-    def _admit(self, fence: Fence, request: requests.Request) -> None:
+    def _admit(self, fence: Fence, request: request_format.Request) -> None:
         """Refuse, in the fenced transaction that would carry it out, a request that has
         expired or that the authentic farm state lists as answered (a copy of an earlier
         row put back in the queue)."""
-        requests.check_fresh(request, now=int(fence.now.timestamp()))
+        request_format.check_fresh(request, now=int(fence.now.timestamp()))
         before = self._state.round.before
         if before is not None and before.has_answered(request.nonce):
             raise RequestRefusedError(
@@ -141,7 +143,9 @@ class RequestAnswering:
         is authenticated again on the next round)."""
         return fence.tx.lock_pending_request(row["id"]) == row
 
-    def _answer_one(self, farm: Farm, row: Row, request: requests.Request) -> list[str] | None:
+    def _answer_one(
+        self, farm: Farm, row: Row, request: request_format.Request
+    ) -> list[str] | None:
         """Carry out one authentic request in one fenced transaction (a master-key roll:
         only admit it; its steps follow); the answer's lines, None if the row was gone."""
         if request.kind == "repair_state":
@@ -193,19 +197,19 @@ class RequestAnswering:
         lines: Sequence[str],
         *,
         ok: bool = True,
-        signed: requests.Request | None = None,
+        signed: request_format.Request | None = None,
     ) -> None:
         """Record the answer; a ``signed`` request's nonce goes into the farm state record
         the transaction writes (a :meth:`StateFence.fenced` one), so a copy is refused."""
         if signed is not None:
-            self._state.round.answering.append(farmstate.Answered(signed.nonce, signed.expires))
+            self._state.round.answering.append(farm_state.Answered(signed.nonce, signed.expires))
         fence.tx.answer_request(
             request_id, node=self._election.node_id, term=fence.term, ok=ok, result="\n".join(lines)
         )
         fence.tx.notify(CHANGED_CHANNEL, f"term {fence.term}")
 
     def _import(
-        self, fence: Fence, farm: Farm, row: Row, request: requests.Request
+        self, fence: Fence, farm: Farm, row: Row, request: request_format.Request
     ) -> tuple[bool, str]:
         """Carry out a `farmkeys import adfs` request: (done, the answer's line).
 
@@ -222,19 +226,19 @@ class RequestAnswering:
         blob = bytes(row["import_blob"])
         context = blob_context(farm, cert_id, purpose)
         try:
-            sealed_under = dkm.master_key_id(blob, context=context)
-            pkcs12 = dkm.open_blob(
+            sealed_under = blob_format.master_key_id(blob, context=context)
+            pkcs12 = blob_format.open_blob(
                 blob,
                 master_key=self._directory.master_key(farm.dkm_group, sealed_under),
                 context=context,
             )
-            generated = certs.from_pkcs12(pkcs12)
-            certs.check_importable(
+            generated = certificates.from_pkcs12(pkcs12)
+            certificates.check_importable(
                 generated.certificate, generated.key, purpose=purpose, now=fence.now
             )
         except (InvalidBlobError, CertificateError, MasterKeyMissingError) as exc:
             return False, f"import refused: {exc.what}"
-        thumb = certs.thumbprint(generated.certificate)
+        thumb = certificates.thumbprint(generated.certificate)
         conflict = fence.tx.import_conflict(
             thumbprint=thumb, purpose=purpose, role=role, certificate_id=cert_id
         )

@@ -13,10 +13,12 @@ import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 
-from farmkeys import bundle, certs, dkm, policy
+from farmkeys import policy
 from farmkeys.config import Config
 from farmkeys.db import CertificateRow, ConfigDB, Farm, NewCertificate, Transaction
 from farmkeys.directory import Directory
+from farmkeys.formats import blob as blob_format
+from farmkeys.formats import bundle, certificates
 from farmkeys.sync import blob_context
 
 CLOCK_SKEW_ALLOWANCE = timedelta(hours=1)
@@ -29,12 +31,12 @@ after it is made, so the rollover schedule is unchanged."""
 SPARE_FRESHNESS = timedelta(minutes=10)
 
 
-def generate_certificate(config: Config, *, purpose: str, now: datetime) -> certs.Generated:
+def generate_certificate(config: Config, *, purpose: str, now: datetime) -> certificates.Generated:
     """A new key and certificate for ``purpose``, valid from ``now`` less the clock-skew
     allowance for the policy's certificate duration. The costly part of a rollover: the
     leader does it before it opens a fenced transaction."""
     start = now.replace(microsecond=0)
-    return certs.generate(
+    return certificates.generate(
         farm_name=config.farm.name,
         purpose=purpose,
         key_type=config.policy.key_for(purpose),
@@ -74,17 +76,17 @@ def sealed_certificate(
     certificate_id: uuid.UUID,
     purpose: str,
     role: str,
-    generated: certs.Generated,
+    generated: certificates.Generated,
     master_key_id: uuid.UUID,
     master_key: bytes,
 ) -> NewCertificate:
     """A certificate and its key sealed under a master key, as its row will hold them."""
     cert = generated.certificate
-    thumb = certs.thumbprint(cert)
+    thumb = certificates.thumbprint(cert)
     # The exact bytes each node writes (farmkeys.bundle): a node checks them cheaply and
     # never parses a PKCS#12 or re-encodes the key.
     packed = bundle.pack(generated, friendly_name=f"{config.farm.name} token {purpose} {thumb}")
-    blob = dkm.seal(
+    blob = blob_format.seal(
         packed,
         master_key=master_key,
         master_key_id=master_key_id,
@@ -95,12 +97,12 @@ def sealed_certificate(
         purpose=purpose,
         role=role,
         thumbprint=thumb,
-        sha256=certs.sha256_fingerprint(cert),
+        sha256=certificates.sha256_fingerprint(cert),
         subject=cert.subject.rfc4514_string(),
-        key_type=certs.key_type_of(generated.key),
+        key_type=certificates.key_type_of(generated.key),
         not_before=cert.not_valid_before_utc,
         not_after=cert.not_valid_after_utc,
-        der=certs.certificate_der(cert),
+        der=certificates.certificate_der(cert),
         master_key=master_key_id,
         blob=blob,
     )
@@ -125,7 +127,7 @@ def reseal(
         old = olds.get(row.master_key)
         if old is None:
             old = directory.master_key(farm.dkm_group, row.master_key)
-        blob = dkm.reseal(
+        blob = blob_format.reseal(
             row.blob,
             old_key=old,
             new_key=key,
@@ -153,9 +155,9 @@ class Spares:
     def __init__(self, config: Config, db: ConfigDB) -> None:
         self._config = config
         self._db = db
-        self._made: dict[str, tuple[certs.Generated, datetime]] = {}
+        self._made: dict[str, tuple[certificates.Generated, datetime]] = {}
 
-    def take(self, purpose: str, now: datetime) -> certs.Generated:
+    def take(self, purpose: str, now: datetime) -> certificates.Generated:
         """The key made for ``purpose`` before this transaction; :class:`NeedKey` when
         none was (or it is stale), so the caller makes one outside and tries again."""
         spare = self._made.pop(purpose, None)

@@ -18,10 +18,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from farmkeys import farmstate
 from farmkeys.db import ConfigDB, Farm, Transaction
 from farmkeys.election import Election, Fence
 from farmkeys.errors import FarmStateError
+from farmkeys.formats import farm_state
 from farmkeys.leader.keys import CurrentKey
 from farmkeys.vocab import AuditAction
 
@@ -30,40 +30,40 @@ from farmkeys.vocab import AuditAction
 class Round:
     """What the steps of one fenced transaction add to the record it writes."""
 
-    before: farmstate.FarmState | None = None  # the authentic record it started from
+    before: farm_state.FarmState | None = None  # the authentic record it started from
     revoking: set[str] = field(default_factory=set)  # thumbprints replaced urgently
     shredding: set[uuid.UUID] = field(default_factory=set)  # master keys deleted
-    answering: list[farmstate.Answered] = field(default_factory=list)  # requests answered
-    replacing: list[farmstate.Replaced] = field(default_factory=list)  # master keys replaced
+    answering: list[farm_state.Answered] = field(default_factory=list)  # requests answered
+    replacing: list[farm_state.Replaced] = field(default_factory=list)  # master keys replaced
 
 
 def write_first_state(
     tx: Transaction,
     *,
     dkm_group: uuid.UUID,
-    rows: Sequence[farmstate.LiveRow],
+    rows: Sequence[farm_state.LiveRow],
     master_key_id: uuid.UUID,
     master_key: bytes,
-) -> farmstate.FarmState:
+) -> farm_state.FarmState:
     """A new farm's state record, version 1, written in the transaction that creates it."""
-    state = farmstate.FarmState.build(
+    state = farm_state.FarmState.build(
         farm=dkm_group, version=1, term=None, master_key=master_key_id, rows=rows
     )
-    body, mac = farmstate.seal(state, master_key)
+    body, mac = farm_state.seal(state, master_key)
     tx.write_state(body=body, mac=mac, version=state.version, term=None)
     return state
 
 
-def next_version(before: farmstate.FarmState | None) -> int:
+def next_version(before: farm_state.FarmState | None) -> int:
     """One above the last authentic record's version (1 for a farm's first record).
 
     A version pushed to the bigint's end would freeze the farm, so never a column's or a
     node's (`status` flags either when it disagrees with the record)."""
     version = 1 if before is None else before.version + 1
-    if version > farmstate.MAX_VERSION:
+    if version > farm_state.MAX_VERSION:
         raise FarmStateError(
             f"the farm state version cannot rise above {before.version if before else 0}",
-            farmstate.REPAIR,
+            farm_state.REPAIR,
         )
     return version
 
@@ -92,7 +92,7 @@ class StateFence:
             yield fence
             self.write(fence, farm, self.round.before, key=key)
 
-    def authentic_state(self, fence: Fence, farm: Farm) -> farmstate.FarmState | None:
+    def authentic_state(self, fence: Fence, farm: Farm) -> farm_state.FarmState | None:
         """The config DB's farm state, verified and matching the live rows; None for a farm
         from before farm states, whose first record the next write makes."""
         stored = fence.tx.stored_state()
@@ -101,15 +101,15 @@ class StateFence:
                 return None
             raise FarmStateError(
                 "the config DB has no farm state record, but this farm has had one",
-                farmstate.REPAIR,
+                farm_state.REPAIR,
             )
-        state = farmstate.verify(
+        state = farm_state.verify(
             stored.body,
             stored.mac,
             farm=farm.dkm_group,
             key_for=lambda key_id: self._key.bytes_of(farm, key_id),
         )
-        error = farmstate.mismatch(state, fence.tx.live_certificates())
+        error = farm_state.mismatch(state, fence.tx.live_certificates())
         if error is not None:
             raise error
         return state
@@ -118,14 +118,14 @@ class StateFence:
         self,
         fence: Fence,
         farm: Farm,
-        before: farmstate.FarmState | None,
+        before: farm_state.FarmState | None,
         *,
         key: tuple[uuid.UUID, bytes] | None,
         revoked: set[str] | None = None,
         shredded: set[uuid.UUID] | None = None,
         version: int | None = None,
         action: AuditAction | None = None,
-    ) -> farmstate.FarmState | None:
+    ) -> farm_state.FarmState | None:
         """Write the next farm state record if it differs from ``before``; the one written.
 
         ``revoked`` and ``shredded``: the whole lists (repair-state), else ``before``'s and
@@ -141,13 +141,13 @@ class StateFence:
             shredded = done.shredding | self.shredded(fence, before)
         replaced = done.replacing + (
             list(before.replaced)
-            if before is not None and before.format != farmstate.FORMAT_1
+            if before is not None and before.format != farm_state.FORMAT_1
             else self._replaced_since_now(fence)
         )
         known = key if key is not None else self._key.known  # None: not read (directory down)
         kept = () if before is None else before.answered
         if before is not None and action is None and not done.answering:
-            unchanged = farmstate.FarmState.build(
+            unchanged = farm_state.FarmState.build(
                 farm=farm.dkm_group,
                 version=before.version,
                 term=before.term,
@@ -162,7 +162,7 @@ class StateFence:
                 return None  # nothing to write: no key needed
         key_id, key_bytes = known if known is not None else self._key.current()
         now = int(fence.now.timestamp())
-        state = farmstate.FarmState.build(
+        state = farm_state.FarmState.build(
             farm=farm.dkm_group,
             version=next_version(before) if version is None else version,
             term=fence.term,
@@ -174,7 +174,7 @@ class StateFence:
             answered=[a for a in kept if a.expires >= now] + done.answering,
             replaced=replaced,
         )
-        body, mac = farmstate.seal(state, key_bytes)
+        body, mac = farm_state.seal(state, key_bytes)
         fence.tx.write_state(body=body, mac=mac, version=state.version, term=fence.term)
         if before is None and action is None:
             action = AuditAction.STATE_ADOPT
@@ -188,19 +188,19 @@ class StateFence:
             )
         return state
 
-    def shredded(self, fence: Fence, before: farmstate.FarmState | None) -> set[uuid.UUID]:
+    def shredded(self, fence: Fence, before: farm_state.FarmState | None) -> set[uuid.UUID]:
         """The tombstones ``before`` carries; for a record of format 1 (which has none),
         the master keys the ``master_key`` table marks deleted. The table is a DB writer's
         to edit, so never the current key nor one a live blob names: a tombstone only keeps
         `escrow import` from restoring a key, so one too many can at worst refuse the
         restore of a key the farm no longer uses."""
-        if before is not None and before.format != farmstate.FORMAT_1:
+        if before is not None and before.format != farm_state.FORMAT_1:
             return set(before.shredded)
         return fence.tx.deleted_keys_unnamed_by_live() - {self._key.id}
 
-    def _replaced_since_now(self, fence: Fence) -> list[farmstate.Replaced]:
+    def _replaced_since_now(self, fence: Fence) -> list[farm_state.Replaced]:
         """The replaced master keys to record when no record lists them yet (a farm's first
         record of format 2): those the ``master_key`` table marks ``previous``, replaced as
         of now. Later than the truth, so their deletion can only come later, never sooner."""
         now = int(fence.now.timestamp())
-        return [farmstate.Replaced(key, now, False) for key in fence.tx.previous_keys()]
+        return [farm_state.Replaced(key, now, False) for key in fence.tx.previous_keys()]

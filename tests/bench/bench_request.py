@@ -34,10 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: farmt
 
 from farmtools import TestFarm
 
-from farmkeys import requesting, requests
+from farmkeys import requesting
 from farmkeys.config import load
 from farmkeys.db import REQUEST_CHANNEL, ConfigDB
 from farmkeys.directory import Directory
+from farmkeys.formats import request
 from farmkeys.lab.postgres import LocalPostgres
 from farmkeys.lab.slapd import LocalSlapd
 
@@ -78,7 +79,7 @@ def main() -> None:
             group = db.require_farm().dkm_group
             key_id = directory.current_key_id(group)
             key = directory.master_key(group, key_id)
-            body = requests.Request(
+            body = request.Request(
                 id=1,
                 nonce=uuid.uuid4(),
                 farm=group,
@@ -123,7 +124,7 @@ def main() -> None:
                 )
                 first = (time.perf_counter() - started) * 1000
             print(f"machine: {postgres!r} / {slapd!r}")
-            print(line("sign (HKDF + HMAC)", timed(args.runs, lambda: requests.sign(body, key))))
+            print(line("sign (HKDF + HMAC)", timed(args.runs, lambda: request.sign(body, key))))
             print(line("file unsigned (INSERT + NOTIFY)", timed(args.runs, unsigned)))
             print(line("file signed (key cached)", timed(args.runs, signed)))
             print(f"{'file signed, first (directory reads)':<42} {first:8.3f} ms")

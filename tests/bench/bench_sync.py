@@ -38,10 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/bench: _result
 from _results import Row, record
 from farmtools import TestFarm, add_certificate, db_query, seal_state
 
-from farmkeys import dkm
 from farmkeys.config import load
 from farmkeys.db import Claim, ConfigDB
 from farmkeys.directory import Directory
+from farmkeys.formats import blob
 from farmkeys.lab.postgres import LocalPostgres
 from farmkeys.lab.slapd import LocalSlapd
 from farmkeys.store import Store
@@ -132,7 +132,7 @@ def main() -> int:
                     started = time.perf_counter()
                     db.live_set("node-a", have=[t for _, t in installed.intact])
                     key = directory.master_key(row["dkm_group"], row["master_key"])
-                    dkm.open_blob(
+                    blob.open_blob(
                         bytes(row["blob"]),
                         master_key=key,
                         context=blob_context(row["dkm_group"], row["id"], "signing"),

@@ -31,7 +31,14 @@ def child(name: str, seconds: int, corpus: Path, crashes: Path) -> None:
 
     sys.path[:0] = [str(TESTS), str(REPO)]
     with atheris.instrument_imports():  # coverage feedback from farmkeys' parsers
-        for module in ("adfs", "agefmt", "config", "dkm", "farmstate", "store"):
+        for module in (
+            "config",
+            "formats.adfs_pfx",
+            "formats.blob",
+            "formats.escrow_file",
+            "formats.farm_state",
+            "store",
+        ):
             importlib.import_module(f"farmkeys.{module}")
     from farmkeys.errors import Error
     from fuzz.targets import TARGETS

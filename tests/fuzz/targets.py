@@ -18,13 +18,14 @@ from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
 
-from farmkeys import adfs, agefmt, config, dkm, farmstate, requests
+from farmkeys import config
+from farmkeys.formats import adfs_pfx, blob, escrow_file, farm_state, request
 from farmkeys.store import CertificateFiles, Manifest, Store
 
 FARM = uuid.UUID("4d3c2b1a-0f9e-4d8c-8b7a-6f5e4d3c2b1a")
 KEY_ID = uuid.UUID("11111111-2222-4333-8444-555555555555")
 KEY = bytes(range(32))
-CONTEXT = dkm.BlobContext(
+CONTEXT = blob.BlobContext(
     farm=str(FARM), certificate_id="9f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a", purpose="signing"
 )
 PASSPHRASE = b"correct horse battery staple"
@@ -43,24 +44,24 @@ class Target:
 
 
 def _blob(data: bytes) -> None:
-    dkm.master_key_id(data, context=CONTEXT)
-    dkm.open_blob(data, master_key=KEY, context=CONTEXT)
+    blob.master_key_id(data, context=CONTEXT)
+    blob.open_blob(data, master_key=KEY, context=CONTEXT)
 
 
 @cache
 def _blob_seeds() -> list[bytes]:
-    sealed = dkm.seal(b"pkcs12 bytes" * 8, master_key=KEY, master_key_id=KEY_ID, context=CONTEXT)
-    return [sealed, dkm.seal(b"", master_key=KEY, master_key_id=KEY_ID, context=CONTEXT)]
+    sealed = blob.seal(b"pkcs12 bytes" * 8, master_key=KEY, master_key_id=KEY_ID, context=CONTEXT)
+    return [sealed, blob.seal(b"", master_key=KEY, master_key_id=KEY_ID, context=CONTEXT)]
 
 
 # -- the farm state record -------------------------------------------------------------
 
 
 def _state(data: bytes) -> None:
-    farmstate.parse(data)
+    farm_state.parse(data)
     # Past the parser, under a MAC that verifies: what a node does next with it.
-    mac = hmac.new(farmstate.mac_key(KEY, FARM), data, hashlib.sha256).digest()
-    state = farmstate.verify(data, mac, farm=FARM, key_for=lambda _: KEY)
+    mac = hmac.new(farm_state.mac_key(KEY, FARM), data, hashlib.sha256).digest()
+    state = farm_state.verify(data, mac, farm=FARM, key_for=lambda _: KEY)
     state.differences(())
 
 
@@ -73,7 +74,7 @@ def _state_seeds() -> list[bytes]:
 
     rows = [Row(1, "signing", "primary"), Row(2, "decryption", "primary")]
     rows.append(Row(3, "signing", "secondary"))
-    built = farmstate.FarmState.build(
+    built = farm_state.FarmState.build(
         farm=FARM, version=5, term=2, master_key=KEY_ID, rows=rows, revoked=["A" * 40]
     )
     return [built.encode()]
@@ -88,24 +89,24 @@ def _manifest(data: bytes) -> None:
 
 @cache
 def _manifest_seeds() -> list[bytes]:
-    from farmkeys import certs
+    from farmkeys.formats import certificates
 
-    made = certs.generate(
+    made = certificates.generate(
         farm_name="fuzz",
         purpose="signing",
         key_type="rsa-2048",
         not_before=datetime(2026, 1, 1, tzinfo=UTC),
         not_after=datetime(2027, 1, 1, tzinfo=UTC),
     )
-    thumb = certs.thumbprint(made.certificate)
+    thumb = certificates.thumbprint(made.certificate)
     files = CertificateFiles(
         purpose="signing",
         role="primary",
         thumbprint=thumb,
         not_after=made.certificate.not_valid_after_utc,
-        certificate_pem=certs.certificate_pem(made.certificate),
-        private_key_pem=certs.private_key_pem(made.key),
-        pkcs12=certs.to_pkcs12(made.certificate, made.key, friendly_name="fuzz"),
+        certificate_pem=certificates.certificate_pem(made.certificate),
+        private_key_pem=certificates.private_key_pem(made.key),
+        pkcs12=certificates.to_pkcs12(made.certificate, made.key, friendly_name="fuzz"),
     )
     with tempfile.TemporaryDirectory() as folder:
         store = Store(Path(folder) / "store", node_id="fuzz")
@@ -171,8 +172,8 @@ renew_seconds = 5
 
 
 def _adfs(data: bytes) -> None:
-    adfs.parse(data)
-    adfs.open_pfx(data, KEY)
+    adfs_pfx.parse(data)
+    adfs_pfx.open_pfx(data, KEY)
 
 
 @cache
@@ -186,29 +187,29 @@ def _adfs_seeds() -> list[bytes]:
 
 
 def _escrow(data: bytes) -> None:
-    agefmt.decrypt(data, PASSPHRASE, max_work_factor=ESCROW_WORK_FACTOR + 2)
+    escrow_file.decrypt(data, PASSPHRASE, max_work_factor=ESCROW_WORK_FACTOR + 2)
 
 
 @cache
 def _escrow_seeds() -> list[bytes]:
-    return [agefmt.encrypt(b'{"keys": []}', PASSPHRASE, work_factor=ESCROW_WORK_FACTOR)]
+    return [escrow_file.encrypt(b'{"keys": []}', PASSPHRASE, work_factor=ESCROW_WORK_FACTOR)]
 
 
 # -- an operator request ------------------------------------------------------------------
 
 
 def _request(data: bytes) -> None:
-    requests.parse(data)
-    key = requests.mac_key(KEY, FARM)
+    request.parse(data)
+    key = request.mac_key(KEY, FARM)
     mac = hmac.new(key, data, hashlib.sha256).digest()
-    parsed = requests.verify(
-        data, mac, farm=FARM, row_id=requests.parse(data).id, key_for=lambda _: KEY
+    parsed = request.verify(
+        data, mac, farm=FARM, row_id=request.parse(data).id, key_for=lambda _: KEY
     )
     assert parsed.encode() == data
 
 
 def _request_seeds() -> list[bytes]:
-    base = requests.Request(
+    base = request.Request(
         id=7,
         nonce=uuid.UUID(int=9),
         farm=FARM,
@@ -220,12 +221,12 @@ def _request_seeds() -> list[bytes]:
         expires=1_700_000_180,
         master_key=KEY_ID,
     )
-    repair = requests.RepairTerms("ab" * 32, ("A" * 40,), True, 3)
-    terms = requests.ImportTerms(uuid.UUID(int=4), "secondary", "AD FS", "cd" * 32)
+    repair = request.RepairTerms("ab" * 32, ("A" * 40,), True, 3)
+    terms = request.ImportTerms(uuid.UUID(int=4), "secondary", "AD FS", "cd" * 32)
     return [
         base.encode(),
-        requests.Request(**{**base.__dict__, "kind": "repair_state", "repair": repair}).encode(),
-        requests.Request(
+        request.Request(**{**base.__dict__, "kind": "repair_state", "repair": repair}).encode(),
+        request.Request(
             **{**base.__dict__, "kind": "import", "purpose": "signing", "import_": terms}
         ).encode(),
     ]

@@ -19,7 +19,7 @@ the kind, the purpose, urgency, the requester, the creation time and expiry
 - ``import``: the certificate id its row gets, its role, its source, and the
   SHA-256 of the sealed blob in the row.
 
-The leader (:mod:`farmkeys.rollover`) acts on the body alone, after
+The leader (:mod:`farmkeys.leader`) acts on the body alone, after
 :func:`verify`, and refuses a row whose columns say anything else, whose nonce
 the authentic farm state lists as answered, or whose time has passed. Pure:
 no I/O.
@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from farmkeys.errors import RequestRefusedError
+from farmkeys.formats import _canonical, _mac
 from farmkeys.vocab import REQUEST_PURPOSES
 
 FORMAT = "farmkeys-request/1"
@@ -67,6 +67,17 @@ _FIELDS = {
 }
 _REPAIR_FIELDS = {"min_version", "revoked", "revoked_named", "rows"}
 _IMPORT_FIELDS = {"blob_sha256", "certificate", "role", "source"}
+
+
+def _malformed(why: str) -> RequestRefusedError:
+    return RequestRefusedError(
+        f"the request is malformed: {why}",
+        "file requests with `farmkeys rollover`, `repair-state` or `import adfs` only",
+    )
+
+
+_read = _canonical.Reader(_malformed, integers="a non-negative 64-bit integer")
+"""The canonical JSON reader of requests, whose refusals say the request is malformed."""
 
 
 @dataclass(frozen=True)
@@ -137,9 +148,7 @@ class Request:
                 "role": self.import_.role,
                 "source": self.import_.source,
             }
-        return json.dumps(
-            document, sort_keys=True, separators=(",", ":"), ensure_ascii=True
-        ).encode("ascii")
+        return _canonical.encode(document)
 
     def describe(self) -> str:
         if self.kind == "rollover":
@@ -154,12 +163,7 @@ class Request:
 def mac_key(master_key: bytes, farm: uuid.UUID) -> bytes:
     """The request MAC key: HKDF-SHA256 of a master key under the requests' own label,
     bound to the farm's DKM group."""
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
-    return HKDF(
-        algorithm=hashes.SHA256(), length=MAC_SIZE, salt=None, info=MAC_INFO + farm.bytes
-    ).derive(master_key)
+    return _mac.derive_key(master_key, label=MAC_INFO, farm=farm, length=MAC_SIZE)
 
 
 def sign(request: Request, master_key: bytes) -> tuple[bytes, bytes]:
@@ -169,7 +173,7 @@ def sign(request: Request, master_key: bytes) -> tuple[bytes, bytes]:
 
 
 def rows_digest(entries: Iterable[Any]) -> str:
-    """SHA-256 over the live entries (:class:`farmkeys.farmstate.LiveEntry`: id, purpose,
+    """SHA-256 over the live entries (:class:`farmkeys.formats.farm_state.LiveEntry`: id, purpose,
     role, thumbprint, master key) in id order: what `repair-state` showed the operator."""
     h = hashlib.sha256(b"farmkeys repair rows v1\x00")
     for e in sorted(entries):
@@ -264,20 +268,11 @@ def check_fresh(request: Request, *, now: int) -> None:
 def parse(body: bytes) -> Request:
     """The request in ``body``; :class:`RequestRefusedError` for anything but canonical
     bytes of a well-formed request. Says nothing of its authenticity: see :func:`verify`."""
-    if len(body) > MAX_BODY:
-        raise _malformed(f"it is {len(body)} bytes, more than {MAX_BODY}")
-    try:
-        document = json.loads(body.decode("ascii"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise _malformed("it is not ASCII JSON") from None
-    request = _request(document)
-    if request.encode() != body:
-        raise _malformed("it is not in canonical form")
-    return request
+    return _read.parse(body, limit=MAX_BODY, build=_request, encode=Request.encode)
 
 
 def _request(document: object) -> Request:
-    fields = _object(document, _FIELDS, "the request")
+    fields = _read.fields(document, _FIELDS, "the request")
     if fields["format"] != FORMAT:
         raise _malformed(f"its format is not {FORMAT!r}")
     kind, purpose = fields["kind"], fields["purpose"]
@@ -293,7 +288,7 @@ def _request(document: object) -> Request:
     if (fields["repair"] is None) != (kind != "repair_state"):
         raise _malformed("repair terms do not fit its kind")
     if fields["repair"] is not None:
-        terms = _object(fields["repair"], _REPAIR_FIELDS, "the repair terms")
+        terms = _read.fields(fields["repair"], _REPAIR_FIELDS, "the repair terms")
         revoked = terms["revoked"]
         if not isinstance(revoked, list) or not all(isinstance(t, str) for t in revoked):
             raise _malformed("the revoked list is not a list of thumbprints")
@@ -305,67 +300,36 @@ def _request(document: object) -> Request:
             rows=terms["rows"],
             revoked=tuple(revoked),
             revoked_named=terms["revoked_named"],
-            min_version=_integer(terms["min_version"], "min_version"),
+            min_version=_read.integer(terms["min_version"], "min_version"),
         )
     import_ = None
     if (fields["import"] is None) != (kind != "import"):
         raise _malformed("import terms do not fit its kind")
     if fields["import"] is not None:
-        terms = _object(fields["import"], _IMPORT_FIELDS, "the import terms")
+        terms = _read.fields(fields["import"], _IMPORT_FIELDS, "the import terms")
         if terms["role"] not in IMPORT_ROLES or purpose == "all":
             raise _malformed("the import's role or purpose is unknown")
         if not isinstance(terms["source"], str) or not isinstance(terms["blob_sha256"], str):
             raise _malformed("the import's source or digest is not a string")
         import_ = ImportTerms(
-            certificate=_uuid(terms["certificate"], "the import's certificate"),
+            certificate=_read.uuid(terms["certificate"], "the import's certificate"),
             role=terms["role"],
             source=terms["source"],
             blob_sha256=terms["blob_sha256"],
         )
     return Request(
-        id=_integer(fields["id"], "id"),
-        nonce=_uuid(fields["nonce"], "nonce"),
-        farm=_uuid(fields["farm"], "farm"),
+        id=_read.integer(fields["id"], "id"),
+        nonce=_read.uuid(fields["nonce"], "nonce"),
+        farm=_read.uuid(fields["farm"], "farm"),
         kind=kind,
         purpose=purpose,
         urgent=fields["urgent"],
         requested_by=fields["requested_by"],
-        created=_integer(fields["created"], "created"),
-        expires=_integer(fields["expires"], "expires"),
-        master_key=_uuid(fields["master_key"], "master_key"),
+        created=_read.integer(fields["created"], "created"),
+        expires=_read.integer(fields["expires"], "expires"),
+        master_key=_read.uuid(fields["master_key"], "master_key"),
         repair=repair,
         import_=import_,
-    )
-
-
-def _object(value: object, keys: set[str], what: str) -> dict[str, Any]:
-    if not isinstance(value, dict) or set(value) != keys:
-        raise _malformed(f"{what} does not have exactly the fields {sorted(keys)}")
-    return value
-
-
-def _integer(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 63:
-        raise _malformed(f"its {what} is not a non-negative 64-bit integer")
-    return value
-
-
-def _uuid(value: object, what: str) -> uuid.UUID:
-    if not isinstance(value, str):
-        raise _malformed(f"{what} is not a UUID")
-    try:
-        parsed = uuid.UUID(value)
-    except ValueError:
-        raise _malformed(f"{what} is not a UUID") from None
-    if str(parsed) != value:
-        raise _malformed(f"{what} is not a UUID in canonical form")
-    return parsed
-
-
-def _malformed(why: str) -> RequestRefusedError:
-    return RequestRefusedError(
-        f"the request is malformed: {why}",
-        "file requests with `farmkeys rollover`, `repair-state` or `import adfs` only",
     )
 
 

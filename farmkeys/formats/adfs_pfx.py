@@ -4,7 +4,7 @@ AD FS keeps each token-signing and token-decryption certificate it generated
 in its configuration (the ``EncryptedPfx`` element of the service settings,
 base64) as a PKCS#12 encrypted under a key of its DKM container. This module
 parses that blob and, given the DKM key, verifies and decrypts it. It never
-writes the format: farmkeys seals its own blobs with :mod:`farmkeys.dkm`.
+writes the format: farmkeys seals its own blobs with :mod:`farmkeys.formats.blob`.
 Pure: no I/O, no clock, no randomness.
 
 Layout (all integers big-endian; offsets for the usual 3-byte length field)::
@@ -352,6 +352,21 @@ def parse(data: bytes | bytearray | memoryview | str) -> EncryptedPfx:
         raise _unsupported(
             f"has a MAC of {mac_length} bytes; farmkeys reads only {MAC_BYTES} (HMAC-SHA256)"
         )
+    ciphertext, mac = _ciphertext_and_mac(reader)
+    return EncryptedPfx(
+        version=version,
+        method=method,
+        key_id=key_id,
+        nonce=nonce,
+        iv=iv,
+        ciphertext=ciphertext,
+        mac=mac,
+    )
+
+
+def _ciphertext_and_mac(reader: _Reader) -> tuple[bytes, bytes]:
+    """The rest of the blob after the MAC length: a DER length, then exactly that many
+    bytes of ciphertext (whole AES blocks) and MAC."""
     at = reader.at
     body = reader.der_length("ciphertext length")
     if body > reader.remaining:
@@ -367,17 +382,7 @@ def parse(data: bytes | bytearray | memoryview | str) -> EncryptedPfx:
             f"its ciphertext is {max(cipher_size, 0)} bytes, not a positive multiple of "
             f"{_BLOCK_BYTES} (the AES block)"
         )
-    ciphertext = reader.take(cipher_size, "ciphertext")
-    mac = reader.take(MAC_BYTES, "MAC")
-    return EncryptedPfx(
-        version=version,
-        method=method,
-        key_id=key_id,
-        nonce=nonce,
-        iv=iv,
-        ciphertext=ciphertext,
-        mac=mac,
-    )
+    return reader.take(cipher_size, "ciphertext"), reader.take(MAC_BYTES, "MAC")
 
 
 def _check_length(name: str, value: bytes, size: int) -> None:
@@ -416,9 +421,9 @@ def decrypt(blob: EncryptedPfx, dkm_key: bytes) -> bytes:
     (wrong key, or an altered blob), :class:`~farmkeys.errors.AdfsBlobError`
     if the plaintext's PKCS#7 padding is invalid after a good MAC, and
     :class:`ValueError` if ``dkm_key`` is not :data:`DKM_KEY_BYTES` long (a
-    mistake of the calling code, like :mod:`farmkeys.dkm`'s master keys).
+    mistake of the calling code, like :mod:`farmkeys.formats.blob`'s master keys).
     Whether the result is a usable PKCS#12 is for
-    :func:`farmkeys.certs.from_pkcs12` to say.
+    :func:`farmkeys.formats.certificates.from_pkcs12` to say.
     """
     _check_length("dkm_key", dkm_key, DKM_KEY_BYTES)
     aes_key, mac_key = derive_keys(dkm_key, blob.nonce)

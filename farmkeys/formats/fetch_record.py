@@ -18,6 +18,8 @@ import hashlib
 import hmac
 import uuid
 
+from farmkeys.formats import _mac
+
 MAC_INFO = b"farmkeys relying-party fetch MAC v1\x00"
 MAC_SIZE = 32
 
@@ -25,12 +27,7 @@ MAC_SIZE = 32
 def mac_key(master_key: bytes, farm: uuid.UUID) -> bytes:
     """The fetch MAC key: HKDF-SHA256 of a master key under the fetch records' own label,
     bound to the farm's DKM group."""
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
-    return HKDF(
-        algorithm=hashes.SHA256(), length=MAC_SIZE, salt=None, info=MAC_INFO + farm.bytes
-    ).derive(master_key)
+    return _mac.derive_key(master_key, label=MAC_INFO, farm=farm, length=MAC_SIZE)
 
 
 def _message(farm: uuid.UUID, relying_party: str, thumbprint: str) -> bytes:

@@ -1,10 +1,13 @@
-"""The native blob format: a certificate's private key, encrypted at rest in the config DB.
+"""The native sealed blob: a certificate's files, private key and all, encrypted at rest.
 
-A blob is an authenticated, versioned envelope around the PKCS#12 of one
-certificate. It is sealed under a master key kept in the directory (the
-DKM container) and is bound to the row it lives in, so a blob copied into
-another row does not open. Pure: no I/O, no clock; the only side input is
-``os.urandom`` for the nonce, which the caller never chooses.
+A blob is an authenticated, versioned envelope around the files of one
+certificate: its bundle (:mod:`farmkeys.formats.bundle`: the certificate, its
+private key and their PKCS#12, as a node writes them), or, in a blob sealed
+before bundles existed, a bare PKCS#12; this module never looks inside. It is
+sealed under a master key kept in the directory (the DKM container) and is
+bound to the config DB row it lives in, so a blob copied into another row does
+not open. Pure: no I/O, no clock; the only side input is ``os.urandom`` for
+the nonce, which the caller never chooses.
 
 Layout, version 1 (all integers big-endian)::
 
@@ -100,7 +103,7 @@ _NONCE_AT: Final = _KEY_ID_AT + KEY_ID_BYTES  # 22
 HEADER_BYTES: Final = _NONCE_AT + NONCE_BYTES  # 34
 
 MAX_PLAINTEXT_BYTES: Final = 1024 * 1024
-"""The largest plaintext sealed; a PKCS#12 of an RSA-4096 key is under 5 KiB."""
+"""The largest plaintext sealed; the bundle of an RSA-4096 certificate is under 10 KiB."""
 MIN_BLOB_BYTES: Final = HEADER_BYTES + TAG_BYTES
 MAX_BLOB_BYTES: Final = HEADER_BYTES + MAX_PLAINTEXT_BYTES + TAG_BYTES
 

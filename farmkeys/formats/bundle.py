@@ -2,7 +2,7 @@
 
 The leader builds the three files of a certificate once (the certificate PEM,
 the PKCS#8 private key PEM and the PKCS#12) and seals them together in the
-certificate's blob (:mod:`farmkeys.dkm`). A node that installs the
+certificate's blob (:mod:`farmkeys.formats.blob`). A node that installs the
 certificate writes those bytes as they are, so it never parses a PKCS#12 or
 re-encodes a key; what it checks instead is cheap (:func:`files`).
 
@@ -39,8 +39,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from farmkeys import certs
 from farmkeys.errors import CertificateError
+from farmkeys.formats import certificates
 
 MAGIC: Final = b"FKB1"
 _LENGTH: Final = struct.Struct(">I")
@@ -56,12 +56,14 @@ class Bundle:
     pkcs12: bytes = field(repr=False)
 
 
-def files(generated: certs.Generated, *, friendly_name: str) -> Bundle:
+def files(generated: certificates.Generated, *, friendly_name: str) -> Bundle:
     """The three files of ``generated``."""
     return Bundle(
-        certificate_pem=certs.certificate_pem(generated.certificate),
-        private_key_pem=certs.private_key_pem(generated.key),
-        pkcs12=certs.to_pkcs12(generated.certificate, generated.key, friendly_name=friendly_name),
+        certificate_pem=certificates.certificate_pem(generated.certificate),
+        private_key_pem=certificates.private_key_pem(generated.key),
+        pkcs12=certificates.to_pkcs12(
+            generated.certificate, generated.key, friendly_name=friendly_name
+        ),
     )
 
 
@@ -71,7 +73,7 @@ def encode(bundle: Bundle) -> bytes:
     return MAGIC + b"".join(_LENGTH.pack(len(p)) + p for p in parts)
 
 
-def pack(generated: certs.Generated, *, friendly_name: str) -> bytes:
+def pack(generated: certificates.Generated, *, friendly_name: str) -> bytes:
     """The bundle of ``generated``: what the leader seals in its blob."""
     return encode(files(generated, friendly_name=friendly_name))
 
@@ -123,8 +125,8 @@ def check(
     except ValueError:
         raise CertificateError(f"the blob of {what} holds no PEM certificate", _TODO) from None
     if (
-        certs.certificate_der(cert) != der
-        or certs.thumbprint(cert) != thumbprint
+        certificates.certificate_der(cert) != der
+        or certificates.thumbprint(cert) != thumbprint
         or cert.not_valid_before_utc != not_before
         or cert.not_valid_after_utc != not_after
     ):
@@ -139,7 +141,7 @@ def check(
     except (ValueError, TypeError):
         raise CertificateError(f"the blob of {what} holds no usable private key", _TODO) from None
     if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) or not (
-        certs.key_matches(cert, key)
+        certificates.key_matches(cert, key)
     ):
         raise CertificateError(
             f"the private key in the blob of {what} does not match the certificate", _TODO

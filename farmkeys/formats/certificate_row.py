@@ -1,6 +1,8 @@
-"""What the pure modules read of a certificate row, as protocols (``db.CertificateRow``
-has all of it). Apart from :mod:`farmkeys.policy` so that the farm state record
-(:mod:`farmkeys.farmstate`), which a sync checks, does not load the rollover policy.
+"""What the pure modules read of a certificate row, as protocols (``configdb.CertificateRow``
+has all of it): the farm state record (:mod:`farmkeys.formats.farm_state`) names rows by
+them and the rollover policy (:mod:`farmkeys.policy`) decides on them. A module of its own,
+at the bottom with the codecs, so that neither loads the other: a sync checks the record
+without loading the policy, and the policy needs nothing of the record.
 """
 
 from __future__ import annotations

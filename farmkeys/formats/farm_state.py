@@ -20,7 +20,7 @@ leader writes, with every change, one record of the whole live set:
   deleted, with when (and whether urgently), so a DB writer who edits the
   ``master_key`` table cannot make the leader delete a key sooner than its
   retention (deleting is irreversible: it shreds what was sealed under it);
-- ``answered`` (format 2): the operator requests (:mod:`farmkeys.requests`)
+- ``answered`` (format 2): the operator requests (:mod:`farmkeys.formats.request`)
   the leader carried out that are not yet expired, by nonce, so an authentic
   request copied back into the queue is refused instead of done twice;
 
@@ -31,7 +31,7 @@ another farm. The record's bytes are canonical JSON (sorted keys, no
 spaces, ASCII): :func:`parse` accepts exactly the bytes :meth:`FarmState.encode`
 makes, and nothing else. docs/blob-format.md gives the format field by field.
 
-Pure: no I/O. The leader (:mod:`farmkeys.rollover`), `init`, the nodes
+Pure: no I/O. The leader (:mod:`farmkeys.leader`), `init`, the nodes
 (:mod:`farmkeys.sync`) and `status` call it with the key they read.
 """
 
@@ -39,15 +39,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import re
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from farmkeys.errors import FarmStateError
-from farmkeys.rows import Published
+from farmkeys.formats import _canonical, _mac
+from farmkeys.formats.certificate_row import Published
 from farmkeys.vocab import LIVE_ROLES, PURPOSES
 
 FORMAT = "farmkeys-state/2"
@@ -55,7 +55,7 @@ FORMAT_1 = "farmkeys-state/1"  # before tombstones and answered requests: still 
 MAC_INFO = b"farmkeys farm state MAC v1\x00"
 MAC_SIZE = 32
 MAX_RECORD = 1 << 20  # far above any farm's: a live set is a handful of rows
-MAX_VERSION = (1 << 63) - 1  # the config DB's bigint
+MAX_VERSION = _canonical.MAX_INTEGER  # the config DB's bigint
 MAX_VERSION_STEP = 1 << 32
 """The most a version may rise over the last authentic one (repair-state past a restored
 backup); a farm makes a handful of versions a day, so this bound is never met honestly."""
@@ -69,6 +69,14 @@ _REPLACED_FIELDS = {"at", "key", "urgent"}
 _ENTRY_FIELDS = {"id", "master_key", "purpose", "role", "thumbprint"}
 
 REPAIR = "restore the config DB from a backup, or run `farmkeys repair-state` as the leader"
+
+
+def _malformed(why: str) -> FarmStateError:
+    return FarmStateError(f"the config DB's farm state record is malformed: {why}", REPAIR)
+
+
+_read = _canonical.Reader(_malformed, integers=f"an integer from 0 to {MAX_VERSION}")
+"""The canonical JSON reader of records, whose refusals say the record is malformed."""
 
 
 class LiveRow(Published, Protocol):
@@ -203,9 +211,7 @@ class FarmState:
             ]
         else:
             document["format"] = FORMAT_1
-        return json.dumps(
-            document, sort_keys=True, separators=(",", ":"), ensure_ascii=True
-        ).encode("ascii")
+        return _canonical.encode(document)
 
     def same_content(self, other: FarmState) -> bool:
         """The same live set, revoked list, tombstones and answered requests (version, term
@@ -261,12 +267,7 @@ def mismatch(state: FarmState, rows: Iterable[LiveRow], *, then: str = "") -> Fa
 def mac_key(master_key: bytes, farm: uuid.UUID) -> bytes:
     """The record's MAC key: HKDF-SHA256 of the master key under the record's own label,
     bound to the farm's DKM group."""
-    from cryptography.hazmat.primitives import hashes  # a sync with nothing new needs none
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
-    return HKDF(
-        algorithm=hashes.SHA256(), length=MAC_SIZE, salt=None, info=MAC_INFO + farm.bytes
-    ).derive(master_key)
+    return _mac.derive_key(master_key, label=MAC_INFO, farm=farm, length=MAC_SIZE)
 
 
 def seal(state: FarmState, master_key: bytes) -> tuple[bytes, bytes]:
@@ -317,28 +318,18 @@ def parse(body: bytes) -> FarmState:
     a well-formed record. Says nothing of its authenticity: see :func:`verify`."""
     if not isinstance(body, bytes | bytearray | memoryview):
         raise _malformed("it is not bytes")
-    body = bytes(body)
-    if len(body) > MAX_RECORD:
-        raise _malformed(f"it is {len(body)} bytes, more than {MAX_RECORD}")
-    try:
-        document = json.loads(body.decode("ascii"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise _malformed("it is not ASCII JSON") from None
-    state = _state(document)
-    if state.encode() != body:
-        raise _malformed("it is not in canonical form")
-    return state
+    return _read.parse(bytes(body), limit=MAX_RECORD, build=_state, encode=FarmState.encode)
 
 
 def _state(document: object) -> FarmState:
     if not isinstance(document, dict) or document.get("format") not in (FORMAT, FORMAT_1):
         raise _malformed(f"its format is not {FORMAT!r}")
     form = document["format"]
-    fields = _object(document, _FIELDS if form == FORMAT else _FIELDS_1, "the record")
-    version = _integer(fields["version"], "version")
+    fields = _read.fields(document, _FIELDS if form == FORMAT else _FIELDS_1, "the record")
+    version = _read.integer(fields["version"], "version")
     if version < 1:
         raise _malformed("its version is below 1")
-    term = None if fields["term"] is None else _integer(fields["term"], "term")
+    term = None if fields["term"] is None else _read.integer(fields["term"], "term")
     live = fields["live"]
     if not isinstance(live, list):
         raise _malformed("live is not a list")
@@ -365,7 +356,7 @@ def _state(document: object) -> FarmState:
         listed = fields["shredded"]
         if not isinstance(listed, list):
             raise _malformed("shredded is not a list")
-        shredded = tuple(_uuid(k, "a shredded master key") for k in listed)
+        shredded = tuple(_read.uuid(k, "a shredded master key") for k in listed)
         if list(shredded) != sorted(set(shredded)):
             raise _malformed("shredded is not sorted without repeats")
         items = fields["answered"]
@@ -375,10 +366,10 @@ def _state(document: object) -> FarmState:
         if [a.request for a in answered] != sorted({a.request for a in answered}):
             raise _malformed("answered is not sorted by request without repeats")
     return FarmState(
-        farm=_uuid(fields["farm"], "farm"),
+        farm=_read.uuid(fields["farm"], "farm"),
         version=version,
         term=term,
-        master_key=_uuid(fields["master_key"], "master_key"),
+        master_key=_read.uuid(fields["master_key"], "master_key"),
         live=entries,
         revoked=tuple(revoked),
         shredded=shredded,
@@ -389,63 +380,35 @@ def _state(document: object) -> FarmState:
 
 
 def _replaced(item: object) -> Replaced:
-    fields = _object(item, _REPLACED_FIELDS, "a replaced master key")
+    fields = _read.fields(item, _REPLACED_FIELDS, "a replaced master key")
     if not isinstance(fields["urgent"], bool):
         raise _malformed("a replaced master key's urgent is not a boolean")
     return Replaced(
-        key=_uuid(fields["key"], "a replaced master key"),
-        at=_integer(fields["at"], "replaced master key's time"),
+        key=_read.uuid(fields["key"], "a replaced master key"),
+        at=_read.integer(fields["at"], "replaced master key's time"),
         urgent=fields["urgent"],
     )
 
 
 def _answered(item: object) -> Answered:
-    fields = _object(item, _ANSWERED_FIELDS, "an answered request")
+    fields = _read.fields(item, _ANSWERED_FIELDS, "an answered request")
     return Answered(
-        request=_uuid(fields["request"], "an answered request's nonce"),
-        expires=_integer(fields["expires"], "answered request's expiry"),
+        request=_read.uuid(fields["request"], "an answered request's nonce"),
+        expires=_read.integer(fields["expires"], "answered request's expiry"),
     )
 
 
 def _entry(item: object) -> LiveEntry:
-    fields = _object(item, _ENTRY_FIELDS, "a live entry")
+    fields = _read.fields(item, _ENTRY_FIELDS, "a live entry")
     purpose, role, thumbprint = fields["purpose"], fields["role"], fields["thumbprint"]
     if purpose not in PURPOSES or role not in LIVE_ROLES:
         raise _malformed("a live entry has an unknown purpose or role")
     if not isinstance(thumbprint, str) or not _THUMBPRINT.match(thumbprint):
         raise _malformed("a live entry's thumbprint is not 40 upper-case hex digits")
     return LiveEntry(
-        id=_uuid(fields["id"], "a live entry's id"),
+        id=_read.uuid(fields["id"], "a live entry's id"),
         purpose=purpose,
         role=role,
         thumbprint=thumbprint,
-        master_key=_uuid(fields["master_key"], "a live entry's master_key"),
+        master_key=_read.uuid(fields["master_key"], "a live entry's master_key"),
     )
-
-
-def _object(value: object, keys: set[str], what: str) -> dict[str, Any]:
-    if not isinstance(value, dict) or set(value) != keys:
-        raise _malformed(f"{what} does not have exactly the fields {sorted(keys)}")
-    return value
-
-
-def _integer(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_VERSION:
-        raise _malformed(f"its {what} is not an integer from 0 to {MAX_VERSION}")
-    return value
-
-
-def _uuid(value: object, what: str) -> uuid.UUID:
-    if not isinstance(value, str):
-        raise _malformed(f"{what} is not a UUID")
-    try:
-        parsed = uuid.UUID(value)
-    except ValueError:
-        raise _malformed(f"{what} is not a UUID") from None
-    if str(parsed) != value:
-        raise _malformed(f"{what} is not a UUID in canonical form")
-    return parsed
-
-
-def _malformed(why: str) -> FarmStateError:
-    return FarmStateError(f"the config DB's farm state record is malformed: {why}", REPAIR)

@@ -219,7 +219,7 @@ def to_pkcs12(cert: x509.Certificate, key: PrivateKey, *, friendly_name: str) ->
     """A PKCS#12 of ``cert`` and ``key`` without a password.
 
     Unencrypted on purpose: it is only ever stored inside a blob
-    (:mod:`farmkeys.dkm`) or in the node's store with mode 0600. An empty
+    (:mod:`farmkeys.formats.blob`) or in the node's store with mode 0600. An empty
     ``friendly_name`` leaves the name out.
     """
     if not key_matches(cert, key):
