@@ -28,9 +28,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
-from farmkeys import store as store_module
 from farmkeys.errors import StoreError
 from farmkeys.store import CertificateFiles, Manifest, Store
+from farmkeys.store import reader as store_module
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 REPO = Path(__file__).resolve().parents[1]
