@@ -23,7 +23,8 @@ from ldap3.protocol.microsoft import security_descriptor_control
 
 from farmkeys import certs
 from farmkeys.config import DirectoryConfig, RetryConfig, load
-from farmkeys.directory import Directory, ad, sd
+from farmkeys.directory import Directory, ad
+from farmkeys.directory import security_descriptor as sd
 from farmkeys.errors import DirectoryError, MasterKeyMissingError
 from farmkeys.lab._common import free_port
 from farmkeys.lab.samba import LocalSambaDC, write_ca_certificate

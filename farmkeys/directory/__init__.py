@@ -47,11 +47,11 @@ __all__ = [
 ]
 
 
-_SUBMODULES = frozenset({"ad", "client", "layout", "openldap", "sd", "settings"})
+_SUBMODULES = frozenset({"ad", "client", "layout", "openldap", "security_descriptor", "settings"})
 
 
 def __getattr__(name: str) -> Any:  # noqa: ANN401 - whatever the client module holds
-    if name in _SUBMODULES:  # `from farmkeys.directory import sd`: the submodule itself
+    if name in _SUBMODULES:  # `from farmkeys.directory import ad`: the submodule itself
         return importlib.import_module(f"{__name__}.{name}")
     client = importlib.import_module("farmkeys.directory.client")
     try:

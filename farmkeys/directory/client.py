@@ -31,7 +31,8 @@ from ldap3.utils.dn import parse_dn
 
 from farmkeys._retry import RetryExhaustedError, call_with_retry
 from farmkeys.config import DirectoryConfig, RetryConfig
-from farmkeys.directory import ad, sd
+from farmkeys.directory import ad
+from farmkeys.directory import security_descriptor as sd
 from farmkeys.directory.layout import (
     KEY_ID_ATTRIBUTE,
     POLICY_ATTRIBUTE,
