@@ -39,7 +39,7 @@ from farmkeys.directory.layout import (
     POLICY_CN,
     Layout,
 )
-from farmkeys.directory.settings import _UPN, _is_ldaps, _is_loopback, validate
+from farmkeys.directory.settings import UPN, is_ldaps, is_loopback, validate
 from farmkeys.errors import (
     ConfigError,
     DirectoryAuthError,
@@ -513,7 +513,7 @@ class Directory:
         if self._service_sid is not None:
             return self._service_sid
         who = self._config.bind_dn
-        if _UPN.match(who):
+        if UPN.match(who):
             base = ",".join(
                 f"{attr}={value}"
                 for attr, value, _ in parse_dn(self._config.container)
@@ -866,7 +866,7 @@ class Directory:
             ) from exc
 
     def _server(self, url: str) -> ldap3.Server:
-        use_ssl = _is_ldaps(url)
+        use_ssl = is_ldaps(url)
         tls = None
         if use_ssl or self._config.start_tls:
             ca_file = self._config.ca_file
@@ -946,9 +946,9 @@ class Directory:
             # ldap3 keeps the password and shows it in the connection's repr.
             conn.password = None
         log.debug("bound to %s %s", url, who)
-        if not (_is_ldaps(url) or self._config.start_tls or self._warned_plaintext):
+        if not (is_ldaps(url) or self._config.start_tls or self._warned_plaintext):
             self._warned_plaintext = True
-            if not _is_loopback(urlsplit(url).hostname or ""):
+            if not is_loopback(urlsplit(url).hostname or ""):
                 log.warning(
                     "the directory at %s is reached without TLS: the bind password and the "
                     "master keys cross the network in the clear; use ldaps:// or start_tls",
