@@ -47,7 +47,9 @@ __all__ = [
 ]
 
 
-_SUBMODULES = frozenset({"ad", "client", "layout", "openldap", "security_descriptor", "settings"})
+_SUBMODULES = frozenset(
+    {"ad", "client", "connection", "layout", "openldap", "security_descriptor", "settings"}
+)
 
 
 def __getattr__(name: str) -> Any:  # noqa: ANN401 - whatever the client module holds

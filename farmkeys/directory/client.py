@@ -1,6 +1,7 @@
 """The directory client: :class:`Directory` over ldap3. The package's docstring
 (:mod:`farmkeys.directory`) describes the interface; this module is loaded, with ldap3, on
-the first use of a name from it.
+the first use of a name from it. The connection (servers, TLS, bind, retries, failover)
+is :mod:`farmkeys.directory.connection`.
 
 Key bytes and passwords never appear in a log line, an exception message or a
 repr: keys and entries are named by their GUIDs and DNs only.
@@ -8,20 +9,14 @@ repr: keys and entries are named by their GUIDs and DNs only.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import secrets
-import ssl
-import threading
 import uuid
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
-from urllib.parse import urlsplit
+from typing import Any, Self
 
 import ldap3
 from ldap3.core import exceptions as ldap_exc
@@ -29,39 +24,34 @@ from ldap3.protocol.microsoft import security_descriptor_control
 from ldap3.utils.conv import escape_filter_chars
 from ldap3.utils.dn import parse_dn
 
-from farmkeys._retry import RetryExhaustedError, call_with_retry
 from farmkeys.config import DirectoryConfig, RetryConfig
 from farmkeys.directory import ad
 from farmkeys.directory import security_descriptor as sd
+from farmkeys.directory.connection import (
+    SETUP_DOC,
+    Connection,
+    describe,
+    first_value,
+    found_entries,
+    parses_as_dn,
+)
 from farmkeys.directory.layout import (
     KEY_ID_ATTRIBUTE,
     POLICY_ATTRIBUTE,
     POLICY_CN,
     Layout,
 )
-from farmkeys.directory.settings import UPN, is_ldaps, is_loopback, validate
-from farmkeys.errors import (
-    ConfigError,
-    DirectoryAuthError,
-    DirectoryError,
-    FarmConflictError,
-    MasterKeyMissingError,
-)
+from farmkeys.directory.settings import UPN, validate
+from farmkeys.errors import DirectoryError, FarmConflictError, MasterKeyMissingError
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
+__all__ = ["MASTER_KEY_LENGTH", "SETUP_DOC", "Directory", "MasterKeyInfo"]
 
 MASTER_KEY_LENGTH = 32
 """Bytes of one master key (AD FS's DKM keys are 256 bits too)."""
 
-SETUP_DOC = "docs/directory-setup.md"
-
 _GENERALIZED_TIME = re.compile(r"^(\d{14})(?:[.,]\d+)?Z$")
-
-# Failures worth another attempt: the server is down, restarting, or slow.
-_TRANSIENT_RESULTS = (ldap_exc.LDAPBusyResult, ldap_exc.LDAPUnavailableResult)
-_CONNECTION_LOST = (ldap_exc.LDAPCommunicationError, ldap_exc.LDAPResponseTimeoutError)
 
 
 @dataclass(frozen=True)
@@ -73,57 +63,11 @@ class MasterKeyInfo:
     current: bool
 
 
-def _describe(exc: BaseException) -> str:
-    """A short cause for a message: the LDAP result, or the socket error, never a value."""
-    if isinstance(exc, ldap_exc.LDAPOperationResult):
-        text = f"{exc.description} (result {exc.result})"
-        if exc.message:
-            text += f": {exc.message}"
-    else:
-        text = str(exc)
-    # Servers end their diagnostic messages with newlines (Samba does): one line, always.
-    return " ".join(text.split()) or type(exc).__name__
-
-
-def _is_certificate_failure(exc: BaseException) -> bool:
-    text = str(exc)
-    return "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text
-
-
-def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, _TRANSIENT_RESULTS):
-        return True
-    if isinstance(exc, _CONNECTION_LOST):
-        return not _is_certificate_failure(exc)
-    return False
-
-
-def _parses_as_dn(dn: str) -> bool:
-    try:
-        parse_dn(dn)
-    except ldap_exc.LDAPException:
-        return False
-    return True
-
-
 def _parse_generalized_time(value: str) -> datetime | None:
     match = _GENERALIZED_TIME.match(value.strip())
     if match is None:
         return None
     return datetime.strptime(match.group(1), "%Y%m%d%H%M%S").replace(tzinfo=UTC)
-
-
-def _first(entry: dict[str, Any], attribute: str) -> bytes | None:
-    """The first raw value of ``attribute`` in a search result entry, matched case-insensitively."""
-    for name, values in entry.get("raw_attributes", {}).items():
-        if name.lower() == attribute.lower() and values:
-            value = values[0]
-            return value if isinstance(value, bytes) else str(value).encode()
-    return None
-
-
-def _entries(conn: ldap3.Connection) -> list[dict[str, Any]]:
-    return [r for r in (conn.response or []) if r.get("type") == "searchResEntry"]
 
 
 class Directory:
@@ -140,15 +84,11 @@ class Directory:
 
     def __init__(self, config: DirectoryConfig, retry: RetryConfig) -> None:
         self._config = config
-        self._retry = retry
-        self._layout = validate(config, is_dn=_parses_as_dn)
-        self._conn: ldap3.Connection = None
-        self._server_url: str | None = None
-        self._lock = threading.RLock()
+        self._layout = validate(config, is_dn=parses_as_dn)
+        self._link = Connection(config, retry)
         self._keys: dict[tuple[uuid.UUID, uuid.UUID], bytes] = {}
         self._key_reads = 0
         self._service_sid: str | None = None
-        self._warned_plaintext = False
 
     def __repr__(self) -> str:
         return (
@@ -161,12 +101,17 @@ class Directory:
     @property
     def endpoint(self) -> str:
         """The directory server in use (or, before the first bind, the list), for messages."""
-        return self._server_url or ", ".join(self._config.urls)
+        return self._link.endpoint
 
     @property
     def last_server(self) -> str | None:
         """The URL of the server (domain controller) this object last bound to, if any."""
-        return self._server_url
+        return self._link.last_server
+
+    @property
+    def _conn(self) -> ldap3.Connection | None:
+        """The ldap3 connection now open, if any."""
+        return self._link.current
 
     @property
     def container(self) -> str:
@@ -185,13 +130,11 @@ class Directory:
 
     def bind(self) -> None:
         """Connect and bind now, so a bad URL or password fails before anything is written."""
-        with self._lock:
-            self._connection()
+        self._link.bind()
 
     def close(self) -> None:
         """Close the connection (a later operation opens a new one). Keeps the key cache."""
-        with self._lock:
-            self._drop()
+        self._link.close()
 
     def __enter__(self) -> Self:
         return self
@@ -211,7 +154,7 @@ class Directory:
     def container_exists(self, group: uuid.UUID) -> bool:
         """Whether the DKM container of ``group`` exists and this account can see it."""
         dn = self.container_dn(group)
-        return self._exists(dn)
+        return self._link.exists(dn)
 
     def create_container(self, group: uuid.UUID, *, farm_name: str) -> uuid.UUID:
         """Create the DKM container of ``group``, its first master key and CryptoPolicy.
@@ -227,7 +170,7 @@ class Directory:
             created.append(self._add_key_entry(group, key_id))
             created.append(self._add_policy_entry(group, key_id))
         except BaseException:
-            self._remove_best_effort(reversed(created))
+            self._link.remove_best_effort(reversed(created))
             raise
         log.info(
             "created DKM container %s with master key %s in %s", container, key_id, self.endpoint
@@ -248,14 +191,14 @@ class Directory:
                 )
             except ldap_exc.LDAPNoSuchObjectResult:
                 return []
-            return [str(e["dn"]) for e in _entries(conn)]
+            return [str(e["dn"]) for e in found_entries(conn)]
 
-        dns = self._run(children)
+        dns = self._link.run(children)
         # Leaves first: the deeper a DN, the more RDNs it has.
         for dn in sorted(dns, key=lambda d: len(parse_dn(d)), reverse=True):
-            self._delete(dn)
+            self._link.delete(dn)
         if dns:
-            with self._lock:
+            with self._link.lock:
                 self._keys = {k: v for k, v in self._keys.items() if k[0] != group}
             log.info("deleted DKM container %s from %s", container, self.endpoint)
 
@@ -267,7 +210,7 @@ class Directory:
             try:
                 self.set_current_key(group, key_id)
             except BaseException:
-                self._remove_best_effort([dn])
+                self._link.remove_best_effort([dn])
                 raise
         log.info(
             "added master key %s to DKM group %s%s",
@@ -304,13 +247,13 @@ class Directory:
         """
         dn = self._key_entry_dn(group, key_id)
         if dn is not None:
-            self._delete(dn)
+            self._link.delete(dn)
         self.forget(group, key_id)
         log.info("deleted master key %s of DKM group %s", key_id, group)
 
     def forget(self, group: uuid.UUID, key_id: uuid.UUID) -> None:
         """Drop a cached master key from memory (it was deleted from the directory)."""
-        with self._lock:
+        with self._link.lock:
             self._keys.pop((group, key_id), None)
 
     def restore_container(self, group: uuid.UUID, *, farm_name: str, current: uuid.UUID) -> bool:
@@ -324,10 +267,10 @@ class Directory:
         """
         created = False
         container = self.container_dn(group)
-        if not self._exists(container):
+        if not self._link.exists(container):
             self._add_container_entry(group, farm_name)
             created = True
-        if not self._exists(self._policy_dn(group)):
+        if not self._link.exists(self._policy_dn(group)):
             self._add_policy_entry(group, current)
             created = True
         if created:
@@ -341,7 +284,7 @@ class Directory:
         def modify(conn: ldap3.Connection) -> None:
             conn.modify(policy, {POLICY_ATTRIBUTE: [(ldap3.MODIFY_REPLACE, [str(key_id)])]})
 
-        self._run(modify, writing=policy)
+        self._link.run(modify, writing=policy)
 
     def current_key_id(self, group: uuid.UUID) -> uuid.UUID:
         """The id of the current master key of ``group``, from its CryptoPolicy."""
@@ -352,10 +295,10 @@ class Directory:
                 conn.search(policy, "(objectClass=*)", ldap3.BASE, attributes=[POLICY_ATTRIBUTE])
             except ldap_exc.LDAPNoSuchObjectResult:
                 return None
-            found = _entries(conn)
-            return _first(found[0], POLICY_ATTRIBUTE) if found else None
+            found = found_entries(conn)
+            return first_value(found[0], POLICY_ATTRIBUTE) if found else None
 
-        value = self._run(read)
+        value = self._link.run(read)
         if value is None:
             raise DirectoryError(
                 f"{policy} is missing from the directory at {self.endpoint}, "
@@ -374,7 +317,7 @@ class Directory:
 
     def master_key(self, group: uuid.UUID, key_id: uuid.UUID) -> bytes:
         """The 32 bytes of master key ``key_id``; read from the server once per object."""
-        with self._lock:
+        with self._link.lock:
             cached = self._keys.get((group, key_id))
             if cached is not None:
                 return cached
@@ -383,9 +326,9 @@ class Directory:
             def read(conn: ldap3.Connection) -> bytes | None:
                 self._key_reads += 1
                 found = self._search_key(conn, group, key_id, [attribute])
-                return _first(found, attribute) if found else None
+                return first_value(found, attribute) if found else None
 
-            key = self._run(read)
+            key = self._link.run(read)
             if key is None:
                 raise MasterKeyMissingError(
                     f"master key {key_id} of DKM group {group} is missing from the directory "
@@ -418,7 +361,7 @@ class Directory:
         current = self.current_key_id(group)
         keys: list[MasterKeyInfo] = []
         for entry in found:
-            raw_id = _first(entry, KEY_ID_ATTRIBUTE)
+            raw_id = first_value(entry, KEY_ID_ATTRIBUTE)
             try:
                 key_id = uuid.UUID(raw_id.decode("utf-8")) if raw_id else None
             except (UnicodeDecodeError, ValueError):
@@ -426,7 +369,7 @@ class Directory:
             if key_id is None:
                 log.warning("ignoring %s: its %s is not a key id", entry["dn"], KEY_ID_ATTRIBUTE)
                 continue
-            stamp = _first(entry, self._layout.created_attribute)
+            stamp = first_value(entry, self._layout.created_attribute)
             created = _parse_generalized_time(stamp.decode("ascii", "replace")) if stamp else None
             keys.append(MasterKeyInfo(id=key_id, created_at=created, current=key_id == current))
         far_past = datetime.min.replace(tzinfo=UTC)
@@ -455,15 +398,15 @@ class Directory:
             named = str(key_id).encode()  # compared as LDAP's caseIgnoreMatch of `l` would
             found = (
                 (
-                    (_first(e, KEY_ID_ATTRIBUTE) or b"").strip().lower() == named,
+                    (first_value(e, KEY_ID_ATTRIBUTE) or b"").strip().lower() == named,
                     str(e["dn"]),
-                    _first(e, attribute),
+                    first_value(e, attribute),
                 )
-                for e in _entries(conn)
+                for e in found_entries(conn)
             )
             return [(n, dn, key) for n, dn, key in found if key and len(key) == MASTER_KEY_LENGTH]
 
-        found = self._run(search)
+        found = self._link.run(search)
         # The entries the blob names first; sorted() keeps the directory's order otherwise.
         return [(dn, key) for _, dn, key in sorted(found, key=lambda f: not f[0])]
 
@@ -480,7 +423,7 @@ class Directory:
         except DirectoryError:
             known = []
         key_attribute = self._layout.key_attribute
-        conn = self._open_anonymous()
+        conn = self._link.open_anonymous()
         if conn is None:
             return False
         try:
@@ -496,17 +439,19 @@ class Directory:
                     ldap_exc.LDAPStrongerAuthRequiredResult,
                 ):
                     continue
-                for entry in _entries(conn):
-                    if self._is_key_dn(str(entry["dn"]), container) or _first(entry, key_attribute):
+                for entry in found_entries(conn):
+                    if self._is_key_dn(str(entry["dn"]), container) or first_value(
+                        entry, key_attribute
+                    ):
                         return True
             return False
         except ldap_exc.LDAPException as exc:
             raise DirectoryError(
-                f"the anonymous check of {container} at {self.endpoint} failed: {_describe(exc)}",
+                f"the anonymous check of {container} at {self.endpoint} failed: {describe(exc)}",
                 "check that the directory is reachable",
             ) from exc
         finally:
-            self._unbind(conn)
+            self._link.unbind(conn)
 
     def service_sid(self) -> str:
         """The objectSid of the service account (Active Directory), read once per object."""
@@ -528,10 +473,10 @@ class Directory:
                 conn.search(*query, attributes=["objectSid"])
             except ldap_exc.LDAPNoSuchObjectResult:
                 return None
-            found = _entries(conn)
-            return _first(found[0], "objectSid") if len(found) == 1 else None
+            found = found_entries(conn)
+            return first_value(found[0], "objectSid") if len(found) == 1 else None
 
-        raw = self._run(read)
+        raw = self._link.run(read)
         try:
             sid = sd.sid_from_bytes(raw)[0] if raw else None
         except sd.DescriptorError:
@@ -566,10 +511,11 @@ class Directory:
             except ldap_exc.LDAPNoSuchObjectResult:
                 return []
             return [
-                (str(e["dn"]), _first(e, ad.SECURITY_DESCRIPTOR_ATTRIBUTE)) for e in _entries(conn)
+                (str(e["dn"]), first_value(e, ad.SECURITY_DESCRIPTOR_ATTRIBUTE))
+                for e in found_entries(conn)
             ]
 
-        found = self._run(read)
+        found = self._link.run(read)
         if not found:
             return "its security descriptor cannot be read"
         service = self.service_sid()
@@ -622,9 +568,9 @@ class Directory:
                 )
             except ldap_exc.LDAPNoSuchObjectResult:
                 return None
-            return _entries(conn)
+            return found_entries(conn)
 
-        return self._run(search)
+        return self._link.run(search)
 
     def _search_key(
         self, conn: ldap3.Connection, group: uuid.UUID, key_id: uuid.UUID, attributes: list[str]
@@ -642,7 +588,7 @@ class Directory:
             )
         except ldap_exc.LDAPNoSuchObjectResult:
             return None
-        found = _entries(conn)
+        found = found_entries(conn)
         if len(found) > 1:
             raise DirectoryError(
                 f"the DKM container {self.container_dn(group)} at {self.endpoint} holds "
@@ -658,7 +604,7 @@ class Directory:
             found = self._search_key(conn, group, key_id, [ldap3.NO_ATTRIBUTES])
             return str(found["dn"]) if found else None
 
-        return self._run(find)
+        return self._link.run(find)
 
     def _add_container_entry(self, group: uuid.UUID, farm_name: str) -> str:
         dn = self.container_dn(group)
@@ -678,10 +624,10 @@ class Directory:
             try:
                 problem = self.container_protection_problem(group)
             except BaseException:
-                self._remove_best_effort([dn])
+                self._link.remove_best_effort([dn])
                 raise
             if problem is not None:
-                self._remove_best_effort([dn])
+                self._link.remove_best_effort([dn])
                 raise DirectoryError(
                     f"the DKM container {dn} was created at {self.endpoint} but {problem}; "
                     "it was removed again and no key was written",
@@ -734,16 +680,6 @@ class Directory:
         )
         return dn
 
-    def _exists(self, dn: str) -> bool:
-        def search(conn: ldap3.Connection) -> bool:
-            try:
-                conn.search(dn, "(objectClass=*)", ldap3.BASE, attributes=[ldap3.NO_ATTRIBUTES])
-            except ldap_exc.LDAPNoSuchObjectResult:
-                return False
-            return bool(_entries(conn))
-
-        return self._run(search)
-
     def _add(
         self,
         dn: str,
@@ -753,11 +689,8 @@ class Directory:
         creating_container: bool = False,
         controls: list[Any] | None = None,
     ) -> None:
-        def add(conn: ldap3.Connection) -> None:
-            conn.add(dn, list(classes), attributes, controls=controls)
-
         try:
-            self._run(add, writing=dn)
+            self._link.add(dn, classes, attributes, controls=controls)
         except DirectoryError as exc:
             cause = exc.__cause__
             if creating_container and isinstance(cause, ldap_exc.LDAPEntryAlreadyExistsResult):
@@ -776,209 +709,7 @@ class Directory:
                 raise DirectoryError(
                     f"the directory at {self.endpoint} refused to create the DKM container "
                     f"{dn} with its protected security descriptor: "
-                    f"{_describe(cause) if cause else exc.what}",
+                    f"{describe(cause) if cause else exc.what}",
                     self._delegation_hint(),
                 ) from cause
             raise
-
-    def _delete(self, dn: str) -> None:
-        def delete(conn: ldap3.Connection) -> None:
-            with contextlib.suppress(ldap_exc.LDAPNoSuchObjectResult):
-                conn.delete(dn)
-
-        self._run(delete, writing=dn)
-
-    def _remove_best_effort(self, dns: Iterable[str]) -> None:
-        for dn in dns:
-            try:
-                self._delete(dn)
-            except Exception as exc:  # undoing is best effort; the original error matters
-                log.warning("could not remove %s while undoing a failed change: %s", dn, exc)
-            else:
-                log.info("removed %s after a failed change", dn)
-
-    # -- connection ---------------------------------------------------------------
-
-    def _run(self, operation: Callable[[Any], T], *, writing: str | None = None) -> T:
-        """Run ``operation`` on the bound connection, re-opening it once if it was lost.
-
-        LDAP errors become :class:`DirectoryError`; ``writing`` names the entry
-        a write touches, for the message when access is denied.
-        """
-        with self._lock:
-            for attempt in (1, 2):
-                conn = self._connection()
-                try:
-                    return operation(conn)
-                except _CONNECTION_LOST as exc:
-                    self._drop()
-                    if attempt == 2:
-                        raise DirectoryError(
-                            f"lost the connection to the directory at {self.endpoint} "
-                            f"again right after reconnecting: {_describe(exc)}",
-                            "check the directory server's health and the network",
-                        ) from exc
-                    log.warning(
-                        "lost the connection to %s (%s); reconnecting",
-                        self.endpoint,
-                        _describe(exc),
-                    )
-                except ldap_exc.LDAPInsufficientAccessRightsResult as exc:
-                    if writing is None:
-                        raise DirectoryError(
-                            f"the directory at {self.endpoint} denied {self._config.bind_dn} "
-                            f"access: {_describe(exc)}",
-                            f"grant the access {SETUP_DOC} shows",
-                        ) from exc
-                    raise DirectoryError(
-                        f"the directory account {self._config.bind_dn} may not create entries "
-                        f"under {self._config.container} (denied on {writing})",
-                        f"grant it write access there as {SETUP_DOC} shows",
-                    ) from exc
-                except ldap_exc.LDAPException as exc:
-                    target = f" on {writing}" if writing else ""
-                    raise DirectoryError(
-                        f"the directory at {self.endpoint} failed an operation{target}: "
-                        f"{_describe(exc)}",
-                        "check the directory server's log and the DKM container's state",
-                    ) from exc
-            raise AssertionError("unreachable")
-
-    def _connection(self) -> ldap3.Connection:
-        if self._conn is not None and not self._conn.closed:
-            return self._conn
-        self._drop()
-        self._conn = self._retrying(self._open, ", ".join(self._config.urls))
-        return self._conn
-
-    def _retrying(self, attempt: Callable[[], ldap3.Connection], where: str) -> ldap3.Connection:
-        """``attempt()``, retried on transient failures within ``retry``; the exhausted
-        budget becomes a :class:`DirectoryError` naming ``where``."""
-        try:
-            return call_with_retry(
-                attempt, policy=self._retry, is_transient=_is_transient, what=f"directory {where}"
-            )
-        except RetryExhaustedError as exc:
-            raise DirectoryError(
-                f"cannot reach the directory at {where}: {_describe(exc.last)} ({exc.summary()})",
-                "check directory.url, that the directory server runs, and the network "
-                "between this node and it",
-            ) from exc
-
-    def _server(self, url: str) -> ldap3.Server:
-        use_ssl = is_ldaps(url)
-        tls = None
-        if use_ssl or self._config.start_tls:
-            ca_file = self._config.ca_file
-            if ca_file is not None and not Path(ca_file).is_file():
-                raise ConfigError(
-                    f"directory.ca_file {ca_file} does not exist or is not a file",
-                    "point it at the CA certificate (PEM) of the directory server",
-                )
-            tls = ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=ca_file)
-        return ldap3.Server(
-            url,
-            use_ssl=use_ssl,
-            tls=tls,
-            connect_timeout=self._config.timeout_seconds,
-            get_info=ldap3.NONE,
-        )
-
-    def _open(self) -> ldap3.Connection:
-        """One pass over the servers, in order: the first that binds is used.
-
-        A server that does not answer (or whose certificate does not verify)
-        is passed over for the next; a rejected password is not, so an
-        account is not locked out by trying it everywhere. When every server
-        failed, the last transient failure is raised for another pass, else
-        the first server's error.
-        """
-        failures: list[BaseException] = []
-        for url in self._config.urls:
-            try:
-                conn = self._open_one(url, anonymous=False)
-            except DirectoryAuthError:
-                raise
-            except (ldap_exc.LDAPException, DirectoryError) as exc:
-                failures.append(exc)
-                if len(self._config.urls) > 1:
-                    log.warning("directory server %s failed: %s", url, _describe(exc))
-                continue
-            if self._server_url not in (None, url):
-                log.warning("the directory is now reached at %s", url)
-            self._server_url = url
-            return conn
-        transient = [f for f in failures if _is_transient(f)]
-        raise transient[-1] if transient else failures[0]
-
-    def _open_one(self, url: str, *, anonymous: bool) -> ldap3.Connection:
-        """One attempt to connect to ``url`` and bind as the service account (or anonymously)."""
-        who = "anonymously" if anonymous else f"as {self._config.bind_dn}"
-        conn = ldap3.Connection(
-            self._server(url),
-            user=None if anonymous else self._config.bind_dn,
-            password=None if anonymous else self._config.read_password(),
-            auto_bind=ldap3.AUTO_BIND_NONE,
-            receive_timeout=self._config.timeout_seconds,
-            raise_exceptions=True,
-            read_only=anonymous,
-        )
-        try:
-            conn.open()
-            if self._config.start_tls:
-                conn.start_tls()
-            conn.bind()
-        except ldap_exc.LDAPInvalidCredentialsResult:
-            self._unbind(conn)
-            raise DirectoryAuthError(
-                f"the directory at {url} rejected the bind {who} (invalid credentials)",
-                "check directory.password / password_file",
-            ) from None
-        except ldap_exc.LDAPException as exc:
-            self._unbind(conn)
-            if _is_transient(exc) or anonymous:
-                raise
-            raise DirectoryError(
-                f"cannot bind to the directory at {url} {who}: {_describe(exc)}",
-                "check directory.url, start_tls and ca_file, and the account",
-            ) from exc
-        finally:
-            # ldap3 keeps the password and shows it in the connection's repr.
-            conn.password = None
-        log.debug("bound to %s %s", url, who)
-        if not (is_ldaps(url) or self._config.start_tls or self._warned_plaintext):
-            self._warned_plaintext = True
-            if not is_loopback(urlsplit(url).hostname or ""):
-                log.warning(
-                    "the directory at %s is reached without TLS: the bind password and the "
-                    "master keys cross the network in the clear; use ldaps:// or start_tls",
-                    url,
-                )
-        return conn
-
-    def _open_anonymous(self) -> ldap3.Connection | None:
-        """An anonymous connection to the server in use (or the first listed), or None when
-        the server refuses anonymous binds."""
-        url = self._server_url or self._config.urls[0]
-        try:
-            return self._retrying(lambda: self._open_one(url, anonymous=True), url)
-        except ldap_exc.LDAPOperationResult as exc:
-            log.info("the directory at %s refuses anonymous binds: %s", url, exc)
-            return None
-        except ldap_exc.LDAPException as exc:
-            raise DirectoryError(
-                f"cannot open an anonymous connection to {url}: {_describe(exc)}",
-                "check directory.url, start_tls and ca_file",
-            ) from exc
-
-    def _drop(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            self._unbind(conn)
-
-    @staticmethod
-    def _unbind(conn: ldap3.Connection) -> None:
-        try:
-            conn.unbind()
-        except Exception as exc:  # closing a dead socket may fail; nothing to do about it
-            log.debug("ignoring an error while closing an LDAP connection: %s", exc)

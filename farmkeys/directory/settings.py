@@ -63,7 +63,7 @@ def is_loopback(host: str) -> bool:
 
 # An attribute type (a name or an OID), "=", then anything, for each RDN of a DN; commas
 # escaped with a backslash belong to a value. ldap3's parser checks fully when the directory
-# is used (farmkeys.directory.client).
+# is made (farmkeys.directory.connection.parses_as_dn).
 _RDN = re.compile(r"^\s*(?:[A-Za-z][A-Za-z0-9-]*|[0-9]+(?:\.[0-9]+)+)\s*=")
 
 
