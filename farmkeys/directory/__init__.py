@@ -48,7 +48,16 @@ __all__ = [
 
 
 _SUBMODULES = frozenset(
-    {"ad", "client", "connection", "layout", "openldap", "security_descriptor", "settings"}
+    {
+        "access",
+        "ad",
+        "client",
+        "connection",
+        "layout",
+        "openldap",
+        "security_descriptor",
+        "settings",
+    }
 )
 
 

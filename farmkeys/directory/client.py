@@ -1,7 +1,8 @@
 """The directory client: :class:`Directory` over ldap3. The package's docstring
 (:mod:`farmkeys.directory`) describes the interface; this module is loaded, with ldap3, on
 the first use of a name from it. The connection (servers, TLS, bind, retries, failover)
-is :mod:`farmkeys.directory.connection`.
+is :mod:`farmkeys.directory.connection`; who may read the keys (the descriptor of a new
+entry on ``ad`` and its check, the anonymous-read check) :mod:`farmkeys.directory.access`.
 
 Key bytes and passwords never appear in a log line, an exception message or a
 repr: keys and entries are named by their GUIDs and DNs only.
@@ -20,13 +21,10 @@ from typing import Any, Self
 
 import ldap3
 from ldap3.core import exceptions as ldap_exc
-from ldap3.protocol.microsoft import security_descriptor_control
-from ldap3.utils.conv import escape_filter_chars
 from ldap3.utils.dn import parse_dn
 
 from farmkeys.config import DirectoryConfig, RetryConfig
-from farmkeys.directory import ad
-from farmkeys.directory import security_descriptor as sd
+from farmkeys.directory.access import Access
 from farmkeys.directory.connection import (
     SETUP_DOC,
     Connection,
@@ -41,7 +39,7 @@ from farmkeys.directory.layout import (
     POLICY_CN,
     Layout,
 )
-from farmkeys.directory.settings import UPN, validate
+from farmkeys.directory.settings import validate
 from farmkeys.errors import DirectoryError, FarmConflictError, MasterKeyMissingError
 
 log = logging.getLogger(__name__)
@@ -86,9 +84,9 @@ class Directory:
         self._config = config
         self._layout = validate(config, is_dn=parses_as_dn)
         self._link = Connection(config, retry)
+        self._access = Access(self._link, config, self._layout)
         self._keys: dict[tuple[uuid.UUID, uuid.UUID], bytes] = {}
         self._key_reads = 0
-        self._service_sid: str | None = None
 
     def __repr__(self) -> str:
         return (
@@ -417,125 +415,22 @@ class Directory:
         of every key the service account knows of (in case the container
         itself is hidden but its children are not).
         """
-        container = self.container_dn(group)
         try:
             known = [str(e["dn"]) for e in self._key_entries(group, [ldap3.NO_ATTRIBUTES]) or []]
         except DirectoryError:
             known = []
-        key_attribute = self._layout.key_attribute
-        conn = self._link.open_anonymous()
-        if conn is None:
-            return False
-        try:
-            for base, scope in [(container, ldap3.SUBTREE), *((dn, ldap3.BASE) for dn in known)]:
-                try:
-                    conn.search(base, "(objectClass=*)", scope, attributes=[key_attribute])
-                except ldap_exc.LDAPNoSuchObjectResult:
-                    continue
-                except (
-                    ldap_exc.LDAPInsufficientAccessRightsResult,
-                    # Active Directory: "Operation unavailable without authentication".
-                    ldap_exc.LDAPOperationsErrorResult,
-                    ldap_exc.LDAPStrongerAuthRequiredResult,
-                ):
-                    continue
-                for entry in found_entries(conn):
-                    if self._is_key_dn(str(entry["dn"]), container) or first_value(
-                        entry, key_attribute
-                    ):
-                        return True
-            return False
-        except ldap_exc.LDAPException as exc:
-            raise DirectoryError(
-                f"the anonymous check of {container} at {self.endpoint} failed: {describe(exc)}",
-                "check that the directory is reachable",
-            ) from exc
-        finally:
-            self._link.unbind(conn)
+        return self._access.anonymous_can_read(self.container_dn(group), known)
 
     def service_sid(self) -> str:
         """The objectSid of the service account (Active Directory), read once per object."""
-        if self._service_sid is not None:
-            return self._service_sid
-        who = self._config.bind_dn
-        if UPN.match(who):
-            base = ",".join(
-                f"{attr}={value}"
-                for attr, value, _ in parse_dn(self._config.container)
-                if str(attr).lower() == "dc"
-            )
-            query = (base, f"(userPrincipalName={escape_filter_chars(who)})", ldap3.SUBTREE)
-        else:
-            query = (who, "(objectClass=*)", ldap3.BASE)
-
-        def read(conn: ldap3.Connection) -> bytes | None:
-            try:
-                conn.search(*query, attributes=["objectSid"])
-            except ldap_exc.LDAPNoSuchObjectResult:
-                return None
-            found = found_entries(conn)
-            return first_value(found[0], "objectSid") if len(found) == 1 else None
-
-        raw = self._link.run(read)
-        try:
-            sid = sd.sid_from_bytes(raw)[0] if raw else None
-        except sd.DescriptorError:
-            sid = None
-        if sid is None:
-            raise DirectoryError(
-                f"cannot read the objectSid of {who} at {self.endpoint}",
-                "check directory.bind_dn (the service account's DN or user principal name)",
-            )
-        self._service_sid = sid
-        return sid
+        return self._access.service_sid()
 
     def container_protection_problem(self, group: uuid.UUID) -> str | None:
         """On the ``ad`` layout: why the farm's container, or an entry in it, would let
         someone other than the service account, Domain Admins and SYSTEM read the keys;
         None when every descriptor is the protected one farmkeys writes (always None on
         ``openldap``, whose access rule is the server's)."""
-        if not self._layout.protects_container:
-            return None
-        container = self.container_dn(group)
-        control = security_descriptor_control(sdflags=ad.DACL_SECURITY_INFORMATION)
-
-        def read(conn: ldap3.Connection) -> list[tuple[str, bytes | None]]:
-            try:
-                conn.search(
-                    container,
-                    "(objectClass=*)",
-                    ldap3.SUBTREE,
-                    attributes=[ad.SECURITY_DESCRIPTOR_ATTRIBUTE],
-                    controls=control,
-                )
-            except ldap_exc.LDAPNoSuchObjectResult:
-                return []
-            return [
-                (str(e["dn"]), first_value(e, ad.SECURITY_DESCRIPTOR_ATTRIBUTE))
-                for e in found_entries(conn)
-            ]
-
-        found = self._link.run(read)
-        if not found:
-            return "its security descriptor cannot be read"
-        service = self.service_sid()
-        for dn, raw in found:
-            problem = ad.descriptor_problem(raw, service)
-            if problem is not None:
-                return problem if dn.lower() == container.lower() else f"{dn}: {problem}"
-        return None
-
-    def _delegation_hint(self) -> str:
-        """What a domain admin must grant so ``init`` can protect the farm's container."""
-        sid = self._service_sid or "<the account's objectSid>"
-        return (
-            f"a domain admin must give {self._config.bind_dn} full control of "
-            f"{self._config.container} (Samba: samba-tool dsacl set "
-            f'--objectdn="{self._config.container}" --trusteedn="<the account\'s DN>" '
-            f'--sddl="(A;CI;GA;;;{sid})"; '
-            f'Windows: dsacls "{self._config.container}" /I:T /G "<DOMAIN>\\<account>:GA"); '
-            f"see {SETUP_DOC}"
-        )
+        return self._access.container_problem(self.container_dn(group))
 
     # -- entries ------------------------------------------------------------------
 
@@ -544,14 +439,6 @@ class Directory:
 
     def _policy_dn(self, group: uuid.UUID) -> str:
         return f"cn={POLICY_CN},{self.container_dn(group)}"
-
-    @staticmethod
-    def _is_key_dn(dn: str, container: str) -> bool:
-        parts = parse_dn(dn)
-        if len(parts) != len(parse_dn(container)) + 1:
-            return False
-        attr, value, _ = parts[0]
-        return str(attr).lower() == "cn" and str(value).lower() != POLICY_CN.lower()
 
     def _key_entries(self, group: uuid.UUID, attributes: list[str]) -> list[dict[str, Any]] | None:
         """The master-key entries (those with an ``l``) of ``group``'s container, or None
@@ -608,7 +495,7 @@ class Directory:
 
     def _add_container_entry(self, group: uuid.UUID, farm_name: str) -> str:
         dn = self.container_dn(group)
-        protection, controls = self._protection()
+        protection, controls = self._access.new_entry_protection()
         self._add(
             dn,
             self._layout.container_classes,
@@ -631,23 +518,13 @@ class Directory:
                 raise DirectoryError(
                     f"the DKM container {dn} was created at {self.endpoint} but {problem}; "
                     "it was removed again and no key was written",
-                    self._delegation_hint(),
+                    self._access.delegation_hint(),
                 )
         return dn
 
-    def _protection(self) -> tuple[dict[str, Any], list[Any] | None]:
-        """The attributes and controls that give a new entry its own protected descriptor
-        (``ad``: the container, every key and CryptoPolicy), so no schema default, such as a
-        contact's read access for Authenticated Users, applies to it; none on ``openldap``."""
-        if not self._layout.protects_container:
-            return {}, None
-        descriptor = ad.container_descriptor(self.service_sid())
-        controls = security_descriptor_control(sdflags=ad.DACL_SECURITY_INFORMATION)
-        return {ad.SECURITY_DESCRIPTOR_ATTRIBUTE: descriptor}, controls
-
     def _add_policy_entry(self, group: uuid.UUID, current: uuid.UUID) -> str:
         dn = self._policy_dn(group)
-        protection, controls = self._protection()
+        protection, controls = self._access.new_entry_protection()
         self._add(
             dn,
             self._layout.key_classes,
@@ -663,7 +540,7 @@ class Directory:
 
     def _add_key_entry(self, group: uuid.UUID, key_id: uuid.UUID, key: bytes | None = None) -> str:
         dn = self._key_dn(group, key_id)
-        protection, controls = self._protection()
+        protection, controls = self._access.new_entry_protection()
         self._add(
             dn,
             self._layout.key_classes,
@@ -710,6 +587,6 @@ class Directory:
                     f"the directory at {self.endpoint} refused to create the DKM container "
                     f"{dn} with its protected security descriptor: "
                     f"{describe(cause) if cause else exc.what}",
-                    self._delegation_hint(),
+                    self._access.delegation_hint(),
                 ) from cause
             raise
