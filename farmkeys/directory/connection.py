@@ -241,6 +241,27 @@ class Connection:
 
         self.run(delete, writing=dn)
 
+    def delete_tree(self, dn: str) -> bool:
+        """Delete ``dn`` and every entry under it, leaves first; False when none was there."""
+
+        def subtree(conn: ldap3.Connection) -> list[str]:
+            try:
+                conn.search(
+                    dn,
+                    "(objectClass=*)",
+                    search_scope=ldap3.SUBTREE,
+                    attributes=[ldap3.NO_ATTRIBUTES],
+                )
+            except ldap_exc.LDAPNoSuchObjectResult:
+                return []
+            return [str(e["dn"]) for e in found_entries(conn)]
+
+        dns = self.run(subtree)
+        # Leaves first: the deeper a DN, the more RDNs it has.
+        for entry in sorted(dns, key=lambda d: len(parse_dn(d)), reverse=True):
+            self.delete(entry)
+        return bool(dns)
+
     def remove_best_effort(self, dns: Iterable[str]) -> None:
         """Delete ``dns`` in order while undoing a failed change, logging what fails."""
         for dn in dns:
