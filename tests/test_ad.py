@@ -22,7 +22,8 @@ from farmtools import TestFarm, audit_events, db_query, one_error_line
 from ldap3.protocol.microsoft import security_descriptor_control
 
 from farmkeys.config import DirectoryConfig, RetryConfig, load
-from farmkeys.directory import Directory, ad, sd
+from farmkeys.directory import Directory, ad
+from farmkeys.directory import security_descriptor as sd
 from farmkeys.errors import DirectoryError, MasterKeyMissingError
 from farmkeys.formats import certificates
 from farmkeys.lab._common import free_port

@@ -14,7 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from farmkeys.directory import ad, sd
+from farmkeys.directory import ad
+from farmkeys.directory import security_descriptor as sd
 
 SERVICE = "S-1-5-21-1111111111-2222222222-3333333333-1105"
 DOMAIN = "S-1-5-21-1111111111-2222222222-3333333333"

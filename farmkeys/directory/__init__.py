@@ -17,9 +17,23 @@ and writes alike. :attr:`Directory.last_server` names the one in use.
 Key bytes and passwords never appear in a log line, an exception message or a
 repr: keys and entries are named by their GUIDs and DNs only.
 
-The implementation is :mod:`farmkeys.directory.client`, imported (with ldap3) on
-first use of a name from here: a `farmkeys sync` that finds nothing changed
-never loads it (:class:`Deferred`).
+The package, by what each module owns:
+
+- :mod:`~farmkeys.directory.client`: :class:`Directory`, composing the parts below, and a
+  DKM container's life (create it with its first key and CryptoPolicy, re-create, delete);
+- :mod:`~farmkeys.directory.connection`: the list of servers, TLS, the bind, retries and
+  failover between the URLs;
+- :mod:`~farmkeys.directory.keys`: reading (cached), listing, adding and deleting master
+  keys, and CryptoPolicy, which names the current one;
+- :mod:`~farmkeys.directory.access`: who may read the keys (the descriptor of a new entry
+  and its check on ``ad``, the anonymous-read check);
+- :mod:`~farmkeys.directory.layout`, :mod:`~farmkeys.directory.openldap`,
+  :mod:`~farmkeys.directory.ad`: the tree and what differs between the two layouts;
+- :mod:`~farmkeys.directory.security_descriptor`: the Windows security-descriptor codec;
+- :mod:`~farmkeys.directory.settings`: the settings' checks, without ldap3.
+
+The ldap3 modules are imported on first use of a name from here: a `farmkeys sync`
+that finds nothing changed never loads them (:class:`Deferred`).
 """
 
 from __future__ import annotations
@@ -30,12 +44,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from farmkeys.config import DirectoryConfig, RetryConfig
-    from farmkeys.directory.client import (
-        MASTER_KEY_LENGTH,
-        SETUP_DOC,
-        Directory,
-        MasterKeyInfo,
-    )
+    from farmkeys.directory.client import Directory
+    from farmkeys.directory.connection import SETUP_DOC
+    from farmkeys.directory.keys import MASTER_KEY_LENGTH, MasterKeyInfo
 
 __all__ = [
     "MASTER_KEY_LENGTH",
@@ -47,17 +58,35 @@ __all__ = [
 ]
 
 
-_SUBMODULES = frozenset({"ad", "client", "layout", "openldap", "sd", "settings"})
+_SUBMODULES = frozenset(
+    {
+        "access",
+        "ad",
+        "client",
+        "connection",
+        "keys",
+        "layout",
+        "openldap",
+        "security_descriptor",
+        "settings",
+    }
+)
+
+# The names exported from the modules that load ldap3, and the module each is in.
+_LAZY = {
+    "Directory": "client",
+    "MASTER_KEY_LENGTH": "keys",
+    "MasterKeyInfo": "keys",
+    "SETUP_DOC": "connection",
+}
 
 
-def __getattr__(name: str) -> Any:  # noqa: ANN401 - whatever the client module holds
-    if name in _SUBMODULES:  # `from farmkeys.directory import sd`: the submodule itself
+def __getattr__(name: str) -> Any:  # noqa: ANN401 - a submodule, a class or a constant
+    if name in _SUBMODULES:  # `from farmkeys.directory import ad`: the submodule itself
         return importlib.import_module(f"{__name__}.{name}")
-    client = importlib.import_module("farmkeys.directory.client")
-    try:
-        return getattr(client, name)
-    except AttributeError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class MasterKeys(Protocol):

@@ -17,7 +17,7 @@ container, so there is no moment in which the container exists readable.
 
 from __future__ import annotations
 
-from farmkeys.directory import sd
+from farmkeys.directory import security_descriptor as sd
 from farmkeys.directory.layout import Layout
 
 AD = Layout(

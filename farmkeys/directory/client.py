@@ -1,6 +1,14 @@
-"""The directory client: :class:`Directory` over ldap3. The package's docstring
-(:mod:`farmkeys.directory`) describes the interface; this module is loaded, with ldap3, on
-the first use of a name from it.
+"""The directory client: :class:`Directory`, the one object callers hold. The package's
+docstring (:mod:`farmkeys.directory`) describes the interface; this module is loaded, with
+ldap3, on the first use of a name from it.
+
+:class:`Directory` composes its parts over one :class:`~.connection.Connection`:
+:class:`~.keys.Keys` (the master keys and their cache), :class:`~.keys.CryptoPolicy`
+(which key is current) and :class:`~.access.Access` (who may read them). What it does
+itself is a DKM container's life, which takes them all: create the container with its
+first key and CryptoPolicy (undone on failure), re-create it, delete it. Its public
+methods are the ones callers used before the parts existed; each part's own methods
+are the package's business.
 
 Key bytes and passwords never appear in a log line, an exception message or a
 repr: keys and entries are named by their GUIDs and DNs only.
@@ -8,121 +16,28 @@ repr: keys and entries are named by their GUIDs and DNs only.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import re
-import secrets
-import ssl
-import threading
 import uuid
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
-from urllib.parse import urlsplit
+from typing import Any, Self
 
 import ldap3
 from ldap3.core import exceptions as ldap_exc
-from ldap3.protocol.microsoft import security_descriptor_control
-from ldap3.utils.conv import escape_filter_chars
-from ldap3.utils.dn import parse_dn
 
-from farmkeys._retry import RetryExhaustedError, call_with_retry
 from farmkeys.config import DirectoryConfig, RetryConfig
-from farmkeys.directory import ad, sd
-from farmkeys.directory.layout import (
-    KEY_ID_ATTRIBUTE,
-    POLICY_ATTRIBUTE,
-    POLICY_CN,
-    Layout,
+from farmkeys.directory.access import Access
+from farmkeys.directory.connection import (
+    SETUP_DOC,
+    Connection,
+    describe,
+    parses_as_dn,
 )
-from farmkeys.directory.settings import _UPN, _is_ldaps, _is_loopback, validate
-from farmkeys.errors import (
-    ConfigError,
-    DirectoryAuthError,
-    DirectoryError,
-    FarmConflictError,
-    MasterKeyMissingError,
-)
+from farmkeys.directory.keys import CryptoPolicy, Keys, MasterKeyInfo, NewEntry
+from farmkeys.directory.layout import Layout, container_dn, policy_dn
+from farmkeys.directory.settings import validate
+from farmkeys.errors import DirectoryError, FarmConflictError
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-MASTER_KEY_LENGTH = 32
-"""Bytes of one master key (AD FS's DKM keys are 256 bits too)."""
-
-SETUP_DOC = "docs/directory-setup.md"
-
-_GENERALIZED_TIME = re.compile(r"^(\d{14})(?:[.,]\d+)?Z$")
-
-# Failures worth another attempt: the server is down, restarting, or slow.
-_TRANSIENT_RESULTS = (ldap_exc.LDAPBusyResult, ldap_exc.LDAPUnavailableResult)
-_CONNECTION_LOST = (ldap_exc.LDAPCommunicationError, ldap_exc.LDAPResponseTimeoutError)
-
-
-@dataclass(frozen=True)
-class MasterKeyInfo:
-    """What ``farmkeys status`` may know about a master key: never the key itself."""
-
-    id: uuid.UUID
-    created_at: datetime | None
-    current: bool
-
-
-def _describe(exc: BaseException) -> str:
-    """A short cause for a message: the LDAP result, or the socket error, never a value."""
-    if isinstance(exc, ldap_exc.LDAPOperationResult):
-        text = f"{exc.description} (result {exc.result})"
-        if exc.message:
-            text += f": {exc.message}"
-    else:
-        text = str(exc)
-    # Servers end their diagnostic messages with newlines (Samba does): one line, always.
-    return " ".join(text.split()) or type(exc).__name__
-
-
-def _is_certificate_failure(exc: BaseException) -> bool:
-    text = str(exc)
-    return "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text
-
-
-def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, _TRANSIENT_RESULTS):
-        return True
-    if isinstance(exc, _CONNECTION_LOST):
-        return not _is_certificate_failure(exc)
-    return False
-
-
-def _parses_as_dn(dn: str) -> bool:
-    try:
-        parse_dn(dn)
-    except ldap_exc.LDAPException:
-        return False
-    return True
-
-
-def _parse_generalized_time(value: str) -> datetime | None:
-    match = _GENERALIZED_TIME.match(value.strip())
-    if match is None:
-        return None
-    return datetime.strptime(match.group(1), "%Y%m%d%H%M%S").replace(tzinfo=UTC)
-
-
-def _first(entry: dict[str, Any], attribute: str) -> bytes | None:
-    """The first raw value of ``attribute`` in a search result entry, matched case-insensitively."""
-    for name, values in entry.get("raw_attributes", {}).items():
-        if name.lower() == attribute.lower() and values:
-            value = values[0]
-            return value if isinstance(value, bytes) else str(value).encode()
-    return None
-
-
-def _entries(conn: ldap3.Connection) -> list[dict[str, Any]]:
-    return [r for r in (conn.response or []) if r.get("type") == "searchResEntry"]
 
 
 class Directory:
@@ -139,15 +54,11 @@ class Directory:
 
     def __init__(self, config: DirectoryConfig, retry: RetryConfig) -> None:
         self._config = config
-        self._retry = retry
-        self._layout = validate(config, is_dn=_parses_as_dn)
-        self._conn: ldap3.Connection = None
-        self._server_url: str | None = None
-        self._lock = threading.RLock()
-        self._keys: dict[tuple[uuid.UUID, uuid.UUID], bytes] = {}
-        self._key_reads = 0
-        self._service_sid: str | None = None
-        self._warned_plaintext = False
+        self._layout = validate(config, is_dn=parses_as_dn)
+        self._link = Connection(config, retry)
+        self._access = Access(self._link, config, self._layout)
+        self._policy = CryptoPolicy(self._link, config, self._layout, self._access)
+        self._keys = Keys(self._link, config, self._layout, self._access, self._policy)
 
     def __repr__(self) -> str:
         return (
@@ -155,42 +66,30 @@ class Directory:
             f"layout={self._config.layout!r})"
         )
 
-    # -- public API ---------------------------------------------------------------
+    # -- the connection ---------------------------------------------------------------
 
     @property
     def endpoint(self) -> str:
         """The directory server in use (or, before the first bind, the list), for messages."""
-        return self._server_url or ", ".join(self._config.urls)
+        return self._link.endpoint
 
     @property
     def last_server(self) -> str | None:
         """The URL of the server (domain controller) this object last bound to, if any."""
-        return self._server_url
+        return self._link.last_server
 
     @property
-    def container(self) -> str:
-        """The DKM parent (``directory.container``) under which each farm has its container."""
-        return self._config.container
-
-    @property
-    def layout(self) -> Layout:
-        """The directory layout (``openldap`` or ``ad``)."""
-        return self._layout
-
-    @property
-    def key_reads(self) -> int:
-        """How many master-key reads this object sent to the server."""
-        return self._key_reads
+    def _conn(self) -> ldap3.Connection | None:
+        """The ldap3 connection now open, if any."""
+        return self._link.current
 
     def bind(self) -> None:
         """Connect and bind now, so a bad URL or password fails before anything is written."""
-        with self._lock:
-            self._connection()
+        self._link.bind()
 
     def close(self) -> None:
         """Close the connection (a later operation opens a new one). Keeps the key cache."""
-        with self._lock:
-            self._drop()
+        self._link.close()
 
     def __enter__(self) -> Self:
         return self
@@ -203,14 +102,25 @@ class Directory:
     ) -> None:
         self.close()
 
+    # -- the DKM container ------------------------------------------------------------
+
+    @property
+    def container(self) -> str:
+        """The DKM parent (``directory.container``) under which each farm has its container."""
+        return self._config.container
+
+    @property
+    def layout(self) -> Layout:
+        """The directory layout (``openldap`` or ``ad``)."""
+        return self._layout
+
     def container_dn(self, group: uuid.UUID) -> str:
         """The DN of the DKM container of ``group``."""
-        return f"cn={group},{self._config.container}"
+        return container_dn(self._config.container, group)
 
     def container_exists(self, group: uuid.UUID) -> bool:
         """Whether the DKM container of ``group`` exists and this account can see it."""
-        dn = self.container_dn(group)
-        return self._exists(dn)
+        return self._link.exists(self.container_dn(group))
 
     def create_container(self, group: uuid.UUID, *, farm_name: str) -> uuid.UUID:
         """Create the DKM container of ``group``, its first master key and CryptoPolicy.
@@ -223,94 +133,15 @@ class Directory:
         created: list[str] = []
         try:
             created.append(self._add_container_entry(group, farm_name))
-            created.append(self._add_key_entry(group, key_id))
-            created.append(self._add_policy_entry(group, key_id))
+            created.append(self._write(self._keys.key_entry(group, key_id)))
+            created.append(self._write(self._policy.entry(group, key_id)))
         except BaseException:
-            self._remove_best_effort(reversed(created))
+            self._link.remove_best_effort(reversed(created))
             raise
         log.info(
             "created DKM container %s with master key %s in %s", container, key_id, self.endpoint
         )
         return key_id
-
-    def delete_container(self, group: uuid.UUID) -> None:
-        """Remove the DKM container of ``group`` and everything in it (no-op if absent)."""
-        container = self.container_dn(group)
-
-        def children(conn: ldap3.Connection) -> list[str]:
-            try:
-                conn.search(
-                    container,
-                    "(objectClass=*)",
-                    search_scope=ldap3.SUBTREE,
-                    attributes=[ldap3.NO_ATTRIBUTES],
-                )
-            except ldap_exc.LDAPNoSuchObjectResult:
-                return []
-            return [str(e["dn"]) for e in _entries(conn)]
-
-        dns = self._run(children)
-        # Leaves first: the deeper a DN, the more RDNs it has.
-        for dn in sorted(dns, key=lambda d: len(parse_dn(d)), reverse=True):
-            self._delete(dn)
-        if dns:
-            with self._lock:
-                self._keys = {k: v for k, v in self._keys.items() if k[0] != group}
-            log.info("deleted DKM container %s from %s", container, self.endpoint)
-
-    def add_key(self, group: uuid.UUID, *, make_current: bool) -> uuid.UUID:
-        """Add a random master key to ``group``; ``make_current`` names it in CryptoPolicy."""
-        key_id = uuid.uuid4()
-        dn = self._add_key_entry(group, key_id)
-        if make_current:
-            try:
-                self.set_current_key(group, key_id)
-            except BaseException:
-                self._remove_best_effort([dn])
-                raise
-        log.info(
-            "added master key %s to DKM group %s%s",
-            key_id,
-            group,
-            " and made it current" if make_current else "",
-        )
-        return key_id
-
-    def ensure_key(self, group: uuid.UUID, key_id: uuid.UUID, key: bytes | None = None) -> bool:
-        """Add master key ``key_id`` to ``group`` unless an entry of that id exists.
-
-        ``key`` gives the bytes (an escrow import); None makes 32 random ones.
-        True when this call added it. An entry of that id is never replaced: the
-        caller reads it back to learn which bytes the directory holds.
-        """
-        if key is not None and len(key) != MASTER_KEY_LENGTH:
-            raise ValueError(f"a master key is {MASTER_KEY_LENGTH} bytes, not {len(key)}")
-        if self._key_entry_dn(group, key_id) is not None:
-            return False
-        try:
-            self._add_key_entry(group, key_id, key)
-        except DirectoryError as exc:
-            if isinstance(exc.__cause__, ldap_exc.LDAPEntryAlreadyExistsResult):
-                return False  # another writer added it between the look and the add
-            raise
-        log.info("added master key %s to DKM group %s", key_id, group)
-        return True
-
-    def delete_key(self, group: uuid.UUID, key_id: uuid.UUID) -> None:
-        """Remove master key ``key_id`` from the directory and from this object's memory.
-
-        A no-op when it is already gone. Blobs sealed under it can never be opened again.
-        """
-        dn = self._key_entry_dn(group, key_id)
-        if dn is not None:
-            self._delete(dn)
-        self.forget(group, key_id)
-        log.info("deleted master key %s of DKM group %s", key_id, group)
-
-    def forget(self, group: uuid.UUID, key_id: uuid.UUID) -> None:
-        """Drop a cached master key from memory (it was deleted from the directory)."""
-        with self._lock:
-            self._keys.pop((group, key_id), None)
 
     def restore_container(self, group: uuid.UUID, *, farm_name: str, current: uuid.UUID) -> bool:
         """Re-create the DKM container of ``group`` and its CryptoPolicy (naming ``current``)
@@ -323,345 +154,28 @@ class Directory:
         """
         created = False
         container = self.container_dn(group)
-        if not self._exists(container):
+        if not self._link.exists(container):
             self._add_container_entry(group, farm_name)
             created = True
-        if not self._exists(self._policy_dn(group)):
-            self._add_policy_entry(group, current)
+        if not self._link.exists(policy_dn(self._config.container, group)):
+            self._write(self._policy.entry(group, current))
             created = True
         if created:
             log.info("re-created DKM container %s in %s", container, self.endpoint)
         return created
 
-    def set_current_key(self, group: uuid.UUID, key_id: uuid.UUID) -> None:
-        """Name ``key_id`` as the current master key of ``group`` in CryptoPolicy."""
-        policy = self._policy_dn(group)
-
-        def modify(conn: ldap3.Connection) -> None:
-            conn.modify(policy, {POLICY_ATTRIBUTE: [(ldap3.MODIFY_REPLACE, [str(key_id)])]})
-
-        self._run(modify, writing=policy)
-
-    def current_key_id(self, group: uuid.UUID) -> uuid.UUID:
-        """The id of the current master key of ``group``, from its CryptoPolicy."""
-        policy = self._policy_dn(group)
-
-        def read(conn: ldap3.Connection) -> bytes | None:
-            try:
-                conn.search(policy, "(objectClass=*)", ldap3.BASE, attributes=[POLICY_ATTRIBUTE])
-            except ldap_exc.LDAPNoSuchObjectResult:
-                return None
-            found = _entries(conn)
-            return _first(found[0], POLICY_ATTRIBUTE) if found else None
-
-        value = self._run(read)
-        if value is None:
-            raise DirectoryError(
-                f"{policy} is missing from the directory at {self.endpoint}, "
-                f"or {self._config.bind_dn} cannot read it",
-                "run `farmkeys init`, restore the DKM container from a directory backup, "
-                f"or check the account's access ({SETUP_DOC})",
-            )
-        try:
-            return uuid.UUID(value.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise DirectoryError(
-                f"{policy} in the directory at {self.endpoint} names no valid key id "
-                f"in {POLICY_ATTRIBUTE}",
-                "restore the DKM container from a directory backup",
-            ) from None
-
-    def master_key(self, group: uuid.UUID, key_id: uuid.UUID) -> bytes:
-        """The 32 bytes of master key ``key_id``; read from the server once per object."""
-        with self._lock:
-            cached = self._keys.get((group, key_id))
-            if cached is not None:
-                return cached
-            attribute = self._layout.key_attribute
-
-            def read(conn: ldap3.Connection) -> bytes | None:
-                self._key_reads += 1
-                found = self._search_key(conn, group, key_id, [attribute])
-                return _first(found, attribute) if found else None
-
-            key = self._run(read)
-            if key is None:
-                raise MasterKeyMissingError(
-                    f"master key {key_id} of DKM group {group} is missing from the directory "
-                    f"at {self.endpoint}, or {self._config.bind_dn} cannot read it",
-                    "restore it with `farmkeys escrow import` or from a directory backup, or check"
-                    " the account's access "
-                    f"({SETUP_DOC})",
-                )
-            if len(key) != MASTER_KEY_LENGTH:
-                raise MasterKeyMissingError(
-                    f"master key {key_id} of DKM group {group} in the directory at "
-                    f"{self.endpoint} is {len(key)} bytes long, not {MASTER_KEY_LENGTH}",
-                    "restore it with `farmkeys escrow import` or from a directory backup",
-                )
-            self._keys[(group, key_id)] = key
-            log.debug("read master key %s of DKM group %s", key_id, group)
-            return key
-
-    def list_keys(self, group: uuid.UUID) -> list[MasterKeyInfo]:
-        """The master keys of ``group``, oldest first, without reading any key material."""
+    def delete_container(self, group: uuid.UUID) -> None:
+        """Remove the DKM container of ``group`` and everything in it (no-op if absent)."""
         container = self.container_dn(group)
-        found = self._key_entries(group, [KEY_ID_ATTRIBUTE, self._layout.created_attribute])
-        if found is None:
-            raise MasterKeyMissingError(
-                f"the DKM container {container} is missing from the directory at "
-                f"{self.endpoint}, or {self._config.bind_dn} cannot read it",
-                "restore it with `farmkeys escrow import` or from a directory backup, or check"
-                f" the account's access ({SETUP_DOC})",
-            )
-        current = self.current_key_id(group)
-        keys: list[MasterKeyInfo] = []
-        for entry in found:
-            raw_id = _first(entry, KEY_ID_ATTRIBUTE)
-            try:
-                key_id = uuid.UUID(raw_id.decode("utf-8")) if raw_id else None
-            except (UnicodeDecodeError, ValueError):
-                key_id = None
-            if key_id is None:
-                log.warning("ignoring %s: its %s is not a key id", entry["dn"], KEY_ID_ATTRIBUTE)
-                continue
-            stamp = _first(entry, self._layout.created_attribute)
-            created = _parse_generalized_time(stamp.decode("ascii", "replace")) if stamp else None
-            keys.append(MasterKeyInfo(id=key_id, created_at=created, current=key_id == current))
-        far_past = datetime.min.replace(tzinfo=UTC)
-        keys.sort(key=lambda k: (k.created_at or far_past, str(k.id)))
-        return keys
-
-    def find_keys(self, key_id: uuid.UUID) -> list[tuple[str, bytes]]:
-        """Master keys anywhere under ``directory.container``, for reading another farm's
-        blobs (an AD FS farm's DKM container): the entries whose ``l`` is ``key_id`` first,
-        then every other key entry there, as (DN, 32 bytes) pairs; never cached. The id a
-        blob names is a hint only (AD FS does not authenticate it): its MAC decides.
-        """
-        attribute = self._layout.key_attribute
-        base = self._config.container
-
-        def search(conn: ldap3.Connection) -> list[tuple[bool, str, bytes]]:
-            try:
-                conn.search(
-                    base,
-                    f"(&(objectClass={self._layout.key_class})({attribute}=*))",
-                    search_scope=ldap3.SUBTREE,
-                    attributes=[attribute, KEY_ID_ATTRIBUTE],
-                )
-            except ldap_exc.LDAPNoSuchObjectResult:
-                return []
-            named = str(key_id).encode()  # compared as LDAP's caseIgnoreMatch of `l` would
-            found = (
-                (
-                    (_first(e, KEY_ID_ATTRIBUTE) or b"").strip().lower() == named,
-                    str(e["dn"]),
-                    _first(e, attribute),
-                )
-                for e in _entries(conn)
-            )
-            return [(n, dn, key) for n, dn, key in found if key and len(key) == MASTER_KEY_LENGTH]
-
-        found = self._run(search)
-        # The entries the blob names first; sorted() keeps the directory's order otherwise.
-        return [(dn, key) for _, dn, key in sorted(found, key=lambda f: not f[0])]
-
-    def anonymous_can_read(self, group: uuid.UUID) -> bool:
-        """Whether an anonymous bind can see any master-key entry of ``group`` or its key.
-
-        Looks both ways: a subtree search under the container, and a base read
-        of every key the service account knows of (in case the container
-        itself is hidden but its children are not).
-        """
-        container = self.container_dn(group)
-        try:
-            known = [str(e["dn"]) for e in self._key_entries(group, [ldap3.NO_ATTRIBUTES]) or []]
-        except DirectoryError:
-            known = []
-        key_attribute = self._layout.key_attribute
-        conn = self._open_anonymous()
-        if conn is None:
-            return False
-        try:
-            for base, scope in [(container, ldap3.SUBTREE), *((dn, ldap3.BASE) for dn in known)]:
-                try:
-                    conn.search(base, "(objectClass=*)", scope, attributes=[key_attribute])
-                except ldap_exc.LDAPNoSuchObjectResult:
-                    continue
-                except (
-                    ldap_exc.LDAPInsufficientAccessRightsResult,
-                    # Active Directory: "Operation unavailable without authentication".
-                    ldap_exc.LDAPOperationsErrorResult,
-                    ldap_exc.LDAPStrongerAuthRequiredResult,
-                ):
-                    continue
-                for entry in _entries(conn):
-                    if self._is_key_dn(str(entry["dn"]), container) or _first(entry, key_attribute):
-                        return True
-            return False
-        except ldap_exc.LDAPException as exc:
-            raise DirectoryError(
-                f"the anonymous check of {container} at {self.endpoint} failed: {_describe(exc)}",
-                "check that the directory is reachable",
-            ) from exc
-        finally:
-            self._unbind(conn)
-
-    def service_sid(self) -> str:
-        """The objectSid of the service account (Active Directory), read once per object."""
-        if self._service_sid is not None:
-            return self._service_sid
-        who = self._config.bind_dn
-        if _UPN.match(who):
-            base = ",".join(
-                f"{attr}={value}"
-                for attr, value, _ in parse_dn(self._config.container)
-                if str(attr).lower() == "dc"
-            )
-            query = (base, f"(userPrincipalName={escape_filter_chars(who)})", ldap3.SUBTREE)
-        else:
-            query = (who, "(objectClass=*)", ldap3.BASE)
-
-        def read(conn: ldap3.Connection) -> bytes | None:
-            try:
-                conn.search(*query, attributes=["objectSid"])
-            except ldap_exc.LDAPNoSuchObjectResult:
-                return None
-            found = _entries(conn)
-            return _first(found[0], "objectSid") if len(found) == 1 else None
-
-        raw = self._run(read)
-        try:
-            sid = sd.sid_from_bytes(raw)[0] if raw else None
-        except sd.DescriptorError:
-            sid = None
-        if sid is None:
-            raise DirectoryError(
-                f"cannot read the objectSid of {who} at {self.endpoint}",
-                "check directory.bind_dn (the service account's DN or user principal name)",
-            )
-        self._service_sid = sid
-        return sid
-
-    def container_protection_problem(self, group: uuid.UUID) -> str | None:
-        """On the ``ad`` layout: why the farm's container, or an entry in it, would let
-        someone other than the service account, Domain Admins and SYSTEM read the keys;
-        None when every descriptor is the protected one farmkeys writes (always None on
-        ``openldap``, whose access rule is the server's)."""
-        if not self._layout.protects_container:
-            return None
-        container = self.container_dn(group)
-        control = security_descriptor_control(sdflags=ad.DACL_SECURITY_INFORMATION)
-
-        def read(conn: ldap3.Connection) -> list[tuple[str, bytes | None]]:
-            try:
-                conn.search(
-                    container,
-                    "(objectClass=*)",
-                    ldap3.SUBTREE,
-                    attributes=[ad.SECURITY_DESCRIPTOR_ATTRIBUTE],
-                    controls=control,
-                )
-            except ldap_exc.LDAPNoSuchObjectResult:
-                return []
-            return [
-                (str(e["dn"]), _first(e, ad.SECURITY_DESCRIPTOR_ATTRIBUTE)) for e in _entries(conn)
-            ]
-
-        found = self._run(read)
-        if not found:
-            return "its security descriptor cannot be read"
-        service = self.service_sid()
-        for dn, raw in found:
-            problem = ad.descriptor_problem(raw, service)
-            if problem is not None:
-                return problem if dn.lower() == container.lower() else f"{dn}: {problem}"
-        return None
-
-    def _delegation_hint(self) -> str:
-        """What a domain admin must grant so ``init`` can protect the farm's container."""
-        sid = self._service_sid or "<the account's objectSid>"
-        return (
-            f"a domain admin must give {self._config.bind_dn} full control of "
-            f"{self._config.container} (Samba: samba-tool dsacl set "
-            f'--objectdn="{self._config.container}" --trusteedn="<the account\'s DN>" '
-            f'--sddl="(A;CI;GA;;;{sid})"; '
-            f'Windows: dsacls "{self._config.container}" /I:T /G "<DOMAIN>\\<account>:GA"); '
-            f"see {SETUP_DOC}"
-        )
-
-    # -- entries ------------------------------------------------------------------
-
-    def _key_dn(self, group: uuid.UUID, key_id: uuid.UUID) -> str:
-        return f"cn={key_id},{self.container_dn(group)}"
-
-    def _policy_dn(self, group: uuid.UUID) -> str:
-        return f"cn={POLICY_CN},{self.container_dn(group)}"
-
-    @staticmethod
-    def _is_key_dn(dn: str, container: str) -> bool:
-        parts = parse_dn(dn)
-        if len(parts) != len(parse_dn(container)) + 1:
-            return False
-        attr, value, _ = parts[0]
-        return str(attr).lower() == "cn" and str(value).lower() != POLICY_CN.lower()
-
-    def _key_entries(self, group: uuid.UUID, attributes: list[str]) -> list[dict[str, Any]] | None:
-        """The master-key entries (those with an ``l``) of ``group``'s container, or None
-        when the container is missing or hidden from this account."""
-        container = self.container_dn(group)
-
-        def search(conn: ldap3.Connection) -> list[dict[str, Any]] | None:
-            try:
-                conn.search(
-                    container,
-                    f"(&(objectClass={self._layout.key_class})({KEY_ID_ATTRIBUTE}=*))",
-                    search_scope=ldap3.LEVEL,
-                    attributes=attributes,
-                )
-            except ldap_exc.LDAPNoSuchObjectResult:
-                return None
-            return _entries(conn)
-
-        return self._run(search)
-
-    def _search_key(
-        self, conn: ldap3.Connection, group: uuid.UUID, key_id: uuid.UUID, attributes: list[str]
-    ) -> dict[str, Any] | None:
-        """The entry whose ``l`` is ``key_id`` in the container of ``group``, or None.
-
-        By ``l``, not by name, so a container AD FS made reads the same way.
-        """
-        try:
-            conn.search(
-                self.container_dn(group),
-                f"(&(objectClass={self._layout.key_class})({KEY_ID_ATTRIBUTE}={key_id}))",
-                search_scope=ldap3.LEVEL,
-                attributes=attributes,
-            )
-        except ldap_exc.LDAPNoSuchObjectResult:
-            return None
-        found = _entries(conn)
-        if len(found) > 1:
-            raise DirectoryError(
-                f"the DKM container {self.container_dn(group)} at {self.endpoint} holds "
-                f"{len(found)} entries for master key {key_id}",
-                "remove the duplicates (keep the one whose key the blobs open)",
-            )
-        return found[0] if found else None
-
-    def _key_entry_dn(self, group: uuid.UUID, key_id: uuid.UUID) -> str | None:
-        """The DN of master key ``key_id``'s entry, or None when there is none."""
-
-        def find(conn: ldap3.Connection) -> str | None:
-            found = self._search_key(conn, group, key_id, [ldap3.NO_ATTRIBUTES])
-            return str(found["dn"]) if found else None
-
-        return self._run(find)
+        if self._link.delete_tree(container):
+            self._keys.forget_group(group)
+            log.info("deleted DKM container %s from %s", container, self.endpoint)
 
     def _add_container_entry(self, group: uuid.UUID, farm_name: str) -> str:
+        """Add the container entry itself; on ``ad``, read its descriptor back and remove
+        the container again unless it is the protected one."""
         dn = self.container_dn(group)
-        protection, controls = self._protection()
+        protection, controls = self._access.new_entry_protection()
         self._add(
             dn,
             self._layout.container_classes,
@@ -677,71 +191,20 @@ class Directory:
             try:
                 problem = self.container_protection_problem(group)
             except BaseException:
-                self._remove_best_effort([dn])
+                self._link.remove_best_effort([dn])
                 raise
             if problem is not None:
-                self._remove_best_effort([dn])
+                self._link.remove_best_effort([dn])
                 raise DirectoryError(
                     f"the DKM container {dn} was created at {self.endpoint} but {problem}; "
                     "it was removed again and no key was written",
-                    self._delegation_hint(),
+                    self._access.delegation_hint(),
                 )
         return dn
 
-    def _protection(self) -> tuple[dict[str, Any], list[Any] | None]:
-        """The attributes and controls that give a new entry its own protected descriptor
-        (``ad``: the container, every key and CryptoPolicy), so no schema default, such as a
-        contact's read access for Authenticated Users, applies to it; none on ``openldap``."""
-        if not self._layout.protects_container:
-            return {}, None
-        descriptor = ad.container_descriptor(self.service_sid())
-        controls = security_descriptor_control(sdflags=ad.DACL_SECURITY_INFORMATION)
-        return {ad.SECURITY_DESCRIPTOR_ATTRIBUTE: descriptor}, controls
-
-    def _add_policy_entry(self, group: uuid.UUID, current: uuid.UUID) -> str:
-        dn = self._policy_dn(group)
-        protection, controls = self._protection()
-        self._add(
-            dn,
-            self._layout.key_classes,
-            {
-                "cn": POLICY_CN,
-                POLICY_ATTRIBUTE: str(current),
-                **self._layout.policy_extra,
-                **protection,
-            },
-            controls=controls,
-        )
-        return dn
-
-    def _add_key_entry(self, group: uuid.UUID, key_id: uuid.UUID, key: bytes | None = None) -> str:
-        dn = self._key_dn(group, key_id)
-        protection, controls = self._protection()
-        self._add(
-            dn,
-            self._layout.key_classes,
-            {
-                "cn": str(key_id),
-                KEY_ID_ATTRIBUTE: str(key_id),
-                self._layout.key_attribute: key
-                if key is not None
-                else secrets.token_bytes(MASTER_KEY_LENGTH),
-                **self._layout.key_extra,
-                **protection,
-            },
-            controls=controls,
-        )
-        return dn
-
-    def _exists(self, dn: str) -> bool:
-        def search(conn: ldap3.Connection) -> bool:
-            try:
-                conn.search(dn, "(objectClass=*)", ldap3.BASE, attributes=[ldap3.NO_ATTRIBUTES])
-            except ldap_exc.LDAPNoSuchObjectResult:
-                return False
-            return bool(_entries(conn))
-
-        return self._run(search)
+    def _write(self, entry: NewEntry) -> str:
+        self._add(entry.dn, entry.classes, entry.attributes, controls=entry.controls)
+        return entry.dn
 
     def _add(
         self,
@@ -752,11 +215,10 @@ class Directory:
         creating_container: bool = False,
         controls: list[Any] | None = None,
     ) -> None:
-        def add(conn: ldap3.Connection) -> None:
-            conn.add(dn, list(classes), attributes, controls=controls)
-
+        """Every add of a container's life; a refused container says why in the
+        operator's words (a conflict, a missing parent, a refused descriptor)."""
         try:
-            self._run(add, writing=dn)
+            self._link.add(dn, classes, attributes, controls=controls)
         except DirectoryError as exc:
             cause = exc.__cause__
             if creating_container and isinstance(cause, ldap_exc.LDAPEntryAlreadyExistsResult):
@@ -775,209 +237,85 @@ class Directory:
                 raise DirectoryError(
                     f"the directory at {self.endpoint} refused to create the DKM container "
                     f"{dn} with its protected security descriptor: "
-                    f"{_describe(cause) if cause else exc.what}",
-                    self._delegation_hint(),
+                    f"{describe(cause) if cause else exc.what}",
+                    self._access.delegation_hint(),
                 ) from cause
             raise
 
-    def _delete(self, dn: str) -> None:
-        def delete(conn: ldap3.Connection) -> None:
-            with contextlib.suppress(ldap_exc.LDAPNoSuchObjectResult):
-                conn.delete(dn)
+    # -- the master keys (keys.py) ------------------------------------------------------
 
-        self._run(delete, writing=dn)
+    @property
+    def key_reads(self) -> int:
+        """How many master-key reads this object sent to the server."""
+        return self._keys.key_reads
 
-    def _remove_best_effort(self, dns: Iterable[str]) -> None:
-        for dn in dns:
-            try:
-                self._delete(dn)
-            except Exception as exc:  # undoing is best effort; the original error matters
-                log.warning("could not remove %s while undoing a failed change: %s", dn, exc)
-            else:
-                log.info("removed %s after a failed change", dn)
+    def master_key(self, group: uuid.UUID, key_id: uuid.UUID) -> bytes:
+        """The 32 bytes of master key ``key_id``; read from the server once per object."""
+        return self._keys.master_key(group, key_id)
 
-    # -- connection ---------------------------------------------------------------
+    def list_keys(self, group: uuid.UUID) -> list[MasterKeyInfo]:
+        """The master keys of ``group``, oldest first, without reading any key material."""
+        return self._keys.list_keys(group)
 
-    def _run(self, operation: Callable[[Any], T], *, writing: str | None = None) -> T:
-        """Run ``operation`` on the bound connection, re-opening it once if it was lost.
-
-        LDAP errors become :class:`DirectoryError`; ``writing`` names the entry
-        a write touches, for the message when access is denied.
+    def find_keys(self, key_id: uuid.UUID) -> list[tuple[str, bytes]]:
+        """Master keys anywhere under ``directory.container``, for reading another farm's
+        blobs (an AD FS farm's DKM container): the entries whose ``l`` is ``key_id`` first,
+        then every other key entry there, as (DN, 32 bytes) pairs; never cached. The id a
+        blob names is a hint only (AD FS does not authenticate it): its MAC decides.
         """
-        with self._lock:
-            for attempt in (1, 2):
-                conn = self._connection()
-                try:
-                    return operation(conn)
-                except _CONNECTION_LOST as exc:
-                    self._drop()
-                    if attempt == 2:
-                        raise DirectoryError(
-                            f"lost the connection to the directory at {self.endpoint} "
-                            f"again right after reconnecting: {_describe(exc)}",
-                            "check the directory server's health and the network",
-                        ) from exc
-                    log.warning(
-                        "lost the connection to %s (%s); reconnecting",
-                        self.endpoint,
-                        _describe(exc),
-                    )
-                except ldap_exc.LDAPInsufficientAccessRightsResult as exc:
-                    if writing is None:
-                        raise DirectoryError(
-                            f"the directory at {self.endpoint} denied {self._config.bind_dn} "
-                            f"access: {_describe(exc)}",
-                            f"grant the access {SETUP_DOC} shows",
-                        ) from exc
-                    raise DirectoryError(
-                        f"the directory account {self._config.bind_dn} may not create entries "
-                        f"under {self._config.container} (denied on {writing})",
-                        f"grant it write access there as {SETUP_DOC} shows",
-                    ) from exc
-                except ldap_exc.LDAPException as exc:
-                    target = f" on {writing}" if writing else ""
-                    raise DirectoryError(
-                        f"the directory at {self.endpoint} failed an operation{target}: "
-                        f"{_describe(exc)}",
-                        "check the directory server's log and the DKM container's state",
-                    ) from exc
-            raise AssertionError("unreachable")
+        return self._keys.find_keys(key_id)
 
-    def _connection(self) -> ldap3.Connection:
-        if self._conn is not None and not self._conn.closed:
-            return self._conn
-        self._drop()
-        self._conn = self._retrying(self._open, ", ".join(self._config.urls))
-        return self._conn
+    def current_key_id(self, group: uuid.UUID) -> uuid.UUID:
+        """The id of the current master key of ``group``, from its CryptoPolicy."""
+        return self._policy.current_key_id(group)
 
-    def _retrying(self, attempt: Callable[[], ldap3.Connection], where: str) -> ldap3.Connection:
-        """``attempt()``, retried on transient failures within ``retry``; the exhausted
-        budget becomes a :class:`DirectoryError` naming ``where``."""
-        try:
-            return call_with_retry(
-                attempt, policy=self._retry, is_transient=_is_transient, what=f"directory {where}"
-            )
-        except RetryExhaustedError as exc:
-            raise DirectoryError(
-                f"cannot reach the directory at {where}: {_describe(exc.last)} ({exc.summary()})",
-                "check directory.url, that the directory server runs, and the network "
-                "between this node and it",
-            ) from exc
+    def set_current_key(self, group: uuid.UUID, key_id: uuid.UUID) -> None:
+        """Name ``key_id`` as the current master key of ``group`` in CryptoPolicy."""
+        self._policy.set_current_key(group, key_id)
 
-    def _server(self, url: str) -> ldap3.Server:
-        use_ssl = _is_ldaps(url)
-        tls = None
-        if use_ssl or self._config.start_tls:
-            ca_file = self._config.ca_file
-            if ca_file is not None and not Path(ca_file).is_file():
-                raise ConfigError(
-                    f"directory.ca_file {ca_file} does not exist or is not a file",
-                    "point it at the CA certificate (PEM) of the directory server",
-                )
-            tls = ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=ca_file)
-        return ldap3.Server(
-            url,
-            use_ssl=use_ssl,
-            tls=tls,
-            connect_timeout=self._config.timeout_seconds,
-            get_info=ldap3.NONE,
-        )
+    def add_key(self, group: uuid.UUID, *, make_current: bool) -> uuid.UUID:
+        """Add a random master key to ``group``; ``make_current`` names it in CryptoPolicy."""
+        return self._keys.add_key(group, make_current=make_current)
 
-    def _open(self) -> ldap3.Connection:
-        """One pass over the servers, in order: the first that binds is used.
+    def ensure_key(self, group: uuid.UUID, key_id: uuid.UUID, key: bytes | None = None) -> bool:
+        """Add master key ``key_id`` to ``group`` unless an entry of that id exists.
 
-        A server that does not answer (or whose certificate does not verify)
-        is passed over for the next; a rejected password is not, so an
-        account is not locked out by trying it everywhere. When every server
-        failed, the last transient failure is raised for another pass, else
-        the first server's error.
+        ``key`` gives the bytes (an escrow import); None makes 32 random ones.
+        True when this call added it. An entry of that id is never replaced: the
+        caller reads it back to learn which bytes the directory holds.
         """
-        failures: list[BaseException] = []
-        for url in self._config.urls:
-            try:
-                conn = self._open_one(url, anonymous=False)
-            except DirectoryAuthError:
-                raise
-            except (ldap_exc.LDAPException, DirectoryError) as exc:
-                failures.append(exc)
-                if len(self._config.urls) > 1:
-                    log.warning("directory server %s failed: %s", url, _describe(exc))
-                continue
-            if self._server_url not in (None, url):
-                log.warning("the directory is now reached at %s", url)
-            self._server_url = url
-            return conn
-        transient = [f for f in failures if _is_transient(f)]
-        raise transient[-1] if transient else failures[0]
+        return self._keys.ensure_key(group, key_id, key)
 
-    def _open_one(self, url: str, *, anonymous: bool) -> ldap3.Connection:
-        """One attempt to connect to ``url`` and bind as the service account (or anonymously)."""
-        who = "anonymously" if anonymous else f"as {self._config.bind_dn}"
-        conn = ldap3.Connection(
-            self._server(url),
-            user=None if anonymous else self._config.bind_dn,
-            password=None if anonymous else self._config.read_password(),
-            auto_bind=ldap3.AUTO_BIND_NONE,
-            receive_timeout=self._config.timeout_seconds,
-            raise_exceptions=True,
-            read_only=anonymous,
-        )
-        try:
-            conn.open()
-            if self._config.start_tls:
-                conn.start_tls()
-            conn.bind()
-        except ldap_exc.LDAPInvalidCredentialsResult:
-            self._unbind(conn)
-            raise DirectoryAuthError(
-                f"the directory at {url} rejected the bind {who} (invalid credentials)",
-                "check directory.password / password_file",
-            ) from None
-        except ldap_exc.LDAPException as exc:
-            self._unbind(conn)
-            if _is_transient(exc) or anonymous:
-                raise
-            raise DirectoryError(
-                f"cannot bind to the directory at {url} {who}: {_describe(exc)}",
-                "check directory.url, start_tls and ca_file, and the account",
-            ) from exc
-        finally:
-            # ldap3 keeps the password and shows it in the connection's repr.
-            conn.password = None
-        log.debug("bound to %s %s", url, who)
-        if not (_is_ldaps(url) or self._config.start_tls or self._warned_plaintext):
-            self._warned_plaintext = True
-            if not _is_loopback(urlsplit(url).hostname or ""):
-                log.warning(
-                    "the directory at %s is reached without TLS: the bind password and the "
-                    "master keys cross the network in the clear; use ldaps:// or start_tls",
-                    url,
-                )
-        return conn
+    def delete_key(self, group: uuid.UUID, key_id: uuid.UUID) -> None:
+        """Remove master key ``key_id`` from the directory and from this object's memory.
 
-    def _open_anonymous(self) -> ldap3.Connection | None:
-        """An anonymous connection to the server in use (or the first listed), or None when
-        the server refuses anonymous binds."""
-        url = self._server_url or self._config.urls[0]
-        try:
-            return self._retrying(lambda: self._open_one(url, anonymous=True), url)
-        except ldap_exc.LDAPOperationResult as exc:
-            log.info("the directory at %s refuses anonymous binds: %s", url, exc)
-            return None
-        except ldap_exc.LDAPException as exc:
-            raise DirectoryError(
-                f"cannot open an anonymous connection to {url}: {_describe(exc)}",
-                "check directory.url, start_tls and ca_file",
-            ) from exc
+        A no-op when it is already gone. Blobs sealed under it can never be opened again.
+        """
+        self._keys.delete_key(group, key_id)
 
-    def _drop(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            self._unbind(conn)
+    def forget(self, group: uuid.UUID, key_id: uuid.UUID) -> None:
+        """Drop a cached master key from memory (it was deleted from the directory)."""
+        self._keys.forget(group, key_id)
 
-    @staticmethod
-    def _unbind(conn: ldap3.Connection) -> None:
-        try:
-            conn.unbind()
-        except Exception as exc:  # closing a dead socket may fail; nothing to do about it
-            log.debug("ignoring an error while closing an LDAP connection: %s", exc)
+    # -- who may read them (access.py) ----------------------------------------------------
+
+    def anonymous_can_read(self, group: uuid.UUID) -> bool:
+        """Whether an anonymous bind can see any master-key entry of ``group`` or its key.
+
+        Looks both ways: a subtree search under the container, and a base read
+        of every key the service account knows of (in case the container
+        itself is hidden but its children are not).
+        """
+        known = self._keys.known_dns(group)
+        return self._access.anonymous_can_read(self.container_dn(group), known)
+
+    def service_sid(self) -> str:
+        """The objectSid of the service account (Active Directory), read once per object."""
+        return self._access.service_sid()
+
+    def container_protection_problem(self, group: uuid.UUID) -> str | None:
+        """On the ``ad`` layout: why the farm's container, or an entry in it, would let
+        someone other than the service account, Domain Admins and SYSTEM read the keys;
+        None when every descriptor is the protected one farmkeys writes (always None on
+        ``openldap``, whose access rule is the server's)."""
+        return self._access.container_problem(self.container_dn(group))

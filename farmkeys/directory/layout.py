@@ -1,4 +1,5 @@
-"""What differs between the directory layouts: object classes and attribute names.
+"""What differs between the directory layouts (object classes and attribute names), and
+the tree they share.
 
 Both layouts have the same tree, AD FS's DKM container::
 
@@ -13,6 +14,7 @@ FS made (whose contacts may be named otherwise) reads the same way.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,3 +44,18 @@ KEY_ID_ATTRIBUTE = "l"
 POLICY_CN = "CryptoPolicy"
 POLICY_ATTRIBUTE = "displayName"
 KEY_SURNAME = "farmkeys master key"
+
+
+def container_dn(parent: str, group: uuid.UUID) -> str:
+    """The DN of the DKM container of ``group`` under the DKM parent ``parent``."""
+    return f"cn={group},{parent}"
+
+
+def key_dn(parent: str, group: uuid.UUID, key_id: uuid.UUID) -> str:
+    """The DN farmkeys gives the entry of master key ``key_id`` (found by its ``l``)."""
+    return f"cn={key_id},{container_dn(parent, group)}"
+
+
+def policy_dn(parent: str, group: uuid.UUID) -> str:
+    """The DN of ``group``'s CryptoPolicy entry."""
+    return f"cn={POLICY_CN},{container_dn(parent, group)}"

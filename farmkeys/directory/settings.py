@@ -16,10 +16,12 @@ from farmkeys.errors import ConfigError
 
 LAYOUT_BY_NAME: dict[str, Layout] = {OPENLDAP.name: OPENLDAP, AD.name: AD}
 
-_UPN = re.compile(r"^[^@=,\s]+@[^@=,\s]+$")
+UPN = re.compile(r"^[^@=,\s]+@[^@=,\s]+$")
+"""A user principal name (``svc-farm@example.com``), which Active Directory binds by too."""
 
 
-def _is_ldaps(url: str) -> bool:
+def is_ldaps(url: str) -> bool:
+    """Whether ``url`` is an ``ldaps://`` URL (TLS from the first byte)."""
     return urlsplit(url).scheme == "ldaps"
 
 
@@ -49,7 +51,8 @@ def _validate_url(url: str, config: DirectoryConfig) -> None:
         )
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine (``localhost`` or a loopback address)."""
     if host == "localhost":
         return True
     try:
@@ -60,7 +63,7 @@ def _is_loopback(host: str) -> bool:
 
 # An attribute type (a name or an OID), "=", then anything, for each RDN of a DN; commas
 # escaped with a backslash belong to a value. ldap3's parser checks fully when the directory
-# is used (farmkeys.directory.client).
+# is made (farmkeys.directory.connection.parses_as_dn).
 _RDN = re.compile(r"^\s*(?:[A-Za-z][A-Za-z0-9-]*|[0-9]+(?:\.[0-9]+)+)\s*=")
 
 
@@ -80,14 +83,14 @@ def validate(config: DirectoryConfig, *, is_dn: Callable[[str], bool] = looks_li
         )
     for url in config.urls:
         _validate_url(url, config)
-    if layout.requires_tls and not (config.start_tls or all(_is_ldaps(u) for u in config.urls)):
+    if layout.requires_tls and not (config.start_tls or all(is_ldaps(u) for u in config.urls)):
         raise ConfigError(
             f"directory.layout {layout.name!r} needs TLS: Active Directory refuses a "
             "simple bind in clear text",
             "use ldaps:// URLs, or ldap:// URLs with start_tls = true, and set directory.ca_file",
         )
     plaintext = [
-        u for u in config.urls if not _is_ldaps(u) and not _is_loopback(urlsplit(u).hostname or "")
+        u for u in config.urls if not is_ldaps(u) and not is_loopback(urlsplit(u).hostname or "")
     ]
     if plaintext and not config.start_tls and not config.allow_plaintext:
         raise ConfigError(
@@ -103,7 +106,7 @@ def validate(config: DirectoryConfig, *, is_dn: Callable[[str], bool] = looks_li
             "the directory server's certificate",
         )
     for setting, dn in (("bind_dn", config.bind_dn), ("container", config.container)):
-        if setting == "bind_dn" and layout is AD and _UPN.match(dn):
+        if setting == "bind_dn" and layout is AD and UPN.match(dn):
             continue  # Active Directory also binds by userPrincipalName
         if not (dn.strip() and is_dn(dn)):
             upn = " or a user principal name (svc-farm@example.com)" if layout is AD else ""
