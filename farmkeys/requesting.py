@@ -146,10 +146,10 @@ def await_answer(
     process holds it; withdraw it when nobody answered within ``timeout_seconds``."""
     deadline = time.monotonic() + timeout_seconds
     while True:
-        row = db.rollover_request(request)
-        if row["done_at"] is not None:
+        answer = db.request_answer(request)
+        if answer.done_at is not None:
             return RolloverOutcome(
-                request, bool(row["ok"]), row["done_by"], row["term"], row["result"] or ""
+                request, bool(answer.ok), answer.done_by, answer.term, answer.result or ""
             )
         if not read_lease(db).valid:
             election = Election(db, node_id=config.node.id, lease=config.lease)

@@ -7,6 +7,7 @@ import hmac
 import json
 import uuid
 from dataclasses import replace
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -44,7 +45,7 @@ def request(**changes: Any) -> request_format.Request:
     return replace(made, **changes)
 
 
-def row(signed: request_format.Request, **changes: Any) -> dict[str, Any]:
+def row(signed: request_format.Request, **changes: Any) -> SimpleNamespace:
     values: dict[str, Any] = {
         "requested_by": signed.requested_by,
         "purpose": signed.purpose,
@@ -56,7 +57,7 @@ def row(signed: request_format.Request, **changes: Any) -> dict[str, Any]:
         "import_role": None,
         "import_source": None,
     }
-    return {**values, **changes}
+    return SimpleNamespace(**{**values, **changes})
 
 
 def test_a_signed_request_verifies_and_reads_back_what_was_signed() -> None:
@@ -184,8 +185,12 @@ def test_columns_that_say_something_else_than_the_body_are_caught() -> None:
         import_source="AD FS",
     )
     assert not request_format.columns_differ(imported, good)
-    assert request_format.columns_differ(imported, {**good, "import_blob": b"other"})
-    assert request_format.columns_differ(imported, {**good, "import_role": "secondary"})
+    assert request_format.columns_differ(
+        imported, row(imported, **{**vars(good), "import_blob": b"other"})
+    )
+    assert request_format.columns_differ(
+        imported, row(imported, **{**vars(good), "import_role": "secondary"})
+    )
 
 
 def test_freshness_is_judged_by_the_time_passed_in() -> None:

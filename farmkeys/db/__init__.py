@@ -38,6 +38,8 @@ from farmkeys.db.rows import (
     MasterKeyRow,
     NewCertificate,
     NodeRow,
+    RequestAnswer,
+    RequestRow,
     StoredState,
 )
 
@@ -58,6 +60,8 @@ __all__ = [
     "Migration",
     "NewCertificate",
     "NodeRow",
+    "RequestAnswer",
+    "RequestRow",
     "StoredState",
     "Transaction",
     "describe_dsn",

@@ -10,9 +10,9 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
 
 from farmkeys.db.connection import REQUEST_CHANNEL, Connection, Statements
+from farmkeys.db.rows import RequestAnswer, RequestRow, request_row
 
 # The columns the leader authenticates a pending request by (and compares, under the row's
 # lock, with what it authenticated).
@@ -58,8 +58,13 @@ class RequestQueries(Connection):
             tx.notify(REQUEST_CHANNEL, str(request_id))
         return request_id
 
-    def rollover_request(self, request_id: int) -> dict[str, Any]:
-        return self.fetch("SELECT * FROM rollover_request WHERE id = %s", (request_id,))[0]
+    def request_answer(self, request_id: int) -> RequestAnswer:
+        """The answer of request ``request_id`` (``done_at`` None while it waits)."""
+        rows = self.fetch(
+            "SELECT done_at, done_by, term, ok, result FROM rollover_request WHERE id = %s",
+            (request_id,),
+        )
+        return RequestAnswer(**rows[0])
 
     def requests_pending(self) -> bool:
         """Whether any request waits for an answer."""
@@ -68,10 +73,10 @@ class RequestQueries(Connection):
         )
         return bool(rows[0]["pending"])
 
-    def next_request(self) -> dict[str, Any] | None:
+    def next_request(self) -> RequestRow | None:
         """The oldest pending request, as its columns read (read outside any transaction)."""
         rows = self.fetch(_PENDING + " ORDER BY id LIMIT 1")
-        return rows[0] if rows else None
+        return request_row(rows[0]) if rows else None
 
     def withdraw_request(self, request_id: int, why: str) -> bool:
         """Mark a request nobody carried out as done and failed; False if it was answered."""
@@ -86,11 +91,11 @@ class RequestQueries(Connection):
 class RequestWrites(Statements):
     """The leader's side of the queue, inside its fenced transaction."""
 
-    def lock_pending_request(self, request_id: int) -> dict[str, Any] | None:
+    def lock_pending_request(self, request_id: int) -> RequestRow | None:
         """The request's columns, locked for this transaction, while it is still pending and
         no other transaction holds it; None otherwise."""
         rows = self.execute(_PENDING + " AND id = %s FOR UPDATE SKIP LOCKED", (request_id,))
-        return rows[0] if rows else None
+        return request_row(rows[0]) if rows else None
 
     def answer_request(
         self, request_id: int, *, node: str, term: int, ok: bool, result: str

@@ -140,6 +140,36 @@ class Claim:
 
 
 @dataclass(frozen=True)
+class RequestRow:
+    """A pending ``rollover_request`` row as the leader reads it: what its columns claim
+    and the signed body and MAC that alone are acted on (:mod:`farmkeys.formats.request`)."""
+
+    id: int
+    requested_by: str
+    purpose: str | None
+    urgent: bool
+    master_key: bool
+    repair_state: bool
+    import_certificate: uuid.UUID | None
+    import_blob: bytes | None
+    import_role: str | None
+    import_source: str | None
+    body: bytes | None
+    mac: bytes | None
+
+
+@dataclass(frozen=True)
+class RequestAnswer:
+    """A request's answer as its row holds it; ``done_at`` None while it waits."""
+
+    done_at: datetime | None
+    done_by: str | None
+    term: int | None
+    ok: bool | None
+    result: str | None
+
+
+@dataclass(frozen=True)
 class Lease:
     """The lease row as the config DB sees it now."""
 
@@ -184,6 +214,27 @@ def stored_state_row(row: dict[str, Any]) -> StoredState | None:
         return None
     return StoredState(
         body=bytes(row["state_body"]), mac=bytes(row["state_mac"]), version=row["state_version"]
+    )
+
+
+def _bytes(value: Any) -> bytes | None:  # noqa: ANN401 - a bytea column: bytes, memoryview or NULL
+    return None if value is None else bytes(value)
+
+
+def request_row(row: dict[str, Any]) -> RequestRow:
+    return RequestRow(
+        id=row["id"],
+        requested_by=row["requested_by"],
+        purpose=row["purpose"],
+        urgent=bool(row["urgent"]),
+        master_key=bool(row["master_key"]),
+        repair_state=bool(row["repair_state"]),
+        import_certificate=row["import_certificate"],
+        import_blob=_bytes(row["import_blob"]),
+        import_role=row["import_role"],
+        import_source=row["import_source"],
+        body=_bytes(row["body"]),
+        mac=_bytes(row["mac"]),
     )
 
 

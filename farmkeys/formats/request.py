@@ -30,9 +30,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from farmkeys.errors import RequestRefusedError
 from farmkeys.formats import _canonical, _mac
@@ -223,32 +223,57 @@ def verify(
     return request
 
 
-def columns_differ(request: Request, row: Mapping[str, Any]) -> bool:
+class RequestColumns(Protocol):
+    """What :func:`columns_differ` reads of a ``rollover_request`` row
+    (:class:`farmkeys.db.RequestRow` has it)."""
+
+    @property
+    def requested_by(self) -> str: ...
+    @property
+    def purpose(self) -> str | None: ...
+    @property
+    def urgent(self) -> bool: ...
+    @property
+    def master_key(self) -> bool: ...
+    @property
+    def repair_state(self) -> bool: ...
+    @property
+    def import_certificate(self) -> uuid.UUID | None: ...
+    @property
+    def import_blob(self) -> bytes | None: ...
+    @property
+    def import_role(self) -> str | None: ...
+    @property
+    def import_source(self) -> str | None: ...
+
+
+def columns_differ(request: Request, row: RequestColumns) -> bool:
     """Whether a ``rollover_request`` row's columns say anything else than its signed body
     (a DB writer flipped the kind, the purpose or urgency, or swapped the import's blob)."""
     kind = (
         "master_key"
-        if row["master_key"]
+        if row.master_key
         else "repair_state"
-        if row["repair_state"]
+        if row.repair_state
         else "import"
-        if row["import_blob"] is not None
+        if row.import_blob is not None
         else "rollover"
     )
-    if (kind, row["purpose"], bool(row["urgent"])) != (
+    if (kind, row.purpose, bool(row.urgent)) != (
         request.kind,
         request.purpose,
         request.urgent,
-    ) or row["requested_by"] != request.requested_by:
+    ) or row.requested_by != request.requested_by:
         return True
     terms = request.import_
     if terms is None:
-        return row["import_blob"] is not None or row["import_certificate"] is not None
+        return row.import_blob is not None or row.import_certificate is not None
     return (
-        row["import_certificate"] != terms.certificate
-        or row["import_role"] != terms.role
-        or row["import_source"] != terms.source
-        or blob_digest(bytes(row["import_blob"])) != terms.blob_sha256
+        row.import_blob is None
+        or row.import_certificate != terms.certificate
+        or row.import_role != terms.role
+        or row.import_source != terms.source
+        or blob_digest(bytes(row.import_blob)) != terms.blob_sha256
     )
 
 

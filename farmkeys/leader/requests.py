@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from farmkeys.config import Config
-from farmkeys.db import CHANGED_CHANNEL, ConfigDB, Farm
+from farmkeys.db import CHANGED_CHANNEL, ConfigDB, Farm, RequestRow
 from farmkeys.directory import Directory
 from farmkeys.election import Election, Fence
 from farmkeys.errors import (
@@ -38,8 +37,6 @@ from farmkeys.sync import blob_context
 from farmkeys.vocab import ALL_PURPOSES, PURPOSES, AuditAction, Role
 
 log = logging.getLogger(__name__)
-
-Row = dict[str, Any]
 
 
 class RequestAnswering:
@@ -80,9 +77,9 @@ class RequestAnswering:
                     # A master-key roll spans several fenced steps: answered after the last.
                     if self._key.known is None:
                         self._refresh_key(farm)
-                    lines = self._master_keys.roll(farm, urgent=request.urgent, request=row["id"])
+                    lines = self._master_keys.roll(farm, urgent=request.urgent, request=row.id)
                     with self._state.fenced(farm) as fence:
-                        self._answered(fence, row["id"], lines, signed=request)
+                        self._answered(fence, row.id, lines, signed=request)
             except NeedKey as need:
                 self._spares.make(need.purpose)
                 continue
@@ -93,30 +90,30 @@ class RequestAnswering:
             except FarmStateError as exc:
                 # No change can be built on rows that fail their farm state: the request is
                 # answered with why, so the operator learns it at once.
-                if row["repair_state"]:
+                if row.repair_state:
                     raise
                 with self._election.fenced(self._db) as fence:
-                    self._answered(fence, row["id"], [f"refused: {exc.what}"], ok=False)
+                    self._answered(fence, row.id, [f"refused: {exc.what}"], ok=False)
                 answered += 1
                 continue
             answered += 1
-            log.info("request %d answered: %s", row["id"], "; ".join(lines))
+            log.info("request %d answered: %s", row.id, "; ".join(lines))
 
-    def _authenticate(self, farm: Farm, row: Row) -> request_format.Request:
+    def _authenticate(self, farm: Farm, row: RequestRow) -> request_format.Request:
         """The request a row carries, once its MAC verifies and its columns agree with it
         (read outside any transaction: the key may come from the directory);
         :class:`RequestRefusedError` otherwise. Freshness and replay are judged in the
         fenced transaction that carries it out (:meth:`_admit`)."""
         request = request_format.verify(
-            row["body"],
-            row["mac"],
+            row.body,
+            row.mac,
             farm=farm.dkm_group,
-            row_id=row["id"],
+            row_id=row.id,
             key_for=lambda key_id: self._key.bytes_of(farm, key_id),
         )
         if request_format.columns_differ(request, row):
             raise RequestRefusedError(
-                f"request {row['id']}'s columns do not say what its signed body says"
+                f"request {row.id}'s columns do not say what its signed body says"
                 f" ({request.describe()})",
                 "someone who can write the config DB changed it; nothing was done. Find out"
                 " who, and re-issue the request if it was yours",
@@ -137,14 +134,14 @@ class RequestAnswering:
             )
 
     @staticmethod
-    def _same_row(fence: Fence, row: Row) -> bool:
+    def _same_row(fence: Fence, row: RequestRow) -> bool:
         """The row is still pending exactly as it was authenticated, and now locked for this
         transaction (False: another process answered it, or it was changed meanwhile, and
         is authenticated again on the next round)."""
-        return fence.tx.lock_pending_request(row["id"]) == row
+        return fence.tx.lock_pending_request(row.id) == row
 
     def _answer_one(
-        self, farm: Farm, row: Row, request: request_format.Request
+        self, farm: Farm, row: RequestRow, request: request_format.Request
     ) -> list[str] | None:
         """Carry out one authentic request in one fenced transaction (a master-key roll:
         only admit it; its steps follow); the answer's lines, None if the row was gone."""
@@ -155,7 +152,7 @@ class RequestAnswering:
                 lines = repair_state(
                     fence, farm, request, self._state, self._key, self._certificates
                 )
-                self._answered(fence, row["id"], lines)
+                self._answered(fence, row.id, lines)
                 return lines
         with self._state.fenced(farm) as fence:
             if not self._same_row(fence, row):
@@ -165,7 +162,7 @@ class RequestAnswering:
                 return []
             if request.kind == "import":
                 ok, line = self._import(fence, farm, row, request)
-                self._answered(fence, row["id"], [line], ok=ok, signed=request)
+                self._answered(fence, row.id, [line], ok=ok, signed=request)
                 return [line]
             assert request.purpose is not None
             purposes = PURPOSES if request.purpose == ALL_PURPOSES else (request.purpose,)
@@ -174,21 +171,20 @@ class RequestAnswering:
                 self._certificates.requested(fence, farm, rows, purpose, urgent=request.urgent)
                 for purpose in purposes
             ]
-            self._answered(fence, row["id"], lines, signed=request)
+            self._answered(fence, row.id, lines, signed=request)
             return lines
 
-    def _refuse(self, row: Row, exc: RequestRefusedError) -> None:
+    def _refuse(self, row: RequestRow, exc: RequestRefusedError) -> None:
         """Answer a request the leader will not act on, and audit why."""
-        log.warning("request %d refused: %s", row["id"], exc.what)
+        log.warning("request %d refused: %s", row.id, exc.what)
         with self._election.fenced(self._db) as fence:
             fence.tx.audit(
                 node=self._election.node_id,
                 term=fence.term,
                 action=AuditAction.REQUEST_REFUSED,
-                detail=f"request {row['id']} (claimed requester {row['requested_by']!r}):"
-                f" {exc.what}",
+                detail=f"request {row.id} (claimed requester {row.requested_by!r}): {exc.what}",
             )
-            self._answered(fence, row["id"], [f"refused: {exc.what}"], ok=False)
+            self._answered(fence, row.id, [f"refused: {exc.what}"], ok=False)
 
     def _answered(
         self,
@@ -209,7 +205,7 @@ class RequestAnswering:
         fence.tx.notify(CHANGED_CHANNEL, f"term {fence.term}")
 
     def _import(
-        self, fence: Fence, farm: Farm, row: Row, request: request_format.Request
+        self, fence: Fence, farm: Farm, row: RequestRow, request: request_format.Request
     ) -> tuple[bool, str]:
         """Carry out a `farmkeys import adfs` request: (done, the answer's line).
 
@@ -223,7 +219,8 @@ class RequestAnswering:
         assert terms is not None
         assert request.purpose is not None
         purpose, role, cert_id = request.purpose, terms.role, terms.certificate
-        blob = bytes(row["import_blob"])
+        assert row.import_blob is not None  # the signed body names an import: checked
+        blob = row.import_blob
         context = blob_context(farm, cert_id, purpose)
         try:
             sealed_under = blob_format.master_key_id(blob, context=context)

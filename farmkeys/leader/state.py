@@ -18,12 +18,19 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from farmkeys.db import ConfigDB, Farm, Transaction
+from farmkeys.db import CertificateRow, ConfigDB, Farm, Transaction
 from farmkeys.election import Election, Fence
 from farmkeys.errors import FarmStateError
 from farmkeys.formats import farm_state
 from farmkeys.leader.keys import CurrentKey
 from farmkeys.vocab import AuditAction
+
+
+@dataclass(frozen=True)
+class _Lists:
+    revoked: set[str]
+    shredded: set[uuid.UUID]
+    replaced: list[farm_state.Replaced]
 
 
 @dataclass
@@ -133,46 +140,25 @@ class StateFence:
         write (repair-state), else one above ``before``'s. ``action``: the audit action to
         record the write under (a farm's first record is ``state_adopt``).
         """
-        done = self.round
         rows = fence.tx.live_certificates()
-        if revoked is None:
-            revoked = set(before.revoked if before is not None else ()) | done.revoking
-        if shredded is None:
-            shredded = done.shredding | self.shredded(fence, before)
-        replaced = done.replacing + (
-            list(before.replaced)
-            if before is not None and before.format != farm_state.FORMAT_1
-            else self._replaced_since_now(fence)
-        )
+        lists = self._lists(fence, before, revoked, shredded)
         known = key if key is not None else self._key.known  # None: not read (directory down)
-        kept = () if before is None else before.answered
-        if before is not None and action is None and not done.answering:
-            unchanged = farm_state.FarmState.build(
-                farm=farm.dkm_group,
-                version=before.version,
-                term=before.term,
-                master_key=before.master_key,
-                rows=rows,
-                revoked=revoked,
-                shredded=shredded,
-                answered=kept,
-                replaced=replaced,
-            )
-            if before.same_content(unchanged) and (known is None or known[0] == before.master_key):
-                return None  # nothing to write: no key needed
+        if action is None and self._unchanged(farm, before, rows, lists, known):
+            return None  # nothing to write: no key needed
         key_id, key_bytes = known if known is not None else self._key.current()
         now = int(fence.now.timestamp())
+        kept = () if before is None else before.answered
         state = farm_state.FarmState.build(
             farm=farm.dkm_group,
             version=next_version(before) if version is None else version,
             term=fence.term,
             master_key=key_id,
             rows=rows,
-            revoked=revoked,
-            shredded=shredded,
+            revoked=lists.revoked,
+            shredded=lists.shredded,
             # Expired requests are refused as stale anyway: a record keeps only the others.
-            answered=[a for a in kept if a.expires >= now] + done.answering,
-            replaced=replaced,
+            answered=[a for a in kept if a.expires >= now] + self.round.answering,
+            replaced=lists.replaced,
         )
         body, mac = farm_state.seal(state, key_bytes)
         fence.tx.write_state(body=body, mac=mac, version=state.version, term=fence.term)
@@ -187,6 +173,52 @@ class StateFence:
                 detail=f"farm state version {state.version}: {len(state.live)} live certificates",
             )
         return state
+
+    def _lists(
+        self,
+        fence: Fence,
+        before: farm_state.FarmState | None,
+        revoked: set[str] | None,
+        shredded: set[uuid.UUID] | None,
+    ) -> _Lists:
+        """The revoked thumbprints, shredded and replaced master keys the next record
+        carries: ``before``'s and this transaction's, unless given whole (repair-state)."""
+        done = self.round
+        if revoked is None:
+            revoked = set(before.revoked if before is not None else ()) | done.revoking
+        if shredded is None:
+            shredded = done.shredding | self.shredded(fence, before)
+        replaced = done.replacing + (
+            list(before.replaced)
+            if before is not None and before.format != farm_state.FORMAT_1
+            else self._replaced_since_now(fence)
+        )
+        return _Lists(revoked, shredded, replaced)
+
+    def _unchanged(
+        self,
+        farm: Farm,
+        before: farm_state.FarmState | None,
+        rows: Sequence[CertificateRow],
+        lists: _Lists,
+        known: tuple[uuid.UUID, bytes] | None,
+    ) -> bool:
+        """Whether ``before`` already says all the next record would (and is under the key
+        the next would be under, when that key is known): then nothing is written."""
+        if before is None or self.round.answering:
+            return False
+        same = farm_state.FarmState.build(
+            farm=farm.dkm_group,
+            version=before.version,
+            term=before.term,
+            master_key=before.master_key,
+            rows=rows,
+            revoked=lists.revoked,
+            shredded=lists.shredded,
+            answered=before.answered,
+            replaced=lists.replaced,
+        )
+        return before.same_content(same) and (known is None or known[0] == before.master_key)
 
     def shredded(self, fence: Fence, before: farm_state.FarmState | None) -> set[uuid.UUID]:
         """The tombstones ``before`` carries; for a record of format 1 (which has none),
