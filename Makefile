@@ -12,31 +12,35 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# The lab's servers and the demo (tools/farmkeys_lab) are not in the wheel: the demo, the
+# bench, the soak and the fuzzer find them on this path (the tests: pyproject.toml).
+LAB := PYTHONPATH=tools$${PYTHONPATH:+:$$PYTHONPATH}
 
 .PHONY: demo test lint setup servers bench soak fuzz clean
 
 demo: setup
-	$(PY) -m farmkeys._demo
+	$(LAB) $(PY) -m farmkeys_lab.demo
 
 test: setup lint
 	$(PY) -m pytest -q
 
 lint: setup
-	$(VENV)/bin/ruff check farmkeys tests
-	$(VENV)/bin/ruff format --check farmkeys tests
+	$(VENV)/bin/ruff check farmkeys tools tests setup.py
+	$(VENV)/bin/ruff format --check farmkeys tools tests setup.py
 	$(VENV)/bin/mypy
 
 setup: $(VENV)/.installed servers
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
 # What the demo, the tests, the soak and the bench start privately: OpenLDAP's slapd, a
-# PostgreSQL cluster and a Samba AD domain controller of their own (farmkeys.lab). Installed from Debian when missing; the
-# packages' own servers are not used, and no cluster of the machine's is created or started.
+# PostgreSQL cluster and a Samba AD domain controller of their own (tools/farmkeys_lab).
+# Installed from Debian when missing; the packages' own servers are not used, and no
+# cluster of the machine's is created or started.
 # Also the age tool, which the escrow-file tests check farmkeys against (tests/test_agefmt.py).
 servers:
 	@if [ ! -x /usr/sbin/slapd ] || ! command -v ldapsearch >/dev/null \
@@ -51,7 +55,7 @@ servers:
 	fi
 	@# The slapd package starts a server of its own on install: ours listen on loopback only.
 	@if [ -f /var/run/slapd/slapd.pid ]; then kill "$$(cat /var/run/slapd/slapd.pid)" 2>/dev/null || true; fi
-	@# Samba's AD domain controller, for the Active Directory tests (farmkeys.lab.samba provisions
+	@# Samba's AD domain controller, for the Active Directory tests (farmkeys_lab.samba provisions
 	@# a domain of its own and runs it on 127.0.0.1). No recommends: they would add winbind to
 	@# nsswitch.conf and PAM (libnss-winbind, libpam-winbind). The packages start smbd, nmbd and
 	@# winbind of their own on install: stop those and keep them from starting at boot; this
@@ -91,18 +95,18 @@ FUZZ_SECONDS ?= 60
 # FUZZ_SECONDS under libFuzzer; crashing inputs are kept in .fuzz/crashes/<target>/.
 fuzz: setup
 	$(PY) -m pip install --quiet -e '.[fuzz]'
-	$(PY) tests/fuzz/run.py --seconds $(FUZZ_SECONDS)
+	$(LAB) $(PY) tests/fuzz/run.py --seconds $(FUZZ_SECONDS)
 
 # Figures, not a pass/fail: one script per goal of docs/operations.md ("Measured"), then one
 # table of figure, goal and ratio (tests/bench/run.py). BENCH_ARGS=--quick for a short run.
 BENCH_ARGS ?=
 bench: setup
-	$(PY) tests/bench/run.py $(BENCH_ARGS)
+	$(LAB) $(PY) tests/bench/run.py $(BENCH_ARGS)
 
 # Faults at random while serve nodes roll certificates over; exits 1 on a broken invariant.
 SOAK_ARGS ?=
 soak: setup
-	$(PY) tests/soak/soak.py $(SOAK_ARGS)
+	$(LAB) $(PY) tests/soak/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .demo .mypy_cache .ruff_cache .pytest_cache

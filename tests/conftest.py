@@ -14,14 +14,14 @@ import pytest
 
 from farmkeys.config import DirectoryConfig, RetryConfig
 from farmkeys.directory import Directory
-from farmkeys.lab.samba import LocalSambaDC, SambaError, SambaTemplate, missing_samba
-from farmkeys.lab.slapd import LocalSlapd, SlapdError, find_slapd
+from farmkeys_lab.samba import LocalSambaDC, SambaError, SambaTemplate, missing_samba
+from farmkeys_lab.slapd import LocalSlapd, SlapdError, find_slapd
 
 # PostgreSQL: a throwaway database per test (tests/pg.py).
 pytest_plugins = ["pg"]
 
 # ---------------------------------------------------------------------------------
-# Directory: a real slapd on loopback (farmkeys.lab.slapd.LocalSlapd)
+# Directory: a real slapd on loopback (farmkeys_lab.slapd.LocalSlapd)
 # ---------------------------------------------------------------------------------
 
 # Short enough that a test of "retries, then gives up" takes about a second.
@@ -129,7 +129,7 @@ def other_directory(make_directory: MakeDirectory, slapd: LocalSlapd) -> Directo
 
 
 # ---------------------------------------------------------------------------------
-# Active Directory: a real Samba AD DC on 127.0.0.1 (farmkeys.lab.samba.LocalSambaDC)
+# Active Directory: a real Samba AD DC on 127.0.0.1 (farmkeys_lab.samba.LocalSambaDC)
 # ---------------------------------------------------------------------------------
 
 

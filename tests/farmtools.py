@@ -20,7 +20,7 @@ from typing import Any, Self
 import psycopg
 
 from farmkeys import cli
-from farmkeys.lab.slapd import LocalSlapd
+from farmkeys_lab.slapd import LocalSlapd
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,6 +1,6 @@
 """PostgreSQL for the tests: one private cluster per session, a throwaway database per test.
 
-The cluster is farmkeys.lab.postgres.LocalPostgres: initdb in the session's
+The cluster is farmkeys_lab.postgres.LocalPostgres: initdb in the session's
 temporary folder, a free port on 127.0.0.1, stopped and deleted at the end.
 The machine's own PostgreSQL, if it has one, is never touched.
 """
@@ -17,7 +17,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from farmkeys.lab.postgres import LocalPostgres, PostgresError, find_bindir
+from farmkeys_lab.postgres import LocalPostgres, PostgresError, find_bindir
 
 
 @pytest.fixture(scope="session")

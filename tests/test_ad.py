@@ -1,7 +1,7 @@
 """The `ad` layout on a real Active Directory domain controller (Samba's AD DC, on loopback).
 
 Each test runs a fresh copy of the session's provisioned domain
-(farmkeys.lab.samba): init, three nodes syncing, certificate and master-key
+(farmkeys_lab.samba): init, three nodes syncing, certificate and master-key
 rollovers, the farm container's protected security descriptor against an
 ordinary domain user, TLS, several domain controllers, and an AD FS-made DKM
 container read by `farmkeys import adfs`.
@@ -25,9 +25,9 @@ from farmkeys import certs
 from farmkeys.config import DirectoryConfig, RetryConfig, load
 from farmkeys.directory import Directory, ad, sd
 from farmkeys.errors import DirectoryError, MasterKeyMissingError
-from farmkeys.lab._common import free_port
-from farmkeys.lab.samba import LocalSambaDC, write_ca_certificate
-from farmkeys.lab.slapd import LocalSlapd
+from farmkeys_lab.samba import LocalSambaDC, write_ca_certificate
+from farmkeys_lab.servers import free_port
+from farmkeys_lab.slapd import LocalSlapd
 
 RETRY = RetryConfig(total_seconds=2.0, initial_backoff_seconds=0.05, max_backoff_seconds=0.5)
 

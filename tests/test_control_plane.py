@@ -34,7 +34,7 @@ from farmkeys.configdb import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.election import Election
 from farmkeys.errors import RequestRefusedError
-from farmkeys.lab.slapd import LocalSlapd
+from farmkeys_lab.slapd import LocalSlapd
 
 BIGINT_END = 9223372036854775806  # 2^63 - 2: one more version and the bigint is full
 

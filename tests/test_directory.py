@@ -28,8 +28,8 @@ from farmkeys.errors import (
     FarmConflictError,
     MasterKeyMissingError,
 )
-from farmkeys.lab._common import free_port
-from farmkeys.lab.slapd import LocalSlapd, acl_lines
+from farmkeys_lab.servers import free_port
+from farmkeys_lab.slapd import LocalSlapd, acl_lines
 
 MakeDirectory = Callable[..., Directory]
 

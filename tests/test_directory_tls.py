@@ -16,8 +16,8 @@ from cryptography import x509
 from farmkeys.config import DirectoryConfig
 from farmkeys.directory import Directory
 from farmkeys.errors import DirectoryError
-from farmkeys.lab import tls
-from farmkeys.lab.slapd import LocalSlapd
+from farmkeys_lab import tls
+from farmkeys_lab.slapd import LocalSlapd
 
 
 def server_files(

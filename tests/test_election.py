@@ -20,9 +20,9 @@ from farmkeys.configdb import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.election import Election, read_lease
 from farmkeys.errors import LeaseLostError
-from farmkeys.lab.slapd import LocalSlapd
 from farmkeys.rollover import Leader
 from farmkeys.serve import Service
+from farmkeys_lab.slapd import LocalSlapd
 
 LEASE = LeaseConfig(ttl_seconds=30, renew_seconds=10)
 

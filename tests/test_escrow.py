@@ -24,7 +24,7 @@ from farmkeys import agefmt
 from farmkeys.config import load
 from farmkeys.directory import Directory
 from farmkeys.escrow import EscrowDocument, EscrowedKey
-from farmkeys.lab.slapd import LocalSlapd
+from farmkeys_lab.slapd import LocalSlapd
 
 PASSPHRASE = "correct horse battery staple"
 
@@ -203,7 +203,7 @@ def test_a_key_in_the_directory_with_other_bytes_is_never_overwritten(
 
 @pytest.fixture
 def other_farm(tmp_path: Path, slapd: LocalSlapd, postgres: object) -> TestFarm:
-    from farmkeys.lab.postgres import LocalPostgres
+    from farmkeys_lab.postgres import LocalPostgres
 
     assert isinstance(postgres, LocalPostgres)
     name = f"other_{uuid.uuid4().hex[:8]}"

@@ -32,8 +32,8 @@ from farmkeys import rollover
 from farmkeys.config import load
 from farmkeys.configdb import ConfigDB, describe_dsn
 from farmkeys.directory import Directory
-from farmkeys.lab.postgres import LocalPostgres, multi_host_dsn
-from farmkeys.lab.slapd import LocalSlapd
+from farmkeys_lab.postgres import LocalPostgres, multi_host_dsn
+from farmkeys_lab.slapd import LocalSlapd
 
 NODES = ("node-a", "node-b", "node-c")
 TTL = 3.0

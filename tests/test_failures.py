@@ -9,7 +9,7 @@ import pytest
 from farmtools import Result, TestFarm, add_certificate, one_error_line, snapshot
 
 from farmkeys import cli
-from farmkeys.lab.slapd import LocalSlapd
+from farmkeys_lab.slapd import LocalSlapd
 
 
 @pytest.fixture

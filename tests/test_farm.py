@@ -18,12 +18,12 @@ from farmkeys import cli, dkm
 from farmkeys.config import load
 from farmkeys.configdb import ConfigDB
 from farmkeys.directory import Directory
-from farmkeys.lab._common import free_port
-from farmkeys.lab.postgres import LocalPostgres
-from farmkeys.lab.slapd import LocalSlapd
 from farmkeys.status import farm_status
 from farmkeys.store import Store
 from farmkeys.sync import sync
+from farmkeys_lab.postgres import LocalPostgres
+from farmkeys_lab.servers import free_port
+from farmkeys_lab.slapd import LocalSlapd
 
 
 @pytest.fixture

@@ -23,8 +23,8 @@ from farmtools import (
 )
 
 from farmkeys import farmstate, rollover
-from farmkeys.lab.postgres import LocalPostgres
-from farmkeys.lab.slapd import LocalSlapd
+from farmkeys_lab.postgres import LocalPostgres
+from farmkeys_lab.slapd import LocalSlapd
 
 
 @pytest.fixture

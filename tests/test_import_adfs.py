@@ -31,7 +31,7 @@ from farmkeys import certs
 from farmkeys.config import load
 from farmkeys.directory import Directory
 from farmkeys.errors import CertificateError
-from farmkeys.lab.slapd import LocalSlapd
+from farmkeys_lab.slapd import LocalSlapd
 
 ADFS_KEY = bytes(range(7, 39))
 ADFS_KEY_ID = uuid.UUID("0b6f3c1e-2d4a-4e5f-8a9b-c0d1e2f3a4b5")

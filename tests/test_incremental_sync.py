@@ -26,10 +26,10 @@ from farmkeys.config import Config, RetryConfig, load
 from farmkeys.configdb import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.errors import StoreError
-from farmkeys.lab._common import free_port
-from farmkeys.lab.slapd import LocalSlapd
 from farmkeys.store import Store
 from farmkeys.sync import blob_context, sync
+from farmkeys_lab.servers import free_port
+from farmkeys_lab.slapd import LocalSlapd
 
 
 @pytest.fixture

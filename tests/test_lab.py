@@ -25,8 +25,8 @@ from farmtools import wait_until
 from ldap3.core.exceptions import LDAPException, LDAPSocketOpenError
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from farmkeys.lab.postgres import LocalPostgres, multi_host_dsn
-from farmkeys.lab.samba import (
+from farmkeys_lab.postgres import LocalPostgres, multi_host_dsn
+from farmkeys_lab.samba import (
     PORTS,
     LocalSambaDC,
     SambaError,

@@ -35,9 +35,9 @@ from farmkeys.configdb import ConfigDB, MasterKeyRow
 from farmkeys.directory import Directory
 from farmkeys.election import Election
 from farmkeys.errors import LeaseLostError, MasterKeyMissingError
-from farmkeys.lab.slapd import LocalSlapd
 from farmkeys.rollover import Leader
 from farmkeys.sync import open_blob
+from farmkeys_lab.slapd import LocalSlapd
 
 LEASE = LeaseConfig(ttl_seconds=30, renew_seconds=10)
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

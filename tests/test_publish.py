@@ -32,9 +32,9 @@ from farmkeys.config import load
 from farmkeys.configdb import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.election import Election
-from farmkeys.lab.slapd import LocalSlapd
 from farmkeys.rollover import Leader
 from farmkeys.store import Store
+from farmkeys_lab.slapd import LocalSlapd
 
 ENTITY = "https://fs.contoso.example/adfs/services/trust"
 SSO = "https://fs.contoso.example/adfs/ls/"

@@ -31,8 +31,8 @@ from farmtools import (
     wait_until,
 )
 
-from farmkeys.lab.postgres import LocalPostgres
-from farmkeys.lab.slapd import LocalSlapd
+from farmkeys_lab.postgres import LocalPostgres
+from farmkeys_lab.slapd import LocalSlapd
 
 MAX_CONNECTIONS = 100
 SERVE_NODES = 60

@@ -15,8 +15,8 @@ from farmtools import TestFarm, add_certificate, hold_lease, one_error_line
 
 from farmkeys.config import load
 from farmkeys.directory import Directory
-from farmkeys.lab.postgres import LocalPostgres, find_bindir
-from farmkeys.lab.slapd import LocalSlapd
+from farmkeys_lab.postgres import LocalPostgres, find_bindir
+from farmkeys_lab.slapd import LocalSlapd
 
 
 @pytest.fixture

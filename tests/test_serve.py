@@ -50,9 +50,9 @@ from farmtools import (
 
 from farmkeys import policy as rollover_policy
 from farmkeys.config import PolicyConfig
-from farmkeys.lab.postgres import LocalPostgres
-from farmkeys.lab.slapd import LocalSlapd
 from farmkeys.serve import sync_retry_delay
+from farmkeys_lab.postgres import LocalPostgres
+from farmkeys_lab.slapd import LocalSlapd
 
 NODES = ("node-a", "node-b", "node-c")
 PURPOSES = ("signing", "decryption")

@@ -30,9 +30,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from farmkeys import publish
 from farmkeys.configdb import CHANGED_CHANNEL
 from farmkeys.errors import DirectoryError, Error, FarmStateError, StoreError
-from farmkeys.lab.slapd import LocalSlapd
 from farmkeys.serve import node_health
 from farmkeys.store import Installed, Manifest, ManifestEntry
+from farmkeys_lab.slapd import LocalSlapd
 
 START = 30.0  # two processes start and sync on a loaded machine
 PUBLISH = {

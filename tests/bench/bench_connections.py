@@ -35,8 +35,8 @@ from farmtools import (
     wait_until,
 )
 
-from farmkeys.lab.postgres import LocalPostgres
-from farmkeys.lab.slapd import LocalSlapd
+from farmkeys_lab.postgres import LocalPostgres
+from farmkeys_lab.slapd import LocalSlapd
 
 SETTINGS = {
     "policy": {"rollover_interval_seconds": 3600},

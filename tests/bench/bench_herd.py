@@ -40,10 +40,10 @@ from farmtools import TestFarm, clean_env, live_identity, manifest_identity
 from farmkeys.config import load
 from farmkeys.configdb import ConfigDB
 from farmkeys.directory import Directory
-from farmkeys.lab.postgres import LocalPostgres
-from farmkeys.lab.slapd import LocalSlapd
 from farmkeys.store import Store
 from farmkeys.sync import sync
+from farmkeys_lab.postgres import LocalPostgres
+from farmkeys_lab.slapd import LocalSlapd
 
 REPO = Path(__file__).resolve().parent.parent.parent
 GOAL_SECONDS = 30.0

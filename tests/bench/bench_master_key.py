@@ -5,7 +5,7 @@ Not part of the test run. From the repository root:
     make bench
     .venv/bin/python tests/bench/bench_master_key.py --blobs 1 10 100 --nodes 5 --rolls 3
 
-It starts its own slapd and PostgreSQL (farmkeys.lab, in a temporary folder,
+It starts its own slapd and PostgreSQL (farmkeys_lab, in a temporary folder,
 on free loopback ports), one database per blob count, and N `farmkeys serve`
 processes that only follow (they never lead: the bench holds the lease). For
 each count B it fills the live set to B blobs (the two primaries and B-2
@@ -48,9 +48,9 @@ from farmkeys.config import LeaseConfig, load
 from farmkeys.configdb import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.election import Election, Fence
-from farmkeys.lab.postgres import LocalPostgres
-from farmkeys.lab.slapd import LocalSlapd
 from farmkeys.rollover import Leader, new_certificate
+from farmkeys_lab.postgres import LocalPostgres
+from farmkeys_lab.slapd import LocalSlapd
 
 OVERRIDES: dict[str, dict[str, Any]] = {
     "policy": {"rollover_interval_seconds": 3600},

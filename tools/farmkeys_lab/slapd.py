@@ -36,7 +36,7 @@ from typing import Self
 import ldap3
 from ldap3.utils.hashed import hashed
 
-from farmkeys.lab._common import accepts, free_port, log_tail, stop_child
+from farmkeys_lab.servers import accepts, free_port, log_tail, stop_child
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ class LocalSlapd:
             modules += f'TLSCertificateFile "{certificate}"\nTLSCertificateKeyFile "{key}"\n'
         acl = acl_lines(self.container, self.service_dn, anonymous_read=self.anonymous_read_dkm)
         text = (
-            "# Written by farmkeys.lab.slapd.LocalSlapd; a disposable test directory.\n"
+            "# Written by farmkeys_lab.slapd.LocalSlapd; a disposable test directory.\n"
             f"{includes}"
             f'pidfile "{self.workdir / "slapd.pid"}"\n'
             f'argsfile "{self.workdir / "slapd.args"}"\n'

@@ -1,5 +1,5 @@
 """Certificates for the lab's servers: a throwaway CA, and server certificates it issues,
-for the Samba DC (farmkeys.lab.samba) and the TLS tests of slapd (farmkeys.lab.slapd).
+for the Samba DC (farmkeys_lab.samba) and the TLS tests of slapd (farmkeys_lab.slapd).
 Nothing here is meant for production."""
 
 from __future__ import annotations

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import psycopg
 
-from farmkeys.lab.postgres import LocalPostgres
-from farmkeys.lab.slapd import LocalSlapd
+from farmkeys_lab.postgres import LocalPostgres
+from farmkeys_lab.slapd import LocalSlapd
 
 DATABASE = "farmkeys_demo"
 NODES = ("node-a", "node-b", "node-c")  # three: _wait_for_leader counts them

@@ -47,7 +47,7 @@ from typing import Any, Self
 import psycopg
 import psycopg.conninfo
 
-from farmkeys.lab._common import LOOPBACK, accepts, free_port, log_tail, stop_child
+from farmkeys_lab.servers import LOOPBACK, accepts, free_port, log_tail, stop_child
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """A private Samba Active Directory domain controller on loopback, for the tests.
 
-Provisioning a domain takes seconds, so it happens once: :func:`provision_template`
+Provisioning a domain takes seconds, so it happens once: :meth:`SambaTemplate.provision`
 runs ``samba-tool domain provision`` (realm ``FARMKEYS.LAB``, NetBIOS domain
 ``FARMKEYS``) into a work directory and seeds it::
 
@@ -71,8 +71,8 @@ import ldap3
 from cryptography import x509
 from ldap3.core.exceptions import LDAPException, LDAPNoSuchObjectResult
 
-from farmkeys.lab import tls
-from farmkeys.lab._common import LOOPBACK, accepts, log_tail
+from farmkeys_lab import tls
+from farmkeys_lab.servers import LOOPBACK, accepts, log_tail
 
 log = logging.getLogger(__name__)
 
@@ -579,7 +579,7 @@ def _write_smb_conf(domain_dir: Path, *, into: Path | None = None) -> Path:
     for directory in ("run", "cache", "etc"):
         (target / directory).mkdir(exist_ok=True)
     text = (
-        "# Written by farmkeys.lab.samba; a disposable test domain controller.\n[global]\n"
+        "# Written by farmkeys_lab.samba; a disposable test domain controller.\n[global]\n"
         + "".join(f"\t{name} = {value}\n" for name, value in settings.items())
     )
     path = target / "etc" / "smb.conf"
@@ -666,11 +666,6 @@ class SambaTemplate:
     def record(self) -> dict[str, str]:
         """What ``lab.json`` holds: everything but the work directory."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "workdir"}
-
-
-def provision_template(workdir: Path) -> SambaTemplate:
-    """Provision the lab's domain into ``workdir`` once (about 7 s); see :class:`SambaTemplate`."""
-    return SambaTemplate.provision(workdir)
 
 
 def _provision(cls: type[SambaTemplate], workdir: Path, samba: Path, tool: Path) -> SambaTemplate:
