@@ -3,7 +3,7 @@
 - :mod:`farmkeys_lab.slapd`: a seeded OpenLDAP ``slapd``;
 - :mod:`farmkeys_lab.postgres`: a PostgreSQL cluster of its own (``initdb`` in
   a folder of its own, a free port, run as an unprivileged user when started
-  by root);
+  by root), and its streaming standby;
 - :mod:`farmkeys_lab.samba`: a Samba Active Directory domain controller (its
   LDAP service only, with a CA and server certificate of its own), provisioned
   once as a template and copied per test; Samba's LDAP ports are fixed, so one

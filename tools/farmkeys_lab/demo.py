@@ -143,13 +143,7 @@ def main() -> int:
     with contextlib.ExitStack() as stack:
         slapd = stack.enter_context(LocalSlapd(root / "slapd"))
         print(f"directory: private slapd at {slapd.url} (suffix {slapd.suffix})")
-        dsn = os.environ.get("DEMO_DATABASE_DSN", "")
-        if dsn:
-            print("config DB: the existing database DEMO_DATABASE_DSN names")
-        else:
-            postgres = stack.enter_context(LocalPostgres(root / "postgres"))
-            dsn = postgres.create_database(DATABASE)
-            print(f"config DB: {DATABASE} on a private PostgreSQL at 127.0.0.1:{postgres.port}")
+        dsn = _config_db(stack, root)
         port = _free_port()
         publish = (
             f'[publish]\nlisten = "127.0.0.1:{port}"\n'
@@ -166,42 +160,71 @@ def main() -> int:
             if _farmkeys(command, config=config) != 0:
                 print(f"demo: `farmkeys {command}` failed", file=sys.stderr)
                 return 1
-        services = _start_services(root, configs)
-        try:
-            if not _wait_for_leader(dsn):
-                print("demo: no node took the leader lease", file=sys.stderr)
-                return 1
-            for args in (("--purpose", "signing"), ("--master-key",)):
-                if _farmkeys("rollover", *args, config=configs["node-c"]) != 0:
-                    print(f"demo: `farmkeys rollover {' '.join(args)}` failed", file=sys.stderr)
-                    return 1
-            _wait_for_nodes(dsn)
-            base = f"http://127.0.0.1:{port}"
-            for path in (
-                "/FederationMetadata/2007-06/FederationMetadata.xml?rp=rp1",
-                "/adfs/discovery/keys",
-                "/healthz",
-            ):
-                _fetch(base + path)
-            code = _farmkeys("status", config=configs["node-a"])
-            print(f"\nstatus exit code {code} (0 ok, 1 warning, 2 critical, 3 unknown)")
-            _farmkeys("events", config=configs["node-a"])
-        finally:
-            for process in services:
-                process.send_signal(signal.SIGTERM)
-            for process in services:
-                process.wait(timeout=30)
+        code = _serving(root, configs, dsn, port)
+        if code is None:
+            return 1
         print(f"\nservice logs: {root}/<node>.log")
-        for node in NODES:
-            store = root / "stores" / node
-            files = sorted(
-                f"{purpose}/{p.name}"
-                for purpose in ("signing", "decryption")
-                for p in (store / purpose).iterdir()
-                if p.name.startswith(("primary", "secondary"))
-            )
-            print(f"store of {node} ({store}): manifest.json, {', '.join(files)}")
+        _show_stores(root)
         return code
+
+
+def _config_db(stack: contextlib.ExitStack, root: Path) -> str:
+    """The DSN of the demo's config DB: DEMO_DATABASE_DSN's, or a private cluster's."""
+    dsn = os.environ.get("DEMO_DATABASE_DSN", "")
+    if dsn:
+        print("config DB: the existing database DEMO_DATABASE_DSN names")
+        return dsn
+    postgres = stack.enter_context(LocalPostgres(root / "postgres"))
+    dsn = postgres.create_database(DATABASE)
+    print(f"config DB: {DATABASE} on a private PostgreSQL at 127.0.0.1:{postgres.port}")
+    return dsn
+
+
+def _serving(root: Path, configs: dict[str, Path], dsn: str, port: int) -> int | None:
+    """With every node serving: roll over, fetch node-a's documents, show status and events.
+
+    ``status``'s exit code, or None when a step failed (said on stderr). The services
+    are stopped before it returns, whatever happened.
+    """
+    services = _start_services(root, configs)
+    try:
+        if not _wait_for_leader(dsn):
+            print("demo: no node took the leader lease", file=sys.stderr)
+            return None
+        for args in (("--purpose", "signing"), ("--master-key",)):
+            if _farmkeys("rollover", *args, config=configs["node-c"]) != 0:
+                print(f"demo: `farmkeys rollover {' '.join(args)}` failed", file=sys.stderr)
+                return None
+        _wait_for_nodes(dsn)
+        base = f"http://127.0.0.1:{port}"
+        for path in (
+            "/FederationMetadata/2007-06/FederationMetadata.xml?rp=rp1",
+            "/adfs/discovery/keys",
+            "/healthz",
+        ):
+            _fetch(base + path)
+        code = _farmkeys("status", config=configs["node-a"])
+        print(f"\nstatus exit code {code} (0 ok, 1 warning, 2 critical, 3 unknown)")
+        _farmkeys("events", config=configs["node-a"])
+        return code
+    finally:
+        for process in services:
+            process.send_signal(signal.SIGTERM)
+        for process in services:
+            process.wait(timeout=30)
+
+
+def _show_stores(root: Path) -> None:
+    """What each node's store holds, as a line per node."""
+    for node in NODES:
+        store = root / "stores" / node
+        files = sorted(
+            f"{purpose}/{p.name}"
+            for purpose in ("signing", "decryption")
+            for p in (store / purpose).iterdir()
+            if p.name.startswith(("primary", "secondary"))
+        )
+        print(f"store of {node} ({store}): manifest.json, {', '.join(files)}")
 
 
 if __name__ == "__main__":

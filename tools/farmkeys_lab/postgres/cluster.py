@@ -1,29 +1,7 @@
-"""A private PostgreSQL cluster on loopback, for the tests, the soak, the benchmarks and the demo.
+"""One private PostgreSQL server: ``initdb`` in a folder of its own, then ``postgres`` on a
+free port of 127.0.0.1, as a child process; databases made and dropped in it.
 
-:class:`LocalPostgres` runs ``initdb`` once in a folder of its own, then runs
-the server (``postgres``, in the foreground, as a child process) on a free
-port of 127.0.0.1 with Unix sockets turned off. It never touches a cluster
-of the machine's own: no ``pg_ctlcluster``, no port 5432 unless it happens to
-be free, no shared socket folder.
-
-- Run as root, the server runs as an unprivileged account (``postgres`` when
-  the machine has one, else ``nobody``), because PostgreSQL refuses to run as
-  root. Its data folder is then a fresh ``/tmp/farmkeys-pg-*`` folder (0700,
-  owned by that account), since the caller's folder (pytest's, say) is
-  usually closed to other accounts; ``<workdir>/data`` is a symlink to it.
-- The superuser ``postgres`` has a random password (SCRAM), kept in
-  ``<workdir>/pgpass`` (0600) and handed to libpq as ``passfile=``, so
-  connection strings carry no secret.
-- ``stop()`` / ``start()`` (or ``restart()``) keep the data and the port, so a
-  test can take the config DB away from running nodes and bring it back.
-- ``standby()`` makes a streaming standby of a running server (``pg_basebackup``,
-  by default synchronous: a commit returns once the standby applied it),
-  ``promote()`` turns it into a primary, and :func:`multi_host_dsn` names both
-  the way a config DB that fails over is configured.
-- Durability is relaxed (``fsync = off``): a crash of the server loses
-  nothing (the kernel keeps the writes), only a crash of the machine would.
-
-Nothing here is meant for production.
+See :mod:`farmkeys_lab.postgres` for what the lab's PostgreSQL guarantees.
 """
 
 from __future__ import annotations
@@ -39,7 +17,6 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -101,8 +78,11 @@ def _run_as() -> pwd.struct_passwd | None:
     raise PostgresError("running as root and the machine has neither a postgres nor a nobody user")
 
 
-class LocalPostgres:
-    """A disposable PostgreSQL on ``127.0.0.1:<port>``; the superuser's DSN is ``admin_dsn``."""
+class Cluster:
+    """A disposable PostgreSQL on ``127.0.0.1:<port>``; the superuser's DSN is ``admin_dsn``.
+
+    :class:`~farmkeys_lab.postgres.LocalPostgres` adds streaming replication.
+    """
 
     def __init__(
         self,
@@ -122,7 +102,7 @@ class LocalPostgres:
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
-        return f"<LocalPostgres {LOOPBACK}:{self.port} {state}>"
+        return f"<{type(self).__name__} {LOOPBACK}:{self.port} {state}>"
 
     # -- what callers connect to ----------------------------------------------------
 
@@ -160,14 +140,14 @@ class LocalPostgres:
 
     def create_database(self, name: str) -> str:
         """Create an empty database ``name`` (lower-case letters, digits, _); its DSN."""
-        _check_name(name)
+        check_name(name)
         with psycopg.connect(self.admin_dsn, autocommit=True) as admin:
             admin.execute(f'CREATE DATABASE "{name}"')
         return self.dsn_for(name)
 
     def drop_database(self, name: str) -> None:
         """Drop ``name`` if it exists, ending whatever sessions it has."""
-        _check_name(name)
+        check_name(name)
         with psycopg.connect(self.admin_dsn, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
@@ -242,155 +222,6 @@ class LocalPostgres:
             shutil.rmtree(self._data, ignore_errors=True)
         self._data = None
 
-    # -- replication ------------------------------------------------------------------
-
-    def standby(
-        self, workdir: Path, *, name: str = "standby", synchronous: bool = True
-    ) -> LocalPostgres:
-        """A streaming standby of this running server in ``workdir``, started on a port of its
-        own; returns once it accepts logins and this server shows it streaming.
-
-        Its data is ``pg_basebackup -R -X stream`` of this server, made as the same account
-        (a root caller's standby, like :meth:`start`'s cluster, lives in a private /tmp
-        folder), and it connects back as the superuser under ``application_name`` ``name``.
-        Its ``passfile`` holds this server's line (``127.0.0.1:*:*:postgres:…``), so the
-        password is the same on both. A database created here appears there.
-
-        With ``synchronous``, this server is then set (``ALTER SYSTEM``) to
-        ``synchronous_standby_names = '"<name>"'`` and ``synchronous_commit = remote_apply``:
-        a commit returns only once the standby has applied it, so what a commit here
-        acknowledged is readable on the standby at once and survives a failover to it. It
-        also means a commit here waits while the standby is down or gone: after removing
-        the standby, write nothing here (stopping is fine) unless both settings are
-        ``ALTER SYSTEM RESET`` first. One synchronous standby at a time: a second one
-        replaces the first in ``synchronous_standby_names``.
-        """
-        _check_name(name, what="standby name")
-        if not self.running:
-            raise PostgresError("the primary must run to make a standby of it")
-        overridden = {"synchronous_standby_names", "synchronous_commit"} & set(self.settings)
-        if synchronous and overridden:
-            raise PostgresError(
-                f"settings= fixes {', '.join(sorted(overridden))} on the command line, "
-                "where ALTER SYSTEM cannot make the primary wait for its standby"
-            )
-        bindir = find_bindir()
-        assert bindir is not None  # the primary runs
-        standby = LocalPostgres(
-            workdir, max_connections=self.max_connections, settings=self.settings
-        )
-        standby.workdir.mkdir(parents=True, exist_ok=True)
-        _write_private(standby.passfile, self.passfile.read_text())
-        configured = False
-        try:
-            parent, data = standby._data_folder()
-            # The standby's server reads the password from a passfile it can open.
-            passfile = parent / "replication.pgpass"
-            _write_private(passfile, self.passfile.read_text())
-            if standby._account is not None:
-                os.chown(passfile, standby._account.pw_uid, standby._account.pw_gid)
-            conninfo = psycopg.conninfo.make_conninfo(
-                host=LOOPBACK,
-                port=str(self.port),
-                user=SUPERUSER,
-                passfile=str(passfile),
-                application_name=name,
-            )
-            argv = [str(bindir / "pg_basebackup"), "-D", str(data), "-R", "-X", "stream"]
-            # A fast checkpoint: the default spreads it over minutes when there is much to write.
-            argv += ["--checkpoint=fast", "--no-sync", "-d", conninfo]
-            try:
-                done = subprocess.run(
-                    argv,
-                    capture_output=True,
-                    text=True,
-                    cwd="/",
-                    **standby._as_account(),
-                    check=False,
-                    timeout=BASEBACKUP_TIMEOUT_SECONDS,
-                )
-            except subprocess.TimeoutExpired as exc:
-                raise PostgresError(
-                    f"pg_basebackup of port {self.port} did not finish within "
-                    f"{BASEBACKUP_TIMEOUT_SECONDS:.0f} s"
-                ) from exc
-            if done.returncode != 0:
-                raise PostgresError(
-                    f"pg_basebackup failed with status {done.returncode}:"
-                    f" {(done.stderr or done.stdout).strip()[-2000:]}"
-                )
-            standby._data = data
-            # -R wrote primary_conninfo (with application_name) there; a primary's own
-            # synchronous settings it copied must not make the standby wait once promoted.
-            with (data / "postgresql.auto.conf").open("a", encoding="utf-8") as conf:
-                conf.write("synchronous_standby_names = ''\nsynchronous_commit = 'on'\n")
-            with psycopg.connect(self.admin_dsn, autocommit=True) as admin:
-                if synchronous:
-                    # Before the standby starts, so every process of the primary has reloaded
-                    # by the time the standby streams (a commit then waits, never races it).
-                    configured = True
-                    admin.execute(f"ALTER SYSTEM SET synchronous_standby_names = '\"{name}\"'")
-                    admin.execute("ALTER SYSTEM SET synchronous_commit = 'remote_apply'")
-                    admin.execute("SELECT pg_reload_conf()")
-                standby.start()
-                standby._wait_until_streaming(admin, name, "sync" if synchronous else "async")
-        except BaseException:
-            if configured:
-                self._reset_synchronous()
-            standby.remove()
-            raise
-        log.info(
-            "standby %s of %s:%d streams on %s:%d (%s)",
-            name,
-            LOOPBACK,
-            self.port,
-            LOOPBACK,
-            standby.port,
-            "synchronous" if synchronous else "asynchronous",
-        )
-        return standby
-
-    def promote(self) -> None:
-        """Promote this standby (``pg_ctl promote -w``, as the server's account); returns
-        once ``pg_is_in_recovery()`` is false, i.e. it takes writes."""
-        bindir = find_bindir()
-        if bindir is None or self._data is None or not self.running:
-            raise PostgresError("only a running standby can be promoted")
-        wait = f"{START_TIMEOUT_SECONDS:.0f}"
-        try:
-            done = subprocess.run(
-                [str(bindir / "pg_ctl"), "promote", "-D", str(self._data), "-w", "-t", wait],
-                capture_output=True,
-                text=True,
-                cwd="/",
-                **self._as_account(),
-                check=False,
-                timeout=START_TIMEOUT_SECONDS + 30,
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise PostgresError(f"pg_ctl promote of port {self.port} did not return") from exc
-        if done.returncode != 0:
-            raise PostgresError(
-                f"pg_ctl promote of port {self.port} failed with status {done.returncode}: "
-                f"{(done.stderr or done.stdout).strip()[-2000:]}"
-            )
-        deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        while self.in_recovery:
-            if time.monotonic() > deadline:
-                raise PostgresError(
-                    f"the standby on port {self.port} is still in recovery "
-                    f"{START_TIMEOUT_SECONDS:.0f} s after pg_ctl promote"
-                )
-            time.sleep(0.05)
-        log.info("standby %s:%d promoted", LOOPBACK, self.port)
-
-    @property
-    def in_recovery(self) -> bool:
-        """Whether this server is a standby (``pg_is_in_recovery()``)."""
-        with psycopg.connect(self.admin_dsn) as conn:
-            row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
-        return bool(row and row[0])
-
     def __enter__(self) -> Self:
         self.start()
         return self
@@ -404,39 +235,6 @@ class LocalPostgres:
         self.remove()
 
     # -- internals ----------------------------------------------------------------------
-
-    def _wait_until_streaming(
-        self, primary: psycopg.Connection[Any], name: str, wanted: str
-    ) -> None:
-        """Wait until ``primary`` shows this standby (``name``) streaming as ``wanted``."""
-        deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        row: tuple[Any, ...] | None = None
-        while row != ("streaming", wanted):
-            if not self.running:
-                raise PostgresError(
-                    f"the standby {name} on port {self.port} exited; its log:\n{self._log_tail(0)}"
-                )
-            if time.monotonic() > deadline:
-                raise PostgresError(
-                    f"the standby {name} on port {self.port} does not stream as {wanted} "
-                    f"within {START_TIMEOUT_SECONDS:.0f} s (pg_stat_replication: {row}); "
-                    f"its log:\n{self._log_tail(0)}"
-                )
-            time.sleep(0.05)
-            row = primary.execute(
-                "SELECT state, sync_state FROM pg_stat_replication WHERE application_name = %s",
-                (name,),
-            ).fetchone()
-
-    def _reset_synchronous(self) -> None:
-        """Undo :meth:`standby`'s settings here, so commits stop waiting for a standby."""
-        with (
-            contextlib.suppress(psycopg.Error),
-            psycopg.connect(self.admin_dsn, autocommit=True) as admin,
-        ):
-            admin.execute("ALTER SYSTEM RESET synchronous_standby_names")
-            admin.execute("ALTER SYSTEM RESET synchronous_commit")
-            admin.execute("SELECT pg_reload_conf()")
 
     def _data_folder(self) -> tuple[Path, Path]:
         """(a folder the server's account owns, the data folder to make in it)."""
@@ -454,10 +252,10 @@ class LocalPostgres:
 
     def _initdb(self, bindir: Path) -> Path:
         password = secrets.token_urlsafe(24)
-        _write_private(self.passfile, f"{LOOPBACK}:*:*:{SUPERUSER}:{password}\n")
+        write_private(self.passfile, f"{LOOPBACK}:*:*:{SUPERUSER}:{password}\n")
         parent, data = self._data_folder()
         pwfile = parent / "initdb.pw"
-        _write_private(pwfile, password + "\n")
+        write_private(pwfile, password + "\n")
         if self._account is not None:
             os.chown(pwfile, self._account.pw_uid, self._account.pw_gid)
         try:
@@ -531,28 +329,12 @@ class LocalPostgres:
         return log_tail(self.log_path, offset, empty="(no log)")
 
 
-def _check_name(name: str, *, what: str = "database name") -> None:
+def check_name(name: str, *, what: str = "database name") -> None:
     if not _SAFE_NAME.fullmatch(name):
         raise ValueError(f"{what} {name!r}: use lower-case letters, digits and _")
 
 
-def _write_private(path: Path, text: str) -> None:
+def write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
-
-
-def multi_host_dsn(servers: Sequence[LocalPostgres], dbname: str, *, user: str = SUPERUSER) -> str:
-    """A libpq connection string that lists every server (``host=a,b port=p,q``) and takes
-    the one that accepts writes (``target_session_attrs=read-write``), as a farm whose
-    config DB fails over to its standby is configured. The passfile is the first server's
-    (a standby's holds the same password)."""
-    return psycopg.conninfo.make_conninfo(
-        host=",".join(LOOPBACK for _ in servers),
-        port=",".join(str(s.port) for s in servers),
-        user=user,
-        dbname=dbname,
-        passfile=str(servers[0].passfile),
-        target_session_attrs="read-write",
-        connect_timeout="5",
-    )
