@@ -1,6 +1,11 @@
-"""Shared fixtures.
+"""Shared fixtures, and the tiers.
 
-Grouped by the server they stand up; each group is self-contained.
+The tests live in one folder per tier (registered as markers in pyproject.toml):
+unit/ (pure modules, no server), integration/ (slapd and PostgreSQL), ad/
+(Samba's AD DC) and system/ (serve processes, scale, failover, deployment, the
+lab). Every test is marked with its folder's tier, so `pytest -m unit` runs the
+quick one. The fixtures are grouped by the server they stand up; each group is
+self-contained. The helpers they share live in tests/support/.
 """
 
 from __future__ import annotations
@@ -17,8 +22,32 @@ from farmkeys.directory import Directory
 from farmkeys_lab.samba import LocalSambaDC, SambaError, SambaTemplate, missing_samba
 from farmkeys_lab.slapd import LocalSlapd, SlapdError, find_slapd
 
-# PostgreSQL: a throwaway database per test (tests/pg.py).
+# PostgreSQL: a throwaway database per test (tests/support/pg.py).
 pytest_plugins = ["pg"]
+
+TESTS = Path(__file__).resolve().parent
+TIERS = ("unit", "integration", "ad", "system")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test with its tier: the folder of tests/ it lives in."""
+    for item in items:
+        item.add_marker(getattr(pytest.mark, tier_of(item.path)))
+
+
+def tier_of(path: Path) -> str:
+    """The tier of the test file ``path``; a usage error for a file outside every tier."""
+    try:
+        folder = path.resolve().relative_to(TESTS).parts[0]
+    except ValueError:
+        folder = ""
+    if folder not in TIERS:
+        raise pytest.UsageError(
+            f"{path}: every test lives in its tier's folder, tests/{{{','.join(TIERS)}}}/"
+        )
+    return folder
+
 
 # ---------------------------------------------------------------------------------
 # Directory: a real slapd on loopback (farmkeys_lab.slapd.LocalSlapd)

@@ -32,7 +32,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: farmtools
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))  # farmtools
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))  # farmkeys_lab
 
 from farmtools import TestFarm, run_python
 

@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: farmtools, pg
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))  # farmtools
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))  # farmkeys_lab
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/bench: _results
 
 import psycopg

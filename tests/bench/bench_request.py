@@ -30,7 +30,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: farmtools
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))  # farmtools
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))  # farmkeys_lab
 
 from farmtools import TestFarm
 

@@ -32,7 +32,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: farmtools
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))  # farmtools
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))  # farmkeys_lab
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/bench: _results
 
 from _results import Row, record

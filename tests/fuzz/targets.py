@@ -177,7 +177,7 @@ def _adfs(data: bytes) -> None:
 
 @cache
 def _adfs_seeds() -> list[bytes]:
-    from adfs_encoder import encode  # the tests' own encoder (tests/ is on sys.path)
+    from adfs_encoder import encode  # the tests' own (tests/support/ is on sys.path)
 
     return [encode(b"pkcs12 bytes" * 10, dkm_key=KEY)]
 

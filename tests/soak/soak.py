@@ -86,7 +86,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: farmtools
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))  # farmtools
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))  # farmkeys_lab
 
 import psycopg
 from farmtools import (

@@ -22,7 +22,7 @@ import psycopg
 from farmkeys import cli
 from farmkeys_lab.slapd import LocalSlapd
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass

@@ -33,7 +33,7 @@ from farmkeys.errors import StoreError
 from farmkeys.store import CertificateFiles, Manifest, Store
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NOBODY = 65534
 
 

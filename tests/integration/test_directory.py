@@ -316,7 +316,7 @@ def test_anonymous_read_is_detected_on_a_misconfigured_directory(
 def test_slapd_conf_carries_exactly_the_documented_acl(slapd: LocalSlapd) -> None:
     acl = acl_lines(slapd.container, slapd.service_dn)
     assert acl in slapd.conf_path.read_text()
-    doc = Path(__file__).parent.parent / "docs" / "directory-setup.md"
+    doc = Path(__file__).parents[2] / "docs" / "directory-setup.md"
     generic = acl_lines("ou=dkm,dc=example,dc=com", "cn=svc-farm,ou=people,dc=example,dc=com")
     assert generic in doc.read_text()
 
