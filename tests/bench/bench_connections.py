@@ -27,14 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/bench: _result
 
 import psycopg
 from _results import Row, record
-from farmtools import (
-    ServeNodes,
-    TestFarm,
-    lease_row,
-    live_identity,
-    manifest_identity,
-    wait_until,
-)
+from farmtools import TestFarm, lease_row, wait_until
+from serving import ServeNodes, live_identity, manifest_identity
 
 from farmkeys_lab.postgres import LocalPostgres
 from farmkeys_lab.slapd import LocalSlapd

@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/bench: _result
 
 import psycopg
 from _results import Row, compile_farmkeys, record
-from farmtools import TestFarm, clean_env, live_identity, manifest_identity
+from farmtools import TestFarm, clean_env
+from serving import live_identity, manifest_identity
 
 from farmkeys.config import load
 from farmkeys.configdb import ConfigDB

@@ -43,7 +43,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))  # farmtools
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))  # farmkeys_lab
 
-from farmtools import ServeNodes, TestFarm, db_query, lease_row, seal_state, wait_until
+from farmtools import TestFarm, db_query, lease_row, seal_state, wait_until
+from serving import ServeNodes
 
 from farmkeys.config import LeaseConfig, load
 from farmkeys.configdb import ConfigDB

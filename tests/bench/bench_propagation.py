@@ -48,15 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/bench: _result
 
 import psycopg
 from _results import Row, record
-from farmtools import (
-    ServeNodes,
-    TestFarm,
-    db_query,
-    lease_row,
-    live_identity,
-    manifest_identity,
-    wait_until,
-)
+from farmtools import TestFarm, db_query, lease_row, wait_until
+from serving import ServeNodes, live_identity, manifest_identity
 
 from farmkeys import rollover as farm_rollover
 from farmkeys.config import load

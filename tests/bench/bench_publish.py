@@ -30,7 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))  # farmtools
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))  # farmkeys_lab
 
-from farmtools import ServeNodes, TestFarm, add_certificate, wait_until
+from farmtools import TestFarm, add_certificate, wait_until
+from serving import ServeNodes
 
 from farmkeys import publish
 from farmkeys_lab.postgres import LocalPostgres

@@ -17,15 +17,8 @@ import pytest
 from adfs_encoder import encode
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
-from farmtools import (
-    ServeNodes,
-    TestFarm,
-    audit_events,
-    db_query,
-    lease_row,
-    one_error_line,
-    wait_until,
-)
+from farmtools import TestFarm, audit_events, db_query, lease_row, one_error_line, wait_until
+from serving import ServeNodes
 
 from farmkeys import certs
 from farmkeys.config import load

@@ -17,16 +17,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from farmtools import (
-    ServeNodes,
-    TestFarm,
-    audit_events,
-    db_query,
-    lease_row,
-    manifest_identity,
-    one_error_line,
-    wait_until,
-)
+from farmtools import TestFarm, audit_events, db_query, lease_row, one_error_line, wait_until
+from serving import ServeNodes, manifest_identity
 
 from farmkeys import farmstate, repair, requests, rollover
 from farmkeys.config import LeaseConfig, load

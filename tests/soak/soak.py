@@ -90,22 +90,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))  # farm
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))  # farmkeys_lab
 
 import psycopg
-from farmtools import (
-    REPO,
+from farmtools import REPO, TestFarm, audit_events, db_query, lease_row, wait_until
+from psycopg.rows import dict_row
+from serving import (
     BackgroundThread,
     Identity,
     ManifestWatcher,
     ServeNodes,
-    TestFarm,
-    audit_events,
-    db_query,
-    lease_row,
     live_identity,
     live_sets,
     manifest_identity,
-    wait_until,
 )
-from psycopg.rows import dict_row
 
 from farmkeys.config import RetryConfig, load
 from farmkeys.directory import Directory

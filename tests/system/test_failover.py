@@ -18,15 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from farmtools import (
-    ServeNodes,
-    TestFarm,
-    db_query,
-    lease_row,
-    live_identity,
-    manifest_identity,
-    wait_until,
-)
+from farmtools import TestFarm, db_query, lease_row, wait_until
+from serving import ServeNodes, live_identity, manifest_identity
 
 from farmkeys import rollover
 from farmkeys.config import load

@@ -19,17 +19,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from farmtools import (
-    REPO,
-    ServeNodes,
-    TestFarm,
-    clean_env,
-    db_query,
-    lease_row,
-    live_identity,
-    manifest_identity,
-    wait_until,
-)
+from farmtools import REPO, TestFarm, clean_env, db_query, lease_row, wait_until
+from serving import ServeNodes, live_identity, manifest_identity
 
 from farmkeys_lab.postgres import LocalPostgres
 from farmkeys_lab.slapd import LocalSlapd

@@ -30,22 +30,16 @@ from typing import Any
 
 import psycopg
 import pytest
-from farmtools import (
+from farmtools import TestFarm, audit_events, db_now, db_query, lease_row, snapshot, wait_until
+from serving import (
     BackgroundThread,
     Identity,
     ManifestWatcher,
     ServeNodes,
     ServeProcess,
-    TestFarm,
-    audit_events,
-    db_now,
-    db_query,
-    lease_row,
     live_identity,
     live_sets,
     manifest_identity,
-    snapshot,
-    wait_until,
 )
 
 from farmkeys import policy as rollover_policy

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from farmtools import REPO, ServeNodes, TestFarm, add_certificate, clean_env, db_query, wait_until
+from farmtools import REPO, TestFarm, add_certificate, clean_env, db_query, wait_until
 from prometheus_client.parser import text_string_to_metric_families
+from serving import ServeNodes
 
 from farmkeys import publish
 from farmkeys.configdb import CHANGED_CHANNEL

@@ -842,7 +842,7 @@ def test_the_lowercase_thumbprint_is_refused(pki):
 def test_the_watcher_records_each_switch_at_the_stores_own_time_even_when_it_looks_late(
     store, first_set, rolled_set
 ):
-    from farmtools import ManifestWatcher
+    from serving import ManifestWatcher
 
     store.install(first_set, now=datetime.now(UTC))
     # It looks only once a minute: every record below comes from its first and its last look.
