@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from farmtools import TestFarm, expect_ok
 
 from farmkeys.config import DirectoryConfig, RetryConfig
 from farmkeys.directory import Directory
@@ -155,6 +156,26 @@ def service_directory(make_directory: MakeDirectory) -> Directory:
 def other_directory(make_directory: MakeDirectory, slapd: LocalSlapd) -> Directory:
     """A Directory bound (lazily) as alice, an ordinary account with no rights on ou=dkm."""
     return make_directory(bind_dn=slapd.other_dn, password=slapd.other_password, password_file=None)
+
+
+# ---------------------------------------------------------------------------------
+# A farm: three nodes' configs on a throwaway database and the session slapd
+# (tests/support/farmtools.py's TestFarm). A test that needs other settings makes a
+# fixture of its own, under another name, from one of these two.
+# ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def farm(tmp_path: Path, slapd: LocalSlapd, pg_dsn: str) -> TestFarm:
+    """Farm "contoso", not initialised: nothing is in its database or the directory yet."""
+    return TestFarm(root=tmp_path, slapd=slapd, dsn=pg_dsn)
+
+
+@pytest.fixture
+def initialised_farm(farm: TestFarm) -> TestFarm:
+    """The farm once `farmkeys init` ran: its schema, DKM container and two primaries."""
+    expect_ok(farm.run("init"))
+    return farm
 
 
 # ---------------------------------------------------------------------------------

@@ -24,18 +24,9 @@ from farmkeys import certs
 from farmkeys.config import load
 from farmkeys.directory import Directory
 from farmkeys.errors import CertificateError
-from farmkeys_lab.slapd import LocalSlapd
 
 ADFS_KEY = bytes(range(7, 39))
 ADFS_KEY_ID = uuid.UUID("0b6f3c1e-2d4a-4e5f-8a9b-c0d1e2f3a4b5")
-
-
-@pytest.fixture
-def farm(tmp_path: Path, slapd: LocalSlapd, pg_dsn: str) -> TestFarm:
-    made = TestFarm(root=tmp_path, slapd=slapd, dsn=pg_dsn)
-    result = made.run("init")
-    assert result.code == 0, result.err
-    return made
 
 
 def adfs_certificate(
@@ -88,69 +79,86 @@ def run_import(farm: TestFarm, pfx: Path, *args: str) -> tuple[int, str, str]:
 
 
 def test_import_as_secondary_keeps_key_and_thumbprint_and_every_node_installs_it(
-    farm: TestFarm, tmp_path: Path
+    initialised_farm: TestFarm, tmp_path: Path
 ) -> None:
     made = adfs_certificate()
     thumb = certs.thumbprint(made.certificate)
     pfx = write(tmp_path, "signing.pfx", encrypted_pfx(made))
     code, out, err = run_import(
-        farm, pfx, "--purpose", "signing", "--dkm-key-file", str(key_file(tmp_path))
+        initialised_farm, pfx, "--purpose", "signing", "--dkm-key-file", str(key_file(tmp_path))
     )
     assert code == 0, err
     assert f"imported {thumb} as the secondary" in out
-    rows = certificates(farm)
+    rows = certificates(initialised_farm)
     assert {"purpose": "signing", "role": "secondary", "thumbprint": thumb} in rows
-    events = [e for e in audit_events(farm) if e["action"] == "import"]
+    events = [e for e in audit_events(initialised_farm) if e["action"] == "import"]
     assert len(events) == 1
     assert events[0]["thumbprint"] == thumb and events[0]["term"] is not None
     assert str(ADFS_KEY_ID) in events[0]["detail"]
     for node in ("node-a", "node-b"):
-        assert farm.run("sync", node=node).code == 0
-        store = farm.store(node)
+        assert initialised_farm.run("sync", node=node).code == 0
+        store = initialised_farm.store(node)
         installed = x509.load_pem_x509_certificate((store / f"signing/{thumb}.pem").read_bytes())
         assert certs.thumbprint(installed) == thumb
         assert (store / "signing/secondary.key").read_bytes() == certs.private_key_pem(made.key)
     # The rollover policy treats it like any other certificate: status knows it.
-    doc = farm.run("status", "--json").json
+    doc = initialised_farm.run("status", "--json").json
     assert thumb in {c["thumbprint"] for c in doc["certificates"]}
 
 
 def test_import_as_primary_replaces_the_primary_at_once_and_retires_it(
-    farm: TestFarm, tmp_path: Path
+    initialised_farm: TestFarm, tmp_path: Path
 ) -> None:
-    before = {r["role"]: r["thumbprint"] for r in certificates(farm) if r["purpose"] == "signing"}
+    before = {
+        r["role"]: r["thumbprint"]
+        for r in certificates(initialised_farm)
+        if r["purpose"] == "signing"
+    }
     made = adfs_certificate()
     thumb = certs.thumbprint(made.certificate)
     pfx = write(tmp_path, "signing.pfx", encrypted_pfx(made))
     keyfile = key_file(tmp_path, form="base64")
     code, _, err = run_import(
-        farm, pfx, "--purpose", "signing", "--role", "primary", "--dkm-key-file", str(keyfile)
+        initialised_farm,
+        pfx,
+        "--purpose",
+        "signing",
+        "--role",
+        "primary",
+        "--dkm-key-file",
+        str(keyfile),
     )
     assert code == 0, err
-    after = {r["role"]: r["thumbprint"] for r in certificates(farm) if r["purpose"] == "signing"}
+    after = {
+        r["role"]: r["thumbprint"]
+        for r in certificates(initialised_farm)
+        if r["purpose"] == "signing"
+    }
     assert after == {"primary": thumb, "retired": before["primary"]}
-    assert farm.run("sync").code == 0
-    assert (farm.store() / "signing/primary.key").read_bytes() == certs.private_key_pem(made.key)
+    assert initialised_farm.run("sync").code == 0
+    assert (initialised_farm.store() / "signing/primary.key").read_bytes() == certs.private_key_pem(
+        made.key
+    )
 
 
 def test_an_rsa_decryption_certificate_imports_and_is_installed(
-    farm: TestFarm, tmp_path: Path
+    initialised_farm: TestFarm, tmp_path: Path
 ) -> None:
     made = adfs_certificate("decryption")
     pfx = write(tmp_path, "decryption.pfx", encrypted_pfx(made))
     code, _, err = run_import(
-        farm, pfx, "--purpose", "decryption", "--dkm-key-file", str(key_file(tmp_path))
+        initialised_farm, pfx, "--purpose", "decryption", "--dkm-key-file", str(key_file(tmp_path))
     )
     assert code == 0, err
-    assert farm.run("sync").code == 0
-    assert (farm.store() / "decryption/secondary.key").exists()
+    assert initialised_farm.run("sync").code == 0
+    assert (initialised_farm.store() / "decryption/secondary.key").exists()
 
 
 def test_the_dkm_key_is_found_in_the_directory_by_its_id_or_by_trying_each(
-    farm: TestFarm, tmp_path: Path
+    initialised_farm: TestFarm, tmp_path: Path
 ) -> None:
     # An AD FS farm's DKM container, in this directory's layout, under directory.container.
-    cfg = load(farm.config())
+    cfg = load(initialised_farm.config())
     adfs_group = uuid.uuid4()
     with Directory(cfg.directory, cfg.retry) as directory:
         directory.create_container(adfs_group, farm_name="adfs")
@@ -158,12 +166,12 @@ def test_the_dkm_key_is_found_in_the_directory_by_its_id_or_by_trying_each(
         try:
             made = adfs_certificate()
             pfx = write(tmp_path, "by-id.pfx", encrypted_pfx(made))
-            code, _, err = run_import(farm, pfx, "--purpose", "signing")
+            code, _, err = run_import(initialised_farm, pfx, "--purpose", "signing")
             assert code == 0, err
             # A blob naming a key id the directory does not have: every key is tried.
             other = adfs_certificate("decryption")
             pfx = write(tmp_path, "other-id.pfx", encrypted_pfx(other, key_id=uuid.uuid4()))
-            code, _, err = run_import(farm, pfx, "--purpose", "decryption")
+            code, _, err = run_import(initialised_farm, pfx, "--purpose", "decryption")
             assert code == 0, err
             # A blob naming one key of the container but sealed under another (the id is
             # not authenticated): the named key fails its MAC, the next one opens it.
@@ -171,28 +179,33 @@ def test_the_dkm_key_is_found_in_the_directory_by_its_id_or_by_trying_each(
             directory.ensure_key(adfs_group, uuid.uuid4(), second)
             third = adfs_certificate()
             pfx = write(tmp_path, "misnamed.pfx", encrypted_pfx(third, key=second))
-            code, _, err = run_import(farm, pfx, "--purpose", "signing", "--role", "primary")
+            code, _, err = run_import(
+                initialised_farm, pfx, "--purpose", "signing", "--role", "primary"
+            )
             assert code == 0, err
         finally:
             directory.delete_container(adfs_group)
-    roles = {(r["purpose"], r["thumbprint"]) for r in certificates(farm)}
+    roles = {(r["purpose"], r["thumbprint"]) for r in certificates(initialised_farm)}
     assert ("signing", certs.thumbprint(made.certificate)) in roles
     assert ("decryption", certs.thumbprint(other.certificate)) in roles
 
 
-def test_through_a_running_leader(farm: TestFarm, tmp_path: Path) -> None:
+def test_through_a_running_leader(initialised_farm: TestFarm, tmp_path: Path) -> None:
     made = adfs_certificate()
     pfx = write(tmp_path, "signing.pfx", encrypted_pfx(made))
-    with ServeNodes(farm) as nodes:
+    with ServeNodes(initialised_farm) as nodes:
         nodes.start("node-b")
         wait_until(
-            lambda: lease_row(farm.dsn)["valid"] and lease_row(farm.dsn)["holder_node"] == "node-b",
+            lambda: (
+                lease_row(initialised_farm.dsn)["valid"]
+                and lease_row(initialised_farm.dsn)["holder_node"] == "node-b"
+            ),
             20,
             "node-b leads",
             detail=nodes.logs,
         )
         code, out, err = run_import(
-            farm, pfx, "--purpose", "signing", "--dkm-key-file", str(key_file(tmp_path))
+            initialised_farm, pfx, "--purpose", "signing", "--dkm-key-file", str(key_file(tmp_path))
         )
         assert code == 0, err + nodes.logs()
         assert "answered by node-b" in out
@@ -211,16 +224,18 @@ def _refused(farm: TestFarm, pfx: Path, *args: str) -> str:
     return line
 
 
-def test_a_wrong_dkm_key_is_refused(farm: TestFarm, tmp_path: Path) -> None:
+def test_a_wrong_dkm_key_is_refused(initialised_farm: TestFarm, tmp_path: Path) -> None:
     pfx = write(tmp_path, "s.pfx", encrypted_pfx(adfs_certificate()))
     wrong = key_file(tmp_path, bytes(32))
-    line = _refused(farm, pfx, "--purpose", "signing", "--dkm-key-file", str(wrong))
+    line = _refused(initialised_farm, pfx, "--purpose", "signing", "--dkm-key-file", str(wrong))
     assert "MAC verifies under none" in line and str(ADFS_KEY_ID) in line
 
 
-def test_no_readable_dkm_key_in_the_directory_is_refused(farm: TestFarm, tmp_path: Path) -> None:
+def test_no_readable_dkm_key_in_the_directory_is_refused(
+    initialised_farm: TestFarm, tmp_path: Path
+) -> None:
     pfx = write(tmp_path, "s.pfx", encrypted_pfx(adfs_certificate()))
-    line = _refused(farm, pfx, "--purpose", "signing", "--role", "primary")
+    line = _refused(initialised_farm, pfx, "--purpose", "signing", "--role", "primary")
     # The farm's own master key is tried too (the MAC decides), and does not fit.
     assert "MAC verifies under none" in line or "no DKM key" in line
 
@@ -235,54 +250,76 @@ def test_no_readable_dkm_key_in_the_directory_is_refused(farm: TestFarm, tmp_pat
     ],
 )
 def test_a_tampered_truncated_or_unknown_blob_is_refused(
-    farm: TestFarm, tmp_path: Path, edit: object, complaint: str
+    initialised_farm: TestFarm, tmp_path: Path, edit: object, complaint: str
 ) -> None:
     made = adfs_certificate()
     raw = base64.b64decode(encrypted_pfx(made))
     pfx = write(tmp_path, "s.pfx", edit(raw))  # type: ignore[operator]
-    line = _refused(farm, pfx, "--purpose", "signing", "--dkm-key-file", str(key_file(tmp_path)))
+    line = _refused(
+        initialised_farm, pfx, "--purpose", "signing", "--dkm-key-file", str(key_file(tmp_path))
+    )
     assert complaint in line
 
 
-def test_a_certificate_already_in_the_farm_is_refused(farm: TestFarm, tmp_path: Path) -> None:
+def test_a_certificate_already_in_the_farm_is_refused(
+    initialised_farm: TestFarm, tmp_path: Path
+) -> None:
     pfx = write(tmp_path, "s.pfx", encrypted_pfx(adfs_certificate()))
     keyfile = str(key_file(tmp_path))
-    assert run_import(farm, pfx, "--purpose", "signing", "--dkm-key-file", keyfile)[0] == 0
+    assert (
+        run_import(initialised_farm, pfx, "--purpose", "signing", "--dkm-key-file", keyfile)[0] == 0
+    )
     line = _refused(
-        farm, pfx, "--purpose", "signing", "--role", "primary", "--dkm-key-file", keyfile
+        initialised_farm,
+        pfx,
+        "--purpose",
+        "signing",
+        "--role",
+        "primary",
+        "--dkm-key-file",
+        keyfile,
     )
     assert "already in the farm" in line
 
 
-def test_a_second_secondary_is_refused(farm: TestFarm, tmp_path: Path) -> None:
+def test_a_second_secondary_is_refused(initialised_farm: TestFarm, tmp_path: Path) -> None:
     keyfile = str(key_file(tmp_path))
     first = write(tmp_path, "1.pfx", encrypted_pfx(adfs_certificate()))
-    assert run_import(farm, first, "--purpose", "signing", "--dkm-key-file", keyfile)[0] == 0
+    assert (
+        run_import(initialised_farm, first, "--purpose", "signing", "--dkm-key-file", keyfile)[0]
+        == 0
+    )
     second = write(tmp_path, "2.pfx", encrypted_pfx(adfs_certificate()))
-    line = _refused(farm, second, "--purpose", "signing", "--dkm-key-file", keyfile)
+    line = _refused(initialised_farm, second, "--purpose", "signing", "--dkm-key-file", keyfile)
     assert "already has a secondary signing certificate" in line
 
 
-def test_an_expired_certificate_is_refused(farm: TestFarm, tmp_path: Path) -> None:
+def test_an_expired_certificate_is_refused(initialised_farm: TestFarm, tmp_path: Path) -> None:
     old = adfs_certificate(days=10, starts=timedelta(days=-20))
     pfx = write(tmp_path, "s.pfx", encrypted_pfx(old))
-    line = _refused(farm, pfx, "--purpose", "signing", "--dkm-key-file", str(key_file(tmp_path)))
+    line = _refused(
+        initialised_farm, pfx, "--purpose", "signing", "--dkm-key-file", str(key_file(tmp_path))
+    )
     assert "expired" in line
 
 
 def test_an_ec_certificate_cannot_be_a_decryption_certificate(
-    farm: TestFarm, tmp_path: Path
+    initialised_farm: TestFarm, tmp_path: Path
 ) -> None:
     pfx = write(tmp_path, "d.pfx", encrypted_pfx(adfs_certificate(key_type="ec-p256")))
     keyfile = str(key_file(tmp_path))
-    line = _refused(farm, pfx, "--purpose", "decryption", "--dkm-key-file", keyfile)
+    line = _refused(initialised_farm, pfx, "--purpose", "decryption", "--dkm-key-file", keyfile)
     assert "cannot decrypt" in line
 
 
-def test_a_purpose_the_key_usage_forbids_is_refused(farm: TestFarm, tmp_path: Path) -> None:
+def test_a_purpose_the_key_usage_forbids_is_refused(
+    initialised_farm: TestFarm, tmp_path: Path
+) -> None:
     # farmkeys' own decryption certificates allow keyEncipherment only.
     pfx = write(tmp_path, "d.pfx", encrypted_pfx(adfs_certificate("decryption")))
-    line = _refused(farm, pfx, "--purpose", "signing", "--dkm-key-file", str(key_file(tmp_path)))
+    line = _refused(
+        initialised_farm, pfx, "--purpose", "signing", "--dkm-key-file", str(key_file(tmp_path))
+    )
     assert "lacks digitalSignature" in line
 
 
@@ -295,7 +332,9 @@ def test_a_key_that_is_not_the_certificates_is_refused() -> None:
         certs.check_importable(made.certificate, stranger, purpose="signing", now=datetime.now(UTC))
 
 
-def test_a_pkcs12_without_the_keys_certificate_is_refused(farm: TestFarm, tmp_path: Path) -> None:
+def test_a_pkcs12_without_the_keys_certificate_is_refused(
+    initialised_farm: TestFarm, tmp_path: Path
+) -> None:
     from cryptography.hazmat.primitives.serialization import NoEncryption, pkcs12
 
     made = adfs_certificate()
@@ -306,35 +345,39 @@ def test_a_pkcs12_without_the_keys_certificate_is_refused(farm: TestFarm, tmp_pa
     pfx = write(
         tmp_path, "s.pfx", base64.b64encode(encode(data, dkm_key=ADFS_KEY, key_id=ADFS_KEY_ID))
     )
-    line = _refused(farm, pfx, "--purpose", "signing", "--dkm-key-file", str(key_file(tmp_path)))
+    line = _refused(
+        initialised_farm, pfx, "--purpose", "signing", "--dkm-key-file", str(key_file(tmp_path))
+    )
     assert "no certificate for its private key" in line
 
 
 @pytest.mark.parametrize("mode", [0o640, 0o604, 0o644])
 def test_a_dkm_key_file_others_may_read_is_refused(
-    farm: TestFarm, tmp_path: Path, mode: int
+    initialised_farm: TestFarm, tmp_path: Path, mode: int
 ) -> None:
     pfx = write(tmp_path, "s.pfx", encrypted_pfx(adfs_certificate()))
     exposed = write(tmp_path, "exposed.key", ADFS_KEY.hex().encode(), mode)
-    line = _refused(farm, pfx, "--purpose", "signing", "--dkm-key-file", str(exposed))
+    line = _refused(initialised_farm, pfx, "--purpose", "signing", "--dkm-key-file", str(exposed))
     assert "may be read or written by group or others" in line and "chmod 600" in line
     assert ADFS_KEY.hex() not in line
 
 
-def test_a_dkm_key_file_without_a_key_is_refused(farm: TestFarm, tmp_path: Path) -> None:
+def test_a_dkm_key_file_without_a_key_is_refused(
+    initialised_farm: TestFarm, tmp_path: Path
+) -> None:
     pfx = write(tmp_path, "s.pfx", encrypted_pfx(adfs_certificate()))
     short = write(tmp_path, "short.key", b"00ff\n")
-    line = _refused(farm, pfx, "--purpose", "signing", "--dkm-key-file", str(short))
+    line = _refused(initialised_farm, pfx, "--purpose", "signing", "--dkm-key-file", str(short))
     assert "does not hold a 32-byte key" in line
 
 
 def test_the_key_never_reaches_output_or_logs(
-    farm: TestFarm, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    initialised_farm: TestFarm, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     made = adfs_certificate()
     pfx = write(tmp_path, "s.pfx", encrypted_pfx(made))
     caplog.set_level("DEBUG")
-    result = farm.run(
+    result = initialised_farm.run(
         "import",
         "adfs",
         "--encrypted-pfx",
@@ -350,7 +393,9 @@ def test_the_key_never_reaches_output_or_logs(
     for text in (result.out, result.err, caplog.text):
         for secret in (ADFS_KEY.hex(), base64.b64encode(ADFS_KEY).decode(), pem[40:100]):
             assert secret not in text
-    blob = db_query(farm.dsn, "SELECT import_blob FROM rollover_request")[0]["import_blob"]
+    blob = db_query(initialised_farm.dsn, "SELECT import_blob FROM rollover_request")[0][
+        "import_blob"
+    ]
     assert pem.encode()[40:100] not in bytes(blob)
 
 
@@ -401,43 +446,55 @@ def _forged_request(farm: TestFarm, made: certs.Generated, master_key: bytes | N
 
 
 def test_a_config_db_writer_without_the_master_key_cannot_slip_a_certificate_in(
-    farm: TestFarm,
+    initialised_farm: TestFarm,
 ) -> None:
     made = adfs_certificate()
-    request = _forged_request(farm, made, master_key=bytes(32))
+    request = _forged_request(initialised_farm, made, master_key=bytes(32))
     # The next time anyone leads, the pending request is answered: refused.
-    assert farm.run("rollover", "--purpose", "decryption").code == 0
-    row = db_query(farm.dsn, "SELECT ok, result FROM rollover_request WHERE id = %s", (request,))
+    assert initialised_farm.run("rollover", "--purpose", "decryption").code == 0
+    row = db_query(
+        initialised_farm.dsn, "SELECT ok, result FROM rollover_request WHERE id = %s", (request,)
+    )
     assert row[0]["ok"] is False and "carries no MAC" in row[0]["result"]
     thumb = certs.thumbprint(made.certificate)
-    assert not db_query(farm.dsn, "SELECT 1 FROM certificate WHERE thumbprint = %s", (thumb,))
-    assert not [e for e in audit_events(farm) if e["action"] == "import"]
+    assert not db_query(
+        initialised_farm.dsn, "SELECT 1 FROM certificate WHERE thumbprint = %s", (thumb,)
+    )
+    assert not [e for e in audit_events(initialised_farm) if e["action"] == "import"]
 
 
 def test_the_leader_checks_again_and_refuses_what_arrived_meanwhile(
-    farm: TestFarm, tmp_path: Path
+    initialised_farm: TestFarm, tmp_path: Path
 ) -> None:
     # The same certificate twice, the second past the CLI's own checks (a race): the
     # leader refuses it in its fenced transaction; the CLI reports that in one line.
     made = adfs_certificate()
     pfx = write(tmp_path, "s.pfx", encrypted_pfx(made))
     keyfile = str(key_file(tmp_path))
-    assert run_import(farm, pfx, "--purpose", "signing", "--dkm-key-file", keyfile)[0] == 0
-    request = _forged_request(farm, made, master_key=None)
-    assert farm.run("rollover", "--purpose", "decryption").code == 0
-    row = db_query(farm.dsn, "SELECT ok, result FROM rollover_request WHERE id = %s", (request,))
+    assert (
+        run_import(initialised_farm, pfx, "--purpose", "signing", "--dkm-key-file", keyfile)[0] == 0
+    )
+    request = _forged_request(initialised_farm, made, master_key=None)
+    assert initialised_farm.run("rollover", "--purpose", "decryption").code == 0
+    row = db_query(
+        initialised_farm.dsn, "SELECT ok, result FROM rollover_request WHERE id = %s", (request,)
+    )
     assert row[0]["ok"] is False and "already in the farm" in row[0]["result"]
     roles = db_query(
-        farm.dsn,
+        initialised_farm.dsn,
         "SELECT role FROM certificate WHERE thumbprint = %s",
         (certs.thumbprint(made.certificate),),
     )
     assert roles == [{"role": "secondary"}]
 
 
-def test_an_oversized_or_missing_input_file_is_refused(farm: TestFarm, tmp_path: Path) -> None:
+def test_an_oversized_or_missing_input_file_is_refused(
+    initialised_farm: TestFarm, tmp_path: Path
+) -> None:
     huge = write(tmp_path, "huge.pfx", b"A" * (4 * 1024 * 1024 + 1))
-    line = _refused(farm, huge, "--purpose", "signing", "--dkm-key-file", str(key_file(tmp_path)))
+    line = _refused(
+        initialised_farm, huge, "--purpose", "signing", "--dkm-key-file", str(key_file(tmp_path))
+    )
     assert "larger than" in line
-    line = _refused(farm, tmp_path / "absent.pfx", "--purpose", "signing")
+    line = _refused(initialised_farm, tmp_path / "absent.pfx", "--purpose", "signing")
     assert "cannot read the EncryptedPfx file" in line

@@ -17,7 +17,15 @@ from typing import Any
 
 import psycopg
 import pytest
-from farmtools import TestFarm, audit_events, db_query, lease_row, one_error_line, wait_until
+from farmtools import (
+    TestFarm,
+    audit_events,
+    db_query,
+    expect_ok,
+    lease_row,
+    one_error_line,
+    wait_until,
+)
 from serving import ServeNodes, manifest_identity
 
 from farmkeys import farmstate, repair, requests, rollover
@@ -26,7 +34,6 @@ from farmkeys.configdb import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.election import Election
 from farmkeys.errors import RequestRefusedError
-from farmkeys_lab.slapd import LocalSlapd
 
 BIGINT_END = 9223372036854775806  # 2^63 - 2: one more version and the bigint is full
 
@@ -39,17 +46,15 @@ CALM_SERVE: dict[str, dict[str, Any]] = {
 
 
 @pytest.fixture
-def farm(tmp_path: Path, slapd: LocalSlapd, pg_dsn: str) -> TestFarm:
-    farm = TestFarm(root=tmp_path, slapd=slapd, dsn=pg_dsn)
-    result = farm.run("init")
-    assert result.code == 0, result.err
-    assert farm.run("sync").code == 0
-    return farm
+def synced_farm(initialised_farm: TestFarm) -> TestFarm:
+    """The initialised farm once node-a has synced."""
+    expect_ok(initialised_farm.run("sync"))
+    return initialised_farm
 
 
 @pytest.fixture
-def nodes(farm: TestFarm) -> Iterator[ServeNodes]:
-    with ServeNodes(farm, farm.root / "logs") as started:
+def nodes(synced_farm: TestFarm) -> Iterator[ServeNodes]:
+    with ServeNodes(synced_farm, synced_farm.root / "logs") as started:
         yield started
 
 
@@ -126,71 +131,76 @@ def revoked_file(tmp_path: Path, *thumbprints: str) -> str:
 
 
 def test_a_forged_repair_request_is_refused_by_the_serving_leader(
-    farm: TestFarm, nodes: ServeNodes
+    synced_farm: TestFarm, nodes: ServeNodes
 ) -> None:
-    assert farm.run("rollover", "--purpose", "signing").code == 0  # a secondary to promote
-    farm.overrides.update(CALM_SERVE)
+    assert synced_farm.run("rollover", "--purpose", "signing").code == 0  # a secondary to promote
+    synced_farm.overrides.update(CALM_SERVE)
     for node in ("node-a", "node-b"):
         nodes.start(node)
-    wait_until(lambda: lease_row(farm.dsn)["valid"], 30, "a node leads", detail=nodes.logs)
-    primary, secondary = holder(farm, "signing", "primary"), holder(farm, "signing", "secondary")
+    wait_until(lambda: lease_row(synced_farm.dsn)["valid"], 30, "a node leads", detail=nodes.logs)
+    primary, secondary = (
+        holder(synced_farm, "signing", "primary"),
+        holder(synced_farm, "signing", "secondary"),
+    )
     wait_until(
         lambda: all(
-            manifest_identity(farm.store(n)) is not None
-            and ("signing", "secondary", secondary) in (manifest_identity(farm.store(n)) or ())
+            manifest_identity(synced_farm.store(n)) is not None
+            and ("signing", "secondary", secondary)
+            in (manifest_identity(synced_farm.store(n)) or ())
             for n in ("node-a", "node-b")
         ),
         30,
         "both nodes installed the secondary",
         detail=nodes.logs,
     )
-    installed = {n: manifest_identity(farm.store(n)) for n in ("node-a", "node-b")}
-    version = record(farm).version
+    installed = {n: manifest_identity(synced_farm.store(n)) for n in ("node-a", "node-b")}
+    version = record(synced_farm).version
 
     # The attack of issue 19, exactly: two UPDATEs, one INSERT and a NOTIFY.
     sql(
-        farm,
+        synced_farm,
         f"UPDATE certificate SET role = 'retired' WHERE thumbprint = '{primary}'",
         f"UPDATE certificate SET role = 'primary' WHERE thumbprint = '{secondary}'",
     )
-    forged = forge_request(farm, repair_state=True)
-    sql(farm, "SELECT pg_notify('farmkeys_request', '')")
+    forged = forge_request(synced_farm, repair_state=True)
+    sql(synced_farm, "SELECT pg_notify('farmkeys_request', '')")
 
-    row = wait_until(lambda: answered(farm, forged), 30, "the forged request is answered")
+    row = wait_until(lambda: answered(synced_farm, forged), 30, "the forged request is answered")
     assert row["ok"] is False
     assert "carries no MAC" in row["result"]
-    assert record(farm).version == version  # no record written
-    events = refusals(farm)
+    assert record(synced_farm).version == version  # no record written
+    events = refusals(synced_farm)
     assert len(events) == 1 and "'ops-alice'" in events[0]["detail"]
-    assert "state_repair" not in [e["action"] for e in audit_events(farm)]
+    assert "state_repair" not in [e["action"] for e in audit_events(synced_farm)]
     # Nodes refuse the forged roles and keep what they had.
     for node in ("node-a", "node-b"):
-        assert manifest_identity(farm.store(node)) == installed[node]
-    critical(farm, "differ from its authenticated farm state")
+        assert manifest_identity(synced_farm.store(node)) == installed[node]
+    critical(synced_farm, "differ from its authenticated farm state")
 
 
-def test_a_forged_urgent_rollover_request_rolls_nothing(farm: TestFarm) -> None:
-    before = db_query(farm.dsn, "SELECT id, role, blob FROM certificate ORDER BY id")
-    forged = forge_request(farm, purpose="signing", urgent=True)
+def test_a_forged_urgent_rollover_request_rolls_nothing(synced_farm: TestFarm) -> None:
+    before = db_query(synced_farm.dsn, "SELECT id, role, blob FROM certificate ORDER BY id")
+    forged = forge_request(synced_farm, purpose="signing", urgent=True)
     # The next command that takes the lease answers every pending request.
-    assert farm.run("rollover", "--purpose", "decryption").code == 0
-    row = request_row(farm, forged)
+    assert synced_farm.run("rollover", "--purpose", "decryption").code == 0
+    row = request_row(synced_farm, forged)
     assert row["ok"] is False and "carries no MAC" in row["result"]
     after = db_query(
-        farm.dsn, "SELECT id, role, blob FROM certificate WHERE purpose = 'signing' ORDER BY id"
+        synced_farm.dsn,
+        "SELECT id, role, blob FROM certificate WHERE purpose = 'signing' ORDER BY id",
     )
     assert after == [r for r in before if r["id"] in {a["id"] for a in after}]
     assert len(after) == 1  # the signing primary alone, untouched
-    assert [e["action"] for e in refusals(farm)] == ["request_refused"]
+    assert [e["action"] for e in refusals(synced_farm)] == ["request_refused"]
 
 
-def test_an_authentic_row_replayed_or_changed_is_refused(farm: TestFarm) -> None:
-    result = farm.run("rollover", "--purpose", "signing")
+def test_an_authentic_row_replayed_or_changed_is_refused(synced_farm: TestFarm) -> None:
+    result = synced_farm.run("rollover", "--purpose", "signing")
     assert result.code == 0, result.err
-    first = int(db_query(farm.dsn, "SELECT max(id) AS id FROM rollover_request")[0]["id"])
-    assert request_row(farm, first)["ok"] is True
-    signing = {t: r for t, r in roles(farm).items() if r[0] == "signing"}
-    signed = bytes(request_row(farm, first)["body"])
+    first = int(db_query(synced_farm.dsn, "SELECT max(id) AS id FROM rollover_request")[0]["id"])
+    assert request_row(synced_farm, first)["ok"] is True
+    signing = {t: r for t, r in roles(synced_farm).items() if r[0] == "signing"}
+    signed = bytes(request_row(synced_farm, first)["body"])
     tampered = json.loads(signed)
     tampered["urgent"] = True
     edited = json.dumps(tampered, sort_keys=True, separators=(",", ":")).encode()
@@ -198,11 +208,11 @@ def test_an_authentic_row_replayed_or_changed_is_refused(farm: TestFarm) -> None
 
     def answer(*changes: str, params: Any = None) -> str:
         """Put the operator's answered row back in the queue with ``changes``; the answer."""
-        sql(farm, *[f"{pending}{c} WHERE id = {first}" for c in changes], params=params)
-        assert farm.run("rollover", "--purpose", "decryption").code == 0
-        row = request_row(farm, first)
+        sql(synced_farm, *[f"{pending}{c} WHERE id = {first}" for c in changes], params=params)
+        assert synced_farm.run("rollover", "--purpose", "decryption").code == 0
+        row = request_row(synced_farm, first)
         assert row["ok"] is False, row["result"]
-        assert {t: r for t, r in roles(farm).items() if r[0] == "signing"} == signing
+        assert {t: r for t, r in roles(synced_farm).items() if r[0] == "signing"} == signing
         return str(row["result"])
 
     # Its kind flipped in the columns; put back as it was; its body with one field changed.
@@ -212,21 +222,21 @@ def test_an_authentic_row_replayed_or_changed_is_refused(farm: TestFarm) -> None
     assert "was answered before" in answer(", repair_state = false, purpose = 'signing'")
     assert "MAC does not verify" in answer(", urgent = true, body = %s", params=(edited,))
     # A copy under another row id.
-    copied = copy_request(farm, first, body=signed)
-    assert farm.run("rollover", "--purpose", "decryption").code == 0
-    assert "another request row" in request_row(farm, copied)["result"]
-    assert len(refusals(farm)) == 4
-    assert all("'node-a'" in e["detail"] for e in refusals(farm))
+    copied = copy_request(synced_farm, first, body=signed)
+    assert synced_farm.run("rollover", "--purpose", "decryption").code == 0
+    assert "another request row" in request_row(synced_farm, copied)["result"]
+    assert len(refusals(synced_farm)) == 4
+    assert all("'node-a'" in e["detail"] for e in refusals(synced_farm))
 
 
-def test_an_expired_request_is_refused(farm: TestFarm) -> None:
-    cfg = load(farm.config())
+def test_an_expired_request_is_refused(synced_farm: TestFarm) -> None:
+    cfg = load(synced_farm.config())
     with ConfigDB(cfg.database, cfg.retry) as db, Directory(cfg.directory, cfg.retry) as dirx:
         request = rollover.file_request(
             cfg, db, dirx, kind="rollover", purpose="signing", urgent=True, lifetime_seconds=0
         )
     # Its maker's clock said it expires a minute after it was made: an hour later it is stale.
-    body = requests.parse(bytes(request_row(farm, request)["body"]))
+    body = requests.parse(bytes(request_row(synced_farm, request)["body"]))
     requests.check_fresh(body, now=body.created + 30)
     with pytest.raises(RequestRefusedError, match="expired"):
         requests.check_fresh(body, now=body.created + 3600)
@@ -238,125 +248,127 @@ def test_an_expired_request_is_refused(farm: TestFarm) -> None:
 
 
 def test_a_zeroed_mac_and_a_forged_repair_cannot_revive_an_urgently_replaced_key(
-    farm: TestFarm, tmp_path: Path
+    synced_farm: TestFarm, tmp_path: Path
 ) -> None:
-    old = holder(farm, "signing", "primary")
-    assert farm.run("rollover", "--purpose", "signing", "--urgent").code == 0
-    assert farm.run("sync").code == 0
-    new = holder(farm, "signing", "primary")
+    old = holder(synced_farm, "signing", "primary")
+    assert synced_farm.run("rollover", "--purpose", "signing", "--urgent").code == 0
+    assert synced_farm.run("sync").code == 0
+    new = holder(synced_farm, "signing", "primary")
     sql(
-        farm,
+        synced_farm,
         f"UPDATE certificate SET role = 'archived' WHERE thumbprint = '{new}'",
         f"UPDATE certificate SET role = 'primary' WHERE thumbprint = '{old}'",
         "UPDATE farm_state SET mac = decode(repeat('00', 32), 'hex')",
     )
-    forged = forge_request(farm, repair_state=True)
-    answer = farm.run("rollover", "--purpose", "decryption")  # takes the lease, answers all
+    forged = forge_request(synced_farm, repair_state=True)
+    answer = synced_farm.run("rollover", "--purpose", "decryption")  # takes the lease, answers all
     assert answer.code == 1
-    assert request_row(farm, forged)["ok"] is False
-    assert "carries no MAC" in request_row(farm, forged)["result"]
+    assert request_row(synced_farm, forged)["ok"] is False
+    assert "carries no MAC" in request_row(synced_farm, forged)["result"]
     # A brand-new node installs nothing.
-    fresh = farm.run("sync", node="node-new")
+    fresh = synced_farm.run("sync", node="node-new")
     assert fresh.code == 1
     assert "fails authentication" in one_error_line(fresh)
-    assert not (farm.store("node-new") / "current").exists()
-    critical(farm, "fails authentication")
+    assert not (synced_farm.store("node-new") / "current").exists()
+    critical(synced_farm, "fails authentication")
 
     # The operator's own repair: without a verifying record it must be told what stays
     # revoked, and it shows what nodes remember.
-    unnamed = farm.run("repair-state", "--yes")
+    unnamed = synced_farm.run("repair-state", "--yes")
     assert unnamed.code == 1
     assert "--revoked FILE" in one_error_line(unnamed)
-    shown = farm.run("repair-state", "--revoked", revoked_file(tmp_path))  # no terminal
+    shown = synced_farm.run("repair-state", "--revoked", revoked_file(tmp_path))  # no terminal
     assert shown.code == 1
     assert f"'node-a' remember {old} as urgently replaced" in shown.out
     # The operator keeps it: the old key is archived again, the fresh node never gets it.
-    kept = farm.run("repair-state", "--yes", "--revoked", revoked_file(tmp_path, old))
+    kept = synced_farm.run("repair-state", "--yes", "--revoked", revoked_file(tmp_path, old))
     assert kept.code == 0, kept.out + kept.err
     assert f"{old}: urgently replaced before; archived again" in kept.out
-    assert old in record(farm).revoked
-    assert farm.run("rollover", "--purpose", "signing", "--urgent").code == 0
-    fresh = farm.run("sync", node="node-fresh")
+    assert old in record(synced_farm).revoked
+    assert synced_farm.run("rollover", "--purpose", "signing", "--urgent").code == 0
+    fresh = synced_farm.run("sync", node="node-fresh")
     assert fresh.code == 0, fresh.err
     assert old not in fresh.out
 
 
-def test_repair_state_asks_first_and_never_drops_a_revoked_thumbprint(farm: TestFarm) -> None:
-    old = holder(farm, "signing", "primary")
-    assert farm.run("rollover", "--purpose", "signing", "--urgent").code == 0
-    version = record(farm).version
+def test_repair_state_asks_first_and_never_drops_a_revoked_thumbprint(
+    synced_farm: TestFarm,
+) -> None:
+    old = holder(synced_farm, "signing", "primary")
+    assert synced_farm.run("rollover", "--purpose", "signing", "--urgent").code == 0
+    version = record(synced_farm).version
     # Nothing wrong: nothing to repair, nothing written.
-    calm = farm.run("repair-state", "--yes")
+    calm = synced_farm.run("repair-state", "--yes")
     assert calm.code == 0 and "nothing to repair" in calm.out
-    assert record(farm).version == version
+    assert record(synced_farm).version == version
     # Something wrong, no terminal and no --yes: refused, nothing written.
-    new = holder(farm, "signing", "primary")
-    sql(farm, f"UPDATE certificate SET role = 'retired' WHERE thumbprint = '{new}'")
-    asked = farm.run("repair-state")
+    new = holder(synced_farm, "signing", "primary")
+    sql(synced_farm, f"UPDATE certificate SET role = 'retired' WHERE thumbprint = '{new}'")
+    asked = synced_farm.run("repair-state")
     assert asked.code == 1
     assert "no terminal to ask at" in one_error_line(asked)
     assert "is live but not in the farm state" in asked.out or "is retired" in asked.out
-    assert record(farm).version == version
-    repaired = farm.run("repair-state", "--yes")
+    assert record(synced_farm).version == version
+    repaired = synced_farm.run("repair-state", "--yes")
     assert repaired.code == 0, repaired.out + repaired.err
-    assert old in record(farm).revoked  # the verifying record's list is kept
+    assert old in record(synced_farm).revoked  # the verifying record's list is kept
 
 
-def test_a_repair_is_refused_when_the_rows_changed_after_the_review(farm: TestFarm) -> None:
-    assert farm.run("rollover", "--purpose", "signing").code == 0
-    secondary = holder(farm, "signing", "secondary")
-    sql(farm, f"UPDATE certificate SET role = 'retired' WHERE thumbprint = '{secondary}'")
-    cfg = load(farm.config())
+def test_a_repair_is_refused_when_the_rows_changed_after_the_review(synced_farm: TestFarm) -> None:
+    assert synced_farm.run("rollover", "--purpose", "signing").code == 0
+    secondary = holder(synced_farm, "signing", "secondary")
+    sql(synced_farm, f"UPDATE certificate SET role = 'retired' WHERE thumbprint = '{secondary}'")
+    cfg = load(synced_farm.config())
     with ConfigDB(cfg.database, cfg.retry) as db, Directory(cfg.directory, cfg.retry) as dirx:
         review = repair.review(db, dirx, revoked_file=None)
         assert review.needed
         # Between the operator's review and the leader's act, the rows change again.
         sql(
-            farm,
+            synced_farm,
             "UPDATE certificate SET role = 'retired' WHERE role = 'primary' AND purpose ="
             f" 'signing' AND thumbprint <> '{secondary}'",
             f"UPDATE certificate SET role = 'primary' WHERE thumbprint = '{secondary}'",
         )
-        version = record(farm).version
+        version = record(synced_farm).version
         outcome = rollover.request_rollover(
             cfg, db, dirx, purpose="all", urgent=False, repair=review.terms, timeout_seconds=30
         )
     assert not outcome.ok
     assert "changed since the operator reviewed them" in outcome.result
-    assert record(farm).version == version
+    assert record(synced_farm).version == version
 
 
 # -- 3. the version ceiling --------------------------------------------------------------
 
 
-def test_a_forged_version_column_cannot_freeze_the_farm(farm: TestFarm) -> None:
-    version = record(farm).version
-    sql(farm, f"UPDATE farm_state SET version = {BIGINT_END}")
-    critical(farm, f"version column says {BIGINT_END}")
-    result = farm.run("rollover", "--purpose", "signing", "--urgent")
+def test_a_forged_version_column_cannot_freeze_the_farm(synced_farm: TestFarm) -> None:
+    version = record(synced_farm).version
+    sql(synced_farm, f"UPDATE farm_state SET version = {BIGINT_END}")
+    critical(synced_farm, f"version column says {BIGINT_END}")
+    result = synced_farm.run("rollover", "--purpose", "signing", "--urgent")
     assert result.code == 0, result.out + result.err
-    assert record(farm).version == version + 1
-    assert db_query(farm.dsn, "SELECT version FROM farm_state")[0]["version"] == version + 1
-    fresh = farm.run("sync", node="node-fresh")
+    assert record(synced_farm).version == version + 1
+    assert db_query(synced_farm.dsn, "SELECT version FROM farm_state")[0]["version"] == version + 1
+    fresh = synced_farm.run("sync", node="node-fresh")
     assert fresh.code == 0, fresh.err
-    assert farm.run("status").code != 2
+    assert synced_farm.run("status").code != 2
 
 
-def test_a_forged_node_version_cannot_freeze_the_farm(farm: TestFarm) -> None:
-    version = record(farm).version
-    sql(farm, f"INSERT INTO node (id, state_version) VALUES ('forged', {BIGINT_END})")
-    critical(farm, f"node forged installed farm state version {BIGINT_END}")
-    result = farm.run("rollover", "--purpose", "signing", "--urgent")
+def test_a_forged_node_version_cannot_freeze_the_farm(synced_farm: TestFarm) -> None:
+    version = record(synced_farm).version
+    sql(synced_farm, f"INSERT INTO node (id, state_version) VALUES ('forged', {BIGINT_END})")
+    critical(synced_farm, f"node forged installed farm state version {BIGINT_END}")
+    result = synced_farm.run("rollover", "--purpose", "signing", "--urgent")
     assert result.code == 0, result.out + result.err
-    assert record(farm).version == version + 1
-    fresh = farm.run("sync", node="node-fresh")
+    assert record(synced_farm).version == version + 1
+    fresh = synced_farm.run("sync", node="node-fresh")
     assert fresh.code == 0, fresh.err
     # A repair never takes the forged version as its floor.
-    sql(farm, "UPDATE farm_state SET mac = decode(repeat('00', 32), 'hex')")
-    shown = farm.run("repair-state", "--yes", "--revoked", "/dev/null")
+    sql(synced_farm, "UPDATE farm_state SET mac = decode(repeat('00', 32), 'hex')")
+    shown = synced_farm.run("repair-state", "--yes", "--revoked", "/dev/null")
     assert "node 'forged' reports farm state version" in shown.out
     assert shown.code == 0, shown.out + shown.err
-    assert record(farm).version < 1 << 32
+    assert record(synced_farm).version < 1 << 32
 
 
 # -- master-key rolls and pending requests -----------------------------------------------
@@ -372,25 +384,25 @@ def _leader(farm: TestFarm) -> tuple[rollover.Leader, ConfigDB, Directory, Any]:
 
 
 @pytest.mark.parametrize("urgent", [False, True])
-def test_a_request_pending_across_a_master_key_roll(farm: TestFarm, urgent: bool) -> None:
-    leader, db, dirx, cfg = _leader(farm)
+def test_a_request_pending_across_a_master_key_roll(synced_farm: TestFarm, urgent: bool) -> None:
+    leader, db, dirx, cfg = _leader(synced_farm)
     try:
         request = rollover.file_request(
             cfg, db, dirx, kind="rollover", purpose="signing", urgent=False, lifetime_seconds=60
         )
-        signed_under = requests.parse(bytes(request_row(farm, request)["body"])).master_key
+        signed_under = requests.parse(bytes(request_row(synced_farm, request)["body"])).master_key
         group = db.require_farm()
         leader.roll_master_key(group, urgent=urgent, request=None)
-        assert record(farm).master_key != signed_under
+        assert record(synced_farm).master_key != signed_under
         leader.answer_requests()
     finally:
         dirx.__exit__(None, None, None)
         db.__exit__(None, None, None)
-    row = request_row(farm, request)
+    row = request_row(synced_farm, request)
     if urgent:  # its key is deleted: the maker re-issues it
         assert row["ok"] is False
         assert "cannot be read" in row["result"]
-        assert "secondary" not in {r for _, r in roles(farm).values()}
+        assert "secondary" not in {r for _, r in roles(synced_farm).values()}
     else:  # the replaced key is still in the directory: the request stands
         assert row["ok"] is True, row["result"]
-        assert holder(farm, "signing", "secondary")
+        assert holder(synced_farm, "signing", "secondary")

@@ -43,7 +43,7 @@ def group(service_directory: Directory) -> Iterator[uuid.UUID]:
 
 
 @pytest.fixture
-def farm(service_directory: Directory, group: uuid.UUID) -> tuple[uuid.UUID, uuid.UUID]:
+def dkm_container(service_directory: Directory, group: uuid.UUID) -> tuple[uuid.UUID, uuid.UUID]:
     """A DKM container made by the service account: (group, first key id)."""
     return group, service_directory.create_container(group, farm_name="test farm")
 
@@ -63,9 +63,9 @@ def retry_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
 
 
 def test_created_key_reads_back_as_32_bytes_from_the_server_once(
-    service_directory: Directory, farm: tuple[uuid.UUID, uuid.UUID]
+    service_directory: Directory, dkm_container: tuple[uuid.UUID, uuid.UUID]
 ) -> None:
-    group, key_id = farm
+    group, key_id = dkm_container
     assert service_directory.current_key_id(group) == key_id
 
     key = service_directory.master_key(group, key_id)
@@ -78,18 +78,20 @@ def test_created_key_reads_back_as_32_bytes_from_the_server_once(
 
 
 def test_another_node_reads_the_same_key(
-    service_directory: Directory, make_directory: MakeDirectory, farm: tuple[uuid.UUID, uuid.UUID]
+    service_directory: Directory,
+    make_directory: MakeDirectory,
+    dkm_container: tuple[uuid.UUID, uuid.UUID],
 ) -> None:
-    group, key_id = farm
+    group, key_id = dkm_container
     other_node = make_directory()
     assert other_node.master_key(group, key_id) == service_directory.master_key(group, key_id)
     assert other_node.key_reads == 1
 
 
 def test_container_has_the_documented_layout(
-    slapd: LocalSlapd, service_directory: Directory, farm: tuple[uuid.UUID, uuid.UUID]
+    slapd: LocalSlapd, service_directory: Directory, dkm_container: tuple[uuid.UUID, uuid.UUID]
 ) -> None:
-    group, key_id = farm
+    group, key_id = dkm_container
     container = service_directory.container_dn(group)
     assert container == f"cn={group},{slapd.container}"
     conn = admin_connection(slapd)
@@ -115,10 +117,10 @@ def test_container_has_the_documented_layout(
 
 
 def test_jpeg_photo_stores_arbitrary_bytes_unchanged(
-    slapd: LocalSlapd, make_directory: MakeDirectory, farm: tuple[uuid.UUID, uuid.UUID]
+    slapd: LocalSlapd, make_directory: MakeDirectory, dkm_container: tuple[uuid.UUID, uuid.UUID]
 ) -> None:
     # Not a JPEG: zero bytes, 0xff, and every other value slapd might choke on.
-    group, key_id = farm
+    group, key_id = dkm_container
     awkward = bytes([0, 255, 10, 13, 0, 0xD8, 0xFF, 0x80]) * 4
     conn = admin_connection(slapd)
     dn = f"cn={key_id},cn={group},{slapd.container}"
@@ -128,9 +130,9 @@ def test_jpeg_photo_stores_arbitrary_bytes_unchanged(
 
 
 def test_key_of_the_wrong_length_is_reported_as_missing(
-    slapd: LocalSlapd, make_directory: MakeDirectory, farm: tuple[uuid.UUID, uuid.UUID]
+    slapd: LocalSlapd, make_directory: MakeDirectory, dkm_container: tuple[uuid.UUID, uuid.UUID]
 ) -> None:
-    group, key_id = farm
+    group, key_id = dkm_container
     conn = admin_connection(slapd)
     dn = f"cn={key_id},cn={group},{slapd.container}"
     conn.modify(dn, {"jpegPhoto": [(ldap3.MODIFY_REPLACE, [b"\x01" * 31])]})
@@ -140,9 +142,9 @@ def test_key_of_the_wrong_length_is_reported_as_missing(
 
 
 def test_unknown_key_is_missing_and_the_message_says_what_to_do(
-    service_directory: Directory, farm: tuple[uuid.UUID, uuid.UUID], slapd: LocalSlapd
+    service_directory: Directory, dkm_container: tuple[uuid.UUID, uuid.UUID], slapd: LocalSlapd
 ) -> None:
-    group, _ = farm
+    group, _ = dkm_container
     absent = uuid.uuid4()
     with pytest.raises(MasterKeyMissingError) as caught:
         service_directory.master_key(group, absent)
@@ -157,10 +159,10 @@ def test_unknown_key_is_missing_and_the_message_says_what_to_do(
 
 def test_list_keys_shows_one_current_key_without_fetching_key_material(
     service_directory: Directory,
-    farm: tuple[uuid.UUID, uuid.UUID],
+    dkm_container: tuple[uuid.UUID, uuid.UUID],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    group, key_id = farm
+    group, key_id = dkm_container
     requested: list[Any] = []
     real_search = ldap3.Connection.search
 
@@ -184,9 +186,9 @@ def test_list_keys_shows_one_current_key_without_fetching_key_material(
 
 
 def test_add_key_makes_the_new_key_current(
-    service_directory: Directory, farm: tuple[uuid.UUID, uuid.UUID]
+    service_directory: Directory, dkm_container: tuple[uuid.UUID, uuid.UUID]
 ) -> None:
-    group, first = farm
+    group, first = dkm_container
     spare = service_directory.add_key(group, make_current=False)
     assert service_directory.current_key_id(group) == first
 
@@ -200,9 +202,9 @@ def test_add_key_makes_the_new_key_current(
 
 
 def test_creating_an_existing_container_is_a_conflict(
-    service_directory: Directory, farm: tuple[uuid.UUID, uuid.UUID]
+    service_directory: Directory, dkm_container: tuple[uuid.UUID, uuid.UUID]
 ) -> None:
-    group, key_id = farm
+    group, key_id = dkm_container
     with pytest.raises(FarmConflictError):
         service_directory.create_container(group, farm_name="test farm")
     # The existing container was not undone.
@@ -210,9 +212,9 @@ def test_creating_an_existing_container_is_a_conflict(
 
 
 def test_delete_container_removes_the_keys_and_is_idempotent(
-    service_directory: Directory, farm: tuple[uuid.UUID, uuid.UUID]
+    service_directory: Directory, dkm_container: tuple[uuid.UUID, uuid.UUID]
 ) -> None:
-    group, _ = farm
+    group, _ = dkm_container
     service_directory.add_key(group, make_current=True)
     assert service_directory.container_exists(group)
 
@@ -256,9 +258,9 @@ def test_missing_parent_container_is_named(
 
 
 def test_ordinary_account_cannot_read_the_master_keys(
-    other_directory: Directory, farm: tuple[uuid.UUID, uuid.UUID], slapd: LocalSlapd
+    other_directory: Directory, dkm_container: tuple[uuid.UUID, uuid.UUID], slapd: LocalSlapd
 ) -> None:
-    group, key_id = farm
+    group, key_id = dkm_container
     with pytest.raises(MasterKeyMissingError) as caught:
         other_directory.master_key(group, key_id)
     assert slapd.other_dn in str(caught.value)
@@ -266,9 +268,9 @@ def test_ordinary_account_cannot_read_the_master_keys(
 
 
 def test_ordinary_account_cannot_even_list_the_master_keys(
-    other_directory: Directory, farm: tuple[uuid.UUID, uuid.UUID]
+    other_directory: Directory, dkm_container: tuple[uuid.UUID, uuid.UUID]
 ) -> None:
-    group, _ = farm
+    group, _ = dkm_container
     assert not other_directory.container_exists(group)
     with pytest.raises(DirectoryError):
         other_directory.list_keys(group)
@@ -291,9 +293,9 @@ def test_account_without_rights_cannot_create_a_container_and_leaves_nothing(
 
 
 def test_anonymous_cannot_read_the_keys_under_the_documented_acl(
-    service_directory: Directory, farm: tuple[uuid.UUID, uuid.UUID]
+    service_directory: Directory, dkm_container: tuple[uuid.UUID, uuid.UUID]
 ) -> None:
-    group, _ = farm
+    group, _ = dkm_container
     assert service_directory.anonymous_can_read(group) is False
 
 
@@ -357,9 +359,9 @@ def test_unreachable_directory_is_retried_then_named(
 
 
 def test_directory_reconnects_after_slapd_restarts(
-    slapd: LocalSlapd, service_directory: Directory, farm: tuple[uuid.UUID, uuid.UUID]
+    slapd: LocalSlapd, service_directory: Directory, dkm_container: tuple[uuid.UUID, uuid.UUID]
 ) -> None:
-    group, key_id = farm
+    group, key_id = dkm_container
     assert service_directory.current_key_id(group) == key_id  # bound and in use
     port = slapd.port
     slapd.stop()
@@ -372,11 +374,11 @@ def test_directory_reconnects_after_slapd_restarts(
 def test_operation_waits_within_the_retry_budget_for_slapd_to_return(
     slapd: LocalSlapd,
     make_directory: MakeDirectory,
-    farm: tuple[uuid.UUID, uuid.UUID],
+    dkm_container: tuple[uuid.UUID, uuid.UUID],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING)
-    group, key_id = farm
+    group, key_id = dkm_container
     retry = RetryConfig(total_seconds=10.0, initial_backoff_seconds=0.1, max_backoff_seconds=0.5)
     directory = make_directory(retry=retry)
     assert directory.current_key_id(group) == key_id
@@ -441,11 +443,11 @@ def test_keys_and_passwords_never_reach_logs_messages_or_reprs(
     slapd: LocalSlapd,
     service_directory: Directory,
     make_directory: MakeDirectory,
-    farm: tuple[uuid.UUID, uuid.UUID],
+    dkm_container: tuple[uuid.UUID, uuid.UUID],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    group, key_id = farm
+    group, key_id = dkm_container
     key = service_directory.master_key(group, key_id)
     service_directory.add_key(group, make_current=True)
     infos = service_directory.list_keys(group)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -28,15 +27,8 @@ LEASE = LeaseConfig(ttl_seconds=30, renew_seconds=10)
 
 
 @pytest.fixture
-def farm(tmp_path: Path, slapd: LocalSlapd, pg_dsn: str) -> TestFarm:
-    farm = TestFarm(root=tmp_path, slapd=slapd, dsn=pg_dsn)
-    assert farm.run("init").code == 0
-    return farm
-
-
-@pytest.fixture
-def config(farm: TestFarm) -> Config:
-    return load(farm.config())
+def config(initialised_farm: TestFarm) -> Config:
+    return load(initialised_farm.config())
 
 
 @pytest.fixture
@@ -78,11 +70,13 @@ def test_two_processes_of_one_node_are_different_holders(db: ConfigDB) -> None:
     assert not second.try_acquire()
 
 
-def test_an_expired_lease_is_taken_over_under_a_higher_term(db: ConfigDB, farm: TestFarm) -> None:
+def test_an_expired_lease_is_taken_over_under_a_higher_term(
+    db: ConfigDB, initialised_farm: TestFarm
+) -> None:
     a = Election(db, node_id="node-a", lease=LEASE)
     b = Election(db, node_id="node-b", lease=LEASE)
     assert a.try_acquire()
-    expire_lease(farm.dsn)
+    expire_lease(initialised_farm.dsn)
     assert b.try_acquire()
     assert b.term == 2
     assert not a.try_acquire()
@@ -90,7 +84,7 @@ def test_an_expired_lease_is_taken_over_under_a_higher_term(db: ConfigDB, farm: 
 
 
 def test_a_lease_that_ran_out_is_a_new_term_even_for_its_own_holder(
-    db: ConfigDB, farm: TestFarm
+    db: ConfigDB, initialised_farm: TestFarm
 ) -> None:
     """A leader cut off for longer than the ttl (a config DB failing over, a paused process)
     that takes its own lease back leads under a new term: what it began under the old one
@@ -100,7 +94,7 @@ def test_a_lease_that_ran_out_is_a_new_term_even_for_its_own_holder(
     assert a.term == 1
     old = Election(db, node_id="node-a", lease=LEASE)
     old._term, old.identity = 1, a.identity  # the same process, as it was before the gap
-    expire_lease(farm.dsn)
+    expire_lease(initialised_farm.dsn)
     assert a.try_acquire()
     assert a.term == 2
     refused = pytest.raises(LeaseLostError, match="no longer holds the leader lease of term 1")
@@ -109,12 +103,12 @@ def test_a_lease_that_ran_out_is_a_new_term_even_for_its_own_holder(
 
 
 def test_a_stale_leader_cannot_write_after_a_takeover(
-    db: ConfigDB, farm: TestFarm, config: Config
+    db: ConfigDB, initialised_farm: TestFarm, config: Config
 ) -> None:
     a = Election(db, node_id="node-a", lease=LEASE)
     b = Election(db, node_id="node-b", lease=LEASE)
     assert a.try_acquire()
-    expire_lease(farm.dsn)
+    expire_lease(initialised_farm.dsn)
     assert b.try_acquire()
     # a wakes up still believing it leads under term 1.
     assert a.term == 1
@@ -125,31 +119,31 @@ def test_a_stale_leader_cannot_write_after_a_takeover(
         fence.tx.audit(node="node-a", term=fence.term, action="must-not-happen")
     assert a.term is None  # it stepped down
     # Its rollover work is refused the same way, with a certificate due for a secondary.
-    with psycopg.connect(farm.dsn) as conn:
+    with psycopg.connect(initialised_farm.dsn) as conn:
         conn.execute("UPDATE certificate SET not_after = now() + interval '1 day'")
-    before = certificate_table(farm.dsn)
+    before = certificate_table(initialised_farm.dsn)
     a._term = 1  # the stale belief again, as after SIGCONT
     with Directory(config.directory, config.retry) as directory, pytest.raises(LeaseLostError):
         Leader(config, db, directory, a).check()
-    with psycopg.connect(farm.dsn) as conn:
+    with psycopg.connect(initialised_farm.dsn) as conn:
         assert conn.execute(
             "SELECT count(*) FROM audit_event WHERE term = 1 OR action = 'must-not-happen'"
         ).fetchone() == (0,)
-    assert certificate_table(farm.dsn) == before
+    assert certificate_table(initialised_farm.dsn) == before
 
 
 def test_the_fence_refuses_an_expired_lease_even_before_a_takeover(
-    db: ConfigDB, farm: TestFarm
+    db: ConfigDB, initialised_farm: TestFarm
 ) -> None:
     a = Election(db, node_id="node-a", lease=LEASE)
     assert a.try_acquire()
-    expire_lease(farm.dsn)
+    expire_lease(initialised_farm.dsn)
     with pytest.raises(LeaseLostError, match="has expired"), a.fenced():
         pass
 
 
 def test_the_fence_judges_the_expiry_after_waiting_for_the_lock(
-    db: ConfigDB, farm: TestFarm
+    db: ConfigDB, initialised_farm: TestFarm
 ) -> None:
     # The lease row is locked by someone else (a renewal, another fenced write) for longer
     # than the lease has left: once the fence gets the lock, the lease has expired, and
@@ -159,7 +153,7 @@ def test_the_fence_judges_the_expiry_after_waiting_for_the_lock(
 
     a = Election(db, node_id="node-a", lease=LeaseConfig(ttl_seconds=1.0, renew_seconds=0.5))
     assert a.try_acquire()
-    holder = psycopg.connect(farm.dsn)
+    holder = psycopg.connect(initialised_farm.dsn)
     holder.execute("SELECT 1 FROM leader_lease FOR UPDATE")  # opens a transaction
     release = threading.Timer(2.0, holder.rollback)
     release.start()
@@ -173,10 +167,12 @@ def test_the_fence_judges_the_expiry_after_waiting_for_the_lock(
         holder.close()
 
 
-def test_the_leader_writes_under_its_term(db: ConfigDB, farm: TestFarm, config: Config) -> None:
+def test_the_leader_writes_under_its_term(
+    db: ConfigDB, initialised_farm: TestFarm, config: Config
+) -> None:
     a = Election(db, node_id="node-a", lease=LEASE)
     assert a.try_acquire()
-    with psycopg.connect(farm.dsn) as conn:
+    with psycopg.connect(initialised_farm.dsn) as conn:
         conn.execute("UPDATE certificate SET not_after = now() + interval '10 days'")
     with Directory(config.directory, config.retry) as directory:
         done = Leader(config, db, directory, a).check()
@@ -184,7 +180,7 @@ def test_the_leader_writes_under_its_term(db: ConfigDB, farm: TestFarm, config: 
         ("generate", "decryption"),
         ("generate", "signing"),
     ]
-    with psycopg.connect(farm.dsn) as conn:
+    with psycopg.connect(initialised_farm.dsn) as conn:
         rows = conn.execute(
             "SELECT action, term, node FROM audit_event WHERE action = 'generate'"
         ).fetchall()
@@ -201,7 +197,9 @@ def test_release_frees_the_lease_and_the_next_holder_gets_a_new_term(db: ConfigD
     assert b.term == 2
 
 
-def test_the_database_allows_one_primary_and_one_secondary_per_purpose(farm: TestFarm) -> None:
+def test_the_database_allows_one_primary_and_one_secondary_per_purpose(
+    initialised_farm: TestFarm,
+) -> None:
     copy = (
         "INSERT INTO certificate (id, purpose, role, thumbprint, sha256, subject, key_type,"
         " not_before, not_after, der, master_key, blob)"
@@ -210,17 +208,17 @@ def test_the_database_allows_one_primary_and_one_secondary_per_purpose(farm: Tes
         " FROM certificate WHERE purpose = 'signing'"
     )
     with (
-        psycopg.connect(farm.dsn) as conn,
+        psycopg.connect(initialised_farm.dsn) as conn,
         pytest.raises(psycopg.errors.UniqueViolation, match="certificate_one_primary"),
     ):
         conn.execute(copy, ("primary",))
-    with psycopg.connect(farm.dsn) as conn:
+    with psycopg.connect(initialised_farm.dsn) as conn:
         conn.execute(copy, ("secondary",))
     second = copy.replace("'AB'", "'CD'").replace(
         "purpose = 'signing'", "purpose = 'signing' AND role = 'primary'"
     )
     with (
-        psycopg.connect(farm.dsn) as conn,
+        psycopg.connect(initialised_farm.dsn) as conn,
         pytest.raises(psycopg.errors.UniqueViolation, match="certificate_one_secondary"),
     ):
         conn.execute(second, ("secondary",))
@@ -228,7 +226,7 @@ def test_the_database_allows_one_primary_and_one_secondary_per_purpose(farm: Tes
 
 def test_a_due_promotion_waits_for_no_directory_retries_once_the_key_is_known(
     db: ConfigDB,
-    farm: TestFarm,
+    initialised_farm: TestFarm,
     config: Config,
     slapd: LocalSlapd,
     caplog: pytest.LogCaptureFixture,
@@ -240,8 +238,10 @@ def test_a_due_promotion_waits_for_no_directory_retries_once_the_key_is_known(
     with Directory(config.directory, patient) as directory:
         leader = Leader(dataclasses.replace(config, retry=patient), db, directory, a)
         assert leader.tick() == []  # nothing due; the master key is now known
-        secondary = add_certificate(farm, purpose="signing", role="secondary")
-        with psycopg.connect(farm.dsn) as conn:  # generated 6 days ago: promotion is due
+        secondary = add_certificate(initialised_farm, purpose="signing", role="secondary")
+        with psycopg.connect(
+            initialised_farm.dsn
+        ) as conn:  # generated 6 days ago: promotion is due
             conn.execute(
                 "UPDATE certificate SET created_at = now() - interval '6 days'"
                 " WHERE role = 'secondary'"
@@ -263,31 +263,33 @@ def test_a_due_promotion_waits_for_no_directory_retries_once_the_key_is_known(
 
 
 def test_a_lead_event_is_fenced_so_a_lost_term_is_never_recorded_late(
-    db: ConfigDB, farm: TestFarm, config: Config
+    db: ConfigDB, initialised_farm: TestFarm, config: Config
 ) -> None:
     service = Service(config)
     try:
         assert service.election.try_acquire()  # term 1 ...
-        expire_lease(farm.dsn)
+        expire_lease(initialised_farm.dsn)
         other = Election(db, node_id="node-b", lease=LEASE)
         assert other.try_acquire()  # ... taken over (term 2) before its `lead` event was written
         service._record_leadership()
     finally:
         service.close()
-    with psycopg.connect(farm.dsn) as conn:
+    with psycopg.connect(initialised_farm.dsn) as conn:
         leads = conn.execute("SELECT term, node FROM audit_event WHERE action = 'lead'").fetchall()
     assert leads == []
     assert service.election.term is None  # it stepped down
 
 
-def test_a_deleted_lease_row_heals_without_terms_going_back(db: ConfigDB, farm: TestFarm) -> None:
+def test_a_deleted_lease_row_heals_without_terms_going_back(
+    db: ConfigDB, initialised_farm: TestFarm
+) -> None:
     a = Election(db, node_id="node-a", lease=LEASE)
     assert a.try_acquire()
     with a.fenced() as fence:  # an audited write under the term
         fence.tx.audit(node="node-a", term=fence.term, action="test")
     highest = a.term
     assert highest is not None
-    with psycopg.connect(farm.dsn) as conn:
+    with psycopg.connect(initialised_farm.dsn) as conn:
         conn.execute("DELETE FROM leader_lease")
     assert not read_lease(db).valid  # no exception: nobody leads
     with pytest.raises(LeaseLostError, match="row is missing"), a.fenced():
@@ -297,9 +299,12 @@ def test_a_deleted_lease_row_heals_without_terms_going_back(db: ConfigDB, farm: 
     assert b.term is not None and b.term > highest
     b.release()
     # And the operator's path (no node serves): a rollover takes the healed lease.
-    assert farm.run("rollover", "--purpose", "signing").code == 0
+    assert initialised_farm.run("rollover", "--purpose", "signing").code == 0
 
 
-def test_the_schema_forbids_a_holder_without_an_expiry(farm: TestFarm) -> None:
-    with psycopg.connect(farm.dsn) as conn, pytest.raises(psycopg.errors.CheckViolation):
+def test_the_schema_forbids_a_holder_without_an_expiry(initialised_farm: TestFarm) -> None:
+    with (
+        psycopg.connect(initialised_farm.dsn) as conn,
+        pytest.raises(psycopg.errors.CheckViolation),
+    ):
         conn.execute("UPDATE leader_lease SET holder = 'x', holder_node = 'x', expires_at = NULL")

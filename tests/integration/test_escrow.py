@@ -29,13 +29,6 @@ from farmkeys_lab.slapd import LocalSlapd
 PASSPHRASE = "correct horse battery staple"
 
 
-@pytest.fixture
-def farm(tmp_path: Path, slapd: LocalSlapd, pg_dsn: str) -> TestFarm:
-    farm = TestFarm(root=tmp_path, slapd=slapd, dsn=pg_dsn)
-    assert farm.run("init").code == 0
-    return farm
-
-
 def passphrase_file(tmp_path: Path, text: str = PASSPHRASE, mode: int = 0o600) -> str:
     path = tmp_path / f"passphrase-{uuid.uuid4().hex[:6]}"
     path.write_text(text + "\n")
@@ -86,119 +79,133 @@ def export(farm: TestFarm, tmp_path: Path, name: str = "farm.escrow") -> Path:
 
 
 def test_the_disaster_drill_export_lose_the_container_import_and_a_fresh_node_syncs(
-    farm: TestFarm, slapd: LocalSlapd, tmp_path: Path
+    initialised_farm: TestFarm, slapd: LocalSlapd, tmp_path: Path
 ) -> None:
     # Two keys: the farm has rolled its master key once (the previous one is still kept).
-    assert farm.run("rollover", "--master-key").code == 0
-    assert farm.run("sync", node="node-a").code == 0
-    before = installed(farm, "node-a")
-    keys = directory_keys(farm)
+    assert initialised_farm.run("rollover", "--master-key").code == 0
+    assert initialised_farm.run("sync", node="node-a").code == 0
+    before = installed(initialised_farm, "node-a")
+    keys = directory_keys(initialised_farm)
     assert len(keys) == 2
 
-    out = export(farm, tmp_path)
+    out = export(initialised_farm, tmp_path)
     assert out.read_bytes().startswith(b"age-encryption.org/v1\n-> scrypt ")
     assert (out.stat().st_mode & 0o777) == 0o600
-    delete_container_as_admin(farm, slapd)
-    lost = farm.run("sync", node="node-b")
+    delete_container_as_admin(initialised_farm, slapd)
+    lost = initialised_farm.run("sync", node="node-b")
     assert lost.code == 1 and "missing from the directory" in one_error_line(lost)
-    down = farm.run("status", "--json").json
+    down = initialised_farm.run("status", "--json").json
     assert down["health"] == "critical"
     assert any("no live certificate can be opened" in p for p in down["problems"])
 
-    result = farm.run("escrow", "import", str(out), "--passphrase-file", passphrase_file(tmp_path))
+    result = initialised_farm.run(
+        "escrow", "import", str(out), "--passphrase-file", passphrase_file(tmp_path)
+    )
     assert result.code == 0, result.err
     assert "re-created the DKM container" in result.out
-    assert directory_keys(farm) == keys  # the same ids, and the same one current
-    assert farm.run("sync", node="node-b").code == 0
-    assert installed(farm, "node-b") == before
+    assert directory_keys(initialised_farm) == keys  # the same ids, and the same one current
+    assert initialised_farm.run("sync", node="node-b").code == 0
+    assert installed(initialised_farm, "node-b") == before
     # The service account alone reads them, as before: the parent's access rule covers it.
-    config = load(farm.config())
+    config = load(initialised_farm.config())
     with Directory(config.directory, config.retry) as service:
-        assert not service.anonymous_can_read(group_of(farm))
-    actions = [e["action"] for e in audit_events(farm)]
+        assert not service.anonymous_can_read(group_of(initialised_farm))
+    actions = [e["action"] for e in audit_events(initialised_farm)]
     assert actions[-2:] == ["escrow_export", "escrow_import"]
     # Importing again changes nothing and says so.
-    again = farm.run("escrow", "import", str(out), "--passphrase-file", passphrase_file(tmp_path))
+    again = initialised_farm.run(
+        "escrow", "import", str(out), "--passphrase-file", passphrase_file(tmp_path)
+    )
     assert again.code == 0 and again.out.count("was already in the directory") == 2
 
 
 def test_an_escrow_file_is_an_age_file_holding_the_farm_and_its_keys(
-    farm: TestFarm, tmp_path: Path
+    initialised_farm: TestFarm, tmp_path: Path
 ) -> None:
-    out = export(farm, tmp_path)
+    out = export(initialised_farm, tmp_path)
     document = EscrowDocument.from_json(
         agefmt.decrypt(out.read_bytes(), PASSPHRASE.encode()), source=str(out)
     )
-    config = load(farm.config())
+    config = load(initialised_farm.config())
     with Directory(config.directory, config.retry) as service:
-        [only] = service.list_keys(group_of(farm))
-        key = service.master_key(group_of(farm), only.id)
-    assert (document.farm, document.dkm_group) == ("contoso", group_of(farm))
+        [only] = service.list_keys(group_of(initialised_farm))
+        key = service.master_key(group_of(initialised_farm), only.id)
+    assert (document.farm, document.dkm_group) == ("contoso", group_of(initialised_farm))
     assert [(k.id, k.current, k.key) for k in document.keys] == [(only.id, True, key)]
-    assert PASSPHRASE not in " ".join(str(e) for e in audit_events(farm))
+    assert PASSPHRASE not in " ".join(str(e) for e in audit_events(initialised_farm))
 
 
-def test_a_key_the_farm_deleted_is_never_brought_back(farm: TestFarm, tmp_path: Path) -> None:
-    old = next(iter(directory_keys(farm)))
-    out = export(farm, tmp_path)
-    assert farm.run("rollover", "--master-key", "--urgent").code == 0  # old is shredded
-    result = farm.run("escrow", "import", str(out), "--passphrase-file", passphrase_file(tmp_path))
+def test_a_key_the_farm_deleted_is_never_brought_back(
+    initialised_farm: TestFarm, tmp_path: Path
+) -> None:
+    old = next(iter(directory_keys(initialised_farm)))
+    out = export(initialised_farm, tmp_path)
+    assert initialised_farm.run("rollover", "--master-key", "--urgent").code == 0  # old is shredded
+    result = initialised_farm.run(
+        "escrow", "import", str(out), "--passphrase-file", passphrase_file(tmp_path)
+    )
     assert result.code == 0, result.err
     assert f"master key {old} not restored: the farm deleted it" in result.out
-    assert old not in directory_keys(farm)
+    assert old not in directory_keys(initialised_farm)
 
 
 def test_a_shredded_key_stays_shredded_whatever_the_master_key_table_says(
-    farm: TestFarm, tmp_path: Path
+    initialised_farm: TestFarm, tmp_path: Path
 ) -> None:
     # The tombstone is in the authenticated farm state record; a config DB writer who
     # marks the shredded key as merely replaced cannot get it restored.
-    old = next(iter(directory_keys(farm)))
-    out = export(farm, tmp_path)
-    assert farm.run("rollover", "--master-key", "--urgent").code == 0  # old is shredded
-    record = db_query(farm.dsn, "SELECT body FROM farm_state")[0]["body"]
+    old = next(iter(directory_keys(initialised_farm)))
+    out = export(initialised_farm, tmp_path)
+    assert initialised_farm.run("rollover", "--master-key", "--urgent").code == 0  # old is shredded
+    record = db_query(initialised_farm.dsn, "SELECT body FROM farm_state")[0]["body"]
     assert str(old) in json.loads(bytes(record))["shredded"]
-    with psycopg.connect(farm.dsn) as conn:
+    with psycopg.connect(initialised_farm.dsn) as conn:
         conn.execute(
             "UPDATE master_key SET state = 'previous', deleted_at = NULL WHERE id = %s", (old,)
         )
-    result = farm.run("escrow", "import", str(out), "--passphrase-file", passphrase_file(tmp_path))
+    result = initialised_farm.run(
+        "escrow", "import", str(out), "--passphrase-file", passphrase_file(tmp_path)
+    )
     assert result.code == 0, result.err
     assert f"master key {old} not restored: the farm deleted it" in result.out
-    assert old not in directory_keys(farm)
+    assert old not in directory_keys(initialised_farm)
 
 
 def test_escrow_import_refuses_when_no_farm_state_record_verifies(
-    farm: TestFarm, tmp_path: Path
+    initialised_farm: TestFarm, tmp_path: Path
 ) -> None:
-    out = export(farm, tmp_path)
-    with psycopg.connect(farm.dsn) as conn:
+    out = export(initialised_farm, tmp_path)
+    with psycopg.connect(initialised_farm.dsn) as conn:
         conn.execute("UPDATE farm_state SET mac = decode(repeat('00', 32), 'hex')")
-    before = directory_keys(farm)
-    result = farm.run("escrow", "import", str(out), "--passphrase-file", passphrase_file(tmp_path))
+    before = directory_keys(initialised_farm)
+    result = initialised_farm.run(
+        "escrow", "import", str(out), "--passphrase-file", passphrase_file(tmp_path)
+    )
     assert result.code == 1
     assert "lists the master keys the farm shredded, cannot be verified" in one_error_line(result)
-    assert directory_keys(farm) == before
+    assert directory_keys(initialised_farm) == before
 
 
 def test_a_key_in_the_directory_with_other_bytes_is_never_overwritten(
-    farm: TestFarm, tmp_path: Path
+    initialised_farm: TestFarm, tmp_path: Path
 ) -> None:
-    [(key_id, _)] = directory_keys(farm).items()
+    [(key_id, _)] = directory_keys(initialised_farm).items()
     forged = EscrowDocument(
         farm="contoso",
-        dkm_group=group_of(farm),
-        exported_at=db_query(farm.dsn, "SELECT now() AS t")[0]["t"],
+        dkm_group=group_of(initialised_farm),
+        exported_at=db_query(initialised_farm.dsn, "SELECT now() AS t")[0]["t"],
         keys=(EscrowedKey(id=key_id, created_at=None, current=True, key=os.urandom(32)),),
     )
     path = tmp_path / "forged.escrow"
     path.write_bytes(agefmt.encrypt(forged.to_json(), PASSPHRASE.encode(), work_factor=10))
-    events = len(audit_events(farm))
-    result = farm.run("escrow", "import", str(path), "--passphrase-file", passphrase_file(tmp_path))
+    events = len(audit_events(initialised_farm))
+    result = initialised_farm.run(
+        "escrow", "import", str(path), "--passphrase-file", passphrase_file(tmp_path)
+    )
     assert result.code == 1
     assert f"master key {key_id} exists in the directory with other bytes" in one_error_line(result)
-    assert len(audit_events(farm)) == events
-    assert farm.run("sync").code == 0  # the genuine key still opens the farm's blobs
+    assert len(audit_events(initialised_farm)) == events
+    assert initialised_farm.run("sync").code == 0  # the genuine key still opens the farm's blobs
 
 
 @pytest.fixture
@@ -217,9 +224,9 @@ def other_farm(tmp_path: Path, slapd: LocalSlapd, postgres: object) -> TestFarm:
 
 
 def test_bad_escrow_input_is_one_clear_line_and_changes_nothing(
-    farm: TestFarm, other_farm: TestFarm, slapd: LocalSlapd, tmp_path: Path
+    initialised_farm: TestFarm, other_farm: TestFarm, slapd: LocalSlapd, tmp_path: Path
 ) -> None:
-    good = export(farm, tmp_path)
+    good = export(initialised_farm, tmp_path)
     foreign = export(other_farm, tmp_path, "other.escrow")
     data = good.read_bytes()
     truncated = tmp_path / "truncated.escrow"
@@ -229,8 +236,8 @@ def test_bad_escrow_input_is_one_clear_line_and_changes_nothing(
     empty = passphrase_file(tmp_path, "")
     readable = passphrase_file(tmp_path, mode=0o640)
     wrong = passphrase_file(tmp_path, "not the passphrase at all")
-    delete_container_as_admin(farm, slapd)  # so that any import would show
-    events = len(audit_events(farm))
+    delete_container_as_admin(initialised_farm, slapd)  # so that any import would show
+    events = len(audit_events(initialised_farm))
 
     cases = [
         (("import", str(good), "--passphrase-file", empty), "is empty"),
@@ -258,30 +265,30 @@ def test_bad_escrow_input_is_one_clear_line_and_changes_nothing(
         ),
     ]
     for args, expected in cases:
-        result = farm.run("escrow", *args)
+        result = initialised_farm.run("escrow", *args)
         assert result.code == 1, (args, result.out, result.err)
         line = one_error_line(result)
         assert expected in line, (args, line)
         assert PASSPHRASE not in result.err
-    assert directory_keys(farm) == {}
-    assert len(audit_events(farm)) == events
+    assert directory_keys(initialised_farm) == {}
+    assert len(audit_events(initialised_farm)) == events
     assert not (tmp_path / "x").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
 
 
 def test_without_a_passphrase_file_and_no_terminal_the_command_says_what_to_do(
-    farm: TestFarm, tmp_path: Path
+    initialised_farm: TestFarm, tmp_path: Path
 ) -> None:
-    result = farm.spawn("escrow", "export", "--out", str(tmp_path / "x.escrow"))
+    result = initialised_farm.spawn("escrow", "export", "--out", str(tmp_path / "x.escrow"))
     assert result.code == 1
     assert "no terminal to ask for the escrow passphrase" in one_error_line(result)
-    assert "--passphrase" not in farm.spawn("escrow", "export", "--help").out.replace(
+    assert "--passphrase" not in initialised_farm.spawn("escrow", "export", "--help").out.replace(
         "--passphrase-file", ""
     )
 
 
 def test_export_asks_for_the_passphrase_twice_on_the_terminal(
-    farm: TestFarm, tmp_path: Path
+    initialised_farm: TestFarm, tmp_path: Path
 ) -> None:
     out = tmp_path / "tty.escrow"
     env = clean_env()
@@ -299,7 +306,7 @@ def test_export_asks_for_the_passphrase_twice_on_the_terminal(
                 "--out",
                 str(out),
                 "--config",
-                str(farm.config()),
+                str(initialised_farm.config()),
             ],
             env,
         )
@@ -334,30 +341,30 @@ def _read_until(fd: int, seen: bytes, wanted: bytes, timeout: float = 60.0) -> b
 
 
 def test_the_config_db_holds_no_key_bytes_after_an_export_and_import(
-    farm: TestFarm, slapd: LocalSlapd, tmp_path: Path
+    initialised_farm: TestFarm, slapd: LocalSlapd, tmp_path: Path
 ) -> None:
     import base64
 
-    out = export(farm, tmp_path)
-    delete_container_as_admin(farm, slapd)
-    imported = farm.run(
+    out = export(initialised_farm, tmp_path)
+    delete_container_as_admin(initialised_farm, slapd)
+    imported = initialised_farm.run(
         "escrow", "import", str(out), "--passphrase-file", passphrase_file(tmp_path)
     )
     assert imported.code == 0
-    config = load(farm.config())
+    config = load(initialised_farm.config())
     with Directory(config.directory, config.retry) as service:
-        [key_id] = directory_keys(farm)
-        key = service.master_key(group_of(farm), key_id)
+        [key_id] = directory_keys(initialised_farm)
+        key = service.master_key(group_of(initialised_farm), key_id)
     tables = [
         r["t"]
         for r in db_query(
-            farm.dsn, "SELECT tablename AS t FROM pg_tables WHERE schemaname = 'public'"
+            initialised_farm.dsn, "SELECT tablename AS t FROM pg_tables WHERE schemaname = 'public'"
         )
     ]
     text = "".join(
         str(row["r"])
         for table in tables
-        for row in db_query(farm.dsn, f"SELECT t::text AS r FROM {table} t")
+        for row in db_query(initialised_farm.dsn, f"SELECT t::text AS r FROM {table} t")
     )
     assert "escrow_import" in text  # the dump is real
     for shown in (key.hex(), base64.b64encode(key).decode()):

@@ -9,12 +9,6 @@ import pytest
 from farmtools import Result, TestFarm, add_certificate, one_error_line, snapshot
 
 from farmkeys import cli
-from farmkeys_lab.slapd import LocalSlapd
-
-
-@pytest.fixture
-def farm(tmp_path: Path, slapd: LocalSlapd, pg_dsn: str) -> TestFarm:
-    return TestFarm(root=tmp_path, slapd=slapd, dsn=pg_dsn)
 
 
 @pytest.fixture

@@ -26,18 +26,6 @@ from farmkeys_lab.servers import free_port
 from farmkeys_lab.slapd import LocalSlapd
 
 
-@pytest.fixture
-def farm(tmp_path: Path, slapd: LocalSlapd, pg_dsn: str) -> TestFarm:
-    return TestFarm(root=tmp_path, slapd=slapd, dsn=pg_dsn)
-
-
-@pytest.fixture
-def initialised(farm: TestFarm) -> TestFarm:
-    result = farm.run("init")
-    assert result.code == 0, result.err
-    return farm
-
-
 def db_rows(dsn: str, query: str) -> list[tuple[object, ...]]:
     with psycopg.connect(dsn) as conn:
         return conn.execute(query).fetchall()
@@ -69,8 +57,8 @@ def test_init_creates_schema_directory_container_and_two_primaries(farm: TestFar
     assert named == keys[0].id
 
 
-def test_init_twice_changes_nothing_and_says_so(initialised: TestFarm) -> None:
-    farm = initialised
+def test_init_twice_changes_nothing_and_says_so(initialised_farm: TestFarm) -> None:
+    farm = initialised_farm
     before = db_rows(farm.dsn, "SELECT id, role, thumbprint, blob FROM certificate ORDER BY id")
     group_before = db_rows(farm.dsn, "SELECT dkm_group FROM farm")
     result = farm.run("init")
@@ -83,9 +71,9 @@ def test_init_twice_changes_nothing_and_says_so(initialised: TestFarm) -> None:
     assert db_rows(farm.dsn, "SELECT dkm_group FROM farm") == group_before
 
 
-def test_init_with_another_farm_name_is_refused(initialised: TestFarm) -> None:
-    initialised.name = "fabrikam"
-    result = initialised.run("init")
+def test_init_with_another_farm_name_is_refused(initialised_farm: TestFarm) -> None:
+    initialised_farm.name = "fabrikam"
+    result = initialised_farm.run("init")
     assert result.code == 1
     assert "already holds farm 'contoso', not 'fabrikam'" in one_error_line(result)
 
@@ -122,12 +110,12 @@ def test_a_decryption_key_that_is_not_rsa_is_refused(farm: TestFarm) -> None:
 
 
 def test_new_certificates_are_valid_from_an_hour_before_they_are_made(
-    initialised: TestFarm,
+    initialised_farm: TestFarm,
 ) -> None:
     # A relying party whose clock is slow still accepts a just-promoted certificate; the
     # end, which the rollover schedule counts from, is a full duration after it was made.
     for not_before, not_after, created in db_rows(
-        initialised.dsn, "SELECT not_before, not_after, created_at FROM certificate"
+        initialised_farm.dsn, "SELECT not_before, not_after, created_at FROM certificate"
     ):
         assert 3599 <= (created - not_before).total_seconds() <= 3601
         assert 365 * 86400 - 1 <= (not_after - created).total_seconds() <= 365 * 86400 + 1
@@ -158,8 +146,8 @@ def test_init_without_directory_rights_leaves_no_farm(farm: TestFarm) -> None:
 # -- sync -----------------------------------------------------------------------------------
 
 
-def test_three_nodes_sync_the_same_certificates(initialised: TestFarm) -> None:
-    farm = initialised
+def test_three_nodes_sync_the_same_certificates(initialised_farm: TestFarm) -> None:
+    farm = initialised_farm
     for node in ("node-a", "node-b", "node-c"):
         result = farm.run("sync", node=node)
         assert result.code == 0, result.err
@@ -186,8 +174,8 @@ def test_three_nodes_sync_the_same_certificates(initialised: TestFarm) -> None:
     assert all(n["in_sync"] for n in doc["nodes"])
 
 
-def test_store_layout_and_permissions(initialised: TestFarm) -> None:
-    farm = initialised
+def test_store_layout_and_permissions(initialised_farm: TestFarm) -> None:
+    farm = initialised_farm
     assert farm.run("sync").code == 0
     store = farm.store()
     assert stat.S_IMODE(store.stat().st_mode) == 0o700
@@ -226,8 +214,8 @@ def test_store_layout_and_permissions(initialised: TestFarm) -> None:
         assert "BEGIN CERTIFICATE" in out
 
 
-def test_second_sync_changes_nothing_and_reads_no_key(initialised: TestFarm) -> None:
-    farm = initialised
+def test_second_sync_changes_nothing_and_reads_no_key(initialised_farm: TestFarm) -> None:
+    farm = initialised_farm
     assert farm.run("sync").code == 0
     before = snapshot(farm.store())
     again = farm.run("sync")
@@ -236,9 +224,9 @@ def test_second_sync_changes_nothing_and_reads_no_key(initialised: TestFarm) -> 
 
 
 def test_sync_costs_one_query_and_one_directory_read_per_key_whatever_the_history(
-    initialised: TestFarm,
+    initialised_farm: TestFarm,
 ) -> None:
-    farm = initialised
+    farm = initialised_farm
     # Forty archived certificates sealed under a master key that no longer exists:
     # if sync read any of them, it would fail.
     with psycopg.connect(farm.dsn) as conn:
@@ -289,9 +277,9 @@ def corrupt_and_sync(farm: TestFarm, update: str) -> str:
     return one_error_line(result)
 
 
-def test_blob_with_one_byte_flipped_fails_and_the_store_is_kept(initialised: TestFarm) -> None:
+def test_blob_with_one_byte_flipped_fails_and_the_store_is_kept(initialised_farm: TestFarm) -> None:
     line = corrupt_and_sync(
-        initialised,
+        initialised_farm,
         "UPDATE certificate SET blob = overlay(blob placing"
         " decode(lpad(to_hex(get_byte(blob, 60) # 1), 2, '0'), 'hex') from 61 for 1)"
         " WHERE role = 'secondary'",
@@ -299,9 +287,9 @@ def test_blob_with_one_byte_flipped_fails_and_the_store_is_kept(initialised: Tes
     assert "signing certificate" in line and "not authentic" in line
 
 
-def test_blob_copied_into_another_row_fails(initialised: TestFarm) -> None:
+def test_blob_copied_into_another_row_fails(initialised_farm: TestFarm) -> None:
     line = corrupt_and_sync(
-        initialised,
+        initialised_farm,
         # The node must install the new secondary: the primary's blob in its row does not open.
         "UPDATE certificate SET blob = (SELECT blob FROM certificate WHERE role = 'primary'"
         " AND purpose = 'signing') WHERE role = 'secondary'",
@@ -309,8 +297,8 @@ def test_blob_copied_into_another_row_fails(initialised: TestFarm) -> None:
     assert "signing certificate" in line and "not authentic" in line
 
 
-def test_blob_whose_master_key_is_missing_fails_naming_the_key(initialised: TestFarm) -> None:
-    farm = initialised
+def test_blob_whose_master_key_is_missing_fails_naming_the_key(initialised_farm: TestFarm) -> None:
+    farm = initialised_farm
     cfg = load(farm.config())
     (group,) = db_rows(farm.dsn, "SELECT dkm_group FROM farm")[0]
     missing = uuid.uuid4()
@@ -348,11 +336,11 @@ def test_blob_whose_master_key_is_missing_fails_naming_the_key(initialised: Test
     assert any("node-b's last sync failed" in p for p in doc["problems"])
 
 
-def test_a_write_failing_midway_leaves_the_store_as_it_was(initialised: TestFarm) -> None:
+def test_a_write_failing_midway_leaves_the_store_as_it_was(initialised_farm: TestFarm) -> None:
     import resource
     import signal
 
-    farm = initialised
+    farm = initialised_farm
     assert farm.run("sync").code == 0
     before = snapshot(farm.store())
     add_certificate(farm, purpose="signing", role="secondary")
@@ -372,8 +360,8 @@ def test_a_write_failing_midway_leaves_the_store_as_it_was(initialised: TestFarm
 # -- status -------------------------------------------------------------------------------
 
 
-def test_status_json_has_every_documented_field(initialised: TestFarm) -> None:
-    farm = initialised
+def test_status_json_has_every_documented_field(initialised_farm: TestFarm) -> None:
+    farm = initialised_farm
     assert farm.run("sync").code == 0
     term = hold_lease(farm)
     doc = farm.run("status", "--json").json
@@ -404,8 +392,8 @@ def test_status_json_has_every_documented_field(initialised: TestFarm) -> None:
     assert node["in_sync"] and len(node["installed"]) == 2 and node["last_sync"]
 
 
-def test_status_for_a_person_shows_the_farm(initialised: TestFarm) -> None:
-    farm = initialised
+def test_status_for_a_person_shows_the_farm(initialised_farm: TestFarm) -> None:
+    farm = initialised_farm
     assert farm.run("sync").code == 0
     hold_lease(farm)
     result = farm.run("status")
@@ -416,8 +404,8 @@ def test_status_for_a_person_shows_the_farm(initialised: TestFarm) -> None:
     assert "next: generate_secondary at" in result.out
 
 
-def test_status_warns_when_no_node_holds_the_lease(initialised: TestFarm) -> None:
-    farm = initialised
+def test_status_warns_when_no_node_holds_the_lease(initialised_farm: TestFarm) -> None:
+    farm = initialised_farm
     assert farm.run("sync").code == 0
     result = farm.run("status", "--json")
     assert result.code == 1
@@ -425,8 +413,10 @@ def test_status_warns_when_no_node_holds_the_lease(initialised: TestFarm) -> Non
     assert any("no node holds the leader lease" in p for p in result.json["problems"])
 
 
-def test_status_warns_when_a_node_has_not_installed_the_live_set(initialised: TestFarm) -> None:
-    farm = initialised
+def test_status_warns_when_a_node_has_not_installed_the_live_set(
+    initialised_farm: TestFarm,
+) -> None:
+    farm = initialised_farm
     assert farm.run("sync").code == 0
     with psycopg.connect(farm.dsn) as conn:
         conn.execute("UPDATE certificate SET role = 'archived' WHERE purpose = 'signing'")
@@ -437,11 +427,11 @@ def test_status_warns_when_a_node_has_not_installed_the_live_set(initialised: Te
 
 
 def test_status_is_critical_inside_the_critical_threshold(
-    initialised: TestFarm, monkeypatch: pytest.MonkeyPatch
+    initialised_farm: TestFarm, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from datetime import UTC, datetime, timedelta
 
-    farm = initialised
+    farm = initialised_farm
     assert farm.run("sync").code == 0
     monkeypatch.setattr(cli, "_now", lambda: datetime.now(UTC) + timedelta(days=364))
     result = farm.run("status", "--json")
@@ -455,16 +445,16 @@ def test_status_is_critical_inside_the_critical_threshold(
     assert any("has no secondary yet" in p for p in warn["problems"])
 
 
-def test_status_exits_3_when_the_config_db_is_unreachable(initialised: TestFarm) -> None:
-    result = initialised.run("status", database={"dsn": "postgresql://postgres@127.0.0.1:1/x"})
+def test_status_exits_3_when_the_config_db_is_unreachable(initialised_farm: TestFarm) -> None:
+    result = initialised_farm.run("status", database={"dsn": "postgresql://postgres@127.0.0.1:1/x"})
     assert result.code == 3
     line = one_error_line(result)
     assert "cannot reach the config DB at 127.0.0.1:1/x as postgres" in line
     assert "attempts" in line
 
 
-def test_status_with_the_directory_down_still_reports_the_farm(initialised: TestFarm) -> None:
-    farm = initialised
+def test_status_with_the_directory_down_still_reports_the_farm(initialised_farm: TestFarm) -> None:
+    farm = initialised_farm
     assert farm.run("sync").code == 0
     result = farm.run("status", "--json", directory={"url": "ldap://127.0.0.1:1"})
     assert result.code == 1
@@ -479,8 +469,8 @@ def test_status_with_the_directory_down_still_reports_the_farm(initialised: Test
 # -- events ---------------------------------------------------------------------------------
 
 
-def test_events_show_what_init_did(initialised: TestFarm) -> None:
-    farm = initialised
+def test_events_show_what_init_did(initialised_farm: TestFarm) -> None:
+    farm = initialised_farm
     events = farm.run("events", "--json")
     assert events.code == 0
     actions = [(e["action"], e["purpose"], e["term"], e["node"]) for e in events.json]
@@ -499,25 +489,25 @@ def test_events_show_what_init_did(initialised: TestFarm) -> None:
     assert farm.run("events", "--since", "2099-01-01T00:00:00Z").out.strip() == "no events"
 
 
-def test_events_since_must_be_a_time_or_an_age(initialised: TestFarm) -> None:
+def test_events_since_must_be_a_time_or_an_age(initialised_farm: TestFarm) -> None:
     with pytest.raises(SystemExit) as done:
-        initialised.run("events", "--since", "yesterday")
+        initialised_farm.run("events", "--since", "yesterday")
     assert done.value.code == 64
 
 
 def test_a_node_syncs_past_a_dead_directory_server_and_status_names_the_one_it_used(
-    initialised: TestFarm,
+    initialised_farm: TestFarm,
 ) -> None:
     dead = f"ldap://127.0.0.1:{free_port()}"
-    servers = {"directory": {"url": [dead, initialised.slapd.url]}}
-    result = initialised.run("sync", node="node-b", **servers)
+    servers = {"directory": {"url": [dead, initialised_farm.slapd.url]}}
+    result = initialised_farm.run("sync", node="node-b", **servers)
     assert result.code == 0, result.err
-    doc = initialised.run("status", "--json").json
+    doc = initialised_farm.run("status", "--json").json
     nodes = {n["id"]: n for n in doc["nodes"]}
-    assert nodes["node-b"]["directory_server"] == initialised.slapd.url
+    assert nodes["node-b"]["directory_server"] == initialised_farm.slapd.url
     assert nodes["node-b"]["in_sync"]
-    human = initialised.run("status")
-    assert f"directory {initialised.slapd.url}" in human.out
+    human = initialised_farm.run("status")
+    assert f"directory {initialised_farm.slapd.url}" in human.out
 
 
 def test_migrations_come_from_the_installed_package_not_a_folder_beside_it(
@@ -570,81 +560,81 @@ def group_of(farm: TestFarm) -> str:
 
 
 def test_a_store_is_pinned_to_the_first_farm_it_installs(
-    initialised: TestFarm, other_farm: TestFarm
+    initialised_farm: TestFarm, other_farm: TestFarm
 ) -> None:
-    assert initialised.run("sync").code == 0
-    assert manifest_group(initialised.store()) == group_of(initialised)
-    before = snapshot(initialised.store())
+    assert initialised_farm.run("sync").code == 0
+    assert manifest_group(initialised_farm.store()) == group_of(initialised_farm)
+    before = snapshot(initialised_farm.store())
     elsewhere = {"database": {"dsn": other_farm.dsn}}
-    result = initialised.run("sync", **elsewhere)
+    result = initialised_farm.run("sync", **elsewhere)
     assert result.code != 0
     line = one_error_line(result)
-    assert group_of(other_farm) in line and group_of(initialised) in line
+    assert group_of(other_farm) in line and group_of(initialised_farm) in line
     assert "first installed" in line
-    assert snapshot(initialised.store()) == before
+    assert snapshot(initialised_farm.store()) == before
 
 
 def test_farm_dkm_group_pins_a_node_before_anything_is_installed(
-    initialised: TestFarm, other_farm: TestFarm
+    initialised_farm: TestFarm, other_farm: TestFarm
 ) -> None:
-    pin = {"farm": {"name": "contoso", "dkm_group": group_of(initialised)}}
-    result = initialised.run("sync", database={"dsn": other_farm.dsn}, **pin)
+    pin = {"farm": {"name": "contoso", "dkm_group": group_of(initialised_farm)}}
+    result = initialised_farm.run("sync", database={"dsn": other_farm.dsn}, **pin)
     assert result.code != 0
     assert "pinned by farm.dkm_group" in one_error_line(result)
-    assert not initialised.store().exists() or snapshot(initialised.store()) == {}
-    assert initialised.run("sync", **pin).code == 0
+    assert not initialised_farm.store().exists() or snapshot(initialised_farm.store()) == {}
+    assert initialised_farm.run("sync", **pin).code == 0
     # A farm re-created on purpose: the operator names the new group, and the node follows.
     repin = {"farm": {"name": "contoso", "dkm_group": group_of(other_farm)}}
-    assert initialised.run("sync", database={"dsn": other_farm.dsn}, **repin).code == 0
-    assert manifest_group(initialised.store()) == group_of(other_farm)
+    assert initialised_farm.run("sync", database={"dsn": other_farm.dsn}, **repin).code == 0
+    assert manifest_group(initialised_farm.store()) == group_of(other_farm)
 
 
-def test_a_bad_farm_dkm_group_is_a_config_error(initialised: TestFarm) -> None:
-    result = initialised.run("sync", farm={"name": "contoso", "dkm_group": "not-a-guid"})
+def test_a_bad_farm_dkm_group_is_a_config_error(initialised_farm: TestFarm) -> None:
+    result = initialised_farm.run("sync", farm={"name": "contoso", "dkm_group": "not-a-guid"})
     assert result.code != 0
     assert "farm.dkm_group 'not-a-guid' is not a GUID" in one_error_line(result)
 
 
 def test_a_store_installed_before_pinning_is_pinned_when_next_in_sync(
-    initialised: TestFarm,
+    initialised_farm: TestFarm,
 ) -> None:
-    assert initialised.run("sync").code == 0
-    path = initialised.store() / "manifest.json"
+    assert initialised_farm.run("sync").code == 0
+    path = initialised_farm.store() / "manifest.json"
     document = json.loads(path.read_text())
     del document["dkm_group"]
     target = path.resolve()
     target.write_text(json.dumps(document))
-    assert initialised.run("sync").code == 0
-    assert manifest_group(initialised.store()) == group_of(initialised)
+    assert initialised_farm.run("sync").code == 0
+    assert manifest_group(initialised_farm.store()) == group_of(initialised_farm)
 
 
-def test_sync_reinstalls_a_set_whose_key_file_was_changed(initialised: TestFarm) -> None:
-    assert initialised.run("sync").code == 0
-    key = initialised.store() / "signing" / "primary.key"
+def test_sync_reinstalls_a_set_whose_key_file_was_changed(initialised_farm: TestFarm) -> None:
+    assert initialised_farm.run("sync").code == 0
+    key = initialised_farm.store() / "signing" / "primary.key"
     good = key.read_bytes()
     key.resolve().write_bytes(good.replace(b"A", b"B", 1))
-    result = initialised.run("sync")
+    result = initialised_farm.run("sync")
     assert result.code == 0, result.err
     assert key.read_bytes() == good
-    assert json.loads((initialised.store() / "manifest.json").read_text())["generation"] == 2
+    assert json.loads((initialised_farm.store() / "manifest.json").read_text())["generation"] == 2
 
 
-def test_sync_repairs_a_corrupt_manifest(initialised: TestFarm) -> None:
+def test_sync_repairs_a_corrupt_manifest(initialised_farm: TestFarm) -> None:
     # Pinning reads the manifest before anything else: a corrupt one must still be
     # repaired by the install, as before farms were pinned, not stop every sync.
-    assert initialised.run("sync").code == 0
-    (initialised.store() / "manifest.json").resolve().write_text('{"node": "node-a", "gen')
-    result = initialised.run("sync")
+    assert initialised_farm.run("sync").code == 0
+    (initialised_farm.store() / "manifest.json").resolve().write_text('{"node": "node-a", "gen')
+    result = initialised_farm.run("sync")
     assert result.code == 0, result.err
-    document = json.loads((initialised.store() / "manifest.json").read_text())
-    assert document["generation"] == 2 and document["dkm_group"] == group_of(initialised)
+    document = json.loads((initialised_farm.store() / "manifest.json").read_text())
+    assert document["generation"] == 2 and document["dkm_group"] == group_of(initialised_farm)
 
 
-def test_sync_with_a_store_group_lets_that_group_read_the_keys(initialised: TestFarm) -> None:
+def test_sync_with_a_store_group_lets_that_group_read_the_keys(initialised_farm: TestFarm) -> None:
     import grp
 
     group = next(g for g in grp.getgrall() if g.gr_gid not in (0, os.getegid()))
-    farm = initialised
+    farm = initialised_farm
     farm.overrides["node"] = {"store_group": group.gr_name}
     assert farm.run("sync").code == 0
     key = (farm.store() / "signing" / "primary.key").resolve()

@@ -29,14 +29,6 @@ from farmkeys.errors import StoreError
 from farmkeys.store import Store
 from farmkeys.sync import blob_context, sync
 from farmkeys_lab.servers import free_port
-from farmkeys_lab.slapd import LocalSlapd
-
-
-@pytest.fixture
-def farm(tmp_path: Path, slapd: LocalSlapd, pg_dsn: str) -> TestFarm:
-    farm = TestFarm(root=tmp_path, slapd=slapd, dsn=pg_dsn)
-    assert farm.run("init").code == 0
-    return farm
 
 
 class Node:
@@ -57,8 +49,8 @@ class Node:
 
 
 @pytest.fixture
-def node(farm: TestFarm) -> Iterator[Node]:
-    node = Node(farm)
+def node(initialised_farm: TestFarm) -> Iterator[Node]:
+    node = Node(initialised_farm)
     try:
         yield node
     finally:
@@ -76,10 +68,10 @@ def inodes(store: Path) -> dict[str, int]:
 
 
 def test_a_sync_that_finds_nothing_changed_makes_one_round_trip_and_no_directory_request(
-    farm: TestFarm, node: Node
+    initialised_farm: TestFarm, node: Node
 ) -> None:
     assert node.sync()
-    before = db_query(farm.dsn, "SELECT last_sync FROM node WHERE id = 'node-a'")[0]
+    before = db_query(initialised_farm.dsn, "SELECT last_sync FROM node WHERE id = 'node-a'")[0]
     statements = node.db.statements
     # A directory that is not there, with no key cached: any request would fail the sync.
     dead = dataclasses.replace(node.cfg.directory, url=f"ldap://127.0.0.1:{free_port()}")
@@ -90,12 +82,12 @@ def test_a_sync_that_finds_nothing_changed_makes_one_round_trip_and_no_directory
 
     assert node.db.statements - statements == 1
     assert node.directory.key_reads == 0
-    after = db_query(farm.dsn, "SELECT last_sync FROM node WHERE id = 'node-a'")[0]
+    after = db_query(initialised_farm.dsn, "SELECT last_sync FROM node WHERE id = 'node-a'")[0]
     assert after["last_sync"] > before["last_sync"]  # the one statement recorded the sync
 
 
 def test_the_read_withholds_the_blobs_of_certificates_the_store_holds(
-    farm: TestFarm, node: Node
+    initialised_farm: TestFarm, node: Node
 ) -> None:
     assert node.sync()
     have = [e.thumbprint for e in node.store.inspect().manifest.certificates]  # type: ignore[union-attr]
@@ -107,11 +99,11 @@ def test_the_read_withholds_the_blobs_of_certificates_the_store_holds(
 
 
 def test_a_new_secondary_is_written_and_the_primaries_are_carried_by_hard_link(
-    farm: TestFarm, node: Node
+    initialised_farm: TestFarm, node: Node
 ) -> None:
     assert node.sync()
     first = inodes(node.store.path)
-    thumb = add_certificate(farm, purpose="signing", role="secondary")
+    thumb = add_certificate(initialised_farm, purpose="signing", role="secondary")
 
     assert node.sync()
 
@@ -130,16 +122,16 @@ def test_a_new_secondary_is_written_and_the_primaries_are_carried_by_hard_link(
     assert not written & first.keys()
 
 
-def test_a_promotion_writes_no_certificate_file(farm: TestFarm, node: Node) -> None:
-    thumb = add_certificate(farm, purpose="signing", role="secondary")
+def test_a_promotion_writes_no_certificate_file(initialised_farm: TestFarm, node: Node) -> None:
+    thumb = add_certificate(initialised_farm, purpose="signing", role="secondary")
     assert node.sync()
     first = inodes(node.store.path)
-    with psycopg.connect(farm.dsn) as conn:
+    with psycopg.connect(initialised_farm.dsn) as conn:
         conn.execute(
             "UPDATE certificate SET role = CASE role WHEN 'primary' THEN 'retired'"
             " ELSE 'primary' END WHERE purpose = 'signing' AND role IN ('primary', 'secondary')"
         )
-    seal_state(farm)
+    seal_state(initialised_farm)
 
     assert node.sync()
 
@@ -152,12 +144,12 @@ def test_a_promotion_writes_no_certificate_file(farm: TestFarm, node: Node) -> N
 
 
 def test_a_file_changed_in_place_is_not_carried_but_installed_again(
-    farm: TestFarm, node: Node
+    initialised_farm: TestFarm, node: Node
 ) -> None:
     assert node.sync()
     primary_key = node.store.path / "signing" / "primary.key"
     good = primary_key.read_bytes()
-    add_certificate(farm, purpose="decryption", role="secondary")
+    add_certificate(initialised_farm, purpose="decryption", role="secondary")
     with primary_key.open("r+b") as file:  # someone edits the installed key in place
         file.write(b"X")
     statements = node.db.statements
@@ -183,9 +175,11 @@ class RacedStore(Store):
         return found
 
 
-def test_a_file_changed_after_the_inspection_is_never_carried(farm: TestFarm, node: Node) -> None:
+def test_a_file_changed_after_the_inspection_is_never_carried(
+    initialised_farm: TestFarm, node: Node
+) -> None:
     assert node.sync()
-    add_certificate(farm, purpose="decryption", role="secondary")
+    add_certificate(initialised_farm, purpose="decryption", role="secondary")
     store = RacedStore(node.cfg.store, node_id="node-a")
     store.victim = store.path / "signing" / "primary.p12"
     current, generations = (
@@ -203,10 +197,12 @@ def test_a_file_changed_after_the_inspection_is_never_carried(farm: TestFarm, no
     assert node.store.inspect().complete  # type: ignore[union-attr]
 
 
-def test_the_node_writes_the_exact_bytes_the_blob_seals(farm: TestFarm, node: Node) -> None:
+def test_the_node_writes_the_exact_bytes_the_blob_seals(
+    initialised_farm: TestFarm, node: Node
+) -> None:
     assert node.sync()
     (row,) = db_query(
-        farm.dsn,
+        initialised_farm.dsn,
         "SELECT f.dkm_group, c.id, c.blob, c.master_key, c.thumbprint FROM certificate c, farm f"
         " WHERE c.purpose = 'signing' AND c.role = 'primary'",
     )
@@ -247,7 +243,7 @@ def reseal_signing(farm: TestFarm, node: Node, plaintext_of: object) -> None:
         conn.execute("UPDATE certificate SET blob = %s WHERE id = %s", (blob, row["id"]))
 
 
-def test_a_bundle_whose_key_is_not_the_certificates_is_refused(farm: TestFarm) -> None:
+def test_a_bundle_whose_key_is_not_the_certificates_is_refused(initialised_farm: TestFarm) -> None:
     other = certs.generate(
         farm_name="x",
         purpose="signing",
@@ -263,13 +259,13 @@ def test_a_bundle_whose_key_is_not_the_certificates_is_refused(farm: TestFarm) -
             dataclasses.replace(packed, private_key_pem=certs.private_key_pem(other.key))
         )
 
-    node = Node(farm, "node-b")
+    node = Node(initialised_farm, "node-b")
     try:
-        reseal_signing(farm, node, swap_key)
-        result = farm.run("sync", node="node-b")
+        reseal_signing(initialised_farm, node, swap_key)
+        result = initialised_farm.run("sync", node="node-b")
         assert result.code == 1
         assert "does not match the certificate" in one_error_line(result)
-        assert not (farm.store("node-b") / "manifest.json").exists()
+        assert not (initialised_farm.store("node-b") / "manifest.json").exists()
     finally:
         node.close()
 
@@ -279,18 +275,18 @@ def test_a_bundle_whose_key_is_not_the_certificates_is_refused(farm: TestFarm) -
     [lambda b: b[:-1], lambda b: b + b"\0", lambda b: b[:4] + b"\xff\xff\xff\xff" + b[8:]],
     ids=["truncated", "trailing byte", "overlong length"],
 )
-def test_a_malformed_bundle_is_refused(farm: TestFarm, damage: object) -> None:
-    node = Node(farm, "node-b")
+def test_a_malformed_bundle_is_refused(initialised_farm: TestFarm, damage: object) -> None:
+    node = Node(initialised_farm, "node-b")
     try:
-        reseal_signing(farm, node, damage)
-        result = farm.run("sync", node="node-b")
+        reseal_signing(initialised_farm, node, damage)
+        result = initialised_farm.run("sync", node="node-b")
         assert result.code == 1
         assert "malformed bundle" in one_error_line(result)
     finally:
         node.close()
 
 
-def test_a_blob_from_before_bundles_still_installs(farm: TestFarm) -> None:
+def test_a_blob_from_before_bundles_still_installs(initialised_farm: TestFarm) -> None:
     """A farm whose blobs hold a bare PKCS#12 (sealed by an earlier farmkeys)."""
 
     def bare(plain: bytes) -> bytes:
@@ -298,52 +294,52 @@ def test_a_blob_from_before_bundles_still_installs(farm: TestFarm) -> None:
         assert packed is not None
         return packed.pkcs12
 
-    node = Node(farm, "node-b")
+    node = Node(initialised_farm, "node-b")
     try:
-        reseal_signing(farm, node, bare)
-        assert farm.run("sync", node="node-b").code == 0
-        key = (farm.store("node-b") / "signing" / "primary.key").read_bytes()
+        reseal_signing(initialised_farm, node, bare)
+        assert initialised_farm.run("sync", node="node-b").code == 0
+        key = (initialised_farm.store("node-b") / "signing" / "primary.key").read_bytes()
         assert key.startswith(b"-----BEGIN PRIVATE KEY-----")
     finally:
         node.close()
 
 
 def test_a_failed_incremental_install_leaves_the_store_as_it_was(
-    farm: TestFarm, node: Node
+    initialised_farm: TestFarm, node: Node
 ) -> None:
     assert node.sync()
     before = snapshot(node.store.path)
-    add_certificate(farm, purpose="signing", role="secondary")
-    with psycopg.connect(farm.dsn) as conn:  # the new certificate's blob does not open
+    add_certificate(initialised_farm, purpose="signing", role="secondary")
+    with psycopg.connect(initialised_farm.dsn) as conn:  # the new certificate's blob does not open
         conn.execute(
             "UPDATE certificate SET blob = overlay(blob placing '\\x00'::bytea from 40 for 1)"
             " WHERE role = 'secondary'"
         )
-    result = farm.run("sync")
+    result = initialised_farm.run("sync")
     assert result.code == 1
     assert "not authentic" in one_error_line(result)
     assert snapshot(node.store.path) == before
 
 
 def test_a_store_moved_to_a_new_group_gets_the_group_on_carried_files(
-    farm: TestFarm, tmp_path: Path
+    initialised_farm: TestFarm, tmp_path: Path
 ) -> None:
     """node.store_group changed between installs: carried files take the new group."""
     import grp
 
     group = grp.getgrgid(os.getgid()).gr_name if os.getgid() != 0 else "daemon"
-    assert farm.run("sync").code == 0
-    add_certificate(farm, purpose="signing", role="secondary")
-    farm.overrides["node"] = {"store_group": group}
-    assert farm.run("sync").code == 0
+    assert initialised_farm.run("sync").code == 0
+    add_certificate(initialised_farm, purpose="signing", role="secondary")
+    initialised_farm.overrides["node"] = {"store_group": group}
+    assert initialised_farm.run("sync").code == 0
     gid = grp.getgrnam(group).gr_gid
-    key = farm.store() / "signing" / "primary.key"
+    key = initialised_farm.store() / "signing" / "primary.key"
     assert key.stat().st_gid == gid
     assert key.stat().st_mode & 0o777 == 0o640
 
 
 def test_a_sync_with_nothing_to_do_loads_neither_ldap3_nor_cryptography(
-    farm: TestFarm, node: Node
+    initialised_farm: TestFarm, node: Node
 ) -> None:
     """What keeps `farmkeys sync` at a service's start about as cheap as importing its
     libraries (tests/bench/bench_cold.py measures it): nothing it does not need."""
@@ -353,25 +349,25 @@ def test_a_sync_with_nothing_to_do_loads_neither_ldap3_nor_cryptography(
         " print(sorted(m for m in ('ldap3', 'cryptography', 'apscheduler', 'farmkeys.rollover',"
         " 'farmkeys.certs') if m in sys.modules)); sys.exit(code)"
     )
-    done = run_python("-c", code, "sync", "--config", str(farm.config("node-a")))
+    done = run_python("-c", code, "sync", "--config", str(initialised_farm.config("node-a")))
     assert done.code == 0, done.err
     assert done.out.splitlines()[-1] == "[]"
     # A sync that installs does load them.
-    add_certificate(farm, purpose="signing", role="secondary")
-    done = run_python("-c", code, "sync", "--config", str(farm.config("node-a")))
+    add_certificate(initialised_farm, purpose="signing", role="secondary")
+    done = run_python("-c", code, "sync", "--config", str(initialised_farm.config("node-a")))
     assert done.code == 0, done.err
     assert "ldap3" in done.out.splitlines()[-1] and "cryptography" in done.out.splitlines()[-1]
 
 
 def test_bad_directory_settings_fail_a_sync_at_start_even_with_nothing_to_do(
-    farm: TestFarm, node: Node
+    initialised_farm: TestFarm, node: Node
 ) -> None:
     assert node.sync()
-    farm.overrides["directory"] = {"start_tls": True}
-    result = farm.run("sync")
+    initialised_farm.overrides["directory"] = {"start_tls": True}
+    result = initialised_farm.run("sync")
     assert result.code == 1
     assert "directory.start_tls is set but directory.ca_file is not" in one_error_line(result)
-    farm.overrides["directory"] = {"bind_dn": "svc-farm"}
-    result = farm.run("sync")
+    initialised_farm.overrides["directory"] = {"bind_dn": "svc-farm"}
+    result = initialised_farm.run("sync")
     assert result.code == 1
     assert "is not a distinguished name" in one_error_line(result)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import ldap3
@@ -152,15 +151,8 @@ def test_the_master_key_rules_refuse_a_naive_now() -> None:
 
 
 @pytest.fixture
-def farm(tmp_path: Path, slapd: LocalSlapd, pg_dsn: str) -> TestFarm:
-    farm = TestFarm(root=tmp_path, slapd=slapd, dsn=pg_dsn)
-    assert farm.run("init").code == 0
-    return farm
-
-
-@pytest.fixture
-def config(farm: TestFarm) -> Config:
-    return load(farm.config())
+def config(initialised_farm: TestFarm) -> Config:
+    return load(initialised_farm.config())
 
 
 @pytest.fixture
@@ -269,54 +261,60 @@ def _thumbprints(manifest: str) -> list[str]:
 
 
 def test_a_scheduled_roll_reseals_every_live_blob_and_changes_no_certificate(
-    farm: TestFarm, config: Config, leader: Leader
+    initialised_farm: TestFarm, config: Config, leader: Leader
 ) -> None:
-    group = group_of(farm)
-    add_certificate(farm, purpose="signing", role="retired")  # primary, secondary and retired
-    add_certificate(farm, purpose="signing", role="secondary")
-    assert farm.run("sync").code == 0
-    generation = farm.run("status", "--json").json["nodes"][0]["generation"]
-    before, old = certificates(farm), current_key(farm)
+    group = group_of(initialised_farm)
+    add_certificate(
+        initialised_farm, purpose="signing", role="retired"
+    )  # primary, secondary and retired
+    add_certificate(initialised_farm, purpose="signing", role="secondary")
+    assert initialised_farm.run("sync").code == 0
+    generation = initialised_farm.run("status", "--json").json["nodes"][0]["generation"]
+    before, old = certificates(initialised_farm), current_key(initialised_farm)
 
     assert leader.tick() == []  # not due
-    age_current_key(farm, 365)
+    age_current_key(initialised_farm, 365)
     done = leader.tick()
 
-    new = current_key(farm)
+    new = current_key(initialised_farm)
     assert new != old
     assert [(d.action, d.thumbprint) for d in done] == [("roll", str(old))]
-    assert certificates(farm) == before  # no certificate changed
-    assert live_keys(farm) == {new}  # every live blob re-sealed, the retired one too
+    assert certificates(initialised_farm) == before  # no certificate changed
+    assert live_keys(initialised_farm) == {new}  # every live blob re-sealed, the retired one too
     assert directory_keys(config, group) == {old: False, new: True}  # CryptoPolicy names it
-    assert recorded(farm) == {old: "previous", new: "current"}
-    actions = [(e["action"], e["master_key"]) for e in audit_events(farm) if e["master_key"]]
+    assert recorded(initialised_farm) == {old: "previous", new: "current"}
+    actions = [
+        (e["action"], e["master_key"]) for e in audit_events(initialised_farm) if e["master_key"]
+    ]
     assert actions[-2:] == [("master_key_add", new), ("master_key_roll", new)]
-    assert_consistent(farm, config)
+    assert_consistent(initialised_farm, config)
 
     # The node's store does not change: the same generation, but it proves it reads the new key.
-    assert farm.run("sync").code == 0
-    node = farm.run("status", "--json").json["nodes"][0]
+    assert initialised_farm.run("sync").code == 0
+    node = initialised_farm.run("status", "--json").json["nodes"][0]
     assert (node["generation"], node["master_keys"]) == (generation, [str(new)])
-    assert fresh_node_installs(farm, "node-b") == {r[2] for r in before if r[1] != "archived"}
+    assert fresh_node_installs(initialised_farm, "node-b") == {
+        r[2] for r in before if r[1] != "archived"
+    }
     assert leader.tick() == []  # once
 
 
 def test_a_replaced_key_is_deleted_after_retain_and_its_archived_blobs_are_shredded(
-    farm: TestFarm, config: Config, leader: Leader, db: ConfigDB
+    initialised_farm: TestFarm, config: Config, leader: Leader, db: ConfigDB
 ) -> None:
-    group = group_of(farm)
-    archived = add_certificate(farm, purpose="signing", role="archived")
-    old = current_key(farm)
-    age_current_key(farm, 365)
+    group = group_of(initialised_farm)
+    archived = add_certificate(initialised_farm, purpose="signing", role="archived")
+    old = current_key(initialised_farm)
+    age_current_key(initialised_farm, 365)
     leader.tick()
     assert old in directory_keys(config, group)  # kept for `retain` (365 by default)
-    age_replaced_key(farm, config, old, 365)  # retain has passed since the roll
+    age_replaced_key(initialised_farm, config, old, 365)  # retain has passed since the roll
     done = leader.tick()
 
     assert [(d.action, d.thumbprint) for d in done] == [("delete", str(old))]
     assert old not in directory_keys(config, group)
-    assert recorded(farm)[old] == "deleted"
-    [event] = [e for e in audit_events(farm) if e["action"] == "master_key_delete"]
+    assert recorded(initialised_farm)[old] == "deleted"
+    [event] = [e for e in audit_events(initialised_farm) if e["action"] == "master_key_delete"]
     assert (
         "the 1 archived certificates sealed under it can never be opened again" in event["detail"]
     )
@@ -328,23 +326,23 @@ def test_a_replaced_key_is_deleted_after_retain_and_its_archived_blobs_are_shred
         pytest.raises(MasterKeyMissingError, match=str(old)),
     ):
         open_blob(farm_row, row, fresh)
-    assert_consistent(farm, config)
-    status = farm.run("status", "--json").json
+    assert_consistent(initialised_farm, config)
+    status = initialised_farm.run("status", "--json").json
     states = {k["id"]: k["state"] for k in status["master_keys"]}
     assert states[str(old)] == "deleted"
 
 
 def test_a_config_db_writer_cannot_make_the_leader_delete_a_replaced_key_early(
-    farm: TestFarm, config: Config, leader: Leader
+    initialised_farm: TestFarm, config: Config, leader: Leader
 ) -> None:
     # Deleting a key is irreversible (it shreds the archived blobs sealed under it): the
     # schedule in the master_key table alone, which a DB writer edits, is not enough.
-    group = group_of(farm)
-    add_certificate(farm, purpose="signing", role="archived")
-    old = current_key(farm)
-    age_current_key(farm, 365)
+    group = group_of(initialised_farm)
+    add_certificate(initialised_farm, purpose="signing", role="archived")
+    old = current_key(initialised_farm)
+    age_current_key(initialised_farm, 365)
     leader.tick()
-    with psycopg.connect(farm.dsn) as conn:
+    with psycopg.connect(initialised_farm.dsn) as conn:
         conn.execute(
             "UPDATE master_key SET unused_since = now() - interval '10 years',"
             " replaced_at = now() - interval '10 years', delete_now = true WHERE id = %s",
@@ -354,76 +352,84 @@ def test_a_config_db_writer_cannot_make_the_leader_delete_a_replaced_key_early(
         if step.action == "delete":
             assert "not deleted: the authenticated farm state shows it replaced" in step.detail
     assert old in directory_keys(config, group)
-    assert recorded(farm)[old] == "previous"
-    assert "master_key_delete" not in [e["action"] for e in audit_events(farm)]
+    assert recorded(initialised_farm)[old] == "previous"
+    assert "master_key_delete" not in [e["action"] for e in audit_events(initialised_farm)]
 
 
 def test_rollover_master_key_rolls_now_and_answers_the_operator(
-    farm: TestFarm, config: Config
+    initialised_farm: TestFarm, config: Config
 ) -> None:
-    before, old = certificates(farm), current_key(farm)
-    result = farm.run("rollover", "--master-key")  # no node leads: the command leads for it
+    before, old = certificates(initialised_farm), current_key(initialised_farm)
+    result = initialised_farm.run(
+        "rollover", "--master-key"
+    )  # no node leads: the command leads for it
     assert result.code == 0, result.err
-    new = current_key(farm)
+    new = current_key(initialised_farm)
     assert f"master key {new} is now current; 2 live blobs are sealed under it" in result.out
     assert f"master key {old} is replaced; it stays in the directory" in result.out
-    assert certificates(farm) == before
-    assert directory_keys(config, group_of(farm)) == {old: False, new: True}
-    requests = db_query(farm.dsn, "SELECT master_key, purpose, ok FROM rollover_request")
+    assert certificates(initialised_farm) == before
+    assert directory_keys(config, group_of(initialised_farm)) == {old: False, new: True}
+    requests = db_query(
+        initialised_farm.dsn, "SELECT master_key, purpose, ok FROM rollover_request"
+    )
     assert requests == [{"master_key": True, "purpose": None, "ok": True}]
     assert [
         r["request"]
-        for r in db_query(farm.dsn, "SELECT request FROM master_key WHERE id = %s", (new,))
+        for r in db_query(
+            initialised_farm.dsn, "SELECT request FROM master_key WHERE id = %s", (new,)
+        )
     ] != [None]
 
 
 def test_an_urgent_master_key_roll_deletes_the_replaced_key_at_once_and_says_what_that_means(
-    farm: TestFarm, config: Config
+    initialised_farm: TestFarm, config: Config
 ) -> None:
-    archived = add_certificate(farm, purpose="decryption", role="archived")
-    old = current_key(farm)
-    result = farm.run("rollover", "--master-key", "--urgent")
+    archived = add_certificate(initialised_farm, purpose="decryption", role="archived")
+    old = current_key(initialised_farm)
+    result = initialised_farm.run("rollover", "--master-key", "--urgent")
     assert result.code == 0, result.err
-    new = current_key(farm)
-    assert directory_keys(config, group_of(farm)) == {new: True}
-    assert recorded(farm) == {old: "deleted", new: "current"}
+    new = current_key(initialised_farm)
+    assert directory_keys(config, group_of(initialised_farm)) == {new: True}
+    assert recorded(initialised_farm) == {old: "deleted", new: "current"}
     out = " ".join(result.out.split())
     assert f"master key {old} is deleted from the directory (replaced urgently)" in out
     assert "the 1 archived certificates sealed under it can never be opened again" in out
     assert "run `farmkeys rollover --urgent`" in out
-    assert_consistent(farm, config)
-    assert archived not in fresh_node_installs(farm, "node-b")  # archived: never installed
-    status = farm.run("status", "--json").json
+    assert_consistent(initialised_farm, config)
+    assert archived not in fresh_node_installs(
+        initialised_farm, "node-b"
+    )  # archived: never installed
+    status = initialised_farm.run("status", "--json").json
     shredded = [c for c in status["certificates"] if c["thumbprint"] == archived]
     assert shredded[0]["master_key"] == str(old)
 
 
 def test_master_key_together_with_purpose_is_a_usage_error_that_changes_nothing(
-    farm: TestFarm,
+    initialised_farm: TestFarm,
 ) -> None:
-    before = recorded(farm)
-    result = farm.spawn("rollover", "--master-key", "--purpose", "signing")
+    before = recorded(initialised_farm)
+    result = initialised_farm.spawn("rollover", "--master-key", "--purpose", "signing")
     assert result.code == 64
     assert "--master-key" in result.err and "--purpose" in result.err
     assert len([line for line in result.err.splitlines() if "error" in line]) == 1
-    assert recorded(farm) == before
-    assert db_query(farm.dsn, "SELECT count(*) AS n FROM rollover_request")[0]["n"] == 0
+    assert recorded(initialised_farm) == before
+    assert db_query(initialised_farm.dsn, "SELECT count(*) AS n FROM rollover_request")[0]["n"] == 0
 
 
 def test_status_shows_every_master_key_with_its_state_counts_and_times(
-    farm: TestFarm, config: Config, leader: Leader
+    initialised_farm: TestFarm, config: Config, leader: Leader
 ) -> None:
-    add_certificate(farm, purpose="signing", role="archived")
-    old = current_key(farm)
-    age_current_key(farm, 365)
-    overdue = farm.run("status", "--json").json
+    add_certificate(initialised_farm, purpose="signing", role="archived")
+    old = current_key(initialised_farm)
+    age_current_key(initialised_farm, 365)
+    overdue = initialised_farm.run("status", "--json").json
     assert overdue["health"] == "warning"
     assert any(
         f"the current master key {old} is past its lifetime" in p for p in overdue["problems"]
     )
     leader.tick()
-    new = current_key(farm)
-    doc = farm.run("status", "--json").json
+    new = current_key(initialised_farm)
+    doc = initialised_farm.run("status", "--json").json
     keys = {k["id"]: k for k in doc["master_keys"]}
     assert set(keys) == {str(old), str(new)}
     assert {
@@ -451,14 +457,16 @@ def test_status_shows_every_master_key_with_its_state_counts_and_times(
     [archived] = [c for c in doc["certificates"] if c["role"] == "archived"]
     assert archived["next_action"] == {"action": "shred", "at": previous["delete_at"]}
     # A live certificate's next action is the next re-seal when that comes first.
-    short = farm.run("status", "--json", master_key={"lifetime": 1}).json
+    short = initialised_farm.run("status", "--json", master_key={"lifetime": 1}).json
     primary = next(c for c in short["certificates"] if c["role"] == "primary")
     assert primary["next_action"]["action"] == "reseal"
 
 
-def test_status_warns_of_live_blobs_left_under_a_replaced_key(farm: TestFarm) -> None:
-    old = current_key(farm)
-    with psycopg.connect(farm.dsn) as conn:  # a roll cut short a day ago, never finished
+def test_status_warns_of_live_blobs_left_under_a_replaced_key(initialised_farm: TestFarm) -> None:
+    old = current_key(initialised_farm)
+    with psycopg.connect(
+        initialised_farm.dsn
+    ) as conn:  # a roll cut short a day ago, never finished
         conn.execute(
             "UPDATE master_key SET state = 'previous', replaced_at = now() - interval '1 day'"
         )
@@ -467,7 +475,7 @@ def test_status_warns_of_live_blobs_left_under_a_replaced_key(farm: TestFarm) ->
             " VALUES (%s, 'current', now(), now())",
             (uuid.uuid4(),),
         )
-    doc = farm.run("status", "--json").json
+    doc = initialised_farm.run("status", "--json").json
     assert any(
         f"2 live blobs are still sealed under master key {old}, which is previous" in p
         for p in doc["problems"]
@@ -475,12 +483,12 @@ def test_status_warns_of_live_blobs_left_under_a_replaced_key(farm: TestFarm) ->
 
 
 def test_status_is_critical_when_a_key_live_blobs_need_is_missing_from_the_directory(
-    farm: TestFarm, config: Config, slapd: LocalSlapd
+    initialised_farm: TestFarm, config: Config, slapd: LocalSlapd
 ) -> None:
-    old = current_key(farm)
+    old = current_key(initialised_farm)
     with admin(slapd) as conn:
-        conn.delete(f"cn={old},cn={group_of(farm)},{slapd.container}")
-    doc = farm.run("status", "--json").json
+        conn.delete(f"cn={old},cn={group_of(initialised_farm)},{slapd.container}")
+    doc = initialised_farm.run("status", "--json").json
     assert doc["health"] == "critical"
     assert any(
         f"master key {old}, which 2 live certificates need, is missing" in p
@@ -534,62 +542,62 @@ def run_leader_killed_at(farm: TestFarm, step: str) -> uuid.UUID:
 
 @pytest.mark.parametrize("step", ["recorded", "added", "resealed", "current", "deleted"])
 def test_a_leader_killed_after_each_step_of_a_roll_leaves_a_farm_the_next_leader_finishes(
-    farm: TestFarm, config: Config, db: ConfigDB, step: str
+    initialised_farm: TestFarm, config: Config, db: ConfigDB, step: str
 ) -> None:
-    group = group_of(farm)
-    assert farm.run("sync").code == 0
-    installed = fresh_node_installs(farm, "node-b")
-    before, old = certificates(farm), current_key(farm)
+    group = group_of(initialised_farm)
+    assert initialised_farm.run("sync").code == 0
+    installed = fresh_node_installs(initialised_farm, "node-b")
+    before, old = certificates(initialised_farm), current_key(initialised_farm)
 
-    reported = run_leader_killed_at(farm, step)
+    reported = run_leader_killed_at(initialised_farm, step)
 
     # The step was reached: its effect is there, and nothing past it.
     held = directory_keys(config, group)
     new = old if step == "deleted" else reported
     if step == "deleted":
-        new = current_key(farm)
-        assert reported == old and old not in held and recorded(farm)[old] == "deleted"
+        new = current_key(initialised_farm)
+        assert reported == old and old not in held and recorded(initialised_farm)[old] == "deleted"
     elif step == "recorded":
-        assert recorded(farm)[new] == "pending" and new not in held
+        assert recorded(initialised_farm)[new] == "pending" and new not in held
     elif step == "added":
-        assert recorded(farm)[new] == "pending" and held.get(new) is False
-        assert live_keys(farm) == {old}
+        assert recorded(initialised_farm)[new] == "pending" and held.get(new) is False
+        assert live_keys(initialised_farm) == {old}
     elif step == "resealed":
-        assert recorded(farm)[new] == "pending" and live_keys(farm) == {new}
+        assert recorded(initialised_farm)[new] == "pending" and live_keys(initialised_farm) == {new}
         assert held[old] is True  # CryptoPolicy still names the old key
     elif step == "current":
-        assert recorded(farm) == {old: "previous", new: "current"} and held[new] is True
+        assert recorded(initialised_farm) == {old: "previous", new: "current"} and held[new] is True
         assert old in held  # the urgent delete had not happened yet
     # At this instant: consistent, and a node that never synced gets the same certificates.
-    assert_consistent(farm, config)
-    assert certificates(farm) == before
-    assert fresh_node_installs(farm, f"node-{step}") == installed
+    assert_consistent(initialised_farm, config)
+    assert certificates(initialised_farm) == before
+    assert fresh_node_installs(initialised_farm, f"node-{step}") == installed
 
     # The next leader (the killed one's lease runs out) finishes the roll.
-    with psycopg.connect(farm.dsn) as conn:
+    with psycopg.connect(initialised_farm.dsn) as conn:
         conn.execute("UPDATE leader_lease SET expires_at = now() - interval '1 second'")
     election = Election(db, node_id="node-c", lease=LEASE)
     assert election.try_acquire()
     with Directory(config.directory, config.retry) as directory:
         Leader(config, db, directory, election).tick()
-    assert_consistent(farm, config)
-    states = recorded(farm)
+    assert_consistent(initialised_farm, config)
+    states = recorded(initialised_farm)
     assert sorted(states.values()) == ["current", "deleted"], states  # one new key, no more
-    assert states[old] == "deleted" and current_key(farm) == new
+    assert states[old] == "deleted" and current_key(initialised_farm) == new
     assert directory_keys(config, group) == {new: True}
-    assert live_keys(farm) == {new}
-    assert certificates(farm) == before
-    assert fresh_node_installs(farm, "node-d") == installed
+    assert live_keys(initialised_farm) == {new}
+    assert certificates(initialised_farm) == before
+    assert fresh_node_installs(initialised_farm, "node-d") == installed
 
 
 def test_a_pending_roll_marked_urgent_in_the_table_alone_keeps_the_replaced_key(
-    farm: TestFarm, config: Config, db: ConfigDB
+    initialised_farm: TestFarm, config: Config, db: ConfigDB
 ) -> None:
     # A DB writer records a pending roll and marks it urgent: the leader finishes it (a
     # roll is never harmful), but deletes the replaced key only as its retention says.
-    group = group_of(farm)
-    old = current_key(farm)
-    with psycopg.connect(farm.dsn) as conn:
+    group = group_of(initialised_farm)
+    old = current_key(initialised_farm)
+    with psycopg.connect(initialised_farm.dsn) as conn:
         conn.execute(
             "INSERT INTO master_key (id, state, urgent, reason) VALUES (%s, 'pending', true,"
             " 'forged')",
@@ -599,38 +607,38 @@ def test_a_pending_roll_marked_urgent_in_the_table_alone_keeps_the_replaced_key(
     assert election.try_acquire()
     with Directory(config.directory, config.retry) as directory:
         Leader(config, db, directory, election).tick()
-    assert current_key(farm) != old
-    assert recorded(farm)[old] == "previous"
+    assert current_key(initialised_farm) != old
+    assert recorded(initialised_farm)[old] == "previous"
     assert old in directory_keys(config, group)
 
 
 def test_a_swapped_current_key_in_the_table_is_not_followed(
-    farm: TestFarm, config: Config, db: ConfigDB, leader: Leader
+    initialised_farm: TestFarm, config: Config, db: ConfigDB, leader: Leader
 ) -> None:
-    group = group_of(farm)
-    old = current_key(farm)
-    leader.roll_master_key(leader_farm(farm, config), urgent=False, request=None)
-    new = current_key(farm)
-    with psycopg.connect(farm.dsn) as conn:
+    group = group_of(initialised_farm)
+    old = current_key(initialised_farm)
+    leader.roll_master_key(leader_farm(initialised_farm, config), urgent=False, request=None)
+    new = current_key(initialised_farm)
+    with psycopg.connect(initialised_farm.dsn) as conn:
         conn.execute("UPDATE master_key SET state = 'previous' WHERE id = %s", (new,))
         conn.execute("UPDATE master_key SET state = 'current' WHERE id = %s", (old,))
     leader.tick()
     assert directory_keys(config, group) == {old: False, new: True}  # CryptoPolicy unchanged
-    body = db_query(farm.dsn, "SELECT body FROM farm_state")[0]["body"]
+    body = db_query(initialised_farm.dsn, "SELECT body FROM farm_state")[0]["body"]
     assert farmstate.parse(bytes(body)).master_key == new
-    assert live_keys(farm) == {new}
+    assert live_keys(initialised_farm) == {new}
     # ...and status names the edit: the table's current key is not the record's.
-    doc = farm.run("status", "--json").json
+    doc = initialised_farm.run("status", "--json").json
     assert doc["health"] == "critical"
     [problem] = [p for p in doc["problems"] if "master_key table names" in p]
     assert f"names {old} current" in problem and f"is under {new}" in problem
 
 
 def test_a_stale_leader_can_neither_start_nor_continue_a_roll(
-    farm: TestFarm, config: Config, db: ConfigDB
+    initialised_farm: TestFarm, config: Config, db: ConfigDB
 ) -> None:
-    group = group_of(farm)
-    old = current_key(farm)
+    group = group_of(initialised_farm)
+    old = current_key(initialised_farm)
     a = Election(db, node_id="node-a", lease=LEASE)
     assert a.try_acquire()
     with Directory(config.directory, config.retry) as directory:
@@ -640,7 +648,7 @@ def test_a_stale_leader_can_neither_start_nor_continue_a_roll(
         with a.fenced(db) as fence:
             pending = uuid.uuid4()
             fence.tx.record_master_key(pending, state="pending")
-        with psycopg.connect(farm.dsn) as conn:
+        with psycopg.connect(initialised_farm.dsn) as conn:
             conn.execute("UPDATE leader_lease SET expires_at = now() - interval '1 second'")
         b = Election(db, node_id="node-b", lease=LEASE)
         assert b.try_acquire()
@@ -648,65 +656,75 @@ def test_a_stale_leader_can_neither_start_nor_continue_a_roll(
         with pytest.raises(LeaseLostError):
             stale.roll_master_key(farm_row, urgent=True, request=None)
         assert directory_keys(config, group) == {old: True}
-        assert recorded(farm) == {old: "current", pending: "pending"}
+        assert recorded(initialised_farm) == {old: "current", pending: "pending"}
         # Nor may it start a roll of its own, make a key current, or delete one.
         with pytest.raises(LeaseLostError):
             stale.check_master_keys(farm=farm_row)
         assert directory_keys(config, group) == {old: True}
-        assert live_keys(farm) == {old}
+        assert live_keys(initialised_farm) == {old}
         # node-b finishes node-a's recorded key: one new key for the one roll.
         with Directory(config.directory, config.retry) as other:
             Leader(config, db, other, b).roll_master_key(farm_row, urgent=False, request=None)
-    assert current_key(farm) == pending
-    assert set(recorded(farm)) == {old, pending}
+    assert current_key(initialised_farm) == pending
+    assert set(recorded(initialised_farm)) == {old, pending}
 
 
 def test_the_database_allows_one_current_and_one_pending_key_whatever_the_code_does(
-    farm: TestFarm,
+    initialised_farm: TestFarm,
 ) -> None:
     insert = "INSERT INTO master_key (id, state, current_since) VALUES (%s, %s, now())"
-    with psycopg.connect(farm.dsn) as conn:
+    with psycopg.connect(initialised_farm.dsn) as conn:
         conn.execute(insert, (uuid.uuid4(), "pending"))
     for state, index in (
         ("pending", "master_key_one_pending"),
         ("current", "master_key_one_current"),
     ):
         with (
-            psycopg.connect(farm.dsn) as conn,
+            psycopg.connect(initialised_farm.dsn) as conn,
             pytest.raises(psycopg.errors.UniqueViolation, match=index),
         ):
             conn.execute(insert, (uuid.uuid4(), state))
 
 
 def test_a_roll_due_while_the_directory_is_down_changes_nothing_and_happens_once_it_is_back(
-    farm: TestFarm, config: Config, leader: Leader, slapd: LocalSlapd
+    initialised_farm: TestFarm, config: Config, leader: Leader, slapd: LocalSlapd
 ) -> None:
-    old = current_key(farm)
-    age_current_key(farm, 400)
-    before = (recorded(farm), certificates(farm), live_keys(farm))
+    old = current_key(initialised_farm)
+    age_current_key(initialised_farm, 400)
+    before = (
+        recorded(initialised_farm),
+        certificates(initialised_farm),
+        live_keys(initialised_farm),
+    )
     slapd.stop()
     try:
         assert leader.tick() == []
-        assert (recorded(farm), certificates(farm), live_keys(farm)) == before
-        doc = farm.run("status", "--json").json
+        assert (
+            recorded(initialised_farm),
+            certificates(initialised_farm),
+            live_keys(initialised_farm),
+        ) == before
+        doc = initialised_farm.run("status", "--json").json
         assert any(
             f"the current master key {old} is past its lifetime" in p for p in doc["problems"]
         )
     finally:
         slapd.start()
     assert [d.action for d in leader.tick()] == ["roll"]
-    assert current_key(farm) != old and live_keys(farm) == {current_key(farm)}
+    assert current_key(initialised_farm) != old and live_keys(initialised_farm) == {
+        current_key(initialised_farm)
+    }
 
 
 def test_a_late_cryptopolicy_write_is_corrected_by_the_next_check(
-    farm: TestFarm, config: Config, leader: Leader, slapd: LocalSlapd
+    initialised_farm: TestFarm, config: Config, leader: Leader, slapd: LocalSlapd
 ) -> None:
     """What a leader that lost its database session mid-step could leave behind: CryptoPolicy
     naming a key the farm's record does not call current."""
-    group = group_of(farm)
-    old = current_key(farm)
-    leader.roll_master_key(leader_farm(farm, config), urgent=False, request=None)
-    new = current_key(farm)
+    group = group_of(initialised_farm)
+    old = current_key(initialised_farm)
+    leader.roll_master_key(leader_farm(initialised_farm, config), urgent=False, request=None)
+    new = current_key(initialised_farm)
     with admin(slapd) as conn:
         conn.modify(
             f"cn=CryptoPolicy,cn={group},{slapd.container}",
@@ -718,15 +736,15 @@ def test_a_late_cryptopolicy_write_is_corrected_by_the_next_check(
 
 
 def test_a_farm_from_before_master_keys_were_recorded_adopts_the_directorys_keys(
-    farm: TestFarm, config: Config, leader: Leader
+    initialised_farm: TestFarm, config: Config, leader: Leader
 ) -> None:
-    group = group_of(farm)
-    with psycopg.connect(farm.dsn) as conn:
+    group = group_of(initialised_farm)
+    with psycopg.connect(initialised_farm.dsn) as conn:
         conn.execute("DELETE FROM master_key")
     [(only, _)] = directory_keys(config, group).items()
     assert leader.tick() == []
-    assert recorded(farm) == {only: "current"}
-    assert any(e["action"] == "master_key_adopt" for e in audit_events(farm))
+    assert recorded(initialised_farm) == {only: "current"}
+    assert any(e["action"] == "master_key_adopt" for e in audit_events(initialised_farm))
 
 
 def leader_farm(farm: TestFarm, config: Config) -> Any:
@@ -742,52 +760,57 @@ def admin(slapd: LocalSlapd) -> ldap3.Connection:
 
 
 def test_a_node_in_sync_syncs_while_the_directory_is_down_after_a_roll_and_confirms_later(
-    farm: TestFarm, config: Config, leader: Leader, slapd: LocalSlapd
+    initialised_farm: TestFarm, config: Config, leader: Leader, slapd: LocalSlapd
 ) -> None:
     """A re-seal changes no certificate: a node's start-up sync must not fail for want of
     the new key while its store is right; the key stays unconfirmed until it can read it."""
-    assert farm.run("sync").code == 0
-    leader.roll_master_key(leader_farm(farm, config), urgent=False, request=None)
-    new = current_key(farm)
+    assert initialised_farm.run("sync").code == 0
+    leader.roll_master_key(leader_farm(initialised_farm, config), urgent=False, request=None)
+    new = current_key(initialised_farm)
     slapd.stop()
     try:
-        blind = farm.run("sync")
+        blind = initialised_farm.run("sync")
     finally:
         slapd.start()
     assert blind.code == 0, blind.err
     assert "already in sync" in blind.out
-    assert farm.run("status", "--json").json["nodes"][0]["master_keys"] == []
-    assert farm.run("sync").code == 0
-    assert farm.run("status", "--json").json["nodes"][0]["master_keys"] == [str(new)]
+    assert initialised_farm.run("status", "--json").json["nodes"][0]["master_keys"] == []
+    assert initialised_farm.run("sync").code == 0
+    assert initialised_farm.run("status", "--json").json["nodes"][0]["master_keys"] == [str(new)]
 
 
 def test_a_row_pointed_at_another_master_key_is_refused_and_the_store_kept(
-    farm: TestFarm, config: Config, leader: Leader
+    initialised_farm: TestFarm, config: Config, leader: Leader
 ) -> None:
     """Someone who can write the config DB (but holds no key) points a row at the other key
     the directory holds: the blob's own header names its key, and the row must agree."""
-    old = current_key(farm)
-    leader.roll_master_key(leader_farm(farm, config), urgent=False, request=None)
-    assert farm.run("sync").code == 0
-    before = (farm.store() / "manifest.json").read_text()
-    with psycopg.connect(farm.dsn) as conn:
+    old = current_key(initialised_farm)
+    leader.roll_master_key(leader_farm(initialised_farm, config), urgent=False, request=None)
+    assert initialised_farm.run("sync").code == 0
+    before = (initialised_farm.store() / "manifest.json").read_text()
+    with psycopg.connect(initialised_farm.dsn) as conn:
         conn.execute("UPDATE certificate SET master_key = %s WHERE purpose = 'signing'", (old,))
-    result = farm.run("sync")
+    result = initialised_farm.run("sync")
     assert result.code == 1
     assert "is sealed under master key" in one_error_line(result)  # the farm state's check
     # Behind it, the blob's own header: even with a farm state that names the row's key.
-    seal_state(farm)
-    result = farm.run("sync")
+    seal_state(initialised_farm)
+    result = initialised_farm.run("sync")
     assert result.code == 1
     assert "names another master key than its row" in one_error_line(result)
-    assert (farm.store() / "manifest.json").read_text() == before
+    assert (initialised_farm.store() / "manifest.json").read_text() == before
 
 
-def test_sync_against_a_config_db_from_before_this_schema_says_to_upgrade(farm: TestFarm) -> None:
-    with psycopg.connect(farm.dsn) as conn:  # what a schema-2 database lacks
+def test_sync_against_a_config_db_from_before_this_schema_says_to_upgrade(
+    initialised_farm: TestFarm,
+) -> None:
+    with psycopg.connect(initialised_farm.dsn) as conn:  # what a schema-2 database lacks
         conn.execute("ALTER TABLE node DROP COLUMN master_keys")
-    result = farm.run("sync")
+    result = initialised_farm.run("sync")
     assert result.code == 1
     line = one_error_line(result)
     assert "older schema" in line and "farmkeys db upgrade" in line
-    assert not farm.store().exists() or not (farm.store() / "manifest.json").exists()
+    assert (
+        not initialised_farm.store().exists()
+        or not (initialised_farm.store() / "manifest.json").exists()
+    )

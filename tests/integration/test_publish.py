@@ -9,7 +9,6 @@ import dataclasses
 import hashlib
 import json
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -34,7 +33,6 @@ from farmkeys.directory import Directory
 from farmkeys.election import Election
 from farmkeys.rollover import Leader
 from farmkeys.store import Store
-from farmkeys_lab.slapd import LocalSlapd
 
 ENTITY = "https://fs.contoso.example/adfs/services/trust"
 SSO = "https://fs.contoso.example/adfs/ls/"
@@ -43,19 +41,19 @@ CALM_POLICY: dict[str, Any] = {"rollover_interval_seconds": 3600}
 
 
 @pytest.fixture
-def farm(tmp_path: Path, slapd: LocalSlapd, pg_dsn: str) -> TestFarm:
-    found = TestFarm(root=tmp_path, slapd=slapd, dsn=pg_dsn)
-    found.overrides["publish"] = dict(PUBLISH)
-    found.overrides["policy"] = dict(CALM_POLICY)
-    return found
+def publishing_farm(farm: TestFarm) -> TestFarm:
+    """The farm, not initialised, with PUBLISH and a policy that rolls nothing by itself."""
+    farm.overrides["publish"] = dict(PUBLISH)
+    farm.overrides["policy"] = dict(CALM_POLICY)
+    return farm
 
 
 @pytest.fixture
-def synced(farm: TestFarm) -> TestFarm:
+def synced(publishing_farm: TestFarm) -> TestFarm:
     for args in (("init",), ("sync",)):
-        result = farm.run(*args)
+        result = publishing_farm.run(*args)
         assert result.code == 0, result.err
-    return farm
+    return publishing_farm
 
 
 def sync(farm: TestFarm, node: str = "node-a") -> None:
@@ -172,10 +170,10 @@ def test_metadata_without_an_entity_id_is_one_clear_error(synced: TestFarm) -> N
     assert result.out == ""
 
 
-def test_publishing_before_the_first_sync_is_one_clear_error(farm: TestFarm) -> None:
-    assert farm.run("init").code == 0
+def test_publishing_before_the_first_sync_is_one_clear_error(publishing_farm: TestFarm) -> None:
+    assert publishing_farm.run("init").code == 0
     for command in ("metadata", "jwks"):
-        result = farm.run(command)
+        result = publishing_farm.run(command)
         assert result.code == 1
         assert "run `farmkeys sync` on this node first" in one_error_line(result)
 
@@ -191,7 +189,9 @@ def test_every_node_publishes_the_same_bytes(synced: TestFarm) -> None:
         assert a.out == b.out
 
 
-def test_invalid_publish_settings_are_refused_when_the_config_loads(farm: TestFarm) -> None:
+def test_invalid_publish_settings_are_refused_when_the_config_loads(
+    publishing_farm: TestFarm,
+) -> None:
     for bad, says in (
         ({"listen": "9464"}, "publish.listen must be HOST:PORT"),
         ({"entity_id": "not a uri"}, "publish.entity_id must be an absolute URI"),
@@ -199,8 +199,8 @@ def test_invalid_publish_settings_are_refused_when_the_config_loads(farm: TestFa
         ({"relying_parties": ["ok", "bad name"]}, "whose name is not 1 to 64"),
         ({"relying_parties": ["a", "a=https://a.example"]}, "names a relying party twice"),
     ):
-        farm.overrides["publish"] = bad
-        result = farm.run("status")
+        publishing_farm.overrides["publish"] = bad
+        result = publishing_farm.run("status")
         assert result.code == 3, bad
         assert says in one_error_line(result), (bad, result.err)
 
@@ -234,11 +234,11 @@ def test_jwks_describes_each_rsa_signing_key_as_adfs_does(synced: TestFarm) -> N
         assert _b64url_int(key["e"]) == numbers.e == 65537
 
 
-def test_jwks_describes_an_ec_p256_signing_key(farm: TestFarm) -> None:
-    farm.overrides["policy"] = {**CALM_POLICY, "key": "ec-p256"}
+def test_jwks_describes_an_ec_p256_signing_key(publishing_farm: TestFarm) -> None:
+    publishing_farm.overrides["policy"] = {**CALM_POLICY, "key": "ec-p256"}
     for args in (("init",), ("sync",)):
-        assert farm.run(*args).code == 0
-    (key,) = json.loads(farm.run("jwks").out)["keys"]
+        assert publishing_farm.run(*args).code == 0
+    (key,) = json.loads(publishing_farm.run("jwks").out)["keys"]
     assert (key["kty"], key["crv"], key["alg"], key["use"]) == ("EC", "P-256", "ES256", "sig")
     certificate = x509.load_der_x509_certificate(base64.b64decode(key["x5c"][0]))
     public = certificate.public_key()

@@ -9,21 +9,12 @@ import time
 from pathlib import Path
 
 import psycopg
-import pytest
 from cryptography.hazmat.primitives import serialization
 from farmtools import TestFarm, add_certificate, hold_lease, one_error_line
 
 from farmkeys.config import load
 from farmkeys.directory import Directory
 from farmkeys_lab.postgres import LocalPostgres, find_bindir
-from farmkeys_lab.slapd import LocalSlapd
-
-
-@pytest.fixture
-def farm(tmp_path: Path, slapd: LocalSlapd, pg_dsn: str) -> TestFarm:
-    farm = TestFarm(root=tmp_path, slapd=slapd, dsn=pg_dsn)
-    assert farm.run("init").code == 0
-    return farm
 
 
 def private_key_ders(store: Path) -> set[bytes]:
@@ -42,17 +33,17 @@ def private_key_ders(store: Path) -> set[bytes]:
 
 
 def test_a_pg_dump_of_the_config_db_holds_no_private_key(
-    farm: TestFarm, postgres: LocalPostgres
+    initialised_farm: TestFarm, postgres: LocalPostgres
 ) -> None:
-    add_certificate(farm, purpose="signing", role="secondary")
-    assert farm.run("sync").code == 0
-    ders = private_key_ders(farm.store())
+    add_certificate(initialised_farm, purpose="signing", role="secondary")
+    assert initialised_farm.run("sync").code == 0
+    ders = private_key_ders(initialised_farm.store())
     assert len(ders) == 6  # three certificates installed, two encodings each
 
     bindir = find_bindir()
     assert bindir is not None
     dump = subprocess.run(
-        [str(bindir / "pg_dump"), "--no-password", "--dbname", farm.dsn],
+        [str(bindir / "pg_dump"), "--no-password", "--dbname", initialised_farm.dsn],
         capture_output=True,
         check=True,
     ).stdout
@@ -64,9 +55,13 @@ def test_a_pg_dump_of_the_config_db_holds_no_private_key(
         assert base64.b64encode(der) not in dump
 
 
-def test_no_output_or_log_line_carries_a_master_key_or_a_password(farm: TestFarm) -> None:
-    cfg = load(farm.config())
-    (group,) = psycopg.connect(farm.dsn).execute("SELECT dkm_group FROM farm").fetchone() or ()
+def test_no_output_or_log_line_carries_a_master_key_or_a_password(
+    initialised_farm: TestFarm,
+) -> None:
+    cfg = load(initialised_farm.config())
+    (group,) = (
+        psycopg.connect(initialised_farm.dsn).execute("SELECT dkm_group FROM farm").fetchone() or ()
+    )
     with Directory(cfg.directory, cfg.retry) as directory:
         key = directory.master_key(group, directory.current_key_id(group))
     secrets = [
@@ -74,28 +69,31 @@ def test_no_output_or_log_line_carries_a_master_key_or_a_password(farm: TestFarm
         key.hex().upper(),
         base64.b64encode(key).decode(),
         key.decode("latin-1"),
-        farm.slapd.service_password,
-        farm.slapd.admin_password,
+        initialised_farm.slapd.service_password,
+        initialised_farm.slapd.admin_password,
     ]
 
-    hold_lease(farm)
+    hold_lease(initialised_farm)
     outputs = []
     for args in (("init",), ("sync",), ("status",), ("status", "--json"), ("db", "upgrade")):
-        result = farm.spawn("--debug", *args)
+        result = initialised_farm.spawn("--debug", *args)
         assert result.code == 0, result.err
         outputs += [result.out, result.err]
     # Failures too: a corrupted blob, a wrong directory password, a DSN with a password.
-    add_certificate(farm, purpose="decryption", role="secondary")
-    with psycopg.connect(farm.dsn) as conn:
+    add_certificate(initialised_farm, purpose="decryption", role="secondary")
+    with psycopg.connect(initialised_farm.dsn) as conn:
         conn.execute("UPDATE certificate SET blob = substr(blob, 1, 80) WHERE role = 'secondary'")
     failures = [
-        farm.spawn("--debug", "sync"),
-        farm.spawn(
+        initialised_farm.spawn("--debug", "sync"),
+        initialised_farm.spawn(
             "--debug",
             "sync",
-            directory={"password": "wrong-" + farm.slapd.service_password, "password_file": None},
+            directory={
+                "password": "wrong-" + initialised_farm.slapd.service_password,
+                "password_file": None,
+            },
         ),
-        farm.spawn(
+        initialised_farm.spawn(
             "--debug", "status", database={"dsn": "postgresql://u:hunter2-secret@127.0.0.1:1/x"}
         ),
     ]
@@ -133,10 +131,10 @@ def raw_controls(text: str) -> set[str]:
 
 
 def test_a_forged_node_row_and_audit_event_cannot_forge_status_or_events_output(
-    farm: TestFarm,
+    initialised_farm: TestFarm,
 ) -> None:
-    assert farm.run("sync").code == 0
-    with psycopg.connect(farm.dsn) as conn:
+    assert initialised_farm.run("sync").code == 0
+    with psycopg.connect(initialised_farm.dsn) as conn:
         conn.execute(
             "INSERT INTO node (id, last_sync, generation, last_error, heartbeat_at,"
             " directory_error, hook_error, directory_server)"
@@ -147,8 +145,8 @@ def test_a_forged_node_row_and_audit_event_cannot_forge_status_or_events_output(
             "INSERT INTO audit_event (node, term, action, detail) VALUES (%s, 1, %s, %s)",
             (FORGED_ID, "sync\x1b[1A", FORGED_ERROR),
         )
-    status = farm.spawn("status")
-    events = farm.spawn("events")
+    status = initialised_farm.spawn("status")
+    events = initialised_farm.spawn("events")
     assert status.code == 1, status.err  # the forged node's errors are warnings
     assert events.code == 0, events.err
     for result in (status, events):
@@ -162,18 +160,22 @@ def test_a_forged_node_row_and_audit_event_cannot_forge_status_or_events_output(
 
     # JSON keeps the text exactly, as JSON escapes: no raw control character either.
     for args in (("status", "--json"), ("events", "--json")):
-        result = farm.spawn(*args)
+        result = initialised_farm.spawn(*args)
         assert raw_controls(result.out) == set(), result.out
-    nodes = {n["id"]: n for n in farm.spawn("status", "--json").json["nodes"]}
+    nodes = {n["id"]: n for n in initialised_farm.spawn("status", "--json").json["nodes"]}
     assert nodes[FORGED_ID]["last_error"] == FORGED_ERROR
-    (forged,) = [e for e in farm.spawn("events", "--json").json if e["node"] == FORGED_ID]
+    (forged,) = [
+        e for e in initialised_farm.spawn("events", "--json").json if e["node"] == FORGED_ID
+    ]
     assert forged["detail"] == FORGED_ERROR
 
 
-def test_a_forged_answer_or_lease_holder_cannot_forge_the_commands_output(farm: TestFarm) -> None:
+def test_a_forged_answer_or_lease_holder_cannot_forge_the_commands_output(
+    initialised_farm: TestFarm,
+) -> None:
     # A "leader" that never answers: the forger answers the request in its place.
-    hold_lease(farm)
-    with psycopg.connect(farm.dsn) as conn:
+    hold_lease(initialised_farm)
+    with psycopg.connect(initialised_farm.dsn) as conn:
         conn.execute(
             "UPDATE leader_lease SET holder_node = %s", ("node-a\n  rollover done\x1b[8m",)
         )
@@ -182,7 +184,7 @@ def test_a_forged_answer_or_lease_holder_cannot_forge_the_commands_output(farm: 
     def forge() -> None:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            with psycopg.connect(farm.dsn, autocommit=True) as conn:
+            with psycopg.connect(initialised_farm.dsn, autocommit=True) as conn:
                 row = conn.execute(
                     "UPDATE rollover_request SET done_at = now(), done_by = %s, term = 1,"
                     " ok = true, result = %s WHERE done_at IS NULL RETURNING id",
@@ -194,7 +196,7 @@ def test_a_forged_answer_or_lease_holder_cannot_forge_the_commands_output(farm: 
 
     forger = threading.Thread(target=forge)
     forger.start()
-    answered = farm.spawn("rollover", "--wait", "30")
+    answered = initialised_farm.spawn("rollover", "--wait", "30")
     forger.join()
     assert answered.code == 0, answered.err
     assert raw_controls(answered.out) == set(), answered.out
@@ -203,21 +205,21 @@ def test_a_forged_answer_or_lease_holder_cannot_forge_the_commands_output(farm: 
     assert lines[1:] == ["  signing: new secondary\\x1b[8m", "  \\x1b[1A\\x1b[2Kall fine\\u202e"]
 
     # Nobody answers in time: the error names the lease's holder, escaped, on one line.
-    timed_out = farm.spawn("rollover", "--wait", "0.3")
+    timed_out = initialised_farm.spawn("rollover", "--wait", "0.3")
     assert timed_out.code == 1
     assert raw_controls(timed_out.err) == set(), timed_out.err
     assert "the leader (node-a\\n  rollover done\\x1b[8m) did not answer" in one_error_line(
         timed_out
     )
-    debug = farm.spawn("--debug", "rollover", "--wait", "0.3")
+    debug = initialised_farm.spawn("--debug", "rollover", "--wait", "0.3")
     assert "Traceback" in debug.err
     assert raw_controls(debug.err) == set(), debug.err
 
 
-def test_a_forged_dkm_container_cannot_forge_an_error_line(farm: TestFarm) -> None:
-    with psycopg.connect(farm.dsn) as conn:
+def test_a_forged_dkm_container_cannot_forge_an_error_line(initialised_farm: TestFarm) -> None:
+    with psycopg.connect(initialised_farm.dsn) as conn:
         conn.execute("UPDATE farm SET dkm_container = %s", ("ou=x\nfarmkeys: ok\x1b[8m",))
-    result = farm.spawn("init")
+    result = initialised_farm.spawn("init")
     assert result.code == 1
     assert raw_controls(result.err) == set(), result.err
     assert "the farm's DKM container is ou=x\\nfarmkeys: ok\\x1b[8m," in one_error_line(result)

@@ -89,14 +89,16 @@ START = 30.0  # three processes start and sync on a loaded machine
 
 
 @pytest.fixture
-def farm(tmp_path: Path, slapd: LocalSlapd, pg_dsn: str) -> TestFarm:
-    return TestFarm(root=tmp_path, slapd=slapd, dsn=pg_dsn, overrides=copy.deepcopy(FAST))
+def fast_farm(farm: TestFarm) -> TestFarm:
+    """The farm, not initialised, under the FAST policy: a day lasts a second."""
+    farm.overrides.update(copy.deepcopy(FAST))
+    return farm
 
 
 @pytest.fixture
-def nodes(farm: TestFarm) -> Iterator[ServeNodes]:
+def nodes(fast_farm: TestFarm) -> Iterator[ServeNodes]:
     """The serve processes of the test; all killed at teardown, whatever happened."""
-    with ServeNodes(farm, farm.root / "logs") as started:
+    with ServeNodes(fast_farm, fast_farm.root / "logs") as started:
         yield started
 
 
@@ -380,45 +382,47 @@ MASTER_KEY = {"lifetime": 15, "retain": 4}  # rolls at t0+15 and t0+30, deletes 
 
 
 def test_three_nodes_follow_two_certificate_and_two_master_key_lifetimes(
-    farm: TestFarm, nodes: ServeNodes
+    fast_farm: TestFarm, nodes: ServeNodes
 ) -> None:
-    stores = {n: farm.store(n) for n in NODES}
+    stores = {n: fast_farm.store(n) for n in NODES}
     # poll_seconds 60: every change reaching every node within PROPAGATION was announced.
-    farm.overrides["node"] = {"poll_seconds": 60}
-    farm.overrides["master_key"] = MASTER_KEY
-    result = farm.run("init")
+    fast_farm.overrides["node"] = {"poll_seconds": 60}
+    fast_farm.overrides["master_key"] = MASTER_KEY
+    result = fast_farm.run("init")
     assert result.code == 0, result.err
-    with ManifestWatcher(stores) as watcher, RoleSampler(farm.dsn) as sampler:
-        init_and_serve(farm, nodes, init=False)
-        t0 = db_query(farm.dsn, "SELECT min(created_at) AS t FROM certificate")[0]["t"]
+    with ManifestWatcher(stores) as watcher, RoleSampler(fast_farm.dsn) as sampler:
+        init_and_serve(fast_farm, nodes, init=False)
+        t0 = db_query(fast_farm.dsn, "SELECT min(created_at) AS t FROM certificate")[0]["t"]
         # Both purposes: generate, promote, archive (t0+20), again (t0+32), and a third
         # primary promoted at t0+40, the end of the second certificate's lifetime.
         # Master keys: rolled at t0+15 and t0+30, each replaced key deleted 4 s later.
-        wait_for_events(farm, nodes, "master_key_delete", 2, t0 + timedelta(seconds=35), ON_TIME)
-        wait_for_events(farm, nodes, "promote", 6, t0 + timedelta(seconds=40), ON_TIME)
-        wait_converged(farm, nodes)
-        current = db_query(farm.dsn, "SELECT id FROM master_key WHERE state = 'current'")
+        wait_for_events(
+            fast_farm, nodes, "master_key_delete", 2, t0 + timedelta(seconds=35), ON_TIME
+        )
+        wait_for_events(fast_farm, nodes, "promote", 6, t0 + timedelta(seconds=40), ON_TIME)
+        wait_converged(fast_farm, nodes)
+        current = db_query(fast_farm.dsn, "SELECT id FROM master_key WHERE state = 'current'")
         doc = wait_until(
             lambda: (
-                (d := status(farm))["leader"]
+                (d := status(fast_farm))["leader"]
                 and all(n["in_sync"] for n in d["nodes"])
                 and all(n["master_keys"] == [str(current[0]["id"])] for n in d["nodes"])
                 and d
             ),
             5,
             "status shows a leader, and every node in sync and reading the current master key",
-            detail=lambda: str(status(farm)) + nodes.logs(),
+            detail=lambda: str(status(fast_farm)) + nodes.logs(),
         )
-        end = db_now(farm.dsn)
+        end = db_now(fast_farm.dsn)
         codes = terminate_together(list(nodes.procs.values()))
     assert codes == [0, 0, 0], nodes.logs()
     assert (end - t0).total_seconds() >= 2 * FAST_POLICY["certificate_duration"]
 
-    found = check_timeline(farm, late=ON_TIME, end=end)
+    found = check_timeline(fast_farm, late=ON_TIME, end=end)
     steps = [e for e in found if e["term"] is not None and e["purpose"] is not None]
     assert len(steps) >= 2 * 11, _event_table(found)  # 4 + 4 + generate, retire, promote
-    check_propagation(farm, watcher, found, since=dict.fromkeys(NODES, t0))
-    check_master_key_timeline(farm, found, late=ON_TIME)
+    check_propagation(fast_farm, watcher, found, since=dict.fromkeys(NODES, t0))
+    check_master_key_timeline(fast_farm, found, late=ON_TIME)
 
     assert sampler.samples > 200, f"the role sampler ran only {sampler.samples} times"
     assert not sampler.errors, sampler.errors
@@ -463,21 +467,21 @@ def check_master_key_timeline(farm: TestFarm, found: list[dict[str, Any]], *, la
 # -- 2. kill -9 ----------------------------------------------------------------------------------
 
 
-def test_kill_9_of_the_leader_fails_over(farm: TestFarm, nodes: ServeNodes) -> None:
-    stores = {n: farm.store(n) for n in NODES}
+def test_kill_9_of_the_leader_fails_over(fast_farm: TestFarm, nodes: ServeNodes) -> None:
+    stores = {n: fast_farm.store(n) for n in NODES}
     with ManifestWatcher(stores) as watcher:
-        init_and_serve(farm, nodes)
-        due = first_generation_due(farm)
+        init_and_serve(fast_farm, nodes)
+        due = first_generation_due(fast_farm)
         # Mid-run: the leader generated the secondaries; their promotion is still to come.
-        wait_for_events(farm, nodes, "generate", 2, due, ON_TIME)
-        old = lease_row(farm.dsn)
+        wait_for_events(fast_farm, nodes, "generate", 2, due, ON_TIME)
+        old = lease_row(fast_farm.dsn)
         leader = nodes.by_holder(old["holder"])
-        killed_at = db_now(farm.dsn)
+        killed_at = db_now(fast_farm.dsn)
         leader.proc.send_signal(signal.SIGKILL)
         leader.proc.wait(5)
 
         new = wait_until(
-            lambda: _valid_lease(farm, above_term=old["term"]),
+            lambda: _valid_lease(fast_farm, above_term=old["term"]),
             TTL + RENEW + 3.0,
             f"another node leads after {leader.node} was killed",
             detail=nodes.logs,
@@ -487,12 +491,12 @@ def test_kill_9_of_the_leader_fails_over(farm: TestFarm, nodes: ServeNodes) -> N
 
         # The new leader carries on: promotion (t0+16) and archive (t0+20).
         archive_due = due + timedelta(seconds=8)
-        wait_for_events(farm, nodes, "archive", 2, archive_due, ON_TIME + FAILOVER_SLACK)
+        wait_for_events(fast_farm, nodes, "archive", 2, archive_due, ON_TIME + FAILOVER_SLACK)
         survivors = tuple(n for n in NODES if n != leader.node)
-        wait_converged(farm, nodes, survivors)
-        end = db_now(farm.dsn)
+        wait_converged(fast_farm, nodes, survivors)
+        end = db_now(fast_farm.dsn)
 
-    found = check_timeline(farm, late=ON_TIME + FAILOVER_SLACK, end=end)
+    found = check_timeline(fast_farm, late=ON_TIME + FAILOVER_SLACK, end=end)
     after = [e for e in found if e["at"] >= killed_at]
     assert {(e["action"], e["term"], e["node"]) for e in after if e["action"] == "lead"} == {
         ("lead", new["term"], new["holder_node"])
@@ -503,36 +507,36 @@ def test_kill_9_of_the_leader_fails_over(farm: TestFarm, nodes: ServeNodes) -> N
     assert all(e["term"] == new["term"] for e in promotes), _event_table(found)
     since: dict[str, datetime | None] = {n: killed_at for n in survivors}
     since[leader.node] = None
-    check_propagation(farm, watcher, found, since)
+    check_propagation(fast_farm, watcher, found, since)
 
 
 # -- 3. SIGSTOP: the fence ---------------------------------------------------------------------
 
 
-def test_a_paused_leader_is_fenced_and_steps_down(farm: TestFarm, nodes: ServeNodes) -> None:
-    stores = {n: farm.store(n) for n in NODES}
+def test_a_paused_leader_is_fenced_and_steps_down(fast_farm: TestFarm, nodes: ServeNodes) -> None:
+    stores = {n: fast_farm.store(n) for n in NODES}
     with ManifestWatcher(stores) as watcher:
-        old = init_and_serve(farm, nodes)
+        old = init_and_serve(fast_farm, nodes)
         leader = nodes.by_holder(old["holder"])
-        due = first_generation_due(farm)
+        due = first_generation_due(fast_farm)
         # Pause it just before the first step is due: it wakes believing it leads, a step due.
         time.sleep(max(0.0, seconds_until(due) - 0.7))
         # Wherever it stops — even inside its fenced transaction, holding the lease row —
         # the server ends a silent transaction after ttl, so another node can take over.
         leader.proc.send_signal(signal.SIGSTOP)
-        paused_at = db_now(farm.dsn)
+        paused_at = db_now(fast_farm.dsn)
         new = wait_until(
-            lambda: _valid_lease(farm, above_term=old["term"]),
+            lambda: _valid_lease(fast_farm, above_term=old["term"]),
             2 * TTL + RENEW + 5.0,
             f"another node takes the lease from the paused {leader.node}",
             detail=nodes.logs,
         )
         takeover = new["acquired_at"]
         assert new["holder_node"] != leader.node
-        wait_for_events(farm, nodes, "generate", 2, due, ON_TIME + FAILOVER_SLACK)
+        wait_for_events(fast_farm, nodes, "generate", 2, due, ON_TIME + FAILOVER_SLACK)
         assert leader.alive()
         leader.proc.send_signal(signal.SIGCONT)
-        resumed_at = db_now(farm.dsn)
+        resumed_at = db_now(fast_farm.dsn)
 
         wait_until(
             lambda: re.search(
@@ -545,22 +549,22 @@ def test_a_paused_leader_is_fenced_and_steps_down(farm: TestFarm, nodes: ServeNo
         )
         # It keeps serving: it follows the promotion (t0+16) like everyone.
         wait_for_events(
-            farm, nodes, "promote", 2, due + timedelta(seconds=4), ON_TIME + FAILOVER_SLACK
+            fast_farm, nodes, "promote", 2, due + timedelta(seconds=4), ON_TIME + FAILOVER_SLACK
         )
-        wait_converged(farm, nodes)
+        wait_converged(fast_farm, nodes)
         assert leader.alive(), leader.tail()
-        end = db_now(farm.dsn)
+        end = db_now(fast_farm.dsn)
 
-    found = check_timeline(farm, late=ON_TIME + FAILOVER_SLACK, end=end)
+    found = check_timeline(fast_farm, late=ON_TIME + FAILOVER_SLACK, end=end)
     stale = [e for e in found if e["term"] == old["term"] and e["at"] >= paused_at]
     assert not stale, f"writes under the stale term {old['term']}:\n{_event_table(stale)}"
     after = [e for e in found if e["at"] >= takeover]
     assert after, _event_table(found)
     assert {e["term"] for e in after} == {new["term"]}, _event_table(found)
-    assert _valid_lease(farm, above_term=old["term"])["term"] == new["term"]
+    assert _valid_lease(fast_farm, above_term=old["term"])["term"] == new["term"]
     since: dict[str, datetime | None] = dict.fromkeys(NODES, paused_at)
     since[leader.node] = resumed_at
-    check_propagation(farm, watcher, found, since)
+    check_propagation(fast_farm, watcher, found, since)
 
 
 # -- 4. the config DB goes away ------------------------------------------------------------------
@@ -587,19 +591,19 @@ def recovered(farm: TestFarm, since: datetime) -> bool:
 
 
 def test_nodes_reconnect_after_their_connections_are_terminated_and_postgres_restarts(
-    farm: TestFarm, nodes: ServeNodes, postgres: LocalPostgres
+    fast_farm: TestFarm, nodes: ServeNodes, postgres: LocalPostgres
 ) -> None:
-    init_and_serve(farm, nodes)
+    init_and_serve(fast_farm, nodes)
 
-    cut_at = db_now(farm.dsn)
+    cut_at = db_now(fast_farm.dsn)
     cut = db_query(
-        farm.dsn,
+        fast_farm.dsn,
         "SELECT pg_terminate_backend(pid) AS ok FROM pg_stat_activity"
         " WHERE datname = current_database() AND pid <> pg_backend_pid()",
     )
     assert len(cut) >= len(NODES) and all(r["ok"] for r in cut), cut
     wait_until(
-        lambda: recovered(farm, cut_at),
+        lambda: recovered(fast_farm, cut_at),
         10.0,
         "every node reconnects after pg_terminate_backend",
         interval=0.1,
@@ -608,9 +612,9 @@ def test_nodes_reconnect_after_their_connections_are_terminated_and_postgres_res
 
     try:
         postgres.restart()  # the session's private cluster: same port, same data
-        restarted_at = db_now(farm.dsn)
+        restarted_at = db_now(fast_farm.dsn)
         wait_until(
-            lambda: recovered(farm, restarted_at),
+            lambda: recovered(fast_farm, restarted_at),
             15.0,
             "every node reconnects after the PostgreSQL restart",
             interval=0.1,
@@ -624,17 +628,17 @@ def test_nodes_reconnect_after_their_connections_are_terminated_and_postgres_res
     # next step not yet done. Whichever step the farm reaches before this looks, the roles are
     # a step of the rollover (a promotion can follow a late generation within a second).
     late = ON_TIME + FAILOVER_SLACK
-    _, due = next_step(farm)
+    _, due = next_step(fast_farm)
     wait_until(
-        lambda: next_step(farm)[1] > due,
+        lambda: next_step(fast_farm)[1] > due,
         max(0.0, seconds_until(due)) + late + 2.0,
         f"the step due at {due.isoformat()} is done",
         interval=0.1,
-        detail=lambda: _event_table(audit_events(farm)) + "\n" + nodes.logs(),
+        detail=lambda: _event_table(audit_events(fast_farm)) + "\n" + nodes.logs(),
     )
-    check_rollover_step(wait_converged(farm, nodes))
+    check_rollover_step(wait_converged(fast_farm, nodes))
     assert all(p.alive() for p in nodes.procs.values()), nodes.logs()
-    check_timeline(farm, late=late, end=db_now(farm.dsn))
+    check_timeline(fast_farm, late=late, end=db_now(fast_farm.dsn))
 
 
 # -- 5. the directory goes away ------------------------------------------------------------------
@@ -645,12 +649,12 @@ def directory_problems(farm: TestFarm) -> list[str]:
 
 
 def test_nodes_keep_serving_while_the_directory_is_down(
-    farm: TestFarm, nodes: ServeNodes, slapd: LocalSlapd
+    fast_farm: TestFarm, nodes: ServeNodes, slapd: LocalSlapd
 ) -> None:
-    init_and_serve(farm, nodes)
+    init_and_serve(fast_farm, nodes)
 
     def every_node_reports_it() -> bool:
-        found = directory_problems(farm)
+        found = directory_problems(fast_farm)
         return all(
             any(p.startswith(f"node {n} cannot reach the directory") for p in found) for n in NODES
         )
@@ -660,16 +664,16 @@ def test_nodes_keep_serving_while_the_directory_is_down(
         # The step the outage spans: the next one not yet done once the directory is down.
         # Normally the first generation (t0+12); on a machine so busy that start-up took
         # that long, a later one. Either way the leader took it without the directory.
-        live_before, due = next_step(farm)
-        before = {n: snapshot(farm.store(n)) for n in NODES}
+        live_before, due = next_step(fast_farm)
+        before = {n: snapshot(fast_farm.store(n)) for n in NODES}
         assert all(before.values())
 
         def stores_as_before_unless_stepped() -> bool:
             """Whether the leader has changed the live set; if not, every store is as it
             was. The stores are read first: a live set unchanged after them was unchanged
             while they were read, so no node could have installed another."""
-            now = {n: snapshot(farm.store(n)) for n in NODES}
-            if live_identity(farm.dsn) != live_before:
+            now = {n: snapshot(fast_farm.store(n)) for n in NODES}
+            if live_identity(fast_farm.dsn) != live_before:
                 return True
             for n in NODES:
                 assert now[n] == before[n], f"{n}'s store changed"
@@ -680,26 +684,26 @@ def test_nodes_keep_serving_while_the_directory_is_down(
             10.0,
             "status reports that every node cannot reach the directory",
             interval=0.3,
-            detail=lambda: str(status(farm)["problems"]) + "\n" + nodes.logs(),
+            detail=lambda: str(status(fast_farm)["problems"]) + "\n" + nodes.logs(),
         )
         # Until the step is taken, every store is exactly as it was, and readable. (On a busy
         # machine the reports may come after it: then the stores followed it.)
         if stores_as_before_unless_stepped():
-            wait_converged(farm, nodes)
+            wait_converged(fast_farm, nodes)
         # Down across the due step: nodes keep serving what they have.
         while seconds_until(due) > -1.5:
             assert all(p.alive() for p in nodes.procs.values()), nodes.logs()
             time.sleep(0.3)
         if stores_as_before_unless_stepped():
             # The leader took the step from its in-memory keys: the stores followed.
-            wait_converged(farm, nodes)
+            wait_converged(fast_farm, nodes)
         # Else the leader has not taken it (yet): every store is as it was.
     finally:
         slapd.start()
-    returned = db_now(farm.dsn)
+    returned = db_now(fast_farm.dsn)
 
     wait_until(
-        lambda: not directory_problems(farm),
+        lambda: not directory_problems(fast_farm),
         10.0,
         "the directory problems clear once it is back",
         interval=0.3,
@@ -711,16 +715,16 @@ def test_nodes_keep_serving_while_the_directory_is_down(
     # can pass before this looks): whichever it reached, the roles are a step of the rollover
     # and the audit log holds exactly the steps the rows imply.
     wait_until(
-        lambda: next_step(farm)[1] > due,
+        lambda: next_step(fast_farm)[1] > due,
         ON_TIME + 5.0,
         f"the step due at {due.isoformat()} is done once the directory is back",
         interval=0.1,
-        detail=lambda: _event_table(audit_events(farm)) + "\n" + nodes.logs(),
+        detail=lambda: _event_table(audit_events(fast_farm)) + "\n" + nodes.logs(),
     )
-    check_rollover_step(wait_converged(farm, nodes))
+    check_rollover_step(wait_converged(fast_farm, nodes))
     # A step is late by at most the outage's overrun past `due` (measured) + ON_TIME.
     late = ON_TIME + max(0.0, (returned - due).total_seconds())
-    check_timeline(farm, late=late, end=db_now(farm.dsn))
+    check_timeline(fast_farm, late=late, end=db_now(fast_farm.dsn))
 
 
 # -- 6. `farmkeys rollover` ----------------------------------------------------------------------
@@ -735,39 +739,41 @@ def roles(farm: TestFarm) -> dict[str, dict[str, list[str]]]:
 
 
 def test_rollover_command_asks_the_leader_and_is_done_once(
-    farm: TestFarm, nodes: ServeNodes
+    fast_farm: TestFarm, nodes: ServeNodes
 ) -> None:
-    farm.overrides["policy"] = dict(CALM_POLICY)
-    lease = init_and_serve(farm, nodes)
+    fast_farm.overrides["policy"] = dict(CALM_POLICY)
+    lease = init_and_serve(fast_farm, nodes)
     leader, term = lease["holder_node"], lease["term"]
-    first = roles(farm)
+    first = roles(fast_farm)
 
-    result = farm.spawn("rollover", "--purpose", "signing", "--wait", "30", node="node-c")
+    result = fast_farm.spawn("rollover", "--purpose", "signing", "--wait", "30", node="node-c")
     assert result.code == 0, result.err
     assert f"answered by {leader} (term {term})" in result.out, result.out
     match = re.search(r"signing: new secondary ([0-9A-F]{40})", result.out)
     assert match, result.out
     secondary = match.group(1)
-    after = roles(farm)
+    after = roles(fast_farm)
     assert after["signing"] == {**first["signing"], "secondary": [secondary]}
     assert after["decryption"] == first["decryption"]
-    made = [e for e in audit_events(farm) if e["action"] == "generate"]
+    made = [e for e in audit_events(fast_farm) if e["action"] == "generate"]
     assert [(e["thumbprint"], e["node"], e["term"]) for e in made] == [(secondary, leader, term)]
-    wait_converged(farm, nodes)
+    wait_converged(fast_farm, nodes)
 
-    result = farm.spawn("rollover", "--urgent", "--wait", "30")
+    result = fast_farm.spawn("rollover", "--urgent", "--wait", "30")
     assert result.code == 0, result.err
     assert f"answered by {leader} (term {term})" in result.out, result.out
     new = dict(re.findall(r"(signing|decryption): new primary ([0-9A-F]{40})", result.out))
     assert set(new) == set(PURPOSES), result.out
-    now = roles(farm)
+    now = roles(fast_farm)
     for purpose in PURPOSES:
         assert now[purpose]["primary"] == [new[purpose]]
         assert "secondary" not in now[purpose]
         assert "retired" not in now[purpose]
     assert sorted(now["signing"]["archived"]) == sorted([*first["signing"]["primary"], secondary])
     assert now["decryption"]["archived"] == first["decryption"]["primary"]
-    urgent = [e for e in audit_events(farm) if e["action"] in ("archive", "generate_and_promote")]
+    urgent = [
+        e for e in audit_events(fast_farm) if e["action"] in ("archive", "generate_and_promote")
+    ]
     urgent = [e for e in urgent if e["term"] is not None]
     assert sorted((e["action"], e["purpose"]) for e in urgent) == [
         ("archive", "decryption"),
@@ -777,22 +783,22 @@ def test_rollover_command_asks_the_leader_and_is_done_once(
         ("generate_and_promote", "signing"),
     ]
     assert {(e["node"], e["term"]) for e in urgent} == {(leader, term)}
-    assert lease_row(farm.dsn)["term"] == term  # one writer throughout
-    wait_converged(farm, nodes)
+    assert lease_row(fast_farm.dsn)["term"] == term  # one writer throughout
+    wait_converged(fast_farm, nodes)
 
 
-def test_rollover_without_a_leader_takes_the_lease_and_gives_it_back(farm: TestFarm) -> None:
-    farm.overrides["policy"] = dict(CALM_POLICY)
-    assert farm.run("init").code == 0
+def test_rollover_without_a_leader_takes_the_lease_and_gives_it_back(fast_farm: TestFarm) -> None:
+    fast_farm.overrides["policy"] = dict(CALM_POLICY)
+    assert fast_farm.run("init").code == 0
 
-    result = farm.spawn("rollover", "--wait", "30")
+    result = fast_farm.spawn("rollover", "--wait", "30")
     assert result.code == 0, result.err
     assert "answered by node-a (term 1)" in result.out, result.out
     assert len(re.findall(r"(signing|decryption): new secondary [0-9A-F]{40}", result.out)) == 2
-    lease = lease_row(farm.dsn)
+    lease = lease_row(fast_farm.dsn)
     assert lease["holder"] is None and lease["holder_node"] is None, lease
     assert lease["term"] == 1
-    made = [e for e in audit_events(farm) if e["action"] == "generate"]
+    made = [e for e in audit_events(fast_farm) if e["action"] == "generate"]
     assert sorted((e["purpose"], e["node"], e["term"]) for e in made) == [
         ("decryption", "node-a", 1),
         ("signing", "node-a", 1),
@@ -803,9 +809,9 @@ def test_rollover_without_a_leader_takes_the_lease_and_gives_it_back(farm: TestF
 
 
 def test_on_change_hook_runs_with_store_and_changed_thumbprints(
-    farm: TestFarm, nodes: ServeNodes, tmp_path: Path
+    fast_farm: TestFarm, nodes: ServeNodes, tmp_path: Path
 ) -> None:
-    farm.overrides["policy"] = dict(CALM_POLICY)
+    fast_farm.overrides["policy"] = dict(CALM_POLICY)
     hook = tmp_path / "on-change.sh"
     hook.write_text('#!/bin/sh\necho "$FARMKEYS_STORE $FARMKEYS_CHANGED" >> "$1"\n')
     failing = tmp_path / "on-change-fails.sh"
@@ -815,27 +821,27 @@ def test_on_change_hook_runs_with_store_and_changed_thumbprints(
     out = {n: tmp_path / f"{n}.hook" for n in NODES}
     per_node = {n: {"hooks": {"on_change": f"{hook} {out[n]}"}} for n in ("node-a", "node-b")}
     per_node["node-c"] = {"hooks": {"on_change": str(failing)}}
-    init_and_serve(farm, nodes, per_node=per_node)
-    first = sorted(t for _, _, t in live_identity(farm.dsn))
+    init_and_serve(fast_farm, nodes, per_node=per_node)
+    first = sorted(t for _, _, t in live_identity(fast_farm.dsn))
 
     def lines(node: str) -> list[str]:
         return out[node].read_text().splitlines() if out[node].exists() else []
 
     for n in ("node-a", "node-b"):
         wait_until(lambda n=n: lines(n), 5.0, f"{n}'s hook ran", detail=nodes.logs)
-        assert lines(n) == [f"{farm.store(n)} {' '.join(first)}"]
+        assert lines(n) == [f"{fast_farm.store(n)} {' '.join(first)}"]
 
-    result = farm.spawn("rollover", "--purpose", "signing", "--wait", "30")
+    result = fast_farm.spawn("rollover", "--purpose", "signing", "--wait", "30")
     assert result.code == 0, result.err
     match = re.search(r"new secondary ([0-9A-F]{40})", result.out)
     assert match, result.out
     for n in ("node-a", "node-b"):
         wait_until(lambda n=n: len(lines(n)) >= 2, PROPAGATION, f"{n}'s hook ran again")
-        assert lines(n)[1:] == [f"{farm.store(n)} {match.group(1)}"], lines(n)
+        assert lines(n)[1:] == [f"{fast_farm.store(n)} {match.group(1)}"], lines(n)
 
     # node-c's hook fails: reported, never fatal; node-c still follows the farm.
-    wait_converged(farm, nodes)
-    problems = status(farm)["problems"]
+    wait_converged(fast_farm, nodes)
+    problems = status(fast_farm)["problems"]
     assert [p for p in problems if "on_change hook failed" in p] == [
         "node node-c's on_change hook failed: on_change hook exited 3: reload failed"
     ], problems
@@ -844,36 +850,36 @@ def test_on_change_hook_runs_with_store_and_changed_thumbprints(
 
     # A master-key roll re-seals every blob but changes no certificate: the nodes read the
     # new key, their stores stay as they are, and no hook runs.
-    generations = {n: manifest_generation(farm.store(n)) for n in NODES}
-    result = farm.spawn("rollover", "--master-key", "--wait", "30")
+    generations = {n: manifest_generation(fast_farm.store(n)) for n in NODES}
+    result = fast_farm.spawn("rollover", "--master-key", "--wait", "30")
     assert result.code == 0, result.err
-    key = db_query(farm.dsn, "SELECT id FROM master_key WHERE state = 'current'")[0]["id"]
+    key = db_query(fast_farm.dsn, "SELECT id FROM master_key WHERE state = 'current'")[0]["id"]
     wait_until(
-        lambda: all(n["master_keys"] == [str(key)] for n in status(farm)["nodes"]),
+        lambda: all(n["master_keys"] == [str(key)] for n in status(fast_farm)["nodes"]),
         PROPAGATION,
         "every node read the new master key",
         detail=nodes.logs,
     )
-    assert {n: manifest_generation(farm.store(n)) for n in NODES} == generations
+    assert {n: manifest_generation(fast_farm.store(n)) for n in NODES} == generations
     assert [len(lines(n)) for n in ("node-a", "node-b")] == [2, 2]
 
 
 # -- 8. SIGTERM ----------------------------------------------------------------------------------
 
 
-def test_sigterm_releases_the_lease(farm: TestFarm, nodes: ServeNodes) -> None:
+def test_sigterm_releases_the_lease(fast_farm: TestFarm, nodes: ServeNodes) -> None:
     ttl = 30.0  # a lease left to run out would keep the others waiting half a minute
-    old = init_and_serve(farm, nodes, lease={"ttl_seconds": ttl, "renew_seconds": RENEW})
+    old = init_and_serve(fast_farm, nodes, lease={"ttl_seconds": ttl, "renew_seconds": RENEW})
     leader = nodes.by_holder(old["holder"])
 
     started = time.monotonic()
     leader.proc.send_signal(signal.SIGTERM)
     assert leader.proc.wait(5.0) == 0, leader.tail()
-    after = lease_row(farm.dsn)
+    after = lease_row(fast_farm.dsn)
     assert after["holder"] != old["holder"], after  # released (NULL) or already taken over
 
     new = wait_until(
-        lambda: _valid_lease(farm, above_term=old["term"]),
+        lambda: _valid_lease(fast_farm, above_term=old["term"]),
         5.0,
         "another node takes the released lease",
         detail=nodes.logs,
@@ -885,14 +891,14 @@ def test_sigterm_releases_the_lease(farm: TestFarm, nodes: ServeNodes) -> None:
     # lease: wait for it rather than assume it is already there.
     leads = wait_until(
         lambda: [
-            e for e in audit_events(farm) if e["action"] == "lead" and e["term"] == new["term"]
+            e for e in audit_events(fast_farm) if e["action"] == "lead" and e["term"] == new["term"]
         ],
         5.0,
         f"the lead event of term {new['term']}",
         detail=nodes.logs,
     )
     assert [e["node"] for e in leads] == [new["holder_node"]]
-    beat = db_query(farm.dsn, "SELECT heartbeat_at FROM node WHERE id = %s", (leader.node,))
+    beat = db_query(fast_farm.dsn, "SELECT heartbeat_at FROM node WHERE id = %s", (leader.node,))
     assert beat == [{"heartbeat_at": None}]  # a clean stop owes no heartbeat
     assert f"{leader.node} stopped" in leader.log.read_text()
 
@@ -908,13 +914,13 @@ def test_sync_retry_delay_doubles_from_one_second_up_to_the_cap_or_the_poll() ->
 
 
 def test_a_node_started_while_the_directory_is_down_installs_soon_after_it_returns(
-    farm: TestFarm, nodes: ServeNodes, slapd: LocalSlapd
+    fast_farm: TestFarm, nodes: ServeNodes, slapd: LocalSlapd
 ) -> None:
     # The poll is a minute away: only the retry of the failed sync can install in time.
-    farm.overrides["node"] = {"poll_seconds": 60}
-    farm.overrides["policy"] = dict(CALM_POLICY)
-    assert farm.run("init").code == 0
-    live = live_identity(farm.dsn)
+    fast_farm.overrides["node"] = {"poll_seconds": 60}
+    fast_farm.overrides["policy"] = dict(CALM_POLICY)
+    assert fast_farm.run("init").code == 0
+    live = live_identity(fast_farm.dsn)
     slapd.stop()
     try:
         node = nodes.start("node-a")
@@ -924,11 +930,11 @@ def test_a_node_started_while_the_directory_is_down_installs_soon_after_it_retur
             "node-a's first sync fails without the directory",
             detail=nodes.logs,
         )
-        assert manifest_identity(farm.store("node-a")) is None
+        assert manifest_identity(fast_farm.store("node-a")) is None
     finally:
         slapd.start()
     wait_until(
-        lambda: manifest_identity(farm.store("node-a")) == live,
+        lambda: manifest_identity(fast_farm.store("node-a")) == live,
         10.0,
         "node-a installs the farm within seconds of the directory's return",
         detail=nodes.logs,

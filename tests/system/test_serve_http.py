@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from farmtools import REPO, TestFarm, add_certificate, clean_env, db_query, wait_until
+from farmtools import REPO, TestFarm, add_certificate, clean_env, db_query, expect_ok, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from serving import ServeNodes
 
@@ -33,7 +33,6 @@ from farmkeys.configdb import CHANGED_CHANNEL
 from farmkeys.errors import DirectoryError, Error, FarmStateError, StoreError
 from farmkeys.serve import node_health
 from farmkeys.store import Installed, Manifest, ManifestEntry
-from farmkeys_lab.slapd import LocalSlapd
 
 START = 30.0  # two processes start and sync on a loaded machine
 PUBLISH = {
@@ -57,19 +56,18 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def farm(tmp_path: Path, slapd: LocalSlapd, pg_dsn: str) -> TestFarm:
-    found = TestFarm(
-        root=tmp_path, slapd=slapd, dsn=pg_dsn, overrides=json.loads(json.dumps(QUICK))
-    )
-    assert found.run("init").code == 0
-    return found
+def quick_farm(farm: TestFarm) -> TestFarm:
+    """The farm under QUICK, initialised."""
+    farm.overrides.update(json.loads(json.dumps(QUICK)))
+    expect_ok(farm.run("init"))
+    return farm
 
 
 @pytest.fixture
-def serving(farm: TestFarm) -> Iterator[dict[str, str]]:
+def serving(quick_farm: TestFarm) -> Iterator[dict[str, str]]:
     """node-a and node-b serving with HTTP; their base URLs."""
     urls = {}
-    with ServeNodes(farm) as nodes:
+    with ServeNodes(quick_farm) as nodes:
         for node in ("node-a", "node-b"):
             port = free_port()
             nodes.start(node, publish={**PUBLISH, "listen": f"127.0.0.1:{port}"})
@@ -82,7 +80,7 @@ def serving(farm: TestFarm) -> Iterator[dict[str, str]]:
                 interval=0.1,
                 detail=nodes.logs,
             )
-        wait_until(lambda: leader_rows(farm), START, "a node leads", detail=nodes.logs)
+        wait_until(lambda: leader_rows(quick_farm), START, "a node leads", detail=nodes.logs)
         yield urls
 
 
@@ -102,7 +100,7 @@ def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str,
 
 
 def test_every_node_answers_the_same_documents_with_caching_headers(
-    farm: TestFarm, serving: dict[str, str]
+    quick_farm: TestFarm, serving: dict[str, str]
 ) -> None:
     for path, kind in (
         (publish.METADATA_PATH, "application/samlmetadata+xml"),
@@ -117,7 +115,7 @@ def test_every_node_answers_the_same_documents_with_caching_headers(
         assert headers["Content-Type"] == kind
         # The CLI prints the same document from the store.
         command = "metadata" if path == publish.METADATA_PATH else "jwks"
-        assert farm.run(command, publish=PUBLISH).out.encode() == body
+        assert quick_farm.run(command, publish=PUBLISH).out.encode() == body
         # A client holding the current version gets 304 and no body.
         status, _, empty = get(serving["node-a"] + path, {"If-None-Match": headers["ETag"]})
         assert (status, empty) == (304, b"")
@@ -126,18 +124,18 @@ def test_every_node_answers_the_same_documents_with_caching_headers(
 
 
 def test_a_fetch_naming_a_relying_party_is_recorded_with_the_keys_it_was_served(
-    farm: TestFarm, serving: dict[str, str]
+    quick_farm: TestFarm, serving: dict[str, str]
 ) -> None:
     status, _, body = get(serving["node-b"] + publish.JWKS_PATH + "?rp=rp1")
     assert status == 200
     served = sorted(
         db_query(
-            farm.dsn,
+            quick_farm.dsn,
             "SELECT thumbprint FROM certificate WHERE role = 'primary' AND purpose = 'signing'",
         )[0].values()
     )
     rows = db_query(
-        farm.dsn, "SELECT relying_party, thumbprint, node, document FROM relying_party_fetch"
+        quick_farm.dsn, "SELECT relying_party, thumbprint, node, document FROM relying_party_fetch"
     )
     assert rows == [
         {"relying_party": "rp1", "thumbprint": served[0], "node": "node-b", "document": "jwks"}
@@ -145,8 +143,8 @@ def test_a_fetch_naming_a_relying_party_is_recorded_with_the_keys_it_was_served(
     assert served[0] in json.dumps(json.loads(body)) or rows  # the JWKS names it by x5t
     # A name not in publish.relying_parties is served but not recorded.
     assert get(serving["node-a"] + publish.METADATA_PATH + "?rp=mallory")[0] == 200
-    assert len(db_query(farm.dsn, "SELECT * FROM relying_party_fetch")) == 1
-    doc = farm.run("status", "--json", publish=PUBLISH).json
+    assert len(db_query(quick_farm.dsn, "SELECT * FROM relying_party_fetch")) == 1
+    doc = quick_farm.run("status", "--json", publish=PUBLISH).json
     rp1 = next(rp for rp in doc["relying_parties"] if rp["name"] == "rp1")
     assert rp1["last_node"] == "node-b" and rp1["fetched"] == served
 
@@ -171,10 +169,10 @@ def ts(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
 
 
-def test_metrics_agree_with_status(farm: TestFarm, serving: dict[str, str]) -> None:
+def test_metrics_agree_with_status(quick_farm: TestFarm, serving: dict[str, str]) -> None:
     get(serving["node-a"] + publish.METADATA_PATH + "?rp=rp2")
     scraped = metrics(serving["node-b"])
-    doc = farm.run("status", "--json", publish=PUBLISH).json
+    doc = quick_farm.run("status", "--json", publish=PUBLISH).json
 
     live = [c for c in doc["certificates"] if c["role"] != "archived"]
     expiry = {
@@ -223,7 +221,7 @@ def test_metrics_agree_with_status(farm: TestFarm, serving: dict[str, str]) -> N
     assert scraped["farmkeys_sync_errors_total"] == [({}, 0.0)]
 
     # Exactly one node says it leads, with the lease's term.
-    lease = db_query(farm.dsn, "SELECT holder_node, term FROM leader_lease")[0]
+    lease = db_query(quick_farm.dsn, "SELECT holder_node, term FROM leader_lease")[0]
     leaders = {}
     for node, url in serving.items():
         ((labels, value),) = metrics(url)["farmkeys_leader"]
@@ -240,7 +238,7 @@ def health(url: str) -> tuple[int, dict[str, Any]]:
 
 
 def test_healthz_stays_200_but_degraded_while_the_config_db_is_away(
-    farm: TestFarm, serving: dict[str, str], postgres: Any
+    quick_farm: TestFarm, serving: dict[str, str], postgres: Any
 ) -> None:
     """A shared config DB outage must not take every node out of a load balancer: the
     installed keys still sign. /healthz says degraded; the metrics say the farm is unread."""
@@ -287,7 +285,7 @@ def refused_record(problems: list[str]) -> bool:
 
 
 def test_a_zeroed_farm_state_mac_leaves_every_node_serving_degraded_not_drained(
-    farm: TestFarm, serving: dict[str, str]
+    quick_farm: TestFarm, serving: dict[str, str]
 ) -> None:
     """Issue 19, attack 4: one UPDATE by someone who can write the config DB makes every
     node's sync refuse the farm's rows. Each node's installed set is intact, unexpired and
@@ -297,8 +295,10 @@ def test_a_zeroed_farm_state_mac_leaves_every_node_serving_degraded_not_drained(
     it) and a new node with nothing installed."""
     before = {url: get(url + publish.METADATA_PATH) for url in serving.values()}
     assert all(answer[0] == 200 for answer in before.values())
-    db_query(farm.dsn, "UPDATE farm_state SET mac = decode(repeat('00',32),'hex') RETURNING mac")
-    db_query(farm.dsn, "SELECT pg_notify(%s, 'test')", (CHANGED_CHANNEL,))
+    db_query(
+        quick_farm.dsn, "UPDATE farm_state SET mac = decode(repeat('00',32),'hex') RETURNING mac"
+    )
+    db_query(quick_farm.dsn, "SELECT pg_notify(%s, 'test')", (CHANGED_CHANNEL,))
     for node, url in serving.items():
         wait_until(
             lambda url=url: refused_record(health(url)[1].get("problems", [])),
@@ -313,13 +313,13 @@ def test_a_zeroed_farm_state_mac_leaves_every_node_serving_degraded_not_drained(
         assert get(url + publish.METADATA_PATH)[::2] == before[url][::2]
         assert get(url + publish.JWKS_PATH)[0] == 200
         assert metrics(url)["farmkeys_sync_errors_total"][0][1] >= 1
-    result = farm.run("status")
+    result = quick_farm.run("status")
     assert result.code == 2, result.out + result.err  # critical: monitoring alerts
     assert "fails authentication" in result.out + result.err
 
     # A node whose installed set is damaged cannot serve: 503, even while the others stay.
-    thumbprint = signing_primary(farm.store("node-a"))
-    (farm.store("node-a") / "signing" / f"{thumbprint}.key").unlink()
+    thumbprint = signing_primary(quick_farm.store("node-a"))
+    (quick_farm.store("node-a") / "signing" / f"{thumbprint}.key").unlink()
     status, body = health(serving["node-a"])
     assert (status, body["status"]) == (503, "failing"), body
     assert any(f"signing primary {thumbprint} no longer matches" in p for p in body["problems"])
@@ -329,7 +329,7 @@ def test_a_zeroed_farm_state_mac_leaves_every_node_serving_degraded_not_drained(
     # A node that joins now has nothing it could serve: 503.
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with ServeNodes(farm) as nodes:
+    with ServeNodes(quick_farm) as nodes:
         nodes.start("node-c", publish={**PUBLISH, "listen": f"127.0.0.1:{port}"})
         wait_until(
             lambda: refused_record(health(url)[1].get("problems", [])),
@@ -341,26 +341,26 @@ def test_a_zeroed_farm_state_mac_leaves_every_node_serving_degraded_not_drained(
         status, body = health(url)
         assert (status, body["status"], body["generation"]) == (503, "failing", None), body
         assert "nothing is installed; run `farmkeys sync`" in body["problems"]
-    assert not (farm.store("node-c") / "manifest.json").exists()
+    assert not (quick_farm.store("node-c") / "manifest.json").exists()
 
 
 def test_healthz_is_503_while_an_installed_file_is_damaged_until_a_sync_repairs_it(
-    farm: TestFarm,
+    quick_farm: TestFarm,
 ) -> None:
     """/healthz checks the installed files against the manifest on each request (cheaply:
     a file whose stat is unchanged is not read again), so a key overwritten in place,
     which changes no name, is seen at once; a sync installs the set again."""
-    farm.overrides["node"]["poll_seconds"] = 3600  # only the notification below re-syncs
+    quick_farm.overrides["node"]["poll_seconds"] = 3600  # only the notification below re-syncs
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with ServeNodes(farm) as nodes:
+    with ServeNodes(quick_farm) as nodes:
         nodes.start("node-a", publish={**PUBLISH, "listen": f"127.0.0.1:{port}"})
         wait_until(lambda: health(url)[0] == 200, START, "node-a answers", detail=nodes.logs)
-        wait_until(lambda: leader_rows(farm), START, "node-a leads", detail=nodes.logs)
+        wait_until(lambda: leader_rows(quick_farm), START, "node-a leads", detail=nodes.logs)
         status, body = health(url)
         assert (status, body["status"], body["generation"]) == (200, "ok", 1), body
-        thumbprint = signing_primary(farm.store())
-        key = farm.store() / "signing" / f"{thumbprint}.key"
+        thumbprint = signing_primary(quick_farm.store())
+        key = quick_farm.store() / "signing" / f"{thumbprint}.key"
         good = key.read_bytes()
         with key.open("r+b") as file:  # the same inode and size, other bytes
             file.write(b"X")
@@ -371,7 +371,7 @@ def test_healthz_is_503_while_an_installed_file_is_damaged_until_a_sync_repairs_
             " (a file removed or changed)"
         ]
         assert get(url + publish.METADATA_PATH)[0] == 200  # certificates only: still published
-        db_query(farm.dsn, "SELECT pg_notify(%s, 'test')", (CHANGED_CHANNEL,))
+        db_query(quick_farm.dsn, "SELECT pg_notify(%s, 'test')", (CHANGED_CHANNEL,))
         wait_until(
             lambda: health(url)[:1] == (200,), 20.0, "the sync repaired it", detail=nodes.logs
         )
@@ -485,12 +485,12 @@ def test_node_health_follows_what_the_node_can_serve_not_the_config_db() -> None
     assert body["problems"] == ["not connected to the config DB"]
 
 
-def test_a_port_in_use_is_one_clear_error(farm: TestFarm) -> None:
+def test_a_port_in_use_is_one_clear_error(quick_farm: TestFarm) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = farm.spawn("serve", publish={"listen": f"127.0.0.1:{port}"})
+        result = quick_farm.spawn("serve", publish={"listen": f"127.0.0.1:{port}"})
     assert result.code == 1
     lines = [line for line in result.err.splitlines() if "error:" in line]
     assert len(lines) == 1 and f"cannot listen on publish.listen 127.0.0.1:{port}" in lines[0]
@@ -515,7 +515,7 @@ def receive(sock: socket.socket, want: str, timeout: float) -> list[str]:
 
 
 def test_serve_tells_systemd_it_is_ready_pings_the_watchdog_and_says_it_stops(
-    farm: TestFarm, tmp_path: Path
+    quick_farm: TestFarm, tmp_path: Path
 ) -> None:
     address = str(tmp_path / "notify")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
@@ -523,7 +523,14 @@ def test_serve_tells_systemd_it_is_ready_pings_the_watchdog_and_says_it_stops(
         env = {**clean_env(), "NOTIFY_SOCKET": address, "WATCHDOG_USEC": "1000000"}
         log = (tmp_path / "serve.log").open("wb")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "farmkeys", "serve", "--config", str(farm.config("node-a"))],
+            [
+                sys.executable,
+                "-m",
+                "farmkeys",
+                "serve",
+                "--config",
+                str(quick_farm.config("node-a")),
+            ],
             env=env,
             cwd=REPO,
             stdout=log,
@@ -535,7 +542,7 @@ def test_serve_tells_systemd_it_is_ready_pings_the_watchdog_and_says_it_stops(
             assert ready[0] == "READY=1"
             assert ready[1].startswith("STATUS=farm contoso: generation 1 installed;")
             # By then the node has synced: READY waits for the store.
-            assert (farm.store() / "manifest.json").exists()
+            assert (quick_farm.store() / "manifest.json").exists()
             assert receive(sock, "WATCHDOG=1", 5.0)  # every half of WATCHDOG_USEC
             proc.send_signal(signal.SIGTERM)
             assert receive(sock, "STOPPING=1", 10.0)
@@ -583,14 +590,14 @@ def test_notifier_watchdog_rules_and_failures() -> None:
     assert Notifier.from_environment(on).notify("READY=1") is False
 
 
-def test_the_last_relying_partys_fetch_wakes_the_leader_to_promote(farm: TestFarm) -> None:
+def test_the_last_relying_partys_fetch_wakes_the_leader_to_promote(quick_farm: TestFarm) -> None:
     """With require_fetch, the fetch that completes the set is answered within seconds, not
     at the next rollover check (an hour away here)."""
     due = {}
     for purpose in ("signing", "decryption"):
-        due[purpose] = add_certificate(farm, purpose=purpose, role="secondary")
+        due[purpose] = add_certificate(quick_farm, purpose=purpose, role="secondary")
         db_query(
-            farm.dsn,
+            quick_farm.dsn,
             "UPDATE certificate SET created_at = now() - interval '6 days'"
             " WHERE thumbprint = %s RETURNING id",
             (due[purpose],),
@@ -603,13 +610,13 @@ def test_the_last_relying_partys_fetch_wakes_the_leader_to_promote(farm: TestFar
 
     def primary(purpose: str) -> str:
         rows = db_query(
-            farm.dsn,
+            quick_farm.dsn,
             "SELECT thumbprint FROM certificate WHERE purpose = %s AND role = 'primary'",
             (purpose,),
         )
         return str(rows[0]["thumbprint"])
 
-    with ServeNodes(farm) as nodes:
+    with ServeNodes(quick_farm) as nodes:
         nodes.start("node-a", **settings)
         # The leader's first check promotes the decryption secondary and holds the signing one.
         wait_until(
@@ -630,7 +637,7 @@ def test_the_last_relying_partys_fetch_wakes_the_leader_to_promote(farm: TestFar
             detail=nodes.logs,
         )
     (event,) = db_query(
-        farm.dsn,
+        quick_farm.dsn,
         "SELECT detail FROM audit_event WHERE action = 'promote' AND purpose = 'signing'",
     )
     assert "generated at" in event["detail"]  # promoted as due, not at the critical moment
