@@ -18,7 +18,7 @@ from typing import Any
 import ldap3
 import pytest
 from adfs_encoder import encode
-from farmtools import TestFarm, audit_events, db_query, one_error_line
+from farmtools import TestFarm, audit_events, db_query, expect_ok, one_error_line
 from ldap3.protocol.microsoft import security_descriptor_control
 
 from farmkeys import certs
@@ -61,7 +61,7 @@ def ad_farm(tmp_path: Path, slapd: LocalSlapd, pg_dsn: str, samba_dc: LocalSamba
 @pytest.fixture
 def ad_initialised(ad_farm: TestFarm) -> TestFarm:
     result = ad_farm.run("init")
-    assert result.code == 0, result.err
+    expect_ok(result)
     assert result.err == ""  # no warning: an anonymous bind reads nothing on AD
     return ad_farm
 
@@ -247,7 +247,7 @@ def test_three_nodes_sync_and_follow_certificate_and_master_key_rollovers(
 ) -> None:
     nodes = ("node-a", "node-b", "node-c")
     for node in nodes:
-        assert ad_initialised.run("sync", node=node).code == 0
+        expect_ok(ad_initialised.run("sync", node=node))
 
     def installed(node: str) -> str:
         return (ad_initialised.store(node) / "manifest.json").read_text()
@@ -255,9 +255,9 @@ def test_three_nodes_sync_and_follow_certificate_and_master_key_rollovers(
     before = {node: installed(node) for node in nodes}
     assert len(set(before.values())) <= 3  # each names its own node, same certificates
     result = ad_initialised.run("rollover", "--purpose", "signing")
-    assert result.code == 0, result.err
+    expect_ok(result)
     result = ad_initialised.run("rollover", "--master-key")
-    assert result.code == 0, result.err
+    expect_ok(result)
     group = dkm_group(ad_initialised)
     admin = samba_dc.admin_connection()
     try:
@@ -272,7 +272,7 @@ def test_three_nodes_sync_and_follow_certificate_and_master_key_rollovers(
         admin.unbind()
     assert len(keys) == 2  # the new key, and the replaced one kept for `retain`
     for node in nodes:
-        assert ad_initialised.run("sync", node=node).code == 0
+        expect_ok(ad_initialised.run("sync", node=node))
     doc = ad_initialised.run("status", "--json").json
     signing = [c for c in doc["certificates"] if c["purpose"] == "signing"]
     assert {c["role"] for c in signing} >= {"primary", "secondary"}
@@ -284,9 +284,9 @@ def test_three_nodes_sync_and_follow_certificate_and_master_key_rollovers(
     assert {"generate", "master_key_add", "master_key_roll"} <= actions
     # An urgent master-key roll deletes the replaced key's contact from AD at once.
     replaced = next(k["id"] for k in doc["master_keys"] if k["current"])
-    assert ad_initialised.run("rollover", "--master-key", "--urgent").code == 0
+    expect_ok(ad_initialised.run("rollover", "--master-key", "--urgent"))
     for node in nodes:
-        assert ad_initialised.run("sync", node=node).code == 0
+        expect_ok(ad_initialised.run("sync", node=node))
     admin = samba_dc.admin_connection()
     try:
         left = search(
@@ -311,7 +311,7 @@ def test_escrow_brings_back_a_deleted_container_protected_as_before(
     result = ad_initialised.run(
         "escrow", "export", "--out", str(out), "--passphrase-file", str(passphrase)
     )
-    assert result.code == 0, result.err
+    expect_ok(result)
     group = dkm_group(ad_initialised)
     container = f"CN={group},{samba_dc.adfs_parent}"
     admin = samba_dc.admin_connection()
@@ -323,8 +323,8 @@ def test_escrow_brings_back_a_deleted_container_protected_as_before(
         admin.unbind()
     assert ad_initialised.run("sync", node="node-b").code != 0  # nothing to open them with
     result = ad_initialised.run("escrow", "import", str(out), "--passphrase-file", str(passphrase))
-    assert result.code == 0, result.err
-    assert ad_initialised.run("sync", node="node-b").code == 0
+    expect_ok(result)
+    expect_ok(ad_initialised.run("sync", node="node-b"))
     cfg = load(ad_initialised.config())
     with Directory(cfg.directory, cfg.retry) as directory:
         assert directory.container_protection_problem(group) is None
@@ -336,17 +336,17 @@ def test_a_node_keeps_syncing_when_the_first_listed_dc_is_down(
     dead = f"ldaps://127.0.0.1:{free_port()}"
     two = {"directory": ad_settings(samba_dc, tmp_path, url=[dead, samba_dc.url])}
     result = ad_initialised.run("sync", node="node-b", **two)
-    assert result.code == 0, result.err
+    expect_ok(result)
     doc = ad_initialised.run("status", "--json").json
     nodes = {n["id"]: n for n in doc["nodes"]}
     assert nodes["node-b"]["directory_server"] == samba_dc.url
     # The DC stops: a node whose store is in sync still starts; when it comes back, a
     # rollover reaches the node through it.
     samba_dc.stop()
-    assert ad_initialised.run("sync", node="node-b", **two).code == 0
+    expect_ok(ad_initialised.run("sync", node="node-b", **two))
     samba_dc.start()
-    assert ad_initialised.run("rollover", "--purpose", "decryption").code == 0
-    assert ad_initialised.run("sync", node="node-b", **two).code == 0
+    expect_ok(ad_initialised.run("rollover", "--purpose", "decryption"))
+    expect_ok(ad_initialised.run("sync", node="node-b", **two))
 
 
 # --- TLS and binds -----------------------------------------------------------------------
@@ -418,12 +418,12 @@ def test_import_reads_the_dkm_key_from_a_container_that_adfs_made(
     result = ad_initialised.run(
         "import", "adfs", "--encrypted-pfx", str(pfx), "--purpose", "signing", "--wait", "30"
     )
-    assert result.code == 0, result.err
+    expect_ok(result)
     thumb = certs.thumbprint(made.certificate)
     assert db_query(
         ad_initialised.dsn, "SELECT role FROM certificate WHERE thumbprint = %s", (thumb,)
     )
-    assert ad_initialised.run("sync").code == 0
+    expect_ok(ad_initialised.run("sync"))
     assert (ad_initialised.store() / f"signing/{thumb}.pem").exists()
 
 

@@ -17,7 +17,15 @@ import pytest
 from adfs_encoder import encode
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
-from farmtools import TestFarm, audit_events, db_query, lease_row, one_error_line, wait_until
+from farmtools import (
+    TestFarm,
+    audit_events,
+    db_query,
+    expect_ok,
+    lease_row,
+    one_error_line,
+    wait_until,
+)
 from serving import ServeNodes
 
 from farmkeys import certs
@@ -96,7 +104,7 @@ def test_import_as_secondary_keeps_key_and_thumbprint_and_every_node_installs_it
     assert events[0]["thumbprint"] == thumb and events[0]["term"] is not None
     assert str(ADFS_KEY_ID) in events[0]["detail"]
     for node in ("node-a", "node-b"):
-        assert initialised_farm.run("sync", node=node).code == 0
+        expect_ok(initialised_farm.run("sync", node=node))
         store = initialised_farm.store(node)
         installed = x509.load_pem_x509_certificate((store / f"signing/{thumb}.pem").read_bytes())
         assert certs.thumbprint(installed) == thumb
@@ -135,7 +143,7 @@ def test_import_as_primary_replaces_the_primary_at_once_and_retires_it(
         if r["purpose"] == "signing"
     }
     assert after == {"primary": thumb, "retired": before["primary"]}
-    assert initialised_farm.run("sync").code == 0
+    expect_ok(initialised_farm.run("sync"))
     assert (initialised_farm.store() / "signing/primary.key").read_bytes() == certs.private_key_pem(
         made.key
     )
@@ -150,7 +158,7 @@ def test_an_rsa_decryption_certificate_imports_and_is_installed(
         initialised_farm, pfx, "--purpose", "decryption", "--dkm-key-file", str(key_file(tmp_path))
     )
     assert code == 0, err
-    assert initialised_farm.run("sync").code == 0
+    expect_ok(initialised_farm.run("sync"))
     assert (initialised_farm.store() / "decryption/secondary.key").exists()
 
 
@@ -388,7 +396,7 @@ def test_the_key_never_reaches_output_or_logs(
         str(key_file(tmp_path)),
         "--debug",
     )
-    assert result.code == 0, result.err
+    expect_ok(result)
     pem = certs.private_key_pem(made.key).decode()
     for text in (result.out, result.err, caplog.text):
         for secret in (ADFS_KEY.hex(), base64.b64encode(ADFS_KEY).decode(), pem[40:100]):
@@ -451,7 +459,7 @@ def test_a_config_db_writer_without_the_master_key_cannot_slip_a_certificate_in(
     made = adfs_certificate()
     request = _forged_request(initialised_farm, made, master_key=bytes(32))
     # The next time anyone leads, the pending request is answered: refused.
-    assert initialised_farm.run("rollover", "--purpose", "decryption").code == 0
+    expect_ok(initialised_farm.run("rollover", "--purpose", "decryption"))
     row = db_query(
         initialised_farm.dsn, "SELECT ok, result FROM rollover_request WHERE id = %s", (request,)
     )
@@ -475,7 +483,7 @@ def test_the_leader_checks_again_and_refuses_what_arrived_meanwhile(
         run_import(initialised_farm, pfx, "--purpose", "signing", "--dkm-key-file", keyfile)[0] == 0
     )
     request = _forged_request(initialised_farm, made, master_key=None)
-    assert initialised_farm.run("rollover", "--purpose", "decryption").code == 0
+    expect_ok(initialised_farm.run("rollover", "--purpose", "decryption"))
     row = db_query(
         initialised_farm.dsn, "SELECT ok, result FROM rollover_request WHERE id = %s", (request,)
     )

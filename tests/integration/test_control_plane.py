@@ -133,7 +133,7 @@ def revoked_file(tmp_path: Path, *thumbprints: str) -> str:
 def test_a_forged_repair_request_is_refused_by_the_serving_leader(
     synced_farm: TestFarm, nodes: ServeNodes
 ) -> None:
-    assert synced_farm.run("rollover", "--purpose", "signing").code == 0  # a secondary to promote
+    expect_ok(synced_farm.run("rollover", "--purpose", "signing"))  # a secondary to promote
     synced_farm.overrides.update(CALM_SERVE)
     for node in ("node-a", "node-b"):
         nodes.start(node)
@@ -182,7 +182,7 @@ def test_a_forged_urgent_rollover_request_rolls_nothing(synced_farm: TestFarm) -
     before = db_query(synced_farm.dsn, "SELECT id, role, blob FROM certificate ORDER BY id")
     forged = forge_request(synced_farm, purpose="signing", urgent=True)
     # The next command that takes the lease answers every pending request.
-    assert synced_farm.run("rollover", "--purpose", "decryption").code == 0
+    expect_ok(synced_farm.run("rollover", "--purpose", "decryption"))
     row = request_row(synced_farm, forged)
     assert row["ok"] is False and "carries no MAC" in row["result"]
     after = db_query(
@@ -196,7 +196,7 @@ def test_a_forged_urgent_rollover_request_rolls_nothing(synced_farm: TestFarm) -
 
 def test_an_authentic_row_replayed_or_changed_is_refused(synced_farm: TestFarm) -> None:
     result = synced_farm.run("rollover", "--purpose", "signing")
-    assert result.code == 0, result.err
+    expect_ok(result)
     first = int(db_query(synced_farm.dsn, "SELECT max(id) AS id FROM rollover_request")[0]["id"])
     assert request_row(synced_farm, first)["ok"] is True
     signing = {t: r for t, r in roles(synced_farm).items() if r[0] == "signing"}
@@ -209,7 +209,7 @@ def test_an_authentic_row_replayed_or_changed_is_refused(synced_farm: TestFarm) 
     def answer(*changes: str, params: Any = None) -> str:
         """Put the operator's answered row back in the queue with ``changes``; the answer."""
         sql(synced_farm, *[f"{pending}{c} WHERE id = {first}" for c in changes], params=params)
-        assert synced_farm.run("rollover", "--purpose", "decryption").code == 0
+        expect_ok(synced_farm.run("rollover", "--purpose", "decryption"))
         row = request_row(synced_farm, first)
         assert row["ok"] is False, row["result"]
         assert {t: r for t, r in roles(synced_farm).items() if r[0] == "signing"} == signing
@@ -223,7 +223,7 @@ def test_an_authentic_row_replayed_or_changed_is_refused(synced_farm: TestFarm) 
     assert "MAC does not verify" in answer(", urgent = true, body = %s", params=(edited,))
     # A copy under another row id.
     copied = copy_request(synced_farm, first, body=signed)
-    assert synced_farm.run("rollover", "--purpose", "decryption").code == 0
+    expect_ok(synced_farm.run("rollover", "--purpose", "decryption"))
     assert "another request row" in request_row(synced_farm, copied)["result"]
     assert len(refusals(synced_farm)) == 4
     assert all("'node-a'" in e["detail"] for e in refusals(synced_farm))
@@ -251,8 +251,8 @@ def test_a_zeroed_mac_and_a_forged_repair_cannot_revive_an_urgently_replaced_key
     synced_farm: TestFarm, tmp_path: Path
 ) -> None:
     old = holder(synced_farm, "signing", "primary")
-    assert synced_farm.run("rollover", "--purpose", "signing", "--urgent").code == 0
-    assert synced_farm.run("sync").code == 0
+    expect_ok(synced_farm.run("rollover", "--purpose", "signing", "--urgent"))
+    expect_ok(synced_farm.run("sync"))
     new = holder(synced_farm, "signing", "primary")
     sql(
         synced_farm,
@@ -282,12 +282,12 @@ def test_a_zeroed_mac_and_a_forged_repair_cannot_revive_an_urgently_replaced_key
     assert f"'node-a' remember {old} as urgently replaced" in shown.out
     # The operator keeps it: the old key is archived again, the fresh node never gets it.
     kept = synced_farm.run("repair-state", "--yes", "--revoked", revoked_file(tmp_path, old))
-    assert kept.code == 0, kept.out + kept.err
+    expect_ok(kept)
     assert f"{old}: urgently replaced before; archived again" in kept.out
     assert old in record(synced_farm).revoked
-    assert synced_farm.run("rollover", "--purpose", "signing", "--urgent").code == 0
+    expect_ok(synced_farm.run("rollover", "--purpose", "signing", "--urgent"))
     fresh = synced_farm.run("sync", node="node-fresh")
-    assert fresh.code == 0, fresh.err
+    expect_ok(fresh)
     assert old not in fresh.out
 
 
@@ -295,11 +295,12 @@ def test_repair_state_asks_first_and_never_drops_a_revoked_thumbprint(
     synced_farm: TestFarm,
 ) -> None:
     old = holder(synced_farm, "signing", "primary")
-    assert synced_farm.run("rollover", "--purpose", "signing", "--urgent").code == 0
+    expect_ok(synced_farm.run("rollover", "--purpose", "signing", "--urgent"))
     version = record(synced_farm).version
     # Nothing wrong: nothing to repair, nothing written.
     calm = synced_farm.run("repair-state", "--yes")
-    assert calm.code == 0 and "nothing to repair" in calm.out
+    expect_ok(calm)
+    assert "nothing to repair" in calm.out
     assert record(synced_farm).version == version
     # Something wrong, no terminal and no --yes: refused, nothing written.
     new = holder(synced_farm, "signing", "primary")
@@ -310,12 +311,12 @@ def test_repair_state_asks_first_and_never_drops_a_revoked_thumbprint(
     assert "is live but not in the farm state" in asked.out or "is retired" in asked.out
     assert record(synced_farm).version == version
     repaired = synced_farm.run("repair-state", "--yes")
-    assert repaired.code == 0, repaired.out + repaired.err
+    expect_ok(repaired)
     assert old in record(synced_farm).revoked  # the verifying record's list is kept
 
 
 def test_a_repair_is_refused_when_the_rows_changed_after_the_review(synced_farm: TestFarm) -> None:
-    assert synced_farm.run("rollover", "--purpose", "signing").code == 0
+    expect_ok(synced_farm.run("rollover", "--purpose", "signing"))
     secondary = holder(synced_farm, "signing", "secondary")
     sql(synced_farm, f"UPDATE certificate SET role = 'retired' WHERE thumbprint = '{secondary}'")
     cfg = load(synced_farm.config())
@@ -346,11 +347,11 @@ def test_a_forged_version_column_cannot_freeze_the_farm(synced_farm: TestFarm) -
     sql(synced_farm, f"UPDATE farm_state SET version = {BIGINT_END}")
     critical(synced_farm, f"version column says {BIGINT_END}")
     result = synced_farm.run("rollover", "--purpose", "signing", "--urgent")
-    assert result.code == 0, result.out + result.err
+    expect_ok(result)
     assert record(synced_farm).version == version + 1
     assert db_query(synced_farm.dsn, "SELECT version FROM farm_state")[0]["version"] == version + 1
     fresh = synced_farm.run("sync", node="node-fresh")
-    assert fresh.code == 0, fresh.err
+    expect_ok(fresh)
     assert synced_farm.run("status").code != 2
 
 
@@ -359,15 +360,15 @@ def test_a_forged_node_version_cannot_freeze_the_farm(synced_farm: TestFarm) -> 
     sql(synced_farm, f"INSERT INTO node (id, state_version) VALUES ('forged', {BIGINT_END})")
     critical(synced_farm, f"node forged installed farm state version {BIGINT_END}")
     result = synced_farm.run("rollover", "--purpose", "signing", "--urgent")
-    assert result.code == 0, result.out + result.err
+    expect_ok(result)
     assert record(synced_farm).version == version + 1
     fresh = synced_farm.run("sync", node="node-fresh")
-    assert fresh.code == 0, fresh.err
+    expect_ok(fresh)
     # A repair never takes the forged version as its floor.
     sql(synced_farm, "UPDATE farm_state SET mac = decode(repeat('00', 32), 'hex')")
     shown = synced_farm.run("repair-state", "--yes", "--revoked", "/dev/null")
     assert "node 'forged' reports farm state version" in shown.out
-    assert shown.code == 0, shown.out + shown.err
+    expect_ok(shown)
     assert record(synced_farm).version < 1 << 32
 
 

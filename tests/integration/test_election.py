@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from farmtools import TestFarm, add_certificate
+from farmtools import TestFarm, add_certificate, expect_ok
 
 from farmkeys.config import Config, LeaseConfig, load
 from farmkeys.configdb import ConfigDB
@@ -299,7 +299,7 @@ def test_a_deleted_lease_row_heals_without_terms_going_back(
     assert b.term is not None and b.term > highest
     b.release()
     # And the operator's path (no node serves): a rollover takes the healed lease.
-    assert initialised_farm.run("rollover", "--purpose", "signing").code == 0
+    expect_ok(initialised_farm.run("rollover", "--purpose", "signing"))
 
 
 def test_the_schema_forbids_a_holder_without_an_expiry(initialised_farm: TestFarm) -> None:

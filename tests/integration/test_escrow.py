@@ -18,7 +18,7 @@ from pathlib import Path
 import ldap3
 import psycopg
 import pytest
-from farmtools import REPO, TestFarm, audit_events, clean_env, db_query, one_error_line
+from farmtools import REPO, TestFarm, audit_events, clean_env, db_query, expect_ok, one_error_line
 
 from farmkeys import agefmt
 from farmkeys.config import load
@@ -74,7 +74,7 @@ def export(farm: TestFarm, tmp_path: Path, name: str = "farm.escrow") -> Path:
     result = farm.run(
         "escrow", "export", "--out", str(out), "--passphrase-file", passphrase_file(tmp_path)
     )
-    assert result.code == 0, result.err
+    expect_ok(result)
     return out
 
 
@@ -82,8 +82,8 @@ def test_the_disaster_drill_export_lose_the_container_import_and_a_fresh_node_sy
     initialised_farm: TestFarm, slapd: LocalSlapd, tmp_path: Path
 ) -> None:
     # Two keys: the farm has rolled its master key once (the previous one is still kept).
-    assert initialised_farm.run("rollover", "--master-key").code == 0
-    assert initialised_farm.run("sync", node="node-a").code == 0
+    expect_ok(initialised_farm.run("rollover", "--master-key"))
+    expect_ok(initialised_farm.run("sync", node="node-a"))
     before = installed(initialised_farm, "node-a")
     keys = directory_keys(initialised_farm)
     assert len(keys) == 2
@@ -101,10 +101,10 @@ def test_the_disaster_drill_export_lose_the_container_import_and_a_fresh_node_sy
     result = initialised_farm.run(
         "escrow", "import", str(out), "--passphrase-file", passphrase_file(tmp_path)
     )
-    assert result.code == 0, result.err
+    expect_ok(result)
     assert "re-created the DKM container" in result.out
     assert directory_keys(initialised_farm) == keys  # the same ids, and the same one current
-    assert initialised_farm.run("sync", node="node-b").code == 0
+    expect_ok(initialised_farm.run("sync", node="node-b"))
     assert installed(initialised_farm, "node-b") == before
     # The service account alone reads them, as before: the parent's access rule covers it.
     config = load(initialised_farm.config())
@@ -116,7 +116,8 @@ def test_the_disaster_drill_export_lose_the_container_import_and_a_fresh_node_sy
     again = initialised_farm.run(
         "escrow", "import", str(out), "--passphrase-file", passphrase_file(tmp_path)
     )
-    assert again.code == 0 and again.out.count("was already in the directory") == 2
+    expect_ok(again)
+    assert again.out.count("was already in the directory") == 2
 
 
 def test_an_escrow_file_is_an_age_file_holding_the_farm_and_its_keys(
@@ -140,11 +141,11 @@ def test_a_key_the_farm_deleted_is_never_brought_back(
 ) -> None:
     old = next(iter(directory_keys(initialised_farm)))
     out = export(initialised_farm, tmp_path)
-    assert initialised_farm.run("rollover", "--master-key", "--urgent").code == 0  # old is shredded
+    expect_ok(initialised_farm.run("rollover", "--master-key", "--urgent"))  # old is shredded
     result = initialised_farm.run(
         "escrow", "import", str(out), "--passphrase-file", passphrase_file(tmp_path)
     )
-    assert result.code == 0, result.err
+    expect_ok(result)
     assert f"master key {old} not restored: the farm deleted it" in result.out
     assert old not in directory_keys(initialised_farm)
 
@@ -156,7 +157,7 @@ def test_a_shredded_key_stays_shredded_whatever_the_master_key_table_says(
     # marks the shredded key as merely replaced cannot get it restored.
     old = next(iter(directory_keys(initialised_farm)))
     out = export(initialised_farm, tmp_path)
-    assert initialised_farm.run("rollover", "--master-key", "--urgent").code == 0  # old is shredded
+    expect_ok(initialised_farm.run("rollover", "--master-key", "--urgent"))  # old is shredded
     record = db_query(initialised_farm.dsn, "SELECT body FROM farm_state")[0]["body"]
     assert str(old) in json.loads(bytes(record))["shredded"]
     with psycopg.connect(initialised_farm.dsn) as conn:
@@ -166,7 +167,7 @@ def test_a_shredded_key_stays_shredded_whatever_the_master_key_table_says(
     result = initialised_farm.run(
         "escrow", "import", str(out), "--passphrase-file", passphrase_file(tmp_path)
     )
-    assert result.code == 0, result.err
+    expect_ok(result)
     assert f"master key {old} not restored: the farm deleted it" in result.out
     assert old not in directory_keys(initialised_farm)
 
@@ -205,7 +206,7 @@ def test_a_key_in_the_directory_with_other_bytes_is_never_overwritten(
     assert result.code == 1
     assert f"master key {key_id} exists in the directory with other bytes" in one_error_line(result)
     assert len(audit_events(initialised_farm)) == events
-    assert initialised_farm.run("sync").code == 0  # the genuine key still opens the farm's blobs
+    expect_ok(initialised_farm.run("sync"))  # the genuine key still opens the farm's blobs
 
 
 @pytest.fixture
@@ -219,7 +220,7 @@ def other_farm(tmp_path: Path, slapd: LocalSlapd, postgres: object) -> TestFarm:
         root=tmp_path / "other", slapd=slapd, dsn=postgres.dsn_for(name), name="fabrikam"
     )
     farm.root.mkdir()
-    assert farm.run("init").code == 0
+    expect_ok(farm.run("init"))
     return farm
 
 
@@ -350,7 +351,7 @@ def test_the_config_db_holds_no_key_bytes_after_an_export_and_import(
     imported = initialised_farm.run(
         "escrow", "import", str(out), "--passphrase-file", passphrase_file(tmp_path)
     )
-    assert imported.code == 0
+    expect_ok(imported)
     config = load(initialised_farm.config())
     with Directory(config.directory, config.retry) as service:
         [key_id] = directory_keys(initialised_farm)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from farmtools import Result, TestFarm, add_certificate, one_error_line, snapshot
+from farmtools import Result, TestFarm, add_certificate, expect_ok, one_error_line, snapshot
 
 from farmkeys import cli
 
@@ -18,8 +18,8 @@ def synced(farm: TestFarm) -> TestFarm:
     A sync of node-a must therefore open blobs and switch its store: the
     failures below would show in it.
     """
-    assert farm.run("init").code == 0
-    assert farm.run("sync").code == 0
+    expect_ok(farm.run("init"))
+    expect_ok(farm.run("sync"))
     add_certificate(farm, purpose="signing", role="secondary")
     return farm
 
@@ -27,7 +27,7 @@ def synced(farm: TestFarm) -> TestFarm:
 def run_cli(*argv: str, capsys: pytest.CaptureFixture[str]) -> Result:
     code = cli.main(list(argv))
     captured = capsys.readouterr()
-    return Result(code, captured.out, captured.err)
+    return Result(code, captured.out, captured.err, ("farmkeys", *argv))
 
 
 # -- configuration ----------------------------------------------------------------------

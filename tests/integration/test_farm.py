@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from farmtools import TestFarm, add_certificate, hold_lease, one_error_line, snapshot
+from farmtools import TestFarm, add_certificate, expect_ok, hold_lease, one_error_line, snapshot
 
 from farmkeys import cli, dkm
 from farmkeys.config import load
@@ -36,7 +36,7 @@ def db_rows(dsn: str, query: str) -> list[tuple[object, ...]]:
 
 def test_init_creates_schema_directory_container_and_two_primaries(farm: TestFarm) -> None:
     result = farm.run("init")
-    assert result.code == 0, result.err
+    expect_ok(result)
     assert "applied migration 0001_initial.sql" in result.out
     assert "created farm 'contoso'" in result.out
 
@@ -62,7 +62,7 @@ def test_init_twice_changes_nothing_and_says_so(initialised_farm: TestFarm) -> N
     before = db_rows(farm.dsn, "SELECT id, role, thumbprint, blob FROM certificate ORDER BY id")
     group_before = db_rows(farm.dsn, "SELECT dkm_group FROM farm")
     result = farm.run("init")
-    assert result.code == 0, result.err
+    expect_ok(result)
     assert "already initialised" in result.out and "nothing changed" in result.out
     assert (
         db_rows(farm.dsn, "SELECT id, role, thumbprint, blob FROM certificate ORDER BY id")
@@ -80,9 +80,11 @@ def test_init_with_another_farm_name_is_refused(initialised_farm: TestFarm) -> N
 
 def test_db_upgrade_applies_only_new_migrations(farm: TestFarm) -> None:
     first = farm.run("db", "upgrade")
-    assert first.code == 0 and "applied migration 0001_initial.sql" in first.out
+    expect_ok(first)
+    assert "applied migration 0001_initial.sql" in first.out
     again = farm.run("db", "upgrade")
-    assert again.code == 0 and "up to date; nothing changed" in again.out
+    expect_ok(again)
+    assert "up to date; nothing changed" in again.out
 
 
 @pytest.mark.parametrize(
@@ -97,10 +99,10 @@ def test_db_upgrade_applies_only_new_migrations(farm: TestFarm) -> None:
 def test_init_honours_the_key_type_policy(
     farm: TestFarm, policy: dict[str, str], signing: str, decryption: str
 ) -> None:
-    assert farm.run("init", policy=policy).code == 0
+    expect_ok(farm.run("init", policy=policy))
     rows = db_rows(farm.dsn, "SELECT purpose, key_type FROM certificate ORDER BY 1")
     assert rows == [("decryption", decryption), ("signing", signing)]
-    assert farm.run("sync", policy=policy).code == 0
+    expect_ok(farm.run("sync", policy=policy))
 
 
 def test_a_decryption_key_that_is_not_rsa_is_refused(farm: TestFarm) -> None:
@@ -127,7 +129,7 @@ def test_init_warns_when_an_anonymous_bind_can_read_the_container(
     with LocalSlapd(tmp_path / "open-slapd", anonymous_read_dkm=True) as open_slapd:
         farm = TestFarm(root=tmp_path, slapd=open_slapd, dsn=pg_dsn)
         result = farm.run("init")
-    assert result.code == 0, result.err
+    expect_ok(result)
     assert "warning: an anonymous bind can read the DKM container" in result.err
 
 
@@ -150,7 +152,7 @@ def test_three_nodes_sync_the_same_certificates(initialised_farm: TestFarm) -> N
     farm = initialised_farm
     for node in ("node-a", "node-b", "node-c"):
         result = farm.run("sync", node=node)
-        assert result.code == 0, result.err
+        expect_ok(result)
         assert f"{node}: installed generation 1" in result.out
 
     manifests = [
@@ -167,7 +169,7 @@ def test_three_nodes_sync_the_same_certificates(initialised_farm: TestFarm) -> N
 
     hold_lease(farm)
     status = farm.run("status", "--json")
-    assert status.code == 0, status.out + status.err
+    expect_ok(status)
     doc = status.json
     assert doc["health"] == "ok" and doc["problems"] == []
     assert [n["id"] for n in doc["nodes"]] == ["node-a", "node-b", "node-c"]
@@ -176,7 +178,7 @@ def test_three_nodes_sync_the_same_certificates(initialised_farm: TestFarm) -> N
 
 def test_store_layout_and_permissions(initialised_farm: TestFarm) -> None:
     farm = initialised_farm
-    assert farm.run("sync").code == 0
+    expect_ok(farm.run("sync"))
     store = farm.store()
     assert stat.S_IMODE(store.stat().st_mode) == 0o700
     manifest = json.loads((store / "manifest.json").read_text())
@@ -216,10 +218,11 @@ def test_store_layout_and_permissions(initialised_farm: TestFarm) -> None:
 
 def test_second_sync_changes_nothing_and_reads_no_key(initialised_farm: TestFarm) -> None:
     farm = initialised_farm
-    assert farm.run("sync").code == 0
+    expect_ok(farm.run("sync"))
     before = snapshot(farm.store())
     again = farm.run("sync")
-    assert again.code == 0 and "already in sync at generation 1" in again.out
+    expect_ok(again)
+    assert "already in sync at generation 1" in again.out
     assert snapshot(farm.store()) == before
 
 
@@ -266,7 +269,7 @@ def test_sync_before_init_fails_and_touches_nothing(farm: TestFarm) -> None:
 
 def corrupt_and_sync(farm: TestFarm, update: str) -> str:
     """Sync, add a real secondary (so the store must change), corrupt a blob, sync again."""
-    assert farm.run("sync").code == 0
+    expect_ok(farm.run("sync"))
     before = snapshot(farm.store())
     add_certificate(farm, purpose="signing", role="secondary")
     with psycopg.connect(farm.dsn) as conn:
@@ -310,7 +313,7 @@ def test_blob_whose_master_key_is_missing_fails_naming_the_key(initialised_farm:
     context = dkm.BlobContext(farm=str(group), certificate_id=str(cert_id), purpose="signing")
     plain = dkm.open_blob(bytes(blob), master_key=key, context=context)
     resealed = dkm.seal(plain, master_key=bytes(32), master_key_id=missing, context=context)
-    assert farm.run("sync").code == 0
+    expect_ok(farm.run("sync"))
     before = snapshot(farm.store())
     with psycopg.connect(farm.dsn) as conn:
         conn.execute(
@@ -322,7 +325,7 @@ def test_blob_whose_master_key_is_missing_fails_naming_the_key(initialised_farm:
     # node-a holds the signing certificate intact: it carries it into the new generation
     # without opening its blob, and only cannot confirm the missing key.
     result = farm.run("sync")
-    assert result.code == 0
+    expect_ok(result)
     assert snapshot(farm.store()) != before
     (confirmed,) = db_rows(farm.dsn, "SELECT master_keys FROM node WHERE id = 'node-a'")[0]
     assert missing not in confirmed
@@ -341,7 +344,7 @@ def test_a_write_failing_midway_leaves_the_store_as_it_was(initialised_farm: Tes
     import signal
 
     farm = initialised_farm
-    assert farm.run("sync").code == 0
+    expect_ok(farm.run("sync"))
     before = snapshot(farm.store())
     add_certificate(farm, purpose="signing", role="secondary")
 
@@ -354,7 +357,7 @@ def test_a_write_failing_midway_leaves_the_store_as_it_was(initialised_farm: Tes
     line = one_error_line(result)
     assert str(farm.store()) in line and "left as they were" in line
     assert snapshot(farm.store()) == before
-    assert farm.run("sync").code == 0  # and once the limit is gone, the sync goes through
+    expect_ok(farm.run("sync"))  # and once the limit is gone, the sync goes through
 
 
 # -- status -------------------------------------------------------------------------------
@@ -362,7 +365,7 @@ def test_a_write_failing_midway_leaves_the_store_as_it_was(initialised_farm: Tes
 
 def test_status_json_has_every_documented_field(initialised_farm: TestFarm) -> None:
     farm = initialised_farm
-    assert farm.run("sync").code == 0
+    expect_ok(farm.run("sync"))
     term = hold_lease(farm)
     doc = farm.run("status", "--json").json
     assert set(doc["farm"]) >= {"name", "dkm_group"}
@@ -394,10 +397,10 @@ def test_status_json_has_every_documented_field(initialised_farm: TestFarm) -> N
 
 def test_status_for_a_person_shows_the_farm(initialised_farm: TestFarm) -> None:
     farm = initialised_farm
-    assert farm.run("sync").code == 0
+    expect_ok(farm.run("sync"))
     hold_lease(farm)
     result = farm.run("status")
-    assert result.code == 0, result.out
+    expect_ok(result)
     assert "farm      contoso" in result.out and "health    OK" in result.out
     assert "node-a" in result.out and "in sync" in result.out
     assert "leader    node-a (term 1" in result.out
@@ -406,7 +409,7 @@ def test_status_for_a_person_shows_the_farm(initialised_farm: TestFarm) -> None:
 
 def test_status_warns_when_no_node_holds_the_lease(initialised_farm: TestFarm) -> None:
     farm = initialised_farm
-    assert farm.run("sync").code == 0
+    expect_ok(farm.run("sync"))
     result = farm.run("status", "--json")
     assert result.code == 1
     assert result.json["leader"] is None
@@ -417,7 +420,7 @@ def test_status_warns_when_a_node_has_not_installed_the_live_set(
     initialised_farm: TestFarm,
 ) -> None:
     farm = initialised_farm
-    assert farm.run("sync").code == 0
+    expect_ok(farm.run("sync"))
     with psycopg.connect(farm.dsn) as conn:
         conn.execute("UPDATE certificate SET role = 'archived' WHERE purpose = 'signing'")
     add_certificate(farm, purpose="signing", role="primary")
@@ -432,7 +435,7 @@ def test_status_is_critical_inside_the_critical_threshold(
     from datetime import UTC, datetime, timedelta
 
     farm = initialised_farm
-    assert farm.run("sync").code == 0
+    expect_ok(farm.run("sync"))
     monkeypatch.setattr(cli, "_now", lambda: datetime.now(UTC) + timedelta(days=364))
     result = farm.run("status", "--json")
     assert result.code == 2
@@ -455,7 +458,7 @@ def test_status_exits_3_when_the_config_db_is_unreachable(initialised_farm: Test
 
 def test_status_with_the_directory_down_still_reports_the_farm(initialised_farm: TestFarm) -> None:
     farm = initialised_farm
-    assert farm.run("sync").code == 0
+    expect_ok(farm.run("sync"))
     result = farm.run("status", "--json", directory={"url": "ldap://127.0.0.1:1"})
     assert result.code == 1
     doc = result.json
@@ -472,7 +475,7 @@ def test_status_with_the_directory_down_still_reports_the_farm(initialised_farm:
 def test_events_show_what_init_did(initialised_farm: TestFarm) -> None:
     farm = initialised_farm
     events = farm.run("events", "--json")
-    assert events.code == 0
+    expect_ok(events)
     actions = [(e["action"], e["purpose"], e["term"], e["node"]) for e in events.json]
     assert actions == [
         ("init", None, None, "node-a"),
@@ -484,7 +487,7 @@ def test_events_show_what_init_did(initialised_farm: TestFarm) -> None:
     assert all(e["at"].endswith("+00:00") for e in events.json)
 
     text = farm.run("events", "--since", "1h")
-    assert text.code == 0
+    expect_ok(text)
     assert "init" in text.out and "generate_and_promote signing" in text.out
     assert farm.run("events", "--since", "2099-01-01T00:00:00Z").out.strip() == "no events"
 
@@ -501,7 +504,7 @@ def test_a_node_syncs_past_a_dead_directory_server_and_status_names_the_one_it_u
     dead = f"ldap://127.0.0.1:{free_port()}"
     servers = {"directory": {"url": [dead, initialised_farm.slapd.url]}}
     result = initialised_farm.run("sync", node="node-b", **servers)
-    assert result.code == 0, result.err
+    expect_ok(result)
     doc = initialised_farm.run("status", "--json").json
     nodes = {n["id"]: n for n in doc["nodes"]}
     assert nodes["node-b"]["directory_server"] == initialised_farm.slapd.url
@@ -531,7 +534,7 @@ def test_migrations_come_from_the_installed_package_not_a_folder_beside_it(
         "from farmkeys.configdb import migrations; "
         "print(' '.join(m.name for m in migrations()))",
     )
-    assert result.code == 0, result.err
+    expect_ok(result)
     assert result.out.split() == sorted(p.name for p in (REPO / "sql").glob("*.sql"))
 
 
@@ -544,7 +547,7 @@ def other_farm(tmp_path: Path, slapd: LocalSlapd, postgres: LocalPostgres) -> It
     name = f"farmkeys_other_{uuid.uuid4().hex[:8]}"
     other = TestFarm(root=tmp_path / "other", slapd=slapd, dsn=postgres.create_database(name))
     other.root.mkdir()
-    assert other.run("init").code == 0
+    expect_ok(other.run("init"))
     try:
         yield other
     finally:
@@ -562,7 +565,7 @@ def group_of(farm: TestFarm) -> str:
 def test_a_store_is_pinned_to_the_first_farm_it_installs(
     initialised_farm: TestFarm, other_farm: TestFarm
 ) -> None:
-    assert initialised_farm.run("sync").code == 0
+    expect_ok(initialised_farm.run("sync"))
     assert manifest_group(initialised_farm.store()) == group_of(initialised_farm)
     before = snapshot(initialised_farm.store())
     elsewhere = {"database": {"dsn": other_farm.dsn}}
@@ -582,10 +585,10 @@ def test_farm_dkm_group_pins_a_node_before_anything_is_installed(
     assert result.code != 0
     assert "pinned by farm.dkm_group" in one_error_line(result)
     assert not initialised_farm.store().exists() or snapshot(initialised_farm.store()) == {}
-    assert initialised_farm.run("sync", **pin).code == 0
+    expect_ok(initialised_farm.run("sync", **pin))
     # A farm re-created on purpose: the operator names the new group, and the node follows.
     repin = {"farm": {"name": "contoso", "dkm_group": group_of(other_farm)}}
-    assert initialised_farm.run("sync", database={"dsn": other_farm.dsn}, **repin).code == 0
+    expect_ok(initialised_farm.run("sync", database={"dsn": other_farm.dsn}, **repin))
     assert manifest_group(initialised_farm.store()) == group_of(other_farm)
 
 
@@ -598,23 +601,23 @@ def test_a_bad_farm_dkm_group_is_a_config_error(initialised_farm: TestFarm) -> N
 def test_a_store_installed_before_pinning_is_pinned_when_next_in_sync(
     initialised_farm: TestFarm,
 ) -> None:
-    assert initialised_farm.run("sync").code == 0
+    expect_ok(initialised_farm.run("sync"))
     path = initialised_farm.store() / "manifest.json"
     document = json.loads(path.read_text())
     del document["dkm_group"]
     target = path.resolve()
     target.write_text(json.dumps(document))
-    assert initialised_farm.run("sync").code == 0
+    expect_ok(initialised_farm.run("sync"))
     assert manifest_group(initialised_farm.store()) == group_of(initialised_farm)
 
 
 def test_sync_reinstalls_a_set_whose_key_file_was_changed(initialised_farm: TestFarm) -> None:
-    assert initialised_farm.run("sync").code == 0
+    expect_ok(initialised_farm.run("sync"))
     key = initialised_farm.store() / "signing" / "primary.key"
     good = key.read_bytes()
     key.resolve().write_bytes(good.replace(b"A", b"B", 1))
     result = initialised_farm.run("sync")
-    assert result.code == 0, result.err
+    expect_ok(result)
     assert key.read_bytes() == good
     assert json.loads((initialised_farm.store() / "manifest.json").read_text())["generation"] == 2
 
@@ -622,10 +625,10 @@ def test_sync_reinstalls_a_set_whose_key_file_was_changed(initialised_farm: Test
 def test_sync_repairs_a_corrupt_manifest(initialised_farm: TestFarm) -> None:
     # Pinning reads the manifest before anything else: a corrupt one must still be
     # repaired by the install, as before farms were pinned, not stop every sync.
-    assert initialised_farm.run("sync").code == 0
+    expect_ok(initialised_farm.run("sync"))
     (initialised_farm.store() / "manifest.json").resolve().write_text('{"node": "node-a", "gen')
     result = initialised_farm.run("sync")
-    assert result.code == 0, result.err
+    expect_ok(result)
     document = json.loads((initialised_farm.store() / "manifest.json").read_text())
     assert document["generation"] == 2 and document["dkm_group"] == group_of(initialised_farm)
 
@@ -636,7 +639,7 @@ def test_sync_with_a_store_group_lets_that_group_read_the_keys(initialised_farm:
     group = next(g for g in grp.getgrall() if g.gr_gid not in (0, os.getegid()))
     farm = initialised_farm
     farm.overrides["node"] = {"store_group": group.gr_name}
-    assert farm.run("sync").code == 0
+    expect_ok(farm.run("sync"))
     key = (farm.store() / "signing" / "primary.key").resolve()
     status = key.lstat()
     assert (stat.S_IMODE(status.st_mode), status.st_gid) == (0o640, group.gr_gid)

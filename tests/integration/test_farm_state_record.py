@@ -96,7 +96,7 @@ def test_init_writes_version_1_and_every_node_records_it(two_node_farm: TestFarm
 
 
 def test_each_leader_change_writes_the_next_version(two_node_farm: TestFarm) -> None:
-    assert two_node_farm.run("rollover", "--purpose", "signing").code == 0
+    expect_ok(two_node_farm.run("rollover", "--purpose", "signing"))
     assert state_version(two_node_farm) == 2
     state = farmstate.parse(
         bytes(db_query(two_node_farm.dsn, "SELECT body FROM farm_state")[0]["body"])
@@ -105,11 +105,11 @@ def test_each_leader_change_writes_the_next_version(two_node_farm: TestFarm) -> 
         "primary",
         "secondary",
     ]
-    assert two_node_farm.run("sync").code == 0
+    expect_ok(two_node_farm.run("sync"))
     assert manifest(two_node_farm)["state_version"] == 2
     # Asking again changes no certificate (a secondary exists): the next version has the
     # same live set and notes only that the request was answered, so a copy is refused.
-    assert two_node_farm.run("rollover", "--purpose", "signing").code == 0
+    expect_ok(two_node_farm.run("rollover", "--purpose", "signing"))
     assert state_version(two_node_farm) == 3
     again = farmstate.parse(
         bytes(db_query(two_node_farm.dsn, "SELECT body FROM farm_state")[0]["body"])
@@ -124,9 +124,7 @@ def test_a_master_key_roll_authenticates_the_state_under_the_new_key(
     before = farmstate.parse(
         bytes(db_query(two_node_farm.dsn, "SELECT body FROM farm_state")[0]["body"])
     )
-    assert (
-        two_node_farm.run("rollover", "--master-key", "--urgent").code == 0
-    )  # the old key deleted
+    expect_ok(two_node_farm.run("rollover", "--master-key", "--urgent"))  # the old key deleted
     current = db_query(two_node_farm.dsn, "SELECT id FROM master_key WHERE state = 'current'")[0][
         "id"
     ]
@@ -136,7 +134,7 @@ def test_a_master_key_roll_authenticates_the_state_under_the_new_key(
     assert state.master_key == current != before.master_key
     assert {e.master_key for e in state.live} == {current}
     assert two_node_farm.run("status", "--json").json["farm_state"]["authentic"] is True
-    assert two_node_farm.run("sync").code == 0
+    expect_ok(two_node_farm.run("sync"))
     assert manifest(two_node_farm)["state_version"] == state.version
 
 
@@ -145,10 +143,10 @@ def test_no_file_of_an_urgently_replaced_key_stays_in_a_nodes_store(
 ) -> None:
     old = next(t for t, (p, r) in live(two_node_farm).items() if p == "signing" and r == "primary")
     key = (two_node_farm.store() / "signing" / f"{old}.key").read_bytes()
-    assert two_node_farm.run("rollover", "--purpose", "signing").code == 0
-    assert two_node_farm.run("sync").code == 0  # a second generation that still holds it
-    assert two_node_farm.run("rollover", "--purpose", "signing", "--urgent").code == 0
-    assert two_node_farm.run("sync").code == 0
+    expect_ok(two_node_farm.run("rollover", "--purpose", "signing"))
+    expect_ok(two_node_farm.run("sync"))  # a second generation that still holds it
+    expect_ok(two_node_farm.run("rollover", "--purpose", "signing", "--urgent"))
+    expect_ok(two_node_farm.run("sync"))
     for path in two_node_farm.store().rglob("*"):
         assert old not in path.name
         assert path.is_dir() or path.is_symlink() or key not in path.read_bytes()
@@ -162,8 +160,8 @@ def test_two_updates_after_an_urgent_rollover_cannot_bring_the_old_primary_back(
 ) -> None:
     old = next(t for t, (p, r) in live(two_node_farm).items() if p == "signing" and r == "primary")
     result = two_node_farm.run("rollover", "--purpose", "signing", "--urgent")
-    assert result.code == 0, result.err
-    assert two_node_farm.run("sync").code == 0
+    expect_ok(result)
+    expect_ok(two_node_farm.run("sync"))
     assert old in manifest(two_node_farm)["forgotten"]
     new = next(t for t, (p, r) in live(two_node_farm).items() if p == "signing" and r == "primary")
 
@@ -188,14 +186,14 @@ def test_two_updates_after_an_urgent_rollover_cannot_bring_the_old_primary_back(
 
     # repair-state: the urgently replaced certificate is archived again, never authenticated.
     repaired = two_node_farm.run("repair-state", "--yes")
-    assert repaired.code == 0, repaired.err + repaired.out
+    expect_ok(repaired)
     assert f"{old}: urgently replaced before; archived again" in repaired.out
     assert live(two_node_farm)[old] == ("signing", "archived")
     assert "state_repair" in [e["action"] for e in audit_events(two_node_farm)]
     # The new primary stays archived (the operator's choice to restore it, or roll again):
     # the leader's next check makes a new primary, and the node installs it.
-    assert two_node_farm.run("rollover", "--purpose", "signing").code == 0
-    assert two_node_farm.run("sync").code == 0
+    expect_ok(two_node_farm.run("rollover", "--purpose", "signing"))
+    expect_ok(two_node_farm.run("sync"))
     installed = {e["thumbprint"] for e in manifest(two_node_farm)["certificates"]}
     assert old not in installed
 
@@ -204,8 +202,8 @@ def test_a_node_never_installs_an_urgently_replaced_certificate_again(
     two_node_farm: TestFarm,
 ) -> None:
     old = next(t for t, (p, r) in live(two_node_farm).items() if p == "signing" and r == "primary")
-    assert two_node_farm.run("rollover", "--purpose", "signing", "--urgent").code == 0
-    assert two_node_farm.run("sync").code == 0
+    expect_ok(two_node_farm.run("rollover", "--purpose", "signing", "--urgent"))
+    expect_ok(two_node_farm.run("sync"))
     new = next(t for t, (p, r) in live(two_node_farm).items() if p == "signing" and r == "primary")
     # Even a record that verifies (here: written with the master key, its revoked list
     # emptied) cannot make this node install it: the node keeps its own list.
@@ -228,8 +226,8 @@ def test_a_whole_table_restore_from_an_earlier_dump_is_refused(two_node_farm: Te
         "CREATE TABLE certificate_dump AS SELECT * FROM certificate",
         "CREATE TABLE farm_state_dump AS SELECT * FROM farm_state",
     )
-    assert two_node_farm.run("rollover", "--purpose", "all").code == 0  # two secondaries: version 2
-    assert two_node_farm.run("sync").code == 0
+    expect_ok(two_node_farm.run("rollover", "--purpose", "all"))  # two secondaries: version 2
+    expect_ok(two_node_farm.run("sync"))
     assert manifest(two_node_farm)["state_version"] == 2
 
     sql(
@@ -248,9 +246,9 @@ def test_a_whole_table_restore_from_an_earlier_dump_is_refused(two_node_farm: Te
 
     # The operator restored it on purpose: repair-state writes a version above every node's.
     repaired = two_node_farm.run("repair-state", "--yes")
-    assert repaired.code == 0, repaired.err + repaired.out
+    expect_ok(repaired)
     assert "farm state version 3 written" in repaired.out
-    assert two_node_farm.run("sync").code == 0
+    expect_ok(two_node_farm.run("sync"))
     assert manifest(two_node_farm)["state_version"] == 3
     assert two_node_farm.run("status", "--json").json["farm_state"]["authentic"] is True
 
@@ -269,7 +267,7 @@ def test_a_state_record_copied_from_another_farm_is_refused(
     other_dsn = postgres.create_database(f"farmkeys_test_{uuid.uuid4().hex[:12]}")
     other = TestFarm(root=tmp_path / "fabrikam", slapd=slapd, dsn=other_dsn, name="fabrikam")
     other.root.mkdir()
-    assert other.run("init").code == 0
+    expect_ok(other.run("init"))
     copied = db_query(other_dsn, "SELECT version, body, mac FROM farm_state")[0]
     with psycopg.connect(two_node_farm.dsn) as conn:
         conn.execute(
@@ -305,13 +303,13 @@ def test_a_farm_from_before_state_records_is_adopted_by_the_leader(two_node_farm
         doc.pop("state_version", None)
         doc.pop("state_digest", None)
         path.write_text(json.dumps(doc))
-    assert two_node_farm.run("sync", node="node-c").code == 0  # with a warning in its log
+    expect_ok(two_node_farm.run("sync", node="node-c"))  # with a warning in its log
     status = two_node_farm.run("status", "--json").json
     assert any("no farm state record yet" in p for p in status["problems"])
     # The leader's next check writes the first record, audited as an adoption.
-    assert two_node_farm.run("rollover", "--purpose", "signing").code == 0
+    expect_ok(two_node_farm.run("rollover", "--purpose", "signing"))
     assert "state_adopt" in [e["action"] for e in audit_events(two_node_farm)]
-    assert two_node_farm.run("sync").code == 0
+    expect_ok(two_node_farm.run("sync"))
     assert manifest(two_node_farm)["state_version"] == state_version(two_node_farm)
 
 
@@ -327,7 +325,7 @@ def test_a_record_deleted_with_every_nodes_version_cannot_be_adopted_over_a_node
         "UPDATE node SET state_version = NULL",
         "UPDATE certificate SET role = 'archived' WHERE purpose = 'decryption'",
     )
-    assert two_node_farm.run("rollover", "--purpose", "signing").code == 0  # the leader adopts
+    expect_ok(two_node_farm.run("rollover", "--purpose", "signing"))  # the leader adopts
     assert "state_adopt" in [e["action"] for e in audit_events(two_node_farm)]
     refused(two_node_farm, "node-a", "version 1 is not the version 1 this node installed")
 
@@ -349,8 +347,8 @@ def test_keys_are_generated_before_the_fenced_transaction_opens(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(rollover, "generate_certificate", watched)
-    assert two_node_farm.run("rollover", "--purpose", "all").code == 0
-    assert two_node_farm.run("rollover", "--purpose", "signing", "--urgent").code == 0
+    expect_ok(two_node_farm.run("rollover", "--purpose", "all"))
+    expect_ok(two_node_farm.run("rollover", "--purpose", "signing", "--urgent"))
     assert seen and set(seen) == {"free"}, seen
 
 
@@ -358,8 +356,8 @@ def test_init_on_a_farm_without_a_primary_writes_through_the_fence(two_node_farm
     sql(two_node_farm, "UPDATE certificate SET role = 'archived' WHERE purpose = 'signing'")
     seal_state(two_node_farm)  # as a leader would have: the farm state agrees
     result = two_node_farm.run("init")
-    assert result.code == 0, result.err
+    expect_ok(result)
     made = [e for e in audit_events(two_node_farm) if e["action"] == "generate_and_promote"]
     assert made[-1]["purpose"] == "signing"
     assert made[-1]["term"] is not None  # under a lease term, not init's unfenced NULL
-    assert two_node_farm.run("sync").code == 0
+    expect_ok(two_node_farm.run("sync"))

@@ -15,6 +15,7 @@ from farmtools import (
     TestFarm,
     add_certificate,
     db_query,
+    expect_ok,
     one_error_line,
     run_python,
     seal_state,
@@ -297,7 +298,7 @@ def test_a_blob_from_before_bundles_still_installs(initialised_farm: TestFarm) -
     node = Node(initialised_farm, "node-b")
     try:
         reseal_signing(initialised_farm, node, bare)
-        assert initialised_farm.run("sync", node="node-b").code == 0
+        expect_ok(initialised_farm.run("sync", node="node-b"))
         key = (initialised_farm.store("node-b") / "signing" / "primary.key").read_bytes()
         assert key.startswith(b"-----BEGIN PRIVATE KEY-----")
     finally:
@@ -328,10 +329,10 @@ def test_a_store_moved_to_a_new_group_gets_the_group_on_carried_files(
     import grp
 
     group = grp.getgrgid(os.getgid()).gr_name if os.getgid() != 0 else "daemon"
-    assert initialised_farm.run("sync").code == 0
+    expect_ok(initialised_farm.run("sync"))
     add_certificate(initialised_farm, purpose="signing", role="secondary")
     initialised_farm.overrides["node"] = {"store_group": group}
-    assert initialised_farm.run("sync").code == 0
+    expect_ok(initialised_farm.run("sync"))
     gid = grp.getgrnam(group).gr_gid
     key = initialised_farm.store() / "signing" / "primary.key"
     assert key.stat().st_gid == gid
@@ -350,12 +351,12 @@ def test_a_sync_with_nothing_to_do_loads_neither_ldap3_nor_cryptography(
         " 'farmkeys.certs') if m in sys.modules)); sys.exit(code)"
     )
     done = run_python("-c", code, "sync", "--config", str(initialised_farm.config("node-a")))
-    assert done.code == 0, done.err
+    expect_ok(done)
     assert done.out.splitlines()[-1] == "[]"
     # A sync that installs does load them.
     add_certificate(initialised_farm, purpose="signing", role="secondary")
     done = run_python("-c", code, "sync", "--config", str(initialised_farm.config("node-a")))
-    assert done.code == 0, done.err
+    expect_ok(done)
     assert "ldap3" in done.out.splitlines()[-1] and "cryptography" in done.out.splitlines()[-1]
 
 

@@ -23,6 +23,7 @@ from farmtools import (
     add_certificate,
     audit_events,
     db_query,
+    expect_ok,
     one_error_line,
     run_python,
     seal_state,
@@ -249,7 +250,7 @@ def assert_consistent(farm: TestFarm, config: Config) -> None:
 def fresh_node_installs(farm: TestFarm, node: str) -> set[str]:
     """A node that never synced syncs now (a new process, a new directory connection)."""
     result = farm.spawn("sync", node=node)
-    assert result.code == 0, result.err
+    expect_ok(result)
     manifest = (farm.store(node) / "manifest.json").read_text()
     return {t for t in _thumbprints(manifest)}
 
@@ -268,7 +269,7 @@ def test_a_scheduled_roll_reseals_every_live_blob_and_changes_no_certificate(
         initialised_farm, purpose="signing", role="retired"
     )  # primary, secondary and retired
     add_certificate(initialised_farm, purpose="signing", role="secondary")
-    assert initialised_farm.run("sync").code == 0
+    expect_ok(initialised_farm.run("sync"))
     generation = initialised_farm.run("status", "--json").json["nodes"][0]["generation"]
     before, old = certificates(initialised_farm), current_key(initialised_farm)
 
@@ -290,7 +291,7 @@ def test_a_scheduled_roll_reseals_every_live_blob_and_changes_no_certificate(
     assert_consistent(initialised_farm, config)
 
     # The node's store does not change: the same generation, but it proves it reads the new key.
-    assert initialised_farm.run("sync").code == 0
+    expect_ok(initialised_farm.run("sync"))
     node = initialised_farm.run("status", "--json").json["nodes"][0]
     assert (node["generation"], node["master_keys"]) == (generation, [str(new)])
     assert fresh_node_installs(initialised_farm, "node-b") == {
@@ -363,7 +364,7 @@ def test_rollover_master_key_rolls_now_and_answers_the_operator(
     result = initialised_farm.run(
         "rollover", "--master-key"
     )  # no node leads: the command leads for it
-    assert result.code == 0, result.err
+    expect_ok(result)
     new = current_key(initialised_farm)
     assert f"master key {new} is now current; 2 live blobs are sealed under it" in result.out
     assert f"master key {old} is replaced; it stays in the directory" in result.out
@@ -387,7 +388,7 @@ def test_an_urgent_master_key_roll_deletes_the_replaced_key_at_once_and_says_wha
     archived = add_certificate(initialised_farm, purpose="decryption", role="archived")
     old = current_key(initialised_farm)
     result = initialised_farm.run("rollover", "--master-key", "--urgent")
-    assert result.code == 0, result.err
+    expect_ok(result)
     new = current_key(initialised_farm)
     assert directory_keys(config, group_of(initialised_farm)) == {new: True}
     assert recorded(initialised_farm) == {old: "deleted", new: "current"}
@@ -545,7 +546,7 @@ def test_a_leader_killed_after_each_step_of_a_roll_leaves_a_farm_the_next_leader
     initialised_farm: TestFarm, config: Config, db: ConfigDB, step: str
 ) -> None:
     group = group_of(initialised_farm)
-    assert initialised_farm.run("sync").code == 0
+    expect_ok(initialised_farm.run("sync"))
     installed = fresh_node_installs(initialised_farm, "node-b")
     before, old = certificates(initialised_farm), current_key(initialised_farm)
 
@@ -764,7 +765,7 @@ def test_a_node_in_sync_syncs_while_the_directory_is_down_after_a_roll_and_confi
 ) -> None:
     """A re-seal changes no certificate: a node's start-up sync must not fail for want of
     the new key while its store is right; the key stays unconfirmed until it can read it."""
-    assert initialised_farm.run("sync").code == 0
+    expect_ok(initialised_farm.run("sync"))
     leader.roll_master_key(leader_farm(initialised_farm, config), urgent=False, request=None)
     new = current_key(initialised_farm)
     slapd.stop()
@@ -772,10 +773,10 @@ def test_a_node_in_sync_syncs_while_the_directory_is_down_after_a_roll_and_confi
         blind = initialised_farm.run("sync")
     finally:
         slapd.start()
-    assert blind.code == 0, blind.err
+    expect_ok(blind)
     assert "already in sync" in blind.out
     assert initialised_farm.run("status", "--json").json["nodes"][0]["master_keys"] == []
-    assert initialised_farm.run("sync").code == 0
+    expect_ok(initialised_farm.run("sync"))
     assert initialised_farm.run("status", "--json").json["nodes"][0]["master_keys"] == [str(new)]
 
 
@@ -786,7 +787,7 @@ def test_a_row_pointed_at_another_master_key_is_refused_and_the_store_kept(
     the directory holds: the blob's own header names its key, and the row must agree."""
     old = current_key(initialised_farm)
     leader.roll_master_key(leader_farm(initialised_farm, config), urgent=False, request=None)
-    assert initialised_farm.run("sync").code == 0
+    expect_ok(initialised_farm.run("sync"))
     before = (initialised_farm.store() / "manifest.json").read_text()
     with psycopg.connect(initialised_farm.dsn) as conn:
         conn.execute("UPDATE certificate SET master_key = %s WHERE purpose = 'signing'", (old,))

@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
-from farmtools import TestFarm, add_certificate, db_query, one_error_line
+from farmtools import TestFarm, add_certificate, db_query, expect_ok, one_error_line
 from lxml import etree
 from saml2.attribute_converter import ac_factory
 from saml2.mdstore import InMemoryMetaData
@@ -52,13 +52,13 @@ def publishing_farm(farm: TestFarm) -> TestFarm:
 def synced(publishing_farm: TestFarm) -> TestFarm:
     for args in (("init",), ("sync",)):
         result = publishing_farm.run(*args)
-        assert result.code == 0, result.err
+        expect_ok(result)
     return publishing_farm
 
 
 def sync(farm: TestFarm, node: str = "node-a") -> None:
     result = farm.run("sync", node=node)
-    assert result.code == 0, result.err
+    expect_ok(result)
 
 
 def live(farm: TestFarm, purpose: str, role: str) -> str:
@@ -104,7 +104,7 @@ def test_metadata_lists_primary_secondary_and_retired_signing_and_the_primary_de
     sync(synced)
 
     result = synced.run("metadata")
-    assert result.code == 0, result.err
+    expect_ok(result)
     xml = result.out.encode()
     validate_saml(xml)  # the SAML 2.0 metadata schema, with xmldsig's
     assert descriptors(xml) == [
@@ -155,7 +155,7 @@ def test_metadata_arguments_override_the_config(synced: TestFarm) -> None:
     result = synced.run(
         "metadata", "--entity-id", "urn:other", "--sso-url", "https://other.example/sso"
     )
-    assert result.code == 0, result.err
+    expect_ok(result)
     root = etree.fromstring(result.out.encode())
     assert root.get("entityID") == "urn:other"
 
@@ -171,7 +171,7 @@ def test_metadata_without_an_entity_id_is_one_clear_error(synced: TestFarm) -> N
 
 
 def test_publishing_before_the_first_sync_is_one_clear_error(publishing_farm: TestFarm) -> None:
-    assert publishing_farm.run("init").code == 0
+    expect_ok(publishing_farm.run("init"))
     for command in ("metadata", "jwks"):
         result = publishing_farm.run(command)
         assert result.code == 1
@@ -185,7 +185,8 @@ def test_every_node_publishes_the_same_bytes(synced: TestFarm) -> None:
     for command in ("metadata", "jwks"):
         a = synced.run(command, node="node-a")
         b = synced.run(command, node="node-b")
-        assert a.code == b.code == 0
+        expect_ok(a)
+        expect_ok(b)
         assert a.out == b.out
 
 
@@ -216,7 +217,7 @@ def test_jwks_describes_each_rsa_signing_key_as_adfs_does(synced: TestFarm) -> N
     secondary = add_certificate(synced, purpose="signing", role="secondary")
     sync(synced)
     result = synced.run("jwks")
-    assert result.code == 0, result.err
+    expect_ok(result)
     keys = json.loads(result.out)["keys"]
     assert [thumbprint_of_b64(k["x5c"][0]) for k in keys] == [
         live(synced, "signing", "primary"),
@@ -237,7 +238,7 @@ def test_jwks_describes_each_rsa_signing_key_as_adfs_does(synced: TestFarm) -> N
 def test_jwks_describes_an_ec_p256_signing_key(publishing_farm: TestFarm) -> None:
     publishing_farm.overrides["policy"] = {**CALM_POLICY, "key": "ec-p256"}
     for args in (("init",), ("sync",)):
-        assert publishing_farm.run(*args).code == 0
+        expect_ok(publishing_farm.run(*args))
     (key,) = json.loads(publishing_farm.run("jwks").out)["keys"]
     assert (key["kty"], key["crv"], key["alg"], key["use"]) == ("EC", "P-256", "ES256", "sig")
     certificate = x509.load_der_x509_certificate(base64.b64decode(key["x5c"][0]))
@@ -293,7 +294,7 @@ def test_an_assertion_signed_with_the_store_verifies_with_the_published_metadata
     assert verifies_with(before, certificates[0])
 
     result = synced.run("rollover", "--purpose", "signing", "--urgent")
-    assert result.code == 0, result.err
+    expect_ok(result)
     sync(synced)
     after = sign_with_store(synced)
     certificates = published_signing_certificates(synced)

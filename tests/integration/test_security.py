@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psycopg
 from cryptography.hazmat.primitives import serialization
-from farmtools import TestFarm, add_certificate, hold_lease, one_error_line
+from farmtools import TestFarm, add_certificate, expect_ok, hold_lease, one_error_line
 
 from farmkeys.config import load
 from farmkeys.directory import Directory
@@ -36,7 +36,7 @@ def test_a_pg_dump_of_the_config_db_holds_no_private_key(
     initialised_farm: TestFarm, postgres: LocalPostgres
 ) -> None:
     add_certificate(initialised_farm, purpose="signing", role="secondary")
-    assert initialised_farm.run("sync").code == 0
+    expect_ok(initialised_farm.run("sync"))
     ders = private_key_ders(initialised_farm.store())
     assert len(ders) == 6  # three certificates installed, two encodings each
 
@@ -77,7 +77,7 @@ def test_no_output_or_log_line_carries_a_master_key_or_a_password(
     outputs = []
     for args in (("init",), ("sync",), ("status",), ("status", "--json"), ("db", "upgrade")):
         result = initialised_farm.spawn("--debug", *args)
-        assert result.code == 0, result.err
+        expect_ok(result)
         outputs += [result.out, result.err]
     # Failures too: a corrupted blob, a wrong directory password, a DSN with a password.
     add_certificate(initialised_farm, purpose="decryption", role="secondary")
@@ -133,7 +133,7 @@ def raw_controls(text: str) -> set[str]:
 def test_a_forged_node_row_and_audit_event_cannot_forge_status_or_events_output(
     initialised_farm: TestFarm,
 ) -> None:
-    assert initialised_farm.run("sync").code == 0
+    expect_ok(initialised_farm.run("sync"))
     with psycopg.connect(initialised_farm.dsn) as conn:
         conn.execute(
             "INSERT INTO node (id, last_sync, generation, last_error, heartbeat_at,"
@@ -148,7 +148,7 @@ def test_a_forged_node_row_and_audit_event_cannot_forge_status_or_events_output(
     status = initialised_farm.spawn("status")
     events = initialised_farm.spawn("events")
     assert status.code == 1, status.err  # the forged node's errors are warnings
-    assert events.code == 0, events.err
+    expect_ok(events)
     for result in (status, events):
         assert raw_controls(result.out) == set(), result.out
         assert "node-x\\n  health OK\\x1b[8m" in result.out
@@ -198,7 +198,7 @@ def test_a_forged_answer_or_lease_holder_cannot_forge_the_commands_output(
     forger.start()
     answered = initialised_farm.spawn("rollover", "--wait", "30")
     forger.join()
-    assert answered.code == 0, answered.err
+    expect_ok(answered)
     assert raw_controls(answered.out) == set(), answered.out
     lines = answered.out.splitlines()
     assert "answered by node-x\\n  health OK\\x1b[8m (term 1):" in lines[0]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from farmtools import TestFarm, db_query, lease_row, wait_until
+from farmtools import TestFarm, db_query, expect_ok, lease_row, wait_until
 from serving import ServeNodes, live_identity, manifest_identity
 
 from farmkeys import rollover
@@ -96,7 +96,7 @@ def test_the_farm_carries_on_when_its_config_db_fails_over_to_the_standby(
     dsn = multi_host_dsn([primary, standby], "farm")
     (tmp_path / "farm").mkdir()
     farm = TestFarm(root=tmp_path / "farm", slapd=slapd, dsn=dsn, overrides=copy.deepcopy(SETTINGS))
-    assert farm.run("init").code == 0
+    expect_ok(farm.run("init"))
     cfg = load(farm.config("asker"))
 
     with ServeNodes(farm) as nodes, Writer(dsn) as writer:

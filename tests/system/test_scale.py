@@ -19,7 +19,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from farmtools import REPO, TestFarm, clean_env, db_query, lease_row, wait_until
+from farmtools import REPO, TestFarm, clean_env, db_query, expect_ok, lease_row, wait_until
 from serving import ServeNodes, live_identity, manifest_identity
 
 from farmkeys_lab.postgres import LocalPostgres
@@ -118,7 +118,7 @@ def test_sixty_serving_nodes_fit_a_stock_postgres(
     tmp_path: Path, slapd: LocalSlapd, farm_dsn: str, stock_postgres: LocalPostgres
 ) -> None:
     farm = TestFarm(root=tmp_path, slapd=slapd, dsn=farm_dsn, overrides=copy.deepcopy(CALM))
-    assert farm.run("init").code == 0
+    expect_ok(farm.run("init"))
     names = [f"node-{i:02d}" for i in range(SERVE_NODES)]
     live = live_identity(farm.dsn)
     with (
@@ -138,7 +138,7 @@ def test_sixty_serving_nodes_fit_a_stock_postgres(
         )
         # A rollover reaches all of them.
         result = farm.run("rollover", "--urgent", "--purpose", "signing", node="node-00")
-        assert result.code == 0, result.err
+        expect_ok(result)
         rolled = live_identity(farm.dsn)
         assert rolled != live
         wait_until(
@@ -172,7 +172,7 @@ def test_a_follower_holds_one_connection_and_the_leader_two(
     tmp_path: Path, slapd: LocalSlapd, farm_dsn: str
 ) -> None:
     farm = TestFarm(root=tmp_path, slapd=slapd, dsn=farm_dsn, overrides=copy.deepcopy(CALM))
-    assert farm.run("init").code == 0
+    expect_ok(farm.run("init"))
     names = ["node-a", "node-b", "node-c"]
 
     def connections() -> dict[str, int]:
@@ -194,7 +194,7 @@ def test_a_follower_holds_one_connection_and_the_leader_two(
             detail=nodes.logs,
         )
         wait_until(lambda: lease_row(farm.dsn)["valid"], 30.0, "a leader", detail=nodes.logs)
-        assert farm.run("rollover", "--urgent", "--purpose", "signing").code == 0
+        expect_ok(farm.run("rollover", "--urgent", "--purpose", "signing"))
         leader = lease_row(farm.dsn)["holder_node"]
         seen = connections()
         assert {f"farmkeys {n}" for n in names} <= seen.keys(), seen
@@ -233,7 +233,7 @@ def test_a_herd_of_syncs_all_install_without_too_many_clients(
     """A data centre powering up: 100 `farmkeys sync` processes at once, each a node of its
     own with an empty store, against 97 connection slots (3 are the superuser's)."""
     farm = TestFarm(root=tmp_path, slapd=slapd, dsn=farm_dsn)
-    assert farm.run("init").code == 0
+    expect_ok(farm.run("init"))
     live = live_identity(farm.dsn)
     names = [f"node-{i:03d}" for i in range(HERD)]
     for name in names:

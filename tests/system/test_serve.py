@@ -30,7 +30,16 @@ from typing import Any
 
 import psycopg
 import pytest
-from farmtools import TestFarm, audit_events, db_now, db_query, lease_row, snapshot, wait_until
+from farmtools import (
+    TestFarm,
+    audit_events,
+    db_now,
+    db_query,
+    expect_ok,
+    lease_row,
+    snapshot,
+    wait_until,
+)
 from serving import (
     BackgroundThread,
     Identity,
@@ -116,7 +125,7 @@ def init_and_serve(
     """`farmkeys init`, then serve on every node; the lease once all stores hold the farm."""
     if init:
         result = farm.run("init")
-        assert result.code == 0, result.err
+        expect_ok(result)
     for node in NODES:
         nodes.start(node, **{**sections, **(per_node or {}).get(node, {})})
     first = live_identity(farm.dsn)
@@ -389,7 +398,7 @@ def test_three_nodes_follow_two_certificate_and_two_master_key_lifetimes(
     fast_farm.overrides["node"] = {"poll_seconds": 60}
     fast_farm.overrides["master_key"] = MASTER_KEY
     result = fast_farm.run("init")
-    assert result.code == 0, result.err
+    expect_ok(result)
     with ManifestWatcher(stores) as watcher, RoleSampler(fast_farm.dsn) as sampler:
         init_and_serve(fast_farm, nodes, init=False)
         t0 = db_query(fast_farm.dsn, "SELECT min(created_at) AS t FROM certificate")[0]["t"]
@@ -747,7 +756,7 @@ def test_rollover_command_asks_the_leader_and_is_done_once(
     first = roles(fast_farm)
 
     result = fast_farm.spawn("rollover", "--purpose", "signing", "--wait", "30", node="node-c")
-    assert result.code == 0, result.err
+    expect_ok(result)
     assert f"answered by {leader} (term {term})" in result.out, result.out
     match = re.search(r"signing: new secondary ([0-9A-F]{40})", result.out)
     assert match, result.out
@@ -760,7 +769,7 @@ def test_rollover_command_asks_the_leader_and_is_done_once(
     wait_converged(fast_farm, nodes)
 
     result = fast_farm.spawn("rollover", "--urgent", "--wait", "30")
-    assert result.code == 0, result.err
+    expect_ok(result)
     assert f"answered by {leader} (term {term})" in result.out, result.out
     new = dict(re.findall(r"(signing|decryption): new primary ([0-9A-F]{40})", result.out))
     assert set(new) == set(PURPOSES), result.out
@@ -789,10 +798,10 @@ def test_rollover_command_asks_the_leader_and_is_done_once(
 
 def test_rollover_without_a_leader_takes_the_lease_and_gives_it_back(fast_farm: TestFarm) -> None:
     fast_farm.overrides["policy"] = dict(CALM_POLICY)
-    assert fast_farm.run("init").code == 0
+    expect_ok(fast_farm.run("init"))
 
     result = fast_farm.spawn("rollover", "--wait", "30")
-    assert result.code == 0, result.err
+    expect_ok(result)
     assert "answered by node-a (term 1)" in result.out, result.out
     assert len(re.findall(r"(signing|decryption): new secondary [0-9A-F]{40}", result.out)) == 2
     lease = lease_row(fast_farm.dsn)
@@ -832,7 +841,7 @@ def test_on_change_hook_runs_with_store_and_changed_thumbprints(
         assert lines(n) == [f"{fast_farm.store(n)} {' '.join(first)}"]
 
     result = fast_farm.spawn("rollover", "--purpose", "signing", "--wait", "30")
-    assert result.code == 0, result.err
+    expect_ok(result)
     match = re.search(r"new secondary ([0-9A-F]{40})", result.out)
     assert match, result.out
     for n in ("node-a", "node-b"):
@@ -852,7 +861,7 @@ def test_on_change_hook_runs_with_store_and_changed_thumbprints(
     # new key, their stores stay as they are, and no hook runs.
     generations = {n: manifest_generation(fast_farm.store(n)) for n in NODES}
     result = fast_farm.spawn("rollover", "--master-key", "--wait", "30")
-    assert result.code == 0, result.err
+    expect_ok(result)
     key = db_query(fast_farm.dsn, "SELECT id FROM master_key WHERE state = 'current'")[0]["id"]
     wait_until(
         lambda: all(n["master_keys"] == [str(key)] for n in status(fast_farm)["nodes"]),
@@ -919,7 +928,7 @@ def test_a_node_started_while_the_directory_is_down_installs_soon_after_it_retur
     # The poll is a minute away: only the retry of the failed sync can install in time.
     fast_farm.overrides["node"] = {"poll_seconds": 60}
     fast_farm.overrides["policy"] = dict(CALM_POLICY)
-    assert fast_farm.run("init").code == 0
+    expect_ok(fast_farm.run("init"))
     live = live_identity(fast_farm.dsn)
     slapd.stop()
     try:

@@ -6,7 +6,7 @@ import logging
 import sys
 
 import pytest
-from farmtools import run_python
+from farmtools import expect_ok, run_python
 
 from farmkeys.terminal import EscapingFormatter, escape
 
@@ -98,7 +98,7 @@ def test_every_log_line_of_a_farmkeys_process_is_escaped(service: bool) -> None:
         "    '%s: sync failed: %s', 'node-b', 'node evil\\n  health OK\\x1b[8m \\u202eKO')\n"
     )
     result = run_python("-c", script)
-    assert result.code == 0, result.err
+    expect_ok(result)
     (line,) = result.err.splitlines()
     assert raw_controls(result.err.removesuffix("\n")) == []
     assert line.endswith(
