@@ -13,12 +13,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
 from farmkeys import cli
 from farmkeys_lab.slapd import LocalSlapd
+
+if TYPE_CHECKING:
+    import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -124,6 +127,13 @@ class TestFarm:
         """Run the CLI as a separate process, as a service manager would."""
         config = self.config(node, **sections)
         return run_python("-m", "farmkeys", *args, "--config", str(config), preexec=preexec)
+
+
+def run_cli(*argv: str, capsys: pytest.CaptureFixture[str]) -> Result:
+    """Run the CLI in this process with ``argv``, its output captured by ``capsys``."""
+    code = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return Result(code, captured.out, captured.err, ("farmkeys", *argv))
 
 
 def clean_env() -> dict[str, str]:

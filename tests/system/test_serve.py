@@ -53,7 +53,6 @@ from serving import (
 
 from farmkeys import policy as rollover_policy
 from farmkeys.config import PolicyConfig
-from farmkeys.serve import sync_retry_delay
 from farmkeys_lab.postgres import LocalPostgres
 from farmkeys_lab.slapd import LocalSlapd
 
@@ -915,13 +914,6 @@ def test_sigterm_releases_the_lease(fast_farm: TestFarm, nodes: ServeNodes) -> N
 # -- 9. a failed sync is retried, not left for the next poll -----------------------------------
 
 
-def test_sync_retry_delay_doubles_from_one_second_up_to_the_cap_or_the_poll() -> None:
-    delays = [sync_retry_delay(n, poll_seconds=60.0) for n in range(8)]
-    assert delays == [60.0, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
-    assert sync_retry_delay(3, poll_seconds=2.5) == 2.5
-    assert sync_retry_delay(10_000, poll_seconds=60.0) == 30.0
-
-
 def test_a_node_started_while_the_directory_is_down_installs_soon_after_it_returns(
     fast_farm: TestFarm, nodes: ServeNodes, slapd: LocalSlapd
 ) -> None:
@@ -949,18 +941,3 @@ def test_a_node_started_while_the_directory_is_down_installs_soon_after_it_retur
         detail=nodes.logs,
     )
     assert node.alive(), node.tail()
-
-
-def test_the_hook_gets_no_farmkeys_setting_and_no_libpq_secret(tmp_path: Path) -> None:
-    from farmkeys.serve import hook_environment
-
-    environ = {
-        "PATH": "/usr/bin",
-        "FARMKEYS_DATABASE_DSN": "postgresql://f:secret@db/f",
-        "FARMKEYS_DIRECTORY_PASSWORD": "secret",
-        "FARMKEYS_CONFIG": "/etc/farmkeys/farmkeys.toml",
-        "PGPASSWORD": "secret",
-        "FARMKEYS_CHANGED": "stale",
-    }
-    env = hook_environment(environ, store=tmp_path, changed=["AB", "CD"])
-    assert env == {"PATH": "/usr/bin", "FARMKEYS_STORE": str(tmp_path), "FARMKEYS_CHANGED": "AB CD"}

@@ -4,13 +4,14 @@ Two nodes serve the farm with ``[publish] listen`` on free loopback ports: they 
 the metadata and the JWKS with the same bytes, ETags and caching headers, record a
 relying party's fetch, expose Prometheus metrics that agree with ``status --json``, and
 say whether they are healthy. A third process runs under a real notify socket, as
-systemd would start it with ``Type=notify`` and ``WatchdogSec=``.
+systemd would start it with ``Type=notify`` and ``WatchdogSec=``. The health answer
+itself and the notifier are tested without servers (tests/unit/test_node_health.py,
+tests/unit/test_sdnotify.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -19,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,6 @@ from serving import ServeNodes
 
 from farmkeys import publish
 from farmkeys.configdb import CHANGED_CHANNEL
-from farmkeys.errors import DirectoryError, Error, FarmStateError, StoreError
-from farmkeys.serve import node_health
-from farmkeys.store import Installed, Manifest, ManifestEntry
 
 START = 30.0  # two processes start and sync on a loaded machine
 PUBLISH = {
@@ -380,111 +378,6 @@ def test_healthz_is_503_while_an_installed_file_is_damaged_until_a_sync_repairs_
         assert key.read_bytes() == good
 
 
-# -- node_health, the answer itself ------------------------------------------------------
-
-NOW = datetime(2030, 6, 1, tzinfo=UTC)
-
-
-def installed_set(
-    *, expires: datetime = NOW + timedelta(days=30), damaged: bool = False, links: bool = True
-) -> Installed:
-    entries = tuple(
-        ManifestEntry(
-            purpose=purpose,
-            role="primary",
-            thumbprint=thumbprint,
-            not_after=expires,
-            files={"cert": f"{purpose}/{thumbprint}.pem"},
-        )
-        for purpose, thumbprint in (("signing", "A" * 40), ("decryption", "B" * 40))
-    )
-    manifest = Manifest(node="node-a", generation=7, installed_at=NOW, certificates=entries)
-    intact = {(e.purpose, e.thumbprint) for e in entries}
-    if damaged:
-        intact.discard(("signing", "A" * 40))
-    return Installed(manifest=manifest, intact=frozenset(intact), complete=links and not damaged)
-
-
-def test_node_health_follows_what_the_node_can_serve_not_the_config_db() -> None:
-    refused = FarmStateError(
-        "the config DB's farm state (version 3) fails authentication", "repair"
-    )
-    cases: list[tuple[Installed | None, Error | None, Error | None, int, str, list[str]]] = [
-        (installed_set(), None, None, 200, "ok", []),
-        (
-            installed_set(),
-            refused,
-            None,
-            200,
-            "degraded",
-            [f"the last sync refused the farm's set: {refused.what}; serving generation 7"],
-        ),
-        (
-            installed_set(),
-            DirectoryError("the directory is away", "wait"),
-            None,
-            200,
-            "degraded",
-            ["the last sync failed: the directory is away"],
-        ),
-        (
-            None,
-            refused,
-            None,
-            503,
-            "failing",
-            [
-                "nothing is installed; run `farmkeys sync`",
-                f"the last sync refused the farm's set: {refused.what}",
-            ],
-        ),
-        (
-            installed_set(expires=NOW),
-            None,
-            None,
-            503,
-            "failing",
-            [f"the installed signing primary {'A' * 40} has expired"],
-        ),
-        (
-            installed_set(damaged=True),
-            None,
-            None,
-            503,
-            "failing",
-            [
-                f"the installed signing primary {'A' * 40} no longer matches the store's"
-                " manifest (a file removed or changed)"
-            ],
-        ),
-        (
-            installed_set(links=False),
-            None,
-            None,
-            503,
-            "failing",
-            ["the store's role or fixed links are not the installed set's"],
-        ),
-        (
-            None,
-            None,
-            StoreError("cannot read the manifest", "sync"),
-            503,
-            "failing",
-            ["the store cannot be read: cannot read the manifest"],
-        ),
-    ]
-    for installed, sync_error, store_error, code, status, problems in cases:
-        ok, body = node_health(
-            installed, sync_error, listening=True, now=NOW, store_error=store_error
-        )
-        assert (200 if ok else 503, body["status"]) == (code, status), body
-        assert body["problems"] == problems
-    ok, body = node_health(installed_set(), None, listening=False, now=NOW)
-    assert ok and body["status"] == "degraded"
-    assert body["problems"] == ["not connected to the config DB"]
-
-
 def test_a_port_in_use_is_one_clear_error(quick_farm: TestFarm) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -552,42 +445,6 @@ def test_serve_tells_systemd_it_is_ready_pings_the_watchdog_and_says_it_stops(
                 proc.kill()
                 proc.wait()
             log.close()
-
-
-def test_notifier_speaks_to_path_and_abstract_sockets(tmp_path: Path) -> None:
-    from farmkeys.sdnotify import Notifier
-
-    abstract = f"@farmkeys-test-{os.getpid()}"
-    for where, bind_to in (
-        (str(tmp_path / "n"), str(tmp_path / "n")),
-        (abstract, "\0" + abstract[1:]),
-    ):
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.bind(bind_to)
-            notifier = Notifier.from_environment({"NOTIFY_SOCKET": where})
-            notifier.ready("line one\nline two")
-            assert sock.recv(4096) == b"READY=1\nSTATUS=line one line two"
-            notifier.watchdog()  # off without WATCHDOG_USEC: nothing sent
-            notifier.stopping()
-            assert sock.recv(4096) == b"STOPPING=1"
-
-
-def test_notifier_watchdog_rules_and_failures() -> None:
-    from farmkeys.sdnotify import Notifier
-
-    assert Notifier.from_environment({}).notify("READY=1") is False
-    on = {"NOTIFY_SOCKET": "/nonexistent/socket", "WATCHDOG_USEC": "3000000"}
-    assert Notifier.from_environment(on).watchdog_interval_seconds == 1.5
-    mine = Notifier.from_environment({**on, "WATCHDOG_PID": str(os.getpid())})
-    assert mine.watchdog_interval_seconds == 1.5
-    for other in (
-        {"WATCHDOG_PID": str(os.getpid() + 1)},
-        {"WATCHDOG_USEC": "soon"},
-        {"WATCHDOG_USEC": "0"},
-    ):
-        assert Notifier.from_environment({**on, **other}).watchdog_interval_seconds is None
-    # Nobody listening: False and a warning, never an exception.
-    assert Notifier.from_environment(on).notify("READY=1") is False
 
 
 def test_the_last_relying_partys_fetch_wakes_the_leader_to_promote(quick_farm: TestFarm) -> None:
