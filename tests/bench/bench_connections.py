@@ -1,6 +1,6 @@
 """Benchmark: config DB connections per serving node, following and leading.
 
-Not part of the test run (tests/test_scale.py asserts the same budget with 60 nodes). From
+Not part of the test run (tests/system/test_scale.py asserts the same budget with 60 nodes). From
 the repository root, after `make setup`:
 
     .venv/bin/python tests/bench/bench_connections.py --nodes 20

@@ -1,6 +1,6 @@
 """Benchmark: a herd of `farmkeys sync` processes started at once, as a data centre powers up.
 
-Not part of the test run (tests/test_scale.py checks the same with 100 processes, for
+Not part of the test run (tests/system/test_scale.py checks the same with 100 processes, for
 correctness and the connection count). From the repository root, after `make setup`:
 
     .venv/bin/python tests/bench/bench_herd.py --herd 500

@@ -1,7 +1,7 @@
 """The parsers of untrusted input, as fuzz targets: each takes bytes and may end only in
 farmkeys' own :class:`~farmkeys.errors.Error` (or return).
 
-Used by tests/test_fuzz.py (Hypothesis, in every test run) and tests/fuzz/run.py
+Used by tests/unit/test_untrusted_input.py (Hypothesis, in every test run) and tests/fuzz/run.py
 (`make fuzz`: atheris, coverage-guided). Adding a parser is one entry in TARGETS.
 """
 

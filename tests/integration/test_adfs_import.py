@@ -1,9 +1,9 @@
 """`farmkeys import adfs` on a real farm (PostgreSQL + slapd): bringing AD FS certificates
 across, keeping their key and thumbprint; every refusal changes nothing.
 
-The EncryptedPfx vectors come from the test-only encoder of tests/adfs_encoder.py,
+The EncryptedPfx vectors come from the test-only encoder of tests/support/adfs_encoder.py,
 written from docs/blob-format.md. The Active Directory side (a DKM key read from a
-Samba AD container laid out the AD FS way) is in tests/test_ad.py.
+Samba AD container laid out the AD FS way) is in tests/ad/test_ad_layout.py.
 """
 
 from __future__ import annotations

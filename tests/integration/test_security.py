@@ -113,7 +113,7 @@ def test_no_output_or_log_line_carries_a_master_key_or_a_password(
 
 FORGED_ID = "node-x\n  health OK\x1b[8m"
 FORGED_ERROR = "boom\x1b[2J\r\u202eKO \x9b31m\u2028done\x7f"
-# The characters escape() shows escaped (tests/test_terminal.py checks it on each of them).
+# The characters escape() shows escaped (tests/unit/test_terminal.py checks it on each of them).
 CONTROLS = {
     *map(chr, range(0x20)),
     "\x7f",

@@ -836,7 +836,7 @@ def test_the_lowercase_thumbprint_is_refused(pki):
         replace(good, thumbprint=good.thumbprint.lower())
 
 
-# -- the serve tests' watcher (tests/farmtools.py) reads stores as the federation service would --
+# -- the serve tests' watcher (tests/support/serving.py) reads stores as the service would --
 
 
 def test_the_watcher_records_each_switch_at_the_stores_own_time_even_when_it_looks_late(
