@@ -2,6 +2,8 @@
 #
 #   make demo   a local demo farm on real PostgreSQL and OpenLDAP (loopback only)
 #   make test   ruff, mypy and the whole test suite against the same real servers
+#   make test-quick  ruff, mypy and the unit tier alone (tests/unit/): no server is
+#               installed or started; seconds, not minutes
 #   make bench  every benchmark (sync, cold start, propagation, failover, herd, connections,
 #               master-key re-seal, directory, publishing), then one table of the goals
 #   make soak   a randomized fault soak of serve nodes (SOAK_ARGS="--duration 1200 --seed 7")
@@ -12,32 +14,42 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# The lab's servers and the demo (tools/farmkeys_lab) are not in the wheel: the demo, the
+# bench, the soak and the fuzzer find them on this path (the tests: pyproject.toml).
+LAB := PYTHONPATH=tools$${PYTHONPATH:+:$$PYTHONPATH}
 
-.PHONY: demo test lint setup servers bench soak fuzz clean
+.PHONY: demo test test-quick lint setup venv servers tools bench soak fuzz clean
 
 demo: setup
-	$(PY) -m farmkeys._demo
+	$(LAB) $(PY) -m farmkeys_lab.demo
 
 test: setup lint
 	$(PY) -m pytest -q
 
-lint: setup
-	$(VENV)/bin/ruff check farmkeys tests
-	$(VENV)/bin/ruff format --check farmkeys tests
+# The tiers are tests/unit, tests/integration, tests/ad and tests/system (markers of the
+# same names, pyproject.toml): this runs the first, which needs no server.
+test-quick: venv tools lint
+	$(PY) -m pytest -q -m unit
+
+lint: venv
+	$(VENV)/bin/ruff check farmkeys tools tests setup.py
+	$(VENV)/bin/ruff format --check farmkeys tools tests setup.py
 	$(VENV)/bin/mypy
 
-setup: $(VENV)/.installed servers
+setup: venv servers tools
 
-$(VENV)/.installed: pyproject.toml
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
 # What the demo, the tests, the soak and the bench start privately: OpenLDAP's slapd, a
-# PostgreSQL cluster and a Samba AD domain controller of their own (farmkeys.lab). Installed from Debian when missing; the
-# packages' own servers are not used, and no cluster of the machine's is created or started.
-# Also the age tool, which the escrow-file tests check farmkeys against (tests/test_agefmt.py).
+# PostgreSQL cluster and a Samba AD domain controller of their own (tools/farmkeys_lab).
+# Installed from Debian when missing; the packages' own servers are not used, and no
+# cluster of the machine's is created or started.
 servers:
 	@if [ ! -x /usr/sbin/slapd ] || ! command -v ldapsearch >/dev/null \
 	   || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
@@ -51,7 +63,7 @@ servers:
 	fi
 	@# The slapd package starts a server of its own on install: ours listen on loopback only.
 	@if [ -f /var/run/slapd/slapd.pid ]; then kill "$$(cat /var/run/slapd/slapd.pid)" 2>/dev/null || true; fi
-	@# Samba's AD domain controller, for the Active Directory tests (farmkeys.lab.samba provisions
+	@# Samba's AD domain controller, for the Active Directory tests (farmkeys_lab.samba provisions
 	@# a domain of its own and runs it on 127.0.0.1). No recommends: they would add winbind to
 	@# nsswitch.conf and PAM (libnss-winbind, libpam-winbind). The packages start smbd, nmbd and
 	@# winbind of their own on install: stop those and keep them from starting at boot; this
@@ -72,17 +84,34 @@ servers:
 	  done; \
 	  true; \
 	fi
-	@# systemd-analyze checks deploy/systemd/ (tests/test_deploy.py); systemd need not run.
+	@# systemd-analyze checks deploy/systemd/ (tests/system/test_deploy.py); systemd need not run.
 	@if ! command -v systemd-analyze >/dev/null; then \
 	  echo "installing systemd (for systemd-analyze) from Debian"; \
 	  apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq --no-install-recommends \
 	    systemd >/dev/null; \
 	fi
+
+# What the unit tier checks farmkeys against, none of them a server: the age tool (the
+# escrow file, tests/unit/test_escrow_file.py), openssl (PKCS#12,
+# tests/unit/test_certificates.py) and Samba's Python bindings in Debian's Python (the
+# security descriptor, tests/unit/test_security_descriptor.py). Installed when missing.
+tools:
 	@if ! command -v age >/dev/null; then \
 	  echo "installing age from Debian"; \
 	  apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq age >/dev/null; \
+	fi
+	@if ! command -v openssl >/dev/null; then \
+	  echo "installing openssl from Debian"; \
+	  apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null; \
+	fi
+	@if ! /usr/bin/python3 -c "import samba.dcerpc.security, samba.ndr" 2>/dev/null; then \
+	  echo "installing python3-samba (Samba's Python bindings, no server) from Debian"; \
+	  apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    python3-samba >/dev/null; \
 	fi
 
 FUZZ_SECONDS ?= 60
@@ -91,18 +120,18 @@ FUZZ_SECONDS ?= 60
 # FUZZ_SECONDS under libFuzzer; crashing inputs are kept in .fuzz/crashes/<target>/.
 fuzz: setup
 	$(PY) -m pip install --quiet -e '.[fuzz]'
-	$(PY) tests/fuzz/run.py --seconds $(FUZZ_SECONDS)
+	$(LAB) $(PY) tests/fuzz/run.py --seconds $(FUZZ_SECONDS)
 
 # Figures, not a pass/fail: one script per goal of docs/operations.md ("Measured"), then one
 # table of figure, goal and ratio (tests/bench/run.py). BENCH_ARGS=--quick for a short run.
 BENCH_ARGS ?=
 bench: setup
-	$(PY) tests/bench/run.py $(BENCH_ARGS)
+	$(LAB) $(PY) tests/bench/run.py $(BENCH_ARGS)
 
 # Faults at random while serve nodes roll certificates over; exits 1 on a broken invariant.
 SOAK_ARGS ?=
 soak: setup
-	$(PY) tests/soak/soak.py $(SOAK_ARGS)
+	$(LAB) $(PY) tests/soak/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .demo .mypy_cache .ruff_cache .pytest_cache

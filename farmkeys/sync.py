@@ -344,7 +344,7 @@ def open_blob(farm: Farm, row: CertificateRow, directory: MasterKeys) -> bytes:
 def open_certificate(farm: Farm, row: CertificateRow, directory: MasterKeys) -> CertificateFiles:
     """Decrypt and check one certificate row, ready for the store.
 
-    A blob that seals a bundle (:mod:`farmkeys.bundle`) gives the very bytes the node
+    A blob that seals a bundle (:mod:`farmkeys.formats.bundle`) gives the very bytes the node
     writes; an older blob's bare PKCS#12 is parsed and its files built here (the slow
     path, until the certificate rolls over). Either is checked against the row the same
     cheap way (:func:`farmkeys.bundle.check`)."""

@@ -1,6 +1,11 @@
-"""Shared fixtures.
+"""Shared fixtures, and the tiers.
 
-Grouped by the server they stand up; each group is self-contained.
+The tests live in one folder per tier (registered as markers in pyproject.toml):
+unit/ (pure modules, no server), integration/ (slapd and PostgreSQL), ad/
+(Samba's AD DC) and system/ (serve processes, scale, failover, deployment, the
+lab). Every test is marked with its folder's tier, so `pytest -m unit` runs the
+quick one. The fixtures are grouped by the server they stand up; each group is
+self-contained. The helpers they share live in tests/support/.
 """
 
 from __future__ import annotations
@@ -11,17 +16,42 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from farmtools import TestFarm, expect_ok
 
 from farmkeys.config import DirectoryConfig, RetryConfig
 from farmkeys.directory import Directory
-from farmkeys.lab.samba import LocalSambaDC, SambaError, SambaTemplate, missing_samba
-from farmkeys.lab.slapd import LocalSlapd, SlapdError, find_slapd
+from farmkeys_lab.samba import LocalSambaDC, SambaError, SambaTemplate, missing_samba
+from farmkeys_lab.slapd import LocalSlapd, SlapdError, find_slapd
 
-# PostgreSQL: a throwaway database per test (tests/pg.py).
+# PostgreSQL: a throwaway database per test (tests/support/pg.py).
 pytest_plugins = ["pg"]
 
+TESTS = Path(__file__).resolve().parent
+TIERS = ("unit", "integration", "ad", "system")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test with its tier: the folder of tests/ it lives in."""
+    for item in items:
+        item.add_marker(getattr(pytest.mark, tier_of(item.path)))
+
+
+def tier_of(path: Path) -> str:
+    """The tier of the test file ``path``; a usage error for a file outside every tier."""
+    try:
+        folder = path.resolve().relative_to(TESTS).parts[0]
+    except ValueError:
+        folder = ""
+    if folder not in TIERS:
+        raise pytest.UsageError(
+            f"{path}: every test lives in its tier's folder, tests/{{{','.join(TIERS)}}}/"
+        )
+    return folder
+
+
 # ---------------------------------------------------------------------------------
-# Directory: a real slapd on loopback (farmkeys.lab.slapd.LocalSlapd)
+# Directory: a real slapd on loopback (farmkeys_lab.slapd.LocalSlapd)
 # ---------------------------------------------------------------------------------
 
 # Short enough that a test of "retries, then gives up" takes about a second.
@@ -129,7 +159,27 @@ def other_directory(make_directory: MakeDirectory, slapd: LocalSlapd) -> Directo
 
 
 # ---------------------------------------------------------------------------------
-# Active Directory: a real Samba AD DC on 127.0.0.1 (farmkeys.lab.samba.LocalSambaDC)
+# A farm: three nodes' configs on a throwaway database and the session slapd
+# (tests/support/farmtools.py's TestFarm). A test that needs other settings makes a
+# fixture of its own, under another name, from one of these two.
+# ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def farm(tmp_path: Path, slapd: LocalSlapd, pg_dsn: str) -> TestFarm:
+    """Farm "contoso", not initialised: nothing is in its database or the directory yet."""
+    return TestFarm(root=tmp_path, slapd=slapd, dsn=pg_dsn)
+
+
+@pytest.fixture
+def initialised_farm(farm: TestFarm) -> TestFarm:
+    """The farm once `farmkeys init` ran: its schema, DKM container and two primaries."""
+    expect_ok(farm.run("init"))
+    return farm
+
+
+# ---------------------------------------------------------------------------------
+# Active Directory: a real Samba AD DC on 127.0.0.1 (farmkeys_lab.samba.LocalSambaDC)
 # ---------------------------------------------------------------------------------
 
 

@@ -4,7 +4,7 @@ Not part of the test run. From the repository root (after `make setup`):
 
     .venv/bin/python tests/bench/bench_cold.py --runs 21
 
-It starts its own slapd and PostgreSQL (farmkeys.lab), inits a farm and syncs one node, then
+It starts its own slapd and PostgreSQL (farmkeys_lab), inits a farm and syncs one node, then
 runs, interleaved so that a busy moment of the machine hurts all alike, ``--runs`` times each:
 
 - the baseline: ``python -c "import cryptography.x509, psycopg, ldap3"``;
@@ -26,14 +26,15 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: farmtools
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))  # farmtools
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))  # farmkeys_lab
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/bench: _results
 
 from _results import Row, compile_farmkeys, record
 from farmtools import TestFarm, clean_env, db_query
 
-from farmkeys.lab.postgres import LocalPostgres
-from farmkeys.lab.slapd import LocalSlapd
+from farmkeys_lab.postgres import LocalPostgres
+from farmkeys_lab.slapd import LocalSlapd
 
 REPO = Path(__file__).resolve().parent.parent.parent
 BASELINE = [sys.executable, "-c", "import cryptography.x509, psycopg, ldap3"]

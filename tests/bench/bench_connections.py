@@ -1,6 +1,6 @@
 """Benchmark: config DB connections per serving node, following and leading.
 
-Not part of the test run (tests/test_scale.py asserts the same budget with 60 nodes). From
+Not part of the test run (tests/system/test_scale.py asserts the same budget with 60 nodes). From
 the repository root, after `make setup`:
 
     .venv/bin/python tests/bench/bench_connections.py --nodes 20
@@ -21,22 +21,17 @@ import tempfile
 import threading
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: farmtools
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))  # farmtools
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))  # farmkeys_lab
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/bench: _results
 
 import psycopg
 from _results import Row, record
-from farmtools import (
-    ServeNodes,
-    TestFarm,
-    lease_row,
-    live_identity,
-    manifest_identity,
-    wait_until,
-)
+from farmtools import TestFarm, lease_row, wait_until
+from serving import ServeNodes, live_identity, manifest_identity
 
-from farmkeys.lab.postgres import LocalPostgres
-from farmkeys.lab.slapd import LocalSlapd
+from farmkeys_lab.postgres import LocalPostgres
+from farmkeys_lab.slapd import LocalSlapd
 
 SETTINGS = {
     "policy": {"rollover_interval_seconds": 3600},

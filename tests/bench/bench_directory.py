@@ -6,7 +6,7 @@ Not part of the test run. From the repository root:
     make bench
     .venv/bin/python tests/bench/bench_directory.py --runs 15
 
-It starts its own PostgreSQL, slapd and Samba AD DC (farmkeys.lab; the DC on
+It starts its own PostgreSQL, slapd and Samba AD DC (farmkeys_lab; the DC on
 127.0.0.1:636, so no other lab DC may run), initialises one farm on each
 directory, and times, as separate processes the way a service manager starts
 them, `farmkeys sync` into an empty store (binds, reads the master key, opens
@@ -32,14 +32,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: farmtools
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))  # farmtools
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))  # farmkeys_lab
 
 from farmtools import TestFarm, run_python
 
-from farmkeys.lab._common import free_port
-from farmkeys.lab.postgres import LocalPostgres
-from farmkeys.lab.samba import LocalSambaDC, SambaTemplate
-from farmkeys.lab.slapd import LocalSlapd
+from farmkeys_lab.postgres import LocalPostgres
+from farmkeys_lab.samba import LocalSambaDC, SambaTemplate
+from farmkeys_lab.servers import free_port
+from farmkeys_lab.slapd import LocalSlapd
 
 
 def timed_syncs(farm: TestFarm, node: str, runs: int, *, empty: bool) -> list[float]:

@@ -1,6 +1,6 @@
 """Benchmark: a herd of `farmkeys sync` processes started at once, as a data centre powers up.
 
-Not part of the test run (tests/test_scale.py checks the same with 100 processes, for
+Not part of the test run (tests/system/test_scale.py checks the same with 100 processes, for
 correctness and the connection count). From the repository root, after `make setup`:
 
     .venv/bin/python tests/bench/bench_herd.py --herd 500
@@ -30,20 +30,22 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: farmtools
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))  # farmtools
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))  # farmkeys_lab
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/bench: _results
 
 import psycopg
 from _results import Row, compile_farmkeys, record
-from farmtools import TestFarm, clean_env, live_identity, manifest_identity
+from farmtools import TestFarm, clean_env
+from serving import live_identity, manifest_identity
 
 from farmkeys.config import load
 from farmkeys.db import ConfigDB
 from farmkeys.directory import Directory
-from farmkeys.lab.postgres import LocalPostgres
-from farmkeys.lab.slapd import LocalSlapd
 from farmkeys.store import Store
 from farmkeys.sync import sync
+from farmkeys_lab.postgres import LocalPostgres
+from farmkeys_lab.slapd import LocalSlapd
 
 REPO = Path(__file__).resolve().parent.parent.parent
 GOAL_SECONDS = 30.0

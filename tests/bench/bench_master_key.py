@@ -5,7 +5,7 @@ Not part of the test run. From the repository root:
     make bench
     .venv/bin/python tests/bench/bench_master_key.py --blobs 1 10 100 --nodes 5 --rolls 3
 
-It starts its own slapd and PostgreSQL (farmkeys.lab, in a temporary folder,
+It starts its own slapd and PostgreSQL (farmkeys_lab, in a temporary folder,
 on free loopback ports), one database per blob count, and N `farmkeys serve`
 processes that only follow (they never lead: the bench holds the lease). For
 each count B it fills the live set to B blobs (the two primaries and B-2
@@ -40,17 +40,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: farmtools
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))  # farmtools
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))  # farmkeys_lab
 
-from farmtools import ServeNodes, TestFarm, db_query, lease_row, seal_state, wait_until
+from farmtools import TestFarm, db_query, lease_row, seal_state, wait_until
+from serving import ServeNodes
 
 from farmkeys.config import LeaseConfig, load
 from farmkeys.db import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.election import Election, Fence
-from farmkeys.lab.postgres import LocalPostgres
-from farmkeys.lab.slapd import LocalSlapd
 from farmkeys.leader import Leader, new_certificate
+from farmkeys_lab.postgres import LocalPostgres
+from farmkeys_lab.slapd import LocalSlapd
 
 OVERRIDES: dict[str, dict[str, Any]] = {
     "policy": {"rollover_interval_seconds": 3600},

@@ -6,7 +6,7 @@ Not part of the test run (pytest collects test_*.py only). From the repository r
     .venv/bin/python tests/bench/bench_propagation.py --nodes 3 10 --rollovers 5 --failovers 3
 
 It needs what the tests need: slapd and PostgreSQL installed (`make setup`).
-It starts its own slapd and PostgreSQL (farmkeys.lab, in a temporary folder,
+It starts its own slapd and PostgreSQL (farmkeys_lab, in a temporary folder,
 on free loopback ports) and, for each N, its own database and N `farmkeys
 serve` processes; all of it is stopped and removed at the end, whatever
 happens.
@@ -42,27 +42,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: farmtools, pg
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))  # farmtools
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))  # farmkeys_lab
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/bench: _results
 
 import psycopg
 from _results import Row, record
-from farmtools import (
-    ServeNodes,
-    TestFarm,
-    db_query,
-    lease_row,
-    live_identity,
-    manifest_identity,
-    wait_until,
-)
+from farmtools import TestFarm, db_query, lease_row, wait_until
+from serving import ServeNodes, live_identity, manifest_identity
 
 from farmkeys import requesting
 from farmkeys.config import load
 from farmkeys.db import CHANGED_CHANNEL, ConfigDB
 from farmkeys.directory import Directory
-from farmkeys.lab.postgres import LocalPostgres
-from farmkeys.lab.slapd import LocalSlapd
+from farmkeys_lab.postgres import LocalPostgres
+from farmkeys_lab.slapd import LocalSlapd
 
 TTL = 2.0
 RENEW = 0.5

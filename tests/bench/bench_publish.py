@@ -6,7 +6,7 @@ Not part of the test run. From the repository root:
     make bench
     .venv/bin/python tests/bench/bench_publish.py --requests 300 --clients 8
 
-It starts its own PostgreSQL and slapd (farmkeys.lab), initialises a farm with a signing
+It starts its own PostgreSQL and slapd (farmkeys_lab), initialises a farm with a signing
 secondary, and runs one `farmkeys serve` with ``[publish] listen`` on a free loopback
 port. Then, for each endpoint, it times ``--requests`` sequential GETs (one connection
 each, as a relying party's fetch), and the throughput of ``--clients`` concurrent
@@ -27,14 +27,16 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: farmtools
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))  # farmtools
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))  # farmkeys_lab
 
-from farmtools import ServeNodes, TestFarm, add_certificate, wait_until
+from farmtools import TestFarm, add_certificate, wait_until
+from serving import ServeNodes
 
 from farmkeys import publish
-from farmkeys.lab._common import free_port
-from farmkeys.lab.postgres import LocalPostgres
-from farmkeys.lab.slapd import LocalSlapd
+from farmkeys_lab.postgres import LocalPostgres
+from farmkeys_lab.servers import free_port
+from farmkeys_lab.slapd import LocalSlapd
 
 
 def fetch(url: str) -> float:

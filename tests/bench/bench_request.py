@@ -4,7 +4,7 @@ Not part of the test run. From the repository root:
 
     .venv/bin/python tests/bench/bench_request.py --runs 200
 
-It starts its own PostgreSQL and slapd (farmkeys.lab), initialises one farm, and
+It starts its own PostgreSQL and slapd (farmkeys_lab), initialises one farm, and
 times, in one process with the connections a `rollover` command already holds
 (one to the config DB, one bound to the directory):
 
@@ -30,7 +30,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: farmtools
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))  # farmtools
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))  # farmkeys_lab
 
 from farmtools import TestFarm
 
@@ -39,8 +40,8 @@ from farmkeys.config import load
 from farmkeys.db import REQUEST_CHANNEL, ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.formats import request
-from farmkeys.lab.postgres import LocalPostgres
-from farmkeys.lab.slapd import LocalSlapd
+from farmkeys_lab.postgres import LocalPostgres
+from farmkeys_lab.slapd import LocalSlapd
 
 
 def timed(runs: int, step: Callable[[], object]) -> list[float]:

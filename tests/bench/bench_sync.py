@@ -4,7 +4,7 @@ Not part of the test run. From the repository root, after `make setup`:
 
     .venv/bin/python tests/bench/bench_sync.py --rounds 20
 
-It starts its own slapd and PostgreSQL (farmkeys.lab), inits a farm and syncs a node in
+It starts its own slapd and PostgreSQL (farmkeys_lab), inits a farm and syncs a node in
 this process (connection open, master key cached: what `serve` does on a NOTIFY). Then,
 ``--rounds`` times each:
 
@@ -32,7 +32,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: farmtools
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))  # farmtools
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))  # farmkeys_lab
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/bench: _results
 
 from _results import Row, record
@@ -42,10 +43,10 @@ from farmkeys.config import load
 from farmkeys.db import Claim, ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.formats import blob
-from farmkeys.lab.postgres import LocalPostgres
-from farmkeys.lab.slapd import LocalSlapd
 from farmkeys.store import Store
 from farmkeys.sync import blob_context, sync
+from farmkeys_lab.postgres import LocalPostgres
+from farmkeys_lab.slapd import LocalSlapd
 
 GOAL = 2.0  # nothing changed
 GOAL_CHANGED = 3.0  # a new secondary: + the record, the carry, the clean-up

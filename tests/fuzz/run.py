@@ -22,6 +22,8 @@ from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent.parent
 REPO = TESTS.parent
+# tests/: the fuzz package; tests/support: the tests' AD FS encoder; the repository: farmkeys.
+SEARCH_PATH = [str(TESTS), str(TESTS / "support"), str(REPO)]
 CRASHES = REPO / ".fuzz" / "crashes"
 
 
@@ -29,7 +31,7 @@ def child(name: str, seconds: int, corpus: Path, crashes: Path) -> None:
     """Inside the child: fuzz one target with atheris until ``seconds`` have passed."""
     import atheris
 
-    sys.path[:0] = [str(TESTS), str(REPO)]
+    sys.path[:0] = SEARCH_PATH
     with atheris.instrument_imports():  # coverage feedback from farmkeys' parsers
         for module in (
             "config",
@@ -78,7 +80,7 @@ def main() -> int:
         child(args.child, args.seconds, Path(args.corpus), crashes)
         return 0
 
-    sys.path[:0] = [str(TESTS), str(REPO)]
+    sys.path[:0] = SEARCH_PATH
     from fuzz.targets import TARGETS
 
     names = args.targets or sorted(TARGETS)

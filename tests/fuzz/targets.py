@@ -1,7 +1,7 @@
 """The parsers of untrusted input, as fuzz targets: each takes bytes and may end only in
 farmkeys' own :class:`~farmkeys.errors.Error` (or return).
 
-Used by tests/test_fuzz.py (Hypothesis, in every test run) and tests/fuzz/run.py
+Used by tests/unit/test_untrusted_input.py (Hypothesis, in every test run) and tests/fuzz/run.py
 (`make fuzz`: atheris, coverage-guided). Adding a parser is one entry in TARGETS.
 """
 
@@ -178,7 +178,7 @@ def _adfs(data: bytes) -> None:
 
 @cache
 def _adfs_seeds() -> list[bytes]:
-    from adfs_encoder import encode  # the tests' own encoder (tests/ is on sys.path)
+    from adfs_encoder import encode  # the tests' own (tests/support/ is on sys.path)
 
     return [encode(b"pkcs12 bytes" * 10, dkm_key=KEY)]
 

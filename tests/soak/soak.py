@@ -6,7 +6,7 @@ Not part of the test run (pytest collects test_*.py only). From the repository r
     make soak SOAK_ARGS="--duration 1200 --seed 42"
     .venv/bin/python tests/soak/soak.py --nodes 5 --duration 600 --fault-interval 1 4 --keep
 
-What it does. It starts a private slapd and PostgreSQL (farmkeys.lab, in a
+What it does. It starts a private slapd and PostgreSQL (farmkeys_lab, in a
 temporary folder, on free loopback ports), creates a database, runs `farmkeys
 init` and starts N `farmkeys serve` processes. Certificates live 30 s (a
 "day" is one second: a secondary is generated 12 s before the primary
@@ -86,31 +86,27 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: farmtools
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))  # farmtools
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))  # farmkeys_lab
 
 import psycopg
-from farmtools import (
-    REPO,
+from farmtools import REPO, TestFarm, audit_events, db_query, lease_row, wait_until
+from psycopg.rows import dict_row
+from serving import (
     BackgroundThread,
     Identity,
     ManifestWatcher,
     ServeNodes,
-    TestFarm,
-    audit_events,
-    db_query,
-    lease_row,
     live_identity,
     live_sets,
     manifest_identity,
-    wait_until,
 )
-from psycopg.rows import dict_row
 
 from farmkeys.config import RetryConfig, load
 from farmkeys.directory import Directory
 from farmkeys.errors import DirectoryError
-from farmkeys.lab.postgres import LocalPostgres
-from farmkeys.lab.slapd import LocalSlapd
+from farmkeys_lab.postgres import LocalPostgres
+from farmkeys_lab.slapd import LocalSlapd
 
 PURPOSES = ("signing", "decryption")
 DATABASE = "farmkeys_soak"

@@ -1,0 +1,68 @@
+"""A bad config file or command line: one clear line and exit 1 (64 for usage), before any
+server is asked. Unreachable servers and bad environment overrides on a real farm are in
+tests/integration/test_failures.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from farmtools import one_error_line, run_cli
+
+from farmkeys import cli
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (None, "does not exist"),
+        ("[farm\nname = 'x'", "is not valid TOML"),
+        ("[farm]\nname = 'x'\nnmae = 'y'\n", "has an unknown key 'nmae'"),
+        ("[farm]\nname = 42\n", "farm.name must be a string, not int 42"),
+    ],
+)
+def test_bad_config_file_is_one_line_and_exit_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str | None, message: str
+) -> None:
+    path = tmp_path / "farmkeys.toml"
+    if text is not None:
+        path.write_text(text)
+    for command in (["sync"], ["init"], ["status"], ["db", "upgrade"]):
+        result = run_cli(*command, "--config", str(path), capsys=capsys)
+        assert result.code == (3 if command == ["status"] else 1)  # status: cannot tell
+        assert message in one_error_line(result)
+        assert result.out == ""
+
+
+def test_a_secret_of_the_wrong_type_is_not_echoed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "farmkeys.toml"
+    path.write_text("[directory]\npassword = 918273645\n")
+    path.chmod(0o600)
+    result = run_cli("sync", "--config", str(path), capsys=capsys)
+    line = one_error_line(result)
+    assert "directory.password must be a string" in line
+    assert "918273645" not in result.err
+
+
+def test_a_usage_error_exits_64_never_a_status_code(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        cli.main(["status", "--jsno"])
+    assert done.value.code == 64
+    assert "unrecognized arguments: --jsno" in capsys.readouterr().err
+
+
+def test_debug_adds_the_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_cli("sync", "--debug", "--config", str(tmp_path / "none.toml"), capsys=capsys)
+    assert result.code == 1
+    assert "Traceback (most recent call last)" in result.err
+    assert result.err.rstrip().splitlines()[-1].startswith("farmkeys: error: ")
+
+
+def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in (["init"], ["db", "upgrade"], ["sync"], ["status"]):
+        with pytest.raises(SystemExit) as done:
+            cli.main([*command, "--help"])
+        assert done.value.code == 0
+        assert "usage: farmkeys" in capsys.readouterr().out
