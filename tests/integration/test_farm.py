@@ -18,6 +18,7 @@ from farmkeys.cli import commands
 from farmkeys.config import load
 from farmkeys.db import ConfigDB
 from farmkeys.directory import Directory
+from farmkeys.formats import blob as blob_format
 from farmkeys.status import farm_status
 from farmkeys.store import Store
 from farmkeys.sync import sync
@@ -310,9 +311,11 @@ def test_blob_whose_master_key_is_missing_fails_naming_the_key(initialised_farm:
     (cert_id, blob) = db_rows(
         farm.dsn, "SELECT id, blob FROM certificate WHERE purpose = 'signing'"
     )[0]
-    context = blob.BlobContext(farm=str(group), certificate_id=str(cert_id), purpose="signing")
-    plain = blob.open_blob(bytes(blob), master_key=key, context=context)
-    resealed = blob.seal(plain, master_key=bytes(32), master_key_id=missing, context=context)
+    context = blob_format.BlobContext(
+        farm=str(group), certificate_id=str(cert_id), purpose="signing"
+    )
+    plain = blob_format.open_blob(bytes(blob), master_key=key, context=context)
+    resealed = blob_format.seal(plain, master_key=bytes(32), master_key_id=missing, context=context)
     expect_ok(farm.run("sync"))
     before = snapshot(farm.store())
     with psycopg.connect(farm.dsn) as conn:
