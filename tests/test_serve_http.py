@@ -547,7 +547,7 @@ def test_serve_tells_systemd_it_is_ready_pings_the_watchdog_and_says_it_stops(
 
 
 def test_notifier_speaks_to_path_and_abstract_sockets(tmp_path: Path) -> None:
-    from farmkeys.sdnotify import Notifier
+    from farmkeys.serve.sdnotify import Notifier
 
     abstract = f"@farmkeys-test-{os.getpid()}"
     for where, bind_to in (
@@ -565,7 +565,7 @@ def test_notifier_speaks_to_path_and_abstract_sockets(tmp_path: Path) -> None:
 
 
 def test_notifier_watchdog_rules_and_failures() -> None:
-    from farmkeys.sdnotify import Notifier
+    from farmkeys.serve.sdnotify import Notifier
 
     assert Notifier.from_environment({}).notify("READY=1") is False
     on = {"NOTIFY_SOCKET": "/nonexistent/socket", "WATCHDOG_USEC": "3000000"}
