@@ -1,4 +1,4 @@
-"""systemd's notify protocol (farmkeys.sdnotify): path and abstract sockets, the watchdog's
+"""systemd's notify protocol (farmkeys.serve.sdnotify): path and abstract sockets, the watchdog's
 interval, and failures that never raise. `farmkeys serve` under a real notify socket is in
 tests/system/test_serve_http.py."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def test_notifier_speaks_to_path_and_abstract_sockets(tmp_path: Path) -> None:
-    from farmkeys.sdnotify import Notifier
+    from farmkeys.serve.sdnotify import Notifier
 
     abstract = f"@farmkeys-test-{os.getpid()}"
     for where, bind_to in (
@@ -28,7 +28,7 @@ def test_notifier_speaks_to_path_and_abstract_sockets(tmp_path: Path) -> None:
 
 
 def test_notifier_watchdog_rules_and_failures() -> None:
-    from farmkeys.sdnotify import Notifier
+    from farmkeys.serve.sdnotify import Notifier
 
     assert Notifier.from_environment({}).notify("READY=1") is False
     on = {"NOTIFY_SOCKET": "/nonexistent/socket", "WATCHDOG_USEC": "3000000"}

@@ -16,7 +16,8 @@ import os
 import socket
 from collections.abc import Mapping
 
-log = logging.getLogger(__name__)
+# The name these lines have always carried, before sdnotify moved into serve/.
+log = logging.getLogger("farmkeys.sdnotify")
 
 
 class Notifier:

@@ -1,0 +1,64 @@
+"""Publishing the farm's keys to relying parties: SAML metadata, JWKS, and the HTTP endpoints.
+
+Relying parties learn the token-signing certificates from the IdP's SAML metadata
+(AD FS: ``/FederationMetadata/2007-06/FederationMetadata.xml``) or, for OpenID
+Connect, from a JSON Web Key Set (AD FS: ``/adfs/discovery/keys``). Both are built
+from the node's installed store, never from the config DB, so any node answers
+and every node answers the same bytes for the same installed set:
+
+- signing: the primary, the secondary (so relying parties learn it before it
+  signs), and every retired certificate until its NotAfter, in that order
+  (retired ones newest first);
+- encryption (metadata only): the primary decryption certificate, the one
+  relying parties encrypt tokens to.
+
+A fetch that carries ``?rp=<name>`` of a relying party in ``[publish]
+relying_parties`` is recorded in the config DB with the signing thumbprints it
+was served; ``policy.require_fetch`` holds a promotion back until every relying
+party has fetched the secondary (:mod:`farmkeys.policy`). The attribution is
+what the caller claims; docs/security.md says why that is enough.
+
+The parts, each its own module:
+
+- :mod:`~farmkeys.publish.keys`: the keys an installed set publishes, the view the
+  documents share;
+- :mod:`~farmkeys.publish.metadata`: the SAML metadata document;
+- :mod:`~farmkeys.publish.jwks`: the JSON Web Key Set;
+- :mod:`~farmkeys.publish.http`: the :class:`Publisher`, its endpoints and handler.
+"""
+
+from __future__ import annotations
+
+from farmkeys.publish.http import (
+    HEALTH_PATH,
+    JWKS_PATH,
+    METADATA_PATH,
+    METRICS_PATH,
+    RECORD_EVERY_SECONDS,
+    Answer,
+    Health,
+    Publisher,
+    etag,
+)
+from farmkeys.publish.jwks import jwks
+from farmkeys.publish.keys import Published, PublishedKey, from_store, published
+from farmkeys.publish.metadata import metadata, metadata_settings
+
+__all__ = [
+    "HEALTH_PATH",
+    "JWKS_PATH",
+    "METADATA_PATH",
+    "METRICS_PATH",
+    "RECORD_EVERY_SECONDS",
+    "Answer",
+    "Health",
+    "Published",
+    "PublishedKey",
+    "Publisher",
+    "etag",
+    "from_store",
+    "jwks",
+    "metadata",
+    "metadata_settings",
+    "published",
+]
