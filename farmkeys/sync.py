@@ -12,7 +12,6 @@ import logging
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
 
 from farmkeys.config import Config
 from farmkeys.db import CertificateRow, Claim, ConfigDB, Farm, LiveSet
@@ -28,23 +27,10 @@ from farmkeys.errors import (
 from farmkeys.formats import farm_state
 from farmkeys.store import Carried, CertificateFiles, Installed, Manifest, Store
 
-if TYPE_CHECKING:
-    from farmkeys.formats import blob
-
 # bundle, certificates and blob (cryptography) are imported where a blob is opened: a sync
 # that finds nothing changed opens none, and `farmkeys sync` at a service's start stays fast.
 
 log = logging.getLogger(__name__)
-
-
-def blob_context(
-    farm: Farm | uuid.UUID, certificate_id: uuid.UUID, purpose: str
-) -> blob.BlobContext:
-    """What a certificate's blob is bound to: its farm's DKM group, its id and its purpose."""
-    from farmkeys.formats import blob
-
-    group = farm.dkm_group if isinstance(farm, Farm) else farm
-    return blob.BlobContext(farm=str(group), certificate_id=str(certificate_id), purpose=purpose)
 
 
 # -- sync ------------------------------------------------------------------------------
@@ -330,7 +316,7 @@ def open_blob(farm: Farm, row: CertificateRow, directory: MasterKeys) -> bytes:
     """The PKCS#12 sealed in one certificate row's blob, under the master key its row names."""
     from farmkeys.formats import blob
 
-    context = blob_context(farm, row.id, row.purpose)
+    context = blob.blob_context(farm.dkm_group, row.id, row.purpose)
     named = blob.master_key_id(row.blob, context=context)
     if named != row.master_key:
         raise InvalidBlobError(

@@ -42,10 +42,11 @@ from farmkeys.config import load
 from farmkeys.db import Claim, ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.formats import blob
+from farmkeys.formats.blob import blob_context
 from farmkeys.lab.postgres import LocalPostgres
 from farmkeys.lab.slapd import LocalSlapd
 from farmkeys.store import Store
-from farmkeys.sync import blob_context, sync
+from farmkeys.sync import sync
 
 GOAL = 2.0  # nothing changed
 GOAL_CHANGED = 3.0  # a new secondary: + the record, the carry, the clean-up
