@@ -30,8 +30,8 @@ from farmkeys.errors import AdfsKeyMismatchError, ImportRefusedError
 from farmkeys.formats import adfs_pfx, certificates
 from farmkeys.formats import blob as blob_format
 from farmkeys.formats import request as request_format
+from farmkeys.formats.blob import blob_context
 from farmkeys.requesting import RolloverOutcome, await_answer, file_request
-from farmkeys.sync import blob_context
 from farmkeys.vocab import PURPOSES
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def import_adfs(
         pkcs12,
         master_key=directory.master_key(farm.dkm_group, key_id),
         master_key_id=key_id,
-        context=blob_context(farm, certificate_id, purpose),
+        context=blob_context(farm.dkm_group, certificate_id, purpose),
     )
     source = f"AD FS (DKM key {blob.key_id})"
     log.info("importing %s certificate %s from %s, key from %s", purpose, thumb, source, where)

@@ -35,7 +35,7 @@ import logging
 import os
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -44,7 +44,7 @@ from typing import Final
 from farmkeys import policy
 from farmkeys._private_file import read_private_file
 from farmkeys.config import Config
-from farmkeys.db import ConfigDB
+from farmkeys.db import ConfigDB, MasterKeyRow
 from farmkeys.directory import MASTER_KEY_LENGTH, Directory
 from farmkeys.errors import (
     DirectoryError,
@@ -346,6 +346,27 @@ def import_keys(
             report.skipped_deleted.append(escrowed.id)
             continue
         wanted.append(escrowed)
+    report.present += _present(directory, group, wanted, path)
+    current = _current_key(recorded.values(), document, path)
+    report.recreated_container = directory.restore_container(
+        group, farm_name=farm.name, current=current
+    )
+    for escrowed in wanted:
+        if escrowed.id not in report.present and directory.ensure_key(
+            group, escrowed.id, escrowed.key
+        ):
+            report.restored.append(escrowed.id)
+    _record_import(config, db, wanted, recorded, current, report, path)
+    log.info("%s", _import_detail(report, path))
+    return report
+
+
+def _present(
+    directory: Directory, group: uuid.UUID, wanted: list[EscrowedKey], path: Path
+) -> list[uuid.UUID]:
+    """The keys of ``wanted`` the directory already holds; :class:`EscrowError` when it
+    holds one with other bytes than the file."""
+    present = []
     container_exists = directory.container_exists(group)
     for escrowed in wanted:
         held = _held(directory, group, escrowed.id) if container_exists else None
@@ -357,8 +378,15 @@ def import_keys(
                 f" escrow file {path} holds",
                 "nothing was changed; find out which is genuine before touching either",
             )
-        report.present.append(escrowed.id)
-    recorded_current = policy.current_key(recorded.values())
+        present.append(escrowed.id)
+    return present
+
+
+def _current_key(
+    recorded: Iterable[MasterKeyRow], document: EscrowDocument, path: Path
+) -> uuid.UUID:
+    """The key the farm records as current, else the one the file names current."""
+    recorded_current = policy.current_key(recorded)
     current = None if recorded_current is None else recorded_current.id
     if current is None:
         current = next((k.id for k in document.keys if k.current), None)
@@ -367,14 +395,19 @@ def import_keys(
             f"escrow file {path} names no current master key and the farm records none",
             "nothing was changed; import a complete escrow file",
         )
-    report.recreated_container = directory.restore_container(
-        group, farm_name=farm.name, current=current
-    )
-    for escrowed in wanted:
-        if escrowed.id not in report.present and directory.ensure_key(
-            group, escrowed.id, escrowed.key
-        ):
-            report.restored.append(escrowed.id)
+    return current
+
+
+def _record_import(
+    config: Config,
+    db: ConfigDB,
+    wanted: list[EscrowedKey],
+    recorded: Mapping[uuid.UUID, MasterKeyRow],
+    current: uuid.UUID,
+    report: ImportReport,
+    path: Path,
+) -> None:
+    """Record the keys the farm did not know, and audit the import, in one transaction."""
     with db.transaction() as tx:
         for escrowed in wanted:
             if escrowed.id not in recorded:
@@ -390,8 +423,6 @@ def import_keys(
             action="escrow_import",
             detail=_import_detail(report, path),
         )
-    log.info("%s", _import_detail(report, path))
-    return report
 
 
 def _tombstones(

@@ -15,10 +15,11 @@ the rows differ when it acts.
 from __future__ import annotations
 
 import re
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from farmkeys.db import ConfigDB
+from farmkeys.db import CertificateRow, ConfigDB, StoredState
 from farmkeys.directory import Directory
 from farmkeys.errors import ConfigError, DirectoryError, FarmStateError
 from farmkeys.formats import farm_state, request
@@ -73,69 +74,20 @@ def review(db: ConfigDB, directory: Directory, *, revoked_file: tuple[str, ...] 
     rows = db.certificates(include_archived=False)
     entries = [farm_state.LiveEntry.of(r) for r in rows]
     stored = db.stored_state()
-    previous: farm_state.FarmState | None = None
-    unverified: farm_state.FarmState | None = None
-    lines: list[str] = []
-    if stored is None:
-        why = "the config DB has no farm state record"
-    else:
-        try:
-            previous = farm_state.verify(
-                stored.body,
-                stored.mac,
-                farm=farm.dkm_group,
-                key_for=lambda key_id: directory.master_key(farm.dkm_group, key_id),
-            )
-        except (FarmStateError, DirectoryError) as exc:
-            why = exc.what
-            try:
-                unverified = farm_state.parse(stored.body)
-            except FarmStateError:
-                unverified = None
+    previous, unverified, why = _read_record(stored, farm.dkm_group, directory)
     keep = set(revoked_file or ())
+    lines: list[str] = []
     if previous is not None:
         keep |= set(previous.revoked)
-        differences = previous.differences(rows)
-        lines += [f"differs from authentic version {previous.version}: {d}" for d in differences]
-        if stored is not None and stored.version != previous.version:
-            lines.append(
-                f"the farm_state row's version column says {stored.version}, its authentic"
-                f" record {previous.version}: the column is ignored"
-            )
+        lines += _differences(previous, stored, rows)
     else:
-        lines.append(f"no farm state record verifies ({why})")
-        if unverified is not None and unverified.revoked:
-            lines.append(
-                "the unverified record lists as revoked (not trusted; put those you know"
-                f" to be right in --revoked FILE): {', '.join(unverified.revoked)}"
-            )
-        if revoked_file is None:
-            lines.append(
-                "refused unless you name the urgently replaced thumbprints to keep with"
-                " --revoked FILE (an empty file if there are none)"
-            )
+        lines += _unverified(why, unverified, revoked_file)
     for entry in entries:
         if entry.thumbprint in keep:
             lines.append(f"{entry.describe()} is revoked: the repair archives it again")
     floor = 0 if previous is None else previous.version
-    nodes = db.nodes()
-    ahead = 0
-    for n in nodes:
-        if n.state_version is None:
-            continue
-        if n.state_version > floor + farm_state.MAX_VERSION_STEP:
-            lines.append(
-                f"node {n.id!r} reports farm state version {n.state_version}, more than"
-                f" {farm_state.MAX_VERSION_STEP} above the last authentic one: ignored (forged?)"
-            )
-        else:
-            ahead = max(ahead, n.state_version)
-    version = max(floor, ahead) + 1
-    if ahead > floor:
-        lines.append(
-            f"nodes installed farm state versions up to {ahead}, above the last authentic"
-            f" {floor}: the new record is version {version}"
-        )
+    version, ahead_lines = _next_version(db, floor)
+    lines += ahead_lines
     for thumbprint, holders in sorted(_remembered(db).items()):
         if thumbprint not in keep:
             lines.append(
@@ -151,6 +103,89 @@ def review(db: ConfigDB, directory: Directory, *, revoked_file: tuple[str, ...] 
     )
     needed = previous is None or bool(lines) or not keep <= set(previous.revoked)
     return Review(lines=lines, terms=terms, needed=needed)
+
+
+def _read_record(
+    stored: StoredState | None, dkm_group: uuid.UUID, directory: Directory
+) -> tuple[farm_state.FarmState | None, farm_state.FarmState | None, str]:
+    """The stored record: (verified, else None; parsed but unverified, else None; why it
+    does not verify, else empty)."""
+    if stored is None:
+        return None, None, "the config DB has no farm state record"
+    try:
+        previous = farm_state.verify(
+            stored.body,
+            stored.mac,
+            farm=dkm_group,
+            key_for=lambda key_id: directory.master_key(dkm_group, key_id),
+        )
+    except (FarmStateError, DirectoryError) as exc:
+        try:
+            unverified = farm_state.parse(stored.body)
+        except FarmStateError:
+            unverified = None
+        return None, unverified, exc.what
+    return previous, None, ""
+
+
+def _differences(
+    previous: farm_state.FarmState, stored: StoredState | None, rows: list[CertificateRow]
+) -> list[str]:
+    """How the live rows differ from the last authentic record, and a version column that
+    disagrees with it."""
+    lines = [
+        f"differs from authentic version {previous.version}: {d}"
+        for d in previous.differences(rows)
+    ]
+    if stored is not None and stored.version != previous.version:
+        lines.append(
+            f"the farm_state row's version column says {stored.version}, its authentic"
+            f" record {previous.version}: the column is ignored"
+        )
+    return lines
+
+
+def _unverified(
+    why: str, unverified: farm_state.FarmState | None, revoked_file: tuple[str, ...] | None
+) -> list[str]:
+    """What the operator must know when no record verifies."""
+    lines = [f"no farm state record verifies ({why})"]
+    if unverified is not None and unverified.revoked:
+        lines.append(
+            "the unverified record lists as revoked (not trusted; put those you know"
+            f" to be right in --revoked FILE): {', '.join(unverified.revoked)}"
+        )
+    if revoked_file is None:
+        lines.append(
+            "refused unless you name the urgently replaced thumbprints to keep with"
+            " --revoked FILE (an empty file if there are none)"
+        )
+    return lines
+
+
+def _next_version(db: ConfigDB, floor: int) -> tuple[int, list[str]]:
+    """The version the new record takes: above ``floor`` (the last authentic one) and every
+    version a node reports installed, except those too far ahead to be honest; and the
+    lines that say so."""
+    lines = []
+    ahead = 0
+    for n in db.nodes():
+        if n.state_version is None:
+            continue
+        if n.state_version > floor + farm_state.MAX_VERSION_STEP:
+            lines.append(
+                f"node {n.id!r} reports farm state version {n.state_version}, more than"
+                f" {farm_state.MAX_VERSION_STEP} above the last authentic one: ignored (forged?)"
+            )
+        else:
+            ahead = max(ahead, n.state_version)
+    version = max(floor, ahead) + 1
+    if ahead > floor:
+        lines.append(
+            f"nodes installed farm state versions up to {ahead}, above the last authentic"
+            f" {floor}: the new record is version {version}"
+        )
+    return version, lines
 
 
 def _remembered(db: ConfigDB) -> dict[str, list[str]]:

@@ -12,10 +12,9 @@ import logging
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
 
 from farmkeys.config import Config
-from farmkeys.db import CertificateRow, Claim, ConfigDB, Farm, LiveSet
+from farmkeys.db import CertificateRow, Claim, ConfigDB, Farm, LiveSet, StoredState
 from farmkeys.directory import MasterKeys
 from farmkeys.errors import (
     CertificateError,
@@ -28,23 +27,10 @@ from farmkeys.errors import (
 from farmkeys.formats import farm_state
 from farmkeys.store import Carried, CertificateFiles, Installed, Manifest, Store
 
-if TYPE_CHECKING:
-    from farmkeys.formats import blob
-
 # bundle, certificates and blob (cryptography) are imported where a blob is opened: a sync
 # that finds nothing changed opens none, and `farmkeys sync` at a service's start stays fast.
 
 log = logging.getLogger(__name__)
-
-
-def blob_context(
-    farm: Farm | uuid.UUID, certificate_id: uuid.UUID, purpose: str
-) -> blob.BlobContext:
-    """What a certificate's blob is bound to: its farm's DKM group, its id and its purpose."""
-    from farmkeys.formats import blob
-
-    group = farm.dkm_group if isinstance(farm, Farm) else farm
-    return blob.BlobContext(farm=str(group), certificate_id=str(certificate_id), purpose=purpose)
 
 
 # -- sync ------------------------------------------------------------------------------
@@ -81,18 +67,8 @@ def sync(
     shows which nodes can read the new key before the old one is deleted.
     """
     installed = store.inspect()
-    claim = None
-    if installed is not None and installed.complete:
-        manifest = installed.manifest
-        claim = Claim(manifest.generation, manifest.identity(), manifest.state_version)
-    have = sorted(t for _, t in installed.intact) if installed is not None else []
-    live = db.live_set(config.node.id, claim=claim, have=have)
+    live = _read_live(config, db, installed)
     farm, rows = live.farm, live.rows
-    if not any(r.role == "primary" for r in rows):
-        raise NotInitialisedError(
-            f"farm {farm.name!r} has no primary certificates in the config DB at {db.endpoint}",
-            "run `farmkeys init` to generate them",
-        )
     _check_pinned(config, farm, store, db.endpoint, installed)
     wanted = frozenset(r.identity for r in rows)
     in_sync = installed is not None and installed.matches(wanted)
@@ -100,70 +76,127 @@ def sync(
     state = check_state(live, previous, directory, in_sync=in_sync)
     if in_sync:
         assert installed is not None
-        manifest = installed.manifest
-        if manifest.dkm_group is None:
-            store.pin(farm.dkm_group)
-        changed = False
-        keys = _confirm_keys(farm, rows, directory, live.confirmed_keys)
-        if state is not None and (
-            manifest.state_version != state.version or manifest.state_digest != state.digest
-        ):
-            manifest = store.note_state(
-                version=state.version, digest=state.digest, forget=state.revoked
-            )
-        elif live.recorded and set(keys) == live.confirmed_keys & {r.master_key for r in rows}:
-            # Nothing changed, and the read recorded the sync already.
-            return SyncReport(
-                node=config.node.id,
-                dkm_group=farm.dkm_group,
-                manifest=manifest,
-                changed=False,
-                master_keys=tuple(keys),
-            )
+        done = _keep_installed(live, installed, directory, store, state)
     else:
-        intact = frozenset() if installed is None else installed.intact
-        carried = [r for r in rows if (r.purpose, r.thumbprint) in intact]
-        # The read sent the blobs of exactly these (the store did not hold them intact).
-        fresh = [r for r in rows if (r.purpose, r.thumbprint) not in intact]
-        files: list[CertificateFiles | Carried] = [
-            open_certificate(farm, row, directory) for row in fresh
-        ]
-        files += [Carried(r.purpose, r.role, r.thumbprint) for r in carried]
-        manifest = store.install(
-            files,
-            now=now,
-            dkm_group=farm.dkm_group,
-            state_version=None if state is None else state.version,
-            state_digest=None if state is None else state.digest,
-            forget=() if state is None else state.revoked,
+        done = _install(live, installed, directory, store, state, wanted=wanted, now=now)
+    if not done.recorded:
+        db.record_sync(
+            config.node.id,
+            generation=done.manifest.generation,
+            installed=sorted(wanted),
+            master_keys=done.keys,
+            directory_server=directory.last_server,
+            state_version=done.manifest.state_version,
+            revoked=done.manifest.forgotten,
         )
-        changed = True
-        opened = frozenset(r.master_key for r in fresh)
-        keys = _confirm_keys(farm, carried, directory, live.confirmed_keys | opened)
-        keys = sorted(set(keys) | opened, key=str)
-        log.info(
-            "installed generation %d: %s (%d written, %d carried)",
-            manifest.generation,
-            ", ".join(f"{p} {r} {t}" for p, r, t in sorted(wanted)),
-            len(fresh),
-            len(carried),
-        )
-    db.record_sync(
-        config.node.id,
-        generation=manifest.generation,
-        installed=sorted(wanted),
-        master_keys=keys,
-        directory_server=directory.last_server,
-        state_version=manifest.state_version,
-        revoked=manifest.forgotten,
-    )
     return SyncReport(
         node=config.node.id,
         dkm_group=farm.dkm_group,
-        manifest=manifest,
-        changed=changed,
-        master_keys=tuple(keys),
+        manifest=done.manifest,
+        changed=done.changed,
+        master_keys=tuple(done.keys),
     )
+
+
+@dataclass(frozen=True)
+class _Done:
+    """What a sync did to the store: the manifest it leaves, whether it installed a new
+    generation, the master keys proved, and whether the read recorded the sync already."""
+
+    manifest: Manifest
+    changed: bool
+    keys: list[uuid.UUID]
+    recorded: bool = False
+
+
+def _read_live(config: Config, db: ConfigDB, installed: Installed | None) -> LiveSet:
+    """The live set, in one statement: the blobs of only the certificates the store does not
+    hold intact, and the sync recorded too when the store's claim still holds.
+    :class:`NotInitialisedError` for a farm without primary certificates."""
+    claim = None
+    if installed is not None and installed.complete:
+        manifest = installed.manifest
+        claim = Claim(manifest.generation, manifest.identity(), manifest.state_version)
+    have = sorted(t for _, t in installed.intact) if installed is not None else []
+    live = db.live_set(config.node.id, claim=claim, have=have)
+    if not any(r.role == "primary" for r in live.rows):
+        raise NotInitialisedError(
+            f"farm {live.farm.name!r} has no primary certificates in the config DB at"
+            f" {db.endpoint}",
+            "run `farmkeys init` to generate them",
+        )
+    return live
+
+
+def _keep_installed(
+    live: LiveSet,
+    installed: Installed,
+    directory: MasterKeys,
+    store: Store,
+    state: CheckedState | None,
+) -> _Done:
+    """The store already holds the live set: pin it, confirm the master keys not yet proved,
+    and note a new farm state record; no new generation."""
+    farm, rows = live.farm, live.rows
+    manifest = installed.manifest
+    if manifest.dkm_group is None:
+        store.pin(farm.dkm_group)
+    keys = _confirm_keys(farm, rows, directory, live.confirmed_keys)
+    if state is not None and (
+        manifest.state_version != state.version or manifest.state_digest != state.digest
+    ):
+        manifest = store.note_state(
+            version=state.version, digest=state.digest, forget=state.revoked
+        )
+    elif live.recorded and set(keys) == live.confirmed_keys & {r.master_key for r in rows}:
+        # Nothing changed, and the read recorded the sync already.
+        return _Done(manifest, changed=False, keys=keys, recorded=True)
+    return _Done(manifest, changed=False, keys=keys)
+
+
+def _install(
+    live: LiveSet,
+    installed: Installed | None,
+    directory: MasterKeys,
+    store: Store,
+    state: CheckedState | None,
+    *,
+    wanted: frozenset[tuple[str, str, str]],
+    now: datetime,
+) -> _Done:
+    """Install the live set as a new generation: open the blobs the read sent, carry the
+    certificates the store holds intact, and switch the store all at once."""
+    farm, rows = live.farm, live.rows
+    intact = frozenset() if installed is None else installed.intact
+    carried = [r for r in rows if (r.purpose, r.thumbprint) in intact]
+    # The read sent the blobs of exactly these (the store did not hold them intact).
+    fresh = [r for r in rows if (r.purpose, r.thumbprint) not in intact]
+    files: list[CertificateFiles | Carried] = [
+        open_certificate(farm, row, directory) for row in fresh
+    ]
+    files += [Carried(r.purpose, r.role, r.thumbprint) for r in carried]
+    manifest = store.install(
+        files,
+        now=now,
+        dkm_group=farm.dkm_group,
+        state_version=None if state is None else state.version,
+        state_digest=None if state is None else state.digest,
+        forget=() if state is None else state.revoked,
+    )
+    opened = frozenset(r.master_key for r in fresh)
+    keys = _confirm_keys(farm, carried, directory, live.confirmed_keys | opened)
+    keys = sorted(set(keys) | opened, key=str)
+    log.info(
+        "installed generation %d: %s (%d written, %d carried)",
+        manifest.generation,
+        ", ".join(f"{p} {r} {t}" for p, r, t in sorted(wanted)),
+        len(fresh),
+        len(carried),
+    )
+    return _Done(manifest, changed=True, keys=keys)
+
+
+# -- the farm state record -------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -195,62 +228,101 @@ def check_state(
     if manifest is not None and manifest.dkm_group != str(farm.dkm_group):
         manifest = None  # another farm's versions (a node moved on purpose: farm.dkm_group)
     installed = None if manifest is None else manifest.state_version
+    installed_digest = None if manifest is None else manifest.state_digest
     if stored is None:
-        if installed is not None:
-            raise FarmStateError(
-                "the config DB has no farm state record, but this node installed version"
-                f" {installed}; nothing was installed",
-                farm_state.REPAIR,
-            )
-        log.warning(
-            "the config DB has no farm state record yet (a farm from before them): the"
-            " leader writes one at its next check"
-        )
+        _no_record(installed)
         return None
     digest = farm_state.digest(stored.body, stored.mac)
-    if manifest is not None and manifest.state_digest == digest:
-        state = _parsed_state(stored.body)  # these very bytes were verified before
-    else:
-        try:
-            state = farm_state.verify(
-                stored.body,
-                stored.mac,
-                farm=farm.dkm_group,
-                key_for=lambda key_id: directory.master_key(farm.dkm_group, key_id),
-            )
-        except DirectoryError as exc:
-            if not in_sync:
-                raise
-            log.warning("cannot verify the new farm state yet (the store is in sync): %s", exc.what)
-            return None
-    if installed is not None and state.version < installed:
+    state = _verified(stored, digest, installed_digest, farm, directory, in_sync=in_sync)
+    if state is None:
+        return None
+    _check_version(state.version, digest, installed, installed_digest)
+    forgotten = set(state.revoked) | (set() if manifest is None else set(manifest.forgotten))
+    _check_rows(state, live.rows, forgotten)
+    return CheckedState(version=state.version, digest=digest, revoked=state.revoked)
+
+
+def _no_record(installed: int | None) -> None:
+    """No farm state record in the config DB: refused if this node installed one, else (a
+    farm from before them) a warning."""
+    if installed is not None:
         raise FarmStateError(
-            f"the config DB's farm state is version {state.version}, older than version"
+            "the config DB has no farm state record, but this node installed version"
+            f" {installed}; nothing was installed",
+            farm_state.REPAIR,
+        )
+    log.warning(
+        "the config DB has no farm state record yet (a farm from before them): the"
+        " leader writes one at its next check"
+    )
+
+
+def _verified(
+    stored: StoredState,
+    digest: str,
+    installed_digest: str | None,
+    farm: Farm,
+    directory: MasterKeys,
+    *,
+    in_sync: bool,
+) -> farm_state.FarmState | None:
+    """The stored record, verified under the master key it names unless this node verified
+    these very bytes before; None when the directory cannot be read and ``in_sync``."""
+    if installed_digest == digest:
+        return _parsed_state(stored.body)  # these very bytes were verified before
+    try:
+        return farm_state.verify(
+            stored.body,
+            stored.mac,
+            farm=farm.dkm_group,
+            key_for=lambda key_id: directory.master_key(farm.dkm_group, key_id),
+        )
+    except DirectoryError as exc:
+        if not in_sync:
+            raise
+        log.warning("cannot verify the new farm state yet (the store is in sync): %s", exc.what)
+        return None
+
+
+def _check_version(
+    version: int, digest: str, installed: int | None, installed_digest: str | None
+) -> None:
+    """Refuse a record's version that is below the one this node installed, too far above
+    it, or the same with other bytes."""
+    if installed is not None and version < installed:
+        raise FarmStateError(
+            f"the config DB's farm state is version {version}, older than version"
             f" {installed} this node installed (a restored backup?); nothing was installed",
             farm_state.REPAIR,
         )
-    if installed is not None and state.version > installed + farm_state.MAX_VERSION_STEP:
+    if installed is not None and version > installed + farm_state.MAX_VERSION_STEP:
         raise FarmStateError(
-            f"the config DB's farm state is version {state.version}, more than"
+            f"the config DB's farm state is version {version}, more than"
             f" {farm_state.MAX_VERSION_STEP} above version {installed} this node installed;"
             " no leader makes such a jump, so nothing was installed",
             farm_state.REPAIR,
         )
-    if state.version == installed and manifest is not None and manifest.state_digest != digest:
+    if version == installed and installed_digest != digest:
         # The leader writes every record under a new version: the same version with other
         # bytes is a record made again from scratch (an adoption after the record was
         # deleted), which must not replace the one this node installed.
         raise FarmStateError(
-            f"the config DB's farm state version {state.version} is not the version"
+            f"the config DB's farm state version {version} is not the version"
             f" {installed} this node installed, though it has the same number; nothing was"
             " installed",
             farm_state.REPAIR,
         )
-    error = farm_state.mismatch(state, live.rows, then="; nothing was installed")
+
+
+def _check_rows(
+    state: farm_state.FarmState, rows: list[CertificateRow], forgotten: set[str]
+) -> None:
+    """Refuse live rows that differ from the record, or a live certificate that an urgent
+    rollover replaced (``forgotten``: the record's revoked list and the store's)."""
+    error = farm_state.mismatch(state, rows, then="; nothing was installed")
     if error is not None:
         raise error
-    forgotten = set(state.revoked) | (set() if manifest is None else set(manifest.forgotten))
-    for row in live.rows:
+    for row in rows:
         if row.thumbprint in forgotten:
             raise FarmStateError(
                 f"{row.purpose} certificate {row.thumbprint} was urgently replaced and must"
@@ -258,7 +330,6 @@ def check_state(
                 " installed",
                 farm_state.REPAIR,
             )
-    return CheckedState(version=state.version, digest=digest, revoked=state.revoked)
 
 
 @functools.lru_cache(maxsize=4)
@@ -330,7 +401,7 @@ def open_blob(farm: Farm, row: CertificateRow, directory: MasterKeys) -> bytes:
     """The PKCS#12 sealed in one certificate row's blob, under the master key its row names."""
     from farmkeys.formats import blob
 
-    context = blob_context(farm, row.id, row.purpose)
+    context = blob.blob_context(farm.dkm_group, row.id, row.purpose)
     named = blob.master_key_id(row.blob, context=context)
     if named != row.master_key:
         raise InvalidBlobError(

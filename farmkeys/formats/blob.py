@@ -79,6 +79,7 @@ __all__ = [
     "TAG_BYTES",
     "VERSION",
     "BlobContext",
+    "blob_context",
     "master_key_id",
     "open_blob",
     "reseal",
@@ -150,6 +151,11 @@ class BlobContext:
             parts.append(struct.pack(">H", len(raw)))
             parts.append(raw)
         return b"".join(parts)
+
+
+def blob_context(dkm_group: uuid.UUID, certificate_id: uuid.UUID, purpose: str) -> BlobContext:
+    """What a certificate's blob is bound to: its farm's DKM group, its id and its purpose."""
+    return BlobContext(farm=str(dkm_group), certificate_id=str(certificate_id), purpose=purpose)
 
 
 def _not_authentic(context: BlobContext) -> InvalidBlobError:

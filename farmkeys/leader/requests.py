@@ -27,13 +27,13 @@ from farmkeys.errors import (
 from farmkeys.formats import blob as blob_format
 from farmkeys.formats import certificates, farm_state
 from farmkeys.formats import request as request_format
+from farmkeys.formats.blob import blob_context
 from farmkeys.leader.certificates import CertificateRollover
 from farmkeys.leader.keys import CurrentKey
 from farmkeys.leader.master_keys import MasterKeyLifecycle
 from farmkeys.leader.repair import repair_state
 from farmkeys.leader.sealing import NeedKey, Spares, sealed_certificate
 from farmkeys.leader.state import StateFence
-from farmkeys.sync import blob_context
 from farmkeys.vocab import ALL_PURPOSES, PURPOSES, AuditAction, Role
 
 log = logging.getLogger(__name__)
@@ -221,7 +221,7 @@ class RequestAnswering:
         purpose, role, cert_id = request.purpose, terms.role, terms.certificate
         assert row.import_blob is not None  # the signed body names an import: checked
         blob = row.import_blob
-        context = blob_context(farm, cert_id, purpose)
+        context = blob_context(farm.dkm_group, cert_id, purpose)
         try:
             sealed_under = blob_format.master_key_id(blob, context=context)
             pkcs12 = blob_format.open_blob(

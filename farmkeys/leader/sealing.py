@@ -19,7 +19,7 @@ from farmkeys.db import CertificateRow, ConfigDB, Farm, NewCertificate, Transact
 from farmkeys.directory import Directory
 from farmkeys.formats import blob as blob_format
 from farmkeys.formats import bundle, certificates
-from farmkeys.sync import blob_context
+from farmkeys.formats.blob import blob_context
 
 CLOCK_SKEW_ALLOWANCE = timedelta(hours=1)
 """A new certificate is valid from this long before it is made, so a relying party whose
@@ -132,7 +132,7 @@ def reseal(
             old_key=old,
             new_key=key,
             new_key_id=key_id,
-            context=blob_context(farm, row.id, row.purpose),
+            context=blob_context(farm.dkm_group, row.id, row.purpose),
         )
         tx.set_blob(row.id, master_key=key_id, blob=blob)
         count += 1

@@ -43,8 +43,9 @@ from farmkeys.config import load
 from farmkeys.db import Claim, ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.formats import blob
+from farmkeys.formats.blob import blob_context
 from farmkeys.store import Store
-from farmkeys.sync import blob_context, sync
+from farmkeys.sync import sync
 from farmkeys_lab.postgres import LocalPostgres
 from farmkeys_lab.slapd import LocalSlapd
 

@@ -418,7 +418,7 @@ def _forged_request(
     under ``master_key`` (a guess, without the farm's key), or under the farm's own key."""
     from farmkeys.db import ConfigDB
     from farmkeys.formats import blob as blob_format
-    from farmkeys.sync import blob_context
+    from farmkeys.formats.blob import blob_context
 
     cfg = load(farm.config())
     pkcs12 = certificate_format.to_pkcs12(made.certificate, made.key, friendly_name="")

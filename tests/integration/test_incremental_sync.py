@@ -28,8 +28,9 @@ from farmkeys.directory import Directory
 from farmkeys.errors import StoreError
 from farmkeys.formats import blob as blob_format
 from farmkeys.formats import bundle, certificates
+from farmkeys.formats.blob import blob_context
 from farmkeys.store import Store
-from farmkeys.sync import blob_context, sync
+from farmkeys.sync import sync
 from farmkeys_lab.servers import free_port
 
 
