@@ -75,7 +75,7 @@ KeyActionKind = Literal["finish", "roll", "reseal", "unused", "delete"]
 _SECONDS_PER_DAY: Final = 86400
 
 
-class CertificateState(Row, Protocol):
+class CertificateView(Row, Protocol):
     """What the policy reads of a certificate row."""
 
     @property
@@ -86,7 +86,7 @@ class CertificateState(Row, Protocol):
     def created_at(self) -> datetime: ...
 
 
-class MasterKeyState(Protocol):
+class MasterKeyView(Protocol):
     """What the policy reads of a master key's record (``db.MasterKeyRow`` has it)."""
 
     @property
@@ -147,7 +147,7 @@ class Scheduled:
 def decide(
     policy: PolicyConfig,
     now: datetime,
-    rows: Sequence[CertificateState],
+    rows: Sequence[CertificateView],
     *,
     unfetched: Mapping[uuid.UUID, Sequence[str]] | None = None,
 ) -> list[Action]:
@@ -185,7 +185,7 @@ def decide(
 def next_action(
     policy: PolicyConfig,
     now: datetime,
-    rows: Sequence[CertificateState],
+    rows: Sequence[CertificateView],
     certificate_id: uuid.UUID,
     *,
     unfetched: Mapping[uuid.UUID, Sequence[str]] | None = None,
@@ -249,7 +249,7 @@ def unfetched_by(
     return found
 
 
-K = TypeVar("K", bound=MasterKeyState)
+K = TypeVar("K", bound=MasterKeyView)
 
 
 def current_key(keys: Iterable[K]) -> K | None:
@@ -261,7 +261,7 @@ def decide_master_keys(
     master: MasterKeyConfig,
     policy: PolicyConfig,
     now: datetime,
-    keys: Sequence[MasterKeyState],
+    keys: Sequence[MasterKeyView],
     named_by_live: Collection[uuid.UUID],
 ) -> list[KeyAction]:
     """The master-key steps due at ``now`` by the rules in the module's docstring.
@@ -312,7 +312,7 @@ def master_key_schedule(
     master: MasterKeyConfig,
     policy: PolicyConfig,
     now: datetime,
-    keys: Sequence[MasterKeyState],
+    keys: Sequence[MasterKeyView],
     named_by_live: Collection[uuid.UUID],
 ) -> dict[uuid.UUID, KeySchedule]:
     """For every key that is not deleted: when it is rolled or deleted (maybe already past).
@@ -344,12 +344,12 @@ def master_key_schedule(
 class _Live:
     """The rows of one purpose that are not archived."""
 
-    primary: CertificateState | None = None
-    secondary: CertificateState | None = None
-    retired: list[CertificateState] = field(default_factory=list)
+    primary: CertificateView | None = None
+    secondary: CertificateView | None = None
+    retired: list[CertificateView] = field(default_factory=list)
 
 
-def _by_purpose(rows: Sequence[CertificateState]) -> dict[str, _Live]:
+def _by_purpose(rows: Sequence[CertificateView]) -> dict[str, _Live]:
     """The live rows grouped by purpose (every purpose present), checked for sense."""
     grouped = {purpose: _Live() for purpose in PURPOSES}
     for row in rows:
@@ -381,7 +381,7 @@ def _by_purpose(rows: Sequence[CertificateState]) -> dict[str, _Live]:
 def _waiting(
     policy: PolicyConfig,
     purpose: str,
-    secondary: CertificateState | None,
+    secondary: CertificateView | None,
     unfetched: Mapping[uuid.UUID, Sequence[str]] | None,
 ) -> tuple[str, ...]:
     """The relying parties a secondary's promotion waits for (none without require_fetch)."""
@@ -394,8 +394,8 @@ def _step(
     policy: PolicyConfig,
     now: datetime,
     purpose: str,
-    primary: CertificateState | None,
-    secondary: CertificateState | None,
+    primary: CertificateView | None,
+    secondary: CertificateView | None,
     waiting: Sequence[str] = (),
 ) -> Action | None:
     """The one non-archive action due for a purpose; ``secondary`` is usable or ``None``."""
@@ -456,8 +456,8 @@ def _step(
 
 def _promotion_at(
     policy: PolicyConfig,
-    primary: CertificateState,
-    secondary: CertificateState,
+    primary: CertificateView,
+    secondary: CertificateView,
     waiting: Sequence[str] = (),
 ) -> datetime:
     critical_at = primary.not_after - policy.units(policy.critical_threshold)
@@ -466,17 +466,17 @@ def _promotion_at(
     return min(secondary.created_at + policy.units(policy.promotion_threshold), critical_at)
 
 
-def _usable(secondary: CertificateState, now: datetime) -> bool:
+def _usable(secondary: CertificateView, now: datetime) -> bool:
     return secondary.not_before <= now < secondary.not_after
 
 
-def _unusable_reason(secondary: CertificateState, now: datetime) -> str:
+def _unusable_reason(secondary: CertificateView, now: datetime) -> str:
     if now >= secondary.not_after:
         return f"the secondary expired at {_iso(secondary.not_after)} before it was promoted"
     return f"the secondary is not valid until {_iso(secondary.not_before)}"
 
 
-def _nearness(primary: CertificateState, now: datetime, policy: PolicyConfig) -> str:
+def _nearness(primary: CertificateView, now: datetime, policy: PolicyConfig) -> str:
     """How close the primary is to its end, once inside the critical window."""
     if now >= primary.not_after:
         return f"the primary expired at {_iso(primary.not_after)}"

@@ -1,4 +1,4 @@
-"""What the pure modules read of a certificate row, as protocols (``configdb.CertificateRow``
+"""What the pure modules read of a certificate row, as protocols (``db.CertificateRow``
 has all of it): the farm state record (:mod:`farmkeys.formats.farm_state`) names rows by
 them and the rollover policy (:mod:`farmkeys.policy`) decides on them. A module of its own,
 at the bottom with the codecs, so that neither loads the other: a sync checks the record
