@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 from farmkeys.cli.exit_codes import EXIT_ERROR, EXIT_OK, STATUS_EXIT
 from farmkeys.cli.render import (
     answer_lines,
-    event_docs,
     events_json,
     events_text,
     status_json,
@@ -347,12 +346,11 @@ def _events(args: argparse.Namespace, config: Config) -> int:
 
     with ConfigDB(config.database, config.retry) as db:
         db.require_farm()
-        rows = db.events(since=args.since)
-    docs = event_docs(rows)
+        events = db.events(since=args.since)
     if args.json:
-        print(events_json(docs))
+        print(events_json(events))
         return EXIT_OK
-    for line in events_text(docs):
+    for line in events_text(events):
         print(line)
     return EXIT_OK
 

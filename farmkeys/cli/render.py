@@ -8,11 +8,13 @@ commands print what these return.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from farmkeys.terminal import escape
 
 if TYPE_CHECKING:
+    from farmkeys.db.rows import AuditEvent
     from farmkeys.requesting import RolloverOutcome
 
 
@@ -102,37 +104,34 @@ def _node_lines(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
-def event_docs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The audit log's rows as `events --json` shows them (times in ISO 8601, ids as text)."""
-    return [
-        {
-            "id": r["id"],
-            "at": r["at"].isoformat(),
-            "node": r["node"],
-            "term": r["term"],
-            "action": r["action"],
-            "purpose": r["purpose"],
-            "certificate": None if r["certificate"] is None else str(r["certificate"]),
-            "thumbprint": r["thumbprint"],
-            "master_key": None if r["master_key"] is None else str(r["master_key"]),
-            "detail": r["detail"],
-        }
-        for r in rows
-    ]
+def events_json(events: Sequence[AuditEvent]) -> str:
+    """The audit log as `events --json` prints it (times in ISO 8601, ids as text)."""
+    return json.dumps([_event_json(e) for e in events], indent=2)
 
 
-def events_json(docs: list[dict[str, Any]]) -> str:
-    return json.dumps(docs, indent=2)
+def _event_json(event: AuditEvent) -> dict[str, Any]:
+    return {
+        "id": event.id,
+        "at": event.at.isoformat(),
+        "node": event.node,
+        "term": event.term,
+        "action": event.action,
+        "purpose": event.purpose,
+        "certificate": None if event.certificate is None else str(event.certificate),
+        "thumbprint": event.thumbprint,
+        "master_key": None if event.master_key is None else str(event.master_key),
+        "detail": event.detail,
+    }
 
 
-def events_text(docs: list[dict[str, Any]]) -> list[str]:
+def events_text(events: Sequence[AuditEvent]) -> list[str]:
     """One escaped line per event, or one saying there is none."""
     lines = []
-    for d in docs:
-        term = "-" if d["term"] is None else d["term"]
-        subject = (d["action"], d["purpose"], d["thumbprint"], d["master_key"])
-        what = " ".join(x for x in subject if x)
-        line = f"{d['at'][:19]}  {d['node']:<12} term {term!s:<4} {what}  {d['detail']}"
+    for e in events:
+        term = "-" if e.term is None else e.term
+        key = None if e.master_key is None else str(e.master_key)
+        what = " ".join(x for x in (e.action, e.purpose, e.thumbprint, key) if x)
+        line = f"{e.at.isoformat()[:19]}  {e.node:<12} term {term!s:<4} {what}  {e.detail}"
         lines.append(escape(line).rstrip())
     return lines or ["no events"]
 
