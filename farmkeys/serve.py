@@ -45,7 +45,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -63,6 +63,7 @@ from farmkeys.store import Installed, Manifest, Store
 if TYPE_CHECKING:
     from farmkeys import metrics
     from farmkeys.publish import Health, Publisher
+    from farmkeys.status import FarmStatus
 
 log = logging.getLogger(__name__)
 
@@ -455,10 +456,10 @@ class Service:
             return key_id, derived
         return None
 
-    def _farm_status(self) -> dict[str, Any]:
-        from farmkeys.status import farm_status
+    def _farm_status(self) -> FarmStatus:
+        from farmkeys.status import read_farm_status
 
-        return farm_status(self.config, self._db, None, now=_utcnow())
+        return read_farm_status(self.config, self._db, None, now=_utcnow())
 
     def _node_view(self) -> metrics.NodeView:
         from farmkeys.metrics import NodeView

@@ -120,12 +120,12 @@ def _status(args: argparse.Namespace, config: Config) -> int:
         ConfigDB(config.database, config.retry) as db,
         Directory(config.directory, config.retry) as directory,
     ):
-        doc = status.farm_status(config, db, directory, now=_now())
+        farm = status.read_farm_status(config, db, directory, now=_now())
     if args.json:
-        print(status_json(doc, pretty=sys.stdout.isatty()))
+        print(status_json(farm, pretty=sys.stdout.isatty()))
     else:
-        print(status_text(doc))
-    return STATUS_EXIT[doc["health"]]
+        print(status_text(farm))
+    return STATUS_EXIT[farm.health]
 
 
 def _serve(args: argparse.Namespace, config: Config) -> int:
