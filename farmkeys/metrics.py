@@ -24,16 +24,24 @@ without the directory, so a scrape makes no LDAP request and opens no key);
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from farmkeys.errors import Error
+
+if TYPE_CHECKING:
+    from farmkeys.status import (
+        CertificateStatus,
+        FarmStatus,
+        NodeStatus,
+        RelyingPartyStatus,
+    )
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +63,7 @@ class FarmCollector(Collector):
     """Builds every metric when scraped: ``status()`` is the status document (raising when
     the farm cannot be read, which becomes ``farmkeys_status_up 0``)."""
 
-    def __init__(self, status: Callable[[], dict[str, Any]], view: Callable[[], NodeView]) -> None:
+    def __init__(self, status: Callable[[], FarmStatus], view: Callable[[], NodeView]) -> None:
         self._status = status
         self._view = view
 
@@ -63,13 +71,13 @@ class FarmCollector(Collector):
         view = self._view()
         yield from _own(view)
         try:
-            doc = self._status()
+            status = self._status()
         except Error as exc:
             log.warning("metrics: cannot read the farm's state: %s", exc.diagnostics())
             yield _gauge("farmkeys_status_up", "1 when the farm's state could be read", [], 0)
             return
         yield _gauge("farmkeys_status_up", "1 when the farm's state could be read", [], 1)
-        yield from farm_metrics(doc)
+        yield from farm_metrics(status)
 
 
 def render(collector: Collector) -> bytes:
@@ -79,8 +87,29 @@ def render(collector: Collector) -> bytes:
     return generate_latest(registry)
 
 
-def farm_metrics(doc: dict[str, Any]) -> Iterator[Metric]:
+def farm_metrics(status: FarmStatus) -> Iterator[Metric]:
     """The farm's gauges, from a status document."""
+    yield from _certificate_metrics(status.certificates)
+    yield from _node_metrics(status.nodes)
+    keys = GaugeMetricFamily(
+        "farmkeys_master_key_created_timestamp_seconds",
+        "When a master key was made (Unix time), by state",
+        labels=["id", "state"],
+    )
+    for k in status.master_keys:
+        if k.state != "deleted" and k.created_at is not None:
+            keys.add_metric([str(k.id), k.state], k.created_at.timestamp())
+    yield keys
+    yield from _relying_party_metrics(status.relying_parties)
+    yield _gauge(
+        "farmkeys_health",
+        "farmkeys status: 0 ok, 1 warning, 2 critical",
+        [],
+        HEALTH_VALUE[status.health],
+    )
+
+
+def _certificate_metrics(certificates: Sequence[CertificateStatus]) -> Iterator[Metric]:
     cert_labels = ["purpose", "role", "thumbprint"]
     expiry = GaugeMetricFamily(
         "farmkeys_certificate_expiration_timestamp_seconds",
@@ -97,17 +126,19 @@ def farm_metrics(doc: dict[str, Any]) -> Iterator[Metric]:
         "When the next rollover step of a live certificate is due (Unix time; past: overdue)",
         labels=[*cert_labels, "action"],
     )
-    for c in doc["certificates"]:
-        if c["role"] == "archived":
+    for c in certificates:
+        if c.role == "archived":
             continue
-        labels = [c["purpose"], c["role"], c["thumbprint"]]
-        expiry.add_metric(labels, _ts(c["not_after"]))
-        not_before.add_metric(labels, _ts(c["not_before"]))
-        if c["next_action"] is not None:
-            action = c["next_action"]
-            next_action.add_metric([*labels, action["action"]], _ts(action["at"]))
+        labels = [c.purpose, c.role, c.thumbprint]
+        expiry.add_metric(labels, c.not_after.timestamp())
+        not_before.add_metric(labels, c.not_before.timestamp())
+        if c.next_action is not None:
+            action = c.next_action
+            next_action.add_metric([*labels, action.action], action.at.timestamp())
     yield from (expiry, not_before, next_action)
 
+
+def _node_metrics(nodes: Sequence[NodeStatus]) -> Iterator[Metric]:
     last_sync = GaugeMetricFamily(
         "farmkeys_node_last_sync_timestamp_seconds",
         "When a node last installed the live set successfully (Unix time)",
@@ -116,22 +147,14 @@ def farm_metrics(doc: dict[str, Any]) -> Iterator[Metric]:
     in_sync = GaugeMetricFamily(
         "farmkeys_node_in_sync", "1 when a node has installed the live set", labels=["node"]
     )
-    for n in doc["nodes"]:
-        if n["last_sync"] is not None:
-            last_sync.add_metric([n["id"]], _ts(n["last_sync"]))
-        in_sync.add_metric([n["id"]], 1 if n["in_sync"] else 0)
+    for n in nodes:
+        if n.last_sync is not None:
+            last_sync.add_metric([n.id], _ts(n.last_sync))
+        in_sync.add_metric([n.id], 1 if n.in_sync else 0)
     yield from (last_sync, in_sync)
 
-    keys = GaugeMetricFamily(
-        "farmkeys_master_key_created_timestamp_seconds",
-        "When a master key was made (Unix time), by state",
-        labels=["id", "state"],
-    )
-    for k in doc["master_keys"]:
-        if k["state"] != "deleted" and k["created_at"] is not None:
-            keys.add_metric([k["id"], k["state"]], _ts(k["created_at"]))
-    yield keys
 
+def _relying_party_metrics(parties: Sequence[RelyingPartyStatus]) -> Iterator[Metric]:
     fetches = GaugeMetricFamily(
         "farmkeys_relying_party_last_fetch_timestamp_seconds",
         "When a relying party last fetched the metadata or the JWKS (Unix time)",
@@ -142,18 +165,12 @@ def farm_metrics(doc: dict[str, Any]) -> Iterator[Metric]:
         "1 when a relying party has fetched the signing secondary (absent: no secondary)",
         labels=["rp"],
     )
-    for rp in doc.get("relying_parties") or []:
-        if rp["last_fetch_at"] is not None:
-            fetches.add_metric([rp["name"]], _ts(rp["last_fetch_at"]))
-        if rp["has_secondary"] is not None:
-            has_secondary.add_metric([rp["name"]], 1 if rp["has_secondary"] else 0)
+    for rp in parties:
+        if rp.last_fetch_at is not None:
+            fetches.add_metric([rp.name], rp.last_fetch_at.timestamp())
+        if rp.has_secondary is not None:
+            has_secondary.add_metric([rp.name], 1 if rp.has_secondary else 0)
     yield from (fetches, has_secondary)
-    yield _gauge(
-        "farmkeys_health",
-        "farmkeys status: 0 ok, 1 warning, 2 critical",
-        [],
-        HEALTH_VALUE[doc["health"]],
-    )
 
 
 def _own(view: NodeView) -> Iterator[Metric]:
@@ -178,4 +195,5 @@ def _gauge(name: str, documentation: str, labels: list[str], value: float) -> Ga
 
 
 def _ts(iso: str) -> float:
+    """A time the config DB wrote as ISO 8601 text (a node's), as Unix time."""
     return datetime.fromisoformat(iso).timestamp()

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 from farmkeys.cli.exit_codes import EXIT_ERROR, EXIT_OK, STATUS_EXIT
 from farmkeys.cli.render import (
     answer_lines,
-    event_docs,
     events_json,
     events_text,
     status_json,
@@ -121,12 +120,12 @@ def _status(args: argparse.Namespace, config: Config) -> int:
         ConfigDB(config.database, config.retry) as db,
         Directory(config.directory, config.retry) as directory,
     ):
-        doc = status.farm_status(config, db, directory, now=_now())
+        farm = status.read_farm_status(config, db, directory, now=_now())
     if args.json:
-        print(status_json(doc, pretty=sys.stdout.isatty()))
+        print(status_json(farm, pretty=sys.stdout.isatty()))
     else:
-        print(status_text(doc))
-    return STATUS_EXIT[doc["health"]]
+        print(status_text(farm))
+    return STATUS_EXIT[farm.health]
 
 
 def _serve(args: argparse.Namespace, config: Config) -> int:
@@ -347,12 +346,11 @@ def _events(args: argparse.Namespace, config: Config) -> int:
 
     with ConfigDB(config.database, config.retry) as db:
         db.require_farm()
-        rows = db.events(since=args.since)
-    docs = event_docs(rows)
+        events = db.events(since=args.since)
     if args.json:
-        print(events_json(docs))
+        print(events_json(events))
         return EXIT_OK
-    for line in events_text(docs):
+    for line in events_text(events):
         print(line)
     return EXIT_OK
 

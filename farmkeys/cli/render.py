@@ -8,131 +8,141 @@ commands print what these return.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from farmkeys.terminal import escape
 
 if TYPE_CHECKING:
+    from farmkeys.db.rows import AuditEvent
     from farmkeys.requesting import RolloverOutcome
+    from farmkeys.status import (
+        CertificateStatus,
+        FarmStatus,
+        MasterKeyStatus,
+        NodeStatus,
+    )
 
 
-def status_json(doc: dict[str, Any], *, pretty: bool) -> str:
+def status_json(status: FarmStatus, *, pretty: bool) -> str:
     """The status document as JSON: indented for a person at a terminal (``pretty``).
 
     Compact for a program: json's C encoder only runs without indent, so a farm of
     1,000 nodes prints in a few ms instead of ~70.
     """
-    return json.dumps(doc, indent=2 if pretty else None)
+    return json.dumps(status.to_json(), indent=2 if pretty else None)
 
 
-def status_text(doc: dict[str, Any]) -> str:
+def status_text(status: FarmStatus) -> str:
     """The status document as a person reads it, each line escaped (it quotes the config DB)."""
-    farm = doc["farm"]
+    farm, leader = status.farm, status.leader
     lines = [
-        f"farm      {farm['name']}   DKM group {farm['dkm_group']}",
-        f"health    {doc['health'].upper()}",
+        f"farm      {farm.name}   DKM group {farm.dkm_group}",
+        f"health    {status.health.upper()}",
     ]
-    lines += [f"  - {p}" for p in doc["problems"]]
-    leader = doc.get("leader")
+    lines += [f"  - {p}" for p in status.problems]
     lines.append(
-        f"leader    {leader['node']} (term {leader['term']},"
-        f" lease until {leader['expires_at'][:19]})"
+        f"leader    {leader.node} (term {leader.term}, lease until {_short(leader.expires_at)})"
         if leader
         else "leader    none"
     )
-    lines += ["", "certificates", *_certificate_lines(doc)]
-    lines += ["", "master keys", *_master_key_lines(doc)]
-    state = doc.get("farm_state") or {}
-    trust = {True: "authentic", False: "NOT AUTHENTIC", None: "not checked"}[state.get("authentic")]
-    lines += ["", f"farm state  version {state.get('version')}  {trust}"]
-    lines += ["", "nodes", *_node_lines(doc)]
-    parties = doc.get("relying_parties") or []
-    if parties:
+    lines += ["", "certificates", *_certificate_lines(status.certificates)]
+    lines += ["", "master keys", *_master_key_lines(status.master_keys)]
+    state = status.farm_state
+    trust = {True: "authentic", False: "NOT AUTHENTIC", None: "not checked"}[state.authentic]
+    lines += ["", f"farm state  version {state.version}  {trust}"]
+    lines += ["", "nodes", *_node_lines(status.nodes)]
+    if status.relying_parties:
         lines += ["", "relying parties"]
-    for rp in parties:
+    for rp in status.relying_parties:
         seen = {True: "has the secondary", False: "HAS NOT FETCHED THE SECONDARY", None: ""}
-        last = (rp["last_fetch_at"] or "never")[:19]
-        lines.append(f"  {rp['name']:<20} last fetch {last}  {seen[rp['has_secondary']]}".rstrip())
+        last = _short(rp.last_fetch_at, "never")
+        lines.append(f"  {rp.name:<20} last fetch {last}  {seen[rp.has_secondary]}".rstrip())
     return "\n".join(escape(line) for line in lines)
 
 
-def _certificate_lines(doc: dict[str, Any]) -> list[str]:
+def _short(when: datetime | str | None, missing: str = "") -> str:
+    """A time to the second, as a line shows it (ISO 8601 text is cut to its seconds)."""
+    if when is None:
+        return missing
+    return (when if isinstance(when, str) else when.isoformat())[:19]
+
+
+def _certificate_lines(certificates: Sequence[CertificateStatus]) -> list[str]:
     lines = []
-    for c in doc["certificates"]:
-        nxt = c.get("next_action")
-        then = f"  next: {nxt['action']} at {nxt['at'][:19]}" if nxt else ""
+    for c in certificates:
+        nxt = c.next_action
+        then = f"  next: {nxt.action} at {_short(nxt.at)}" if nxt else ""
         lines.append(
-            f"  {c['purpose']:<10} {c['role']:<9} {c['thumbprint']}"
-            f"  valid {c['not_before'][:19]} .. {c['not_after'][:19]}  key {c['master_key']}{then}"
+            f"  {c.purpose:<10} {c.role:<9} {c.thumbprint}"
+            f"  valid {_short(c.not_before)} .. {_short(c.not_after)}  key {c.master_key}{then}"
         )
     return lines
 
 
-def _master_key_lines(doc: dict[str, Any]) -> list[str]:
+def _master_key_lines(keys: Sequence[MasterKeyStatus]) -> list[str]:
     lines = []
-    for k in doc["master_keys"]:
-        created = (k["created_at"] or "?")[:19]
+    for k in keys:
+        created = _short(k.created_at, "?")
         when = ""
-        if k.get("roll_at"):
-            when = f"  rolls at {k['roll_at'][:19]}"
-        elif k.get("delete_at"):
-            when = f"  delete at {k['delete_at'][:19]}"
-        gone = k.get("in_directory") is False and k["state"] != "deleted"
+        if k.roll_at:
+            when = f"  rolls at {_short(k.roll_at)}"
+        elif k.delete_at:
+            when = f"  delete at {_short(k.delete_at)}"
+        gone = k.in_directory is False and k.state != "deleted"
         missing = "  MISSING FROM THE DIRECTORY" if gone else ""
         lines.append(
-            f"  {k['id']}  {k['state']:<8}  created {created}  sealed: {k['sealed_live']} live,"
-            f" {k['sealed_archived']} archived{when}{missing}"
+            f"  {k.id}  {k.state:<8}  created {created}  sealed: {k.sealed_live} live,"
+            f" {k.sealed_archived} archived{when}{missing}"
         )
     return lines
 
 
-def _node_lines(doc: dict[str, Any]) -> list[str]:
-    if not doc["nodes"]:
+def _node_lines(nodes: Sequence[NodeStatus]) -> list[str]:
+    if not nodes:
         return ["  (none has synced yet)"]
     lines = []
-    for n in doc["nodes"]:
-        state = "in sync" if n["in_sync"] else "NOT IN SYNC"
-        last = (n["last_sync"] or "never")[:19]
-        contact = (n.get("heartbeat_at") or n["last_seen"] or "never")[:19]
-        dc = f"  directory {n['directory_server']}" if n.get("directory_server") else ""
+    for n in nodes:
+        state = "in sync" if n.in_sync else "NOT IN SYNC"
+        last = _short(n.last_sync, "never")
+        contact = _short(n.heartbeat_at or n.last_seen, "never")
+        dc = f"  directory {n.directory_server}" if n.directory_server else ""
         lines.append(
-            f"  {n['id']:<20} {state:<12} last sync {last}  generation {n['generation']}"
+            f"  {n.id:<20} {state:<12} last sync {last}  generation {n.generation}"
             f"  last contact {contact}{dc}"
         )
     return lines
 
 
-def event_docs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The audit log's rows as `events --json` shows them (times in ISO 8601, ids as text)."""
-    return [
-        {
-            "id": r["id"],
-            "at": r["at"].isoformat(),
-            "node": r["node"],
-            "term": r["term"],
-            "action": r["action"],
-            "purpose": r["purpose"],
-            "certificate": None if r["certificate"] is None else str(r["certificate"]),
-            "thumbprint": r["thumbprint"],
-            "master_key": None if r["master_key"] is None else str(r["master_key"]),
-            "detail": r["detail"],
-        }
-        for r in rows
-    ]
+def events_json(events: Sequence[AuditEvent]) -> str:
+    """The audit log as `events --json` prints it (times in ISO 8601, ids as text)."""
+    return json.dumps([_event_json(e) for e in events], indent=2)
 
 
-def events_json(docs: list[dict[str, Any]]) -> str:
-    return json.dumps(docs, indent=2)
+def _event_json(event: AuditEvent) -> dict[str, Any]:
+    return {
+        "id": event.id,
+        "at": event.at.isoformat(),
+        "node": event.node,
+        "term": event.term,
+        "action": event.action,
+        "purpose": event.purpose,
+        "certificate": None if event.certificate is None else str(event.certificate),
+        "thumbprint": event.thumbprint,
+        "master_key": None if event.master_key is None else str(event.master_key),
+        "detail": event.detail,
+    }
 
 
-def events_text(docs: list[dict[str, Any]]) -> list[str]:
+def events_text(events: Sequence[AuditEvent]) -> list[str]:
     """One escaped line per event, or one saying there is none."""
     lines = []
-    for d in docs:
-        term = "-" if d["term"] is None else d["term"]
-        subject = (d["action"], d["purpose"], d["thumbprint"], d["master_key"])
-        what = " ".join(x for x in subject if x)
-        line = f"{d['at'][:19]}  {d['node']:<12} term {term!s:<4} {what}  {d['detail']}"
+    for e in events:
+        term = "-" if e.term is None else e.term
+        key = None if e.master_key is None else str(e.master_key)
+        what = " ".join(x for x in (e.action, e.purpose, e.thumbprint, key) if x)
+        line = f"{_short(e.at)}  {e.node:<12} term {term!s:<4} {what}  {e.detail}"
         lines.append(escape(line).rstrip())
     return lines or ["no events"]
 

@@ -8,21 +8,22 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
 
 from farmkeys.db.connection import Connection, Statements
+from farmkeys.db.rows import AuditEvent, audit_event_row
 
 
 class AuditQueries(Connection):
-    def events(self, *, since: datetime | None = None) -> list[dict[str, Any]]:
+    def events(self, *, since: datetime | None = None) -> list[AuditEvent]:
         """The audit log, oldest first."""
-        return self.fetch(
+        rows = self.fetch(
             "SELECT id, at, node, term, action, purpose, certificate, thumbprint, master_key,"
             " detail"
             " FROM audit_event WHERE %(since)s::timestamptz IS NULL OR at >= %(since)s"
             " ORDER BY at, id",
             {"since": since},
         )
+        return [audit_event_row(r) for r in rows]
 
 
 class AuditWrites(Statements):

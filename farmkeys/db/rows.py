@@ -200,6 +200,23 @@ class KeyUse:
     archived: int
 
 
+@dataclass(frozen=True)
+class AuditEvent:
+    """One row of the audit log: what was done, when, by which node under which term
+    (``term`` None for `init`, which runs before any lease). A report, never an input."""
+
+    id: int
+    at: datetime
+    node: str
+    term: int | None
+    action: str
+    purpose: str | None
+    certificate: uuid.UUID | None
+    thumbprint: str | None
+    master_key: uuid.UUID | None
+    detail: str
+
+
 def farm_row(row: dict[str, Any]) -> Farm:
     return Farm(
         name=row["name"],
@@ -240,6 +257,10 @@ def request_row(row: dict[str, Any]) -> RequestRow:
 
 def master_key_row(row: dict[str, Any]) -> MasterKeyRow:
     return MasterKeyRow(**row)
+
+
+def audit_event_row(row: dict[str, Any]) -> AuditEvent:
+    return AuditEvent(**row)
 
 
 CERTIFICATE_FIELDS = tuple(CertificateRow.__dataclass_fields__)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from farmkeys.config import Config
 from farmkeys.db import ConfigDB
@@ -27,6 +27,7 @@ from farmkeys.store import Installed, Store
 if TYPE_CHECKING:
     from farmkeys import metrics
     from farmkeys.publish import Health, Publisher
+    from farmkeys.status import FarmStatus
 
 
 def _utcnow() -> datetime:
@@ -111,10 +112,10 @@ class Endpoints:
             return key_id, derived
         return None
 
-    def _farm_status(self) -> dict[str, Any]:
-        from farmkeys.status import farm_status
+    def _farm_status(self) -> FarmStatus:
+        from farmkeys.status import read_farm_status
 
-        return farm_status(self.config, self._db, None, now=_utcnow())
+        return read_farm_status(self.config, self._db, None, now=_utcnow())
 
     def _node_view(self) -> metrics.NodeView:
         from farmkeys.metrics import NodeView
