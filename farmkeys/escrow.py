@@ -233,7 +233,7 @@ def export_keys(
         )
     farm = db.require_farm()
     group = farm.dkm_group
-    recorded = {k.id: k.state for k in db.master_keys()}
+    recorded = {k.id: k.stage for k in db.master_keys()}
     infos = directory.list_keys(group)
     keys = tuple(
         EscrowedKey(
@@ -413,7 +413,7 @@ def _record_import(
             if escrowed.id not in recorded:
                 tx.record_master_key(
                     escrowed.id,
-                    state="current" if escrowed.id == current else "previous",
+                    stage="current" if escrowed.id == current else "previous",
                     created_at=escrowed.created_at,
                     reason=f"imported from escrow file {path}",
                 )
@@ -465,7 +465,7 @@ def _tombstones(
             " was changed",
         ) from None
     if state.format == farm_state.FORMAT_1:
-        return frozenset(k.id for k in db.master_keys() if k.state == "deleted")
+        return frozenset(k.id for k in db.master_keys() if k.stage == "deleted")
     return frozenset(state.shredded)
 
 

@@ -68,7 +68,7 @@ def init_farm(config: Config, db: ConfigDB, directory: Directory, *, now: dateti
                         dkm_group=group,
                         dkm_container=directory.container_dn(group),
                     )
-                    tx.record_master_key(key_id, state="current", reason="farmkeys init")
+                    tx.record_master_key(key_id, stage="current", reason="farmkeys init")
                     tx.audit(
                         node=config.node.id,
                         term=None,

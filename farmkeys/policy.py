@@ -92,7 +92,7 @@ class MasterKeyView(Protocol):
     @property
     def id(self) -> uuid.UUID: ...
     @property
-    def state(self) -> str: ...
+    def stage(self) -> str: ...
     @property
     def created_at(self) -> datetime: ...
     @property
@@ -253,8 +253,8 @@ K = TypeVar("K", bound=MasterKeyView)
 
 
 def current_key(keys: Iterable[K]) -> K | None:
-    """The key whose state is ``current`` (the database allows one), or None."""
-    return next((k for k in keys if k.state == "current"), None)
+    """The key whose stage is ``current`` (the database allows one), or None."""
+    return next((k for k in keys if k.stage == "current"), None)
 
 
 def decide_master_keys(
@@ -272,7 +272,7 @@ def decide_master_keys(
     leader adopts the directory's keys first).
     """
     _require_aware("now", now)
-    pending = [k for k in keys if k.state == "pending"]
+    pending = [k for k in keys if k.stage == "pending"]
     if pending:
         return [KeyAction("finish", pending[0].id, "a master-key roll was begun and not finished")]
     current = current_key(keys)
@@ -292,7 +292,7 @@ def decide_master_keys(
             KeyAction("reseal", current.id, "live blobs are sealed under a key that is not current")
         )
     for key in keys:
-        if key.state != "previous" or key.id in named_by_live:
+        if key.stage != "previous" or key.id in named_by_live:
             continue
         if key.unused_since is None:
             actions.append(KeyAction("unused", key.id, "no live blob names it any more"))
@@ -323,16 +323,16 @@ def master_key_schedule(
     _require_aware("now", now)
     found: dict[uuid.UUID, KeySchedule] = {}
     for key in keys:
-        if key.state == "current":
+        if key.stage == "current":
             found[key.id] = KeySchedule(key.created_at + policy.units(master.lifetime), None)
-        elif key.state == "previous":
+        elif key.stage == "previous":
             if key.id in named_by_live:
                 found[key.id] = KeySchedule(None, None)
                 continue
             since = key.unused_since or now
             at = since if key.delete_now else since + policy.units(master.retain)
             found[key.id] = KeySchedule(None, at)
-        elif key.state == "pending":
+        elif key.stage == "pending":
             found[key.id] = KeySchedule(None, None)
     return found
 

@@ -38,7 +38,7 @@ class MasterKeyWrites(Statements):
         self,
         key_id: uuid.UUID,
         *,
-        state: str,
+        stage: str,
         created_at: datetime | None = None,
         urgent: bool = False,
         request: int | None = None,
@@ -52,7 +52,7 @@ class MasterKeyWrites(Statements):
             " %(reason)s)",
             {
                 "id": key_id,
-                "state": state,
+                "state": stage,
                 "created": created_at,
                 "urgent": urgent,
                 "request": request,

@@ -76,7 +76,7 @@ class MasterKeyRow:
     """What the config DB records about one master key: never its bytes."""
 
     id: uuid.UUID
-    state: str  # pending, current, previous, deleted
+    stage: str  # a MasterKeyStage: pending, current, previous, deleted (the column `state`)
     created_at: datetime
     current_since: datetime | None
     replaced_at: datetime | None
@@ -256,7 +256,9 @@ def request_row(row: dict[str, Any]) -> RequestRow:
 
 
 def master_key_row(row: dict[str, Any]) -> MasterKeyRow:
-    return MasterKeyRow(**row)
+    values = dict(row)
+    values["stage"] = values.pop("state")
+    return MasterKeyRow(**values)
 
 
 def audit_event_row(row: dict[str, Any]) -> AuditEvent:

@@ -99,7 +99,7 @@ class MasterKeyLifecycle:
             keys = self._db.master_keys()
             named, now = self._db.keys_named_by_live()
             current = policy.current_key(keys)
-            pending = any(k.state == MasterKeyStage.PENDING for k in keys)
+            pending = any(k.stage == MasterKeyStage.PENDING for k in keys)
             if current is not None and not pending and named_in_policy != current.id:
                 done.append(self._repair_policy(farm, once, current.id, named_in_policy))
             actions = policy.decide_master_keys(
@@ -137,7 +137,7 @@ class MasterKeyLifecycle:
             once.current_key_id(farm.dkm_group)  # reachable, before anything is recorded
             keys = self._db.master_keys()
             done = next((k for k in keys if request is not None and k.request == request), None)
-            if done is not None and done.state != MasterKeyStage.PENDING:
+            if done is not None and done.stage != MasterKeyStage.PENDING:
                 return [f"master key {done.id} was made current for this request"]
             return self._roll(farm, once, urgent=urgent, request=request, reason=reason)
 
@@ -152,7 +152,7 @@ class MasterKeyLifecycle:
         """Every step of a roll, from wherever the journal says it stands."""
         group = farm.dkm_group
         pending = next(
-            (k for k in self._db.master_keys() if k.state == MasterKeyStage.PENDING), None
+            (k for k in self._db.master_keys() if k.stage == MasterKeyStage.PENDING), None
         )
         key_id = self._record_pending(farm, pending, urgent=urgent, request=request, reason=reason)
         with self._state.fenced(farm) as fence:
@@ -201,7 +201,7 @@ class MasterKeyLifecycle:
             with self._state.fenced(farm) as fence:
                 fence.tx.record_master_key(
                     key_id,
-                    state=MasterKeyStage.PENDING,
+                    stage=MasterKeyStage.PENDING,
                     urgent=urgent,
                     request=request,
                     reason=reason,
@@ -348,7 +348,7 @@ class MasterKeyLifecycle:
                     continue
                 fence.tx.record_master_key(
                     info.id,
-                    state=MasterKeyStage.CURRENT if info.id == current else MasterKeyStage.PREVIOUS,
+                    stage=MasterKeyStage.CURRENT if info.id == current else MasterKeyStage.PREVIOUS,
                     created_at=info.created_at,
                     reason="adopted from the directory",
                 )

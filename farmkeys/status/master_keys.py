@@ -106,8 +106,8 @@ def _key_status(
     return MasterKeyStatus(
         id=key_id,
         created_at=created,
-        current=record.state == "current" if record else False,
-        state=record.state if record else "unrecorded",
+        current=record.stage == "current" if record else False,
+        state=record.stage if record else "unrecorded",
         in_directory=None if present is None else info is not None,
         sealed_live=sum(1 for r in rows if r.role in LIVE_ROLES and r.master_key == key_id),
         sealed_archived=sum(1 for r in rows if r.role == "archived" and r.master_key == key_id),
@@ -143,12 +143,12 @@ def _check_key(
             f"the current master key {key.id} is past its lifetime (due {iso(key.roll_at)});"
             " is the leader running and the directory reachable?",
         )
-    if record is not None and record.state != "current" and key.sealed_live:
+    if record is not None and record.stage != "current" and key.sealed_live:
         since = record.replaced_at or record.created_at
         late = timedelta(seconds=config.policy.rollover_interval_seconds)
         if now - since > late:
             problems.add(
                 "warning",
                 f"{key.sealed_live} live blobs are still sealed under master key {key.id},"
-                f" which is {record.state}, since {iso(since)}",
+                f" which is {record.stage}, since {iso(since)}",
             )

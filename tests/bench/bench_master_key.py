@@ -107,7 +107,7 @@ def _fill(farm: TestFarm, blobs: int) -> None:
         Directory(config.directory, config.retry) as d,
     ):
         found = db.require_farm()
-        [current] = [k for k in db.master_keys() if k.state == "current"]
+        [current] = [k for k in db.master_keys() if k.stage == "current"]
         key = d.master_key(found.dkm_group, current.id)
         with db.transaction() as tx:
             for i in range(blobs - 2):

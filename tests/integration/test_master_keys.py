@@ -543,7 +543,7 @@ def test_a_stale_leader_can_neither_start_nor_continue_a_roll(
         # node-a records a new key, then pauses; its lease runs out and node-b leads.
         with a.fenced(db) as fence:
             pending = uuid.uuid4()
-            fence.tx.record_master_key(pending, state="pending")
+            fence.tx.record_master_key(pending, stage="pending")
         with psycopg.connect(initialised_farm.dsn) as conn:
             conn.execute("UPDATE leader_lease SET expires_at = now() - interval '1 second'")
         b = Election(db, node_id="node-b", lease=LEASE)

@@ -29,7 +29,7 @@ def key(
 ) -> MasterKeyRow:
     return MasterKeyRow(
         id=uuid.uuid4(),
-        state=state,
+        stage=state,
         created_at=created,
         current_since=created if state == "current" else None,
         replaced_at=None,
