@@ -40,7 +40,7 @@ def _now() -> datetime:
 
 
 def _init(args: argparse.Namespace, config: Config) -> int:
-    from farmkeys import init
+    from farmkeys import farm_init
     from farmkeys.db import ConfigDB
     from farmkeys.directory import Directory
 
@@ -48,7 +48,7 @@ def _init(args: argparse.Namespace, config: Config) -> int:
         ConfigDB(config.database, config.retry) as db,
         Directory(config.directory, config.retry) as directory,
     ):
-        report = init.init_farm(config, db, directory, now=_now())
+        report = farm_init.init_farm(config, db, directory, now=_now())
     for warning in report.warnings:
         print(f"farmkeys: warning: {escape(warning)}", file=sys.stderr)
     if not report.changed:
