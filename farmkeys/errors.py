@@ -11,12 +11,16 @@ certificates, master keys and endpoints by their ids, never by content.
 
     Error
     ├── ConfigError              the configuration is missing, malformed or invalid
+    ├── UnreachableError         a server is out of reach (a mixin of the two below): the
+    │                            installed set is kept; `sync` exits 75, `serve` waits it out
     ├── DatabaseError            the config DB cannot be reached, refused the login, or failed
-    │   └── NotInitialisedError  the config DB holds no farm yet
+    │   ├── NotInitialisedError  the config DB holds no farm yet
+    │   └── DatabaseUnreachableError  it cannot be reached, or the connection was lost
     ├── FarmConflictError        the config DB holds a different farm than the config describes
     ├── LeaseLostError           this process no longer holds the leader lease it wrote under
     ├── LeaderTimeoutError       the leader did not answer a rollover request in time
     ├── DirectoryError           the directory cannot be reached or refused an operation
+    │   ├── DirectoryUnreachableError  no server of it can be reached, or the connection was lost
     │   ├── DirectoryAuthError   the bind credentials were rejected (never retried)
     │   └── MasterKeyMissingError  a master key a blob names is not in the directory
     ├── InvalidBlobError         a blob is not authentic (tampered, truncated, wrong row, wrong key)
@@ -56,8 +60,20 @@ class ConfigError(Error):
     """The configuration file or an environment override is missing, malformed or invalid."""
 
 
+class UnreachableError(Error):
+    """A server (the config DB or the directory) is out of reach: not a refusal, an outage.
+
+    Raised only as :class:`DatabaseUnreachableError` or :class:`DirectoryUnreachableError`.
+    Nothing was decided: a sync keeps the installed set, serve tries again with backoff.
+    """
+
+
 class DatabaseError(Error):
     """The config DB cannot be reached, refused the login, or a statement failed."""
+
+
+class DatabaseUnreachableError(DatabaseError, UnreachableError):
+    """The config DB cannot be reached within the retry budget, or the connection was lost."""
 
 
 class NotInitialisedError(DatabaseError):
@@ -78,6 +94,10 @@ class LeaderTimeoutError(Error):
 
 class DirectoryError(Error):
     """The directory (LDAP) cannot be reached or refused an operation."""
+
+
+class DirectoryUnreachableError(DirectoryError, UnreachableError):
+    """No directory server can be reached within the retry budget, or the connection was lost."""
 
 
 class DirectoryAuthError(DirectoryError):

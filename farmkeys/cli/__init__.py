@@ -27,6 +27,7 @@ from farmkeys import config as config_module
 from farmkeys.cli.commands import HANDLERS
 from farmkeys.cli.exit_codes import EXIT_ERROR, STATUS_UNKNOWN
 from farmkeys.cli.parser import parse_args
+from farmkeys.cli.process import forbid_core_dumps
 from farmkeys.errors import Error
 from farmkeys.terminal import EscapingFormatter, escape
 
@@ -74,7 +75,9 @@ def _configure_logging(debug: bool, *, service: bool = False) -> None:
 
 
 def entry() -> None:
-    """The console script: exit with main's code; a closed pipe (`| head`) is not an error."""
+    """The console script (and ``python -m farmkeys``): no core dumps, then exit with
+    main's code; a closed pipe (`| head`) is not an error."""
+    forbid_core_dumps()  # before any secret is read
     try:
         code = main()
         sys.stdout.flush()

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from farmkeys.cli.exit_codes import EXIT_ERROR, EXIT_OK, STATUS_EXIT
+from farmkeys.cli.exit_codes import EXIT_ERROR, EXIT_OK, EXIT_UNREACHABLE, STATUS_EXIT
 from farmkeys.cli.render import (
     answer_lines,
     events_json,
@@ -24,7 +24,13 @@ from farmkeys.cli.render import (
     status_text,
 )
 from farmkeys.config import Config
-from farmkeys.errors import DatabaseError, Error, ImportRefusedError, RequestRefusedError
+from farmkeys.errors import (
+    DatabaseError,
+    Error,
+    ImportRefusedError,
+    RequestRefusedError,
+    UnreachableError,
+)
 from farmkeys.terminal import escape
 
 if TYPE_CHECKING:
@@ -94,6 +100,8 @@ def _sync(args: argparse.Namespace, config: Config) -> int:
                 if not isinstance(exc, DatabaseError):
                     _record_failure(db, config.node.id, exc)
                 raise
+    except UnreachableError as exc:
+        return _kept_installed(exc, store, allow=args.allow_unreachable)
     finally:
         directory.close()
     manifest = report.manifest
@@ -102,6 +110,28 @@ def _sync(args: argparse.Namespace, config: Config) -> int:
     for entry in manifest.certificates:
         print(f"  {entry.purpose:<10} {entry.role:<9} {entry.thumbprint}")
     return EXIT_OK
+
+
+def _kept_installed(exc: UnreachableError, store: Store, *, allow: bool) -> int:
+    """A server is out of reach: EXIT_UNREACHABLE (0 with ``allow``) when the installed set
+    can still be served, which the store alone decides; else the error, saying why."""
+    from farmkeys.store.usable import installed_problems
+
+    try:
+        installed, store_error = store.verify_installed(), None
+    except Error as error:
+        installed, store_error = None, error
+    problems = installed_problems(installed, store_error, now=_now())
+    if problems or installed is None:
+        raise type(exc)(
+            f"{exc.what}; and this node cannot serve without it: {problems[0]}", exc.todo
+        )
+    print(
+        f"farmkeys: warning: {escape(exc.what)}; kept the installed generation "
+        f"{installed.manifest.generation} in {store.path} — {escape(exc.todo)}",
+        file=sys.stderr,
+    )
+    return EXIT_OK if allow else EXIT_UNREACHABLE
 
 
 def _record_failure(db: ConfigDB, node_id: str, exc: Error) -> None:

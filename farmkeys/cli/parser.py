@@ -136,12 +136,21 @@ def _add_db(commands: _Commands) -> None:
 
 
 def _add_sync(commands: _Commands) -> None:
-    commands.add(
+    sync = commands.add(
         "sync",
         help="install the farm's live certificates into this node's store",
         description="Install the farm's live certificates into this node's store in one atomic "
         "switch, then record what was installed in the config DB. Run it as the federation "
-        "service's start-up hook. On failure the store is left as it was.",
+        "service's start-up hook. On failure the store is left as it was. Exits 0 when the "
+        "store holds the farm's set, 75 when the config DB or the directory cannot be reached "
+        "but the installed set can still be served (it is kept), and 1 otherwise (nothing "
+        "usable installed, the farm's set refused, a configuration error).",
+    )
+    sync.add_argument(
+        "--allow-unreachable",
+        action="store_true",
+        help="exit 0 instead of 75 when the servers are out of reach and the installed set "
+        "is kept (the federation service's ExecStartPre=)",
     )
 
 

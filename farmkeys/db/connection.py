@@ -27,7 +27,7 @@ from psycopg.rows import dict_row
 
 from farmkeys._retry import RetryExhaustedError, call_with_retry
 from farmkeys.config import DatabaseConfig, RetryConfig
-from farmkeys.errors import DatabaseError, NotInitialisedError
+from farmkeys.errors import DatabaseError, DatabaseUnreachableError, NotInitialisedError
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ class Connection:
                 what=f"config DB {self.endpoint}",
             )
         except RetryExhaustedError as exc:
-            raise DatabaseError(
+            raise DatabaseUnreachableError(
                 f"cannot reach the config DB at {self.endpoint} {exc.summary()}: "
                 f"{_cause(exc.last)}",
                 "check that PostgreSQL is running and reachable from this node",
@@ -226,7 +226,7 @@ class Connection:
                 return list(conn.notifies(timeout=0))
             except psycopg.OperationalError as exc:
                 self.close()
-                raise DatabaseError(
+                raise DatabaseUnreachableError(
                     f"lost the config DB at {self.endpoint}: {_cause(exc)}",
                     "check that PostgreSQL is running; farmkeys reconnects by itself",
                 ) from exc
@@ -253,7 +253,7 @@ class Connection:
             ) from exc
         except psycopg.OperationalError as exc:
             self.close()
-            raise DatabaseError(
+            raise DatabaseUnreachableError(
                 f"lost the config DB at {self.endpoint}: {_cause(exc)}",
                 "check that PostgreSQL is running; the operation can be run again",
             ) from exc
@@ -292,7 +292,7 @@ class Connection:
                     yield make(self, cur)
             except psycopg.OperationalError as exc:
                 self.close()
-                raise DatabaseError(
+                raise DatabaseUnreachableError(
                     f"lost the config DB at {self.endpoint} during a transaction: {_cause(exc)}",
                     "nothing was changed; run the operation again",
                 ) from exc

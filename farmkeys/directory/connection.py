@@ -31,7 +31,12 @@ from ldap3.utils.dn import parse_dn
 from farmkeys._retry import RetryExhaustedError, call_with_retry
 from farmkeys.config import DirectoryConfig, RetryConfig
 from farmkeys.directory.settings import is_ldaps, is_loopback
-from farmkeys.errors import ConfigError, DirectoryAuthError, DirectoryError
+from farmkeys.errors import (
+    ConfigError,
+    DirectoryAuthError,
+    DirectoryError,
+    DirectoryUnreachableError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +173,7 @@ class Connection:
                 except _CONNECTION_LOST as exc:
                     self._drop()
                     if attempt == 2:
-                        raise DirectoryError(
+                        raise DirectoryUnreachableError(
                             f"lost the connection to the directory at {self.endpoint} "
                             f"again right after reconnecting: {describe(exc)}",
                             "check the directory server's health and the network",
@@ -312,7 +317,7 @@ class Connection:
                 attempt, policy=self._retry, is_transient=_is_transient, what=f"directory {where}"
             )
         except RetryExhaustedError as exc:
-            raise DirectoryError(
+            raise DirectoryUnreachableError(
                 f"cannot reach the directory at {where}: {describe(exc.last)} ({exc.summary()})",
                 "check directory.url, that the directory server runs, and the network "
                 "between this node and it",

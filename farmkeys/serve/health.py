@@ -10,6 +10,7 @@ from datetime import datetime
 
 from farmkeys.errors import DatabaseError, DirectoryError, Error
 from farmkeys.store import Installed
+from farmkeys.store.usable import installed_problems
 
 
 def node_health(
@@ -32,7 +33,7 @@ def node_health(
     or an expired installed signing primary. A failed or refused sync, and a config DB
     or directory that is away, are ``degraded`` and healthy, the problem named: the
     installed set still signs, and `farmkeys status` is what alerts."""
-    problems = _installed_problems(installed, store_error, now=now)
+    problems = installed_problems(installed, store_error, now=now)
     healthy = not problems
     manifest = None if installed is None else installed.manifest
     if sync_error is not None:
@@ -49,25 +50,3 @@ def node_health(
         "generation": None if manifest is None else manifest.generation,
         "problems": problems,
     }
-
-
-def _installed_problems(
-    installed: Installed | None, store_error: Error | None, *, now: datetime
-) -> list[str]:
-    """Why the node cannot serve its installed set; empty when it can."""
-    if store_error is not None:
-        return [f"the store cannot be read: {store_error.what}"]
-    if installed is None:
-        return ["nothing is installed; run `farmkeys sync`"]
-    problems: list[str] = []
-    for entry in installed.manifest.certificates:
-        if (entry.purpose, entry.thumbprint) not in installed.intact:
-            problems.append(
-                f"the installed {entry.purpose} {entry.role} {entry.thumbprint} no longer"
-                " matches the store's manifest (a file removed or changed)"
-            )
-        if (entry.purpose, entry.role) == ("signing", "primary") and now >= entry.not_after:
-            problems.append(f"the installed signing primary {entry.thumbprint} has expired")
-    if not problems and not installed.complete:
-        problems.append("the store's role or fixed links are not the installed set's")
-    return problems

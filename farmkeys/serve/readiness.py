@@ -1,6 +1,8 @@
 """What serve tells the service manager (systemd ``Type=notify``, :mod:`.sdnotify`).
 
-``READY=1`` once the store has synced and the first lease attempt was made,
+``READY=1`` once the node serves: the first lease attempt was made, and the store has
+synced or, when the first sync failed (the config DB or the directory away), the
+installed set can be served as it is,
 ``STATUS=`` lines describing the node as things change, ``WATCHDOG=1`` from the
 main thread, ``STOPPING=1`` on the way out.
 """
@@ -9,11 +11,13 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import UTC, datetime
 
 from farmkeys.election import Election
 from farmkeys.errors import Error
 from farmkeys.serve.sdnotify import Notifier
 from farmkeys.store import Manifest, Store
+from farmkeys.store.usable import installed_problems
 
 
 def readable_manifest(store: Store) -> Manifest | None:
@@ -36,6 +40,7 @@ class Readiness:
         self._farm_name = farm_name
         self._lock = threading.Lock()
         self._synced_once = False
+        self._sync_failed = False  # a sync was tried and failed; the installed set may do
         self._joined = False  # the first lease attempt was made
         self._ready = False
         self._watchdog_at = 0.0
@@ -54,19 +59,32 @@ class Readiness:
         """The store has synced once."""
         self._synced_once = True
 
+    def sync_failed(self) -> None:
+        """A sync failed: READY may be sent on the installed set alone."""
+        self._sync_failed = True
+
     def joined(self) -> None:
         """The first lease attempt was made (whatever its outcome)."""
         self._joined = True
 
     def maybe_ready(self) -> bool:
-        """Send READY=1 once the store is synced and the first lease attempt was made;
-        True when this call sent it."""
+        """Send READY=1 once the first lease attempt was made and the store has synced or,
+        after a failed sync, holds a set it can serve; True when this call sent it."""
         with self._lock:
-            if self._ready or not (self._synced_once and self._joined):
+            if self._ready or not self._joined:
+                return False
+            if not (self._synced_once or (self._sync_failed and self._serviceable())):
                 return False
             self._ready = True
         self.notifier.ready(self.describe())
         return True
+
+    def _serviceable(self) -> bool:
+        try:
+            installed = self._store.verify_installed()
+        except Error:
+            return False
+        return not installed_problems(installed, None, now=datetime.now(UTC))
 
     def describe(self) -> str:
         """The node in one line, for ``STATUS=``."""

@@ -105,11 +105,14 @@ class Service:
     def run(self) -> int:
         """Serve until SIGTERM or SIGINT (or ``stop`` is set); the exit code.
 
-        Refuses to start (raising) on a config DB without a farm or with an
-        older schema: a service manager restarting it is the right retry.
+        Starts whether or not the config DB and the directory can be reached: the
+        installed store is served (``/healthz`` "degraded") and the sync retried with
+        backoff until they return. Nor does it stop for what the config DB holds (no
+        farm, another schema, another farm's name): the config DB is attacker-writable,
+        and one forged row must not stop every node; the sync fails, is logged and
+        retried, and `farmkeys status` names the problem. Only a configuration it cannot
+        use stops it, before this is called (:func:`farmkeys.config.load`).
         """
-        self._db.connection(self.config.retry)  # at start-up, wait out a busy server
-        self._db.require_farm()
         if self.config.publish.address is not None:
             self._publisher = self._endpoints.publisher()
         self._install_signal_handlers()

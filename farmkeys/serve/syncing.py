@@ -150,7 +150,8 @@ class Syncer:
         self.syncs += 1
         self.sync_errors += 1
         self._failed_syncs += 1
-        if self._readiness.ready:
+        self._readiness.sync_failed()
+        if self._readiness.ready or self._readiness.maybe_ready():
             self._readiness.status(f"sync failing: {exc.what}")
         log.warning(
             "%s: sync failed: %s; trying again in %.0f s",

@@ -115,10 +115,13 @@ class ServeNodes:
     def __exit__(self, *exc: object) -> None:
         self.kill_all()
 
-    def start(self, node: str, **sections: dict[str, Any]) -> ServeProcess:
-        """Start `farmkeys serve` for ``node`` (config sections as for TestFarm.config)."""
+    def start(
+        self, node: str, *, env: dict[str, str] | None = None, **sections: dict[str, Any]
+    ) -> ServeProcess:
+        """Start `farmkeys serve` for ``node`` (config sections as for TestFarm.config;
+        ``env``: variables beyond the clean environment, e.g. NOTIFY_SOCKET)."""
         config = self.farm.config(node, **sections)
-        env = clean_env()
+        env = {**clean_env(), **(env or {})}
         log = self.log_dir / f"{node}.log"
         with log.open("ab") as out:
             proc = subprocess.Popen(

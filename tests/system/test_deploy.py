@@ -18,6 +18,7 @@ import yaml
 from farmtools import REPO, clean_env
 
 import farmkeys
+from farmkeys.cli.parser import parse_args
 
 UNITS = REPO / "deploy" / "systemd"
 SERVE_UNIT = UNITS / "farmkeys-serve.service"
@@ -63,9 +64,15 @@ def test_the_serve_unit_is_a_hardened_notify_service() -> None:
     assert int(settings["WatchdogSec"][0].removesuffix("s")) > 30 + 5
     drop_in = unit_settings(DROP_IN)
     assert drop_in["LimitCORE"] == ["0"]
+    # The federation service starts on the installed set when sync cannot reach the
+    # servers (exit 75 made 0), not when the store is empty or the set refused (exit 1).
     assert drop_in["ExecStartPre"] == [
-        "+/usr/sbin/runuser -u farmkeys -- /usr/local/bin/farmkeys sync"
+        "+/usr/sbin/runuser -u farmkeys -- /usr/local/bin/farmkeys sync --allow-unreachable"
     ]
+    command = drop_in["ExecStartPre"][0].split(" -- /usr/local/bin/farmkeys ")[1].split()
+    assert parse_args(command).allow_unreachable  # the flag the drop-in passes exists
+    # Its start may wait out sync's retries of both servers (30 s each) and the install lock.
+    assert int(drop_in["TimeoutStartSec"][0]) >= 2 * 30 + 60
 
 
 def verify(folder: Path, *units: str) -> tuple[int, str]:
