@@ -11,6 +11,8 @@ certificates, master keys and endpoints by their ids, never by content.
 
     Error
     ├── ConfigError              the configuration is missing, malformed or invalid
+    │   └── UnsafePathError      a file farmkeys trusts, or a folder above it, could be
+    │                            changed by another account (farmkeys.file_trust)
     ├── DatabaseError            the config DB cannot be reached, refused the login, or failed
     │   └── NotInitialisedError  the config DB holds no farm yet
     ├── FarmConflictError        the config DB holds a different farm than the config describes
@@ -54,6 +56,12 @@ class Error(Exception):
 
 class ConfigError(Error):
     """The configuration file or an environment override is missing, malformed or invalid."""
+
+
+class UnsafePathError(ConfigError):
+    """A file farmkeys acts on (the config file, a password or passphrase file, the CA file,
+    the hook program) or a folder above it or above the store could be changed by an
+    account other than root and the one farmkeys runs as. Names the path and the fix."""
 
 
 class DatabaseError(Error):

@@ -32,6 +32,7 @@ from farmkeys._retry import RetryExhaustedError, call_with_retry
 from farmkeys.config import DirectoryConfig, RetryConfig
 from farmkeys.directory.settings import is_ldaps, is_loopback
 from farmkeys.errors import ConfigError, DirectoryAuthError, DirectoryError
+from farmkeys.file_trust import check_file
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,10 @@ def _server(url: str, config: DirectoryConfig) -> ldap3.Server:
                 f"directory.ca_file {ca_file} does not exist or is not a file",
                 "point it at the CA certificate (PEM) of the directory server",
             )
+        if ca_file is not None:
+            # Whoever could change it could vouch for their own server, and collect the
+            # bind password: it and the folders above it must be root's or this account's.
+            check_file(ca_file, what="directory.ca_file")
         tls = ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=ca_file)
     return ldap3.Server(
         url,
