@@ -201,10 +201,13 @@ def _check_owner(
 ) -> None:
     if status.st_uid in _trusted_uids():
         return
-    kind = "the symbolic link " if link else f"{what} " if path == given else ""
-    where = "" if path == given else f", on the way to {what} {given},"
+    if path == given:
+        shown = f"{what} {path}, a symbolic link," if link else f"{what} {path}"
+    else:
+        kind = "the symbolic link " if link else ""
+        shown = f"{kind}{path}, on the way to {what} {given},"
     raise UnsafePathError(
-        f"{kind}{path}{where} is owned by {_account(status.st_uid)}, not by root or the"
+        f"{shown} is owned by {_account(status.st_uid)}, not by root or the"
         f" account farmkeys runs as ({_account(os.geteuid())})",
         f"chown {'-h ' if link else ''}root {path}, or move {what} to a folder of root's",
     )

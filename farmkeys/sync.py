@@ -78,7 +78,7 @@ def sync(
     live = _read_live(config, db, installed)
     farm, rows = live.farm, live.rows
     _check_pinned(config, farm, store, db.endpoint, installed)
-    warnings = _vanished(store, installed, live.node_generation)
+    warnings = _vanished(store, installed, live)
     wanted = frozenset(r.identity for r in rows)
     in_sync = installed is not None and installed.matches(wanted)
     previous = None if installed is None else installed.manifest
@@ -108,11 +108,11 @@ def sync(
     )
 
 
-def _vanished(store: Store, installed: Installed | None, recorded: int | None) -> tuple[str, ...]:
+def _vanished(store: Store, installed: Installed | None, live: LiveSet) -> tuple[str, ...]:
     """A store this node installed into before that is missing, empty or older than it
     installed: a warning (logged, and on the report), never a refusal, since the node's
     row that may say so is unauthenticated; the sync installs the farm's set as ever."""
-    why = store.vanished(installed, recorded)
+    why = store.vanished(installed, live.node_generation, live.node_revoked)
     if why is None:
         return ()
     warning = (

@@ -66,6 +66,7 @@ _LIVE_SET = (
     " SELECT f.name, f.dkm_group, f.dkm_container,"
     " (SELECT max(version) FROM farmkeys_migration) AS schema_version,"
     " n.master_keys AS confirmed_keys, n.generation AS node_generation,"
+    " n.revoked AS node_revoked,"
     " s.body AS state_body, s.mac AS state_mac,"
     " s.version AS state_version, (SELECT count(*) FROM claim) > 0 AS recorded, "
     + ", ".join(f"c.{name}" for name in CERTIFICATE_FIELDS if name != "blob")
@@ -159,6 +160,7 @@ class CertificateQueries(MigrationQueries):
             state=stored_state_row(rows[0]),
             recorded=bool(rows[0]["recorded"]),
             node_generation=rows[0]["node_generation"],
+            node_revoked=frozenset(rows[0]["node_revoked"] or ()),
         )
 
     def stored_state(self) -> StoredState | None:

@@ -90,7 +90,7 @@ def read_farm_status(
     if lease is None or not lease.valid:
         problems.add("warning", "no node holds the leader lease; is `farmkeys serve` running?")
     check_nodes(nodes, silent, {str(r.master_key) for r in live}, problems)
-    check_local_store(config, nodes, problems)
+    check_local_store(config, nodes, db.revoked_by_node(), problems)
 
     current_key = None if current is None else current.id
     return FarmStatus(

@@ -99,14 +99,22 @@ class Store:
         folder itself is checked before each install. :class:`UnsafePathError`."""
         check_location(self.path)
 
-    def vanished(self, installed: Installed | None, recorded: int | None) -> str | None:
+    def vanished(
+        self,
+        installed: Installed | None,
+        recorded: int | None,
+        remembered: Iterable[str] = (),
+    ) -> str | None:
         """Why this store seems to have vanished (missing, empty, unreadable) or been put
-        back (older than ``recorded``, the generation this node last reported installing),
-        though this node installed into it before; None when it has not. ``installed``:
-        :meth:`inspect`. For a warning only: ``recorded`` comes from the config DB."""
-        return vanished(
-            self.path, None if installed is None else installed.manifest.generation, recorded
-        )
+        back (older than ``recorded``, the generation this node last reported installing,
+        or without revocations it reported remembering, ``remembered``), though this node
+        installed into it before; None when it has not. ``installed``: :meth:`inspect`.
+        For a warning only: ``recorded`` and ``remembered`` come from the config DB."""
+        if installed is None:
+            return vanished(self.path, None, recorded)
+        manifest = installed.manifest
+        forgot = len(set(remembered) - manifest.forgotten)
+        return vanished(self.path, manifest.generation, recorded, forgot=forgot)
 
     def manifest(self) -> Manifest | None:
         """What is installed now; ``None`` if nothing yet. :class:`StoreError` if unreadable."""

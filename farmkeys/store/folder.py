@@ -197,11 +197,18 @@ def remove_generations(path: Path, keep: set[int | None]) -> None:
         os.close(fd)
 
 
-def vanished(path: Path, generation: int | None, recorded: int | None) -> str | None:
+def vanished(
+    path: Path,
+    generation: int | None,
+    recorded: int | None,
+    *,
+    forgot: int = 0,
+) -> str | None:
     """Why a store that this node installed before seems to have vanished or been put back,
     or None: ``generation`` is what it holds now (None: nothing readable), ``recorded``
     the generation this node last reported installing (its row in the config DB, which
-    anyone may have written: the answer is only ever a warning). The store's own
+    anyone may have written: the answer is only ever a warning), ``forgot`` how many of
+    the revocations the row says this node remembers the store does not. The store's own
     ``.generations`` is the other witness of an earlier install."""
     left = max(generation_numbers(path), default=None)
     if generation is not None:
@@ -210,6 +217,12 @@ def vanished(path: Path, generation: int | None, recorded: int | None) -> str | 
                 f"the store {path} holds generation {generation}, older than generation"
                 f" {recorded} this node installed (its row in the config DB says so): was an"
                 " older store put back in its place?"
+            )
+        if forgot:
+            return (
+                f"the store {path} does not remember {forgot} urgently replaced"
+                " certificate(s) that this node reported remembering (its row in the config"
+                " DB says so): was an older store put back in its place?"
             )
         return None
     if recorded is None and left is None:
