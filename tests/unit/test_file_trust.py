@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import stat
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -384,9 +383,18 @@ def test_a_hook_program_of_another_owner_is_refused_not_run(tmp_path: Path) -> N
 
 
 def test_a_hook_program_found_on_path_is_checked_where_it_is_found(tmp_path: Path) -> None:
-    assert run_hook("true") is None
-    error = run_hook(f"{sys.executable} -c pass")
-    assert error is None
+    marker = tmp_path / "ran"
+    shared = tmp_path / "bin"
+    shared.mkdir()
+    hook_script(shared, marker)
+    path = f"{shared}{os.pathsep}{os.environ.get('PATH', os.defpath)}"
+    hook = OnChangeHook(HooksConfig(on_change="reload.sh"), None, store=Path("/"), node_id="n")  # type: ignore[arg-type]
+    assert hook._execute("reload.sh", {"PATH": path}) is None and marker.exists()
+    marker.unlink()
+    shared.chmod(0o775)
+    error = hook._execute("reload.sh", {"PATH": path})
+    assert error is not None and error.endswith(f"— chmod g-w {shared}")
+    assert not marker.exists()
 
 
 # -- the folders above the store ----------------------------------------------------------
