@@ -112,13 +112,18 @@ def refuse_if_exposed(
     what: str,
     error: Callable[[str, str], Error],
     holding: str = "what it holds",
+    holds: str | None = None,
+    todo: str | None = None,
 ) -> None:
-    """Raise ``error`` when ``mode`` gives group or others any permission on ``path``."""
+    """Raise ``error`` when ``mode`` gives group or others any permission on ``path``, a
+    file holding a secret: ``holds`` names it in the sentence ("directory.password"),
+    ``holding`` in the advice, unless ``todo`` replaces the advice."""
     if mode & _EXPOSED:
+        held = f" holds {holds} but" if holds else ""
         raise error(
-            f"{what} {path} may be read or written by group or others"
+            f"{what} {path}{held} may be read or written by group or others"
             f" (mode {stat.S_IMODE(mode):04o})",
-            f"chmod 600 {path}, and consider {holding} seen",
+            todo or f"chmod 600 {path}, and consider {holding} seen",
         )
 
 
@@ -168,11 +173,11 @@ def _check_folder(
             owner = os.geteuid()  # made later, by this account
         if owner in _trusted_uids():
             return
+        shown = f"{what} {given}" if child == given else f"{child}, on the way to {what} {given},"
         raise UnsafePathError(
-            f"{child}, on the way to {what} {given}, is in the sticky folder {folder}"
-            f" (mode {mode:04o}) but owned by {_account(owner)}, so that account can"
-            " replace it",
-            f"move {what} out of {folder}, or chown {_account(os.geteuid())} {child}",
+            f"{shown} is in the sticky folder {folder} (mode {mode:04o}) but owned by"
+            f" {_account(owner)}, who can therefore replace it",
+            f"chown {_name(os.geteuid())} {child}, or move {what} out of {folder}",
         )
     raise UnsafePathError(_writable(folder, status, what, given), _chmod(folder, status))
 
@@ -229,6 +234,13 @@ def _chmod(path: Path, status: os.stat_result) -> str:
     bits = status.st_mode & _WRITABLE
     who = {0o020: "g", 0o002: "o", 0o022: "go"}[bits]
     return f"chmod {who}-w {path}"
+
+
+def _name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def _account(uid: int) -> str:

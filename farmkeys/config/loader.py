@@ -155,14 +155,15 @@ def _check_private_if_secret(path: Path, raw: dict[str, dict[str, Any]]) -> None
         holds.append("a password in database.dsn")
     if not holds:
         return
-    mode = path.stat().st_mode
-    if mode & 0o077:
-        raise ConfigError(
-            f"config file {path} holds {' and '.join(holds)} but may be read or written by"
-            f" group or others (mode {mode & 0o7777:04o})",
-            f"chmod 600 {path}, or move the secret out (directory.password_file, a"
-            " ~/.pgpass passfile)",
-        )
+    refuse_if_exposed(
+        path,
+        path.stat().st_mode,
+        what="config file",
+        error=ConfigError,
+        holds=" and ".join(holds),
+        todo=f"chmod 600 {path}, or move the secret out (directory.password_file, a"
+        " ~/.pgpass passfile)",
+    )
 
 
 def _dsn_has_password(dsn: str) -> bool:

@@ -95,7 +95,13 @@ def check_location(path: Path) -> None:
     change: whoever can rename the store away and put another (or an old one) back
     chooses what the federation service reads. Every folder above, up to ``/``
     (:func:`farmkeys.file_trust.check_folders_above`); :class:`UnsafePathError`."""
-    check_folders_above(path, what="the store")
+    try:
+        check_folders_above(path, what="the store")
+    except OSError as exc:
+        raise StoreError(
+            f"cannot check the folders above the store {path}: {describe(exc)}",
+            f"{hint(exc)}; nothing was changed",
+        ) from exc
 
 
 def check_tree(path: Path) -> None:

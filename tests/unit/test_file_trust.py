@@ -416,6 +416,22 @@ def test_the_folders_above_a_store_that_does_not_exist_yet_are_checked(tmp_path:
     check_folders_above(shared / "a/b/store", what="the store")
 
 
+@needs_root
+def test_an_entry_of_another_account_in_a_sticky_folder_is_refused(tmp_path: Path) -> None:
+    sticky = tmp_path / "tmp"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    (sticky / "store").mkdir()
+    os.chown(sticky / "store", NOBODY, NOBODY)  # nobody may rename it away and back
+    with pytest.raises(UnsafePathError) as caught:
+        check_folders_above(sticky / "store", what="the store")
+    assert refusal(caught) == (
+        f"the store {sticky}/store is in the sticky folder {sticky} (mode 1777) but owned by"
+        f" nobody (uid {NOBODY}), who can therefore replace it — chown root {sticky}/store,"
+        f" or move the store out of {sticky}"
+    )
+
+
 def test_a_non_regular_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UnsafePathError, match="is not a regular file"):
         check_file(tmp_path, what="config file")
