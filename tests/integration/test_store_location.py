@@ -119,3 +119,26 @@ def test_a_config_file_others_may_write_is_refused_in_one_line(
         f"farmkeys: error: config file {config} is writable by group (mode 0620)"
         f" — chmod g-w {config}"
     )
+
+
+def test_the_sync_report_carries_the_warning_and_a_first_install_has_none(
+    initialised_farm: TestFarm,
+) -> None:
+    from datetime import UTC, datetime
+
+    from farmkeys.config import load
+    from farmkeys.db import ConfigDB
+    from farmkeys.directory import Directory
+    from farmkeys.store import Store
+    from farmkeys.sync import sync
+
+    cfg = load(initialised_farm.config())
+    store = Store(cfg.store, node_id=cfg.node.id)
+    with ConfigDB(cfg.database, cfg.retry) as db, Directory(cfg.directory, cfg.retry) as directory:
+        first = sync(cfg, db, directory, store, now=datetime.now(UTC))
+        assert first.changed and first.warnings == ()
+        shutil.rmtree(store.path)
+        again = sync(cfg, db, directory, store, now=datetime.now(UTC))
+        assert again.changed and len(again.warnings) == 1
+        assert again.warnings[0].startswith(f"the store {store.path} is missing, but this node")
+        assert sync(cfg, db, directory, store, now=datetime.now(UTC)).warnings == ()
