@@ -1,9 +1,10 @@
-"""The lab's private servers.
+"""The lab's private servers, and the lab an operator keeps running by hand.
 
 PostgreSQL: its own cluster, closed to anyone without its password, and a
 synchronous streaming standby of it that can be promoted. Samba: an
 AD domain controller on 127.0.0.1 only, TLS verified with the lab's CA, the
-service account delegated on the AD FS parent and nobody else.
+service account delegated on the AD FS parent and nobody else. All three start
+through one start-and-wait loop (farmkeys_lab.servers.wait_until_serving).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import os
 import socket
 import ssl
 import stat
+import subprocess
+import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,6 +37,7 @@ from farmkeys_lab.samba import (
     sid_text,
     write_ca_certificate,
 )
+from farmkeys_lab.servers import free_port, wait_until_serving
 
 
 def test_the_private_cluster_listens_on_loopback_and_runs_unprivileged(
@@ -375,3 +379,127 @@ def test_a_second_dc_in_the_same_process_fails_at_once(
     assert samba_dc.running
     with ldaps(samba_dc, samba_dc.service_dn, samba_dc.service_password) as conn:
         assert conn.bound
+
+
+# -- the start-and-wait loop the three servers share ---------------------------------------
+
+# Generous: a loaded 2-core machine. No test below waits for it to pass.
+SERVING_TIMEOUT_SECONDS = 60.0
+
+
+class ToyServerError(RuntimeError):
+    pass
+
+
+def toy_server(tmp_path: Path, code: str) -> tuple[subprocess.Popen[bytes], Path]:
+    """A Python child running ``code``, its output in a log, as the lab starts its servers."""
+    log_path = tmp_path / "toy.log"
+    with log_path.open("ab") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-c", code], stdout=log_file, stderr=log_file, cwd=tmp_path
+        )
+    return process, log_path
+
+
+def wait_for_toy(
+    process: subprocess.Popen[bytes], log_path: Path, port: int, stopped: list[str], **options
+) -> None:
+    def on_failure() -> None:
+        stopped.append("stopped")
+        process.kill()
+        process.wait()
+
+    wait_until_serving(
+        process,
+        name="toy",
+        port=port,
+        ready=f"accepting connections on port {port}",
+        timeout=options.pop("timeout", SERVING_TIMEOUT_SECONDS),
+        log_path=log_path,
+        log_offset=0,
+        error=ToyServerError,
+        on_failure=on_failure,
+        **options,
+    )
+
+
+def test_a_server_that_exits_before_serving_is_named_with_its_status_and_output(
+    tmp_path: Path,
+) -> None:
+    process, log_path = toy_server(tmp_path, "print('no such option', flush=True); exit(3)")
+    port, stopped = free_port(), []
+    with pytest.raises(
+        ToyServerError,
+        match=rf"^toy exited with status 3 before accepting connections on port {port}; "
+        r"its output:\nno such option$",
+    ):
+        wait_for_toy(process, log_path, port, stopped)
+    assert stopped == ["stopped"]
+
+
+def test_a_server_that_never_serves_is_stopped_and_named_with_the_last_complaint(
+    tmp_path: Path,
+) -> None:
+    listening = (
+        "import socket, time\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
+        "open('port', 'w').write(str(s.getsockname()[1]))\n"
+        "print('listening', flush=True); time.sleep(600)\n"
+    )
+    process, log_path = toy_server(tmp_path, listening)
+    port = int(
+        wait_until(
+            lambda: (tmp_path / "port").exists() and (tmp_path / "port").read_text(),
+            SERVING_TIMEOUT_SECONDS,
+            "the toy server listens",
+        )
+    )
+    stopped: list[str] = []
+
+    def refuse() -> None:
+        raise ConnectionError("the database system is starting up")
+
+    with pytest.raises(
+        ToyServerError,
+        match=rf"^toy was not accepting connections on port {port} within 1 s "
+        r"\(the database system is starting up\); its output:\nlistening$",
+    ):
+        wait_for_toy(
+            process, log_path, port, stopped, check=refuse, starting=(ConnectionError,), timeout=1
+        )
+    assert stopped == ["stopped"]
+    assert process.poll() is not None
+
+
+def test_a_server_is_serving_once_it_accepts_and_its_check_passes(tmp_path: Path) -> None:
+    listening = (
+        "import socket, time\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
+        "open('port', 'w').write(str(s.getsockname()[1]))\n"
+        "time.sleep(600)\n"
+    )
+    process, log_path = toy_server(tmp_path, listening)
+    try:
+        port = int(
+            wait_until(
+                lambda: (tmp_path / "port").exists() and (tmp_path / "port").read_text(),
+                SERVING_TIMEOUT_SECONDS,
+                "the toy server listens",
+            )
+        )
+        answers = iter([ConnectionError("starting"), ConnectionError("recovering"), None])
+        checked: list[str] = []
+
+        def check() -> None:
+            checked.append("checked")
+            answer = next(answers)
+            if answer is not None:
+                raise answer
+
+        stopped: list[str] = []
+        wait_for_toy(process, log_path, port, stopped, check=check, starting=(ConnectionError,))
+        assert checked == ["checked"] * 3
+        assert stopped == [] and process.poll() is None
+    finally:
+        process.kill()
+        process.wait()
