@@ -161,6 +161,11 @@ class LocalSlapd:
         return self._process is not None and self._process.poll() is None
 
     @property
+    def pid(self) -> int | None:
+        """slapd's pid; None when stopped."""
+        return self._process.pid if self.running and self._process is not None else None
+
+    @property
     def conf_path(self) -> Path:
         return self.workdir / "slapd.conf"
 
