@@ -731,3 +731,14 @@ def test_the_lab_without_a_command_prints_its_usage() -> None:
     assert refused.returncode == 2
     assert "usage: python -m farmkeys_lab" in refused.stderr
     assert "the following arguments are required: COMMAND" in refused.stderr
+
+
+def test_a_lab_whose_server_dies_says_which_and_exits_1(lab: Lab) -> None:
+    lab.wait_ready()
+    servers = lab.servers()
+    os.kill(servers["slapd"][1], signal.SIGKILL)
+    assert lab.process.wait(timeout=LAB_STOP_SECONDS) == 1, lab.output
+    lab.stop()
+    error = lab.line(r"^farmkeys-lab: error: slapd stopped by itself; its log is (\S+)$")
+    assert Path(error[1]) == lab.folder / "slapd" / "slapd.log"
+    assert all(gone(port, pid) for port, pid in servers.values())

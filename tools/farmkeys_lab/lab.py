@@ -125,7 +125,8 @@ def _run(root: Path, signals: _Signals) -> int:
             say("\nstopping slapd and PostgreSQL")
     finally:
         _forget(root)
-    return code if code else _stopped(root, servers)
+    stopped = _stopped(root, servers)
+    return code or stopped
 
 
 def _init(config: Path, signals: _Signals) -> None:
