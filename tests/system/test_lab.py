@@ -694,11 +694,15 @@ def test_sigterm_stops_the_lab_too_and_a_new_lab_stops_what_a_killed_one_left(
     finally:
         first.kill()  # SIGKILL: its servers run on, in sessions of their own
     assert all(not gone(port, pid) for port, pid in left.values())
+    (folder / "left-by-the-first.txt").write_text("")
 
     second = Lab(folder)
     try:
         second.wait_ready()
         assert all(gone(port, pid) for port, pid in left.values()), second.output
+        assert not (folder / "left-by-the-first.txt").exists()  # the folder was cleared
+        old_url = f'url = "ldap://127.0.0.1:{left["slapd"][0]}"\n'
+        assert old_url not in (folder / "node-a.toml").read_text()
         second.line(r"^stopping the slapd \(pid \d+\) an earlier lab here left running$")
         servers = second.servers()
         assert second.stop(signal.SIGTERM) == 0, second.output
