@@ -150,7 +150,8 @@ def _describe_metadata(body: bytes, size: str) -> list[str]:
     signing = sum(use == "signing" for use, _ in keys)
     encryption = sum(use == "encryption" for use, _ in keys)
     lines = [
-        f"SAML metadata of {root.get('entityID')}: {_count(signing, 'signing key')},"
+        f"SAML metadata of {root.get('entityID', '(no entityID)')}:"
+        f" {_count(signing, 'signing key')},"
         f" {_count(encryption, 'encryption key')}, {size}"
     ]
     lines += [f"  {use:<10}  {name}" for use, name in keys]
@@ -160,7 +161,11 @@ def _describe_metadata(body: bytes, size: str) -> list[str]:
 def _describe_jwks(body: bytes, size: str) -> list[str]:
     keys = json.loads(body)["keys"]
     lines = [f"JWKS: {_count(len(keys), 'key')}, {size}"]
-    lines += [f"  kid {key['kid']}  {key['kty']} {key['alg']}  use {key['use']}" for key in keys]
+    lines += [
+        f"  kid {key.get('kid', '-')}  {key.get('kty', '-')} {key.get('alg', '-')}"
+        f"  use {key.get('use', '-')}"
+        for key in keys
+    ]
     return lines
 
 
