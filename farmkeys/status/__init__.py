@@ -35,7 +35,7 @@ from farmkeys.status.local_store import check_local_store
 from farmkeys.status.master_keys import keys_in_directory, master_keys
 from farmkeys.status.nodes import check_nodes, node_statuses
 from farmkeys.status.problems import Problems
-from farmkeys.status.relying_parties import relying_parties
+from farmkeys.status.relying_parties import fetch_authenticator, relying_parties
 from farmkeys.status.state_record import farm_state_status
 from farmkeys.vocab import LIVE_ROLES
 
@@ -84,7 +84,9 @@ def read_farm_status(
     keys, schedule = master_keys(config, now, recorded, in_directory, rows, problems)
     current = rollover_policy.current_key(recorded)
     state = farm_state_status(db, farm, live, nodes, current, directory, problems)
-    parties, unfetched = relying_parties(config, db, live, now, problems)
+    parties, unfetched = relying_parties(
+        config, db, live, now, problems, authentic=fetch_authenticator(directory, farm)
+    )
 
     lease = db.lease()
     if lease is None or not lease.valid:
