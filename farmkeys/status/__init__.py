@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
-from typing import Any
 
 from farmkeys import policy as rollover_policy
 from farmkeys.config import Config
@@ -51,7 +50,6 @@ __all__ = [
     "NextAction",
     "NodeStatus",
     "RelyingPartyStatus",
-    "farm_status",
     "read_farm_status",
 ]
 
@@ -109,14 +107,6 @@ def read_farm_status(
         relying_parties=parties,
         checked_at=now,
     )
-
-
-def farm_status(
-    config: Config, db: ConfigDB, directory: Directory | None, *, now: datetime
-) -> dict[str, Any]:
-    """The farm at a glance as the JSON document `farmkeys status --json` prints: the
-    JSON form of :func:`read_farm_status`, for a caller that wants the document itself."""
-    return read_farm_status(config, db, directory, now=now).to_json()
 
 
 def _leader(lease: Lease | None) -> LeaderInfo | None:
