@@ -29,6 +29,7 @@ The parts, each its own module:
 
 from __future__ import annotations
 
+from farmkeys.publish.cache import etag
 from farmkeys.publish.http import (
     HEALTH_PATH,
     JWKS_PATH,
@@ -38,7 +39,6 @@ from farmkeys.publish.http import (
     Answer,
     Health,
     Publisher,
-    etag,
 )
 from farmkeys.publish.jwks import jwks
 from farmkeys.publish.keys import Published, PublishedKey, from_store, published
