@@ -119,9 +119,10 @@ def _nothing_installed(store: Store) -> PublishError:
 
 
 class Refreshed(Generic[T]):
-    """``make()``'s value, made again at most every ``period`` seconds (``clock``: a
-    monotonic clock), by one caller at a time; the others meanwhile get the previous value
-    (no older than ``period`` and one making), or wait for the first. ``makes`` counts."""
+    """``make()``'s value, made again once ``period`` seconds have passed since it was last
+    made (``clock``: a monotonic clock), by one caller at a time; the others meanwhile get
+    the previous value (no older than ``period`` and one making), or wait for the first.
+    An exception from ``make`` reaches its caller and keeps nothing. ``makes`` counts."""
 
     def __init__(
         self,
@@ -152,10 +153,9 @@ class Refreshed(Generic[T]):
             current = self._value
             if current is not None and self._clock() - current[0] < self._period:
                 return current[1]  # made while this caller waited
-            started = self._clock()
             value = self._make()
             self.makes += 1
-            self._value = (started, value)
+            self._value = (self._clock(), value)  # fresh from when it was made
             return value
         finally:
             self._making.release()

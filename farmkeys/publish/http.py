@@ -88,7 +88,10 @@ class Publisher:
         metrics: Callable[[], bytes],
         health: Callable[[], Health],
         clock: Callable[[], datetime],
+        metrics_period: float = METRICS_CACHE_SECONDS,
     ) -> None:
+        """``metrics_period``: how long a ``/metrics`` document is answered before ``metrics``
+        is called again (:data:`METRICS_CACHE_SECONDS`; the tests lengthen it)."""
         if config.address is None:
             raise ValueError("publish.listen is not set")
         self.config = config
@@ -97,7 +100,7 @@ class Publisher:
         self._health = health
         self._clock = clock
         self.documents = Documents(config, store)
-        self.metrics = Refreshed(metrics, period=METRICS_CACHE_SECONDS)
+        self.metrics = Refreshed(metrics, period=metrics_period)
         self._parties = frozenset(p.name for p in config.parties)
         self._recorded: dict[str, tuple[tuple[str, ...], float]] = {}
         self._recorded_lock = threading.Lock()

@@ -250,7 +250,10 @@ class HTTPServer:
 
     def stop(self) -> None:
         """Stop accepting, close every connection, and let running handlers finish (for at
-        most :data:`STOP_SECONDS`). Prompt: the loop is woken, not waited for."""
+        most :data:`STOP_SECONDS`). Prompt: the loop is woken, not waited for. Stopping
+        again does nothing."""
+        if self._stopping.is_set():
+            return
         self._stopping.set()
         if self._thread is not None:
             self._server.pull_trigger()

@@ -512,3 +512,31 @@ def test_the_last_relying_partys_fetch_wakes_the_leader_to_promote(quick_farm: T
 def _has(url: str, thumbprint: str) -> bool:
     """Whether the metadata lists ``thumbprint`` (its KeyName)."""
     return f"<ds:KeyName>{thumbprint}</ds:KeyName>" in get(url + publish.METADATA_PATH)[2].decode()
+
+
+def test_serve_listens_with_a_deep_backlog_and_stops_on_sigterm_beside_slow_clients(
+    quick_farm: TestFarm,
+) -> None:
+    """The serving process's listening socket has publish.backlog (ss reads it back), and
+    SIGTERM stops it cleanly while clients hold connections with incomplete requests."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with ServeNodes(quick_farm) as nodes:
+        serve = nodes.start("node-a", publish={**PUBLISH, "listen": f"127.0.0.1:{port}"})
+        wait_until(lambda: get(url + publish.HEALTH_PATH)[0] == 200, START, "serve answers")
+        out = subprocess.run(
+            ["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True
+        ).stdout.split()
+        assert int(out[2]) == 1024  # Send-Q of a listening socket: its backlog
+        slow = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(20)]
+        try:
+            for sock in slow:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nX-Slow: ")
+            assert get(url + publish.METADATA_PATH)[0] == 200
+            assert nodes.stop("node-a", timeout=20) == 0, nodes.logs()
+            for sock in slow:
+                assert sock.recv(1024) == b""  # closed by the server as it stopped
+        finally:
+            for sock in slow:
+                sock.close()
+    assert "stopped" in serve.tail(5)
