@@ -66,8 +66,11 @@ async def fetch(port: int) -> float:
         answer = await asyncio.wait_for(reader.read(), TIMEOUT)  # to the server's close
     finally:
         writer.close()
-    if not answer.startswith(b"HTTP/1.1 200 ") or not answer.rstrip().endswith(
-        b"</md:EntityDescriptor>"
+    status_line = answer.partition(b"\r\n")[0]
+    if (
+        not status_line.startswith(b"HTTP/1.")
+        or b" 200 " not in status_line
+        or not answer.rstrip().endswith(b"</md:EntityDescriptor>")
     ):
         raise RuntimeError(answer[:80].decode(errors="replace"))
     return time.perf_counter() - started
