@@ -138,7 +138,11 @@ class _Server(TcpWSGIServer):
         self.shed = 0  # requests answered 503 because every handler was busy
         self._shedder = ThreadedTaskDispatcher()
         self._shedder.set_thread_count(1)
-        super().__init__(app, map=channels, dispatcher=dispatcher, adj=adj)
+        try:
+            super().__init__(app, map=channels, dispatcher=dispatcher, adj=adj)
+        except BaseException:
+            self._shedder.shutdown(timeout=0)
+            raise
 
     def waiting(self) -> int:
         """Requests received whole and waiting for a handler."""
@@ -146,6 +150,13 @@ class _Server(TcpWSGIServer):
         with tasks.lock:
             idle = len(tasks.threads) - tasks.stop_count - tasks.active_count
             return max(0, len(tasks.queue) - idle)
+
+    def busy(self) -> int:
+        """Handlers answering a request now, or woken to answer a queued one."""
+        tasks = self.task_dispatcher
+        with tasks.lock:
+            idle = len(tasks.threads) - tasks.stop_count - tasks.active_count
+            return len(tasks.threads) - tasks.stop_count - max(0, idle - len(tasks.queue))
 
     def add_task(self, task: Task) -> None:
         channel = cast(HTTPChannel, task)  # waitress queues the channel itself
@@ -238,6 +249,11 @@ class HTTPServer:
     def waiting(self) -> int:
         """Requests received whole and waiting for a handler thread."""
         return self._server.waiting()
+
+    @property
+    def busy(self) -> int:
+        """Handler threads answering a request now."""
+        return self._server.busy()
 
     @property
     def shed(self) -> int:
