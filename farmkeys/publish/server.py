@@ -21,7 +21,7 @@ Two things it lacks, added here on waitress's internals (hence the pin
   whole request received (or the answer read), the loop closes it, whatever trickled in
   meanwhile. :class:`_Channel` keeps the time, :meth:`_Server.maintenance` (run by the
   loop every :data:`SWEEP_SECONDS`) closes it; no thread is involved.
-- **Shedding.** When more than ``publish.max_queued`` requests wait for a busy handler,
+- **Shedding.** When ``publish.max_queued`` requests already wait for a busy handler,
   the next one is answered ``503`` with ``Retry-After`` at once, by a thread of its own
   that runs no application code (:meth:`_Server.add_task`), rather than waiting behind
   the others. The queue depth is waitress's dispatcher's, read in the loop thread as
