@@ -72,6 +72,9 @@ SWEEP_SECONDS: Final = 1
 # (256 KiB of headers, 1 GiB of body, spooled to a temporary file).
 MAX_HEADER_BYTES: Final = 32 * 1024
 MAX_BODY_BYTES: Final = 1024
+# The sockets of waitress's loop that are not connections: the listening socket and the
+# trigger that wakes the loop.
+_LOOP_SOCKETS: Final = 2
 # How long stopping waits for handlers still answering.
 STOP_SECONDS: Final = 2
 _SHED_BODY: Final = (
@@ -200,7 +203,8 @@ class HTTPServer:
             ipv4=":" not in host,
             ipv6=":" in host,
             threads=config.threads,
-            connection_limit=config.connection_limit,
+            # waitress counts every socket of its loop: the listening one and its trigger too.
+            connection_limit=config.connection_limit + _LOOP_SOCKETS,
             backlog=config.backlog,
             # waitress's inactivity timeout, whole seconds: never sooner than the deadline.
             channel_timeout=math.ceil(config.request_timeout_seconds),
@@ -249,6 +253,11 @@ class HTTPServer:
     def waiting(self) -> int:
         """Requests received whole and waiting for a handler thread."""
         return self._server.waiting()
+
+    @property
+    def connections(self) -> int:
+        """Connections open now."""
+        return len(self._channels) - _LOOP_SOCKETS
 
     @property
     def busy(self) -> int:

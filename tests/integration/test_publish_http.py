@@ -155,7 +155,7 @@ def test_publish_backlog_sets_the_listening_sockets_backlog(
 
 
 def test_a_request_beyond_the_busy_pool_and_its_queue_is_answered_503_with_retry_after(
-    make_node: Callable[..., Node],
+    make_node: Callable[..., Node], caplog: pytest.LogCaptureFixture
 ) -> None:
     """One handler, held on an Event by a /healthz; one request queued behind it; the next
     is answered at once with 503 and Retry-After (no handler runs it), and the two held
@@ -185,6 +185,7 @@ def test_a_request_beyond_the_busy_pool_and_its_queue_is_answered_503_with_retry
         assert headers["Retry-After"] == "1"
         assert body.startswith(b"busy: every handler is answering")
         assert node.publisher.server.shed == 1
+        assert "every HTTP handler is busy and 1 requests wait: answering 503" in caplog.text
         assert get(node.url + publish.JWKS_PATH)[0] == 503  # still full
     finally:
         release.set()
@@ -192,6 +193,66 @@ def test_a_request_beyond_the_busy_pool_and_its_queue_is_answered_503_with_retry
         second.join(SLOW)
     assert answers == {"first": 200, "second": 200}
     assert get(node.url + publish.METADATA_PATH)[0] == 200  # free again
+
+
+def test_past_the_connection_limit_a_client_waits_in_the_backlog_until_one_closes(
+    make_node: Callable[..., Node],
+) -> None:
+    node = make_node(connection_limit=2)
+    port = node.publisher.port
+    held = [socket.create_connection(("127.0.0.1", port), timeout=SLOW) for _ in range(2)]
+    try:
+        for sock in held:
+            sock.sendall(b"GET / HTTP/1.1\r\n")  # incomplete: each stays open
+        wait_until(lambda: node.publisher.server.connections == 2, SLOW, "both are accepted")
+        with socket.create_connection(("127.0.0.1", port), timeout=SLOW) as third:
+            third.sendall(f"GET {publish.HEALTH_PATH} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            third.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                third.recv(64)  # not accepted while two are open
+            assert node.publisher.server.connections == 2
+            held.pop().close()
+            third.settimeout(SLOW)
+            assert third.recv(64).startswith(b"HTTP/1.1 200 ")
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def answer_to(port: int, request: bytes) -> bytes:
+    """The status line the server answers ``request`` (raw bytes) with."""
+    with socket.create_connection(("127.0.0.1", port), timeout=SLOW) as sock:
+        sock.sendall(request)
+        return sock.recv(4096).partition(b"\r\n")[0]
+
+
+def test_only_get_and_head_of_a_small_request_are_answered(make_node: Callable[..., Node]) -> None:
+    """HEAD is GET without the body; other methods are 405; a body or headers beyond what
+    a GET needs are refused before any handler sees them."""
+    node = make_node()
+    port = node.publisher.port
+    request = urllib.request.Request(node.url + publish.METADATA_PATH, method="HEAD")
+    with urllib.request.urlopen(request, timeout=SLOW) as response:
+        assert response.status == 200 and response.read() == b""
+        assert int(response.headers["Content-Length"]) > 1000
+        assert response.headers["ETag"] == get(node.url + publish.METADATA_PATH)[1]["ETag"]
+    status, headers, _ = get_with(node.url + publish.METADATA_PATH, method="POST", data=b"x")
+    assert (status, headers["Allow"]) == (405, "GET, HEAD")
+    body = b"x" * 2048
+    assert answer_to(
+        port, b"GET /healthz HTTP/1.1\r\nContent-Length: 2048\r\n\r\n" + body
+    ).startswith(b"HTTP/1.1 413 ")
+    big = b"X-Big: " + b"a" * 40_000 + b"\r\n"
+    assert b" 431 " in answer_to(port, b"GET /healthz HTTP/1.1\r\n" + big + b"\r\n")
+
+
+def get_with(url: str, *, method: str, data: bytes | None) -> tuple[int, Message, bytes]:
+    request = urllib.request.Request(url, method=method, data=data)
+    try:
+        with urllib.request.urlopen(request, timeout=SLOW) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, error.read()
 
 
 # -- the whole-request deadline --------------------------------------------------------------
