@@ -7,7 +7,7 @@
 #   make test-quick  ruff, mypy and the unit tier alone (tests/unit/): no server is
 #               installed or started; seconds, not minutes
 #   make bench  every benchmark (sync, cold start, propagation, failover, herd, connections,
-#               master-key re-seal, directory, publishing), then one table of the goals
+#               HTTP crowd and slow-loris, master-key re-seal, directory, publishing), then one table of the goals
 #   make soak   a randomized fault soak of serve nodes (SOAK_ARGS="--duration 1200 --seed 7")
 #   make fuzz   coverage-guided fuzzing (atheris) of every parser of untrusted input
 #               (FUZZ_SECONDS per target, default 60); prints the inputs tried
