@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Final
 from farmkeys.config import PublishConfig
 from farmkeys.errors import ConfigError, Error
 from farmkeys.publish.cache import JWKS, METADATA, Documents, Refreshed
+from farmkeys.publish.recording import FetchRecorder
 from farmkeys.publish.server import HTTPServer
 from farmkeys.store import Store
 
@@ -75,8 +76,9 @@ class Publisher:
     per installed set), a callback (metrics, made at most every
     :data:`METRICS_CACHE_SECONDS`; health, on every request) and the clock passed in; a
     relying party's fetch is recorded through ``record`` (rp, document, thumbprints), at
-    most every :data:`RECORD_EVERY_SECONDS` for the same keys, and never holds up the
-    answer for long: a failed record is logged and the document served.
+    most every :data:`RECORD_EVERY_SECONDS` for the same keys, by one writer thread
+    (:mod:`.recording`): the answer never waits for the config DB, and a failed record is
+    logged and tried again at the next fetch.
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class Publisher:
         self._parties = frozenset(p.name for p in config.parties)
         self._recorded: dict[str, tuple[tuple[str, ...], float]] = {}
         self._recorded_lock = threading.Lock()
+        self.recorder = FetchRecorder(record, failed=self._forget)
         self.server = HTTPServer(self.wsgi, config)
 
     @property
@@ -111,11 +114,13 @@ class Publisher:
         return self.server.port
 
     def start(self) -> None:
+        self.recorder.start()
         self.server.start()
         log.info("publishing on http://%s", self.config.listen)
 
     def stop(self) -> None:
         self.server.stop()
+        self.recorder.stop()
 
     # -- answers ----------------------------------------------------------------------
 
@@ -198,12 +203,12 @@ class Publisher:
             if last is not None and last[0] == thumbprints and now - last[1] < RECORD_EVERY_SECONDS:
                 return
             self._recorded[rp] = (thumbprints, now)
-        try:
-            self._record(rp, document, thumbprints)
-        except Error as exc:
-            with self._recorded_lock:
-                self._recorded.pop(rp, None)
-            log.warning("cannot record relying party %s's fetch: %s", rp, exc.diagnostics())
+        self.recorder.submit(rp, document, thumbprints)  # written off the request path
+
+    def _forget(self, rp: str) -> None:
+        """A record that could not be written: the next fetch of ``rp`` tries again."""
+        with self._recorded_lock:
+            self._recorded.pop(rp, None)
 
 
 def _line(exc: Error) -> bytes:

@@ -16,7 +16,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from email.message import Message
 
@@ -73,6 +73,7 @@ def make_node(synced: TestFarm) -> Iterator[Callable[..., Node]]:
         clock: Callable[[], datetime] | None = None,
         metrics_period: float = publish.METRICS_CACHE_SECONDS,
         start: bool = True,
+        record: Callable[[str, str, Sequence[str]], None] | None = None,
         **settings: object,
     ) -> Node:
         port = free_port()
@@ -83,7 +84,7 @@ def make_node(synced: TestFarm) -> Iterator[Callable[..., Node]]:
         publisher = Publisher(
             config,
             Store(synced.store(), node_id="node-a"),
-            record=lambda rp, doc, tps: records.append((rp, doc, tuple(tps))),
+            record=record or (lambda rp, doc, tps: records.append((rp, doc, tuple(tps)))),
             metrics=metrics or (lambda: b"farmkeys_status_up 1\n"),
             health=health or (lambda: Health(True, {"status": "ok"})),
             clock=clock or (lambda: datetime.now(UTC)),
@@ -344,6 +345,7 @@ def test_the_documents_are_built_once_per_installed_set(
     assert node.publisher.documents.builds == 2  # the metadata once, the JWKS once
     tag = get(node.url + publish.METADATA_PATH)[1]["ETag"]
     assert get(node.url + publish.METADATA_PATH, {"If-None-Match": tag})[0] == 304
+    assert node.publisher.recorder.idle(SLOW)  # written off the request path
     assert node.records[0][0:2] == ("rp1", "metadata")
 
     # Another installed set: built again, once, and another ETag.
@@ -454,3 +456,26 @@ def test_stopping_closes_open_connections_and_the_listening_socket(
         assert idle.recv(1024) == b""  # closed by the server
     with pytest.raises(ConnectionRefusedError), contextlib.closing(socket.socket()) as sock:
         sock.connect(("127.0.0.1", port))
+
+
+def test_fetches_during_a_config_db_outage_hold_no_handler(
+    make_node: Callable[..., Node],
+) -> None:
+    """The record of a fetch waits for the config DB (here: for ever, until released); the
+    fetches are answered, and /healthz with them, though two handlers serve them all."""
+    released = threading.Event()
+    written: list[str] = []
+
+    def record(rp: str, document: str, thumbprints: Sequence[str]) -> None:
+        released.wait(SLOW * 4)
+        written.append(rp)
+
+    node = make_node(threads=2, record=record, relying_parties=["rp1", "rp2", "rp3", "rp4"])
+    try:
+        for rp in ("rp1", "rp2", "rp3", "rp4", "rp1"):
+            assert get(f"{node.url}{publish.METADATA_PATH}?rp={rp}")[0] == 200
+        assert get(node.url + publish.HEALTH_PATH)[0] == 200
+    finally:
+        released.set()
+    assert node.publisher.recorder.idle(SLOW)
+    assert sorted(written) == ["rp1", "rp2", "rp3", "rp4"]  # one record each, all written
