@@ -177,9 +177,11 @@ def _node_lines(nodes: Sequence[NodeStatus], *, wide: bool) -> list[str]:
             [
                 f"  {n.id:<20}",
                 f"{state:<11}",
+                _serving(n),
                 f"last sync {_short(n.last_sync, 'never')}",
                 f"generation {n.generation}",
                 f"last contact {_short(n.heartbeat_at or n.last_seen, 'never')}",
+                f"farmkeys {n.version}" if n.version else "",
                 f"directory {n.directory_server}" if n.directory_server else "",
             ],
             wide=wide,
@@ -200,6 +202,13 @@ def check_lines(report: CheckReport) -> list[str]:
 
 def check_json(report: CheckReport, *, pretty: bool) -> str:
     return json.dumps(report.to_json(), indent=2 if pretty else None)
+
+
+def _serving(node: NodeStatus) -> str:
+    """Whether the node's `serve` runs: "serving", "stopped since <time>", "sync only"."""
+    if node.serving == "stopped":
+        return f"stopped since {_short(node.stopped_at)}"
+    return "serving" if node.serving == "serving" else "sync only"
 
 
 def events_json(events: Sequence[AuditEvent], *, pretty: bool) -> str:

@@ -23,6 +23,7 @@ from farmkeys.config.model import (
     PublishConfig,
     RelyingParty,
     RetryConfig,
+    StatusConfig,
 )
 
 __all__ = [
@@ -41,5 +42,6 @@ __all__ = [
     "PublishConfig",
     "RelyingParty",
     "RetryConfig",
+    "StatusConfig",
     "load",
 ]

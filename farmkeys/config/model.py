@@ -141,6 +141,15 @@ class LeaseConfig:
 
 
 @dataclass(frozen=True)
+class StatusConfig:
+    """What `farmkeys status` calls a problem beyond the farm's own rules."""
+
+    # A node whose `serve` stopped cleanly this long ago is a warning (an hour by default:
+    # a maintenance window, not a node forgotten).
+    stopped_warning_seconds: float = 3600.0
+
+
+@dataclass(frozen=True)
 class HooksConfig:
     """Commands `serve` runs when this node's store changed."""
 
@@ -214,6 +223,7 @@ class Config:
     hooks: HooksConfig = field(default_factory=HooksConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
+    status: StatusConfig = field(default_factory=StatusConfig)
 
     @property
     def store(self) -> Path:

@@ -31,6 +31,7 @@ from farmkeys.config.model import (
     PolicyConfig,
     PublishConfig,
     RetryConfig,
+    StatusConfig,
 )
 from farmkeys.errors import ConfigError
 from farmkeys.vocab import KEY_TYPES, LAYOUT_NAMES, RSA_KEY_TYPES
@@ -51,6 +52,7 @@ def validate(config: Config) -> None:
     _hooks(config.hooks)
     _publish(config.publish)
     _retry(config.retry)
+    _status(config.status)
 
 
 def _require(condition: bool, what: str, todo: str) -> None:
@@ -194,6 +196,14 @@ def _lease(lease: LeaseConfig) -> None:
         0 < lease.renew_seconds < lease.ttl_seconds,
         "lease.renew_seconds must be positive and shorter than lease.ttl_seconds",
         "renew well within the lease; the defaults are 5 and 15",
+    )
+
+
+def _status(status: StatusConfig) -> None:
+    _require(
+        status.stopped_warning_seconds > 0,
+        "status.stopped_warning_seconds must be positive",
+        "give the seconds after which a node whose serve stopped is a warning (default 3600)",
     )
 
 

@@ -24,7 +24,7 @@ from farmkeys.db.connection import CHANGED_CHANNEL, REQUEST_CHANNEL, describe_ds
 from farmkeys.db.lease import LeaseQueries, LeaseWrites
 from farmkeys.db.master_keys import MasterKeyQueries, MasterKeyWrites
 from farmkeys.db.migrations import MIGRATION_TABLE, Migration, migrations
-from farmkeys.db.nodes import NodeQueries
+from farmkeys.db.nodes import NodeQueries, NodeWrites
 from farmkeys.db.preflight import PreflightQueries
 from farmkeys.db.requests import RequestQueries, RequestWrites
 from farmkeys.db.rows import (
@@ -70,7 +70,9 @@ __all__ = [
 ]
 
 
-class Transaction(CertificateWrites, MasterKeyWrites, RequestWrites, AuditWrites, LeaseWrites):
+class Transaction(
+    CertificateWrites, MasterKeyWrites, RequestWrites, AuditWrites, LeaseWrites, NodeWrites
+):
     """The statements of one open transaction of a :class:`ConfigDB`."""
 
 

@@ -11,7 +11,8 @@ import uuid
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from farmkeys.db.connection import Connection
+from farmkeys import __version__
+from farmkeys.db.connection import Connection, Statements
 from farmkeys.db.rows import NodeRow, installed_doc
 
 
@@ -37,15 +38,21 @@ class NodeQueries(Connection):
         ]
 
     def node_documents(
-        self, live: Collection[tuple[str, str, str]], *, silent_after_seconds: float
+        self,
+        live: Collection[tuple[str, str, str]],
+        *,
+        silent_after_seconds: float,
+        stopped_after_seconds: float = 3600.0,
     ) -> list[dict[str, Any]]:
         """Every node as `status --json` shows it, built by the server in one statement
         (a farm of a thousand nodes costs milliseconds, not a Python loop over rows):
         ``id``, ``last_sync``, ``last_seen``, ``generation``, ``installed`` (thumbprints
         by purpose and role), ``in_sync`` (exactly ``live`` installed), ``last_error``,
         ``heartbeat_at``, ``directory_error``, ``directory_server``, ``hook_error``,
-        ``master_keys``, ``state_version``; and ``silent``, whether its heartbeat is older
-        than ``silent_after_seconds`` by the server's clock. Times are ISO 8601 in UTC."""
+        ``master_keys``, ``state_version``, ``stopped_at`` (its `serve` stopped cleanly),
+        ``version`` (the farmkeys it runs); ``silent``, whether its heartbeat is older than
+        ``silent_after_seconds``, and ``stopped_long``, whether it stopped more than
+        ``stopped_after_seconds`` ago, by the server's clock. Times are ISO 8601 in UTC."""
         rows = self.fetch(
             "SELECT coalesce(json_agg(json_build_object("
             " 'id', n.id, 'last_sync', n.last_sync, 'last_seen', n.last_seen,"
@@ -57,10 +64,17 @@ class NodeQueries(Connection):
             " 'directory_error', n.directory_error, 'directory_server', n.directory_server,"
             " 'hook_error', n.hook_error, 'master_keys', to_json(n.master_keys),"
             " 'state_version', n.state_version,"
+            " 'stopped_at', n.stopped_at, 'version', n.software_version,"
             " 'silent', n.heartbeat_at IS NOT NULL"
-            "  AND now() - n.heartbeat_at > make_interval(secs => %(silent)s))"
+            "  AND now() - n.heartbeat_at > make_interval(secs => %(silent)s),"
+            " 'stopped_long', n.stopped_at IS NOT NULL"
+            "  AND now() - n.stopped_at > make_interval(secs => %(stopped)s))"
             " ORDER BY n.id COLLATE \"C\"), '[]') AS nodes FROM node n",
-            {"live": installed_doc(live), "silent": silent_after_seconds},
+            {
+                "live": installed_doc(live),
+                "silent": silent_after_seconds,
+                "stopped": stopped_after_seconds,
+            },
         )
         return list(rows[0]["nodes"])
 
@@ -83,16 +97,17 @@ class NodeQueries(Connection):
         doc = installed_doc(installed)
         self.fetch(
             "INSERT INTO node (id, last_sync, last_seen, generation, installed, last_error,"
-            " master_keys, directory_server, state_version, revoked)"
+            " master_keys, directory_server, state_version, revoked, software_version)"
             " VALUES (%(id)s, now(), now(), %(gen)s, %(doc)s, NULL, %(keys)s, %(dc)s, %(sv)s,"
-            " %(revoked)s)"
+            " %(revoked)s, %(version)s)"
             " ON CONFLICT (id) DO UPDATE SET last_sync = now(), last_seen = now(),"
             " generation = EXCLUDED.generation, installed = EXCLUDED.installed, last_error = NULL,"
             " master_keys = EXCLUDED.master_keys,"
             " directory_server = COALESCE(EXCLUDED.directory_server, node.directory_server),"
             " state_version = COALESCE(EXCLUDED.state_version, node.state_version),"
-            " revoked = EXCLUDED.revoked",
+            " revoked = EXCLUDED.revoked, software_version = EXCLUDED.software_version",
             {
+                "version": __version__,
                 "revoked": sorted(revoked),
                 "id": node_id,
                 "gen": generation,
@@ -108,17 +123,32 @@ class NodeQueries(Connection):
     ) -> None:
         """`serve` is alive on ``node_id``; and how, and where, it last saw the directory."""
         self.fetch(
-            "INSERT INTO node (id, last_seen, heartbeat_at, directory_error, directory_server)"
-            " VALUES (%s, now(), now(), %s, %s)"
+            "INSERT INTO node (id, last_seen, heartbeat_at, directory_error, directory_server,"
+            " software_version) VALUES (%s, now(), now(), %s, %s, %s)"
             " ON CONFLICT (id) DO UPDATE SET last_seen = now(), heartbeat_at = now(),"
-            " directory_error = EXCLUDED.directory_error,"
-            " directory_server = COALESCE(EXCLUDED.directory_server, node.directory_server)",
-            (node_id, directory_error, directory_server),
+            " stopped_at = NULL, directory_error = EXCLUDED.directory_error,"
+            " directory_server = COALESCE(EXCLUDED.directory_server, node.directory_server),"
+            " software_version = EXCLUDED.software_version",
+            (node_id, directory_error, directory_server, __version__),
         )
 
     def stopped_serving(self, node_id: str) -> None:
-        """`serve` stopped cleanly on ``node_id``: no heartbeat is owed any more."""
-        self.fetch("UPDATE node SET heartbeat_at = NULL WHERE id = %s", (node_id,))
+        """`serve` stopped cleanly on ``node_id``: no heartbeat is owed any more, and
+        `status` says since when it has not served."""
+        self.fetch(
+            "UPDATE node SET heartbeat_at = NULL, stopped_at = now() WHERE id = %s", (node_id,)
+        )
+
+    def node_seen(self, node_id: str) -> dict[str, Any] | None:
+        """``node_id``'s ``last_seen``, ``heartbeat_at``, ``stopped_at`` and the age of its
+        last contact in seconds by the server's clock; None when it has no row."""
+        rows = self.fetch(
+            "SELECT last_seen, heartbeat_at, stopped_at,"
+            " extract(epoch FROM now() - coalesce(heartbeat_at, last_seen)) AS age_seconds"
+            " FROM node WHERE id = %s",
+            (node_id,),
+        )
+        return rows[0] if rows else None
 
     def record_hook(self, node_id: str, *, error: str | None) -> None:
         """The outcome of the on_change hook: ``error`` is None when it succeeded."""
@@ -140,3 +170,16 @@ class NodeQueries(Connection):
             (str(r["id"]), tuple(str(t) for t in r["revoked"] or ()))
             for r in self.fetch("SELECT id, revoked FROM node ORDER BY id")
         ]
+
+
+class NodeWrites(Statements):
+    def remove_node(self, node_id: str) -> dict[str, Any] | None:
+        """Delete ``node_id``'s row, in the transaction that audits it; what it said
+        (``last_seen``, ``heartbeat_at``, ``stopped_at``, and the age of ``last_seen`` in
+        seconds by the server's clock), or None when there was none."""
+        rows = self.execute(
+            "DELETE FROM node WHERE id = %s RETURNING last_seen,"
+            " extract(epoch FROM now() - last_seen) AS age_seconds, heartbeat_at, stopped_at",
+            (node_id,),
+        )
+        return rows[0] if rows else None

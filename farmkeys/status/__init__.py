@@ -72,7 +72,9 @@ def read_farm_status(
     silent_after = timedelta(seconds=3 * config.lease.ttl_seconds)
     nodes, silent = node_statuses(
         db.node_documents(
-            frozenset(r.identity for r in live), silent_after_seconds=silent_after.total_seconds()
+            frozenset(r.identity for r in live),
+            silent_after_seconds=silent_after.total_seconds(),
+            stopped_after_seconds=config.status.stopped_warning_seconds,
         )
     )
     check_expiry(config.policy, now, live, problems)

@@ -162,6 +162,15 @@ class NodeStatus:
     hook_error: str | None
     master_keys: tuple[str, ...]
     state_version: int | None
+    stopped_at: str | None = None  # its serve stopped cleanly then, and has not run since
+    version: str | None = None  # the farmkeys it last reported running
+
+    @property
+    def serving(self) -> str:
+        """``serving``, ``stopped`` (cleanly), or ``never`` (it has only ever synced)."""
+        if self.heartbeat_at is not None:
+            return "serving"
+        return "stopped" if self.stopped_at is not None else "never"
 
     @classmethod
     def from_document(cls, doc: Mapping[str, Any]) -> NodeStatus:
@@ -180,6 +189,8 @@ class NodeStatus:
             hook_error=doc["hook_error"],
             master_keys=tuple(doc["master_keys"]),
             state_version=doc["state_version"],
+            stopped_at=doc.get("stopped_at"),
+            version=doc.get("version"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -197,6 +208,9 @@ class NodeStatus:
             "hook_error": self.hook_error,
             "master_keys": list(self.master_keys),
             "state_version": self.state_version,
+            "serving": self.serving,
+            "stopped_at": self.stopped_at,
+            "version": self.version,
         }
 
 

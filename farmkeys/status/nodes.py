@@ -13,10 +13,10 @@ from farmkeys.status.problems import Problems
 
 def node_statuses(documents: Sequence[dict[str, Any]]) -> tuple[list[NodeStatus], set[str]]:
     """The nodes of :meth:`farmkeys.db.ConfigDB.node_documents`, and the ids of those
-    whose heartbeat is too old (``silent``)."""
+    whose heartbeat is too old (``silent``) or whose serve stopped too long ago."""
     nodes = [NodeStatus.from_document(doc) for doc in documents]
-    silent = {doc["id"] for doc in documents if doc["silent"]}
-    return nodes, silent
+    late = {doc["id"] for doc in documents if doc["silent"] or doc.get("stopped_long")}
+    return nodes, late
 
 
 def check_nodes(
@@ -41,7 +41,13 @@ def _check_node(
         problems.add("warning", f"node {name} has not installed the live certificate set")
     if node.last_error:
         problems.add("warning", f"node {name}'s last sync failed: {node.last_error}")
-    if silent:
+    if silent and node.serving == "stopped":
+        problems.add(
+            "warning",
+            f"node {name}'s serve stopped at {node.stopped_at} and has not run since: start"
+            f" it again, or remove the node with `farmkeys nodes remove {name}`",
+        )
+    elif silent:
         problems.add("warning", f"node {name} has not been heard from since {node.heartbeat_at}")
     if node.directory_error and node.heartbeat_at is not None:
         problems.add("warning", f"node {name} cannot reach the directory: {node.directory_error}")
