@@ -11,7 +11,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -230,7 +230,73 @@ def _store(config: Config) -> Store:
 
 def _rollover(args: argparse.Namespace, config: Config) -> int:
     purpose = None if args.master_key else (args.purpose or "all")
-    return _request(args, config, "rollover", purpose=purpose, urgent=args.urgent)
+    review = None
+    if args.urgent:
+        review = _master_key_shred if args.master_key else _certificates_archived(purpose)
+    return _request(args, config, "rollover", purpose=purpose, urgent=args.urgent, review=review)
+
+
+Review = Callable[["ConfigDB"], tuple[list[str], str]]
+
+
+def _certificates_archived(purpose: str | None) -> Review:
+    """What `rollover --urgent` will do, as the config DB lists it, and the question."""
+
+    def review(db: ConfigDB) -> tuple[list[str], str]:
+        purposes = ("signing", "decryption") if purpose in (None, "all") else (purpose,)
+        lines = []
+        for row in db.certificates(include_archived=False):
+            if row.purpose in purposes and row.role in ("primary", "secondary"):
+                lines.append(
+                    f"archive the {row.purpose} {row.role} {row.thumbprint}"
+                    f" (valid until {row.not_after:%Y-%m-%dT%H:%M:%SZ})"
+                )
+        lines += [f"make a new {p} primary and sign with it at once" for p in purposes]
+        lines.append("relying parties reject the tokens it signs until they fetch the new metadata")
+        return lines, "Replace them now?"
+
+    return review
+
+
+def _master_key_shred(db: ConfigDB) -> tuple[list[str], str]:
+    """What `rollover --master-key --urgent` will destroy, as the config DB lists it."""
+    keys = db.master_keys()
+    current = next((k for k in keys if k.stage == "current"), None)
+    if current is None:
+        return ["make a new master key; the config DB names no current one"], "Roll it now?"
+    sealed = [
+        r
+        for r in db.certificates()
+        if r.master_key == current.id and r.role in ("archived", "retired")
+    ]
+    lines = [
+        "make a new master key and re-seal every live certificate under it",
+        f"delete master key {current.id} from the directory at once",
+    ]
+    lines += [
+        f"the {r.purpose} {r.role} {r.thumbprint} sealed under it can never be opened again"
+        for r in sealed
+    ]
+    return lines, "Shred it now?"
+
+
+def confirmed(what: str, lines: Sequence[str], question: str, *, yes: bool) -> bool:
+    """Show what ``what`` will do and ask at a terminal; ``yes`` skips the question. Without
+    a terminal and without ``yes``, a :class:`RequestRefusedError`: nothing is done."""
+    print(f"{what} will:")
+    for line in lines:
+        print(f"  {escape(line)}")
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        raise RequestRefusedError(
+            f"{what} needs confirmation and there is no terminal to ask at",
+            "review the lines above and run it again with --yes; nothing was changed",
+        )
+    if input(f"{question} [y/N] ").strip().lower() in ("y", "yes"):
+        return True
+    print(f"{what}: nothing was changed")
+    return False
 
 
 def _repair_state(args: argparse.Namespace, config: Config) -> int:
@@ -293,8 +359,10 @@ def _request(
     *,
     purpose: str | None,
     urgent: bool = False,
+    review: Review | None = None,
 ) -> int:
-    """Ask the leader (or, when no node leads, act under the lease) and print its answer."""
+    """Ask the leader (or, when no node leads, act under the lease) and print its answer;
+    with ``review``, first show what it will do and ask (:func:`confirmed`)."""
     from farmkeys import requesting
     from farmkeys.db import ConfigDB
     from farmkeys.directory import Directory
@@ -303,6 +371,11 @@ def _request(
         ConfigDB(config.database, config.retry) as db,
         Directory(config.directory, config.retry) as directory,
     ):
+        if review is not None:
+            lines, question = review(db)
+            what = f"{kind} --urgent" + (" --master-key" if purpose is None else "")
+            if not confirmed(what, lines, question, yes=args.yes):
+                return EXIT_ERROR
         outcome = requesting.request_rollover(
             config,
             db,

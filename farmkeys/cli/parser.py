@@ -302,6 +302,12 @@ def _add_rollover(commands: _Commands) -> None:
         action="store_true",
         help="replace the primary at once; with --master-key, delete the replaced key at once",
     )
+    rollover.add_argument(
+        "--yes",
+        action="store_true",
+        help="with --urgent: do not ask for confirmation (for scripts; without a terminal it"
+        " is required)",
+    )
     _add_wait(rollover)
 
 

@@ -215,13 +215,15 @@ class CertificateRollover:
         if urgent:
             # AD FS's -Urgent: the replaced primary, and any secondary made before it,
             # are archived at once, not kept installed.
+            replaced = [r.thumbprint for r in mine if r.role in (Role.PRIMARY, Role.SECONDARY)]
             for row in mine:
                 if row.role in (Role.PRIMARY, Role.SECONDARY):
                     fence.tx.set_role(row.id, Role.ARCHIVED)
                     self._state.round.revoking.add(row.thumbprint)  # no node installs it again
                     self.audit(fence, AuditAction.ARCHIVE, row, f"replaced: {reason}")
             made = self.generate(fence, farm, purpose, Role.PRIMARY, reason)
-            return f"{purpose}: new primary {made.thumbprint}; the replaced certificates archived"
+            archived = ", ".join(replaced) or "none"
+            return f"{purpose}: new primary {made.thumbprint}; archived {archived}"
         secondary = next((r for r in mine if r.role == Role.SECONDARY), None)
         if secondary is not None:
             return f"{purpose}: already has secondary {secondary.thumbprint}; nothing done"

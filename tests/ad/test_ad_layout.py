@@ -285,7 +285,7 @@ def test_three_nodes_sync_and_follow_certificate_and_master_key_rollovers(
     assert {"generate", "master_key_add", "master_key_roll"} <= actions
     # An urgent master-key roll deletes the replaced key's contact from AD at once.
     replaced = next(k["id"] for k in doc["master_keys"] if k["current"])
-    expect_ok(ad_initialised.run("rollover", "--master-key", "--urgent"))
+    expect_ok(ad_initialised.run("rollover", "--master-key", "--urgent", "--yes"))
     for node in nodes:
         expect_ok(ad_initialised.run("sync", node=node))
     admin = samba_dc.admin_connection()

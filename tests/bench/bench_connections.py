@@ -93,7 +93,7 @@ def main() -> int:
                     detail=nodes.logs,
                 )
                 for _ in range(3):
-                    result = farm.run("rollover", "--urgent", "--purpose", "signing")
+                    result = farm.run("rollover", "--urgent", "--yes", "--purpose", "signing")
                     assert result.code == 0, result.err
                     rolled = live_identity(farm.dsn)
                     wait_until(

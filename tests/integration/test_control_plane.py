@@ -254,7 +254,7 @@ def test_a_zeroed_mac_and_a_forged_repair_cannot_revive_an_urgently_replaced_key
     synced_farm: TestFarm, tmp_path: Path
 ) -> None:
     old = holder(synced_farm, "signing", "primary")
-    expect_ok(synced_farm.run("rollover", "--purpose", "signing", "--urgent"))
+    expect_ok(synced_farm.run("rollover", "--purpose", "signing", "--urgent", "--yes"))
     expect_ok(synced_farm.run("sync"))
     new = holder(synced_farm, "signing", "primary")
     sql(
@@ -288,7 +288,7 @@ def test_a_zeroed_mac_and_a_forged_repair_cannot_revive_an_urgently_replaced_key
     expect_ok(kept)
     assert f"{old}: urgently replaced before; archived again" in kept.out
     assert old in record(synced_farm).revoked
-    expect_ok(synced_farm.run("rollover", "--purpose", "signing", "--urgent"))
+    expect_ok(synced_farm.run("rollover", "--purpose", "signing", "--urgent", "--yes"))
     fresh = synced_farm.run("sync", node="node-fresh")
     expect_ok(fresh)
     assert old not in fresh.out
@@ -298,7 +298,7 @@ def test_repair_state_asks_first_and_never_drops_a_revoked_thumbprint(
     synced_farm: TestFarm,
 ) -> None:
     old = holder(synced_farm, "signing", "primary")
-    expect_ok(synced_farm.run("rollover", "--purpose", "signing", "--urgent"))
+    expect_ok(synced_farm.run("rollover", "--purpose", "signing", "--urgent", "--yes"))
     version = record(synced_farm).version
     # Nothing wrong: nothing to repair, nothing written.
     calm = synced_farm.run("repair-state", "--yes")
@@ -349,7 +349,7 @@ def test_a_forged_version_column_cannot_freeze_the_farm(synced_farm: TestFarm) -
     version = record(synced_farm).version
     sql(synced_farm, f"UPDATE farm_state SET version = {BIGINT_END}")
     critical(synced_farm, f"version column says {BIGINT_END}")
-    result = synced_farm.run("rollover", "--purpose", "signing", "--urgent")
+    result = synced_farm.run("rollover", "--purpose", "signing", "--urgent", "--yes")
     expect_ok(result)
     assert record(synced_farm).version == version + 1
     assert db_query(synced_farm.dsn, "SELECT version FROM farm_state")[0]["version"] == version + 1
@@ -362,7 +362,7 @@ def test_a_forged_node_version_cannot_freeze_the_farm(synced_farm: TestFarm) -> 
     version = record(synced_farm).version
     sql(synced_farm, f"INSERT INTO node (id, state_version) VALUES ('forged', {BIGINT_END})")
     critical(synced_farm, f"node forged installed farm state version {BIGINT_END}")
-    result = synced_farm.run("rollover", "--purpose", "signing", "--urgent")
+    result = synced_farm.run("rollover", "--purpose", "signing", "--urgent", "--yes")
     expect_ok(result)
     assert record(synced_farm).version == version + 1
     fresh = synced_farm.run("sync", node="node-fresh")

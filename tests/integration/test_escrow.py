@@ -141,7 +141,9 @@ def test_a_key_the_farm_deleted_is_never_brought_back(
 ) -> None:
     old = next(iter(directory_keys(initialised_farm)))
     out = export(initialised_farm, tmp_path)
-    expect_ok(initialised_farm.run("rollover", "--master-key", "--urgent"))  # old is shredded
+    expect_ok(
+        initialised_farm.run("rollover", "--master-key", "--urgent", "--yes")
+    )  # old is shredded
     result = initialised_farm.run(
         "escrow", "import", str(out), "--passphrase-file", passphrase_file(tmp_path)
     )
@@ -157,7 +159,9 @@ def test_a_shredded_key_stays_shredded_whatever_the_master_key_table_says(
     # marks the shredded key as merely replaced cannot get it restored.
     old = next(iter(directory_keys(initialised_farm)))
     out = export(initialised_farm, tmp_path)
-    expect_ok(initialised_farm.run("rollover", "--master-key", "--urgent"))  # old is shredded
+    expect_ok(
+        initialised_farm.run("rollover", "--master-key", "--urgent", "--yes")
+    )  # old is shredded
     record = db_query(initialised_farm.dsn, "SELECT body FROM farm_state")[0]["body"]
     assert str(old) in json.loads(bytes(record))["shredded"]
     with psycopg.connect(initialised_farm.dsn) as conn:

@@ -125,7 +125,9 @@ def test_a_master_key_roll_authenticates_the_state_under_the_new_key(
     before = farm_state.parse(
         bytes(db_query(two_node_farm.dsn, "SELECT body FROM farm_state")[0]["body"])
     )
-    expect_ok(two_node_farm.run("rollover", "--master-key", "--urgent"))  # the old key deleted
+    expect_ok(
+        two_node_farm.run("rollover", "--master-key", "--urgent", "--yes")
+    )  # the old key deleted
     current = db_query(two_node_farm.dsn, "SELECT id FROM master_key WHERE state = 'current'")[0][
         "id"
     ]
@@ -146,7 +148,7 @@ def test_no_file_of_an_urgently_replaced_key_stays_in_a_nodes_store(
     key = (two_node_farm.store() / "signing" / f"{old}.key").read_bytes()
     expect_ok(two_node_farm.run("rollover", "--purpose", "signing"))
     expect_ok(two_node_farm.run("sync"))  # a second generation that still holds it
-    expect_ok(two_node_farm.run("rollover", "--purpose", "signing", "--urgent"))
+    expect_ok(two_node_farm.run("rollover", "--purpose", "signing", "--urgent", "--yes"))
     expect_ok(two_node_farm.run("sync"))
     for path in two_node_farm.store().rglob("*"):
         assert old not in path.name
@@ -160,7 +162,7 @@ def test_two_updates_after_an_urgent_rollover_cannot_bring_the_old_primary_back(
     two_node_farm: TestFarm,
 ) -> None:
     old = next(t for t, (p, r) in live(two_node_farm).items() if p == "signing" and r == "primary")
-    result = two_node_farm.run("rollover", "--purpose", "signing", "--urgent")
+    result = two_node_farm.run("rollover", "--purpose", "signing", "--urgent", "--yes")
     expect_ok(result)
     expect_ok(two_node_farm.run("sync"))
     assert old in manifest(two_node_farm)["forgotten"]
@@ -203,7 +205,7 @@ def test_a_node_never_installs_an_urgently_replaced_certificate_again(
     two_node_farm: TestFarm,
 ) -> None:
     old = next(t for t, (p, r) in live(two_node_farm).items() if p == "signing" and r == "primary")
-    expect_ok(two_node_farm.run("rollover", "--purpose", "signing", "--urgent"))
+    expect_ok(two_node_farm.run("rollover", "--purpose", "signing", "--urgent", "--yes"))
     expect_ok(two_node_farm.run("sync"))
     new = next(t for t, (p, r) in live(two_node_farm).items() if p == "signing" and r == "primary")
     # Even a record that verifies (here: written with the master key, its revoked list
@@ -349,7 +351,7 @@ def test_keys_are_generated_before_the_fenced_transaction_opens(
 
     monkeypatch.setattr(sealing, "generate_certificate", watched)
     expect_ok(two_node_farm.run("rollover", "--purpose", "all"))
-    expect_ok(two_node_farm.run("rollover", "--purpose", "signing", "--urgent"))
+    expect_ok(two_node_farm.run("rollover", "--purpose", "signing", "--urgent", "--yes"))
     assert seen and set(seen) == {"free"}, seen
 
 

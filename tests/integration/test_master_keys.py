@@ -281,7 +281,7 @@ def test_an_urgent_master_key_roll_deletes_the_replaced_key_at_once_and_says_wha
 ) -> None:
     archived = add_certificate(initialised_farm, purpose="decryption", role="archived")
     old = current_key(initialised_farm)
-    result = initialised_farm.run("rollover", "--master-key", "--urgent")
+    result = initialised_farm.run("rollover", "--master-key", "--urgent", "--yes")
     expect_ok(result)
     new = current_key(initialised_farm)
     assert directory_keys(config, group_of(initialised_farm)) == {new: True}

@@ -293,7 +293,7 @@ def test_an_assertion_signed_with_the_store_verifies_with_the_published_metadata
     certificates = published_signing_certificates(synced)
     assert verifies_with(before, certificates[0])
 
-    result = synced.run("rollover", "--purpose", "signing", "--urgent")
+    result = synced.run("rollover", "--purpose", "signing", "--urgent", "--yes")
     expect_ok(result)
     sync(synced)
     after = sign_with_store(synced)
@@ -538,7 +538,7 @@ def test_after_an_urgent_rollover_status_warns_until_every_relying_party_has_the
     record_fetch(synced, "rp2", old)
     assert not [p for p in status(synced)["problems"] if "have not fetched" in p]
 
-    expect_ok(synced.run("rollover", "--urgent", "--purpose", "signing"))
+    expect_ok(synced.run("rollover", "--urgent", "--yes", "--purpose", "signing"))
     new = live(synced, "signing", "primary")
     assert new != old
 

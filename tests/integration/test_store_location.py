@@ -48,7 +48,7 @@ def test_a_store_renamed_away_and_swapped_back_is_a_warning_and_a_problem(
 
     # An urgent rollover replaces the signing key the old store still holds.
     replaced = signing_primary(farm)
-    expect_ok(farm.run("rollover", "--purpose", "signing", "--urgent"))
+    expect_ok(farm.run("rollover", "--purpose", "signing", "--urgent", "--yes"))
     expect_ok(farm.run("sync"))
     assert signing_primary(farm) != replaced
     shutil.rmtree(store)
@@ -74,7 +74,7 @@ def test_the_swapped_back_store_without_an_older_generation_is_told_by_its_revoc
     store = farm.store()
     expect_ok(farm.run("sync"))
     shutil.copytree(store, store.parent / "copy", symlinks=True)
-    expect_ok(farm.run("rollover", "--purpose", "signing", "--urgent"))
+    expect_ok(farm.run("rollover", "--purpose", "signing", "--urgent", "--yes"))
     expect_ok(farm.run("sync"))
     generation = json.loads((store / "manifest.json").read_text())["generation"]
     shutil.rmtree(store)

@@ -137,7 +137,7 @@ def test_sixty_serving_nodes_fit_a_stock_postgres(
             lambda: lease_row(farm.dsn)["valid"], 60.0, "a leader", detail=lambda: nodes.logs(5)
         )
         # A rollover reaches all of them.
-        result = farm.run("rollover", "--urgent", "--purpose", "signing", node="node-00")
+        result = farm.run("rollover", "--urgent", "--yes", "--purpose", "signing", node="node-00")
         expect_ok(result)
         rolled = live_identity(farm.dsn)
         assert rolled != live
@@ -194,7 +194,7 @@ def test_a_follower_holds_one_connection_and_the_leader_two(
             detail=nodes.logs,
         )
         wait_until(lambda: lease_row(farm.dsn)["valid"], 30.0, "a leader", detail=nodes.logs)
-        expect_ok(farm.run("rollover", "--urgent", "--purpose", "signing"))
+        expect_ok(farm.run("rollover", "--urgent", "--yes", "--purpose", "signing"))
         leader = lease_row(farm.dsn)["holder_node"]
         seen = connections()
         assert {f"farmkeys {n}" for n in names} <= seen.keys(), seen

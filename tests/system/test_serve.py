@@ -767,7 +767,7 @@ def test_rollover_command_asks_the_leader_and_is_done_once(
     assert [(e["thumbprint"], e["node"], e["term"]) for e in made] == [(secondary, leader, term)]
     wait_converged(fast_farm, nodes)
 
-    result = fast_farm.spawn("rollover", "--urgent", "--wait", "30")
+    result = fast_farm.spawn("rollover", "--urgent", "--yes", "--wait", "30")
     expect_ok(result)
     assert f"answered by {leader} (term {term})" in result.out, result.out
     new = dict(re.findall(r"(signing|decryption): new primary ([0-9A-F]{40})", result.out))
