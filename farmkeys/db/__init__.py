@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from farmkeys.db.audit import AuditQueries, AuditWrites
+from farmkeys.db.audit import AuditQueries, AuditWrites, attributed_to
 from farmkeys.db.certificates import CertificateQueries, CertificateWrites
 from farmkeys.db.connection import CHANGED_CHANNEL, REQUEST_CHANNEL, describe_dsn
 from farmkeys.db.lease import LeaseQueries, LeaseWrites
@@ -27,6 +27,7 @@ from farmkeys.db.migrations import MIGRATION_TABLE, Migration, migrations
 from farmkeys.db.nodes import NodeQueries
 from farmkeys.db.requests import RequestQueries, RequestWrites
 from farmkeys.db.rows import (
+    Attribution,
     CertificateRow,
     Claim,
     Farm,
@@ -47,6 +48,7 @@ __all__ = [
     "CHANGED_CHANNEL",
     "MIGRATION_TABLE",
     "REQUEST_CHANNEL",
+    "Attribution",
     "CertificateRow",
     "Claim",
     "ConfigDB",
@@ -64,6 +66,7 @@ __all__ = [
     "RequestRow",
     "StoredState",
     "Transaction",
+    "attributed_to",
     "describe_dsn",
     "migrations",
 ]
