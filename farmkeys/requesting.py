@@ -183,6 +183,16 @@ def file_request(
     )
 
 
+# What a leader of request format 1 answers a format-2 body: its field list has no account.
+_OLD_FIELDS_REFUSAL = "the request is malformed: the request does not have exactly the fields"
+
+
+def _refused_by_an_older_leader(result: str) -> bool:
+    """Whether an answer is a format-1 leader's refusal of this command's format-2 body
+    (a newer leader names the requester's fields in the same refusal)."""
+    return _OLD_FIELDS_REFUSAL in result and "'account'" not in result
+
+
 def await_answer(
     config: Config,
     db: ConfigDB,
@@ -197,9 +207,19 @@ def await_answer(
     while True:
         answer = db.request_answer(request)
         if answer.done_at is not None:
-            return RolloverOutcome(
+            outcome = RolloverOutcome(
                 request, bool(answer.ok), answer.done_by, answer.term, answer.result or ""
             )
+            if not outcome.ok and _refused_by_an_older_leader(outcome.result):
+                raise RequestRefusedError(
+                    f"the leader ({outcome.done_by}) refused request {request} as malformed: it"
+                    f" runs a farmkeys older than this command's request format"
+                    f" ({request_format.FORMAT})",
+                    "nothing was done; upgrade farmkeys on the leader first (a rolling upgrade"
+                    " upgrades the leader before it files requests from upgraded nodes), or file"
+                    " the request from a node that runs the leader's version",
+                )
+            return outcome
         if not read_lease(db).valid:
             election = Election(db, node_id=config.node.id, lease=config.lease)
             if election.try_acquire():

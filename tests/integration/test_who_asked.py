@@ -22,7 +22,7 @@ from typing import Any
 import psycopg
 import pytest
 from adfs_encoder import encode
-from farmtools import TestFarm, db_query, expect_ok
+from farmtools import TestFarm, db_query, expect_ok, one_error_line
 
 from farmkeys import requesting
 from farmkeys.config import load
@@ -336,3 +336,21 @@ def test_a_request_of_an_older_farmkeys_is_carried_out_and_named_as_not_recorded
     }
     text = expect_ok(synced_farm.run("events")).out
     assert f"[request {row['id']} by a requester not recorded (an older farmkeys filed it)]" in text
+
+
+def test_a_leader_older_than_the_command_refuses_its_request_and_the_command_says_why(
+    synced_farm: TestFarm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other half of a rolling upgrade: a leader that reads request format 1 alone (its
+    field list, as farmkeys before issue 22 had it) refuses a format-2 body as malformed,
+    does nothing, and the upgraded command names the cause in one line."""
+    monkeypatch.setattr(request_format, "_FIELDS", request_format._FIELDS_1)
+    signing = signing_rows(synced_farm)
+    result = synced_farm.run("rollover", "--purpose", "signing", "--urgent", "--reason", "x")
+    assert result.code == 1, result.out + result.err
+    line = one_error_line(result)
+    assert "runs a farmkeys older than this command's request format" in line
+    assert "upgrade farmkeys on the leader first" in line
+    row = request_row(synced_farm, last_request(synced_farm))
+    assert row["ok"] is False and "does not have exactly the fields" in row["result"]
+    assert signing_rows(synced_farm) == signing
