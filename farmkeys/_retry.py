@@ -2,11 +2,18 @@
 
 Exponential backoff with full jitter, bounded by a total wait. Only failures
 the caller judges transient are retried: a refused password is final at once.
+
+It logs one line per outage of an endpoint, not one per attempt: a WARNING at the
+first failed attempt (what failed, how long it will keep trying), and an INFO line
+when the endpoint answers again after one; the attempts between are DEBUG. A
+long-running ``serve`` whose every lease renewal retries the same config DB thus says
+"unreachable" once and "reachable again" once. Lines go to the ``farmkeys`` logger.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -15,7 +22,38 @@ from farmkeys.config import RetryConfig
 
 T = TypeVar("T")
 
-log = logging.getLogger(__name__)
+# Not this module's name: an operator reads "farmkeys", not an internal module.
+log = logging.getLogger("farmkeys")
+
+
+class _Outages:
+    """The endpoints (by ``what``) whose last attempt failed: their outage is logged."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._down: dict[str, float] = {}  # endpoint -> monotonic time of its first failure
+
+    def failed(self, what: str, exc: BaseException, *, retrying_for: float) -> None:
+        with self._lock:
+            if what in self._down:
+                log.debug("%s: still unreachable (%s)", what, _one_line(exc))
+                return
+            self._down[what] = time.monotonic()
+        ending = f"; retrying for up to {retrying_for:.0f} s" if retrying_for > 0 else ""
+        log.warning("%s is unreachable: %s%s", what, _one_line(exc), ending)
+
+    def answered(self, what: str) -> None:
+        with self._lock:
+            since = self._down.pop(what, None)
+        if since is not None:
+            log.info("%s is reachable again after %.1f s", what, time.monotonic() - since)
+
+
+_outages = _Outages()
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 class RetryExhaustedError(Exception):
@@ -56,13 +94,17 @@ def call_with_retry(
     # The first attempt needs no retry machinery: most succeed, and importing tenacity is a
     # cost every short-lived command (a `farmkeys sync` at a service's start) would pay.
     try:
-        return fn()
+        result = fn()
     except BaseException as exc:
-        if not is_transient(exc) or policy.total_seconds <= 0:
-            if is_transient(exc):
-                raise RetryExhaustedError(exc, 1, time.monotonic() - started) from exc
+        if not is_transient(exc):
             raise
+        _outages.failed(what, exc, retrying_for=policy.total_seconds)
+        if policy.total_seconds <= 0:
+            raise RetryExhaustedError(exc, 1, time.monotonic() - started) from exc
         first: BaseException | None = exc
+    else:
+        _outages.answered(what)
+        return result
     import tenacity
 
     def attempt() -> T:
@@ -75,11 +117,11 @@ def call_with_retry(
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
-        log.warning(
+        log.debug(
             "%s: attempt %d failed (%s); retrying in %.1f s",
             what,
             state.attempt_number,
-            " ".join(str(exc).split()),
+            "" if exc is None else _one_line(exc),
             state.upcoming_sleep,
         )
 
@@ -95,10 +137,12 @@ def call_with_retry(
         reraise=False,
     )
     try:
-        return retrying(attempt)
+        result = retrying(attempt)
     except tenacity.RetryError as exc:
         last = exc.last_attempt.exception()
         assert last is not None
         raise RetryExhaustedError(
             last, exc.last_attempt.attempt_number, time.monotonic() - started
         ) from last
+    _outages.answered(what)
+    return result

@@ -22,11 +22,11 @@ from datetime import datetime
 from pathlib import Path
 
 from farmkeys import policy
-from farmkeys._private_file import read_private_file
 from farmkeys.config import Config
 from farmkeys.db import ConfigDB
 from farmkeys.directory import MASTER_KEY_LENGTH, Directory
 from farmkeys.errors import AdfsKeyMismatchError, ImportRefusedError
+from farmkeys.file_trust import read_private_file
 from farmkeys.formats import adfs_pfx, certificates
 from farmkeys.formats import blob as blob_format
 from farmkeys.formats import request as request_format

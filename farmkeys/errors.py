@@ -11,6 +11,8 @@ certificates, master keys and endpoints by their ids, never by content.
 
     Error
     ├── ConfigError              the configuration is missing, malformed or invalid
+    │   └── UnsafePathError      a file farmkeys trusts, or a folder above it, could be
+    │                            changed by another account (farmkeys.file_trust)
     ├── UnreachableError         a server is out of reach (a mixin of the two below): the
     │                            installed set is kept; `sync` exits 75, `serve` waits it out
     ├── DatabaseError            the config DB cannot be reached, refused the login, or failed
@@ -66,6 +68,12 @@ class UnreachableError(Error):
     Raised only as :class:`DatabaseUnreachableError` or :class:`DirectoryUnreachableError`.
     Nothing was decided: a sync keeps the installed set, serve tries again with backoff.
     """
+
+
+class UnsafePathError(ConfigError):
+    """A file farmkeys acts on (the config file, a password or passphrase file, the CA file,
+    the hook program) or a folder above it or above the store could be changed by an
+    account other than root and the one farmkeys runs as. Names the path and the fix."""
 
 
 class DatabaseError(Error):

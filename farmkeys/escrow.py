@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Final
 
 from farmkeys import policy
-from farmkeys._private_file import read_private_file
 from farmkeys.config import Config
 from farmkeys.db import ConfigDB, MasterKeyRow
 from farmkeys.directory import MASTER_KEY_LENGTH, Directory
@@ -52,6 +51,7 @@ from farmkeys.errors import (
     FarmStateError,
     MasterKeyMissingError,
 )
+from farmkeys.file_trust import read_private_file
 from farmkeys.formats import escrow_file, farm_state
 
 log = logging.getLogger(__name__)

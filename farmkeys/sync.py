@@ -43,6 +43,9 @@ class SyncReport:
     manifest: Manifest
     changed: bool
     master_keys: tuple[uuid.UUID, ...] = ()  # the keys this sync proved it can open with
+    # What the operator should look into though the sync succeeded: a store this node had
+    # installed into that turned up missing, empty or older (also logged at WARNING).
+    warnings: tuple[str, ...] = ()
 
 
 def sync(
@@ -60,16 +63,22 @@ def sync(
     opened and checked before the store is touched, and the store switches all
     at once, so a failure leaves the installed certificates as they were.
 
+    The store's location is checked first (no folder above it that another account could
+    change). A store this node installed into before that turns up missing, empty or
+    older is a warning (:attr:`SyncReport.warnings`, and logged), not a silent fresh install.
+
     A master-key roll re-seals the blobs without changing any certificate:
     the store stays as it is (no new generation, no on_change hook), but the
     blobs that name a key this node has not yet proved it can read are
     opened once, and the node records the keys it opened with. So `status`
     shows which nodes can read the new key before the old one is deleted.
     """
+    store.check_location()
     installed = store.inspect()
     live = _read_live(config, db, installed)
     farm, rows = live.farm, live.rows
     _check_pinned(config, farm, store, db.endpoint, installed)
+    warnings = _vanished(store, installed, live)
     wanted = frozenset(r.identity for r in rows)
     in_sync = installed is not None and installed.matches(wanted)
     previous = None if installed is None else installed.manifest
@@ -95,7 +104,23 @@ def sync(
         manifest=done.manifest,
         changed=done.changed,
         master_keys=tuple(done.keys),
+        warnings=warnings,
     )
+
+
+def _vanished(store: Store, installed: Installed | None, live: LiveSet) -> tuple[str, ...]:
+    """A store this node installed into before that is missing, empty or older than it
+    installed: a warning (logged, and on the report), never a refusal, since the node's
+    row that may say so is unauthenticated; the sync installs the farm's set as ever."""
+    why = store.vanished(installed, live.node_generation, live.node_revoked)
+    if why is None:
+        return ()
+    warning = (
+        f"{why}; installing the farm's set afresh — find out who moved it, and check who"
+        " can write the folders above it"
+    )
+    log.warning("%s", warning)
+    return (warning,)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ string (status, events, a leader's answer, an error, a log line) passes through
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -28,6 +29,8 @@ from farmkeys.cli.commands import HANDLERS
 from farmkeys.cli.exit_codes import EXIT_ERROR, STATUS_UNKNOWN
 from farmkeys.cli.parser import parse_args
 from farmkeys.cli.process import forbid_core_dumps
+from farmkeys.cli.render import unknown_status_json
+from farmkeys.config import Config
 from farmkeys.errors import Error
 from farmkeys.terminal import EscapingFormatter, escape
 
@@ -39,14 +42,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(debug, service=args.command == "serve")
     try:
         config = config_module.load(getattr(args, "config", None))
+        if args.command != "serve" and not getattr(args, "wait_for_servers", False):
+            config = at_a_terminal(config, interactive=sys.stdin.isatty())
         return HANDLERS[args.command](args, config)
     except Error as exc:
         _report(exc, debug)
-        # For monitoring, a status that failed is a status that cannot tell.
-        return STATUS_UNKNOWN if args.command == "status" else EXIT_ERROR
+        if args.command != "status":
+            return EXIT_ERROR
+        # For monitoring, a status that failed is a status that cannot tell; a program
+        # reading --json still gets a document.
+        if getattr(args, "json", False):
+            print(unknown_status_json(exc.diagnostics(), pretty=sys.stdout.isatty()))
+        return STATUS_UNKNOWN
     except KeyboardInterrupt:
         print("farmkeys: interrupted", file=sys.stderr)
         return 130
+
+
+# At a terminal, an operator learns within seconds that a server is away; a script, a
+# unit's ExecStartPre= or --wait-for-servers waits out the whole configured budget.
+TERMINAL_RETRY_SECONDS = 3.0
+TERMINAL_CONNECT_TIMEOUT_SECONDS = 3
+
+
+def at_a_terminal(config: Config, *, interactive: bool) -> Config:
+    """``config`` with a retry budget of a few seconds when ``interactive`` (stdin is a
+    terminal); unchanged otherwise."""
+    if not interactive:
+        return config
+    retry = config.retry
+    database = config.database
+    return dataclasses.replace(
+        config,
+        retry=dataclasses.replace(
+            retry, total_seconds=min(retry.total_seconds, TERMINAL_RETRY_SECONDS)
+        ),
+        database=dataclasses.replace(
+            database,
+            connect_timeout_seconds=min(
+                database.connect_timeout_seconds, TERMINAL_CONNECT_TIMEOUT_SECONDS
+            ),
+        ),
+    )
 
 
 def _report(exc: Error, debug: bool) -> None:
@@ -60,18 +97,27 @@ def _report(exc: Error, debug: bool) -> None:
 def _configure_logging(debug: bool, *, service: bool = False) -> None:
     # A service tells what it does; a command speaks only when something is wrong.
     level = logging.DEBUG if debug else logging.INFO if service else logging.WARNING
-    fmt = (
-        "%(asctime)s farmkeys %(levelname)s %(name)s: %(message)s"
-        if service
-        else "farmkeys: %(levelname)s: %(name)s: %(message)s"
-    )
+    # A command's lines read like its errors ("farmkeys: warning: ..."); the module that
+    # wrote one is for --debug and for a service's journal.
+    if service:
+        fmt = "%(asctime)s farmkeys %(levelname)s %(name)s: %(message)s"
+    elif debug:
+        fmt = "farmkeys: %(level)s: %(name)s: %(message)s"
+    else:
+        fmt = "farmkeys: %(level)s: %(message)s"
     # Every message escaped, from whichever module: it may quote the config DB.
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_lower_level)
     handler.setFormatter(EscapingFormatter(fmt))
     logging.basicConfig(level=level, handlers=[handler])
     # Libraries' own debug output may echo requests and responses: keep them quiet.
     for noisy in ("ldap3", "psycopg", "tenacity", "apscheduler"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _lower_level(record: logging.LogRecord) -> bool:
+    record.level = record.levelname.lower()
+    return True
 
 
 def entry() -> None:

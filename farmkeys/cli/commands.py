@@ -154,7 +154,7 @@ def _status(args: argparse.Namespace, config: Config) -> int:
     if args.json:
         print(status_json(farm, pretty=sys.stdout.isatty()))
     else:
-        print(status_text(farm))
+        print(status_text(farm, wide=args.wide))
     return STATUS_EXIT[farm.health]
 
 
@@ -381,7 +381,7 @@ def _events(args: argparse.Namespace, config: Config) -> int:
         db.require_farm()
         events = db.events(since=args.since)
     if args.json:
-        print(events_json(events))
+        print(events_json(events, pretty=sys.stdout.isatty()))
         return EXIT_OK
     for line in events_text(events):
         print(line)

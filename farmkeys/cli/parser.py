@@ -8,6 +8,8 @@ argparse cannot express. A usage error exits with :data:`EXIT_USAGE`.
 from __future__ import annotations
 
 import argparse
+import difflib
+import re
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -18,11 +20,27 @@ from farmkeys.cli.exit_codes import EXIT_USAGE
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, exiting with EXIT_USAGE so a typo never reads as `status` critical (2)."""
+    """argparse, exiting with EXIT_USAGE so a typo never reads as `status` critical (2);
+    a mistyped command or choice gets a "did you mean"."""
 
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"farmkeys: error: {message} — see `farmkeys --help`\n")
+        help_of = self.prog.removeprefix("farmkeys").strip()
+        see = f"`farmkeys {help_of} --help`" if help_of else "`farmkeys --help`"
+        self.exit(EXIT_USAGE, f"farmkeys: error: {_suggest(message)} — see {see}\n")
+
+
+_INVALID_CHOICE = re.compile(r"invalid choice: '([^']*)' \(choose from (.*)\)$")
+
+
+def _suggest(message: str) -> str:
+    """argparse's "invalid choice" message with the nearest choice offered."""
+    found = _INVALID_CHOICE.search(message)
+    if found is None:
+        return message
+    choices = [c.strip().strip("'") for c in found.group(2).split(",")]
+    near = difflib.get_close_matches(found.group(1), choices, n=1, cutoff=0.6)
+    return f"{message}; did you mean '{near[0]}'?" if near else message
 
 
 class _Commands:
@@ -74,13 +92,31 @@ def build() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The parsed command line; a usage error exits with EXIT_USAGE."""
     parser = build()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # Said by the command they were given to, with its usage, not the top level's.
+        _innermost(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "rollover" and args.master_key and args.purpose is not None:
         parser.error(
             "--master-key rolls the one master key of every purpose, so --purpose does not go"
             " with it; leave out one of them"
         )
     return args
+
+
+def _innermost(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> argparse.ArgumentParser:
+    """The (sub)command parser that ``args`` were parsed by, following nested commands."""
+    while True:
+        found = [
+            action
+            for action in parser._actions
+            if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None)
+        ]
+        if not found:
+            return parser
+        parser = found[0].choices[getattr(args, found[0].dest)]
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -97,13 +133,30 @@ def _common_options() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="log in detail and show the traceback of an error",
     )
+    common.add_argument(
+        "--wait-for-servers",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="at a terminal, wait out an unreachable config DB or directory for the whole "
+        "[retry] budget (default there: give up after a few seconds)",
+    )
     return common
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of seconds")
+    return value
 
 
 def _add_wait(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--wait",
-        type=float,
+        type=_positive_seconds,
         default=120.0,
         metavar="SECONDS",
         help="how long to wait for the leader's answer (default: 120)",
@@ -172,7 +225,14 @@ def _add_status(commands: _Commands) -> None:
         description="Show the farm's certificates, master keys and nodes. Exits 0 when all is "
         "well, 1 on a warning, 2 when critical, 3 when the config DB cannot be reached.",
     )
-    status.add_argument("--json", action="store_true", help="print JSON for a machine")
+    status.add_argument(
+        "--json",
+        action="store_true",
+        help='print JSON for a machine (always a document: health "unknown" when it cannot tell)',
+    )
+    status.add_argument(
+        "--wide", action="store_true", help="one line per item, however long (default: 100 columns)"
+    )
 
 
 def _add_serve(commands: _Commands) -> None:

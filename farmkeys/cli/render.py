@@ -8,8 +8,9 @@ commands print what these return.
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from farmkeys.terminal import escape
@@ -34,90 +35,166 @@ def status_json(status: FarmStatus, *, pretty: bool) -> str:
     return json.dumps(status.to_json(), indent=2 if pretty else None)
 
 
-def status_text(status: FarmStatus) -> str:
-    """The status document as a person reads it, each line escaped (it quotes the config DB)."""
+# `status` fits a terminal of this many columns; `--wide` prints each item on one line.
+WIDTH = 100
+
+
+def status_text(status: FarmStatus, *, wide: bool = False) -> str:
+    """The status document as a person reads it, each line escaped (it quotes the config DB).
+
+    At most :data:`WIDTH` columns unless ``wide``: an item too long for one line goes on
+    on the next, indented. Every time is UTC, written with its ``Z``.
+    """
     farm, leader = status.farm, status.leader
     lines = [
         f"farm      {farm.name}   DKM group {farm.dkm_group}",
         f"health    {status.health.upper()}",
     ]
-    lines += [f"  - {p}" for p in status.problems]
-    lines.append(
-        f"leader    {leader.node} (term {leader.term}, lease until {_short(leader.expires_at)})"
-        if leader
-        else "leader    none"
-    )
-    lines += ["", "certificates", *_certificate_lines(status.certificates)]
-    lines += ["", "master keys", *_master_key_lines(status.master_keys)]
+    for problem in status.problems:
+        lines += _wrapped(problem, wide=wide)
+    if leader is None:
+        lines.append("leader    none")
+    else:
+        until = f"lease until {_short(leader.expires_at)}"
+        lines += _fit(
+            ["leader", f"{leader.node} (term {leader.term})", until], wide=wide, first="    "
+        )
+    lines += ["", "certificates", *_certificate_lines(status.certificates, wide=wide)]
+    lines += ["", "master keys", *_master_key_lines(status.master_keys, wide=wide)]
     state = status.farm_state
     trust = {True: "authentic", False: "NOT AUTHENTIC", None: "not checked"}[state.authentic]
     lines += ["", f"farm state  version {state.version}  {trust}"]
-    lines += ["", "nodes", *_node_lines(status.nodes)]
+    lines += ["", "nodes", *_node_lines(status.nodes, wide=wide)]
     if status.relying_parties:
         lines += ["", "relying parties"]
     for rp in status.relying_parties:
         seen = {True: "has the secondary", False: "HAS NOT FETCHED THE SECONDARY", None: ""}
-        last = _short(rp.last_fetch_at, "never")
-        lines.append(f"  {rp.name:<20} last fetch {last}  {seen[rp.has_secondary]}".rstrip())
+        last = f"last fetch {_short(rp.last_fetch_at, 'never')}"
+        lines += _fit([f"  {rp.name:<20}", last, seen[rp.has_secondary]], wide=wide)
     return "\n".join(escape(line) for line in lines)
 
 
+def _fit(parts: Sequence[str], *, wide: bool, indent: int = 13, first: str = "  ") -> list[str]:
+    """``parts`` joined by ``first`` after the first part and two spaces after the others, on
+    lines of at most WIDTH columns (a part that does not fit starts a line, ``indent`` in);
+    one line when ``wide``. Empty parts are left out."""
+    parts = [part for part in parts if part]
+    if not parts:
+        return []
+    lines = [parts[0]]
+    for i, part in enumerate(parts[1:]):
+        gap = first if i == 0 else "  "
+        if wide or len(lines[-1]) + len(gap) + len(part) <= WIDTH:
+            lines[-1] += gap + part
+        else:
+            lines.append(" " * indent + part)
+    return lines
+
+
+def _wrapped(problem: str, *, wide: bool) -> list[str]:
+    """A problem as a bullet, wrapped at WIDTH at its spaces unless ``wide``."""
+    if wide:
+        return [f"  - {problem}"]
+    return textwrap.wrap(
+        problem,
+        width=WIDTH,
+        initial_indent="  - ",
+        subsequent_indent="    ",
+        break_long_words=False,
+        break_on_hyphens=False,
+    ) or ["  - "]
+
+
 def _short(when: datetime | str | None, missing: str = "") -> str:
-    """A time to the second, as a line shows it (ISO 8601 text is cut to its seconds)."""
+    """A time to the second in UTC, with its zone: ``2026-12-04T18:22:30Z``."""
     if when is None:
         return missing
-    return (when if isinstance(when, str) else when.isoformat())[:19]
+    if isinstance(when, str):
+        try:
+            moment = datetime.fromisoformat(when)
+        except ValueError:
+            return when  # not a time after all: shown as it is (escaped with its line)
+    else:
+        moment = when
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)  # the config DB's times are UTC
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _certificate_lines(certificates: Sequence[CertificateStatus]) -> list[str]:
+def _certificate_lines(certificates: Sequence[CertificateStatus], *, wide: bool) -> list[str]:
     lines = []
     for c in certificates:
         nxt = c.next_action
-        then = f"  next: {nxt.action} at {_short(nxt.at)}" if nxt else ""
-        lines.append(
-            f"  {c.purpose:<10} {c.role:<9} {c.thumbprint}"
-            f"  valid {_short(c.not_before)} .. {_short(c.not_after)}  key {c.master_key}{then}"
+        lines += _fit(
+            [
+                f"  {c.purpose:<10} {c.role:<9}",
+                c.thumbprint,
+                f"valid {_short(c.not_before)} .. {_short(c.not_after)}",
+                f"key {c.master_key}",
+                f"next: {nxt.action} at {_short(nxt.at)}" if nxt else "",
+            ],
+            wide=wide,
+            first=" ",
         )
     return lines
 
 
-def _master_key_lines(keys: Sequence[MasterKeyStatus]) -> list[str]:
+def _master_key_lines(keys: Sequence[MasterKeyStatus], *, wide: bool) -> list[str]:
     lines = []
     for k in keys:
-        created = _short(k.created_at, "?")
         when = ""
         if k.roll_at:
-            when = f"  rolls at {_short(k.roll_at)}"
+            when = f"rolls at {_short(k.roll_at)}"
         elif k.delete_at:
-            when = f"  delete at {_short(k.delete_at)}"
+            when = f"delete at {_short(k.delete_at)}"
         gone = k.in_directory is False and k.state != "deleted"
-        missing = "  MISSING FROM THE DIRECTORY" if gone else ""
-        lines.append(
-            f"  {k.id}  {k.state:<8}  created {created}  sealed: {k.sealed_live} live,"
-            f" {k.sealed_archived} archived{when}{missing}"
+        lines += _fit(
+            [
+                f"  {k.id}",
+                f"{k.state:<8}",
+                f"created {_short(k.created_at, '?')}",
+                f"sealed: {k.sealed_live} live, {k.sealed_archived} archived",
+                when,
+                "MISSING FROM THE DIRECTORY" if gone else "",
+            ],
+            wide=wide,
+            indent=40,
         )
     return lines
 
 
-def _node_lines(nodes: Sequence[NodeStatus]) -> list[str]:
+def _node_lines(nodes: Sequence[NodeStatus], *, wide: bool) -> list[str]:
     if not nodes:
         return ["  (none has synced yet)"]
     lines = []
     for n in nodes:
         state = "in sync" if n.in_sync else "NOT IN SYNC"
-        last = _short(n.last_sync, "never")
-        contact = _short(n.heartbeat_at or n.last_seen, "never")
-        dc = f"  directory {n.directory_server}" if n.directory_server else ""
-        lines.append(
-            f"  {n.id:<20} {state:<12} last sync {last}  generation {n.generation}"
-            f"  last contact {contact}{dc}"
+        lines += _fit(
+            [
+                f"  {n.id:<20}",
+                f"{state:<11}",
+                f"last sync {_short(n.last_sync, 'never')}",
+                f"generation {n.generation}",
+                f"last contact {_short(n.heartbeat_at or n.last_seen, 'never')}",
+                f"directory {n.directory_server}" if n.directory_server else "",
+            ],
+            wide=wide,
+            indent=23,
+            first=" ",
         )
     return lines
 
 
-def events_json(events: Sequence[AuditEvent]) -> str:
-    """The audit log as `events --json` prints it (times in ISO 8601, ids as text)."""
-    return json.dumps([_event_json(e) for e in events], indent=2)
+def events_json(events: Sequence[AuditEvent], *, pretty: bool) -> str:
+    """The audit log as `events --json` prints it (times in ISO 8601, ids as text): indented
+    for a person at a terminal (``pretty``), compact for a program, as `status --json`."""
+    return json.dumps([_event_json(e) for e in events], indent=2 if pretty else None)
+
+
+def unknown_status_json(problem: str, *, pretty: bool) -> str:
+    """What `status --json` prints when it cannot tell (the config DB out of reach, a bad
+    configuration): the status document's ``health`` and ``problems``, nothing else known."""
+    return json.dumps({"health": "unknown", "problems": [problem]}, indent=2 if pretty else None)
 
 
 def _event_json(event: AuditEvent) -> dict[str, Any]:

@@ -7,7 +7,8 @@ sections and keys are errors, in the file and in the environment alike, so a
 typo never silently falls back to a default. Values are checked against the
 types of :mod:`farmkeys.config.model` here, and then validated
 (:mod:`farmkeys.config.validate`), at start, so a bad value fails before any
-server is touched. A config file that holds a password must be private.
+server is touched. The config file, and every folder above it, must be root's or this
+account's alone (:mod:`farmkeys.file_trust`); one that holds a password must be private.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from psycopg.conninfo import conninfo_to_dict
 from farmkeys.config.model import Config
 from farmkeys.config.validate import validate
 from farmkeys.errors import ConfigError
+from farmkeys.file_trust import check_file, refuse_if_exposed
 
 ENV_PREFIX = "FARMKEYS_"
 ENV_CONFIG = "FARMKEYS_CONFIG"
@@ -51,6 +53,7 @@ def load(
     raw: dict[str, dict[str, Any]] = {}
     source = path if path is not None else env.get(ENV_CONFIG)
     if source:
+        _check_trusted(Path(source))
         raw = _read_file(Path(source))
         _check_private_if_secret(Path(source), raw)
     for name, value in env.items():
@@ -106,6 +109,41 @@ def _read_file(path: Path) -> dict[str, dict[str, Any]]:
     return {section: dict(body) for section, body in parsed.items()}
 
 
+def _check_trusted(path: Path) -> None:
+    """The config file names the hook farmkeys runs and the servers it trusts with its
+    passwords: it and every folder above it must be root's or this account's alone,
+    whatever it holds (:func:`farmkeys.file_trust.check_file`)."""
+    try:
+        check_file(path, what="config file")
+    except FileNotFoundError:
+        pass  # _read_file says so
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot check config file {path}: {exc.strerror}",
+            "check its path and that this account can read it",
+        ) from None
+
+
+def _check_passfile(dsn: str) -> None:
+    """A passfile the DSN names holds the config DB's password: it must be private, and it
+    and the folders above it root's or this account's alone. libpq reads it; a missing one
+    it ignores, and so does this check."""
+    try:
+        named = str(conninfo_to_dict(dsn).get("passfile") or "")
+    except psycopg.ProgrammingError:
+        return
+    if not named or not os.path.exists(named):
+        return
+    refuse_if_exposed(
+        named,
+        os.stat(named).st_mode,
+        what="database.dsn's passfile",
+        error=ConfigError,
+        holding="the password",
+    )
+    check_file(named, what="database.dsn's passfile")
+
+
 def _check_private_if_secret(path: Path, raw: dict[str, dict[str, Any]]) -> None:
     """A config file that holds a password (the directory's, or one in the DSN) must be
     readable by its owner alone, like a password file."""
@@ -117,14 +155,15 @@ def _check_private_if_secret(path: Path, raw: dict[str, dict[str, Any]]) -> None
         holds.append("a password in database.dsn")
     if not holds:
         return
-    mode = path.stat().st_mode
-    if mode & 0o077:
-        raise ConfigError(
-            f"config file {path} holds {' and '.join(holds)} but may be read or written by"
-            f" group or others (mode {mode & 0o7777:04o})",
-            f"chmod 600 {path}, or move the secret out (directory.password_file, a"
-            " ~/.pgpass passfile)",
-        )
+    refuse_if_exposed(
+        path,
+        path.stat().st_mode,
+        what="config file",
+        error=ConfigError,
+        holds=" and ".join(holds),
+        todo=f"chmod 600 {path}, or move the secret out (directory.password_file, a"
+        " ~/.pgpass passfile)",
+    )
 
 
 def _dsn_has_password(dsn: str) -> bool:
@@ -255,4 +294,5 @@ def _build(raw: dict[str, dict[str, Any]], *, origin: str) -> Config:
             _build_section(required, {}, origin)
     config = Config(**sections)
     validate(config)
+    _check_passfile(config.database.dsn)
     return config

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from farmkeys._private_file import refuse_if_exposed
 from farmkeys.errors import ConfigError
+from farmkeys.file_trust import check_file, refuse_if_exposed
 
 # The longest farm name that keeps "CN=<name> Token Decryption" within X.520's
 # 64-character upper bound for a common name.
@@ -63,7 +63,9 @@ class DirectoryConfig:
         return (self.url,) if isinstance(self.url, str) else tuple(self.url)
 
     def read_password(self) -> str:
-        """The bind password, from ``password`` or the first line of ``password_file``."""
+        """The bind password, from ``password`` or the first line of ``password_file``,
+        which must be private and, with every folder above it, be root's or this account's
+        alone (:func:`farmkeys.file_trust.check_file`)."""
         if self.password is not None:
             return self.password
         assert self.password_file is not None  # guaranteed by validation
@@ -75,6 +77,7 @@ class DirectoryConfig:
                 error=ConfigError,
                 holding="the password",
             )
+            check_file(self.password_file, what="directory.password_file")
             text = Path(self.password_file).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(

@@ -65,7 +65,9 @@ _LIVE_SET = (
     " RETURNING 1)"
     " SELECT f.name, f.dkm_group, f.dkm_container,"
     " (SELECT max(version) FROM farmkeys_migration) AS schema_version,"
-    " n.master_keys AS confirmed_keys, s.body AS state_body, s.mac AS state_mac,"
+    " n.master_keys AS confirmed_keys, n.generation AS node_generation,"
+    " n.revoked AS node_revoked,"
+    " s.body AS state_body, s.mac AS state_mac,"
     " s.version AS state_version, (SELECT count(*) FROM claim) > 0 AS recorded, "
     + ", ".join(f"c.{name}" for name in CERTIFICATE_FIELDS if name != "blob")
     + ", CASE WHEN c.thumbprint = ANY(%(have)s::text[])"
@@ -157,6 +159,8 @@ class CertificateQueries(MigrationQueries):
             confirmed_keys=frozenset(rows[0]["confirmed_keys"] or ()),
             state=stored_state_row(rows[0]),
             recorded=bool(rows[0]["recorded"]),
+            node_generation=rows[0]["node_generation"],
+            node_revoked=frozenset(rows[0]["node_revoked"] or ()),
         )
 
     def stored_state(self) -> StoredState | None:

@@ -127,6 +127,10 @@ class LiveSet:
     confirmed_keys: frozenset[uuid.UUID]
     state: StoredState | None = None
     recorded: bool = False
+    # The generation this node's row says it last installed (unauthenticated: a warning at
+    # most, never an input to what is installed).
+    node_generation: int | None = None
+    node_revoked: frozenset[str] = frozenset()  # the revocations its row says it remembers
 
 
 @dataclass(frozen=True)

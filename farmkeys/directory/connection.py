@@ -37,6 +37,7 @@ from farmkeys.errors import (
     DirectoryError,
     DirectoryUnreachableError,
 )
+from farmkeys.file_trust import check_file
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,16 @@ def _server(url: str, config: DirectoryConfig) -> ldap3.Server:
                 f"directory.ca_file {ca_file} does not exist or is not a file",
                 "point it at the CA certificate (PEM) of the directory server",
             )
+        if ca_file is not None:
+            # Whoever could change it could vouch for their own server, and collect the
+            # bind password: it and the folders above it must be root's or this account's.
+            try:
+                check_file(ca_file, what="directory.ca_file")
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot check directory.ca_file {ca_file}: {exc.strerror}",
+                    "check the path and that the service account can read it",
+                ) from None
         tls = ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=ca_file)
     return ldap3.Server(
         url,

@@ -2,7 +2,8 @@
 
 The command line is split with :func:`shlex.split` and run without a shell, in
 an environment without farmkeys' own settings (:func:`hook_environment`); its
-outcome is logged and recorded in the node's row, never fatal and not retried.
+outcome is logged and recorded in the node's row, never fatal and not retried. A program
+that another account could change is refused, not run (:mod:`farmkeys.file_trust`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pathlib import Path
 
 from farmkeys.config import HooksConfig
 from farmkeys.db import ConfigDB
-from farmkeys.errors import Error
+from farmkeys.errors import Error, UnsafePathError
+from farmkeys.file_trust import check_file, program_path
 from farmkeys.store import Manifest
 
 # The name these lines have always carried, before serve became a package.
@@ -72,10 +74,22 @@ class OnChangeHook:
             log.warning("%s could not record the hook's outcome: %s", self._node_id, exc.what)
 
     def _execute(self, command: str, env: dict[str, str]) -> str | None:
-        """Run ``command``; None when it exited 0, else what went wrong."""
+        """Run ``command``; None when it exited 0, else what went wrong. Its program, and
+        every folder above it, must be root's or this account's alone
+        (:func:`farmkeys.file_trust.check_file`), checked just before it runs, and the
+        program checked is the one run."""
+        try:
+            argv = shlex.split(command)
+            found = program_path(argv[0], env.get("PATH")) if argv else None
+            program = None if found is None else check_file(found, what="hooks.on_change program")
+        except UnsafePathError as exc:
+            return f"on_change hook refused: {exc.diagnostics()}"
+        except (OSError, ValueError) as exc:
+            return f"on_change hook could not run: {exc}"
         try:
             done = subprocess.run(
-                shlex.split(command),
+                argv,
+                executable=program,
                 env=env,
                 timeout=self.config.timeout_seconds,
                 capture_output=True,

@@ -3,8 +3,8 @@
 Reads the config DB and the directory's key list; key material only to check the
 farm state record's MAC, never to print. :func:`read_farm_status` composes the parts,
 each in its own module: the certificates, the master keys, the farm state record, the
-relying parties and the nodes, every one adding the problems it finds; the typed
-document is in :mod:`farmkeys.status.document`.
+relying parties, the nodes and this node's own store, every one adding the problems it
+finds; the typed document is in :mod:`farmkeys.status.document`.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from farmkeys.status.document import (
     NodeStatus,
     RelyingPartyStatus,
 )
+from farmkeys.status.local_store import check_local_store
 from farmkeys.status.master_keys import keys_in_directory, master_keys
 from farmkeys.status.nodes import check_nodes, node_statuses
 from farmkeys.status.problems import Problems
@@ -89,6 +90,7 @@ def read_farm_status(
     if lease is None or not lease.valid:
         problems.add("warning", "no node holds the leader lease; is `farmkeys serve` running?")
     check_nodes(nodes, silent, {str(r.master_key) for r in live}, problems)
+    check_local_store(config, nodes, db.revoked_by_node(), problems)
 
     current_key = None if current is None else current.id
     return FarmStatus(

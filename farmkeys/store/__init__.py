@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 
+from farmkeys.store.folder import check_location, vanished
 from farmkeys.store.fs import LOCK_TIMEOUT_SECONDS, Modes
 from farmkeys.store.installer import Carried, CertificateFiles, Installer
 from farmkeys.store.layout import (
@@ -91,6 +92,29 @@ class Store:
         )
 
     # -- reading --------------------------------------------------------------
+
+    def check_location(self) -> None:
+        """Refuse a store below a folder that another account could change (every folder
+        above it, up to ``/``: :func:`farmkeys.file_trust.check_folders_above`); the store
+        folder itself is checked before each install. :class:`UnsafePathError`."""
+        check_location(self.path)
+
+    def vanished(
+        self,
+        installed: Installed | None,
+        recorded: int | None,
+        remembered: Iterable[str] = (),
+    ) -> str | None:
+        """Why this store seems to have vanished (missing, empty, unreadable) or been put
+        back (older than ``recorded``, the generation this node last reported installing,
+        or without revocations it reported remembering, ``remembered``), though this node
+        installed into it before; None when it has not. ``installed``: :meth:`inspect`.
+        For a warning only: ``recorded`` and ``remembered`` come from the config DB."""
+        if installed is None:
+            return vanished(self.path, None, recorded)
+        manifest = installed.manifest
+        forgot = len(set(remembered) - manifest.forgotten)
+        return vanished(self.path, manifest.generation, recorded, forgot=forgot)
 
     def manifest(self) -> Manifest | None:
         """What is installed now; ``None`` if nothing yet. :class:`StoreError` if unreadable."""

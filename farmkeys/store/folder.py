@@ -16,6 +16,7 @@ import stat
 from pathlib import Path
 
 from farmkeys.errors import StoreError
+from farmkeys.file_trust import check_folders_above
 from farmkeys.store.fs import (
     Modes,
     check_folder,
@@ -39,12 +40,18 @@ from farmkeys.store.layout import (
 
 def prepare_folder(path: Path, modes: Modes) -> None:
     """Create the store (0700, or 0750 with a store group) or tighten it; refuse a folder
-    that is not a store, or one that someone else could change (see :func:`check_tree`)."""
+    that is not a store, one that someone else could change (see :func:`check_tree`), or
+    one below a folder that someone else could change (:func:`check_location`).
+
+    Nothing is created, chmod-ed or written until every check has passed: a folder
+    refused is left exactly as it was (its mode, owner and contents)."""
     try:
+        check_location(path)
         try:
             status = os.lstat(path)
         except FileNotFoundError:
-            make_folders(path, modes)
+            make_folders(path)
+            check_location(path)  # a folder above, made meanwhile by someone else?
             status = os.lstat(path)
         if stat.S_ISLNK(status.st_mode):
             raise StoreError(
@@ -57,9 +64,6 @@ def prepare_folder(path: Path, modes: Modes) -> None:
                 "point node.store at a folder of its own",
             )
         check_tree(path)
-        if stat.S_IMODE(status.st_mode) != modes.folder:
-            os.chmod(path, modes.folder, follow_symlinks=False)
-        modes.own(path)
         with os.scandir(path) as entries:
             names = {entry.name for entry in entries}
         if names and not _has_layout(path, names):
@@ -67,6 +71,10 @@ def prepare_folder(path: Path, modes: Modes) -> None:
                 f"the store folder {path} holds other files and no farmkeys store",
                 "point node.store at an empty or new folder; farmkeys will not clobber it",
             )
+        # Every check passed: only now is anything changed.
+        if stat.S_IMODE(status.st_mode) != modes.folder:
+            os.chmod(path, modes.folder, follow_symlinks=False)
+        modes.own(path)
         generations = path / GENERATIONS_NAME
         try:
             os.mkdir(generations, FOLDER_MODE)
@@ -79,6 +87,20 @@ def prepare_folder(path: Path, modes: Modes) -> None:
         raise StoreError(
             f"cannot prepare the store folder {path}: {describe(exc)}",
             f"{hint(exc)}; the installed certificates were left as they were",
+        ) from exc
+
+
+def check_location(path: Path) -> None:
+    """Refuse a store below a folder that an account other than root and this one could
+    change: whoever can rename the store away and put another (or an old one) back
+    chooses what the federation service reads. Every folder above, up to ``/``
+    (:func:`farmkeys.file_trust.check_folders_above`); :class:`UnsafePathError`."""
+    try:
+        check_folders_above(path, what="the store")
+    except OSError as exc:
+        raise StoreError(
+            f"cannot check the folders above the store {path}: {describe(exc)}",
+            f"{hint(exc)}; nothing was changed",
         ) from exc
 
 
@@ -179,3 +201,47 @@ def remove_generations(path: Path, keep: set[int | None]) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def vanished(
+    path: Path,
+    generation: int | None,
+    recorded: int | None,
+    *,
+    forgot: int = 0,
+) -> str | None:
+    """Why a store that this node installed before seems to have vanished or been put back,
+    or None: ``generation`` is what it holds now (None: nothing readable), ``recorded``
+    the generation this node last reported installing (its row in the config DB, which
+    anyone may have written: the answer is only ever a warning), ``forgot`` how many of
+    the revocations the row says this node remembers the store does not. The store's own
+    ``.generations`` is the other witness of an earlier install."""
+    left = max(generation_numbers(path), default=None)
+    if generation is not None:
+        if recorded is not None and generation < recorded:
+            return (
+                f"the store {path} holds generation {generation}, older than generation"
+                f" {recorded} this node installed (its row in the config DB says so): was an"
+                " older store put back in its place?"
+            )
+        if forgot:
+            return (
+                f"the store {path} does not remember {forgot} urgently replaced"
+                " certificate(s) that this node reported remembering (its row in the config"
+                " DB says so): was an older store put back in its place?"
+            )
+        return None
+    if recorded is None and left is None:
+        return None  # never installed here: a first install
+    witness = (
+        f"its row in the config DB says it installed generation {recorded} there"
+        if recorded is not None
+        else f"its folder {GENERATIONS_NAME} holds generation {left}"
+    )
+    if not os.path.lexists(path):
+        state = "is missing"
+    elif left is None and not os.path.lexists(path / CURRENT_NAME):
+        state = "is empty"
+    else:
+        state = "holds no readable installed set"
+    return f"the store {path} {state}, but this node installed there before ({witness})"

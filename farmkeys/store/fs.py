@@ -95,8 +95,9 @@ def fsync_folder(path: Path) -> None:
         os.close(descriptor)
 
 
-def make_folders(path: Path, modes: Modes) -> None:
-    """Create ``path`` and its missing parents, each 0700 (the store itself: its mode)."""
+def make_folders(path: Path) -> None:
+    """Create ``path`` and its missing parents, each 0700 whatever the umask. A folder that
+    appeared meanwhile is left as it is (not chmod-ed): the caller checks it."""
     missing: list[Path] = []
     while not os.path.lexists(path) and path != path.parent:
         missing.append(path)
@@ -106,10 +107,7 @@ def make_folders(path: Path, modes: Modes) -> None:
             os.mkdir(folder, FOLDER_MODE)
         except FileExistsError:
             continue
-        os.chmod(folder, FOLDER_MODE)
-    if missing:
-        os.chmod(missing[0], modes.folder)
-        modes.own(missing[0])
+        os.chmod(folder, FOLDER_MODE, follow_symlinks=False)
 
 
 def replace_with_link(folder: Path, name: str, target: str) -> None:

@@ -256,7 +256,7 @@ def test_a_due_promotion_waits_for_no_directory_retries_once_the_key_is_known(
     assert [(d.action, d.purpose, d.thumbprint) for d in done] == [
         ("promote", "signing", secondary)
     ]
-    retries = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    retries = [r.getMessage() for r in caplog.records if "retrying for" in r.getMessage()]
     assert retries == [], retries  # one attempt, no retry budget spent
     # The master-key part of the check needs the directory: it waits, and says so.
     assert any("master-key check skipped" in r.getMessage() for r in caplog.records)

@@ -4,6 +4,7 @@ tests/integration/test_failures.py."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,63 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
             cli.main([*command, "--help"])
         assert done.value.code == 0
         assert "usage: farmkeys" in capsys.readouterr().out
+
+
+def usage_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """The stderr of a command line argparse refuses (exit 64)."""
+    with pytest.raises(SystemExit) as done:
+        cli.main(list(argv))
+    assert done.value.code == 64
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    return captured.err
+
+
+def test_a_usage_error_shows_the_usage_of_the_command_it_was_given_to(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    err = usage_error(capsys, "status", "--jsno")
+    assert err.startswith("usage: farmkeys status ")
+    assert err.rstrip().endswith("see `farmkeys status --help`")
+    err = usage_error(capsys, "escrow", "export", "--out", "x", "--bogus")
+    assert err.startswith("usage: farmkeys escrow export ")
+    assert "unrecognized arguments: --bogus" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "meant"),
+    [
+        (("stauts",), "status"),
+        (("rolover",), "rollover"),
+        (("db", "upgarde"), "upgrade"),
+        (("rollover", "--purpose", "sigining"), "signing"),
+    ],
+)
+def test_a_mistyped_command_or_choice_gets_a_did_you_mean(
+    capsys: pytest.CaptureFixture[str], argv: tuple[str, ...], meant: str
+) -> None:
+    assert f"did you mean '{meant}'?" in usage_error(capsys, *argv)
+
+
+def test_nothing_close_gets_no_suggestion(capsys: pytest.CaptureFixture[str]) -> None:
+    assert "did you mean" not in usage_error(capsys, "xyzzy")
+
+
+@pytest.mark.parametrize("wait", ["-5", "0", "inf", "nan", "soon"])
+def test_wait_must_be_a_positive_number_of_seconds(
+    capsys: pytest.CaptureFixture[str], wait: str
+) -> None:
+    err = usage_error(capsys, "rollover", "--wait", wait)
+    assert "argument --wait:" in err
+
+
+def test_status_json_prints_a_document_even_when_it_cannot_tell(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = run_cli("status", "--json", "--config", str(tmp_path / "none.toml"), capsys=capsys)
+    assert result.code == 3
+    doc = json.loads(result.out)
+    assert doc["health"] == "unknown"
+    (problem,) = doc["problems"]
+    assert "does not exist" in problem
+    assert "does not exist" in one_error_line(result)  # and the one line on stderr

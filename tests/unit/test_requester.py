@@ -145,7 +145,7 @@ def test_a_requester_that_cannot_be_signed_is_refused_before_anything_is_asked(
 def test_events_shows_who_asked_for_each_event_of_a_request() -> None:
     (line,) = events_text([event()])
     assert line.endswith("[request 12 by alice via sudo as root on web1: 'CHG-42']")
-    document = json.loads(events_json([event()]))
+    document = json.loads(events_json([event()], pretty=False))
     assert document[0]["requester"] == {
         "request": 12,
         "account": "alice via sudo as root",
@@ -154,13 +154,13 @@ def test_events_shows_who_asked_for_each_event_of_a_request() -> None:
     }
     without = event(reason=None)
     assert events_text([without])[0].endswith("[request 12 by alice via sudo as root on web1]")
-    assert json.loads(events_json([without]))[0]["requester"]["reason"] is None
+    assert json.loads(events_json([without], pretty=False))[0]["requester"]["reason"] is None
 
 
 def test_an_event_nobody_asked_for_names_no_requester() -> None:
     scheduled = event(request=None, account=None, host=None, reason=None)
     assert "[request" not in events_text([scheduled])[0]
-    assert json.loads(events_json([scheduled]))[0]["requester"] is None
+    assert json.loads(events_json([scheduled], pretty=False))[0]["requester"] is None
 
 
 def test_a_request_of_an_older_farmkeys_says_its_requester_was_not_recorded() -> None:
@@ -168,7 +168,7 @@ def test_a_request_of_an_older_farmkeys_says_its_requester_was_not_recorded() ->
     assert events_text([old])[0].endswith(
         "[request 12 by a requester not recorded (an older farmkeys filed it)]"
     )
-    assert json.loads(events_json([old]))[0]["requester"] == {
+    assert json.loads(events_json([old], pretty=False))[0]["requester"] == {
         "request": 12,
         "account": None,
         "host": None,
@@ -188,7 +188,7 @@ def test_a_forged_account_host_or_reason_is_escaped_in_events() -> None:
     assert "alice\\n2026-12-04T12:00:00  node-a  term 3 health OK on web1\\x1b[8m" in line
     # The reason is quoted (repr) and escaped: no raw control reaches the terminal.
     assert "fine" in line and "\\u202e" in line
-    text = events_json([forged])
+    text = events_json([forged], pretty=False)
     assert all(c not in text for c in "\x1b\r\u202e\x9b")  # JSON escapes them
     assert "alice\\n2026" in text
     assert json.loads(text)[0]["requester"]["account"] == forged.account

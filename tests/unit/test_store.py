@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
-from farmkeys.errors import StoreError
+from farmkeys.errors import StoreError, UnsafePathError
 from farmkeys.store import CertificateFiles, Manifest, Store
 from farmkeys.store import reader as store_module
 
@@ -353,7 +353,7 @@ import base64, json, os, resource, signal, sys
 from datetime import datetime
 from pathlib import Path
 
-from farmkeys.errors import StoreError
+from farmkeys.errors import StoreError, UnsafePathError
 from farmkeys.store import CertificateFiles, Store
 
 job = json.loads(Path(sys.argv[1]).read_text())
@@ -1069,3 +1069,143 @@ def test_after_an_urgent_rollover_no_file_of_the_replaced_key_stays_anywhere(
     # Remembered by later installs too.
     again = store.install(after, now=NOW)
     assert replaced.thumbprint in again.forgotten
+
+
+# -- nothing near the store can be swapped by another account (issue 21) -------------------
+
+
+def folder_state(path: Path) -> tuple[object, ...]:
+    """A folder's own mode, owner and group, and everything in it."""
+    status = os.lstat(path)
+    return (stat.S_IMODE(status.st_mode), status.st_uid, status.st_gid, snapshot(path))
+
+
+def test_a_folder_of_other_files_is_refused_and_left_exactly_as_it_was(tmp_path, first_set):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    folder.chmod(0o755)
+    (folder / "report.txt").write_text("someone's files")
+    before = folder_state(folder)
+
+    with pytest.raises(StoreError, match="farmkeys will not clobber it"):
+        Store(folder, node_id="node-1").install(first_set, now=NOW)
+
+    assert folder_state(folder) == before  # still 0755, same owner, nothing added
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a folder to another user needs root")
+def test_a_refused_folder_of_other_files_keeps_its_group_with_a_store_group(tmp_path, first_set):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "report.txt").write_text("someone's files")
+    os.chown(folder, -1, NOBODY)
+    before = folder_state(folder)
+    group = grp.getgrgid(os.getgid()).gr_name
+
+    with pytest.raises(StoreError, match="farmkeys will not clobber it"):
+        Store(folder, node_id="node-1", group=group).install(first_set, now=NOW)
+
+    assert folder_state(folder) == before
+
+
+@pytest.mark.parametrize(("bits", "fix"), [(0o775, "g-w"), (0o757, "o-w"), (0o777, "go-w")])
+def test_a_store_whose_parent_others_may_write_is_refused_before_anything_is_made(
+    tmp_path, first_set, bits, fix
+):
+    parent = tmp_path / "lib"
+    parent.mkdir()
+    parent.chmod(bits)
+    store = Store(parent / "store", node_id="node-1")
+
+    with pytest.raises(UnsafePathError) as caught:
+        store.install(first_set, now=NOW)
+
+    assert str(caught.value).endswith(f"(mode {bits:04o}) — chmod {fix} {parent}")
+    assert os.listdir(parent) == []  # no store was made
+    with pytest.raises(UnsafePathError):
+        store.check_location()  # what sync asks first, on every run
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a folder to another user needs root")
+def test_a_store_whose_parent_another_account_owns_is_refused_and_untouched(tmp_path, first_set):
+    parent = tmp_path / "lib"
+    parent.mkdir()
+    store = Store(parent / "store", node_id="node-1")
+    store.install(first_set, now=NOW)
+    os.chown(parent, NOBODY, NOBODY)  # nobody can now rename the store away and back
+    before = snapshot(parent)
+
+    with pytest.raises(UnsafePathError) as caught:
+        store.install(first_set, now=NOW)
+
+    assert str(caught.value).startswith(
+        f"{parent}, on the way to the store {store.path}, is owned by nobody (uid {NOBODY})"
+    )
+    assert snapshot(parent) == before
+
+
+def test_a_store_reached_through_a_link_into_a_writable_folder_is_refused(tmp_path, first_set):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    (tmp_path / "var").symlink_to(shared)
+    store = Store(tmp_path / "var/store", node_id="node-1")
+
+    with pytest.raises(UnsafePathError, match=f"chmod go-w {shared}$"):
+        store.install(first_set, now=NOW)
+    assert os.listdir(shared) == []
+
+
+def test_a_store_in_a_sticky_folder_is_made_and_its_own(tmp_path, first_set):
+    sticky = tmp_path / "tmp"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    store = Store(sticky / "farmkeys/store", node_id="node-1")
+
+    store.install(first_set, now=NOW)
+
+    assert mode(sticky / "farmkeys") == 0o700 and store.matches(identity(first_set))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a folder to another user needs root")
+def test_a_store_below_a_folder_of_another_account_in_a_sticky_folder_is_refused(
+    tmp_path, first_set
+):
+    sticky = tmp_path / "tmp"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    (sticky / "farmkeys").mkdir()
+    os.chown(sticky / "farmkeys", NOBODY, NOBODY)  # made first by another account
+
+    with pytest.raises(UnsafePathError, match="is owned by nobody"):
+        Store(sticky / "farmkeys/store", node_id="node-1").install(first_set, now=NOW)
+    assert os.listdir(sticky / "farmkeys") == []
+
+
+def test_a_store_installed_before_that_vanished_is_told_apart_from_a_first_install(
+    tmp_path, first_set
+):
+    store = Store(tmp_path / "store", node_id="node-1")
+    assert store.vanished(store.inspect(), None) is None  # a first install
+    store.install(first_set, now=NOW)
+    store.install(first_set, now=NOW)
+    assert store.vanished(store.inspect(), 2) is None
+    # Its row in the config DB recorded generation 2; the store now holds 1 (put back).
+    assert "holds generation 2, older than generation 3" in (
+        store.vanished(store.inspect(), 3) or ""
+    )
+    os.rename(store.path, tmp_path / "away")
+    assert store.vanished(store.inspect(), 2) == (
+        f"the store {store.path} is missing, but this node installed there before (its row"
+        " in the config DB says it installed generation 2 there)"
+    )
+    store.path.mkdir()
+    assert "is empty" in (store.vanished(store.inspect(), 2) or "")
+    # Without the row, the store's own generations folder is the witness.
+    os.rmdir(store.path)
+    os.rename(tmp_path / "away", store.path)
+    os.unlink(store.path / "current")
+    assert store.vanished(store.inspect(), None) == (
+        f"the store {store.path} holds no readable installed set, but this node installed"
+        " there before (its folder .generations holds generation 2)"
+    )
