@@ -78,7 +78,9 @@ def _fit(parts: Sequence[str], *, wide: bool, indent: int = 13, first: str = "  
     """``parts`` joined by ``first`` after the first part and two spaces after the others, on
     lines of at most WIDTH columns (a part that does not fit starts a line, ``indent`` in);
     one line when ``wide``. Empty parts are left out."""
-    parts = [part for part in parts if part]
+    # Escaped first: what is measured and wrapped is what is printed, no raw control
+    # character reaches the wrapping, and a DB text can only ever continue an indented line.
+    parts = [escape(part) for part in parts if part]
     if not parts:
         return []
     lines = [parts[0]]
@@ -93,6 +95,7 @@ def _fit(parts: Sequence[str], *, wide: bool, indent: int = 13, first: str = "  
 
 def _wrapped(problem: str, *, wide: bool) -> list[str]:
     """A problem as a bullet, wrapped at WIDTH at its spaces unless ``wide``."""
+    problem = escape(problem)  # before wrapping: see _fit
     if wide:
         return [f"  - {problem}"]
     return textwrap.wrap(

@@ -14,6 +14,7 @@ account's alone (:mod:`farmkeys.file_trust`); one that holds a password must be 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import tomllib
@@ -98,7 +99,8 @@ def _read_file(path: Path) -> dict[str, dict[str, Any]]:
     for section, body in parsed.items():
         if section not in _SECTIONS:
             raise ConfigError(
-                f"config file {path} has an unknown section [{section}]",
+                f"config file {path} has an unknown section [{section}]"
+                + _did_you_mean(section, _SECTIONS, "[{}]"),
                 f"use only {', '.join(f'[{s}]' for s in _SECTIONS)}",
             )
         if not isinstance(body, dict):
@@ -264,7 +266,7 @@ def _build_section(section: str, body: dict[str, Any], origin: str) -> object:
                 else f"{origin}: [{section}]"
             )
             raise ConfigError(
-                f"{where} has an unknown key {key!r}",
+                f"{where} has an unknown key {key!r}" + _did_you_mean(key, fields, "'{}'"),
                 f"use only {', '.join(fields)} in [{section}]",
             )
         values[key] = _convert(section, key, value, hints[key])
@@ -296,3 +298,9 @@ def _build(raw: dict[str, dict[str, Any]], *, origin: str) -> Config:
     validate(config)
     _check_passfile(config.database.dsn)
     return config
+
+
+def _did_you_mean(given: str, known: typing.Iterable[str], shape: str) -> str:
+    """``"; did you mean 'x'?"`` for the nearest of ``known`` to a mistyped name, else ""."""
+    near = difflib.get_close_matches(given.lower(), list(known), n=1, cutoff=0.6)
+    return f"; did you mean {shape.format(near[0])}?" if near else ""

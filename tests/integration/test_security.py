@@ -104,7 +104,7 @@ def test_no_output_or_log_line_carries_a_master_key_or_a_password(
     secrets.append("hunter2-secret")
 
     text = "\n".join(outputs)
-    assert "DEBUG" in text  # --debug really produced log lines to search
+    assert "farmkeys: debug: " in text  # --debug really produced log lines to search
     for secret in secrets:
         assert secret not in text
 
@@ -145,10 +145,16 @@ def test_a_forged_node_row_and_audit_event_cannot_forge_status_or_events_output(
             "INSERT INTO audit_event (node, term, action, detail) VALUES (%s, 1, %s, %s)",
             (FORGED_ID, "sync\x1b[1A", FORGED_ERROR),
         )
-    status = initialised_farm.spawn("status")
+    narrow = initialised_farm.spawn("status")
+    # The escaped texts whole, on one line each (100 columns would wrap them at a space).
+    status = initialised_farm.spawn("status", "--wide")
     events = initialised_farm.spawn("events")
-    assert status.code == 1, status.err  # the forged node's errors are warnings
+    assert status.code == narrow.code == 1, status.err  # the forged node's errors are warnings
     expect_ok(events)
+    assert raw_controls(narrow.out) == set(), narrow.out
+    assert not any(
+        line.startswith(("  health OK", "health")) for line in narrow.out.splitlines()[2:]
+    )
     for result in (status, events):
         assert raw_controls(result.out) == set(), result.out
         assert "node-x\\n  health OK\\x1b[8m" in result.out

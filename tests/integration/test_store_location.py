@@ -33,12 +33,12 @@ def test_a_store_renamed_away_and_swapped_back_is_a_warning_and_a_problem(
 
     status = farm.run("status")
     missing = f"node node-a: the store {store} is missing, but this node installed there before"
-    assert missing in status.out, status.out
+    assert missing in " ".join(status.out.split()), status.out
     assert status.code == 1  # a warning
 
     synced = farm.spawn("sync")  # a separate process, as at a terminal or in the journal
     assert (
-        f"farmkeys: WARNING: farmkeys.sync: the store {store} is missing, but this node"
+        f"farmkeys: warning: the store {store} is missing, but this node"
         " installed there before (its row in the config DB says it installed generation 1"
         " there); installing the farm's set afresh"
     ) in synced.err, synced.err
@@ -57,7 +57,7 @@ def test_a_store_renamed_away_and_swapped_back_is_a_warning_and_a_problem(
 
     status = farm.run("status")
     assert f"node node-a: the store {store} holds generation 1, older than generation 2" in (
-        status.out
+        " ".join(status.out.split())
     ), status.out
     synced = farm.spawn("sync")
     assert "was an older store put back in its place?" in synced.err, synced.err

@@ -285,3 +285,25 @@ def test_publish_settings_from_the_file_and_the_environment(tmp_path: Path) -> N
     env = {"FARMKEYS_POLICY_REQUIRE_FETCH": "true"}
     assert config.load(write(tmp_path, MINIMAL), environ=env).policy.require_fetch is True
     assert config.load(write(tmp_path, MINIMAL), environ={}).policy.require_fetch is False
+
+
+@pytest.mark.parametrize(
+    ("text", "hint"),
+    [
+        (MINIMAL.replace("[directory]", "[directroy]"), "did you mean [directory]?"),
+        (MINIMAL.replace("bind_dn =", "bnid_dn ="), "did you mean 'bind_dn'?"),
+        (MINIMAL + "\n[retry]\ntotal_second = 3\n", "did you mean 'total_seconds'?"),
+    ],
+)
+def test_a_mistyped_section_or_key_gets_a_did_you_mean(
+    tmp_path: Path, text: str, hint: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config.load(write(tmp_path, text))
+    assert hint in caught.value.what
+
+
+def test_a_name_like_no_other_gets_no_suggestion(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config.load(write(tmp_path, MINIMAL + "\n[xyzzy]\n"))
+    assert "did you mean" not in caught.value.what
