@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import unicodedata
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -110,7 +111,8 @@ def text_problem(text: str, *, limit: int) -> str | None:
         return f"it is {len(text)} characters long, more than {limit}"
     bad = next((c for c in text if not c.isprintable()), None)
     if bad is not None:
-        return f"it holds the control character U+{ord(bad):04X}"
+        kind = "control" if unicodedata.category(bad) in ("Cc", "Cf") else "non-printing"
+        return f"it holds the {kind} character U+{ord(bad):04X}"
     return None
 
 

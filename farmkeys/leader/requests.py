@@ -121,6 +121,14 @@ class RequestAnswering:
                 continue
             answered += 1
             log.info("request %d answered: %s", row.id, "; ".join(lines))
+            if request.requester is None:
+                log.warning(
+                    "request %d (%s) was filed by a farmkeys before request format 2: carried"
+                    " out, with who asked not recorded; upgrade farmkeys on node %s",
+                    row.id,
+                    request.describe(),
+                    request.requested_by,
+                )
 
     def _authenticate(self, farm: Farm, row: RequestRow) -> request_format.Request:
         """The request a row carries, once its MAC verifies and its columns agree with it

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import os
 import pwd
 import socket
@@ -289,7 +290,7 @@ def test_a_forged_requester_is_escaped_on_the_terminal(synced_farm: TestFarm) ->
 
 
 def test_a_request_of_an_older_farmkeys_is_carried_out_and_named_as_not_recorded(
-    synced_farm: TestFarm,
+    synced_farm: TestFarm, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A command of a farmkeys before request format 2 (no account, host or reason) during a
     rolling upgrade: the new leader carries it out and records who asked as not recorded."""
@@ -324,7 +325,11 @@ def test_a_request_of_an_older_farmkeys_is_carried_out_and_named_as_not_recorded
         "UPDATE rollover_request SET body = %s, mac = %s WHERE id = %s",
         (body, mac, row["id"]),
     )
-    answer_pending(synced_farm)
+    with caplog.at_level(logging.WARNING, logger="farmkeys.leader"):
+        answer_pending(synced_farm)
+    (warned,) = [r.getMessage() for r in caplog.records if "request format 2" in r.getMessage()]
+    assert warned.startswith(f"request {row['id']} (rollover of signing) was filed by a farmkeys")
+    assert warned.endswith("with who asked not recorded; upgrade farmkeys on node node-b")
     assert request_row(synced_farm, row["id"])["ok"] is True
     (made,) = asked_for(synced_farm, row["id"])
     assert made["action"] == "generate"

@@ -288,6 +288,7 @@ def test_a_new_request_is_never_signed_without_its_requester() -> None:
         ("reason", "abc\u202edcba", "control character U+202E"),
         ("reason", "x" * 201, "201 characters long, more than 200"),
         ("reason", "", "empty"),
+        ("reason", "no\u00a0break", "non-printing character U+00A0"),
         ("account", "alice\rroot", "control character U+000D"),
         ("account", "a" * 201, "more than 200"),
         ("host", "h" * 256, "more than 255"),
