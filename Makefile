@@ -1,11 +1,13 @@
 # farmkeys: the two commands of the README, each doing all of its own set-up.
 #
 #   make demo   a local demo farm on real PostgreSQL and OpenLDAP (loopback only)
+#   make lab    a private slapd and PostgreSQL with two node configs, kept until Ctrl-C
+#               (LAB_DIR, default lab/), to try farmkeys on by hand
 #   make test   ruff, mypy and the whole test suite against the same real servers
 #   make test-quick  ruff, mypy and the unit tier alone (tests/unit/): no server is
 #               installed or started; seconds, not minutes
 #   make bench  every benchmark (sync, cold start, propagation, failover, herd, connections,
-#               master-key re-seal, directory, publishing), then one table of the goals
+#               HTTP crowd and slow-loris, master-key re-seal, directory, publishing), then one table of the goals
 #   make soak   a randomized fault soak of serve nodes (SOAK_ARGS="--duration 1200 --seed 7")
 #   make fuzz   coverage-guided fuzzing (atheris) of every parser of untrusted input
 #               (FUZZ_SECONDS per target, default 60); prints the inputs tried
@@ -17,11 +19,19 @@ PY := $(VENV)/bin/python
 # The lab's servers and the demo (tools/farmkeys_lab) are not in the wheel: the demo, the
 # bench, the soak and the fuzzer find them on this path (the tests: pyproject.toml).
 LAB := PYTHONPATH=tools$${PYTHONPATH:+:$$PYTHONPATH}
+# The demo and the lab run farmkeys as an operator installs it: its own venv, farmkeys and
+# its run-time dependencies alone (no test extra), and only the servers they start.
+DEMO_VENV := .venv-demo
+DEMO_PY := $(DEMO_VENV)/bin/python
+LAB_DIR ?= lab
 
-.PHONY: demo test test-quick lint setup venv servers tools bench soak fuzz clean
+.PHONY: demo lab test test-quick lint setup venv demo-venv servers lab-servers tools bench soak fuzz clean
 
-demo: setup
-	$(LAB) $(PY) -m farmkeys_lab.demo
+demo: demo-venv lab-servers
+	$(LAB) $(DEMO_PY) -m farmkeys_lab.demo
+
+lab: demo-venv lab-servers
+	$(LAB) $(DEMO_PY) -m farmkeys_lab up --dir $(LAB_DIR)
 
 test: setup lint
 	$(PY) -m pytest -q
@@ -46,11 +56,20 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-# What the demo, the tests, the soak and the bench start privately: OpenLDAP's slapd, a
-# PostgreSQL cluster and a Samba AD domain controller of their own (tools/farmkeys_lab).
-# Installed from Debian when missing; the packages' own servers are not used, and no
-# cluster of the machine's is created or started.
-servers:
+demo-venv: $(DEMO_VENV)/.installed
+
+$(DEMO_VENV)/.installed: pyproject.toml setup.py
+	$(PYTHON) -m venv $(DEMO_VENV)
+	$(DEMO_PY) -m pip install --quiet --upgrade pip
+	$(DEMO_PY) -m pip install --quiet -e .
+	touch $@
+
+# What the demo, the lab, the tests, the soak and the bench start privately: OpenLDAP's
+# slapd and a PostgreSQL cluster of their own (lab-servers: all the demo and the lab need),
+# and for the tests a Samba AD domain controller (tools/farmkeys_lab). Installed from
+# Debian when missing; the packages' own servers are not used, and no cluster of the
+# machine's is created or started.
+lab-servers:
 	@if [ ! -x /usr/sbin/slapd ] || ! command -v ldapsearch >/dev/null \
 	   || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 	  echo "installing slapd, ldap-utils and postgresql from Debian"; \
@@ -63,6 +82,8 @@ servers:
 	fi
 	@# The slapd package starts a server of its own on install: ours listen on loopback only.
 	@if [ -f /var/run/slapd/slapd.pid ]; then kill "$$(cat /var/run/slapd/slapd.pid)" 2>/dev/null || true; fi
+
+servers: lab-servers
 	@# Samba's AD domain controller, for the Active Directory tests (farmkeys_lab.samba provisions
 	@# a domain of its own and runs it on 127.0.0.1). No recommends: they would add winbind to
 	@# nsswitch.conf and PAM (libnss-winbind, libpam-winbind). The packages start smbd, nmbd and
@@ -134,4 +155,4 @@ soak: setup
 	$(LAB) $(PY) tests/soak/soak.py $(SOAK_ARGS)
 
 clean:
-	rm -rf $(VENV) .demo .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(DEMO_VENV) .demo .mypy_cache .ruff_cache .pytest_cache

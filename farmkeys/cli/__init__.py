@@ -25,8 +25,8 @@ import traceback
 from collections.abc import Sequence
 
 from farmkeys import config as config_module
-from farmkeys.cli.commands import HANDLERS
-from farmkeys.cli.exit_codes import EXIT_ERROR, STATUS_UNKNOWN
+from farmkeys.cli.commands import HANDLERS, print_check
+from farmkeys.cli.exit_codes import CHECK_EXIT, EXIT_ERROR, STATUS_UNKNOWN
 from farmkeys.cli.parser import parse_args
 from farmkeys.cli.process import forbid_core_dumps
 from farmkeys.cli.render import unknown_status_json
@@ -41,7 +41,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = bool(getattr(args, "debug", False))
     _configure_logging(debug, service=args.command == "serve")
     try:
-        config = config_module.load(getattr(args, "config", None))
+        try:
+            config = config_module.load(getattr(args, "config", None))
+        except Error as exc:
+            if args.command != "check":
+                raise
+            # A preflight reports a config that does not load as its one failed check.
+            from farmkeys import check
+
+            report = check.failed_to_load(exc)
+            print_check(report, as_json=args.json)
+            return CHECK_EXIT[report.result]
         if args.command != "serve" and not getattr(args, "wait_for_servers", False):
             config = at_a_terminal(config, interactive=sys.stdin.isatty())
         return HANDLERS[args.command](args, config)

@@ -9,15 +9,24 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from farmkeys.cli.exit_codes import EXIT_ERROR, EXIT_OK, EXIT_UNREACHABLE, STATUS_EXIT
+from farmkeys.cli.exit_codes import (
+    CHECK_EXIT,
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    STATUS_EXIT,
+)
 from farmkeys.cli.render import (
     answer_lines,
+    check_json,
+    check_lines,
     events_json,
     events_text,
     status_json,
@@ -34,6 +43,7 @@ from farmkeys.errors import (
 from farmkeys.terminal import escape
 
 if TYPE_CHECKING:
+    from farmkeys.check import Report as CheckReport
     from farmkeys.db import ConfigDB
     from farmkeys.requesting import RolloverOutcome
     from farmkeys.store import Store
@@ -139,6 +149,36 @@ def _record_failure(db: ConfigDB, node_id: str, exc: Error) -> None:
         db.record_sync_error(node_id, exc.diagnostics())
     except Error as second:
         log.warning("could not record the failed sync in the config DB: %s", second.what)
+
+
+def _check(args: argparse.Namespace, config: Config) -> int:
+    from farmkeys import check
+    from farmkeys.db import ConfigDB
+    from farmkeys.directory import Directory
+
+    with (
+        ConfigDB(config.database, config.retry) as db,
+        Directory(config.directory, config.retry) as directory,
+    ):
+        report = check.run(
+            config, config_file=config_file(args), db=db, directory=directory, store=_store(config)
+        )
+    print_check(report, as_json=args.json)
+    return CHECK_EXIT[report.result]
+
+
+def config_file(args: argparse.Namespace) -> Path | None:
+    """The config file this command read, as --config or FARMKEYS_CONFIG named it."""
+    named = getattr(args, "config", None) or os.environ.get("FARMKEYS_CONFIG")
+    return Path(named) if named else None
+
+
+def print_check(report: CheckReport, *, as_json: bool) -> None:
+    if as_json:
+        print(check_json(report, pretty=sys.stdout.isatty()))
+    else:
+        for line in check_lines(report):
+            print(line)
 
 
 def _status(args: argparse.Namespace, config: Config) -> int:
@@ -391,6 +431,7 @@ def _events(args: argparse.Namespace, config: Config) -> int:
 HANDLERS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
     "init": _init,
     "db": _db_upgrade,
+    "check": _check,
     "sync": _sync,
     "status": _status,
     "serve": _serve,

@@ -7,3 +7,4 @@ EXIT_UNREACHABLE = 75
 EXIT_USAGE = 64  # sysexits' EX_USAGE: apart from status's 0-3
 STATUS_EXIT = {"ok": 0, "warning": 1, "critical": 2}
 STATUS_UNKNOWN = 3
+CHECK_EXIT = {"ok": 0, "warning": 1, "failed": 2}

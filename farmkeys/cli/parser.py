@@ -218,6 +218,21 @@ def _add_sync(commands: _Commands) -> None:
     )
 
 
+def _add_check(commands: _Commands) -> None:
+    check = commands.add(
+        "check",
+        help="preflight: check the config, its files, both servers, a blob, the store; 0/1/2",
+        description="Check what this node's work needs, for real, writing nothing: the "
+        "ownership and modes of every file farmkeys trusts and of the folders above the "
+        "store, the config DB (the farm named as configured, this role's privileges, the "
+        "clock offset), the directory (a bind as the service account and a read of the "
+        "current master key), one live blob opened with it, the store, the hook program and "
+        "the [publish] settings. One line per check: ok, warning or failed with the fix. "
+        "Exits 0 when all are ok, 1 on a warning, 2 when one failed.",
+    )
+    check.add_argument("--json", action="store_true", help="print JSON for a machine")
+
+
 def _add_status(commands: _Commands) -> None:
     status = commands.add(
         "status",
@@ -415,6 +430,7 @@ _BUILDERS: tuple[Callable[[_Commands], None], ...] = (
     _add_init,
     _add_db,
     _add_sync,
+    _add_check,
     _add_status,
     _add_serve,
     _add_metadata,

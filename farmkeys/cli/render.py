@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from farmkeys.terminal import escape
 
 if TYPE_CHECKING:
+    from farmkeys.check import Report as CheckReport
     from farmkeys.db.rows import AuditEvent
     from farmkeys.requesting import RolloverOutcome
     from farmkeys.status import (
@@ -186,6 +187,19 @@ def _node_lines(nodes: Sequence[NodeStatus], *, wide: bool) -> list[str]:
             first=" ",
         )
     return lines
+
+
+def check_lines(report: CheckReport) -> list[str]:
+    """`farmkeys check` for a person: one escaped line per check, the fix after a dash."""
+    lines = []
+    for c in report.checks:
+        fix = f" — {c.fix}" if c.fix and c.result != "ok" else ""
+        lines.append(escape(f"{c.result:<8} {c.name:<24} {c.detail}{fix}"))
+    return lines
+
+
+def check_json(report: CheckReport, *, pretty: bool) -> str:
+    return json.dumps(report.to_json(), indent=2 if pretty else None)
 
 
 def events_json(events: Sequence[AuditEvent], *, pretty: bool) -> str:

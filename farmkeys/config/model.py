@@ -166,6 +166,14 @@ class PublishConfig:
     # "name" or "name=https://rp.example/...": whose fetches are recorded (publish.py).
     relying_parties: list[str] | None = None
     max_age_seconds: int = 300  # Cache-Control max-age of the metadata and the JWKS
+    # serve's HTTP server (farmkeys/publish/server.py): what a crowd of clients may hold.
+    threads: int = 8  # handler threads: requests answered at once
+    max_queued: int = 256  # requests waiting for a handler beyond which a request gets 503
+    connection_limit: int = 512  # open connections; more wait in the listen backlog
+    backlog: int = 1024  # the listen backlog (the kernel caps it at net.core.somaxconn)
+    # From a connection's accept (or its previous response) to a whole request received;
+    # also how long a connection may sit idle, or a client leave its answer unread.
+    request_timeout_seconds: float = 10.0
 
     @property
     def parties(self) -> tuple[RelyingParty, ...]:

@@ -232,6 +232,24 @@ def _publish(publish: PublishConfig) -> None:
         "publish.max_age_seconds must not be negative",
         "the default is 300",
     )
+    for key, low, high, default in (
+        ("threads", 1, 256, 8),
+        ("max_queued", 0, 100_000, 256),
+        ("connection_limit", 1, 100_000, 512),
+        ("backlog", 128, 65_535, 1024),
+    ):
+        value = getattr(publish, key)
+        _require(
+            low <= value <= high,
+            f"publish.{key} must be from {low} to {high}, not {value}",
+            f"the default is {default}",
+        )
+    _require(
+        0 < publish.request_timeout_seconds <= 3600,
+        f"publish.request_timeout_seconds must be more than 0 and at most 3600,"
+        f" not {publish.request_timeout_seconds}",
+        "the default is 10",
+    )
 
 
 def _relying_parties(publish: PublishConfig) -> None:

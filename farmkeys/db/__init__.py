@@ -25,6 +25,7 @@ from farmkeys.db.lease import LeaseQueries, LeaseWrites
 from farmkeys.db.master_keys import MasterKeyQueries, MasterKeyWrites
 from farmkeys.db.migrations import MIGRATION_TABLE, Migration, migrations
 from farmkeys.db.nodes import NodeQueries
+from farmkeys.db.preflight import PreflightQueries
 from farmkeys.db.requests import RequestQueries, RequestWrites
 from farmkeys.db.rows import (
     Attribution,
@@ -77,7 +78,13 @@ class Transaction(CertificateWrites, MasterKeyWrites, RequestWrites, AuditWrites
 
 
 class ConfigDB(
-    CertificateQueries, MasterKeyQueries, NodeQueries, RequestQueries, AuditQueries, LeaseQueries
+    CertificateQueries,
+    MasterKeyQueries,
+    NodeQueries,
+    RequestQueries,
+    AuditQueries,
+    LeaseQueries,
+    PreflightQueries,
 ):
     """A connection to the config DB (:class:`farmkeys.db.connection.Connection`) with the
     reads and writes of every table."""

@@ -31,6 +31,10 @@ class CurrentKey:
         self._directory = directory
         self.known: tuple[uuid.UUID, bytes] | None = None
         self._error: DirectoryError | None = None
+        # The key the farm state record named at the last refresh (None: no record, or one
+        # that does not parse), kept for prefetch_record_key: one read of the record a tick.
+        self._record_named: uuid.UUID | None = None
+        self._record_read = False
 
     @property
     def id(self) -> uuid.UUID | None:
@@ -62,12 +66,14 @@ class CurrentKey:
         """The key the farm state record is under (the fence verifies the record before
         anything is built on it); ``table_current`` for a farm without a record."""
         stored = self._db.stored_state()
+        self._record_read, self._record_named = True, None
         if stored is None:
             return table_current
         try:
             named = farm_state.parse(stored.body).master_key
         except FarmStateError:
             return table_current  # the fenced check refuses it
+        self._record_named = named
         if named != table_current:
             log.warning(
                 "the master_key table names %s current, but the farm state record is under %s:"
@@ -82,13 +88,17 @@ class CurrentKey:
         """Read (into the directory's cache) the key the farm state record names, so the
         fence can verify the record without directory I/O under the lease row's lock."""
         try:
-            stored = self._db.stored_state()
-            if stored is not None:
-                named = farm_state.parse(stored.body).master_key
-                if self.known is None or self.known[0] != named:
-                    self._directory.master_key(farm.dkm_group, named)
+            if self._record_read:  # the refresh just before read the record: use that
+                named = self._record_named
+            else:
+                stored = self._db.stored_state()
+                named = None if stored is None else farm_state.parse(stored.body).master_key
+            if named is not None and (self.known is None or self.known[0] != named):
+                self._directory.master_key(farm.dkm_group, named)
         except (FarmStateError, DirectoryError):
             pass  # the fenced check reports it
+        finally:
+            self._record_read = False
 
     def current(self) -> tuple[uuid.UUID, bytes]:
         """The current master key in memory, or the error that kept it from being read."""

@@ -24,21 +24,26 @@ The parts, each its own module:
   documents share;
 - :mod:`~farmkeys.publish.metadata`: the SAML metadata document;
 - :mod:`~farmkeys.publish.jwks`: the JSON Web Key Set;
-- :mod:`~farmkeys.publish.http`: the :class:`Publisher`, its endpoints and handler.
+- :mod:`~farmkeys.publish.cache`: the documents built once per installed set, and
+  ``/metrics`` made at most once per :data:`METRICS_CACHE_SECONDS`;
+- :mod:`~farmkeys.publish.server`: the HTTP server (waitress), with its backlog, its
+  bounded handler pool (503 with ``Retry-After`` past it) and a whole-request deadline;
+- :mod:`~farmkeys.publish.http`: the :class:`Publisher` and what each path answers.
 """
 
 from __future__ import annotations
 
+from farmkeys.publish.cache import etag
 from farmkeys.publish.http import (
     HEALTH_PATH,
     JWKS_PATH,
     METADATA_PATH,
+    METRICS_CACHE_SECONDS,
     METRICS_PATH,
     RECORD_EVERY_SECONDS,
     Answer,
     Health,
     Publisher,
-    etag,
 )
 from farmkeys.publish.jwks import jwks
 from farmkeys.publish.keys import Published, PublishedKey, from_store, published
@@ -48,6 +53,7 @@ __all__ = [
     "HEALTH_PATH",
     "JWKS_PATH",
     "METADATA_PATH",
+    "METRICS_CACHE_SECONDS",
     "METRICS_PATH",
     "RECORD_EVERY_SECONDS",
     "Answer",

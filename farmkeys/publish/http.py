@@ -1,33 +1,33 @@
 """serve's HTTP endpoints: the documents, ``/metrics`` and ``/healthz``, and the fetch records.
 
-:class:`Publisher` owns the server and what each path answers; the request handler
-only turns an answer into bytes on the wire.
+:class:`Publisher` owns what each path answers and the server that answers it
+(:mod:`farmkeys.publish.server`: waitress, with a whole-request deadline and shedding);
+:meth:`Publisher.wsgi` only turns an answer into a WSGI response. The documents are
+built once per installed set, ``/metrics`` at most once per :data:`METRICS_CACHE_SECONDS`
+(:mod:`farmkeys.publish.cache`).
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import logging
-import socket
-import socketserver
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from farmkeys.config import PublishConfig
 from farmkeys.errors import ConfigError, Error
-from farmkeys.publish.jwks import jwks
-from farmkeys.publish.keys import from_store
-from farmkeys.publish.metadata import metadata, metadata_settings
+from farmkeys.publish.cache import JWKS, METADATA, Documents, Refreshed
+from farmkeys.publish.server import HTTPServer
 from farmkeys.store import Store
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
 # The name these lines have always carried, before publish became a package.
 log = logging.getLogger("farmkeys.publish")
@@ -38,6 +38,9 @@ METRICS_PATH: Final = "/metrics"
 HEALTH_PATH: Final = "/healthz"
 # A relying party's fetch of the same keys is written to the config DB at most this often.
 RECORD_EVERY_SECONDS: Final = 60.0
+# /metrics is one status read of the config DB: at most one per this many seconds,
+# whatever the number of scrapers.
+METRICS_CACHE_SECONDS: Final = 1.0
 
 _TEXT: Final = "text/plain; charset=utf-8"
 _NOT_FOUND: Final = (
@@ -45,11 +48,6 @@ _NOT_FOUND: Final = (
     + " ".join((METADATA_PATH, JWKS_PATH, METRICS_PATH, HEALTH_PATH)).encode()
     + b"\n"
 )
-
-
-def etag(body: bytes) -> str:
-    """A strong entity tag of a document: its SHA-256, shortened."""
-    return '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
 
 
 @dataclass(frozen=True)
@@ -73,11 +71,12 @@ class Answer:
 class Publisher:
     """serve's HTTP endpoints: metadata, JWKS, ``/metrics`` and ``/healthz``.
 
-    Each request is answered from the node's installed store (documents), a
-    callback (metrics, health) and the clock passed in; a relying party's fetch
-    is recorded through ``record`` (rp, document, thumbprints), at most every
-    :data:`RECORD_EVERY_SECONDS` for the same keys, and never holds up the answer
-    for long: a failed record is logged and the document served.
+    Each request is answered from the node's installed store (documents, built once
+    per installed set), a callback (metrics, made at most every
+    :data:`METRICS_CACHE_SECONDS`; health, on every request) and the clock passed in; a
+    relying party's fetch is recorded through ``record`` (rp, document, thumbprints), at
+    most every :data:`RECORD_EVERY_SECONDS` for the same keys, and never holds up the
+    answer for long: a failed record is logged and the document served.
     """
 
     def __init__(
@@ -89,47 +88,60 @@ class Publisher:
         metrics: Callable[[], bytes],
         health: Callable[[], Health],
         clock: Callable[[], datetime],
+        metrics_period: float = METRICS_CACHE_SECONDS,
     ) -> None:
-        address = config.address
-        if address is None:
+        """``metrics_period``: how long a ``/metrics`` document is answered before ``metrics``
+        is called again (:data:`METRICS_CACHE_SECONDS`; the tests lengthen it)."""
+        if config.address is None:
             raise ValueError("publish.listen is not set")
         self.config = config
         self.store = store
         self._record = record
-        self._metrics = metrics
         self._health = health
         self._clock = clock
+        self.documents = Documents(config, store)
+        self.metrics = Refreshed(metrics, period=metrics_period)
         self._parties = frozenset(p.name for p in config.parties)
         self._recorded: dict[str, tuple[tuple[str, ...], float]] = {}
         self._recorded_lock = threading.Lock()
-        try:
-            self._server = ThreadingHTTPServer(address, functools.partial(_Handler, publisher=self))
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot listen on publish.listen {config.listen}: {exc.strerror}",
-                "choose a free port on an address of this host, or unset publish.listen",
-            ) from None
-        self._server.daemon_threads = True
-        self._thread: threading.Thread | None = None
+        self.server = HTTPServer(self.wsgi, config)
 
     @property
     def port(self) -> int:
-        return int(self._server.server_address[1])
+        return self.server.port
 
     def start(self) -> None:
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="farmkeys-publish", daemon=True
-        )
-        self._thread.start()
+        self.server.start()
         log.info("publishing on http://%s", self.config.listen)
 
     def stop(self) -> None:
-        if self._thread is not None:
-            self._server.shutdown()
-            self._thread.join()
-        self._server.server_close()
+        self.server.stop()
 
     # -- answers ----------------------------------------------------------------------
+
+    def wsgi(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        """The WSGI application: GET and HEAD of :meth:`answer`, 405 for other methods."""
+        method = environ.get("REQUEST_METHOD", "GET")
+        if method not in ("GET", "HEAD"):
+            answer = Answer(
+                HTTPStatus.METHOD_NOT_ALLOWED, _TEXT, b"only GET and HEAD\n", {"Allow": "GET, HEAD"}
+            )
+        else:
+            target = environ.get("PATH_INFO", "") or "/"
+            query = environ.get("QUERY_STRING", "")
+            answer = self.answer(
+                target + ("?" + query if query else ""),
+                if_none_match=environ.get("HTTP_IF_NONE_MATCH"),
+            )
+        status = HTTPStatus(answer.status)
+        headers = [("Content-Type", answer.kind)]
+        if answer.status != HTTPStatus.NOT_MODIFIED:
+            headers.append(("Content-Length", str(len(answer.body))))
+        headers += answer.headers.items()
+        start_response(f"{status.value} {status.phrase}", headers)
+        if method == "HEAD" or answer.status == HTTPStatus.NOT_MODIFIED:
+            return []
+        return [answer.body]
 
     def answer(self, target: str, *, if_none_match: str | None) -> Answer:
         """The answer to a GET of ``target`` (a path and query): a document (304 when its
@@ -137,20 +149,10 @@ class Publisher:
         url = urllib.parse.urlsplit(target)
         if url.path in (METADATA_PATH, JWKS_PATH):
             rp = urllib.parse.parse_qs(url.query).get("rp", [None])[-1]
-            status, kind, body = self.document(url.path, rp)
-            if status != HTTPStatus.OK:
-                return Answer(status, kind, body)
-            tag = etag(body)
-            headers = {
-                "ETag": tag,
-                "Cache-Control": f"public, max-age={self.config.max_age_seconds}",
-            }
-            if tag in _tags(if_none_match):
-                return Answer(HTTPStatus.NOT_MODIFIED, kind, b"", headers)
-            return Answer(status, kind, body, headers)
+            return self._document(url.path, rp, if_none_match)
         if url.path == METRICS_PATH:
             kind = "text/plain; version=0.0.4; charset=utf-8"
-            return Answer(HTTPStatus.OK, kind, self._metrics(), {"Cache-Control": "no-store"})
+            return Answer(HTTPStatus.OK, kind, self.metrics.get(), {"Cache-Control": "no-store"})
         if url.path == HEALTH_PATH:
             health = self._health()
             status = HTTPStatus.OK if health.ok else HTTPStatus.SERVICE_UNAVAILABLE
@@ -160,22 +162,31 @@ class Publisher:
 
     def document(self, path: str, rp: str | None) -> tuple[int, str, bytes]:
         """(status, content type, body) of a metadata or JWKS request."""
+        answer = self._document(path, rp, None)
+        return answer.status, answer.kind, answer.body
+
+    def _document(self, path: str, rp: str | None, if_none_match: str | None) -> Answer:
+        name, kind = (
+            (METADATA, "application/samlmetadata+xml")
+            if path == METADATA_PATH
+            else (JWKS, "application/json")
+        )
         try:
-            keys = from_store(self.store, now=self._clock())
-            if path == METADATA_PATH:
-                entity_id, sso_url = metadata_settings(self.config)
-                body = metadata(keys, entity_id=entity_id, sso_url=sso_url)
-                kind, name = "application/samlmetadata+xml", "metadata"
-            else:
-                body, kind, name = jwks(keys), "application/json", "jwks"
+            document = self.documents.get(name, now=self._clock())
         except ConfigError as exc:
-            return HTTPStatus.NOT_FOUND, _TEXT, _line(exc)
+            return Answer(HTTPStatus.NOT_FOUND, _TEXT, _line(exc))
         except Error as exc:
             log.warning("cannot publish %s: %s", path, exc.diagnostics())
-            return HTTPStatus.SERVICE_UNAVAILABLE, _TEXT, _line(exc)
+            return Answer(HTTPStatus.SERVICE_UNAVAILABLE, _TEXT, _line(exc))
         if rp is not None:
-            self._note_fetch(rp, name, keys.signing_thumbprints)
-        return HTTPStatus.OK, kind, body
+            self._note_fetch(rp, name, document.thumbprints)
+        headers = {
+            "ETag": document.etag,
+            "Cache-Control": f"public, max-age={self.config.max_age_seconds}",
+        }
+        if document.etag in _tags(if_none_match):
+            return Answer(HTTPStatus.NOT_MODIFIED, kind, b"", headers)
+        return Answer(HTTPStatus.OK, kind, document.body, headers)
 
     def _note_fetch(self, rp: str, document: str, thumbprints: tuple[str, ...]) -> None:
         if rp not in self._parties:
@@ -193,45 +204,6 @@ class Publisher:
             with self._recorded_lock:
                 self._recorded.pop(rp, None)
             log.warning("cannot record relying party %s's fetch: %s", rp, exc.diagnostics())
-
-
-class _Handler(BaseHTTPRequestHandler):
-    """One connection's requests, each answered by :meth:`Publisher.answer`."""
-
-    server_version = "farmkeys"
-    sys_version = ""
-    timeout = 10  # a client that sends nothing is dropped
-
-    def __init__(
-        self,
-        request: socket.socket,
-        client_address: tuple[str, int],
-        server: socketserver.BaseServer,
-        *,
-        publisher: Publisher,
-    ) -> None:
-        self.publisher = publisher  # before the base class, which handles the request
-        super().__init__(request, client_address, server)
-
-    def do_GET(self) -> None:
-        self._answer(send_body=True)
-
-    def do_HEAD(self) -> None:
-        self._answer(send_body=False)
-
-    def _answer(self, *, send_body: bool) -> None:
-        answer = self.publisher.answer(self.path, if_none_match=self.headers.get("If-None-Match"))
-        self.send_response(answer.status)
-        self.send_header("Content-Type", answer.kind)
-        self.send_header("Content-Length", str(len(answer.body)))
-        for name, value in answer.headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        if send_body and answer.status != HTTPStatus.NOT_MODIFIED:
-            self.wfile.write(answer.body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
 
 
 def _line(exc: Error) -> bytes:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
-from typing import Any
 
 from farmkeys import policy as rollover_policy
 from farmkeys.config import Config
@@ -35,7 +34,7 @@ from farmkeys.status.local_store import check_local_store
 from farmkeys.status.master_keys import keys_in_directory, master_keys
 from farmkeys.status.nodes import check_nodes, node_statuses
 from farmkeys.status.problems import Problems
-from farmkeys.status.relying_parties import relying_parties
+from farmkeys.status.relying_parties import fetch_authenticator, relying_parties
 from farmkeys.status.state_record import farm_state_status
 from farmkeys.vocab import LIVE_ROLES
 
@@ -51,7 +50,6 @@ __all__ = [
     "NextAction",
     "NodeStatus",
     "RelyingPartyStatus",
-    "farm_status",
     "read_farm_status",
 ]
 
@@ -84,7 +82,9 @@ def read_farm_status(
     keys, schedule = master_keys(config, now, recorded, in_directory, rows, problems)
     current = rollover_policy.current_key(recorded)
     state = farm_state_status(db, farm, live, nodes, current, directory, problems)
-    parties, unfetched = relying_parties(config, db, live, now, problems)
+    parties, unfetched = relying_parties(
+        config, db, live, now, problems, authentic=fetch_authenticator(directory, farm)
+    )
 
     lease = db.lease()
     if lease is None or not lease.valid:
@@ -107,14 +107,6 @@ def read_farm_status(
         relying_parties=parties,
         checked_at=now,
     )
-
-
-def farm_status(
-    config: Config, db: ConfigDB, directory: Directory | None, *, now: datetime
-) -> dict[str, Any]:
-    """The farm at a glance as the JSON document `farmkeys status --json` prints: the
-    JSON form of :func:`read_farm_status`, for a caller that wants the document itself."""
-    return read_farm_status(config, db, directory, now=now).to_json()
 
 
 def _leader(lease: Lease | None) -> LeaderInfo | None:

@@ -4,12 +4,16 @@ which promotion of a signing secondary waits for whom."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from farmkeys import policy as rollover_policy
 from farmkeys.config import Config, PolicyConfig, RelyingParty
 from farmkeys.db import CertificateRow, ConfigDB, FetchRow
+from farmkeys.db.rows import Farm
+from farmkeys.directory import Directory
+from farmkeys.errors import DirectoryError
+from farmkeys.formats import fetch_record
 from farmkeys.status.document import RelyingPartyStatus, iso
 from farmkeys.status.problems import Problems
 
@@ -22,14 +26,32 @@ def relying_parties(
     live: Sequence[CertificateRow],
     now: datetime,
     problems: Problems,
+    *,
+    authentic: Callable[[FetchRow], bool] | None = None,
 ) -> tuple[tuple[RelyingPartyStatus, ...], Unfetched]:
     """Each relying party of ``[publish]``: its last fetch, and whether it has fetched the
-    signing secondary; and which secondaries' promotions wait for whom."""
+    signing secondary; which secondaries' promotions wait for whom; and a warning for
+    each that has not fetched the signing primary (after an urgent rollover: until each
+    has the new key).
+
+    ``authentic`` tells a fetch record that carries its serving node's MAC from a forged
+    one (the config DB is attacker-writable); without it (no directory), every row counts.
+    """
     parties = config.publish.parties
     if not parties:
         return (), {}
-    fetches = db.fetches()
+    fetches = [f for f in db.fetches() if authentic is None or authentic(f)]
     fetched = {(f.relying_party, f.thumbprint) for f in fetches}
+    primary = _live(live, "primary")
+    if primary is not None:
+        lacking = [p.name for p in parties if (p.name, primary.thumbprint) not in fetched]
+        if lacking:
+            problems.add(
+                "warning",
+                f"relying parties {', '.join(lacking)} have not fetched the signing primary"
+                f" {primary.thumbprint} (since {iso(primary.created_at)}): they reject the"
+                " tokens it signs until they fetch the metadata",
+            )
     secondary = _live(live, "secondary")
     live_signing = {r.thumbprint for r in live if r.purpose == "signing"}
     found = tuple(_party(party, fetches, fetched, secondary, live_signing) for party in parties)
@@ -88,3 +110,36 @@ def _check_held(
         f" {iso(due)}, waits for relying parties that have not fetched it:"
         f" {', '.join(waiting)}{regardless}",
     )
+
+
+def fetch_authenticator(
+    directory: Directory | None, farm: Farm
+) -> Callable[[FetchRow], bool] | None:
+    """Whether a fetch record carries a valid MAC of the node that served it, checked with
+    the master key it names (read once each). None without a directory; a record whose
+    key cannot be read now (the directory away, a problem status reports anyway) counts
+    as it did before fetch MACs: status shows, it decides nothing. A record with no MAC,
+    or one that does not verify, is a forgery and never counts."""
+    if directory is None:
+        return None
+    keys: dict[uuid.UUID, bytes | None] = {}
+
+    def authentic(fetch: FetchRow) -> bool:
+        if fetch.mac is None or fetch.mac_key is None:
+            return False
+        if fetch.mac_key not in keys:
+            try:
+                master = directory.master_key(farm.dkm_group, fetch.mac_key)
+                keys[fetch.mac_key] = fetch_record.mac_key(master, farm.dkm_group)
+            except DirectoryError:
+                keys[fetch.mac_key] = None
+        key = keys[fetch.mac_key]
+        return key is None or fetch_record.verify(
+            key,
+            fetch.mac,
+            farm=farm.dkm_group,
+            relying_party=fetch.relying_party,
+            thumbprint=fetch.thumbprint,
+        )
+
+    return authentic

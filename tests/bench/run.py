@@ -37,6 +37,7 @@ def main() -> int:
             + (["--rollovers", "3", "--failovers", "1"] if quick else []),
             ["bench_herd.py", "--herd", "100" if quick else "500"],
             ["bench_connections.py", "--nodes", "10" if quick else "20"],
+            ["bench_crowd.py"] + (["--rounds", "2", "--seconds", "5"] if quick else []),
         ]
         others = [["bench_master_key.py"], ["bench_directory.py"], ["bench_publish.py"]]
         failed = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -308,3 +309,26 @@ def test_the_schema_forbids_a_holder_without_an_expiry(initialised_farm: TestFar
         pytest.raises(psycopg.errors.CheckViolation),
     ):
         conn.execute("UPDATE leader_lease SET holder = 'x', holder_node = 'x', expires_at = NULL")
+
+
+def test_a_leader_check_reads_the_farm_state_record_once_outside_the_fence(
+    db: ConfigDB, initialised_farm: TestFarm, config: Config
+) -> None:
+    """The key the record is under is learnt and prefetched from one read; the fence reads
+    the record again under the lease row's lock, as it must."""
+    a = Election(db, node_id="node-a", lease=LEASE)
+    assert a.try_acquire()
+    reads: list[int] = []
+    original = db.stored_state
+
+    def counted() -> Any:
+        reads.append(1)
+        return original()
+
+    db.stored_state = counted  # type: ignore[method-assign]
+    with Directory(config.directory, config.retry) as directory:
+        leader = Leader(config, db, directory, a)
+        assert leader.check() == []  # nothing due
+        first = len(reads)
+        assert leader.check() == []
+    assert len(reads) - first == 1, reads

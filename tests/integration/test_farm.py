@@ -20,7 +20,7 @@ from farmkeys.config import load
 from farmkeys.db import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.formats import blob as blob_format
-from farmkeys.status import farm_status
+from farmkeys.status import read_farm_status
 from farmkeys.store import Store
 from farmkeys.sync import sync
 from farmkeys_lab.postgres import LocalPostgres
@@ -453,9 +453,9 @@ def test_status_is_critical_inside_the_critical_threshold(
     assert any("inside the critical threshold" in p for p in result.json["problems"])
     cfg = load(farm.config())
     with ConfigDB(cfg.database, cfg.retry) as db:
-        warn = farm_status(cfg, db, None, now=datetime.now(UTC) + timedelta(days=350))
-    assert warn["health"] == "warning"
-    assert any("has no secondary yet" in p for p in warn["problems"])
+        warn = read_farm_status(cfg, db, None, now=datetime.now(UTC) + timedelta(days=350))
+    assert warn.health == "warning"
+    assert any("has no secondary yet" in p for p in warn.problems)
 
 
 def test_status_exits_3_when_the_config_db_is_unreachable(initialised_farm: TestFarm) -> None:

@@ -527,3 +527,40 @@ def test_now_is_passed_in(synced: TestFarm) -> None:
     assert found is not None
     now = datetime(2030, 1, 1, tzinfo=UTC)
     assert publish.published(*found, now=now) == publish.published(*found, now=now)
+
+
+def test_after_an_urgent_rollover_status_warns_until_every_relying_party_has_the_new_key(
+    synced: TestFarm,
+) -> None:
+    synced.overrides["publish"] = {**PUBLISH, "relying_parties": PARTIES}
+    old = live(synced, "signing", "primary")
+    record_fetch(synced, "rp1", old)
+    record_fetch(synced, "rp2", old)
+    assert not [p for p in status(synced)["problems"] if "have not fetched" in p]
+
+    expect_ok(synced.run("rollover", "--urgent", "--purpose", "signing"))
+    new = live(synced, "signing", "primary")
+    assert new != old
+
+    def lacking() -> list[str]:
+        found = [p for p in status(synced)["problems"] if "have not fetched the signing" in p]
+        assert all(new in p for p in found)
+        return found
+
+    (warning,) = lacking()
+    assert "relying parties rp1, rp2 have not fetched the signing primary" in warning
+    record_fetch(synced, "rp1", new)
+    (warning,) = lacking()
+    assert "relying parties rp2 have" in warning
+    # A config DB writer's row for rp2, with no MAC or a MAC that does not verify: still warned.
+    record_fetch(synced, "rp2", new, signed=False)
+    assert lacking()
+    with psycopg.connect(synced.dsn) as conn:
+        conn.execute(
+            "UPDATE relying_party_fetch SET mac = decode(repeat('00', 32), 'hex'),"
+            " mac_key = (SELECT mac_key FROM relying_party_fetch WHERE relying_party = 'rp1'"
+            " AND mac_key IS NOT NULL LIMIT 1) WHERE relying_party = 'rp2'"
+        )
+    assert lacking()
+    record_fetch(synced, "rp2", new)
+    assert lacking() == []

@@ -1,9 +1,10 @@
-"""The lab's private servers.
+"""The lab's private servers, and the lab an operator keeps running by hand.
 
 PostgreSQL: its own cluster, closed to anyone without its password, and a
 synchronous streaming standby of it that can be promoted. Samba: an
 AD domain controller on 127.0.0.1 only, TLS verified with the lab's CA, the
-service account delegated on the AD FS parent and nobody else.
+service account delegated on the AD FS parent and nobody else. All three start
+through one start-and-wait loop (farmkeys_lab.servers.wait_until_serving).
 """
 
 from __future__ import annotations
@@ -11,10 +12,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shlex
+import signal
 import socket
 import ssl
 import stat
+import subprocess
+import sys
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,6 +41,7 @@ from farmkeys_lab.samba import (
     sid_text,
     write_ca_certificate,
 )
+from farmkeys_lab.servers import free_port, wait_until_serving
 
 
 def test_the_private_cluster_listens_on_loopback_and_runs_unprivileged(
@@ -375,3 +383,366 @@ def test_a_second_dc_in_the_same_process_fails_at_once(
     assert samba_dc.running
     with ldaps(samba_dc, samba_dc.service_dn, samba_dc.service_password) as conn:
         assert conn.bound
+
+
+# -- the start-and-wait loop the three servers share ---------------------------------------
+
+# Generous: a loaded 2-core machine. No test below waits for it to pass.
+SERVING_TIMEOUT_SECONDS = 60.0
+
+
+class ToyServerError(RuntimeError):
+    pass
+
+
+def toy_server(tmp_path: Path, code: str) -> tuple[subprocess.Popen[bytes], Path]:
+    """A Python child running ``code``, its output in a log, as the lab starts its servers."""
+    log_path = tmp_path / "toy.log"
+    with log_path.open("ab") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-c", code], stdout=log_file, stderr=log_file, cwd=tmp_path
+        )
+    return process, log_path
+
+
+def wait_for_toy(
+    process: subprocess.Popen[bytes], log_path: Path, port: int, stopped: list[str], **options
+) -> None:
+    def on_failure() -> None:
+        stopped.append("stopped")
+        process.kill()
+        process.wait()
+
+    wait_until_serving(
+        process,
+        name="toy",
+        port=port,
+        ready=f"accepting connections on port {port}",
+        timeout=options.pop("timeout", SERVING_TIMEOUT_SECONDS),
+        log_path=log_path,
+        log_offset=0,
+        error=ToyServerError,
+        on_failure=on_failure,
+        **options,
+    )
+
+
+def test_a_server_that_exits_before_serving_is_named_with_its_status_and_output(
+    tmp_path: Path,
+) -> None:
+    process, log_path = toy_server(tmp_path, "print('no such option', flush=True); exit(3)")
+    port, stopped = free_port(), []
+    with pytest.raises(
+        ToyServerError,
+        match=rf"^toy exited with status 3 before accepting connections on port {port}; "
+        r"its output:\nno such option$",
+    ):
+        wait_for_toy(process, log_path, port, stopped)
+    assert stopped == ["stopped"]
+
+
+def test_a_server_that_never_serves_is_stopped_and_named_with_the_last_complaint(
+    tmp_path: Path,
+) -> None:
+    listening = (
+        "import socket, time\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
+        "open('port', 'w').write(str(s.getsockname()[1]))\n"
+        "print('listening', flush=True); time.sleep(600)\n"
+    )
+    process, log_path = toy_server(tmp_path, listening)
+    port = int(
+        wait_until(
+            lambda: (tmp_path / "port").exists() and (tmp_path / "port").read_text(),
+            SERVING_TIMEOUT_SECONDS,
+            "the toy server listens",
+        )
+    )
+    stopped: list[str] = []
+
+    def refuse() -> None:
+        raise ConnectionError("the database system is starting up")
+
+    with pytest.raises(
+        ToyServerError,
+        match=rf"^toy was not accepting connections on port {port} within 1 s "
+        r"\(the database system is starting up\); its output:\nlistening$",
+    ):
+        wait_for_toy(
+            process, log_path, port, stopped, check=refuse, starting=(ConnectionError,), timeout=1
+        )
+    assert stopped == ["stopped"]
+    assert process.poll() is not None
+
+
+def test_a_server_is_serving_once_it_accepts_and_its_check_passes(tmp_path: Path) -> None:
+    listening = (
+        "import socket, time\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
+        "open('port', 'w').write(str(s.getsockname()[1]))\n"
+        "time.sleep(600)\n"
+    )
+    process, log_path = toy_server(tmp_path, listening)
+    try:
+        port = int(
+            wait_until(
+                lambda: (tmp_path / "port").exists() and (tmp_path / "port").read_text(),
+                SERVING_TIMEOUT_SECONDS,
+                "the toy server listens",
+            )
+        )
+        answers = iter([ConnectionError("starting"), ConnectionError("recovering"), None])
+        checked: list[str] = []
+
+        def check() -> None:
+            checked.append("checked")
+            answer = next(answers)
+            if answer is not None:
+                raise answer
+
+        stopped: list[str] = []
+        wait_for_toy(process, log_path, port, stopped, check=check, starting=(ConnectionError,))
+        assert checked == ["checked"] * 3
+        assert stopped == [] and process.poll() is None
+    finally:
+        process.kill()
+        process.wait()
+
+
+# -- the lab an operator keeps running: python -m farmkeys_lab up (make lab) --------------
+
+# Generous: starting slapd, initdb and `farmkeys init` on a loaded 2-core machine.
+LAB_START_SECONDS = 240.0
+LAB_STOP_SECONDS = 120.0
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
+
+
+def lab_env() -> dict[str, str]:
+    """The environment of the Makefile's `LAB` prefix: tools/ on PYTHONPATH, no FARMKEYS_*."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FARMKEYS_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TOOLS), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_lab(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "farmkeys_lab", *args],
+        capture_output=True,
+        text=True,
+        env=lab_env(),
+        timeout=LAB_START_SECONDS,
+        check=False,
+    )
+
+
+class Lab:
+    """`python -m farmkeys_lab up --dir FOLDER` as a child, its output read as it comes."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.lines: list[str] = []
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "farmkeys_lab", "up", "--dir", str(folder)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=lab_env(),
+        )
+        self._reader = ThreadPoolExecutor(1)
+        self._reader.submit(self._read)
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_ready(self) -> None:
+        wait_until(
+            lambda: (
+                any(line.startswith("lab ready: ") for line in self.lines)
+                or self.process.poll() is not None
+            ),
+            LAB_START_SECONDS,
+            "the lab prints that it is ready",
+            detail=lambda: self.output,
+        )
+        assert self.process.poll() is None, self.output
+
+    def line(self, pattern: str) -> re.Match[str]:
+        for line in self.lines:
+            if found := re.search(pattern, line):
+                return found
+        raise AssertionError(f"no line matches {pattern!r} in:\n{self.output}")
+
+    def servers(self) -> dict[str, tuple[int, int]]:
+        """What the lab said it started: name -> (port, pid)."""
+        slapd = self.line(r"^directory: slapd at ldap://127\.0\.0\.1:(\d+), .*, pid (\d+)$")
+        postgres = self.line(r"^config DB: PostgreSQL at 127\.0\.0\.1:(\d+), pid (\d+)$")
+        return {
+            "slapd": (int(slapd[1]), int(slapd[2])),
+            "postgres": (int(postgres[1]), int(postgres[2])),
+        }
+
+    def printed_command(self, node: str, command: str) -> list[str]:
+        """The command line the lab printed for ``farmkeys --config <node's config> COMMAND``."""
+        found = self.line(rf"^  (\S+ --config \S+/{node}\.toml {command})$")
+        return shlex.split(found[1])
+
+    def stop(self, sig: int = signal.SIGINT) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout=LAB_STOP_SECONDS)
+        finally:
+            self._reader.shutdown(wait=True)
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=LAB_STOP_SECONDS)
+        self._reader.shutdown(wait=True)
+
+
+def gone(port: int, pid: int) -> bool:
+    """Nothing listens on ``port`` and process ``pid`` is no more (or only a zombie)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return False
+    except OSError:
+        pass
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except OSError:
+        return True
+    return state in ("Z", "X")
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    started = Lab(tmp_path / "lab")
+    try:
+        yield started
+    finally:
+        if started.process.poll() is None:
+            started.kill()
+
+
+def test_the_lab_serves_farmkeys_until_sigint_then_stops_both_servers(lab: Lab) -> None:
+    lab.wait_ready()
+    servers = lab.servers()
+    assert all(not gone(port, pid) for port, pid in servers.values())
+    assert stat.S_IMODE(lab.folder.stat().st_mode) == 0o700
+    configs = [lab.folder / "node-a.toml", lab.folder / "node-b.toml"]
+    for config in configs:
+        assert stat.S_IMODE(config.stat().st_mode) == 0o600
+        assert config.read_text() in lab.output  # printed whole
+    assert stat.S_IMODE((lab.folder / "directory.password").stat().st_mode) == 0o600
+    assert "created farm 'contoso'" in lab.output  # farmkeys init ran, once
+    assert lab.output.count("$ farmkeys init") == 1
+
+    # The printed commands work as printed, against the lab's servers.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FARMKEYS_")}
+    sync = subprocess.run(
+        lab.printed_command("node-a", "sync"), capture_output=True, text=True, env=env, timeout=120
+    )
+    assert sync.returncode == 0, sync.stderr
+    assert "node-a: installed generation 1" in sync.stdout
+    assert (lab.folder / "stores" / "node-a" / "manifest.json").is_file()
+    status = subprocess.run(
+        lab.printed_command("node-a", "status"),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    # ok, or a warning (no `serve` runs here, so nobody leads): never "cannot tell" (3).
+    assert status.returncode in (0, 1), status.stdout + status.stderr
+    assert "contoso" in status.stdout and "node-a" in status.stdout
+    for node in ("node-a", "node-b"):
+        lab.printed_command(node, r"serve 2>\S+ &")
+    lab.printed_command("node-b", "rollover --purpose signing")
+
+    # A second lab on the same folder is refused in one line, and the first keeps running.
+    second = run_lab("up", "--dir", str(lab.folder))
+    assert second.returncode == 1
+    assert second.stderr.startswith(f"farmkeys-lab: error: a lab already runs in {lab.folder}")
+    assert len(second.stderr.splitlines()) == 1, second.stderr
+    assert lab.process.poll() is None
+    assert all(not gone(port, pid) for port, pid in servers.values())
+
+    assert lab.stop(signal.SIGINT) == 0, lab.output
+    assert all(gone(port, pid) for port, pid in servers.values())
+    stopped = lab.line(r"^stopped slapd \(pid (\d+)\) and PostgreSQL \(pid (\d+)\);")
+    assert (int(stopped[1]), int(stopped[2])) == (servers["slapd"][1], servers["postgres"][1])
+    # What pointed at the servers is gone; the logs stay.
+    assert not any(config.exists() for config in configs)
+    assert not (lab.folder / "directory.password").exists()
+    assert (lab.folder / "slapd" / "slapd.log").is_file()
+
+
+def test_sigterm_stops_the_lab_too_and_a_new_lab_stops_what_a_killed_one_left(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "lab"
+    first = Lab(folder)
+    try:
+        first.wait_ready()
+        left = first.servers()
+    finally:
+        first.kill()  # SIGKILL: its servers run on, in sessions of their own
+    assert all(not gone(port, pid) for port, pid in left.values())
+    (folder / "left-by-the-first.txt").write_text("")
+
+    second = Lab(folder)
+    try:
+        second.wait_ready()
+        assert all(gone(port, pid) for port, pid in left.values()), second.output
+        assert not (folder / "left-by-the-first.txt").exists()  # the folder was cleared
+        old_url = f'url = "ldap://127.0.0.1:{left["slapd"][0]}"\n'
+        assert old_url not in (folder / "node-a.toml").read_text()
+        second.line(r"^stopping the slapd \(pid \d+\) an earlier lab here left running$")
+        servers = second.servers()
+        assert second.stop(signal.SIGTERM) == 0, second.output
+    finally:
+        if second.process.poll() is None:
+            second.kill()
+    assert all(gone(port, pid) for port, pid in servers.values())
+
+
+def test_the_lab_refuses_a_folder_it_may_not_use_in_one_line(tmp_path: Path) -> None:
+    somebodys = tmp_path / "notes"
+    somebodys.mkdir()
+    (somebodys / "todo.txt").write_text("keep me\n")
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    for folder, problem in (
+        (somebodys, "holds files but is not a lab's folder"),
+        (a_file, "is not a folder"),
+    ):
+        refused = run_lab("up", "--dir", str(folder))
+        assert refused.returncode == 1
+        assert refused.stderr.startswith(f"farmkeys-lab: error: {folder} {problem}")
+        assert len(refused.stderr.splitlines()) == 1, refused.stderr
+        assert refused.stdout == ""
+    assert (somebodys / "todo.txt").read_text() == "keep me\n"
+
+
+def test_the_lab_without_a_command_prints_its_usage() -> None:
+    refused = run_lab()
+    assert refused.returncode == 2
+    assert "usage: python -m farmkeys_lab" in refused.stderr
+    assert "the following arguments are required: COMMAND" in refused.stderr
+
+
+def test_a_lab_whose_server_dies_says_which_and_exits_1(lab: Lab) -> None:
+    lab.wait_ready()
+    servers = lab.servers()
+    os.kill(servers["slapd"][1], signal.SIGKILL)
+    assert lab.process.wait(timeout=LAB_STOP_SECONDS) == 1, lab.output
+    lab.stop()
+    error = lab.line(r"^farmkeys-lab: error: slapd stopped by itself; its log is (\S+)$")
+    assert Path(error[1]) == lab.folder / "slapd" / "slapd.log"
+    assert all(gone(port, pid) for port, pid in servers.values())

@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from datetime import datetime
+from email.message import Message
 from pathlib import Path
 from typing import Any
 
@@ -86,15 +87,17 @@ def leader_rows(farm: TestFarm) -> list[dict[str, Any]]:
     return db_query(farm.dsn, "SELECT holder_node FROM leader_lease WHERE expires_at > now()")
 
 
-def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, Message, bytes]:
+    """(status, headers, body); the headers are looked up ignoring case, as HTTP's are
+    (waitress sends ``Etag``)."""
     request = urllib.request.Request(url, headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status, dict(response.headers), response.read()
+            return response.status, response.headers, response.read()
     except urllib.error.HTTPError as error:
-        return error.code, dict(error.headers), error.read()
+        return error.code, error.headers, error.read()
     except OSError:
-        return 0, {}, b""
+        return 0, Message(), b""
 
 
 def test_every_node_answers_the_same_documents_with_caching_headers(
@@ -253,7 +256,13 @@ def test_healthz_stays_200_but_degraded_while_the_config_db_is_away(
         )
         status, body = health(url)
         assert status == 200 and "not connected to the config DB" in body["problems"]
-        assert metrics(url)["farmkeys_status_up"] == [({}, 0.0)]
+        # /metrics is cached for a second (publish.METRICS_CACHE_SECONDS).
+        wait_until(
+            lambda: metrics(url)["farmkeys_status_up"] == [({}, 0.0)],
+            20.0,
+            "/metrics says the farm's state is unread",
+            interval=0.2,
+        )
         # The documents come from the store: relying parties still get the keys.
         assert get(url + publish.JWKS_PATH)[0] == 200
     finally:
@@ -503,3 +512,31 @@ def test_the_last_relying_partys_fetch_wakes_the_leader_to_promote(quick_farm: T
 def _has(url: str, thumbprint: str) -> bool:
     """Whether the metadata lists ``thumbprint`` (its KeyName)."""
     return f"<ds:KeyName>{thumbprint}</ds:KeyName>" in get(url + publish.METADATA_PATH)[2].decode()
+
+
+def test_serve_listens_with_a_deep_backlog_and_stops_on_sigterm_beside_slow_clients(
+    quick_farm: TestFarm,
+) -> None:
+    """The serving process's listening socket has publish.backlog (ss reads it back), and
+    SIGTERM stops it cleanly while clients hold connections with incomplete requests."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with ServeNodes(quick_farm) as nodes:
+        serve = nodes.start("node-a", publish={**PUBLISH, "listen": f"127.0.0.1:{port}"})
+        wait_until(lambda: get(url + publish.HEALTH_PATH)[0] == 200, START, "serve answers")
+        out = subprocess.run(
+            ["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True
+        ).stdout.split()
+        assert int(out[2]) == 1024  # Send-Q of a listening socket: its backlog
+        slow = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(20)]
+        try:
+            for sock in slow:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nX-Slow: ")
+            assert get(url + publish.METADATA_PATH)[0] == 200
+            assert nodes.stop("node-a", timeout=20) == 0, nodes.logs()
+            for sock in slow:
+                assert sock.recv(1024) == b""  # closed by the server as it stopped
+        finally:
+            for sock in slow:
+                sock.close()
+    assert "stopped" in serve.tail(5)

@@ -307,3 +307,34 @@ def test_a_name_like_no_other_gets_no_suggestion(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         config.load(write(tmp_path, MINIMAL + "\n[xyzzy]\n"))
     assert "did you mean" not in caught.value.what
+
+
+def test_the_http_limits_have_defaults_that_hold_a_crowd_and_can_be_set(tmp_path: Path) -> None:
+    defaults = config.load(write(tmp_path, MINIMAL), environ={}).publish
+    assert (defaults.threads, defaults.max_queued) == (8, 256)
+    assert (defaults.connection_limit, defaults.backlog) == (512, 1024)
+    assert defaults.request_timeout_seconds == 10.0
+    text = MINIMAL + (
+        "\n[publish]\nthreads = 2\nmax_queued = 0\nconnection_limit = 64\nbacklog = 128\n"
+        "request_timeout_seconds = 2.5\n"
+    )
+    cfg = config.load(write(tmp_path, text), environ={"FARMKEYS_PUBLISH_THREADS": "3"})
+    assert (cfg.publish.threads, cfg.publish.max_queued) == (3, 0)
+    assert (cfg.publish.connection_limit, cfg.publish.backlog) == (64, 128)
+    assert cfg.publish.request_timeout_seconds == 2.5
+
+
+@pytest.mark.parametrize(
+    ("line", "complaint"),
+    [
+        ("threads = 0", r"publish.threads must be from 1 to 256, not 0"),
+        ("max_queued = -1", r"publish.max_queued must be from 0 to 100000, not -1"),
+        ("connection_limit = 0", r"publish.connection_limit must be from 1 to 100000, not 0"),
+        ("backlog = 5", r"publish.backlog must be from 128 to 65535, not 5"),
+        ("request_timeout_seconds = 0", r"publish.request_timeout_seconds must be more than 0"),
+        ('threads = "many"', r"must be an integer"),
+    ],
+)
+def test_bad_http_limits_are_one_clear_error(tmp_path: Path, line: str, complaint: str) -> None:
+    with pytest.raises(ConfigError, match=complaint):
+        config.load(write(tmp_path, MINIMAL + f"\n[publish]\n{line}\n"), environ={})

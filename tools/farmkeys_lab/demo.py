@@ -9,8 +9,9 @@ on every node in the background, ``farmkeys rollover --purpose signing``
 (answered by whichever node leads, and installed by all within a second),
 ``farmkeys status`` and ``farmkeys events``; node-a also publishes over HTTP,
 and the demo fetches its SAML metadata, JWKS and health as a relying party and
-a load balancer would. Everything listens on 127.0.0.1; the services, slapd and
-PostgreSQL are stopped at the end.
+a load balancer would (a summary of each document's keys; a short one whole). Everything
+listens on 127.0.0.1; the services, slapd and PostgreSQL are stopped at the end, and the
+demo says so: ``make lab`` (:mod:`farmkeys_lab.lab`) keeps servers running.
 
 With ``DEMO_DATABASE_DSN`` set, the demo uses that database of an existing
 PostgreSQL (empty, or holding a farm "contoso" from an earlier demo) instead of
@@ -20,20 +21,25 @@ starting a cluster of its own.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
+from xml.etree import ElementTree
 
 import psycopg
 
+from farmkeys_lab.nodes import publish_section, write_node_config
 from farmkeys_lab.postgres import LocalPostgres
+from farmkeys_lab.servers import free_port
 from farmkeys_lab.slapd import LocalSlapd
 
 DATABASE = "farmkeys_demo"
@@ -41,30 +47,13 @@ NODES = ("node-a", "node-b", "node-c")  # three: _wait_for_leader counts them
 
 
 def _write_config(root: Path, slapd: LocalSlapd, dsn: str, node: str, publish: str = "") -> Path:
-    password_file = slapd.write_password_file(root / "directory.password")
-    path = root / f"{node}.toml"
-    path.write_text(
-        f"""# farmkeys demo: node {node}
-[farm]
-name = "contoso"
-[node]
-id = "{node}"
-store = "{root / "stores" / node}"
-[database]
-dsn = "{dsn}"
-[directory]
-url = "{slapd.url}"
-bind_dn = "{slapd.service_dn}"
-password_file = "{password_file}"
-container = "{slapd.container}"
-layout = "openldap"
-[policy]
-key = "rsa-2048"
-certificate_duration = 365
-{publish}""",
-        encoding="utf-8",
+    heading = (
+        f"farmkeys demo: node {node}. The demo's servers stop when it ends, so this file then"
+        " points at nothing; `make lab` starts servers that keep running."
     )
-    return path
+    return write_node_config(
+        root, node=node, slapd=slapd, dsn=dsn, heading=heading, publish=publish
+    )
 
 
 def _farmkeys(*args: str, config: Path) -> int:
@@ -118,20 +107,70 @@ def _wait_for_nodes(dsn: str) -> bool:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _fetch(url: str) -> None:
-    """GET one of node-a's endpoints and show its head, as a relying party would see it."""
+    """GET one of node-a's endpoints and say what came back, as a relying party would see it."""
     print(f"\n$ curl {url}", flush=True)
-    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - loopback
-        body = response.read().decode()
-        print(f"HTTP {response.status}  ETag {response.headers.get('ETag')}")
-    lines = body.splitlines()
-    print("\n".join(line[:110] for line in lines[:8]) + ("\n..." if len(lines) > 8 else ""))
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - loopback
+            status, headers, body = response.status, response.headers, response.read()
+    except urllib.error.HTTPError as exc:  # 503 from /healthz, say: still worth showing
+        status, headers, body = exc.code, exc.headers, exc.read()
+    path = urllib.parse.urlsplit(url).path
+    print("\n".join(describe_answer(path, status, headers.get("ETag"), body)), flush=True)
+
+
+# A document up to this long is printed whole; a longer one is summarised, never cut.
+WHOLE_DOCUMENT_BYTES = 2000
+_MD = "{urn:oasis:names:tc:SAML:2.0:metadata}"
+_DS = "{http://www.w3.org/2000/09/xmldsig#}"
+
+
+def describe_answer(path: str, status: int, etag: str | None, body: bytes) -> list[str]:
+    """The lines the demo prints for an HTTP answer: its status, its ETag when it has one,
+    then the body whole if it is short, else a summary of what it holds (the SAML
+    metadata's and the JWKS's keys), so nothing printed is a cut-off document."""
+    head = f"HTTP {status}" + (f", ETag {etag}" if etag else "")
+    size = f"{len(body):,} bytes"
+    if status == 200 and path.endswith("FederationMetadata.xml"):
+        return [head, *_describe_metadata(body, size)]
+    if status == 200 and path == "/adfs/discovery/keys":
+        return [head, *_describe_jwks(body, size)]
+    if len(body) <= WHOLE_DOCUMENT_BYTES:
+        return [head, body.decode("utf-8", "replace").rstrip("\n")]
+    return [head, f"{size}, not shown"]
+
+
+def _describe_metadata(body: bytes, size: str) -> list[str]:
+    # Our own node's answer on loopback, and ElementTree expands no external entity.
+    root = ElementTree.fromstring(body)  # noqa: S314
+    keys = [
+        (descriptor.get("use", "any"), descriptor.findtext(f"{_DS}KeyInfo/{_DS}KeyName", "?"))
+        for descriptor in root.iter(f"{_MD}KeyDescriptor")
+    ]
+    signing = sum(use == "signing" for use, _ in keys)
+    encryption = sum(use == "encryption" for use, _ in keys)
+    lines = [
+        f"SAML metadata of {root.get('entityID', '(no entityID)')}:"
+        f" {_count(signing, 'signing key')},"
+        f" {_count(encryption, 'encryption key')}, {size}"
+    ]
+    lines += [f"  {use:<10}  {name}" for use, name in keys]
+    return lines
+
+
+def _describe_jwks(body: bytes, size: str) -> list[str]:
+    keys = json.loads(body)["keys"]
+    lines = [f"JWKS: {_count(len(keys), 'key')}, {size}"]
+    lines += [
+        f"  kid {key.get('kid', '-')}  {key.get('kty', '-')} {key.get('alg', '-')}"
+        f"  use {key.get('use', '-')}"
+        for key in keys
+    ]
+    return lines
+
+
+def _count(number: int, thing: str) -> str:
+    return f"{number} {thing}{'' if number == 1 else 's'}"
 
 
 def main() -> int:
@@ -141,31 +180,50 @@ def main() -> int:
     root.mkdir(mode=0o700)
     print(f"demo farm in {root}")
     with contextlib.ExitStack() as stack:
-        slapd = stack.enter_context(LocalSlapd(root / "slapd"))
-        print(f"directory: private slapd at {slapd.url} (suffix {slapd.suffix})")
-        dsn = _config_db(stack, root)
-        port = _free_port()
-        publish = (
-            f'[publish]\nlisten = "127.0.0.1:{port}"\n'
-            'entity_id = "https://fs.contoso.example/adfs/services/trust"\n'
-            'sso_url = "https://fs.contoso.example/adfs/ls/"\nrelying_parties = ["rp1"]\n'
-        )
-        configs = {
-            node: _write_config(root, slapd, dsn, node, publish if node == "node-a" else "")
-            for node in NODES
-        }
-        steps = [("init", configs["node-a"]), ("init", configs["node-b"])]
-        steps += [("sync", configs[node]) for node in NODES]
-        for command, config in steps:
-            if _farmkeys(command, config=config) != 0:
-                print(f"demo: `farmkeys {command}` failed", file=sys.stderr)
-                return 1
-        code = _serving(root, configs, dsn, port)
-        if code is None:
+        code = _run(stack, root)
+        print("\nstopping slapd" + ("" if _existing_database() else " and PostgreSQL"), flush=True)
+    print(_ending(root))
+    return code
+
+
+def _existing_database() -> bool:
+    return bool(os.environ.get("DEMO_DATABASE_DSN"))
+
+
+def _ending(root: Path) -> str:
+    """The demo's last words: what is gone, and how to get servers that stay."""
+    servers = "its slapd is" if _existing_database() else "its slapd and PostgreSQL are"
+    return (
+        f"\nThe demo is over: {servers} stopped, so the configs in {root} point at servers"
+        " that are gone (the logs stay).\n"
+        "For a lab that keeps running, with two node configs to try farmkeys on by hand:"
+        " make lab"
+    )
+
+
+def _run(stack: contextlib.ExitStack, root: Path) -> int:
+    """The demo with its servers in ``stack``: the exit code of ``main``."""
+    slapd = stack.enter_context(LocalSlapd(root / "slapd"))
+    print(f"directory: private slapd at {slapd.url} (suffix {slapd.suffix})")
+    dsn = _config_db(stack, root)
+    port = free_port()
+    publish = publish_section(port)
+    configs = {
+        node: _write_config(root, slapd, dsn, node, publish if node == "node-a" else "")
+        for node in NODES
+    }
+    steps = [("init", configs["node-a"]), ("init", configs["node-b"])]
+    steps += [("sync", configs[node]) for node in NODES]
+    for command, config in steps:
+        if _farmkeys(command, config=config) != 0:
+            print(f"demo: `farmkeys {command}` failed", file=sys.stderr)
             return 1
-        print(f"\nservice logs: {root}/<node>.log")
-        _show_stores(root)
-        return code
+    code = _serving(root, configs, dsn, port)
+    if code is None:
+        return 1
+    print(f"\nservice logs: {root}/<node>.log")
+    _show_stores(root)
+    return code
 
 
 def _config_db(stack: contextlib.ExitStack, root: Path) -> str:
@@ -203,6 +261,9 @@ def _serving(root: Path, configs: dict[str, Path], dsn: str, port: int) -> int |
             "/healthz",
         ):
             _fetch(base + path)
+        config = shlex.quote(str(configs["node-a"]))
+        print(f"\nthe whole documents: farmkeys metadata --config {config}")
+        print(f"                     farmkeys jwks --config {config}")
         code = _farmkeys("status", config=configs["node-a"])
         print(f"\nstatus exit code {code} (0 ok, 1 warning, 2 critical, 3 unknown)")
         _farmkeys("events", config=configs["node-a"])

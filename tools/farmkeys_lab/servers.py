@@ -1,10 +1,13 @@
-"""What the lab servers share: a free loopback port, a readiness probe, their logs, stopping."""
+"""What the lab servers share: a free loopback port, a readiness probe, their logs, starting
+and stopping."""
 
 from __future__ import annotations
 
 import logging
 import socket
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -53,3 +56,57 @@ def stop_child(
         log.warning("%s %d did not stop on signal %d; killing it", name, process.pid, sig)
         process.kill()
         process.wait(timeout=timeout)
+
+
+# How often wait_until_serving looks again.
+_POLL_SECONDS = 0.05
+
+
+def wait_until_serving(
+    process: subprocess.Popen[bytes],
+    *,
+    name: str,
+    port: int,
+    ready: str,
+    timeout: float,
+    log_path: Path,
+    log_offset: int,
+    error: Callable[[str], Exception],
+    on_failure: Callable[[], None],
+    check: Callable[[], None] | None = None,
+    starting: tuple[type[Exception], ...] = (),
+) -> None:
+    """Return once the server ``process`` we just started serves; else stop it and raise.
+
+    Serving means: something accepts TCP connections on 127.0.0.1:``port`` and, when
+    given, ``check()`` returns (a login, a bind) instead of raising one of ``starting``,
+    the errors of a server still starting up. If ``process`` exits first, or ``timeout``
+    seconds pass, ``on_failure()`` is called (it stops what is left and forgets the
+    process) and ``error(message)`` is raised; the message says what happened, ``ready``
+    (what serving means, e.g. "accepting logins on port 5432"), the last complaint of
+    ``check`` and the tail of ``log_path`` since ``log_offset``.
+    """
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            code = process.returncode
+            on_failure()
+            raise error(
+                f"{name} exited with status {code} before {ready}; its output:\n"
+                f"{log_tail(log_path, log_offset)}"
+            )
+        if accepts(port):
+            if check is None:
+                return
+            try:
+                check()
+                return
+            except starting as exc:
+                last = " ".join(str(exc).split()) or type(exc).__name__
+        time.sleep(_POLL_SECONDS)
+    on_failure()
+    raise error(
+        f"{name} was not {ready} within {timeout:.0f} s ({last or 'no answer'}); its output:\n"
+        f"{log_tail(log_path, log_offset)}"
+    )

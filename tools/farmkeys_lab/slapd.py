@@ -29,7 +29,6 @@ import shutil
 import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -37,7 +36,7 @@ from typing import Self
 import ldap3
 from ldap3.utils.hashed import hashed
 
-from farmkeys_lab.servers import accepts, free_port, log_tail, stop_child
+from farmkeys_lab.servers import free_port, stop_child, wait_until_serving
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +161,11 @@ class LocalSlapd:
         return self._process is not None and self._process.poll() is None
 
     @property
+    def pid(self) -> int | None:
+        """slapd's pid; None when stopped."""
+        return self._process.pid if self.running and self._process is not None else None
+
+    @property
     def conf_path(self) -> Path:
         return self.workdir / "slapd.conf"
 
@@ -219,8 +223,19 @@ class LocalSlapd:
                 stdout=log_file,
                 stderr=log_file,
                 cwd=self.workdir,
+                start_new_session=True,  # a Ctrl-C of the caller's terminal is not its stop
             )
-        self._wait_until_listening(log_offset)
+        wait_until_serving(
+            self._process,
+            name="slapd",
+            port=self.port,
+            ready=f"accepting connections on {self.url}",
+            timeout=START_TIMEOUT_SECONDS,
+            log_path=self.log_path,
+            log_offset=log_offset,
+            error=SlapdError,
+            on_failure=self.stop,
+        )
         log.info("slapd %d listening on %s", self._process.pid, self.url)
         if not self._seeded:
             self._seed()
@@ -288,29 +303,6 @@ class LocalSlapd:
         fd = os.open(self.conf_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-
-    def _wait_until_listening(self, log_offset: int) -> None:
-        assert self._process is not None
-        deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                code = self._process.returncode
-                self._process = None
-                raise SlapdError(
-                    f"slapd exited with status {code} before listening on {self.url}; "
-                    f"its output:\n{self._log_tail(log_offset)}"
-                )
-            if accepts(self.port):
-                return
-            time.sleep(0.05)
-        self.stop()
-        raise SlapdError(
-            f"slapd did not accept connections on {self.url} within "
-            f"{START_TIMEOUT_SECONDS:.0f} s; its output:\n{self._log_tail(log_offset)}"
-        )
-
-    def _log_tail(self, offset: int) -> str:
-        return log_tail(self.log_path, offset)
 
     def _seed(self) -> None:
         server = ldap3.Server(self.url, get_info=ldap3.NONE, connect_timeout=5)

@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -24,7 +23,7 @@ from typing import Any, Self
 import psycopg
 import psycopg.conninfo
 
-from farmkeys_lab.servers import LOOPBACK, accepts, free_port, log_tail, stop_child
+from farmkeys_lab.servers import LOOPBACK, free_port, log_tail, stop_child, wait_until_serving
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +192,19 @@ class Cluster:
                 **self._as_account(),
                 start_new_session=True,  # a Ctrl-C of the caller's terminal is not its stop
             )
-        self._wait_until_ready(offset)
+        wait_until_serving(
+            self._process,
+            name="postgres",
+            port=self.port,
+            ready=f"accepting logins on port {self.port}",
+            timeout=START_TIMEOUT_SECONDS,
+            log_path=self.log_path,
+            log_offset=offset,
+            error=PostgresError,
+            on_failure=lambda: self.stop(mode="immediate"),
+            check=self._log_in,
+            starting=(psycopg.OperationalError,),  # starting up, recovering
+        )
         log.info("postgres %d listening on %s:%d", self._process.pid, LOOPBACK, self.port)
 
     def stop(self, *, mode: str = "fast") -> None:
@@ -293,40 +304,18 @@ class Cluster:
             )
         return data
 
-    def _wait_until_ready(self, log_offset: int) -> None:
-        assert self._process is not None
-        deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        last = "no answer"
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                code = self._process.returncode
-                self._process = None
-                raise PostgresError(
-                    f"postgres exited with status {code} before accepting logins on port "
-                    f"{self.port}; its log:\n{self._log_tail(log_offset)}"
-                )
-            if accepts(self.port):
-                try:
-                    with psycopg.connect(self.admin_dsn, connect_timeout=2) as conn:
-                        conn.execute("SELECT 1")
-                    return
-                except psycopg.OperationalError as exc:  # starting up, recovering
-                    last = " ".join(str(exc).split())
-            time.sleep(0.05)
-        self.stop(mode="immediate")
-        raise PostgresError(
-            f"postgres did not accept logins on port {self.port} within "
-            f"{START_TIMEOUT_SECONDS:.0f} s ({last}); its log:\n{self._log_tail(log_offset)}"
-        )
+    def _log_in(self) -> None:
+        with psycopg.connect(self.admin_dsn, connect_timeout=2) as conn:
+            conn.execute("SELECT 1")
+
+    def _log_tail(self, offset: int) -> str:
+        return log_tail(self.log_path, offset, empty="(no log)")
 
     def _as_account(self) -> dict[str, Any]:
         """subprocess options that run initdb and the server as ``_account`` (none: as us)."""
         if self._account is None:
             return {}
         return {"user": self._account.pw_uid, "group": self._account.pw_gid, "extra_groups": []}
-
-    def _log_tail(self, offset: int) -> str:
-        return log_tail(self.log_path, offset, empty="(no log)")
 
 
 def check_name(name: str, *, what: str = "database name") -> None:

@@ -23,7 +23,7 @@ from farmkeys_lab.samba.domain import (
 )
 from farmkeys_lab.samba.ldap import connect
 from farmkeys_lab.samba.sockets import ports_problem
-from farmkeys_lab.servers import LOOPBACK, accepts, log_tail
+from farmkeys_lab.servers import LOOPBACK, wait_until_serving
 
 log = logging.getLogger(__name__)
 
@@ -154,25 +154,16 @@ def wait_until_ready(
 ) -> None:
     """Wait until ``user`` binds over ldaps with CA verification; stop samba and raise if not."""
     url = f"ldaps://{LOOPBACK}:{LDAPS_PORT}"
-    deadline = time.monotonic() + START_TIMEOUT_SECONDS
-    last = "no answer"
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            code = process.returncode
-            stop_group(process)
-            raise SambaError(
-                f"samba exited with status {code} before answering on {url}; its output:\n"
-                f"{log_tail(log_path, offset)}"
-            )
-        if accepts(LDAPS_PORT):
-            try:
-                connect(url, user, password, ca_file, timeout=2).unbind()
-                return
-            except (LDAPException, OSError) as exc:  # still starting
-                last = " ".join(str(exc).split()) or type(exc).__name__
-        time.sleep(0.05)
-    stop_group(process)
-    raise SambaError(
-        f"samba did not accept an ldaps bind on {url} within {START_TIMEOUT_SECONDS:.0f} s "
-        f"({last}); its output:\n{log_tail(log_path, offset)}"
+    wait_until_serving(
+        process,
+        name="samba",
+        port=LDAPS_PORT,
+        ready=f"accepting an ldaps bind on {url}",
+        timeout=START_TIMEOUT_SECONDS,
+        log_path=log_path,
+        log_offset=offset,
+        error=SambaError,
+        on_failure=lambda: stop_group(process),
+        check=lambda: connect(url, user, password, ca_file, timeout=2).unbind(),
+        starting=(LDAPException, OSError),  # still starting
     )
