@@ -103,8 +103,10 @@ def import_adfs(
     key_file: Path | None,
     now: datetime,
     timeout_seconds: float,
+    reason: str | None = None,
 ) -> RolloverOutcome:
-    """Check an AD FS certificate and have the leader add it to the farm as ``role``."""
+    """Check an AD FS certificate and have the leader add it to the farm as ``role``
+    (``reason``: the operator's `--reason`, signed with the request and audited)."""
     if purpose not in PURPOSES or role not in ROLES:
         raise ValueError(f"purpose {purpose!r} or role {role!r} is not one farmkeys knows")
     farm = db.require_farm()
@@ -146,5 +148,6 @@ def import_adfs(
         urgent=False,
         lifetime_seconds=timeout_seconds,
         import_=(terms, sealed),
+        reason=reason,
     )
     return await_answer(config, db, directory, request, timeout_seconds=timeout_seconds)

@@ -8,11 +8,17 @@ waits for the leader's answer. When no process leads, the command takes the
 lease itself and answers its own request under the fence, with the leader's
 code: that is why this module sits above :mod:`farmkeys.leader` and below
 the CLI and :mod:`farmkeys.adfs_import`, its two callers.
+
+Every request names who asks (:func:`requester`): the account the command runs as
+(with sudo's ``SUDO_USER``), the host it runs on, and the operator's ``--reason``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import pwd
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -22,11 +28,44 @@ from farmkeys.config import Config
 from farmkeys.db import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.election import Election, read_lease
-from farmkeys.errors import Error, LeaderTimeoutError
+from farmkeys.errors import Error, LeaderTimeoutError, RequestRefusedError
 from farmkeys.formats import request as request_format
 from farmkeys.leader import Leader
 
 log = logging.getLogger(__name__)
+
+
+def account() -> str:
+    """The account this command runs as, as a request names it.
+
+    The effective user's name (``"uid 1234"`` when it has none in the password
+    database). Run through sudo for another user, with ``SUDO_USER`` naming someone
+    else: ``"alice via sudo as root"``. ``SUDO_USER`` is what sudo set in the
+    environment; whoever runs the command could set it too (docs/security.md).
+    """
+    uid = os.geteuid()
+    try:
+        me = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        me = f"uid {uid}"
+    sudo_user = os.environ.get("SUDO_USER")
+    if sudo_user and sudo_user != me:
+        return f"{sudo_user} via sudo as {me}"
+    return me
+
+
+def requester(reason: str | None) -> request_format.Requester:
+    """Who asks: this command's :func:`account`, this host's name (``gethostname()``,
+    which asks no DNS server), and ``reason``; refused when one cannot be signed."""
+    who = request_format.Requester(account=account(), host=socket.gethostname(), reason=reason)
+    why = who.problem()
+    if why is not None:
+        raise RequestRefusedError(
+            f"the request cannot say who asks: {why}",
+            f"a --reason is one line of at most {request_format.MAX_REASON} printable characters,"
+            " and SUDO_USER and the host name must be printable too; nothing was asked",
+        )
+    return who
 
 
 @dataclass(frozen=True)
@@ -47,11 +86,13 @@ def request_rollover(
     urgent: bool,
     timeout_seconds: float,
     repair: request_format.RepairTerms | None = None,
+    reason: str | None = None,
 ) -> RolloverOutcome:
     """Ask the leader for a rollover and wait for its answer.
 
     ``purpose`` None asks for a master-key rollover (`--master-key`);
     ``repair`` for `farmkeys repair-state` instead, vouching for those terms.
+    ``reason``: the operator's `--reason`, signed with the request and audited.
 
     When no process holds the lease, take it for the operation, answer the
     request under the fence, and give the lease back. Either way exactly one
@@ -68,6 +109,7 @@ def request_rollover(
         urgent=urgent,
         lifetime_seconds=timeout_seconds,
         repair=repair,
+        reason=reason,
     )
     return await_answer(config, db, directory, request, timeout_seconds=timeout_seconds)
 
@@ -87,13 +129,18 @@ def file_request(
     lifetime_seconds: float,
     repair: request_format.RepairTerms | None = None,
     import_: tuple[request_format.ImportTerms, bytes] | None = None,
+    reason: str | None = None,
 ) -> int:
     """Sign a request under the farm's current master key (the one the directory's
     CryptoPolicy names, not the config DB's word) and queue it; its id.
 
+    The request names who asks (:func:`requester`, with ``reason``); one that cannot
+    is refused before anything is read.
+
     It stays valid for ``lifetime_seconds`` and a minute more (at most
     :data:`farmkeys.formats.request.MAX_LIFETIME_SECONDS`), by the config DB's clock.
     """
+    who = requester(reason)
     farm = db.require_farm()
     key_id = directory.current_key_id(farm.dkm_group)
     key = directory.master_key(farm.dkm_group, key_id)
@@ -117,6 +164,7 @@ def file_request(
             master_key=key_id,
             repair=repair,
             import_=None if import_ is None else import_[0],
+            requester=who,
         )
         return request_format.sign(request, key)
 
@@ -130,8 +178,19 @@ def file_request(
         import_=None
         if import_ is None or terms is None
         else (terms.certificate, import_[1], terms.role, terms.source),
+        requester=(who.account, who.host, who.reason),
         sign=sign,
     )
+
+
+# What a leader of request format 1 answers a format-2 body: its field list has no account.
+_OLD_FIELDS_REFUSAL = "the request is malformed: the request does not have exactly the fields"
+
+
+def _refused_by_an_older_leader(result: str) -> bool:
+    """Whether an answer is a format-1 leader's refusal of this command's format-2 body
+    (a newer leader names the requester's fields in the same refusal)."""
+    return _OLD_FIELDS_REFUSAL in result and "'account'" not in result
 
 
 def await_answer(
@@ -148,9 +207,19 @@ def await_answer(
     while True:
         answer = db.request_answer(request)
         if answer.done_at is not None:
-            return RolloverOutcome(
+            outcome = RolloverOutcome(
                 request, bool(answer.ok), answer.done_by, answer.term, answer.result or ""
             )
+            if not outcome.ok and _refused_by_an_older_leader(outcome.result):
+                raise RequestRefusedError(
+                    f"the leader ({outcome.done_by}) refused request {request} as malformed: it"
+                    f" runs a farmkeys older than this command's request format"
+                    f" ({request_format.FORMAT})",
+                    "nothing was done; upgrade farmkeys on the leader first (a rolling upgrade"
+                    " upgrades the leader before it files requests from upgraded nodes), or file"
+                    " the request from a node that runs the leader's version",
+                )
+            return outcome
         if not read_lease(db).valid:
             election = Election(db, node_id=config.node.id, lease=config.lease)
             if election.try_acquire():

@@ -348,6 +348,7 @@ def _repair_state(args: argparse.Namespace, config: Config) -> int:
             urgent=False,
             repair=review.terms,
             timeout_seconds=args.wait,
+            reason=args.reason,
         )
     return _answer("repair-state", outcome)
 
@@ -383,6 +384,7 @@ def _request(
             purpose=purpose,
             urgent=urgent,
             timeout_seconds=args.wait,
+            reason=args.reason,
         )
     return _answer(kind, outcome)
 
@@ -424,6 +426,7 @@ def _import(args: argparse.Namespace, config: Config) -> int:
             key_file=Path(args.dkm_key_file) if args.dkm_key_file else None,
             now=_now(),
             timeout_seconds=args.wait,
+            reason=args.reason,
         )
     if not outcome.ok:
         raise ImportRefusedError(

@@ -163,6 +163,17 @@ def _add_wait(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_reason(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--reason",
+        type=_reason,
+        default=None,
+        metavar="TEXT",
+        help="why you ask, in one line (at most 200 characters): signed with the request and"
+        " shown by `farmkeys events` with your account and host",
+    )
+
+
 def _add_init(commands: _Commands) -> None:
     commands.add(
         "init",
@@ -309,6 +320,7 @@ def _add_rollover(commands: _Commands) -> None:
         " is required)",
     )
     _add_wait(rollover)
+    _add_reason(rollover)
 
 
 def _add_repair_state(commands: _Commands) -> None:
@@ -339,6 +351,7 @@ def _add_repair_state(commands: _Commands) -> None:
         help="do not ask for confirmation (for scripts; without a terminal it is required)",
     )
     _add_wait(repair)
+    _add_reason(repair)
 
 
 def _add_escrow(commands: _Commands) -> None:
@@ -400,6 +413,7 @@ def _add_import(commands: _Commands) -> None:
         help="the AD FS DKM key as hex or base64 (mode 0600); default: read it from the directory",
     )
     _add_wait(adfs)
+    _add_reason(adfs)
 
 
 def _add_events(commands: _Commands) -> None:
@@ -435,6 +449,19 @@ _BUILDERS: tuple[Callable[[_Commands], None], ...] = (
 )
 
 _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _reason(text: str) -> str:
+    """A request's ``--reason``: one line of printable text within the request's limit."""
+    from farmkeys.formats import request as request_format  # only when --reason is given
+
+    why = request_format.text_problem(text, limit=request_format.MAX_REASON)
+    if why is not None:
+        raise argparse.ArgumentTypeError(
+            f"the reason is refused: {why}; give one line of at most"
+            f" {request_format.MAX_REASON} printable characters"
+        )
+    return text
 
 
 def _since(text: str) -> datetime:

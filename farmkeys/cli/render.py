@@ -235,7 +235,33 @@ def _event_json(event: AuditEvent) -> dict[str, Any]:
         "thumbprint": event.thumbprint,
         "master_key": None if event.master_key is None else str(event.master_key),
         "detail": event.detail,
+        "requester": _requester_json(event),
     }
+
+
+def _requester_json(event: AuditEvent) -> dict[str, Any] | None:
+    """Who asked for an event's request (None: nobody asked; account and host None: a
+    farmkeys before request format 2 did not say)."""
+    if event.request is None:
+        return None
+    return {
+        "request": event.request,
+        "account": event.account,
+        "host": event.host,
+        "reason": event.reason,
+    }
+
+
+def _asked(event: AuditEvent) -> str:
+    """Who asked for an event, as its line says it (empty: nobody asked)."""
+    if event.request is None:
+        return ""
+    if event.account is None:
+        who = "a requester not recorded (an older farmkeys filed it)"
+    else:
+        who = f"{event.account} on {event.host}"
+    why = "" if event.reason is None else f": {event.reason!r}"
+    return f"  [request {event.request} by {who}{why}]"
 
 
 def events_text(events: Sequence[AuditEvent]) -> list[str]:
@@ -245,7 +271,7 @@ def events_text(events: Sequence[AuditEvent]) -> list[str]:
         term = "-" if e.term is None else e.term
         key = None if e.master_key is None else str(e.master_key)
         what = " ".join(x for x in (e.action, e.purpose, e.thumbprint, key) if x)
-        line = f"{_short(e.at)}  {e.node:<12} term {term!s:<4} {what}  {e.detail}"
+        line = f"{_short(e.at)}  {e.node:<12} term {term!s:<4} {what}  {e.detail}{_asked(e)}"
         lines.append(escape(line).rstrip())
     return lines or ["no events"]
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from farmkeys.db.audit import AuditQueries, AuditWrites
+from farmkeys.db.audit import AuditQueries, AuditWrites, attributed_to
 from farmkeys.db.certificates import CertificateQueries, CertificateWrites
 from farmkeys.db.connection import CHANGED_CHANNEL, REQUEST_CHANNEL, describe_dsn
 from farmkeys.db.lease import LeaseQueries, LeaseWrites
@@ -28,6 +28,7 @@ from farmkeys.db.nodes import NodeQueries, NodeWrites
 from farmkeys.db.preflight import PreflightQueries
 from farmkeys.db.requests import RequestQueries, RequestWrites
 from farmkeys.db.rows import (
+    Attribution,
     CertificateRow,
     Claim,
     Farm,
@@ -48,6 +49,7 @@ __all__ = [
     "CHANGED_CHANNEL",
     "MIGRATION_TABLE",
     "REQUEST_CHANNEL",
+    "Attribution",
     "CertificateRow",
     "Claim",
     "ConfigDB",
@@ -65,6 +67,7 @@ __all__ = [
     "RequestRow",
     "StoredState",
     "Transaction",
+    "attributed_to",
     "describe_dsn",
     "migrations",
 ]

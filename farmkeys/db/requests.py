@@ -18,7 +18,8 @@ from farmkeys.db.rows import RequestAnswer, RequestRow, request_row
 # lock, with what it authenticated).
 _PENDING = (
     "SELECT id, requested_by, purpose, urgent, master_key, repair_state,"
-    " import_certificate, import_blob, import_role, import_source, body, mac"
+    " import_certificate, import_blob, import_role, import_source, body, mac,"
+    " account, host, reason"
     " FROM rollover_request WHERE done_at IS NULL"
 )
 
@@ -33,6 +34,7 @@ class RequestQueries(Connection):
         master_key: bool = False,
         repair_state: bool = False,
         import_: tuple[uuid.UUID, bytes, str, str] | None = None,
+        requester: tuple[str, str, str | None],
         sign: Callable[[int, datetime], tuple[bytes, bytes]],
     ) -> int:
         """Queue a request for the leader and wake it; the request's id.
@@ -40,14 +42,21 @@ class RequestQueries(Connection):
         ``sign(id, now)`` makes the request's body and MAC (:mod:`farmkeys.formats.request`) once
         the row has its id, with the config DB's clock; both are written in the same
         transaction, so the leader never sees the row unsigned. ``import_``: the
-        certificate id, sealed blob, role and source of `import adfs`."""
+        certificate id, sealed blob, role and source of `import adfs`. ``requester``: the
+        account, host and reason the body names, copied into their columns for reading."""
         cert, blob, role, source = import_ if import_ is not None else (None, None, None, None)
+        account, host, reason = requester
         with self._transaction(Statements) as tx:
             rows = tx.execute(
                 "INSERT INTO rollover_request (requested_by, purpose, urgent, master_key,"
-                " repair_state, import_certificate, import_blob, import_role, import_source)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id, now() AS now",
-                (node_id, purpose, urgent, master_key, repair_state, cert, blob, role, source),
+                " repair_state, import_certificate, import_blob, import_role, import_source,"
+                " account, host, reason)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " RETURNING id, now() AS now",
+                (
+                    *(node_id, purpose, urgent, master_key, repair_state),
+                    *(cert, blob, role, source, account, host, reason),
+                ),
             )
             request_id = int(rows[0]["id"])
             body, mac = sign(request_id, rows[0]["now"])

@@ -160,6 +160,9 @@ class RequestRow:
     import_source: str | None
     body: bytes | None
     mac: bytes | None
+    account: str | None = None  # who the row claims asked: copies of the body's, or forged
+    host: str | None = None
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -219,6 +222,25 @@ class AuditEvent:
     thumbprint: str | None
     master_key: uuid.UUID | None
     detail: str
+    request: int | None = None  # the request it carried out (None: not asked for)
+    account: str | None = None  # who asked, as the request's verified body says
+    host: str | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Who asked for what the leader is doing: an authenticated request's id and its
+    verified requester (``account`` and ``host`` None: a format-1 body, not recorded)."""
+
+    request: int
+    account: str | None
+    host: str | None
+    reason: str | None
+
+    def columns(self) -> tuple[int, str | None, str | None, str | None]:
+        """The values of ``audit_event``'s request, account, host and reason columns."""
+        return (self.request, self.account, self.host, self.reason)
 
 
 def farm_row(row: dict[str, Any]) -> Farm:
@@ -256,6 +278,9 @@ def request_row(row: dict[str, Any]) -> RequestRow:
         import_source=row["import_source"],
         body=_bytes(row["body"]),
         mac=_bytes(row["mac"]),
+        account=row["account"],
+        host=row["host"],
+        reason=row["reason"],
     )
 
 

@@ -10,8 +10,10 @@ can be mistaken neither for a blob key nor for the farm state's MAC key, nor
 carried to another farm.
 
 The body covers every field the leader acts on: the row's id, a random nonce,
-the kind, the purpose, urgency, the requester, the creation time and expiry
-(by the config DB's clock, which the leader also judges by), and per kind:
+the kind, the purpose, urgency, the requesting node, the creation time and expiry
+(by the config DB's clock, which the leader also judges by), who asked (format 2,
+:class:`Requester`: the account and host the command ran as and on, and the
+operator's ``--reason``), and per kind:
 
 - ``repair_state``: the digest of exactly the live rows the operator reviewed
   (:func:`rows_digest`), the revoked thumbprints the operator keeps, whether
@@ -23,12 +25,18 @@ The leader (:mod:`farmkeys.leader`) acts on the body alone, after
 :func:`verify`, and refuses a row whose columns say anything else, whose nonce
 the authentic farm state lists as answered, or whose time has passed. Pure:
 no I/O.
+
+Format 1 (farmkeys before issue 22) had no requester. A leader still reads it, so
+that a command of an older farmkeys works during a rolling upgrade, and records its
+requester as not recorded (:attr:`Request.requester` None), never as anyone's; a
+leader of that older farmkeys refuses a format-2 body as malformed, and does nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import unicodedata
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -38,7 +46,8 @@ from farmkeys.errors import RequestRefusedError
 from farmkeys.formats import _canonical, _mac
 from farmkeys.vocab import REQUEST_PURPOSES
 
-FORMAT = "farmkeys-request/1"
+FORMAT = "farmkeys-request/2"
+FORMAT_1 = "farmkeys-request/1"  # before the requester (issue 22): still read
 MAC_INFO = b"farmkeys operator request MAC v1\x00"
 MAC_SIZE = 32
 MAX_BODY = 64 * 1024  # a request is a few hundred bytes; a repair lists some thumbprints
@@ -48,9 +57,16 @@ CLOCK_ALLOWANCE_SECONDS = 5 * 60
 """How far in the future a request's creation time may be (the config DB's clock, read by
 the command, then by the leader: a database failover can move it)."""
 
+MAX_ACCOUNT = 200
+"""The longest account a request names, in characters ("alice via sudo as root")."""
+MAX_HOST = 255
+"""The longest host name a request names, in characters (a DNS name's limit)."""
+MAX_REASON = 200
+"""The longest ``--reason``, in characters: a sentence or a ticket number."""
+
 KINDS = ("rollover", "master_key", "repair_state", "import")
 IMPORT_ROLES = ("primary", "secondary")
-_FIELDS = {
+_FIELDS_1 = {
     "created",
     "expires",
     "farm",
@@ -65,6 +81,7 @@ _FIELDS = {
     "requested_by",
     "urgent",
 }
+_FIELDS = _FIELDS_1 | {"account", "host", "reason"}
 _REPAIR_FIELDS = {"min_version", "revoked", "revoked_named", "rows"}
 _IMPORT_FIELDS = {"blob_sha256", "certificate", "role", "source"}
 
@@ -78,6 +95,56 @@ def _malformed(why: str) -> RequestRefusedError:
 
 _read = _canonical.Reader(_malformed, integers="a non-negative 64-bit integer")
 """The canonical JSON reader of requests, whose refusals say the request is malformed."""
+
+
+def text_problem(text: str, *, limit: int) -> str | None:
+    """What makes ``text`` unfit for a request's account, host or reason (None: fit): it
+    must be one line of at most ``limit`` printable characters, not empty.
+
+    Printable as Python's :meth:`str.isprintable` says: no control character (newline,
+    ESC, DEL, C1), no line or paragraph separator, no format character (the bidi
+    overrides and isolates), and no space but U+0020.
+    """
+    if not text:
+        return "it is empty"
+    if len(text) > limit:
+        return f"it is {len(text)} characters long, more than {limit}"
+    bad = next((c for c in text if not c.isprintable()), None)
+    if bad is not None:
+        kind = "control" if unicodedata.category(bad) in ("Cc", "Cf") else "non-printing"
+        return f"it holds the {kind} character U+{ord(bad):04X}"
+    return None
+
+
+@dataclass(frozen=True)
+class Requester:
+    """Who asked (format 2): what the command that signed the request says of itself.
+
+    ``account``: the account the command ran as, by its effective user id
+    (``"farmkeys"``), or ``"alice via sudo as root"`` when sudo ran it for another
+    user (its ``SUDO_USER``). ``host``: the host name it ran on (``gethostname()``).
+    ``reason``: the operator's ``--reason``, or None. Each is one line of printable
+    text within its limit (:func:`text_problem`). The MAC proves that a holder of the
+    farm's master key wrote them, not that they are true: see docs/security.md.
+    """
+
+    account: str
+    host: str
+    reason: str | None = None
+
+    def problem(self) -> str | None:
+        """Why this requester cannot be signed or read (None: it can)."""
+        for name, value, limit in (
+            ("account", self.account, MAX_ACCOUNT),
+            ("host", self.host, MAX_HOST),
+            ("reason", self.reason, MAX_REASON),
+        ):
+            if value is None and name == "reason":
+                continue
+            why = text_problem(value, limit=limit) if isinstance(value, str) else "not text"
+            if why is not None:
+                return f"its {name} is unfit: {why}"
+        return None
 
 
 @dataclass(frozen=True)
@@ -116,14 +183,19 @@ class Request:
     master_key: uuid.UUID  # the key the MAC is under
     repair: RepairTerms | None = None
     import_: ImportTerms | None = None
+    requester: Requester | None = None  # None only for a format-1 body: who asked is unknown
+
+    @property
+    def format(self) -> str:
+        return FORMAT_1 if self.requester is None else FORMAT
 
     def encode(self) -> bytes:
-        """The canonical bytes the MAC covers."""
+        """The canonical bytes the MAC covers (format 1 for a request without requester)."""
         document: dict[str, Any] = {
             "created": self.created,
             "expires": self.expires,
             "farm": str(self.farm),
-            "format": FORMAT,
+            "format": self.format,
             "id": self.id,
             "import": None,
             "kind": self.kind,
@@ -134,6 +206,10 @@ class Request:
             "requested_by": self.requested_by,
             "urgent": self.urgent,
         }
+        if self.requester is not None:
+            document["account"] = self.requester.account
+            document["host"] = self.requester.host
+            document["reason"] = self.requester.reason
         if self.repair is not None:
             document["repair"] = {
                 "min_version": self.repair.min_version,
@@ -167,7 +243,16 @@ def mac_key(master_key: bytes, farm: uuid.UUID) -> bytes:
 
 
 def sign(request: Request, master_key: bytes) -> tuple[bytes, bytes]:
-    """The request's bytes and their MAC under ``master_key`` (the key it names)."""
+    """The request's bytes and their MAC under ``master_key`` (the key it names).
+
+    A request without its requester, or with one that cannot be read back, is a
+    programming error (:class:`ValueError`): the command checks what it signs.
+    """
+    if request.requester is None:
+        raise ValueError("a request is signed with its requester (format 2)")
+    why = request.requester.problem()
+    if why is not None:
+        raise ValueError(f"the request's requester cannot be signed: {why}")
     body = request.encode()
     return body, hmac.new(mac_key(master_key, request.farm), body, hashlib.sha256).digest()
 
@@ -245,11 +330,18 @@ class RequestColumns(Protocol):
     def import_role(self) -> str | None: ...
     @property
     def import_source(self) -> str | None: ...
+    @property
+    def account(self) -> str | None: ...
+    @property
+    def host(self) -> str | None: ...
+    @property
+    def reason(self) -> str | None: ...
 
 
 def columns_differ(request: Request, row: RequestColumns) -> bool:
     """Whether a ``rollover_request`` row's columns say anything else than its signed body
-    (a DB writer flipped the kind, the purpose or urgency, or swapped the import's blob)."""
+    (a DB writer flipped the kind, the purpose or urgency, swapped the import's blob, or
+    changed who asked or why; a format-1 body's row names no account, host or reason)."""
     kind = (
         "master_key"
         if row.master_key
@@ -264,6 +356,10 @@ def columns_differ(request: Request, row: RequestColumns) -> bool:
         request.purpose,
         request.urgent,
     ) or row.requested_by != request.requested_by:
+        return True
+    who = request.requester
+    claimed = (row.account, row.host, row.reason)
+    if claimed != ((None, None, None) if who is None else (who.account, who.host, who.reason)):
         return True
     terms = request.import_
     if terms is None:
@@ -297,9 +393,10 @@ def parse(body: bytes) -> Request:
 
 
 def _request(document: object) -> Request:
-    fields = _read.fields(document, _FIELDS, "the request")
-    if fields["format"] != FORMAT:
+    if not isinstance(document, dict) or document.get("format") not in (FORMAT, FORMAT_1):
         raise _malformed(f"its format is not {FORMAT!r}")
+    form = document["format"]
+    fields = _read.fields(document, _FIELDS if form == FORMAT else _FIELDS_1, "the request")
     kind, purpose = fields["kind"], fields["purpose"]
     if kind not in KINDS:
         raise _malformed("its kind is unknown")
@@ -342,6 +439,12 @@ def _request(document: object) -> Request:
             source=terms["source"],
             blob_sha256=terms["blob_sha256"],
         )
+    requester = None
+    if form == FORMAT:
+        requester = Requester(fields["account"], fields["host"], fields["reason"])
+        why = requester.problem()
+        if why is not None:
+            raise _malformed(why)
     return Request(
         id=_read.integer(fields["id"], "id"),
         nonce=_read.uuid(fields["nonce"], "nonce"),
@@ -355,6 +458,7 @@ def _request(document: object) -> Request:
         master_key=_read.uuid(fields["master_key"], "master_key"),
         repair=repair,
         import_=import_,
+        requester=requester,
     )
 
 

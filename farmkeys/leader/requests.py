@@ -4,8 +4,11 @@ A row of ``rollover_request`` is a letter box anyone who writes the config DB ca
 The leader acts only on a request's signed body (:mod:`farmkeys.formats.request`), after
 checking its MAC, that the row's columns say the same, that it has not expired, and that
 the authentic farm state does not list its nonce as answered; the nonce goes into the
-record written with the answer. Any other row is answered "refused", audited as
-``request_refused`` with the requester the row claims, and nothing else is done.
+record written with the answer. Every audit event written while a request is carried out
+records the request and who asked, as its verified body says
+(:func:`farmkeys.db.attributed_to`). Any other row is answered "refused", audited as
+``request_refused`` with the requester the row claims (in the event's detail, marked
+claimed: never in its requester columns), and nothing else is done.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from farmkeys.config import Config
-from farmkeys.db import CHANGED_CHANNEL, ConfigDB, Farm, RequestRow
+from farmkeys.db import CHANGED_CHANNEL, Attribution, ConfigDB, Farm, RequestRow, attributed_to
 from farmkeys.directory import Directory
 from farmkeys.election import Election, Fence
 from farmkeys.errors import (
@@ -37,6 +40,25 @@ from farmkeys.leader.state import StateFence
 from farmkeys.vocab import ALL_PURPOSES, PURPOSES, AuditAction, Role
 
 log = logging.getLogger(__name__)
+
+
+def _asked_by(request_id: int, request: request_format.Request) -> Attribution:
+    """Who asked for an authenticated request, from its verified body alone."""
+    who = request.requester
+    if who is None:  # format 1: an older farmkeys did not say
+        return Attribution(request_id, None, None, None)
+    return Attribution(request_id, who.account, who.host, who.reason)
+
+
+def _claimed(row: RequestRow) -> str:
+    """The requester a refused row's columns claim, said as a claim."""
+    claims = [f"claimed requester {row.requested_by!r}"]
+    claims += [
+        f"{name} {value!r}"
+        for name, value in (("account", row.account), ("host", row.host))
+        if value is not None
+    ]
+    return ", claimed ".join(claims)
 
 
 class RequestAnswering:
@@ -70,16 +92,17 @@ class RequestAnswering:
                 return answered
             try:
                 request = self._authenticate(farm, row)
-                lines = self._answer_one(farm, row, request)
-                if lines is None:
-                    continue  # another process took the row meanwhile
-                if request.kind == "master_key":
-                    # A master-key roll spans several fenced steps: answered after the last.
-                    if self._key.known is None:
-                        self._refresh_key(farm)
-                    lines = self._master_keys.roll(farm, urgent=request.urgent, request=row.id)
-                    with self._state.fenced(farm) as fence:
-                        self._answered(fence, row.id, lines, signed=request)
+                with attributed_to(_asked_by(row.id, request)):
+                    lines = self._answer_one(farm, row, request)
+                    if lines is None:
+                        continue  # another process took the row meanwhile
+                    if request.kind == "master_key":
+                        # A master-key roll spans several fenced steps: answered after the last.
+                        if self._key.known is None:
+                            self._refresh_key(farm)
+                        lines = self._master_keys.roll(farm, urgent=request.urgent, request=row.id)
+                        with self._state.fenced(farm) as fence:
+                            self._answered(fence, row.id, lines, signed=request)
             except NeedKey as need:
                 self._spares.make(need.purpose)
                 continue
@@ -98,6 +121,14 @@ class RequestAnswering:
                 continue
             answered += 1
             log.info("request %d answered: %s", row.id, "; ".join(lines))
+            if request.requester is None:
+                log.warning(
+                    "request %d (%s) was filed by a farmkeys before request format 2: carried"
+                    " out, with who asked not recorded; upgrade farmkeys on node %s",
+                    row.id,
+                    request.describe(),
+                    request.requested_by,
+                )
 
     def _authenticate(self, farm: Farm, row: RequestRow) -> request_format.Request:
         """The request a row carries, once its MAC verifies and its columns agree with it
@@ -182,7 +213,7 @@ class RequestAnswering:
                 node=self._election.node_id,
                 term=fence.term,
                 action=AuditAction.REQUEST_REFUSED,
-                detail=f"request {row.id} (claimed requester {row.requested_by!r}): {exc.what}",
+                detail=f"request {row.id} ({_claimed(row)}): {exc.what}",
             )
             self._answered(fence, row.id, [f"refused: {exc.what}"], ok=False)
 

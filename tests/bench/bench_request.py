@@ -91,6 +91,7 @@ def main() -> None:
                 created=int(time.time()),
                 expires=int(time.time()) + 180,
                 master_key=key_id,
+                requester=request.Requester(account="farmkeys", host="bench", reason="bench"),
             )
 
             def unsigned() -> None:

@@ -223,8 +223,10 @@ def _request_seeds() -> list[bytes]:
     )
     repair = request.RepairTerms("ab" * 32, ("A" * 40,), True, 3)
     terms = request.ImportTerms(uuid.UUID(int=4), "secondary", "AD FS", "cd" * 32)
+    who = request.Requester("alice via sudo as root", "web1", "CHG-42")
     return [
-        base.encode(),
+        base.encode(),  # format 1, as a farmkeys before issue 22 made it
+        request.Request(**{**base.__dict__, "requester": who}).encode(),
         request.Request(**{**base.__dict__, "kind": "repair_state", "repair": repair}).encode(),
         request.Request(
             **{**base.__dict__, "kind": "import", "purpose": "signing", "import_": terms}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import uuid
 from dataclasses import replace
 from types import SimpleNamespace
@@ -21,6 +22,7 @@ from farmkeys.formats import request as request_format
 FARM = uuid.UUID("0b3f6c0e-8a55-4a57-9d1c-6f6d2a7e9a01")
 KEY_ID = uuid.UUID("5d2f0f4e-1b8e-4a9c-b7c1-3d0b8c2d4e11")
 KEY = bytes(range(32))
+WHO = request_format.Requester(account="alice via sudo as root", host="web1", reason="CHG-42")
 
 
 def keys(key_id: uuid.UUID) -> bytes:
@@ -41,6 +43,7 @@ def request(**changes: Any) -> request_format.Request:
         created=1_700_000_000,
         expires=1_700_000_180,
         master_key=KEY_ID,
+        requester=WHO,
     )
     return replace(made, **changes)
 
@@ -56,6 +59,9 @@ def row(signed: request_format.Request, **changes: Any) -> SimpleNamespace:
         "import_certificate": None,
         "import_role": None,
         "import_source": None,
+        "account": None if signed.requester is None else signed.requester.account,
+        "host": None if signed.requester is None else signed.requester.host,
+        "reason": None if signed.requester is None else signed.requester.reason,
     }
     return SimpleNamespace(**{**values, **changes})
 
@@ -82,21 +88,30 @@ def test_the_mac_is_hmac_sha256_under_the_documented_hkdf_label() -> None:
 def test_the_body_has_exactly_the_documented_fields() -> None:
     document = json.loads(request().encode())
     assert sorted(document) == [
+        "account",
         "created",
         "expires",
         "farm",
         "format",
+        "host",
         "id",
         "import",
         "kind",
         "master_key",
         "nonce",
         "purpose",
+        "reason",
         "repair",
         "requested_by",
         "urgent",
     ]
-    assert document["format"] == "farmkeys-request/1"
+    assert document["format"] == "farmkeys-request/2"
+    assert (document["account"], document["host"], document["reason"]) == (
+        "alice via sudo as root",
+        "web1",
+        "CHG-42",
+    )
+    assert json.loads(request(requester=replace(WHO, reason=None)).encode())["reason"] is None
 
 
 @pytest.mark.parametrize(
@@ -210,3 +225,100 @@ def test_the_rows_digest_changes_with_any_field_of_any_row() -> None:
     other = replace(entry, role="retired")
     assert request_format.rows_digest([entry]) != request_format.rows_digest([other])
     assert request_format.rows_digest([entry, other]) == request_format.rows_digest([other, entry])
+
+
+# -- who asked (format 2) and the format-1 bodies of an older farmkeys -------------------
+
+
+def v1_signed(signed: request_format.Request) -> tuple[bytes, bytes]:
+    """A format-1 body and its MAC, as a farmkeys before format 2 made them."""
+    body = replace(signed, requester=None).encode()
+    return body, hmac.new(request_format.mac_key(KEY, FARM), body, hashlib.sha256).digest()
+
+
+def test_who_asked_is_covered_by_the_mac() -> None:
+    body, mac = request_format.sign(request(), KEY)
+    for field, forged in (("account", "bob"), ("host", "web2"), ("reason", "routine")):
+        document = json.loads(body)
+        document[field] = forged
+        edited = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+        with pytest.raises(RequestRefusedError, match="MAC does not verify"):
+            request_format.verify(edited, mac, farm=FARM, row_id=42, key_for=keys)
+
+
+def test_a_format_1_body_is_read_with_its_requester_not_recorded() -> None:
+    body, mac = v1_signed(request())
+    document = json.loads(body)
+    assert document["format"] == "farmkeys-request/1"
+    assert "account" not in document and "reason" not in document
+    read = request_format.verify(body, mac, farm=FARM, row_id=42, key_for=keys)
+    assert read.requester is None
+    assert read == replace(request(), requester=None)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        # A format-1 body with a requester, and a format-2 body without one.
+        lambda d: d.update(format="farmkeys-request/1"),
+        lambda d: d.pop("account"),
+        lambda d: d.update(format="farmkeys-request/3"),
+    ],
+)
+def test_a_body_whose_fields_do_not_fit_its_format_is_refused(edit: Any) -> None:
+    document = json.loads(request().encode())
+    edit(document)
+    body = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+    with pytest.raises(RequestRefusedError, match="malformed"):
+        request_format.parse(body)
+
+
+def test_a_new_request_is_never_signed_without_its_requester() -> None:
+    with pytest.raises(ValueError, match="requester"):
+        request_format.sign(request(requester=None), KEY)
+    with pytest.raises(ValueError, match="control character"):
+        request_format.sign(request(requester=replace(WHO, reason="a\nb")), KEY)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "why"),
+    [
+        ("reason", "two\nlines", "control character U+000A"),
+        ("reason", "\x1b[8mhidden", "control character U+001B"),
+        ("reason", "abc\u202edcba", "control character U+202E"),
+        ("reason", "x" * 201, "201 characters long, more than 200"),
+        ("reason", "", "empty"),
+        ("reason", "no\u00a0break", "non-printing character U+00A0"),
+        ("account", "alice\rroot", "control character U+000D"),
+        ("account", "a" * 201, "more than 200"),
+        ("host", "h" * 256, "more than 255"),
+        ("host", 7, "not text"),
+    ],
+)
+def test_a_signed_body_with_an_unfit_requester_is_refused_as_malformed(
+    field: str, value: object, why: str
+) -> None:
+    document = json.loads(request().encode())
+    document[field] = value
+    body = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+    with pytest.raises(RequestRefusedError, match=f"its {field} is unfit: .*{re.escape(why)}"):
+        request_format.parse(body)
+
+
+def test_the_longest_reason_and_ordinary_text_are_fit() -> None:
+    assert request_format.text_problem("x" * 200, limit=request_format.MAX_REASON) is None
+    reason = "Zertifikat erneuert, Ticket #42 (Müller) — CORP\\alice"
+    signed = request(requester=replace(WHO, reason=reason))
+    assert request_format.parse(signed.encode()) == signed
+
+
+def test_columns_that_say_someone_else_asked_are_caught() -> None:
+    signed = request()
+    assert not request_format.columns_differ(signed, row(signed))
+    assert request_format.columns_differ(signed, row(signed, account="bob"))
+    assert request_format.columns_differ(signed, row(signed, host="web2"))
+    assert request_format.columns_differ(signed, row(signed, reason="routine"))
+    assert request_format.columns_differ(signed, row(signed, reason=None))
+    old = request(requester=None)  # a format-1 body: its row names nobody
+    assert not request_format.columns_differ(old, row(old))
+    assert request_format.columns_differ(old, row(old, account="alice"))
