@@ -36,7 +36,8 @@ certificates, master keys and endpoints by their ids, never by content.
     ├── StoreError               the node's local store cannot be read or written
     ├── EscrowError              an escrow file or its passphrase is unusable, or names another farm
     ├── ImportRefusedError       `import adfs` refused: exposed key file, no key, certificate known
-    └── PublishError             the keys cannot be published (nothing installed, a key JWKS lacks)
+    ├── PublishError             the keys cannot be published (nothing installed, a key JWKS lacks)
+    └── NodeInUseError           `nodes remove` refused: the node was heard from within the ttl
 """
 
 from __future__ import annotations
@@ -165,3 +166,8 @@ class ImportRefusedError(Error):
 
 class PublishError(Error):
     """The node cannot publish its keys: nothing is installed yet, or a key has no JWK form."""
+
+
+class NodeInUseError(Error):
+    """`farmkeys nodes remove` refused a node heard from within the lease's ttl: it still
+    runs, and its row would come back at its next heartbeat."""

@@ -82,6 +82,7 @@ class AuditAction(StrEnum):
     MASTER_KEY_POLICY = "master_key_policy"
     MASTER_KEY_RESEAL = "master_key_reseal"
     MASTER_KEY_DELETE = "master_key_delete"
+    NODE_REMOVE = "node_remove"
 
 
 class KeyType(StrEnum):

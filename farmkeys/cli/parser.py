@@ -53,8 +53,9 @@ class _Commands:
         *,
         dest: str,
         metavar: str,
+        required: bool = True,
     ) -> None:
-        self._subparsers = parser.add_subparsers(dest=dest, metavar=metavar, required=True)
+        self._subparsers = parser.add_subparsers(dest=dest, metavar=metavar, required=required)
         self._common = common
 
     def add(
@@ -66,11 +67,21 @@ class _Commands:
         )
 
     def group(
-        self, name: str, *, dest: str, metavar: str, help: str, description: str
-    ) -> _Commands:
-        """A command that takes a subcommand (`farmkeys db upgrade`)."""
+        self,
+        name: str,
+        *,
+        dest: str,
+        metavar: str,
+        help: str,
+        description: str,
+        required: bool = True,
+    ) -> tuple[argparse.ArgumentParser, _Commands]:
+        """A command that takes a subcommand (`farmkeys db upgrade`); with ``required``
+        False, one that also runs alone (`farmkeys nodes`). The command's own parser too."""
         parser = self.add(name, help=help, description=description)
-        return _Commands(parser, self._common, dest=dest, metavar=metavar)
+        return parser, _Commands(
+            parser, self._common, dest=dest, metavar=metavar, required=required
+        )
 
 
 def build() -> argparse.ArgumentParser:
@@ -185,7 +196,7 @@ def _add_init(commands: _Commands) -> None:
 
 
 def _add_db(commands: _Commands) -> None:
-    db = commands.group(
+    _, db = commands.group(
         "db",
         dest="db_command",
         metavar="SUBCOMMAND",
@@ -355,7 +366,7 @@ def _add_repair_state(commands: _Commands) -> None:
 
 
 def _add_escrow(commands: _Commands) -> None:
-    escrow = commands.group(
+    _, escrow = commands.group(
         "escrow",
         dest="escrow_command",
         metavar="ACTION",
@@ -380,7 +391,7 @@ def _add_escrow(commands: _Commands) -> None:
 
 
 def _add_import(commands: _Commands) -> None:
-    sources = commands.group(
+    _, sources = commands.group(
         "import",
         dest="import_source",
         metavar="SOURCE",
@@ -416,6 +427,41 @@ def _add_import(commands: _Commands) -> None:
     _add_reason(adfs)
 
 
+def _add_nodes(commands: _Commands) -> None:
+    nodes, actions = commands.group(
+        "nodes",
+        dest="nodes_command",
+        metavar="ACTION",
+        required=False,
+        help="list the farm's nodes; `nodes remove NODE` forgets one that is gone",
+        description="Without an action: every node the config DB knows, with when it was last "
+        "seen, whether its serve runs (serving, stopped since <time>, sync only), whether it "
+        "has installed the live set, and the farmkeys it runs. `remove` deletes a node's row, "
+        "audited (node_remove).",
+    )
+    nodes.add_argument("--json", action="store_true", help="print JSON for a machine")
+    remove = actions.add(
+        "remove",
+        help="forget a node that is gone for good (its row; audited)",
+        description="Delete NODE's row from the config DB, audited as node_remove with your "
+        "account, host and --reason. Refused for a node heard from within the lease's ttl "
+        "(it still runs: stop it first) unless --force. A node that runs again simply "
+        "re-appears.",
+    )
+    remove.add_argument("node", metavar="NODE", help="the node's id (`farmkeys nodes` lists them)")
+    remove.add_argument(
+        "--force", action="store_true", help="remove it even though it was heard from lately"
+    )
+    remove.add_argument(
+        "--reason",
+        type=_reason,
+        default=None,
+        metavar="TEXT",
+        help="why, in one line (at most 200 characters): in the audit event, with your account"
+        " and host",
+    )
+
+
 def _add_events(commands: _Commands) -> None:
     events = commands.add(
         "events",
@@ -445,6 +491,7 @@ _BUILDERS: tuple[Callable[[_Commands], None], ...] = (
     _add_repair_state,
     _add_escrow,
     _add_import,
+    _add_nodes,
     _add_events,
 )
 

@@ -65,7 +65,7 @@ def status_text(status: FarmStatus, *, wide: bool = False) -> str:
     state = status.farm_state
     trust = {True: "authentic", False: "NOT AUTHENTIC", None: "not checked"}[state.authentic]
     lines += ["", f"farm state  version {state.version}  {trust}"]
-    lines += ["", "nodes", *_node_lines(status.nodes, wide=wide)]
+    lines += ["", "nodes", *node_lines(status.nodes, wide=wide)]
     if status.relying_parties:
         lines += ["", "relying parties"]
     for rp in status.relying_parties:
@@ -167,7 +167,8 @@ def _master_key_lines(keys: Sequence[MasterKeyStatus], *, wide: bool) -> list[st
     return lines
 
 
-def _node_lines(nodes: Sequence[NodeStatus], *, wide: bool) -> list[str]:
+def node_lines(nodes: Sequence[NodeStatus], *, wide: bool) -> list[str]:
+    """One item per node, as `status` and `nodes` print them (escaped)."""
     if not nodes:
         return ["  (none has synced yet)"]
     lines = []
@@ -215,6 +216,11 @@ def events_json(events: Sequence[AuditEvent], *, pretty: bool) -> str:
     """The audit log as `events --json` prints it (times in ISO 8601, ids as text): indented
     for a person at a terminal (``pretty``), compact for a program, as `status --json`."""
     return json.dumps([_event_json(e) for e in events], indent=2 if pretty else None)
+
+
+def nodes_json(nodes: Sequence[NodeStatus], *, pretty: bool) -> str:
+    """`farmkeys nodes --json`: ``{"nodes": [...]}``, each as in `status --json`."""
+    return json.dumps({"nodes": [n.to_json() for n in nodes]}, indent=2 if pretty else None)
 
 
 def unknown_status_json(problem: str, *, pretty: bool) -> str:

@@ -4,13 +4,15 @@ runs, a cleanly stopped one flagged after `[status] stopped_warning_seconds`; an
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
-from farmtools import TestFarm, db_query, expect_ok
+from farmtools import TestFarm, db_query, expect_ok, one_error_line
 
 import farmkeys
 from farmkeys.config import load
 from farmkeys.db import ConfigDB
+from farmkeys.requesting import account
 
 
 def nodes_of(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -51,3 +53,50 @@ def test_a_cleanly_stopped_serve_shows_as_stopped_and_is_a_warning_after_a_while
         db.heartbeat("node-a", directory_error=None)  # it serves again
     assert nodes_of(farm.run("status", "--json").json)["node-a"]["serving"] == "serving"
     assert not [p for p in farm.run("status", "--json").json["problems"] if "stopped at" in p]
+
+
+def test_nodes_lists_every_node_and_remove_forgets_one_that_is_gone(
+    initialised_farm: TestFarm,
+) -> None:
+    farm = initialised_farm
+    for node in ("node-a", "node-b", "node-c"):
+        expect_ok(farm.run("sync", node=node))
+    listed = farm.run("nodes")
+    expect_ok(listed)
+    lines = listed.out.splitlines()
+    assert [line.split()[0] for line in lines] == ["node-a", "node-b", "node-c"]
+    assert all("in sync" in line and "sync only" in line for line in lines)
+    as_json = farm.run("nodes", "--json")
+    assert [n["id"] for n in as_json.json["nodes"]] == ["node-a", "node-b", "node-c"]
+    assert as_json.json["nodes"][0]["version"] == farmkeys.__version__
+
+    # node-c was seen a moment ago: it still runs, so it is not removed without --force.
+    refused = farm.run("nodes", "remove", "node-c")
+    assert refused.code == 1
+    assert "node node-c was heard from" in one_error_line(refused)
+    assert "node-c" in [n["id"] for n in farm.run("nodes", "--json").json["nodes"]]
+
+    # node-b is gone for good: last heard from an hour ago.
+    db_query(
+        farm.dsn,
+        "UPDATE node SET last_seen = now() - interval '1 hour' WHERE id = 'node-b' RETURNING id",
+    )
+    removed = farm.run("nodes", "remove", "node-b", "--reason", "decommissioned, CHG-7")
+    expect_ok(removed)
+    assert removed.out.startswith("removed node node-b")
+    assert [n["id"] for n in farm.run("nodes", "--json").json["nodes"]] == ["node-a", "node-c"]
+    expect_ok(farm.run("nodes", "remove", "node-c", "--force"))
+
+    (event, forced) = db_query(
+        farm.dsn, "SELECT node, detail FROM audit_event WHERE action = 'node_remove' ORDER BY id"
+    )
+    assert event["node"] == "node-a"  # the node whose config the command ran with
+    assert event["detail"].startswith("removed node node-b (last seen ")
+    assert "reason: decommissioned, CHG-7" in event["detail"]
+    assert f"at the request of {account()} on {socket.gethostname()}" in event["detail"]
+    assert forced["detail"].startswith("removed node node-c")
+    assert "node_remove" in farm.run("events").out
+
+    unknown = farm.run("nodes", "remove", "node-z")
+    assert unknown.code == 1
+    assert "the config DB has no node 'node-z'" in one_error_line(unknown)
