@@ -5,22 +5,26 @@ statement; the .key beside them stays the bundle's bytes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
-from farmtools import TestFarm, add_certificate, expect_ok, one_error_line
+from farmtools import TestFarm, add_certificate, db_query, expect_ok, one_error_line
 
 from farmkeys.config import Config, load
 from farmkeys.db import ConfigDB
 from farmkeys.directory import Directory
-from farmkeys.formats import certificates
+from farmkeys.formats import blob as blob_format
+from farmkeys.formats import bundle, certificates
 from farmkeys.store import Store
 from farmkeys.sync import sync
 
@@ -154,7 +158,10 @@ def test_keytool_lists_the_signing_primary_with_the_password(initialised_farm: T
 
 
 def test_turning_the_option_on_rewrites_the_carried_p12_and_keeps_each_key_byte_for_byte(
-    initialised_farm: TestFarm, node: Node, monkeypatch: pytest.MonkeyPatch
+    initialised_farm: TestFarm,
+    node: Node,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     assert node.sync()
     store = node.store.path
@@ -162,7 +169,11 @@ def test_turning_the_option_on_rewrites_the_carried_p12_and_keeps_each_key_byte_
     secret = password_file(initialised_farm, "s3cret-one")
     node.configure(pkcs12_password_file=str(secret))
 
-    assert node.sync()
+    with caplog.at_level(logging.DEBUG):
+        assert node.sync()
+
+    assert "installing every certificate again" in caplog.text
+    assert "s3cret" not in caplog.text
 
     protected = files(store, ".p12")
     assert protected.keys() == plain.keys()
@@ -285,3 +296,62 @@ def test_check_reads_the_password_file_and_opens_the_installed_p12_with_it(
     found = checks()
     assert found["node.pkcs12_password_file"]["result"] == "failed"
     assert "chmod 600" in found["node.pkcs12_password_file"]["fix"]
+
+    farm.overrides.pop("node")  # the option unset, the .p12 files still with a password
+    found = checks()
+    assert "node.pkcs12_password_file" not in found
+    assert found["store"]["result"] == "failed"
+    assert "have a password, but node.pkcs12_password_file is unset" in found["store"]["detail"]
+
+
+def reseal_signing_primary(farm: TestFarm, node: Node, change: Callable[[bytes], bytes]) -> None:
+    """Seal ``change(plaintext)`` into the signing primary's blob under the real master key
+    (what only a holder of the master key, such as an older leader, can do)."""
+    assert node.directory is not None
+    (row,) = db_query(
+        farm.dsn,
+        "SELECT f.dkm_group, c.id, c.blob, c.master_key FROM certificate c, farm f"
+        " WHERE c.purpose = 'signing' AND c.role = 'primary'",
+    )
+    key = node.directory.master_key(row["dkm_group"], row["master_key"])
+    context = blob_format.blob_context(row["dkm_group"], row["id"], "signing")
+    plain = blob_format.open_blob(bytes(row["blob"]), master_key=key, context=context)
+    sealed = blob_format.seal(
+        change(plain), master_key=key, master_key_id=row["master_key"], context=context
+    )
+    with psycopg.connect(farm.dsn) as conn:
+        conn.execute("UPDATE certificate SET blob = %s WHERE id = %s", (sealed, row["id"]))
+
+
+def the_bundle(plain: bytes) -> bundle.Bundle:
+    packed = bundle.unpack(plain, what="signing certificate")
+    assert packed is not None
+    return packed
+
+
+def test_a_blob_from_before_bundles_gets_a_protected_p12_too(
+    initialised_farm: TestFarm, node: Node
+) -> None:
+    reseal_signing_primary(initialised_farm, node, lambda plain: the_bundle(plain).pkcs12)
+    node.configure(pkcs12_password_file=str(password_file(initialised_farm, "s3cret-one")))
+
+    assert node.sync()
+
+    primary = (node.store.path / "signing" / "primary.p12").read_bytes()
+    assert certificates.pkcs12_opens(primary, b"s3cret-one")
+
+
+def test_a_bundle_whose_pkcs12_cannot_be_re_encrypted_is_refused_and_nothing_installed(
+    initialised_farm: TestFarm, node: Node
+) -> None:
+    def garbage_pkcs12(plain: bytes) -> bytes:
+        return bundle.encode(dataclasses.replace(the_bundle(plain), pkcs12=b"not a PKCS#12"))
+
+    reseal_signing_primary(initialised_farm, node, garbage_pkcs12)
+    with_option(initialised_farm, password_file(initialised_farm, "s3cret-one"))
+
+    result = initialised_farm.run("sync")
+
+    assert result.code == 1
+    assert "its PKCS#12 cannot be re-encrypted" in one_error_line(result)
+    assert not (initialised_farm.store() / "manifest.json").exists()
