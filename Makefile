@@ -112,6 +112,14 @@ servers: lab-servers
 	  DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq --no-install-recommends \
 	    systemd >/dev/null; \
 	fi
+	@# keytool opens the store's .p12 files as a Java keystore does (node.pkcs12_password_file,
+	@# tests/integration/test_pkcs12_password.py): a headless JRE, no browser plugin or GUI.
+	@if ! command -v keytool >/dev/null; then \
+	  echo "installing openjdk-17-jre-headless (for keytool) from Debian"; \
+	  apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    openjdk-17-jre-headless >/dev/null; \
+	fi
 
 # What the unit tier checks farmkeys against, none of them a server: the age tool (the
 # escrow file, tests/unit/test_escrow_file.py), openssl (PKCS#12,

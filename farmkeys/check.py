@@ -27,7 +27,7 @@ from typing import Literal
 
 from psycopg.conninfo import conninfo_to_dict
 
-from farmkeys import file_trust
+from farmkeys import file_trust, pkcs12_password
 from farmkeys.config import Config
 from farmkeys.db import ConfigDB
 from farmkeys.db.rows import Farm
@@ -95,7 +95,7 @@ def run(
         )
     else:
         _directory_and_blob(config, db, directory, farm, checks)
-    checks.append(_store(store, now()))
+    checks.append(_store(store, now(), config.node.pkcs12_password_file))
     hook = _hook(config)
     if hook is not None:
         checks.append(hook)
@@ -120,6 +120,13 @@ def _files(config: Config, config_file: Path | None) -> Iterator[Check]:
             "directory.password_file",
             lambda: config.directory.read_password() and password_file,
             ok=f"{password_file}: private; only root or this account can change it",
+        )
+    p12_file = config.node.pkcs12_password_file
+    if p12_file:
+        yield _trusted(
+            pkcs12_password.WHAT,
+            lambda: pkcs12_password.read(p12_file) and p12_file,
+            ok=f"{p12_file}: private; only root or this account can change it",
         )
     passfile = conninfo_to_dict(config.database.dsn).get("passfile")
     if passfile:
@@ -283,7 +290,7 @@ def _directory_and_blob(
 # -- the store, the hook, publishing ------------------------------------------------------
 
 
-def _store(store: Store, now: datetime) -> Check:
+def _store(store: Store, now: datetime, p12_file: str | None) -> Check:
     try:
         installed, store_error = store.verify_installed(), None
     except Error as exc:
@@ -292,7 +299,7 @@ def _store(store: Store, now: datetime) -> Check:
         return Check(
             "store", "warning", f"nothing is installed in {store.path} yet", "run `farmkeys sync`"
         )
-    problems = installed_problems(installed, store_error, now=now)
+    problems = installed_problems(installed, store_error, now=now) or _pkcs12(store, p12_file)
     if problems:
         return Check("store", "failed", "; ".join(problems), "run `farmkeys sync`")
     assert installed is not None
@@ -302,6 +309,32 @@ def _store(store: Store, now: datetime) -> Check:
         f"{store.path}: generation {installed.manifest.generation}, every file as its"
         " manifest records",
     )
+
+
+def _pkcs12(store: Store, p12_file: str | None) -> list[str]:
+    """Why the installed .p12 files are not protected as ``node.pkcs12_password_file`` says:
+    each must open with its password (one PBKDF2 each), or have none when it is unset."""
+    try:
+        found = store.pkcs12_files()
+    except Error as exc:
+        return [exc.what]
+    if found is None:
+        return []
+    manifest, files = found
+    if p12_file is None:
+        if manifest.pkcs12_password is None:
+            return []
+        return ["the .p12 files have a password, but node.pkcs12_password_file is unset"]
+    from farmkeys.formats import certificates
+
+    try:
+        password = pkcs12_password.read(p12_file)
+    except Error as exc:
+        return [f"the .p12 files cannot be checked: {exc.what}"]
+    closed = sorted(t for t, data in files.items() if not certificates.pkcs12_opens(data, password))
+    if closed:
+        return [f".p12 files of {', '.join(closed)} do not open with {pkcs12_password.WHAT}"]
+    return []
 
 
 def _hook(config: Config) -> Check | None:

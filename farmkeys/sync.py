@@ -7,6 +7,7 @@ tests run it against real servers without a clock.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import uuid
@@ -23,8 +24,10 @@ from farmkeys.errors import (
     FarmStateError,
     InvalidBlobError,
     NotInitialisedError,
+    StoreError,
 )
 from farmkeys.formats import farm_state
+from farmkeys.pkcs12_password import Protection
 from farmkeys.store import Carried, CertificateFiles, Installed, Manifest, Store
 
 # bundle, certificates and blob (cryptography) are imported where a blob is opened: a sync
@@ -72,9 +75,16 @@ def sync(
     blobs that name a key this node has not yet proved it can read are
     opened once, and the node records the keys it opened with. So `status`
     shows which nodes can read the new key before the old one is deleted.
+
+    With ``node.pkcs12_password_file`` the .p12 files are encrypted with its password
+    (:mod:`farmkeys.pkcs12_password`). When the store's .p12 files have another
+    protection than configured, every certificate is installed again (none is carried);
+    a password file that only changed on disk costs one .p12 opened, never a sync that
+    finds nothing changed.
     """
     store.check_location()
-    installed = store.inspect()
+    protection = Protection.configured(config.node.pkcs12_password_file)
+    installed = _protected_as_configured(store, store.inspect(), protection)
     live = _read_live(config, db, installed)
     farm, rows = live.farm, live.rows
     _check_pinned(config, farm, store, db.endpoint, installed)
@@ -87,7 +97,9 @@ def sync(
         assert installed is not None
         done = _keep_installed(live, installed, directory, store, state)
     else:
-        done = _install(live, installed, directory, store, state, wanted=wanted, now=now)
+        done = _install(
+            live, installed, directory, store, state, protection, wanted=wanted, now=now
+        )
     if not done.recorded:
         db.record_sync(
             config.node.id,
@@ -106,6 +118,48 @@ def sync(
         master_keys=tuple(done.keys),
         warnings=warnings,
     )
+
+
+def _protected_as_configured(
+    store: Store, installed: Installed | None, protection: Protection
+) -> Installed | None:
+    """``installed``, with nothing intact (so nothing is carried and every certificate is
+    installed again) when its .p12 files are not protected as configured.
+
+    Same marker: as configured, without reading the password file. Another marker of a
+    store with a password: the file changed on disk; one installed .p12 is opened with
+    the password it holds now, and if it opens, only the new marker is noted."""
+    if installed is None or installed.manifest.pkcs12_password == protection.marker:
+        return installed
+    password = protection.password()
+    if (
+        password is not None
+        and protection.marker is not None
+        and installed.manifest.pkcs12_password is not None
+        and _opens(store, password)
+    ):
+        manifest = store.note_pkcs12_password(protection.marker)
+        return dataclasses.replace(installed, manifest=manifest)
+    log.info(
+        "the .p12 files of the store are not protected as node.pkcs12_password_file says"
+        " (%s installed, %s configured): installing every certificate again",
+        installed.manifest.pkcs12_protection,
+        "none" if protection.path is None else "a password",
+    )
+    return dataclasses.replace(installed, intact=frozenset(), complete=False)
+
+
+def _opens(store: Store, password: bytes) -> bool:
+    """Whether the installed .p12 files open with ``password``: one is tried (they were all
+    encrypted under one password); False when none can be read."""
+    from farmkeys.formats import certificates
+
+    try:
+        found = store.pkcs12_files()
+    except StoreError:
+        return False
+    files = [] if found is None else list(found[1].values())
+    return bool(files) and certificates.pkcs12_opens(files[0], password)
 
 
 def _vanished(store: Store, installed: Installed | None, live: LiveSet) -> tuple[str, ...]:
@@ -185,6 +239,7 @@ def _install(
     directory: MasterKeys,
     store: Store,
     state: CheckedState | None,
+    protection: Protection,
     *,
     wanted: frozenset[tuple[str, str, str]],
     now: datetime,
@@ -196,8 +251,9 @@ def _install(
     carried = [r for r in rows if (r.purpose, r.thumbprint) in intact]
     # The read sent the blobs of exactly these (the store did not hold them intact).
     fresh = [r for r in rows if (r.purpose, r.thumbprint) not in intact]
+    password = protection.password() if fresh else None
     files: list[CertificateFiles | Carried] = [
-        open_certificate(farm, row, directory) for row in fresh
+        open_certificate(farm, row, directory, pkcs12_password=password) for row in fresh
     ]
     files += [Carried(r.purpose, r.role, r.thumbprint) for r in carried]
     manifest = store.install(
@@ -207,6 +263,7 @@ def _install(
         state_version=None if state is None else state.version,
         state_digest=None if state is None else state.digest,
         forget=() if state is None else state.revoked,
+        pkcs12_password=protection.marker,
     )
     opened = frozenset(r.master_key for r in fresh)
     keys = _confirm_keys(farm, carried, directory, live.confirmed_keys | opened)
@@ -437,8 +494,16 @@ def open_blob(farm: Farm, row: CertificateRow, directory: MasterKeys) -> bytes:
     return blob.open_blob(row.blob, master_key=key, context=context)
 
 
-def open_certificate(farm: Farm, row: CertificateRow, directory: MasterKeys) -> CertificateFiles:
-    """Decrypt and check one certificate row, ready for the store.
+def open_certificate(
+    farm: Farm,
+    row: CertificateRow,
+    directory: MasterKeys,
+    *,
+    pkcs12_password: bytes | None = None,
+) -> CertificateFiles:
+    """Decrypt and check one certificate row, ready for the store; with ``pkcs12_password``
+    its .p12 is encrypted with it (:func:`farmkeys.formats.certificates.protect_pkcs12`), the
+    .pem and .key are the bundle's bytes as ever.
 
     A blob that seals a bundle (:mod:`farmkeys.formats.bundle`) gives the very bytes the node
     writes; an older blob's bare PKCS#12 is parsed and its files built here (the slow
@@ -466,6 +531,15 @@ def open_certificate(farm: Farm, row: CertificateRow, directory: MasterKeys) -> 
         not_before=row.not_before,
         not_after=row.not_after,
     )
+    pkcs12 = files.pkcs12
+    if pkcs12_password is not None:
+        try:
+            pkcs12 = certificates.protect_pkcs12(pkcs12, pkcs12_password)
+        except CertificateError as exc:
+            raise CertificateError(
+                f"the blob of {what} opened but its PKCS#12 cannot be re-encrypted: {exc.what}",
+                "restore the row from a backup or replace the certificate",
+            ) from None
     return CertificateFiles(
         purpose=row.purpose,
         role=row.role,
@@ -473,5 +547,5 @@ def open_certificate(farm: Farm, row: CertificateRow, directory: MasterKeys) -> 
         not_after=row.not_after,
         certificate_pem=files.certificate_pem,
         private_key_pem=files.private_key_pem,
-        pkcs12=files.pkcs12,
+        pkcs12=pkcs12,
     )

@@ -36,6 +36,9 @@ class NodeConfig:
     poll_seconds: float = 60.0  # `serve` re-checks this often even without a notification
     # A group (the federation service's) that may read the store: 0750 folders, 0640 keys.
     store_group: str | None = None
+    # A private file whose first line is the password of every .p12 this node installs
+    # (farmkeys.pkcs12_password); unset, the .p12 files have none.
+    pkcs12_password_file: str | None = None
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,11 @@ def _node(node: NodeConfig) -> None:
         f"node.store must be an absolute path, not {node.store!r}",
         "give the full path of the store folder",
     )
+    _require(
+        node.pkcs12_password_file is None or Path(node.pkcs12_password_file).is_absolute(),
+        f"node.pkcs12_password_file must be an absolute path, not {node.pkcs12_password_file!r}",
+        "give the full path of the file whose first line is the .p12 password",
+    )
 
 
 def _node_polling(node: NodeConfig) -> None:

@@ -18,7 +18,9 @@ Layout, version 1 (all integers big-endian)::
     12+a+b     4  c, the length of the PKCS#12
     16+a+b     c  the PKCS#12 of both, without a password
 
-Nothing follows. Blobs sealed before bundles existed hold a bare PKCS#12
+Nothing follows. A node with ``node.pkcs12_password_file`` encrypts its own copy of the
+PKCS#12 at install (:func:`farmkeys.formats.certificates.protect_pkcs12`); the bundle is
+the same on every node. Blobs sealed before bundles existed hold a bare PKCS#12
 (DER, so its first byte is 0x30, never "F"): :func:`unpack` returns None for
 those, and the node falls back to parsing the PKCS#12 (the slow path).
 

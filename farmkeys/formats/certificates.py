@@ -36,6 +36,7 @@ from farmkeys.errors import CertificateError
 from farmkeys.vocab import KEY_TYPES, PURPOSES
 
 __all__ = [
+    "PKCS12_KDF_ROUNDS",
     "RSA_PUBLIC_EXPONENT",
     "Generated",
     "PrivateKey",
@@ -49,7 +50,9 @@ __all__ = [
     "key_matches",
     "key_type_of",
     "load_certificate_der",
+    "pkcs12_opens",
     "private_key_pem",
+    "protect_pkcs12",
     "sha256_fingerprint",
     "subject_common_name",
     "thumbprint",
@@ -215,22 +218,84 @@ def sha256_fingerprint(cert: x509.Certificate) -> str:
     return cert.fingerprint(hashes.SHA256()).hex().upper()
 
 
-def to_pkcs12(cert: x509.Certificate, key: PrivateKey, *, friendly_name: str) -> bytes:
-    """A PKCS#12 of ``cert`` and ``key`` without a password.
+# PBKDF2-HMAC-SHA256 rounds of a .p12 written with a password (node.pkcs12_password_file):
+# what Java 17 writes itself (keystore.pkcs12.keyPbeIterationCount and certPbeIterationCount).
+# More would buy little: the file's MAC (HMAC-SHA256, keyed by the PKCS#12 KDF) is derived
+# with cryptography's fixed 2048 iterations, so a guess costs that much whatever this says,
+# and the password must be a random one (docs/operations.md). 10,000 keeps an install and a
+# Java keystore load cheap.
+PKCS12_KDF_ROUNDS: Final = 10_000
 
-    Unencrypted on purpose: it is only ever stored inside a blob
-    (:mod:`farmkeys.formats.blob`) or in the node's store with mode 0600. An empty
-    ``friendly_name`` leaves the name out.
+
+def to_pkcs12(
+    cert: x509.Certificate,
+    key: PrivateKey,
+    *,
+    friendly_name: str,
+    password: bytes | None = None,
+) -> bytes:
+    """A PKCS#12 of ``cert`` and ``key``, without a password unless ``password`` is given.
+
+    Without one on purpose: it is stored inside a blob (:mod:`farmkeys.formats.blob`) and
+    in the node's store with mode 0600. With ``password`` (a node's
+    ``pkcs12_password_file``), both bags are encrypted with AES-256-CBC under a PBKDF2
+    (HMAC-SHA256, :data:`PKCS12_KDF_ROUNDS`) key and the whole is MACed with HMAC-SHA256:
+    what OpenSSL 3 and Java 17 keystores read. An empty ``friendly_name`` leaves the name
+    out.
     """
     if not key_matches(cert, key):
         raise ValueError("the private key is not the key of the certificate")
+    encryption: serialization.KeySerializationEncryption = serialization.NoEncryption()
+    if password is not None:
+        encryption = (
+            serialization.PrivateFormat.PKCS12.encryption_builder()
+            .kdf_rounds(PKCS12_KDF_ROUNDS)
+            .key_cert_algorithm(pkcs12.PBES.PBESv2SHA256AndAES256CBC)
+            .hmac_hash(hashes.SHA256())
+            .build(password)
+        )
     return pkcs12.serialize_key_and_certificates(
         name=friendly_name.encode("utf-8") or None,
         key=key,
         cert=cert,
         cas=None,
-        encryption_algorithm=serialization.NoEncryption(),
+        encryption_algorithm=encryption,
     )
+
+
+def protect_pkcs12(data: bytes, password: bytes) -> bytes:
+    """The unencrypted PKCS#12 ``data`` (a bundle's) again, encrypted with ``password`` as
+    :func:`to_pkcs12` does, under the same friendly name. :class:`CertificateError` for
+    data that is not an unencrypted PKCS#12 of a certificate and its key."""
+    try:
+        loaded = pkcs12.load_pkcs12(bytes(data), None)
+    except (ValueError, TypeError):
+        raise CertificateError("the PKCS#12 data cannot be parsed", _PKCS12_TODO) from None
+    key, cert = loaded.key, loaded.cert
+    if (
+        cert is None
+        or not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey)
+        or not key_matches(cert.certificate, key)
+    ):
+        raise CertificateError(
+            "the PKCS#12 data does not hold a certificate with its RSA or EC key", _PKCS12_TODO
+        )
+    return to_pkcs12(
+        cert.certificate,
+        key,
+        friendly_name=(cert.friendly_name or b"").decode("utf-8", "replace"),
+        password=password,
+    )
+
+
+def pkcs12_opens(data: bytes, password: bytes) -> bool:
+    """Whether the PKCS#12 ``data`` opens with ``password`` (its MAC verifies and its bags
+    decrypt)."""
+    try:
+        pkcs12.load_key_and_certificates(bytes(data), password)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 _PKCS12_TODO: Final = (

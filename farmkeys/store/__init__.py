@@ -126,6 +126,12 @@ class Store:
         nothing is installed. What publishing reads: no private key is opened."""
         return self._reader.public_certificates()
 
+    def pkcs12_files(self) -> tuple[Manifest, dict[str, bytes]] | None:
+        """The installed set's manifest and its .p12 files by thumbprint, read as
+        :meth:`public_certificates` reads the certificates; None when nothing is installed.
+        For a look at their protection: the store opens none of them."""
+        return self._reader.files_of_kind("pkcs12")
+
     def inspect(self) -> Installed | None:
         """The installed generation and which of its certificates are intact; None when
         nothing is installed or the store cannot be read (see :meth:`Reader.inspect`)."""
@@ -154,6 +160,7 @@ class Store:
         state_version: int | None = None,
         state_digest: str | None = None,
         forget: Iterable[str] = (),
+        pkcs12_password: str | None = None,
     ) -> Manifest:
         """Install ``certificates`` as the new generation and switch to it atomically
         (:mod:`farmkeys.store.installer`).
@@ -166,7 +173,11 @@ class Store:
         store is pinned to; ``state_version`` and ``state_digest`` the farm state
         record the set was checked against. ``forget``: thumbprints an urgent
         rollover replaced, added to those the store already forgot; after the switch,
-        no generation holding a file of one is kept. ``ValueError`` for a
+        no generation holding a file of one is kept. ``pkcs12_password``: None when
+        the .p12 files given have no password, else the marker of the password file
+        they were encrypted under (:mod:`farmkeys.pkcs12_password`); the store never
+        sees the password, and a :class:`Carried` certificate is refused unless the
+        installed generation's .p12 files have the same protection. ``ValueError`` for a
         set that cannot be installed as given (before anything is written);
         :class:`StoreError` if the store cannot be written, in which case the
         installed set is left exactly as it was.
@@ -178,6 +189,7 @@ class Store:
             state_version=state_version,
             state_digest=state_digest,
             forget=forget,
+            pkcs12_password=pkcs12_password,
         )
 
     def pin(self, dkm_group: uuid.UUID) -> None:
@@ -189,3 +201,9 @@ class Store:
         """Record a newer farm state record for the set installed now (its live set is the
         same: no new generation), and forget ``forget`` (see :meth:`install`)."""
         return self._installer.note_state(version=version, digest=digest, forget=forget)
+
+    def note_pkcs12_password(self, marker: str) -> Manifest:
+        """Record that the installed .p12 files (which have a password) are encrypted under
+        the password file whose marker is ``marker`` now: its file changed, not its
+        password (the caller opened one with it). No new generation."""
+        return self._installer.note_pkcs12_password(marker)

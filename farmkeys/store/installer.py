@@ -159,6 +159,7 @@ class Installer:
         state_version: int | None = None,
         state_digest: str | None = None,
         forget: Iterable[str] = (),
+        pkcs12_password: str | None = None,
     ) -> Manifest:
         """:meth:`farmkeys.store.Store.install`, which says what each argument means."""
         require_aware(now, "now")
@@ -176,6 +177,13 @@ class Installer:
                     forgotten |= before.forgotten
                     if state_version is None:
                         state_version, state_digest = before.state_version, before.state_digest
+            if any(isinstance(c, Carried) for c in ordered) and (
+                before is not None and before.pkcs12_password != pkcs12_password
+            ):
+                raise ValueError(
+                    "cannot carry .p12 files into a generation whose .p12 files have another"
+                    " protection: give every certificate as CertificateFiles"
+                )
             entries = tuple(self._entry(c, before, previous) for c in ordered)
             manifest = Manifest(
                 node=self.node_id,
@@ -186,6 +194,7 @@ class Installer:
                 state_version=state_version,
                 state_digest=state_digest,
                 forgotten=forgotten,
+                pkcs12_password=pkcs12_password,
             )
             self._write_and_switch(manifest, ordered, previous)
             remove_generations(self.path, keep={generation, previous})
@@ -219,6 +228,19 @@ class Installer:
             )
             self._rewrite_manifest(generation, noted, "record the farm state")
             self._remove_forgotten(noted, generation)
+        return noted
+
+    def note_pkcs12_password(self, marker: str) -> Manifest:
+        """:meth:`farmkeys.store.Store.note_pkcs12_password`."""
+        with self._locked():
+            generation = self._reader.current_generation()
+            if generation is None:
+                raise StoreError(f"the store {self.path} holds no certificate set", SYNC_AGAIN)
+            manifest = self._reader.read_manifest(generation)
+            if manifest.pkcs12_password is None:
+                raise ValueError("the installed .p12 files have no password to note")
+            noted = dataclasses.replace(manifest, pkcs12_password=marker)
+            self._rewrite_manifest(generation, noted, "record the .p12 password file")
         return noted
 
     def _locked(self) -> contextlib.AbstractContextManager[None]:

@@ -8,7 +8,8 @@ The first six lines are the federation service's interface and keep their names:
       decryption -> current/decryption
       signing/<THUMBPRINT>.pem            certificate, PEM (SHA-1 thumbprint, upper-case hex)
       signing/<THUMBPRINT>.key            private key, unencrypted PKCS#8 PEM, 0600
-      signing/<THUMBPRINT>.p12            PKCS#12 with both, no password, 0600
+      signing/<THUMBPRINT>.p12            PKCS#12 with both, 0600; no password unless
+                                          node.pkcs12_password_file (manifest: pkcs12_password)
       signing/primary.pem|.key|.p12       hard links to the primary's thumbprint files
       signing/secondary.pem|.key|.p12     the same for the secondary, when there is one
       decryption/...                      the same for the decryption certificates

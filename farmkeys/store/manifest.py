@@ -2,9 +2,10 @@
 
 Written by an install, read by every look at the store. It lists each certificate
 with its files and their SHA-256 digests, the farm the store is pinned to, the farm
-state record the set was installed under, and the thumbprints an urgent rollover
-made the store forget. Parsing checks every field and says what is wrong in a
-:class:`~farmkeys.errors.StoreError`, whatever the bytes.
+state record the set was installed under, the thumbprints an urgent rollover
+made the store forget, and whether its ``.p12`` files have a password. Parsing
+checks every field and says what is wrong in a :class:`~farmkeys.errors.StoreError`,
+whatever the bytes.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from farmkeys.vocab import ALIASED_ROLES, LIVE_ROLES, PURPOSES
 MAX_MANIFEST_BYTES = 1 << 20
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+# What farmkeys.pkcs12_password.marker writes: numbers (device, inode, times) and colons.
+_MARKER = re.compile(r"[0-9:]{1,200}")
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,16 @@ class Manifest:
     # Thumbprints an urgent rollover replaced: never installed here again, and no file of
     # theirs is kept in any generation.
     forgotten: frozenset[str] = frozenset()
+    # Whether the .p12 files have a password (node.pkcs12_password_file): None for none
+    # (and in manifests from before the option), else the marker of the password file they
+    # were encrypted under (farmkeys.pkcs12_password: its inode and times, never a digest
+    # of the password), so a sync sees a changed file without reading it.
+    pkcs12_password: str | None = None
+
+    @property
+    def pkcs12_protection(self) -> str:
+        """``"password"`` or ``"none"``: how this generation's .p12 files are protected."""
+        return "none" if self.pkcs12_password is None else "password"
 
     def to_json(self) -> str:
         document: dict[str, Any] = {} if self.dkm_group is None else {"dkm_group": self.dkm_group}
@@ -63,6 +76,8 @@ class Manifest:
             document |= {"state_version": self.state_version, "state_digest": self.state_digest}
         if self.forgotten:
             document["forgotten"] = sorted(self.forgotten)
+        if self.pkcs12_password is not None:
+            document["pkcs12_password"] = self.pkcs12_password
         document |= {
             "node": self.node,
             "generation": self.generation,
@@ -150,7 +165,7 @@ def _parse_manifest(document: object) -> Manifest:
         document,
         "the manifest",
         ("node", "generation", "installed_at", "certificates"),
-        optional=("dkm_group", "state_version", "state_digest", "forgotten"),
+        optional=("dkm_group", "state_version", "state_digest", "forgotten", "pkcs12_password"),
     )
     state_version, state_digest = top.get("state_version"), top.get("state_digest")
     if state_version is not None and (
@@ -171,6 +186,11 @@ def _parse_manifest(document: object) -> Manifest:
             dkm_group = str(uuid.UUID(dkm_group))
         except (TypeError, ValueError, AttributeError):
             raise ValueError("dkm_group must be a GUID") from None
+    pkcs12_password = top.get("pkcs12_password")
+    if pkcs12_password is not None and not (
+        isinstance(pkcs12_password, str) and _MARKER.fullmatch(pkcs12_password)
+    ):
+        raise ValueError("pkcs12_password must be the marker of a password file")
     node = top["node"]
     if not isinstance(node, str) or not node:
         raise ValueError("node must be a non-empty string")
@@ -192,6 +212,7 @@ def _parse_manifest(document: object) -> Manifest:
         state_version=state_version,
         state_digest=state_digest if state_version is not None else None,
         forgotten=frozenset(forgotten),
+        pkcs12_password=pkcs12_password,
     )
 
 

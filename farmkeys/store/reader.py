@@ -68,6 +68,12 @@ class Reader:
         """The installed set's manifest and its certificates (PEM, no key) by thumbprint, all
         read from one generation and each checked against the manifest's digest; None when
         nothing is installed. What publishing reads: no private key is opened."""
+        return self.files_of_kind("cert")
+
+    def files_of_kind(self, kind: str) -> tuple[Manifest, dict[str, bytes]] | None:
+        """The installed set's manifest and the file of each certificate of ``kind`` (cert,
+        key, pkcs12) by thumbprint, all from one generation, each checked against its
+        digest; None when nothing is installed."""
         for _ in range(3):  # the generation read may be removed by two installs meanwhile
             generation = self.current_generation()
             if generation is None:
@@ -78,13 +84,13 @@ class Reader:
             try:
                 for entry in manifest.certificates:
                     found[entry.thumbprint] = read_checked(
-                        folder / entry.files["cert"], (entry.sha256 or {}).get("cert")
+                        folder / entry.files[kind], (entry.sha256 or {}).get(kind)
                     )
             except FileNotFoundError:
                 continue
             return manifest, found
         raise StoreError(
-            f"the store {self.path} changed three times while its certificates were read",
+            f"the store {self.path} changed three times while its files were read",
             "try again",
         )
 

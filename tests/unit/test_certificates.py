@@ -425,6 +425,62 @@ def test_openssl_reads_the_pkcs12_without_a_password(
     assert certificates.key_matches(cert, key)
 
 
+def test_a_protected_pkcs12_opens_with_its_password_only_and_keeps_its_name(
+    rsa_signing: certificates.Generated,
+) -> None:
+    plain = certificates.to_pkcs12(rsa_signing.certificate, rsa_signing.key, friendly_name="farm x")
+
+    protected = certificates.protect_pkcs12(plain, b"correct horse")
+
+    assert certificates.pkcs12_opens(protected, b"correct horse")
+    assert not certificates.pkcs12_opens(protected, b"wrong horse")
+    assert not certificates.pkcs12_opens(protected, b"")
+    loaded = pkcs12.load_pkcs12(protected, b"correct horse")
+    assert loaded.cert is not None and loaded.cert.friendly_name == b"farm x"
+    assert loaded.cert.certificate == rsa_signing.certificate
+    assert loaded.key is not None and certificates.key_matches(rsa_signing.certificate, loaded.key)
+
+
+@pytest.mark.parametrize("fixture", ["rsa_decryption", "ec_signing"])
+def test_openssl_reads_a_protected_pkcs12_as_aes_256_cbc_pbkdf2_and_hmac_sha256(
+    fixture: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    openssl = shutil.which("openssl")
+    assert openssl, "openssl must be on PATH for this test"
+    generated = request.getfixturevalue(fixture)
+    path, password = tmp_path / "f.p12", tmp_path / "password"
+    path.write_bytes(
+        certificates.to_pkcs12(
+            generated.certificate, generated.key, friendly_name="farm", password=b"s3cret"
+        )
+    )
+    password.write_text("s3cret\n")
+
+    def info(passin: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [openssl, "pkcs12", "-in", str(path), "-passin", passin, "-noout", "-info"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+        )
+
+    good = info(f"file:{password}")
+    assert good.returncode == 0, good.stderr
+    said = good.stdout + good.stderr
+    rounds = f"Iteration {certificates.PKCS12_KDF_ROUNDS}, PRF hmacWithSHA256"
+    assert f"Shrouded Keybag: PBES2, PBKDF2, AES-256-CBC, {rounds}" in said
+    assert f"PKCS7 Encrypted data: PBES2, PBKDF2, AES-256-CBC, {rounds}" in said
+    assert "MAC: sha256" in said
+    assert info("pass:wrong").returncode != 0
+
+
+@pytest.mark.parametrize("data", [b"garbage", b"\x30\x80" + bytes(40)])
+def test_protect_pkcs12_refuses_what_is_not_a_pkcs12(data: bytes) -> None:
+    with pytest.raises(CertificateError, match="cannot be parsed"):
+        certificates.protect_pkcs12(data, b"pw")
+
+
 @pytest.mark.parametrize("data", [b"", b"garbage", b"\x30\x80" + bytes(40)])
 def test_garbage_is_not_a_pkcs12(data: bytes) -> None:
     with pytest.raises(CertificateError, match="cannot be parsed"):

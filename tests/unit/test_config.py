@@ -100,6 +100,10 @@ def test_node_id_defaults_to_the_host_name(tmp_path: Path) -> None:
         (MINIMAL.replace('name = "contoso"', f'name = "{"x" * 48}"'), "farm.name must be"),
         (MINIMAL.replace("ldap://dc", "http://dc"), "must start with ldap://"),
         (MINIMAL.replace('"/var/lib/farmkeys/store"', '"relative/store"'), "absolute path"),
+        (
+            MINIMAL.replace("[node]", "[node]\npkcs12_password_file = 'p12-password'"),
+            "node.pkcs12_password_file must be an absolute path",
+        ),
         (MINIMAL.replace('password_file = "/etc/farmkeys/directory-password"', ""), "exactly one"),
         (MINIMAL.replace('dsn = "postgresql://farmkeys@db.example/farmkeys"\n', ""), "dsn"),
         (

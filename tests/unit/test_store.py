@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
 from farmkeys.errors import StoreError, UnsafePathError
-from farmkeys.store import CertificateFiles, Manifest, Store
+from farmkeys.store import Carried, CertificateFiles, Manifest, Store
 from farmkeys.store import reader as store_module
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -707,6 +707,8 @@ def test_verify_installed_reads_a_file_once_and_sees_one_changed_in_place(
             lambda d: d["certificates"].append(dict(d["certificates"][0])),
             "listed twice",
         ),
+        (lambda d: d.update(pkcs12_password="hunter2"), "pkcs12_password must be the marker"),
+        (lambda d: d.update(pkcs12_password=7), "pkcs12_password must be the marker"),
     ],
 )
 def test_a_malformed_manifest_is_refused_with_what_is_wrong(store, first_set, change, complaint):
@@ -1209,3 +1211,58 @@ def test_a_store_installed_before_that_vanished_is_told_apart_from_a_first_insta
         f"the store {store.path} holds no readable installed set, but this node installed"
         " there before (its folder .generations holds generation 2)"
     )
+
+
+# -- the protection of the .p12 files (node.pkcs12_password_file) ---------------------
+
+
+def test_the_manifest_records_the_p12_password_marker_and_round_trips(store, first_set):
+    manifest = store.install(first_set, now=NOW, pkcs12_password="64768:1234:5:6")
+
+    assert manifest.pkcs12_protection == "password"
+    assert json.loads(manifest.to_json())["pkcs12_password"] == "64768:1234:5:6"
+    assert store.manifest() == manifest
+    assert Manifest.from_json(manifest.to_json()) == manifest
+
+
+def test_without_a_p12_password_the_manifest_has_no_such_field(store, first_set):
+    manifest = store.install(first_set, now=NOW)
+
+    assert manifest.pkcs12_protection == "none"
+    assert "pkcs12_password" not in json.loads(manifest.to_json())
+
+
+@pytest.mark.parametrize(
+    ("before", "after"), [(None, "1:2:3:4"), ("1:2:3:4", None), ("1:2:3:4", "1:2:3:5")]
+)
+def test_a_p12_is_never_carried_into_a_generation_of_another_protection(
+    store, first_set, before, after
+):
+    store.install(first_set, now=NOW, pkcs12_password=before)
+    installed = snapshot(store.path)
+    carried = [Carried(c.purpose, c.role, c.thumbprint) for c in first_set]
+
+    with pytest.raises(ValueError, match="another protection"):
+        store.install(carried, now=NOW, pkcs12_password=after)
+    assert snapshot(store.path) == installed
+    assert store.install(carried, now=NOW, pkcs12_password=before).generation == 2
+
+
+def test_noting_a_new_p12_password_marker_keeps_the_generation(store, first_set):
+    store.install(first_set, now=NOW, pkcs12_password="1:2:3:4")
+    files = {p: p.read_bytes() for p in (store.path / "signing").iterdir()}
+
+    noted = store.note_pkcs12_password("1:2:3:9")
+
+    assert (noted.generation, noted.pkcs12_password) == (1, "1:2:3:9")
+    assert store.manifest() == noted
+    assert {p: p.read_bytes() for p in (store.path / "signing").iterdir()} == files
+
+
+def test_pkcs12_files_reads_each_p12_checked_against_its_digest(store, first_set):
+    store.install(first_set, now=NOW)
+
+    found = store.pkcs12_files()
+
+    assert found is not None
+    assert found[1] == {c.thumbprint: c.pkcs12 for c in first_set}
