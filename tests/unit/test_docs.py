@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from farmkeys.cli import parser as cli_parser
-from farmkeys.config import model
+from farmkeys.config import load, model
 
 REPO = Path(__file__).resolve().parents[2]
 PAGES = sorted([REPO / "README.md", REPO / "deploy" / "README.md", *(REPO / "docs").glob("*.md")])
@@ -250,3 +250,42 @@ def test_the_slugs_are_githubs() -> None:
     )
     assert _slug("`/healthz` says 503") == "healthz-says-503"
     assert _slug("4a. `farmkeys check` on every node") == "4a-farmkeys-check-on-every-node"
+
+
+# -- the guides' configurations load -----------------------------------------------------------
+
+
+def _walkthrough_config() -> str:
+    blocks = [b for b in _toml_blocks(NEW_PAGES[0].read_text(encoding="utf-8")) if "[farm]" in b]
+    assert len(blocks) == 1, "deploy-walkthrough.md shows one complete node configuration"
+    return blocks[0]
+
+
+def test_the_walkthroughs_node_configuration_loads(tmp_path: Path) -> None:
+    path = tmp_path / "farmkeys.toml"
+    path.write_text(_walkthrough_config())
+    path.chmod(0o600)
+    config = load(path, environ={})
+    assert config.directory.layout == "ad"
+    assert config.node.store_group == "svc-federation"
+    assert config.publish.address == ("0.0.0.0", 9464)
+
+
+@pytest.mark.parametrize("page", NEW_PAGES[1:], ids=lambda p: p.name)
+def test_every_fragment_a_guide_shows_loads_on_top_of_the_walkthroughs(
+    page: Path, tmp_path: Path
+) -> None:
+    """`[node] store_group = "jetty"` and `[hooks] on_change = ...` in integrations.md:
+    valid values, not only known keys (given as the environment overrides them)."""
+    path = tmp_path / "farmkeys.toml"
+    path.write_text(_walkthrough_config())
+    path.chmod(0o600)
+    fragments = [b for b in _toml_blocks(page.read_text(encoding="utf-8")) if "[farm]" not in b]
+    for fragment in fragments:
+        environ = {
+            f"FARMKEYS_{section.upper()}_{key.upper()}": str(value)
+            for section, body in tomllib.loads(fragment).items()
+            for key, value in body.items()
+            if (section, key) not in PLANNED_KEYS
+        }
+        load(path, environ=environ)
