@@ -194,8 +194,8 @@ def test_the_checker_catches_a_wrong_command_option_and_key() -> None:
     assert _check_invocation("check --json") is None
     assert _check_invocation("sync --allow-unreachable") is None
     assert _check_invocation("db upgrade --config /etc/farmkeys/farmkeys.toml") is None
-    assert "no option --yes" in (_check_invocation("rollover --urgent --yes") or "")
-    assert "no option --wide" in (_check_invocation("check --wide") or "")
+    assert "no option --frobnicate" in (_check_invocation("rollover --urgent --frobnicate") or "")
+    assert "no option --no-such-flag" in (_check_invocation("check --no-such-flag") or "")
     assert "no command 'upgarde'" in (_check_invocation("db upgarde") or "")
     assert "no command 'stauts'" in (_check_invocation("stauts --json") or "")
     assert _check_invocation("runs it without a shell") is None  # prose
