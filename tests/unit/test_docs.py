@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import re
 import tomllib
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,20 +28,10 @@ PAGES = sorted([REPO / "README.md", REPO / "deploy" / "README.md", *(REPO / "doc
 PLANNED_COMMANDS = {"nodes": "issue 22: `farmkeys nodes`, `farmkeys nodes remove NODE`"}
 PLANNED_KEYS = {("node", "pkcs12_password_file"): "issue 22: encrypted .p12 files"}
 
-_SECTION_CLASSES = {
-    "farm": model.FarmConfig,
-    "node": model.NodeConfig,
-    "database": model.DatabaseConfig,
-    "directory": model.DirectoryConfig,
-    "policy": model.PolicyConfig,
-    "master_key": model.MasterKeyConfig,
-    "lease": model.LeaseConfig,
-    "hooks": model.HooksConfig,
-    "publish": model.PublishConfig,
-    "retry": model.RetryConfig,
-}
+# Every section of the config model, as the loader reads them: a field of Config each.
 KEYS = {
-    section: {f.name for f in dataclasses.fields(cls)} for section, cls in _SECTION_CLASSES.items()
+    section: {f.name for f in dataclasses.fields(cls)}
+    for section, cls in typing.get_type_hints(model.Config).items()
 }
 
 _FENCE = re.compile(r"^```([\w-]*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
