@@ -95,8 +95,9 @@ def _check_invocation(line: str) -> str | None:
         commands = _subcommands(parser)
         if not commands:
             break
+        word = word.strip("[]()")
         if word.startswith("-"):
-            continue  # a common option before the command
+            continue  # an option (`farmkeys nodes [--json]`), not a command
         # `escrow export|import`: each alternative must be a command; follow the first.
         alternatives = word.strip("[]()").split("|")
         if len(alternatives) > 1 and all(a in commands for a in alternatives):
@@ -190,6 +191,8 @@ def test_the_checker_catches_a_wrong_command_option_and_key() -> None:
     assert "no command 'upgarde'" in (_check_invocation("db upgarde") or "")
     assert "no command 'stauts'" in (_check_invocation("stauts --json") or "")
     assert _check_invocation("runs it without a shell") is None  # prose
+    assert _check_invocation("escrow export|import") is None
+    assert _check_invocation("status [--json] [--wide]") is None
     assert _key_problems("node", "store_group", "x") is None
     assert _key_problems("node", "store_grp", "x") == "x: no key 'store_grp' in [node]"
     assert _key_problems("nodes", "id", "x") == "x: no config section [nodes]"
