@@ -23,11 +23,6 @@ from farmkeys.config import load, model
 REPO = Path(__file__).resolve().parents[2]
 PAGES = sorted([REPO / "README.md", REPO / "deploy" / "README.md", *(REPO / "docs").glob("*.md")])
 
-# Commands and keys the docs may name before they exist, each with the change that adds it;
-# once it is in the parser or the model it is checked like any other. Keep this short.
-PLANNED_COMMANDS = {"nodes": "issue 22: `farmkeys nodes`, `farmkeys nodes remove NODE`"}
-PLANNED_KEYS = {("node", "pkcs12_password_file"): "issue 22: encrypted .p12 files"}
-
 # Every section of the config model, as the loader reads them: a field of Config each.
 KEYS = {
     section: {f.name for f in dataclasses.fields(cls)}
@@ -103,8 +98,6 @@ def _check_invocation(line: str) -> str | None:
         if len(alternatives) > 1 and all(a in commands for a in alternatives):
             word = alternatives[0]
         if word not in commands:
-            if not path and word in PLANNED_COMMANDS:
-                return None
             if not path and not _looks_like_command(word, top):
                 return None  # prose in a code span ("farmkeys runs ...") is not an invocation
             return f"`farmkeys {line}`: {' '.join(path) or 'farmkeys'} has no command {word!r}"
@@ -131,8 +124,6 @@ def _toml_blocks(text: str) -> Iterator[str]:
 
 
 def _key_problems(section: str, key: str, where: str) -> str | None:
-    if (section, key) in PLANNED_KEYS:
-        return None
     if section not in KEYS:
         return f"{where}: no config section [{section}]"
     if key not in KEYS[section]:
@@ -280,6 +271,5 @@ def test_every_fragment_a_guide_shows_loads_on_top_of_the_walkthroughs(
             f"FARMKEYS_{section.upper()}_{key.upper()}": str(value)
             for section, body in tomllib.loads(fragment).items()
             for key, value in body.items()
-            if (section, key) not in PLANNED_KEYS
         }
         load(path, environ=environ)
