@@ -193,14 +193,19 @@ def _privileges(db: ConfigDB) -> Check:
     except Error as exc:
         return Check("DB privileges", "failed", exc.what, exc.todo)
     if missing:
-        lacking = ", ".join(f"{privilege} on {table}" for table, privilege in missing)
-        tables = ", ".join(sorted({table for table, _ in missing}))
+        lacking = ", ".join(f"{privilege} on {name}" for name, privilege in missing)
+        tables = sorted({name for name, p in missing if p != "USAGE"})
+        sequences = sorted({name for name, p in missing if p == "USAGE"})
+        grants = []
+        if tables:
+            grants.append(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {', '.join(tables)} TO {role}")
+        if sequences:
+            grants.append(f"GRANT USAGE ON SEQUENCE {', '.join(sequences)} TO {role}")
         return Check(
             "DB privileges",
             "failed",
             f"role {role} lacks {lacking}",
-            f"GRANT SELECT, INSERT, UPDATE, DELETE ON {tables} TO {role}"
-            " (docs/operations.md, the DBA's step)",
+            "; ".join(grants) + " (docs/deploy-walkthrough.md, the DBA's step)",
         )
     if superuser:
         return Check(

@@ -24,17 +24,26 @@ TABLE_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE")
 
 class PreflightQueries(Connection):
     def missing_privileges(self) -> list[tuple[str, str]]:
-        """(table, privilege) pairs this role lacks of :data:`FARMKEYS_TABLES` x
-        :data:`TABLE_PRIVILEGES` (a missing table counts as lacking everything)."""
+        """(object, privilege) pairs this role lacks: of :data:`FARMKEYS_TABLES` x
+        :data:`TABLE_PRIVILEGES` (a missing table counts as lacking everything), and USAGE
+        on the sequences that number their rows (a request or an audit event cannot be
+        inserted without it)."""
         rows = self.fetch(
-            "SELECT t.name AS table_name, p.privilege FROM unnest(%(tables)s::text[]) AS t(name)"
+            "SELECT t.name AS object, p.privilege FROM unnest(%(tables)s::text[]) AS t(name)"
             " CROSS JOIN unnest(%(privileges)s::text[]) AS p(privilege)"
             " WHERE to_regclass(t.name) IS NULL"
             "  OR NOT has_table_privilege(current_user, to_regclass(t.name), p.privilege)"
-            " ORDER BY t.name, p.privilege",
+            " UNION ALL"
+            " SELECT s.relname, 'USAGE' FROM pg_class s"
+            " JOIN pg_depend d ON d.objid = s.oid AND d.deptype IN ('a', 'i')"
+            " JOIN pg_class t ON t.oid = d.refobjid"
+            " WHERE s.relkind = 'S' AND t.relname = ANY(%(tables)s::text[])"
+            "  AND pg_table_is_visible(t.oid)"
+            "  AND NOT has_sequence_privilege(current_user, s.oid, 'USAGE')"
+            " ORDER BY 1, 2",
             {"tables": list(FARMKEYS_TABLES), "privileges": list(TABLE_PRIVILEGES)},
         )
-        return [(str(r["table_name"]), str(r["privilege"])) for r in rows]
+        return [(str(r["object"]), str(r["privilege"])) for r in rows]
 
     def role(self) -> tuple[str, bool]:
         """This connection's role, and whether it is a superuser."""

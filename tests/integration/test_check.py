@@ -33,7 +33,9 @@ def synced(initialised_farm: TestFarm) -> TestFarm:
     return initialised_farm
 
 
-def node_role(postgres: LocalPostgres, farm: TestFarm, *, grant: bool) -> tuple[str, str]:
+def node_role(
+    postgres: LocalPostgres, farm: TestFarm, *, grant: bool, sequences: bool = True
+) -> tuple[str, str]:
     """A login role for the farm's database (all four privileges on every farmkeys table
     when ``grant``); its name and DSN."""
     name = f"farmkeys_node_{uuid.uuid4().hex[:8]}"
@@ -55,7 +57,10 @@ def node_role(postgres: LocalPostgres, farm: TestFarm, *, grant: bool) -> tuple[
                 )
             )
         admin.execute(sql.SQL("GRANT SELECT ON farmkeys_migration TO {}").format(ident))
-        admin.execute(sql.SQL("GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {}").format(ident))
+        if sequences:
+            admin.execute(
+                sql.SQL("GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {}").format(ident)
+            )
     return name, make_conninfo(postgres.dsn_for(dbname, user=name), password=password)
 
 
@@ -64,6 +69,7 @@ def roles(postgres: LocalPostgres, synced: TestFarm) -> Iterator[dict[str, tuple
     made = {
         "node": node_role(postgres, synced, grant=True),
         "reader": node_role(postgres, synced, grant=False),
+        "no sequences": node_role(postgres, synced, grant=True, sequences=False),
     }
     yield made
     with psycopg.connect(synced.dsn, autocommit=True) as admin:
@@ -160,6 +166,12 @@ def test_a_role_without_the_privileges_a_node_needs_fails_and_a_superuser_is_a_w
     assert privileges["result"] == "failed"
     assert "INSERT on certificate" in privileges["detail"]
     assert privileges["fix"].startswith("GRANT SELECT, INSERT, UPDATE, DELETE ON ")
+    # All four on every table, but no USAGE on the sequences: no request could be filed.
+    code, found = checks(synced, database={"dsn": roles["no sequences"][1]})
+    assert code == 2
+    assert "USAGE on rollover_request_id_seq" in found["DB privileges"]["detail"]
+    assert "GRANT USAGE ON SEQUENCE " in found["DB privileges"]["fix"]
+    assert "GRANT SELECT" not in found["DB privileges"]["fix"]
     _, found = checks(synced)  # the lab's own role: postgres
     assert found["DB privileges"]["result"] == "warning"
     assert "superuser" in found["DB privileges"]["detail"]
