@@ -174,14 +174,18 @@ def _add_wait(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_reason(parser: argparse.ArgumentParser) -> None:
+def _add_reason(
+    parser: argparse.ArgumentParser,
+    *,
+    where: str = "signed with the request and shown by `farmkeys events`",
+) -> None:
     parser.add_argument(
         "--reason",
         type=_reason,
         default=None,
         metavar="TEXT",
-        help="why you ask, in one line (at most 200 characters): signed with the request and"
-        " shown by `farmkeys events` with your account and host",
+        help=f"why you ask, in one line (at most 200 characters): {where} with your account"
+        " and host",
     )
 
 
@@ -452,14 +456,7 @@ def _add_nodes(commands: _Commands) -> None:
     remove.add_argument(
         "--force", action="store_true", help="remove it even though it was heard from lately"
     )
-    remove.add_argument(
-        "--reason",
-        type=_reason,
-        default=None,
-        metavar="TEXT",
-        help="why, in one line (at most 200 characters): in the audit event, with your account"
-        " and host",
-    )
+    _add_reason(remove, where="in its audit event, shown by `farmkeys events`,")
 
 
 def _add_events(commands: _Commands) -> None:

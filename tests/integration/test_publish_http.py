@@ -27,6 +27,7 @@ from farmkeys import publish
 from farmkeys.config import PublishConfig
 from farmkeys.publish import Health, Publisher
 from farmkeys.store import Store
+from farmkeys_lab.servers import free_port
 
 PUBLISH = {
     "entity_id": "https://fs.contoso.example/adfs/services/trust",
@@ -43,12 +44,6 @@ def synced(farm: TestFarm) -> TestFarm:
     for args in (("init",), ("sync",)):
         expect_ok(farm.run(*args))
     return farm
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclasses.dataclass

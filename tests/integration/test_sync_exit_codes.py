@@ -8,19 +8,13 @@ refused, the login refused. The store is never changed by a failed sync.
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 from farmtools import TestFarm, add_certificate, db_query, expect_ok, snapshot
 
 from farmkeys.cli.exit_codes import EXIT_ERROR, EXIT_OK, EXIT_UNREACHABLE
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from farmkeys_lab.servers import free_port
 
 
 @pytest.fixture
@@ -30,11 +24,11 @@ def synced_farm(initialised_farm: TestFarm) -> TestFarm:
 
 
 def no_database() -> dict[str, object]:
-    return {"dsn": f"postgresql://postgres@127.0.0.1:{closed_port()}/farmkeys"}
+    return {"dsn": f"postgresql://postgres@127.0.0.1:{free_port()}/farmkeys"}
 
 
 def no_directory() -> dict[str, object]:
-    return {"url": f"ldap://127.0.0.1:{closed_port()}"}
+    return {"url": f"ldap://127.0.0.1:{free_port()}"}
 
 
 def test_an_unreachable_config_db_keeps_the_installed_set_and_exits_75(

@@ -32,6 +32,7 @@ from serving import ServeNodes
 
 from farmkeys import publish
 from farmkeys.db import CHANGED_CHANNEL
+from farmkeys_lab.servers import free_port
 
 START = 30.0  # two processes start and sync on a loaded machine
 PUBLISH = {
@@ -46,12 +47,6 @@ QUICK = {
     "node": {"poll_seconds": 5},
     "retry": {"total_seconds": 1.0, "initial_backoff_seconds": 0.05, "max_backoff_seconds": 0.2},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture

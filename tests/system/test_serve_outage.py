@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 from farmtools import TestFarm, add_certificate, db_query, expect_ok, wait_until
 from serving import ServeNodes, ServeProcess, live_identity, manifest_identity
-from test_serve_http import PUBLISH, QUICK, free_port, get
+from test_serve_http import PUBLISH, QUICK, get, receive
 
 from farmkeys import publish
 from farmkeys_lab.postgres import LocalPostgres
+from farmkeys_lab.servers import free_port
 from farmkeys_lab.slapd import LocalSlapd
 
 START = 30.0  # a process starts and makes its first (failing) sync on a loaded machine
@@ -47,21 +48,6 @@ def notify(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
         yield sock, address
 
 
-def messages(sock: socket.socket, want: str, timeout: float) -> list[str]:
-    """Notify datagrams until one holds the line ``want``; all of them."""
-    got: list[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        sock.settimeout(max(0.05, deadline - time.monotonic()))
-        try:
-            got.append(sock.recv(4096).decode())
-        except TimeoutError:
-            break
-        if want in got[-1].splitlines():
-            return got
-    raise AssertionError(f"no {want!r} within {timeout} s; got {got}")
-
-
 def health(url: str) -> tuple[int, dict[str, object]]:
     status, _, body = get(url + publish.HEALTH_PATH)
     return status, json.loads(body) if body else {}
@@ -83,7 +69,7 @@ def check_serves_the_installed_set(
     farm: TestFarm, proc: ServeProcess, url: str, sock: socket.socket, problem: str
 ) -> None:
     """READY=1, /healthz 200 "degraded" naming ``problem``, the store's metadata; still up."""
-    ready = messages(sock, "READY=1", START)[-1].splitlines()
+    ready = receive(sock, "READY=1", START)[-1].splitlines()
     assert ready[1].startswith("STATUS=farm contoso: generation 1 installed;"), ready
     status, body = health(url)
     assert status == 200 and body["status"] == "degraded", (body, proc.tail())
@@ -171,9 +157,9 @@ def test_serve_with_nothing_installed_waits_for_the_config_db_without_exiting(
                 lambda: health(url)[0] == 503, START, "node-a answers 503", detail=nodes.logs
             )
             with pytest.raises(AssertionError, match="no 'READY=1' within"):
-                messages(sock, "READY=1", OUTLIVES)
+                receive(sock, "READY=1", OUTLIVES)
             assert proc.alive(), proc.tail()
         finally:
             postgres.start()
-        messages(sock, "READY=1", START)  # ready once it has installed the farm's set
+        receive(sock, "READY=1", START)  # ready once it has installed the farm's set
         assert manifest_identity(farm.store("node-a")) == live_identity(farm.dsn)

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_config import MINIMAL
 
 from farmkeys import config, escrow
 from farmkeys.config import DirectoryConfig, HooksConfig, RetryConfig
@@ -22,21 +23,6 @@ NOBODY = 65534
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="giving a file to another account needs root"
 )
-
-MINIMAL = """
-[farm]
-name = "contoso"
-[node]
-id = "node-a"
-store = "/var/lib/farmkeys/store"
-[database]
-dsn = "postgresql://farmkeys@db.example/farmkeys"
-[directory]
-url = "ldap://dc.example:389"
-bind_dn = "cn=svc-farm,ou=people,dc=example"
-password_file = "/etc/farmkeys/directory-password"
-container = "ou=dkm,dc=example"
-"""
 
 
 @pytest.fixture

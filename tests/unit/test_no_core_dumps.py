@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,13 +25,9 @@ from pathlib import Path
 import pytest
 from farmtools import REPO, clean_env
 
+from farmkeys_lab.servers import free_port
+
 NOGROUP = 65534
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
@@ -50,10 +45,10 @@ name = "contoso"
 id = "node-a"
 store = "{folder}/store"
 [database]
-dsn = "postgresql://farmkeys@127.0.0.1:{closed_port()}/farmkeys"
+dsn = "postgresql://farmkeys@127.0.0.1:{free_port()}/farmkeys"
 connect_timeout_seconds = 1
 [directory]
-url = "ldap://127.0.0.1:{closed_port()}"
+url = "ldap://127.0.0.1:{free_port()}"
 bind_dn = "cn=svc-farm,ou=people,dc=example"
 password_file = "{folder}/directory-password"
 container = "ou=dkm,dc=example"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import pty
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,14 +20,9 @@ from farmtools import REPO, clean_env
 
 from farmkeys.cli import TERMINAL_RETRY_SECONDS, at_a_terminal
 from farmkeys.config import Config, DatabaseConfig, DirectoryConfig, FarmConfig, RetryConfig
+from farmkeys_lab.servers import free_port
 
 CONFIGURED = 20  # [retry] total_seconds in the file
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
@@ -42,9 +36,9 @@ name = "contoso"
 id = "node-a"
 store = "{tmp_path}/store"
 [database]
-dsn = "postgresql://farmkeys@127.0.0.1:{closed_port()}/farmkeys"
+dsn = "postgresql://farmkeys@127.0.0.1:{free_port()}/farmkeys"
 [directory]
-url = "ldap://127.0.0.1:{closed_port()}"
+url = "ldap://127.0.0.1:{free_port()}"
 bind_dn = "cn=svc-farm,ou=people,dc=example"
 password_file = "{tmp_path}/directory-password"
 container = "ou=dkm,dc=example"
