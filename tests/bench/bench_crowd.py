@@ -29,26 +29,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))  # farmtools
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))  # farmkeys_lab
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/bench: _results
 
+from _lab import lab_farm
 from _results import Row, machine, record
-from farmtools import TestFarm, add_certificate, wait_until
+from farmtools import add_certificate, wait_until
 from serving import ServeNodes
 
 from farmkeys import publish
-from farmkeys_lab.postgres import LocalPostgres
 from farmkeys_lab.servers import free_port
-from farmkeys_lab.slapd import LocalSlapd
 
 HOST = "127.0.0.1"
 REQUEST = (
@@ -161,15 +157,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--results", help="append the goal rows to this JSON-lines file")
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="farmkeys-bench-crowd-"))
-    postgres = LocalPostgres(root / "postgres")
-    slapd = LocalSlapd(root / "slapd")
-    try:
-        postgres.start()
-        slapd.start()
-        dsn = postgres.create_database(f"farmkeys_bench_{uuid.uuid4().hex[:12]}")
+    with lab_farm("crowd") as farm:
         port = free_port()
-        farm = TestFarm(root=root, slapd=slapd, dsn=dsn)
         farm.overrides["publish"] = {
             "listen": f"{HOST}:{port}",
             "entity_id": "https://fs.contoso.example/adfs/services/trust",
@@ -240,10 +229,6 @@ def main() -> int:
                     note=f"{p99_beside:.1f} ms vs {p99_alone:.1f} ms alone",
                 ),
             )
-    finally:
-        slapd.stop()
-        postgres.remove()
-        shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

@@ -17,26 +17,22 @@ in ms, and requests per second.
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))  # farmtools
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))  # farmkeys_lab
 
-from farmtools import TestFarm, add_certificate, wait_until
+from _lab import lab_farm
+from farmtools import add_certificate, wait_until
 from serving import ServeNodes
 
 from farmkeys import publish
-from farmkeys_lab.postgres import LocalPostgres
 from farmkeys_lab.servers import free_port
-from farmkeys_lab.slapd import LocalSlapd
 
 
 def fetch(url: str) -> float:
@@ -52,15 +48,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--clients", type=int, default=8)
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="farmkeys-bench-publish-"))
-    postgres = LocalPostgres(root / "postgres")
-    slapd = LocalSlapd(root / "slapd")
-    try:
-        postgres.start()
-        slapd.start()
-        dsn = postgres.create_database(f"farmkeys_bench_{uuid.uuid4().hex[:12]}")
+    with lab_farm("publish") as farm:
         port = free_port()
-        farm = TestFarm(root=root, slapd=slapd, dsn=dsn)
         farm.overrides["publish"] = {
             "listen": f"127.0.0.1:{port}",
             "entity_id": "https://fs.contoso.example/adfs/services/trust",
@@ -106,10 +95,6 @@ def main() -> None:
                 t.join()
             rate = done / (time.perf_counter() - started)
             print(f"metadata, {args.clients} concurrent clients for 5 s: {rate:.0f} requests/s")
-    finally:
-        slapd.stop()
-        postgres.remove()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _ok(url: str) -> bool:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -33,15 +32,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))  # farmtools
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))  # farmkeys_lab
 
-from farmtools import TestFarm
+from _lab import lab_farm
 
 from farmkeys import requesting
 from farmkeys.config import load
 from farmkeys.db import REQUEST_CHANNEL, ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.formats import request
-from farmkeys_lab.postgres import LocalPostgres
-from farmkeys_lab.slapd import LocalSlapd
 
 
 def timed(runs: int, step: Callable[[], object]) -> list[float]:
@@ -62,15 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=200)
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="farmkeys-bench-request-"))
-    postgres = LocalPostgres(root / "postgres")
-    slapd = LocalSlapd(root / "slapd")
-    try:
-        postgres.start()
-        slapd.start()
-        dsn = postgres.create_database(f"farmkeys_bench_{uuid.uuid4().hex[:12]}")
-        farm = TestFarm(root=root / "farm", slapd=slapd, dsn=dsn)
-        farm.root.mkdir()
+    with lab_farm("request") as farm:
         assert farm.run("init").code == 0
         cfg = load(farm.config())
         with (
@@ -125,7 +114,9 @@ def main() -> None:
                     lifetime_seconds=120,
                 )
                 first = (time.perf_counter() - started) * 1000
-            print(f"machine: {postgres!r} / {slapd!r}")
+            print(
+                f"servers: the lab's PostgreSQL and slapd; config DB {farm.dsn.rsplit('@', 1)[-1]}"
+            )
             print(line("sign (HKDF + HMAC)", timed(args.runs, lambda: request.sign(body, key))))
             print(line("file unsigned (INSERT + NOTIFY)", timed(args.runs, unsigned)))
             print(line("file signed (key cached)", timed(args.runs, signed)))
@@ -136,9 +127,6 @@ def main() -> None:
             lambda: farm.run("rollover", "--purpose", "signing"),
         )
         print(line("farmkeys rollover --purpose signing", command))
-    finally:
-        slapd.stop()
-        postgres.remove()
 
 
 if __name__ == "__main__":
