@@ -1,8 +1,9 @@
 """The `farmkeys` command: a thin shell over the modules that do the work.
 
 :mod:`~farmkeys.cli.parser` says what the command line accepts,
-:mod:`~farmkeys.cli.commands` runs each command, and :mod:`~farmkeys.cli.render`
-turns status, events and the leader's answers into text or JSON. Asking the
+:mod:`~farmkeys.cli.commands` runs each command (`check` in :mod:`~farmkeys.cli.preflight`,
+`nodes` in :mod:`~farmkeys.cli.nodes`), and :mod:`~farmkeys.cli.render` turns status,
+events and the leader's answers into text or JSON. Asking the
 leader (file a request, await its answer) is :mod:`farmkeys.requesting`.
 
 Expected failures (every :class:`farmkeys.errors.Error`) print one line,
@@ -25,9 +26,10 @@ import traceback
 from collections.abc import Sequence
 
 from farmkeys import config as config_module
-from farmkeys.cli.commands import HANDLERS, print_check
+from farmkeys.cli.commands import HANDLERS
 from farmkeys.cli.exit_codes import CHECK_EXIT, EXIT_ERROR, STATUS_UNKNOWN
 from farmkeys.cli.parser import parse_args
+from farmkeys.cli.preflight import print_check
 from farmkeys.cli.process import forbid_core_dumps
 from farmkeys.cli.render import unknown_status_json
 from farmkeys.config import Config

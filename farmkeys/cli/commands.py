@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -17,20 +16,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from farmkeys.cli.exit_codes import (
-    CHECK_EXIT,
     EXIT_ERROR,
     EXIT_OK,
     EXIT_UNREACHABLE,
     STATUS_EXIT,
 )
+from farmkeys.cli.local import node_store
+from farmkeys.cli.nodes import nodes_command
+from farmkeys.cli.preflight import check_command
 from farmkeys.cli.render import (
     answer_lines,
-    check_json,
-    check_lines,
     events_json,
     events_text,
-    node_lines,
-    nodes_json,
     status_json,
     status_text,
 )
@@ -39,15 +36,12 @@ from farmkeys.errors import (
     DatabaseError,
     Error,
     ImportRefusedError,
-    NodeInUseError,
     RequestRefusedError,
     UnreachableError,
 )
 from farmkeys.terminal import escape
-from farmkeys.vocab import AuditAction
 
 if TYPE_CHECKING:
-    from farmkeys.check import Report as CheckReport
     from farmkeys.db import ConfigDB
     from farmkeys.requesting import RolloverOutcome
     from farmkeys.store import Store
@@ -103,7 +97,7 @@ def _sync(args: argparse.Namespace, config: Config) -> int:
     from farmkeys.db import ConfigDB
     from farmkeys.directory import Deferred
 
-    store = _store(config)
+    store = node_store(config)
     # The directory is made (and ldap3 loaded) only if the sync needs a master key.
     directory = Deferred(config.directory, config.retry)
     try:
@@ -155,96 +149,6 @@ def _record_failure(db: ConfigDB, node_id: str, exc: Error) -> None:
         log.warning("could not record the failed sync in the config DB: %s", second.what)
 
 
-def _check(args: argparse.Namespace, config: Config) -> int:
-    from farmkeys import check
-    from farmkeys.db import ConfigDB
-    from farmkeys.directory import Directory
-
-    with (
-        ConfigDB(config.database, config.retry) as db,
-        Directory(config.directory, config.retry) as directory,
-    ):
-        report = check.run(
-            config, config_file=config_file(args), db=db, directory=directory, store=_store(config)
-        )
-    print_check(report, as_json=args.json)
-    return CHECK_EXIT[report.result]
-
-
-def config_file(args: argparse.Namespace) -> Path | None:
-    """The config file this command read, as --config or FARMKEYS_CONFIG named it."""
-    named = getattr(args, "config", None) or os.environ.get("FARMKEYS_CONFIG")
-    return Path(named) if named else None
-
-
-def print_check(report: CheckReport, *, as_json: bool) -> None:
-    if as_json:
-        print(check_json(report, pretty=sys.stdout.isatty()))
-    else:
-        for line in check_lines(report):
-            print(line)
-
-
-def _nodes(args: argparse.Namespace, config: Config) -> int:
-    from farmkeys.db import ConfigDB
-    from farmkeys.status.nodes import node_statuses
-
-    with ConfigDB(config.database, config.retry) as db:
-        if args.nodes_command == "remove":
-            return _remove_node(args, config, db)
-        live = frozenset(r.identity for r in db.certificates(include_archived=False))
-        nodes, _ = node_statuses(
-            db.node_documents(
-                live,
-                silent_after_seconds=3 * config.lease.ttl_seconds,
-                stopped_after_seconds=config.status.stopped_warning_seconds,
-            )
-        )
-    if args.json:
-        print(nodes_json(nodes, pretty=sys.stdout.isatty()))
-    else:
-        for line in node_lines(nodes, wide=True):
-            print(line)
-    return EXIT_OK
-
-
-def _remove_node(args: argparse.Namespace, config: Config, db: ConfigDB) -> int:
-    """`nodes remove NODE`: its row deleted and the deletion audited, in one transaction."""
-    from farmkeys.requesting import requester
-
-    node = args.node
-    seen = db.node_seen(node)
-    if seen is None:
-        raise NodeInUseError(
-            f"the config DB has no node {node!r}", "`farmkeys nodes` lists the nodes it has"
-        )
-    age = seen["age_seconds"]
-    if age is not None and age < config.lease.ttl_seconds and not args.force:
-        raise NodeInUseError(
-            f"node {node} was heard from {age:.0f} s ago (within lease.ttl_seconds,"
-            f" {config.lease.ttl_seconds:g} s): it still runs, and would come back",
-            f"stop farmkeys on {node} first, or give --force; nothing was changed",
-        )
-    who = requester(args.reason)
-    said = f"; reason: {who.reason}" if who.reason else ""
-    with db.transaction() as tx:
-        gone = tx.remove_node(node)
-        if gone is None:
-            raise NodeInUseError(f"node {node!r} went away meanwhile", "nothing was changed")
-        last = gone["last_seen"]
-        tx.audit(
-            node=config.node.id,
-            term=None,
-            action=AuditAction.NODE_REMOVE,
-            detail=f"removed node {node} (last seen {last:%Y-%m-%dT%H:%M:%SZ}) at the request"
-            f" of {who.account} on {who.host}{said}"
-            if last
-            else f"removed node {node} at the request of {who.account} on {who.host}{said}",
-        )
-    print(f"removed node {escape(node)}; its store and services are untouched")
-    return EXIT_OK
-
-
 def _status(args: argparse.Namespace, config: Config) -> int:
     from farmkeys import status
     from farmkeys.db import ConfigDB
@@ -274,7 +178,7 @@ def _metadata(args: argparse.Namespace, config: Config) -> int:
     entity_id, sso_url = publish.metadata_settings(
         config.publish, entity_id=args.entity_id, sso_url=args.sso_url
     )
-    keys = publish.from_store(_store(config), now=_now())
+    keys = publish.from_store(node_store(config), now=_now())
     sys.stdout.write(publish.metadata(keys, entity_id=entity_id, sso_url=sso_url).decode())
     return EXIT_OK
 
@@ -282,14 +186,8 @@ def _metadata(args: argparse.Namespace, config: Config) -> int:
 def _jwks(args: argparse.Namespace, config: Config) -> int:
     from farmkeys import publish
 
-    sys.stdout.write(publish.jwks(publish.from_store(_store(config), now=_now())).decode())
+    sys.stdout.write(publish.jwks(publish.from_store(node_store(config), now=_now())).decode())
     return EXIT_OK
-
-
-def _store(config: Config) -> Store:
-    from farmkeys.store import Store
-
-    return Store(config.store, node_id=config.node.id, group=config.node.store_group)
 
 
 def _rollover(args: argparse.Namespace, config: Config) -> int:
@@ -568,8 +466,8 @@ def _events(args: argparse.Namespace, config: Config) -> int:
 HANDLERS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
     "init": _init,
     "db": _db_upgrade,
-    "check": _check,
-    "nodes": _nodes,
+    "check": check_command,
+    "nodes": nodes_command,
     "sync": _sync,
     "status": _status,
     "serve": _serve,
