@@ -55,6 +55,7 @@ def row(signed: request_format.Request, **changes: Any) -> SimpleNamespace:
         "urgent": signed.urgent,
         "master_key": signed.kind == "master_key",
         "repair_state": signed.kind == "repair_state",
+        "revert": signed.kind == "revert",
         "import_blob": None,
         "import_certificate": None,
         "import_role": None,
@@ -206,6 +207,34 @@ def test_columns_that_say_something_else_than_the_body_are_caught() -> None:
     assert request_format.columns_differ(
         imported, row(imported, **{**vars(good), "import_role": "secondary"})
     )
+
+
+def test_a_revert_request_round_trips_and_its_mac_covers_the_kind_and_purpose() -> None:
+    revert = request(kind="revert", purpose="decryption")
+    body, mac = request_format.sign(revert, KEY)
+    got = request_format.verify(body, mac, farm=FARM, row_id=42, key_for=keys)
+    assert got == revert and got.describe() == "revert of the last decryption promotion"
+    for old, new in ((b'"kind":"revert"', b'"kind":"rollover"'), (b"decryption", b"signing")):
+        edited = body.replace(old, new)
+        assert edited != body
+        with pytest.raises(RequestRefusedError, match="MAC does not verify"):
+            request_format.verify(edited, mac, farm=FARM, row_id=42, key_for=keys)
+
+
+def test_a_revert_names_one_purpose_and_is_never_urgent() -> None:
+    for changes in ({"purpose": "all"}, {"urgent": True}, {"purpose": None}):
+        body, _ = request_format.sign(request(kind="revert", **changes), KEY)
+        with pytest.raises(RequestRefusedError, match="malformed"):
+            request_format.parse(body)
+
+
+def test_columns_that_hide_or_fake_a_revert_are_caught() -> None:
+    revert = request(kind="revert")
+    assert not request_format.columns_differ(revert, row(revert))
+    # A revert row whose column says a plain rollover, and a rollover's row made a revert.
+    assert request_format.columns_differ(revert, row(revert, revert=False))
+    assert request_format.columns_differ(request(), row(request(), revert=True))
+    assert request_format.columns_differ(revert, row(revert, purpose="decryption"))
 
 
 def test_freshness_is_judged_by_the_time_passed_in() -> None:
