@@ -269,8 +269,8 @@ def await_answer(
             if not outcome.ok and _refused_by_an_older_leader(outcome.result):
                 raise RequestRefusedError(
                     f"the leader ({outcome.done_by}) refused request {request} as malformed: it"
-                    f" runs a farmkeys older than this command's requests (format"
-                    f" {request_format.FORMAT}, kinds {', '.join(request_format.KINDS)})",
+                    f" runs a farmkeys older than this command's request format"
+                    f" ({request_format.FORMAT}, kinds {', '.join(request_format.KINDS)})",
                     "nothing was done; upgrade farmkeys on the leader first (a rolling upgrade"
                     " upgrades the leader before it files requests from upgraded nodes), or file"
                     " the request from a node that runs the leader's version",

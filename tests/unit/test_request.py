@@ -351,3 +351,17 @@ def test_columns_that_say_someone_else_asked_are_caught() -> None:
     old = request(requester=None)  # a format-1 body: its row names nobody
     assert not request_format.columns_differ(old, row(old))
     assert request_format.columns_differ(old, row(old, account="alice"))
+
+
+def test_a_leader_from_before_revert_is_recognised_by_its_refusal() -> None:
+    # An older leader parses a revert's body, finds its kind unknown and refuses it as
+    # malformed; the command then says to upgrade the leader rather than print the refusal.
+    from farmkeys import requesting
+
+    body, _ = request_format.sign(request(kind="revert"), KEY)
+    document = json.loads(body)
+    older_kinds = ("rollover", "master_key", "repair_state", "import")
+    assert document["kind"] not in older_kinds
+    refusal = "refused: the request is malformed: its kind is unknown"
+    assert requesting._refused_by_an_older_leader(refusal)
+    assert not requesting._refused_by_an_older_leader("refused: request 4 is not authentic")
