@@ -14,8 +14,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from farmtools import TestFarm, db_query, expect_ok, one_error_line
-from serving import manifest_identity
+from farmtools import TestFarm, db_query, expect_ok, lease_row, one_error_line, wait_until
+from serving import ServeNodes, manifest_identity
 
 from farmkeys import requesting
 from farmkeys.config import load
@@ -217,6 +217,8 @@ def test_a_revert_after_an_urgent_rollover_is_refused(
     farm, _, new = promoted
     expect_ok(farm.run("rollover", "--purpose", "signing", "--urgent", "--yes"))
     assert new in record(farm).revoked
+    urgent = record(farm).promotion("signing")
+    assert urgent is not None and urgent.urgent and urgent.primary != urgent.previous
     line = refused(farm)
     assert "replaced by an urgent rollover" in line and "revoked and never comes back" in line
     # Filed past the command's own review, the leader refuses it the same way.
@@ -402,3 +404,95 @@ def test_a_db_writer_cannot_hold_promotions(initialised_farm: TestFarm) -> None:
     assert not any("promotion held" in p for p in status.json["problems"])
     sql(farm, "UPDATE farm_state SET body = %s", (bytes(stored["body"]),))
     assert "promote signing" in leader_check(farm)
+
+
+# -- what the record keeps, and a serving leader -------------------------------------------
+
+
+def test_records_stay_format_2_until_a_promotion_and_every_change_of_primary_is_recorded(
+    initialised_farm: TestFarm,
+) -> None:
+    farm = initialised_farm
+    old = holder(farm, "primary")
+    assert record(farm).format == farm_state.FORMAT_2
+    expect_ok(farm.run("rollover", "--purpose", "decryption"))
+    # Nothing to record yet: the bytes the farmkeys before format 3 reads.
+    assert record(farm).format == farm_state.FORMAT_2
+    # A generate-and-promote (the critical threshold of a policy that covers the primary's
+    # whole life, and no secondary) replaces the signing primary: recorded, the old retired.
+    wide = {"certificate_duration": 1000, "generation_threshold": 999, "critical_threshold": 999}
+    config = load(farm.config(policy=wide))
+    with (
+        ConfigDB(config.database, config.retry) as db,
+        Directory(config.directory, config.retry) as directory,
+    ):
+        election = Election(db, node_id="node-a", lease=config.lease)
+        assert election.try_acquire()
+        try:
+            done = [
+                f"{a.action} {a.purpose}" for a in Leader(config, db, directory, election).check()
+            ]
+        finally:
+            election.release()
+    assert "generate_and_promote signing" in done
+    state = record(farm)
+    assert state.format == farm_state.FORMAT
+    promotion = state.promotion("signing")
+    assert promotion is not None and not promotion.urgent
+    assert roles(farm)[old] == "retired"
+    ids = {e.thumbprint: e.id for e in state.live}
+    assert promotion.previous == ids[old] and promotion.primary == ids[holder(farm, "primary")]
+    # With the ordinary policy, that promotion may be reverted.
+    expect_ok(farm.run("rollover", "--revert", "--yes"))
+    assert roles(farm)[old] == "primary"
+
+
+CALM_SERVE: dict[str, dict[str, Any]] = {
+    "lease": {"ttl_seconds": 3.0, "renew_seconds": 0.5},
+    "node": {"poll_seconds": 5},
+    "retry": {"total_seconds": 1.0, "initial_backoff_seconds": 0.05, "max_backoff_seconds": 0.2},
+}
+
+
+def test_a_serving_leader_reverts_and_both_nodes_install_it(
+    promoted: tuple[TestFarm, str, str],
+) -> None:
+    farm, old, new = promoted
+    expect_ok(farm.run("sync", node="node-b"))
+    farm.overrides.update(CALM_SERVE)
+    with ServeNodes(farm, farm.root / "logs") as nodes:
+        for node in ("node-a", "node-b"):
+            nodes.start(node)
+        wait_until(lambda: lease_row(farm.dsn)["valid"], 30, "a node leads", detail=nodes.logs)
+
+        def installed(primary: str, secondary: str) -> bool:
+            want = {("signing", "primary", primary), ("signing", "secondary", secondary)}
+            return all(
+                want <= (manifest_identity(farm.store(n)) or set()) for n in ("node-a", "node-b")
+            )
+
+        result = expect_ok(farm.run("rollover", "--revert", "--yes"))
+        assert "answered by node-" in result.out
+        wait_until(
+            lambda: installed(old, new), 30, "both nodes install the revert", detail=nodes.logs
+        )
+        # The leader ran its rollover check after answering: it did not promote again.
+        time.sleep(1.0)
+        assert roles(farm) == {old: "primary", new: "secondary"}
+        # Released: the serving leader's next check promotes it, and the nodes follow.
+        expect_ok(farm.run("rollover", "--purpose", "signing"))
+        wait_until(
+            lambda: roles(farm) == {old: "retired", new: "primary"},
+            30,
+            "promoted again",
+            detail=nodes.logs,
+        )
+        wait_until(
+            lambda: all(
+                ("signing", "primary", new) in (manifest_identity(farm.store(n)) or set())
+                for n in ("node-a", "node-b")
+            ),
+            30,
+            "both nodes install the promotion",
+            detail=nodes.logs,
+        )
