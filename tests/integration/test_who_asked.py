@@ -111,7 +111,9 @@ def test_a_rollover_with_a_reason_shows_account_host_and_reason_in_events(
     synced_farm: TestFarm, alice: str
 ) -> None:
     reason = "CHG-42: the signing key may have leaked"
-    expect_ok(synced_farm.run("rollover", "--purpose", "signing", "--urgent", "--reason", reason))
+    expect_ok(
+        synced_farm.run("rollover", "--purpose", "signing", "--urgent", "--yes", "--reason", reason)
+    )
     request = last_request(synced_farm)
     row = request_row(synced_farm, request)
     assert (row["account"], row["host"], row["reason"]) == (alice, HOST, reason)
@@ -153,7 +155,9 @@ def test_every_event_of_an_urgent_master_key_roll_names_who_asked(
 ) -> None:
     before = {e["id"] for e in events(synced_farm)}
     expect_ok(
-        synced_farm.run("rollover", "--master-key", "--urgent", "--reason", "DKM backup lost")
+        synced_farm.run(
+            "rollover", "--master-key", "--urgent", "--yes", "--reason", "DKM backup lost"
+        )
     )
     request = last_request(synced_farm)
     new = [e for e in events(synced_farm) if e["id"] not in before]
@@ -351,7 +355,9 @@ def test_a_leader_older_than_the_command_refuses_its_request_and_the_command_say
     does nothing, and the upgraded command names the cause in one line."""
     monkeypatch.setattr(request_format, "_FIELDS", request_format._FIELDS_1)
     signing = signing_rows(synced_farm)
-    result = synced_farm.run("rollover", "--purpose", "signing", "--urgent", "--reason", "x")
+    result = synced_farm.run(
+        "rollover", "--purpose", "signing", "--urgent", "--yes", "--reason", "x"
+    )
     assert result.code == 1, result.out + result.err
     line = one_error_line(result)
     assert "runs a farmkeys older than this command's request format" in line
