@@ -496,3 +496,19 @@ def test_a_serving_leader_reverts_and_both_nodes_install_it(
             "both nodes install the promotion",
             detail=nodes.logs,
         )
+
+
+def test_a_retired_row_whose_certificate_is_not_its_thumbprints_is_not_reverted_to(
+    promoted: tuple[TestFarm, str, str],
+) -> None:
+    # The dates a revert judges come from the certificate itself, so a DB writer who swaps
+    # in another certificate's DER (a longer-lived one, say) is refused, not believed.
+    farm, old, new = promoted
+    sql(
+        farm,
+        "UPDATE certificate SET der = (SELECT der FROM certificate WHERE thumbprint = %s)"
+        " WHERE thumbprint = %s",
+        (new, old),
+    )
+    line = refused(farm)
+    assert f"the retired {old}'s certificate in the config DB is not the one its thumbprint" in line
