@@ -132,6 +132,13 @@ def test_a_revert_makes_the_retired_certificate_primary_and_the_primary_secondar
 ) -> None:
     farm, old, new = promoted
     reason = "CHG-77: the SP pinned the old key"
+    # Without a terminal it needs --yes, and files nothing without it.
+    asked = farm.run("rollover", "--revert")
+    assert asked.code == 1 and "needs confirmation" in one_error_line(asked)
+    assert f"make the signing certificate {old} primary again" in asked.out
+    assert roles(farm) == {old: "retired", new: "primary"}
+    filed = db_query(farm.dsn, "SELECT count(*) AS n FROM rollover_request WHERE revert")
+    assert filed[0]["n"] == 0
     result = expect_ok(farm.run("rollover", "--revert", "--yes", "--reason", reason))
     # The review names both thumbprints, and so does the leader's answer.
     assert f"make the signing certificate {old} primary again" in result.out
