@@ -31,7 +31,9 @@ certificates, master keys and endpoints by their ids, never by content.
     ├── FarmStateError           the config DB's farm state record is missing, malformed,
     │                            not authentic, older than a node installed, or not the live set
     ├── RequestRefusedError      an operator request is not authentic, stale, already answered,
-    │                            or its rows changed since the operator reviewed them
+    │   │                        or its rows changed since the operator reviewed them
+    │   └── RevertRefusedError   `rollover --revert` refused: no promotion to undo, the retired
+    │                            certificate expired, archived or revoked, or a secondary exists
     ├── CertificateError         a certificate or key does not match what its row says
     ├── StoreError               the node's local store cannot be read or written
     ├── EscrowError              an escrow file or its passphrase is unusable, or names another farm
@@ -145,6 +147,13 @@ class RequestRefusedError(Error):
     """An operator request the leader will not act on: it carries no valid MAC, names
     another farm or row, expired, was already answered, or (repair-state) the live rows
     differ from those the operator reviewed. Nothing is done but the refusal's audit."""
+
+
+class RevertRefusedError(RequestRefusedError):
+    """`farmkeys rollover --revert` will not undo the last promotion of a purpose: the farm
+    state records none, it was urgent (the replaced certificate is revoked), the retired
+    certificate is archived, expired or inside its critical threshold, or the purpose has
+    a secondary. Decided by :func:`farmkeys.policy.revert`; nothing is changed."""
 
 
 class CertificateError(Error):

@@ -31,12 +31,16 @@ primary and one secondary (the database enforces it; :func:`decide` raises
 
    - ``now >= S.created_at + M``: promote S, except that with
      ``policy.require_fetch`` a *signing* S waits while a relying party has not
-     fetched it (``unfetched[S.id]`` names them);
+     fetched it (``unfetched[S.id]`` names them), and that S waits while a revert
+     holds it (``held``: the farm state record's holds, see :func:`revert`);
    - else ``now >= P.not_after - C``: promote S at once, since a usable
      successor exists inside the critical window (fetched or not, as AD FS
      would).
 
 6. Anything else: nothing is due for that purpose.
+
+:func:`revert` decides whether `farmkeys rollover --revert` may undo a purpose's last
+promotion, from the farm state record's account of it.
 
 The returned list holds every archive first (signing before decryption,
 oldest ``not_after`` first), then at most one other action per purpose
@@ -63,6 +67,7 @@ from datetime import UTC, datetime
 from typing import Final, Literal, Protocol, TypeVar
 
 from farmkeys.config import MasterKeyConfig, PolicyConfig
+from farmkeys.errors import RevertRefusedError
 from farmkeys.formats.certificate_row import Published, Row
 from farmkeys.vocab import PURPOSES, ROLES
 
@@ -86,6 +91,10 @@ class CertificateView(Row, Protocol):
     def created_at(self) -> datetime: ...
 
 
+class RevertView(CertificateView, Published, Protocol):
+    """What :func:`revert` reads of a certificate row: its dates and its thumbprint."""
+
+
 class MasterKeyView(Protocol):
     """What the policy reads of a master key's record (``db.MasterKeyRow`` has it)."""
 
@@ -99,6 +108,31 @@ class MasterKeyView(Protocol):
     def unused_since(self) -> datetime | None: ...
     @property
     def delete_now(self) -> bool: ...
+
+
+class PromotionView(Protocol):
+    """What :func:`revert` reads of a purpose's last promotion, as the authenticated farm
+    state record keeps it (``farm_state.Promotion`` has it; times in epoch seconds)."""
+
+    @property
+    def at(self) -> int: ...
+    @property
+    def primary(self) -> uuid.UUID: ...
+    @property
+    def previous(self) -> uuid.UUID | None: ...
+    @property
+    def urgent(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Revert:
+    """What `rollover --revert` does to one purpose: ``primary`` (the certificate the last
+    promotion retired) is made primary again, ``secondary`` (the primary that promotion
+    made) secondary, and its scheduled promotion is held."""
+
+    purpose: str
+    primary: RevertView
+    secondary: RevertView
 
 
 @dataclass(frozen=True)
@@ -150,11 +184,13 @@ def decide(
     rows: Sequence[CertificateView],
     *,
     unfetched: Mapping[uuid.UUID, Sequence[str]] | None = None,
+    held: Collection[uuid.UUID] = (),
 ) -> list[Action]:
     """The actions due at ``now``, archives first; ``[]`` when nothing is due.
 
     ``unfetched``: for a secondary, the relying parties that have not fetched it
-    (:func:`unfetched_by`); read only with ``policy.require_fetch``."""
+    (:func:`unfetched_by`); read only with ``policy.require_fetch``. ``held``: the
+    secondaries a revert holds, promoted only at the primary's critical threshold."""
     _require_aware("now", now)
     archives: list[Action] = []
     steps: list[Action] = []
@@ -176,7 +212,8 @@ def decide(
             )
             secondary = None
         waiting = _waiting(policy, purpose, secondary, unfetched)
-        step = _step(policy, now, purpose, live.primary, secondary, waiting)
+        hold = secondary is not None and secondary.id in held
+        step = _step(policy, now, purpose, live.primary, secondary, waiting, held=hold)
         if step is not None:
             steps.append(step)
     return archives + steps
@@ -189,6 +226,7 @@ def next_action(
     certificate_id: uuid.UUID,
     *,
     unfetched: Mapping[uuid.UUID, Sequence[str]] | None = None,
+    held: Collection[uuid.UUID] = (),
 ) -> Scheduled | None:
     """The next scheduled action of one certificate, by the rules of :func:`decide`.
 
@@ -219,17 +257,108 @@ def next_action(
         if live.primary is None:
             return Scheduled("promote", now)
         waiting = _waiting(policy, row.purpose, row, unfetched)
-        return Scheduled("promote", _promotion_at(policy, live.primary, row, waiting))
+        return Scheduled(
+            "promote", _promotion_at(policy, live.primary, row, waiting, held=row.id in held)
+        )
     # The primary.
     secondary = live.secondary
     if secondary is not None and _usable(secondary, now):
         waiting = _waiting(policy, row.purpose, secondary, unfetched)
-        return Scheduled("retire", _promotion_at(policy, row, secondary, waiting))
+        return Scheduled(
+            "retire", _promotion_at(policy, row, secondary, waiting, held=secondary.id in held)
+        )
     generation_at = row.not_after - policy.units(policy.generation_threshold)
     critical_at = row.not_after - policy.units(policy.critical_threshold)
     if generation_at < critical_at and now < critical_at:
         return Scheduled("generate_secondary", generation_at)  # overdue once generation_at passed
     return Scheduled("generate_and_promote", critical_at)
+
+
+def revert(
+    policy: PolicyConfig,
+    now: datetime,
+    rows: Sequence[RevertView],
+    purpose: str,
+    *,
+    promotion: PromotionView | None,
+    revoked: Collection[str],
+    held_since: int | None = None,
+) -> Revert:
+    """Whether ``purpose``'s last promotion may be undone at ``now``, and how.
+
+    ``rows``: the live certificates (their ``not_after`` as the certificate itself says).
+    ``promotion``: the purpose's last promotion and ``revoked`` the urgently replaced
+    thumbprints, both from the authenticated farm state record; ``held_since``: the time
+    of a revert that holds the purpose now (epoch seconds). Allowed while the certificate
+    that promotion retired is live as retired, not revoked, and not yet inside its
+    critical threshold (where the policy would promote again at once), and the purpose has
+    no other secondary; else :class:`RevertRefusedError`, one line saying why.
+    """
+    _require_aware("now", now)
+    unchanged = "nothing was changed"
+    _by_purpose(rows)  # refuses rows that make no sense
+    mine = [r for r in rows if r.purpose == purpose]
+    primary = next((r for r in mine if r.role == "primary"), None)
+    secondary = next((r for r in mine if r.role == "secondary"), None)
+    retired = [r for r in mine if r.role == "retired"]
+    if promotion is None:
+        if held_since is not None:
+            raise RevertRefusedError(
+                f"{purpose}: the last promotion was already reverted at {_epoch(held_since)}",
+                "its promotion is held until `farmkeys rollover` releases it or the critical"
+                f" threshold is reached; {unchanged}",
+            )
+        raise RevertRefusedError(
+            f"{purpose}: the farm state records no promotion to revert",
+            "only a promotion made by a farmkeys that records them (farm state format 3) can"
+            f" be reverted; {unchanged}",
+        )
+    previous = next((r for r in retired if r.id == promotion.previous), None)
+    if promotion.urgent or (previous is not None and previous.thumbprint in revoked):
+        raise RevertRefusedError(
+            f"{purpose}: the primary was last replaced by an urgent rollover at"
+            f" {_epoch(promotion.at)}; the certificate it replaced is revoked and never comes"
+            " back",
+            f"an urgent rollover is meant and cannot be reverted; {unchanged}",
+        )
+    if promotion.previous is None:
+        raise RevertRefusedError(
+            f"{purpose}: the last promotion (at {_epoch(promotion.at)}) replaced no primary",
+            f"there is no certificate to go back to; {unchanged}",
+        )
+    if primary is None or primary.id != promotion.primary:
+        raise RevertRefusedError(
+            f"{purpose}: the primary is not the certificate the last promotion made",
+            f"run `farmkeys status` and `farmkeys events` to see what changed; {unchanged}",
+        )
+    if previous is None:
+        raise RevertRefusedError(
+            f"{purpose}: the certificate the last promotion retired ({promotion.previous}) is"
+            " archived",
+            f"an archived certificate is never made primary again; {unchanged}",
+        )
+    if now >= previous.not_after:
+        raise RevertRefusedError(
+            f"{purpose}: the certificate the last promotion retired, {previous.thumbprint},"
+            f" expired at {_iso(previous.not_after)}",
+            f"an expired certificate cannot sign or decrypt; {unchanged}",
+        )
+    critical_at = previous.not_after - policy.units(policy.critical_threshold)
+    if now >= critical_at:
+        raise RevertRefusedError(
+            f"{purpose}: the certificate the last promotion retired, {previous.thumbprint},"
+            f" expires at {_iso(previous.not_after)}, within"
+            f" {_threshold('critical_threshold', policy.critical_threshold, policy)}, so the"
+            " policy would promote again at once",
+            f"the promotion stands; {unchanged}",
+        )
+    if secondary is not None:
+        raise RevertRefusedError(
+            f"{purpose}: there is a secondary, {secondary.thumbprint}, besides the"
+            " primary; a revert needs its place for the primary it demotes",
+            f"a promotion can be reverted only before a new secondary is made; {unchanged}",
+        )
+    return Revert(purpose, previous, primary)
 
 
 def unfetched_by(
@@ -397,8 +526,11 @@ def _step(
     primary: CertificateView | None,
     secondary: CertificateView | None,
     waiting: Sequence[str] = (),
+    *,
+    held: bool = False,
 ) -> Action | None:
-    """The one non-archive action due for a purpose; ``secondary`` is usable or ``None``."""
+    """The one non-archive action due for a purpose; ``secondary`` is usable or ``None``,
+    ``held`` when a revert holds its promotion."""
     if primary is None:
         if secondary is not None:
             return Action(
@@ -435,7 +567,7 @@ def _step(
             )
         return None
     promotion = policy.units(policy.promotion_threshold)
-    if now >= secondary.created_at + promotion and not waiting:
+    if now >= secondary.created_at + promotion and not waiting and not held:
         return Action(
             "promote",
             purpose,
@@ -445,6 +577,8 @@ def _step(
         )
     if in_critical:
         unseen = f" (not yet fetched by {', '.join(waiting)})" if waiting else ""
+        if held:
+            unseen += " (its promotion was held by a revert)"
         return Action(
             "promote",
             purpose,
@@ -459,9 +593,11 @@ def _promotion_at(
     primary: CertificateView,
     secondary: CertificateView,
     waiting: Sequence[str] = (),
+    *,
+    held: bool = False,
 ) -> datetime:
     critical_at = primary.not_after - policy.units(policy.critical_threshold)
-    if waiting:
+    if waiting or held:
         return critical_at
     return min(secondary.created_at + policy.units(policy.promotion_threshold), critical_at)
 
@@ -499,6 +635,10 @@ def _threshold(name: str, n: int, policy: PolicyConfig) -> str:
 
 def _iso(when: datetime) -> str:
     return when.astimezone(UTC).isoformat()
+
+
+def _epoch(seconds: int) -> str:
+    return _iso(datetime.fromtimestamp(seconds, UTC))
 
 
 def _require_aware(name: str, when: datetime) -> None:

@@ -24,13 +24,16 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
+from farmkeys import policy
 from farmkeys.config import Config
 from farmkeys.db import ConfigDB
 from farmkeys.directory import Directory
 from farmkeys.election import Election, read_lease
-from farmkeys.errors import Error, LeaderTimeoutError, RequestRefusedError
+from farmkeys.errors import Error, FarmStateError, LeaderTimeoutError, RequestRefusedError
+from farmkeys.formats import farm_state
 from farmkeys.formats import request as request_format
 from farmkeys.leader import Leader
+from farmkeys.leader.certificates import certified
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,43 @@ def requester(reason: str | None) -> request_format.Requester:
     return who
 
 
+def preview_revert(
+    config: Config, db: ConfigDB, directory: Directory, purpose: str
+) -> policy.Revert:
+    """What `rollover --revert` of ``purpose`` would do now, by the same rule the leader
+    applies (:func:`farmkeys.policy.revert`) to the farm state record, verified here under
+    its master key: the command shows the operator the thumbprints, or refuses in one line
+    (:class:`farmkeys.errors.RevertRefusedError`) before anything is asked. The leader
+    decides again in its fenced transaction; this only lets nothing be filed in vain."""
+    farm = db.require_farm()
+    stored = db.stored_state()
+    if stored is None:
+        raise FarmStateError(
+            "the config DB has no farm state record, so no promotion is recorded to revert",
+            farm_state.REPAIR,
+        )
+    state = farm_state.verify(
+        stored.body,
+        stored.mac,
+        farm=farm.dkm_group,
+        key_for=lambda key_id: directory.master_key(farm.dkm_group, key_id),
+    )
+    live = db.certificates(include_archived=False)
+    error = farm_state.mismatch(state, live)
+    if error is not None:
+        raise error
+    hold = state.hold(purpose)
+    return policy.revert(
+        config.policy,
+        db.now(),
+        [certified(r) for r in live if r.purpose == purpose],
+        purpose,
+        promotion=state.promotion(purpose),
+        revoked=state.revoked,
+        held_since=None if hold is None else hold.since,
+    )
+
+
 @dataclass(frozen=True)
 class RolloverOutcome:
     request: int
@@ -87,11 +127,13 @@ def request_rollover(
     timeout_seconds: float,
     repair: request_format.RepairTerms | None = None,
     reason: str | None = None,
+    revert: bool = False,
 ) -> RolloverOutcome:
     """Ask the leader for a rollover and wait for its answer.
 
     ``purpose`` None asks for a master-key rollover (`--master-key`);
-    ``repair`` for `farmkeys repair-state` instead, vouching for those terms.
+    ``repair`` for `farmkeys repair-state` instead, vouching for those terms;
+    ``revert`` to undo the last promotion of ``purpose`` (`--revert`).
     ``reason``: the operator's `--reason`, signed with the request and audited.
 
     When no process holds the lease, take it for the operation, answer the
@@ -99,7 +141,15 @@ def request_rollover(
     writer acts. A request nobody answered in time is withdrawn, so it cannot
     surprise anyone later.
     """
-    kind = "repair_state" if repair is not None else "master_key" if purpose is None else "rollover"
+    kind = (
+        "repair_state"
+        if repair is not None
+        else "revert"
+        if revert
+        else "master_key"
+        if purpose is None
+        else "rollover"
+    )
     request = file_request(
         config,
         db,
@@ -175,6 +225,7 @@ def file_request(
         urgent=urgent,
         master_key=kind == "master_key",
         repair_state=kind == "repair_state",
+        revert=kind == "revert",
         import_=None
         if import_ is None or terms is None
         else (terms.certificate, import_[1], terms.role, terms.source),
@@ -185,12 +236,17 @@ def file_request(
 
 # What a leader of request format 1 answers a format-2 body: its field list has no account.
 _OLD_FIELDS_REFUSAL = "the request is malformed: the request does not have exactly the fields"
+# What a leader from before `rollover --revert` answers a revert: it knows no such kind.
+_OLD_KIND_REFUSAL = "the request is malformed: its kind is unknown"
 
 
 def _refused_by_an_older_leader(result: str) -> bool:
-    """Whether an answer is a format-1 leader's refusal of this command's format-2 body
-    (a newer leader names the requester's fields in the same refusal)."""
-    return _OLD_FIELDS_REFUSAL in result and "'account'" not in result
+    """Whether an answer is an older leader's refusal of what this command signed: a
+    format-1 leader's of a format-2 body (a newer leader names the requester's fields in
+    the same refusal), or a leader's from before a kind this command files (a revert)."""
+    return (_OLD_FIELDS_REFUSAL in result and "'account'" not in result) or (
+        _OLD_KIND_REFUSAL in result
+    )
 
 
 def await_answer(
@@ -214,7 +270,7 @@ def await_answer(
                 raise RequestRefusedError(
                     f"the leader ({outcome.done_by}) refused request {request} as malformed: it"
                     f" runs a farmkeys older than this command's request format"
-                    f" ({request_format.FORMAT})",
+                    f" ({request_format.FORMAT}, kinds {', '.join(request_format.KINDS)})",
                     "nothing was done; upgrade farmkeys on the leader first (a rolling upgrade"
                     " upgrades the leader before it files requests from upgraded nodes), or file"
                     " the request from a node that runs the leader's version",

@@ -70,6 +70,8 @@ class AuditAction(StrEnum):
     PROMOTE = "promote"
     RETIRE = "retire"
     ARCHIVE = "archive"
+    REVERT = "revert"  # `rollover --revert`: the last promotion undone (one event per row)
+    RELEASE = "release"  # a plain `rollover` lifted the hold a revert put on promotion
     IMPORT = "import"
     STATE_ADOPT = "state_adopt"
     STATE_REPAIR = "state_repair"

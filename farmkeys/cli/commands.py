@@ -191,6 +191,8 @@ def _jwks(args: argparse.Namespace, config: Config) -> int:
 
 
 def _rollover(args: argparse.Namespace, config: Config) -> int:
+    if args.revert:
+        return _revert(args, config, args.purpose or "signing")
     purpose = None if args.master_key else (args.purpose or "all")
     review = None
     if args.urgent:
@@ -240,6 +242,60 @@ def _master_key_shred(db: ConfigDB) -> tuple[list[str], str]:
         for r in sealed
     ]
     return lines, "Shred it now?"
+
+
+def _revert(args: argparse.Namespace, config: Config, purpose: str) -> int:
+    """`rollover --revert`: show what the revert will do, as the authenticated farm state
+    record and the policy say (refused in one line, nothing asked, when they do not allow
+    it), confirm, ask the leader, and print its answer, or its refusal as one line."""
+    from farmkeys import requesting
+    from farmkeys.db import ConfigDB
+    from farmkeys.directory import Directory
+
+    with (
+        ConfigDB(config.database, config.retry) as db,
+        Directory(config.directory, config.retry) as directory,
+    ):
+        plan = requesting.preview_revert(config, db, directory, purpose)
+        critical_at = plan.primary.not_after - config.policy.units(config.policy.critical_threshold)
+        lines = [
+            f"make the {purpose} certificate {plan.primary.thumbprint} primary again (the last"
+            f" promotion retired it; valid until {plan.primary.not_after:%Y-%m-%dT%H:%M:%SZ})",
+            f"make the {purpose} primary {plan.secondary.thumbprint} secondary again, its"
+            " promotion held until `farmkeys rollover` or the critical threshold at"
+            f" {critical_at:%Y-%m-%dT%H:%M:%SZ}",
+        ]
+        if purpose == "signing":
+            lines.append(
+                "sign with the old key at once: relying parties that already dropped it reject"
+                " the tokens it signs until they re-fetch the metadata"
+            )
+        else:
+            lines.append(
+                "decrypt with the old key again; tokens encrypted to the new one still decrypt,"
+                " as it stays installed as the secondary"
+            )
+        if not confirmed("rollover --revert", lines, "Revert now?", yes=args.yes):
+            return EXIT_ERROR
+        outcome = requesting.request_rollover(
+            config,
+            db,
+            directory,
+            purpose=purpose,
+            urgent=False,
+            timeout_seconds=args.wait,
+            reason=args.reason,
+            revert=True,
+        )
+    if not outcome.ok:
+        answer = outcome.result.strip().replace("\n", "; ")
+        what, _, todo = answer.partition(" — ")
+        raise RequestRefusedError(
+            f"rollover request {outcome.request} was refused by {outcome.done_by} (term"
+            f" {outcome.term}): {what}",
+            todo or "nothing was changed",
+        )
+    return _answer("rollover", outcome)
 
 
 def confirmed(what: str, lines: Sequence[str], question: str, *, yes: bool) -> bool:

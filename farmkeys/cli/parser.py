@@ -112,7 +112,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "--master-key rolls the one master key of every purpose, so --purpose does not go"
             " with it; leave out one of them"
         )
+    if args.command == "rollover" and args.revert:
+        _check_revert(parser, args)
     return args
+
+
+def _check_revert(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`rollover --revert` undoes one certificate promotion: never a master key's, never an
+    urgent rollover's, one purpose at a time (signing unless --purpose says)."""
+    if args.master_key:
+        parser.error(
+            "--revert undoes a certificate promotion and a master key is never reverted, so"
+            " --master-key does not go with it; leave out one of them"
+        )
+    if args.urgent:
+        parser.error(
+            "--revert undoes the last promotion and an urgent rollover is never undone, so"
+            " --urgent does not go with it; leave out one of them"
+        )
+    if args.purpose == "all":
+        parser.error(
+            "--revert undoes the promotion of one purpose; give --purpose signing or"
+            " --purpose decryption"
+        )
 
 
 def _innermost(
@@ -304,10 +326,14 @@ def _add_jwks(commands: _Commands) -> None:
 def _add_rollover(commands: _Commands) -> None:
     rollover = commands.add(
         "rollover",
-        help="add a secondary now, or with --urgent replace the primary at once",
+        help="add a secondary now, with --urgent replace the primary at once, or with --revert"
+        " undo the last promotion",
         description="Ask the leader to roll certificates over now and print its answer. Without "
-        "--urgent, add a secondary (AD FS's Update-AdfsCertificate); with it, generate a new "
-        "primary at once and archive the replaced certificates (-Urgent). With --master-key, "
+        "--urgent, add a secondary (AD FS's Update-AdfsCertificate), or release the promotion a "
+        "revert held; with it, generate a new primary at once and archive the replaced "
+        "certificates (-Urgent). With --revert, make the certificate the last promotion retired "
+        "primary again and the current primary secondary, and hold its promotion until a plain "
+        "`rollover` or the critical threshold (not after an urgent rollover). With --master-key, "
         "roll the farm's master key instead: a new key, every live blob re-sealed under it, "
         "and with --urgent the replaced key deleted at once. When no node leads, this command "
         "takes the lease for the operation itself.",
@@ -316,7 +342,13 @@ def _add_rollover(commands: _Commands) -> None:
         "--purpose",
         choices=("signing", "decryption", "all"),
         default=None,
-        help="which certificates (default: all)",
+        help="which certificates (default: all; with --revert: signing)",
+    )
+    rollover.add_argument(
+        "--revert",
+        action="store_true",
+        help="undo the last promotion of --purpose: its retired certificate becomes primary"
+        " again, the primary secondary, and promotion waits for a plain `rollover`",
     )
     rollover.add_argument(
         "--master-key",
@@ -331,8 +363,8 @@ def _add_rollover(commands: _Commands) -> None:
     rollover.add_argument(
         "--yes",
         action="store_true",
-        help="with --urgent: do not ask for confirmation (for scripts; without a terminal it"
-        " is required)",
+        help="with --urgent or --revert: do not ask for confirmation (for scripts; without a"
+        " terminal it is required)",
     )
     _add_wait(rollover)
     _add_reason(rollover)

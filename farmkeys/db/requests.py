@@ -17,7 +17,7 @@ from farmkeys.db.rows import RequestAnswer, RequestRow, request_row
 # The columns the leader authenticates a pending request by (and compares, under the row's
 # lock, with what it authenticated).
 _PENDING = (
-    "SELECT id, requested_by, purpose, urgent, master_key, repair_state,"
+    "SELECT id, requested_by, purpose, urgent, master_key, repair_state, revert,"
     " import_certificate, import_blob, import_role, import_source, body, mac,"
     " account, host, reason"
     " FROM rollover_request WHERE done_at IS NULL"
@@ -33,6 +33,7 @@ class RequestQueries(Connection):
         urgent: bool,
         master_key: bool = False,
         repair_state: bool = False,
+        revert: bool = False,
         import_: tuple[uuid.UUID, bytes, str, str] | None = None,
         requester: tuple[str, str, str | None],
         sign: Callable[[int, datetime], tuple[bytes, bytes]],
@@ -42,19 +43,20 @@ class RequestQueries(Connection):
         ``sign(id, now)`` makes the request's body and MAC (:mod:`farmkeys.formats.request`) once
         the row has its id, with the config DB's clock; both are written in the same
         transaction, so the leader never sees the row unsigned. ``import_``: the
-        certificate id, sealed blob, role and source of `import adfs`. ``requester``: the
+        certificate id, sealed blob, role and source of `import adfs`. ``revert``: the
+        row is a `rollover --revert`. ``requester``: the
         account, host and reason the body names, copied into their columns for reading."""
         cert, blob, role, source = import_ if import_ is not None else (None, None, None, None)
         account, host, reason = requester
         with self._transaction(Statements) as tx:
             rows = tx.execute(
                 "INSERT INTO rollover_request (requested_by, purpose, urgent, master_key,"
-                " repair_state, import_certificate, import_blob, import_role, import_source,"
-                " account, host, reason)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " repair_state, revert, import_certificate, import_blob, import_role,"
+                " import_source, account, host, reason)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
                 " RETURNING id, now() AS now",
                 (
-                    *(node_id, purpose, urgent, master_key, repair_state),
+                    *(node_id, purpose, urgent, master_key, repair_state, revert),
                     *(cert, blob, role, source, account, host, reason),
                 ),
             )

@@ -163,6 +163,7 @@ class RequestRow:
     account: str | None = None  # who the row claims asked: copies of the body's, or forged
     host: str | None = None
     reason: str | None = None
+    revert: bool = False  # `rollover --revert` (migration 11)
 
 
 @dataclass(frozen=True)
@@ -272,6 +273,7 @@ def request_row(row: dict[str, Any]) -> RequestRow:
         urgent=bool(row["urgent"]),
         master_key=bool(row["master_key"]),
         repair_state=bool(row["repair_state"]),
+        revert=bool(row.get("revert", False)),
         import_certificate=row["import_certificate"],
         import_blob=_bytes(row["import_blob"]),
         import_role=row["import_role"],

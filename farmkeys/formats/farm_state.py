@@ -23,6 +23,12 @@ leader writes, with every change, one record of the whole live set:
 - ``answered`` (format 2): the operator requests (:mod:`farmkeys.formats.request`)
   the leader carried out that are not yet expired, by nonce, so an authentic
   request copied back into the queue is refused instead of done twice;
+- ``promotions`` (format 3): per purpose, the last change of its primary (when, the
+  primary it made, the one it replaced, whether urgently), kept while that primary is
+  the primary: what `rollover --revert` may undo, never a DB writer's choice;
+- ``holds`` (format 3): per purpose, the secondary whose scheduled promotion a revert
+  holds (and since when), kept while it is the secondary: until `rollover` releases it,
+  the policy promotes it only at the primary's critical threshold;
 
 and a MAC: HMAC-SHA256 over the record's bytes under a key derived from that
 master key with HKDF-SHA256 and a label of its own (:data:`MAC_INFO` and the
@@ -30,6 +36,10 @@ farm's DKM group), so it cannot be mistaken for a blob key, nor carried to
 another farm. The record's bytes are canonical JSON (sorted keys, no
 spaces, ASCII): :func:`parse` accepts exactly the bytes :meth:`FarmState.encode`
 makes, and nothing else. docs/blob-format.md gives the format field by field.
+
+Written in the lowest format that carries the record: format 3 when it has a promotion
+or a hold, else format 2, so a farm's records stay readable by the farmkeys before
+format 3 until its first promotion after the upgrade. Formats 1 and 2 are still read.
 
 Pure: no I/O. The leader (:mod:`farmkeys.leader`), `init`, the nodes
 (:mod:`farmkeys.sync`) and `status` call it with the key they read.
@@ -50,8 +60,10 @@ from farmkeys.formats import _canonical, _mac
 from farmkeys.formats.certificate_row import Published
 from farmkeys.vocab import LIVE_ROLES, PURPOSES
 
-FORMAT = "farmkeys-state/2"
+FORMAT = "farmkeys-state/3"
+FORMAT_2 = "farmkeys-state/2"  # before promotions and holds (issue 23): still read and written
 FORMAT_1 = "farmkeys-state/1"  # before tombstones and answered requests: still read
+FORMATS = (FORMAT, FORMAT_2, FORMAT_1)
 MAC_INFO = b"farmkeys farm state MAC v1\x00"
 MAC_SIZE = 32
 MAX_RECORD = 1 << 20  # far above any farm's: a live set is a handful of rows
@@ -63,7 +75,11 @@ MAX_ANSWERED = 4096  # unexpired answered requests a record keeps; far above any
 
 _THUMBPRINT = re.compile(r"\A[0-9A-F]{40}\Z")
 _FIELDS_1 = {"farm", "format", "live", "master_key", "revoked", "term", "version"}
-_FIELDS = _FIELDS_1 | {"answered", "replaced", "shredded"}
+_FIELDS_2 = _FIELDS_1 | {"answered", "replaced", "shredded"}
+_FIELDS = _FIELDS_2 | {"holds", "promotions"}
+_FIELDS_OF = {FORMAT: _FIELDS, FORMAT_2: _FIELDS_2, FORMAT_1: _FIELDS_1}
+_PROMOTION_FIELDS = {"at", "previous", "primary", "purpose", "urgent"}
+_HOLD_FIELDS = {"purpose", "secondary", "since"}
 _ANSWERED_FIELDS = {"expires", "request"}
 _REPLACED_FIELDS = {"at", "key", "urgent"}
 _ENTRY_FIELDS = {"id", "master_key", "purpose", "role", "thumbprint"}
@@ -124,6 +140,31 @@ class Replaced:
 
 
 @dataclass(frozen=True)
+class Promotion:
+    """The last change of one purpose's primary (format 3): at ``at`` (seconds since the
+    epoch, the config DB's clock) ``primary`` became the primary, replacing ``previous``
+    (None: there was none), which was retired, or archived and revoked when ``urgent``."""
+
+    purpose: str
+    at: int
+    primary: uuid.UUID
+    previous: uuid.UUID | None
+    urgent: bool
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A revert's hold on one purpose (format 3): ``secondary`` (the primary the revert
+    demoted) is not promoted on its schedule, only at the primary's critical threshold,
+    until `farmkeys rollover` releases it; ``since``: the revert's time (seconds since the
+    epoch, the config DB's clock)."""
+
+    purpose: str
+    secondary: uuid.UUID
+    since: int
+
+
+@dataclass(frozen=True)
 class FarmState:
     """One version of the farm state (not yet authentic until :func:`verify` says so)."""
 
@@ -136,7 +177,9 @@ class FarmState:
     shredded: tuple[uuid.UUID, ...] = ()  # sorted
     answered: tuple[Answered, ...] = ()  # sorted by nonce
     replaced: tuple[Replaced, ...] = ()  # sorted by key
-    format: str = FORMAT  # FORMAT_1 only for a record read from before format 2
+    promotions: tuple[Promotion, ...] = ()  # sorted by purpose, one each at most
+    holds: tuple[Hold, ...] = ()  # sorted by purpose, one each at most
+    format: str = FORMAT_2  # build() chooses; FORMAT_1 only for a record read from before
 
     @classmethod
     def build(
@@ -151,10 +194,36 @@ class FarmState:
         shredded: Iterable[uuid.UUID] = (),
         answered: Iterable[Answered] = (),
         replaced: Iterable[Replaced] = (),
+        promotions: Iterable[Promotion] = (),
+        holds: Iterable[Hold] = (),
     ) -> FarmState:
         """The record of ``rows`` (the live certificates), in canonical order. Of two
-        ``answered`` entries for one request, the later expiry is kept."""
+        ``answered`` entries for one request, the later expiry is kept. Of ``promotions``
+        and ``holds``, the last given for a purpose, and only while it still names that
+        purpose's primary (a promotion) or secondary (a hold); format 3 when any is left,
+        else format 2."""
         live = tuple(sorted(LiveEntry.of(r) for r in rows))
+        holding = {(e.purpose, e.role): e.id for e in live}
+        kept_promotions = tuple(
+            sorted(
+                (
+                    p
+                    for p in {p.purpose: p for p in promotions}.values()
+                    if holding.get((p.purpose, "primary")) == p.primary
+                ),
+                key=lambda p: p.purpose,
+            )
+        )
+        kept_holds = tuple(
+            sorted(
+                (
+                    h
+                    for h in {h.purpose: h for h in holds}.values()
+                    if holding.get((h.purpose, "secondary")) == h.secondary
+                ),
+                key=lambda h: h.purpose,
+            )
+        )
         shredded = set(shredded)
         latest: dict[uuid.UUID, int] = {}
         for a in answered:
@@ -169,7 +238,22 @@ class FarmState:
             tuple(sorted(shredded)),
             tuple(sorted(Answered(r, e) for r, e in latest.items())),
             tuple(sorted({r.key: r for r in replaced if r.key not in shredded}.values())),
+            kept_promotions,
+            kept_holds,
+            FORMAT if kept_promotions or kept_holds else FORMAT_2,
         )
+
+    def promotion(self, purpose: str) -> Promotion | None:
+        """The last change of ``purpose``'s primary the record keeps, or None."""
+        return next((p for p in self.promotions if p.purpose == purpose), None)
+
+    def hold(self, purpose: str) -> Hold | None:
+        """The revert's hold on ``purpose``'s secondary, or None."""
+        return next((h for h in self.holds if h.purpose == purpose), None)
+
+    def held_secondaries(self) -> frozenset[uuid.UUID]:
+        """The secondaries whose scheduled promotion a revert holds."""
+        return frozenset(h.secondary for h in self.holds)
 
     def replaced_key(self, key: uuid.UUID) -> Replaced | None:
         return next((r for r in self.replaced if r.key == key), None)
@@ -200,6 +284,23 @@ class FarmState:
             "term": self.term,
             "version": self.version,
         }
+        if self.format == FORMAT:
+            document["promotions"] = [
+                {
+                    "at": p.at,
+                    "previous": None if p.previous is None else str(p.previous),
+                    "primary": str(p.primary),
+                    "purpose": p.purpose,
+                    "urgent": p.urgent,
+                }
+                for p in self.promotions
+            ]
+            document["holds"] = [
+                {"purpose": h.purpose, "secondary": str(h.secondary), "since": h.since}
+                for h in self.holds
+            ]
+        elif self.promotions or self.holds:
+            raise ValueError(f"a record of format {self.format} carries no promotions or holds")
         if self.format != FORMAT_1:
             document["format"] = self.format
             document["shredded"] = [str(k) for k in self.shredded]
@@ -222,6 +323,8 @@ class FarmState:
             and self.shredded == other.shredded
             and self.answered == other.answered
             and self.replaced == other.replaced
+            and self.promotions == other.promotions
+            and self.holds == other.holds
             and self.format == other.format
         )
 
@@ -322,10 +425,10 @@ def parse(body: bytes) -> FarmState:
 
 
 def _state(document: object) -> FarmState:
-    if not isinstance(document, dict) or document.get("format") not in (FORMAT, FORMAT_1):
+    if not isinstance(document, dict) or document.get("format") not in FORMATS:
         raise _malformed(f"its format is not {FORMAT!r}")
     form = document["format"]
-    fields = _read.fields(document, _FIELDS if form == FORMAT else _FIELDS_1, "the record")
+    fields = _read.fields(document, _FIELDS_OF[form], "the record")
     version = _read.integer(fields["version"], "version")
     if version < 1:
         raise _malformed("its version is below 1")
@@ -346,7 +449,22 @@ def _state(document: object) -> FarmState:
     shredded: tuple[uuid.UUID, ...] = ()
     answered: tuple[Answered, ...] = ()
     replaced: tuple[Replaced, ...] = ()
+    promotions: tuple[Promotion, ...] = ()
+    holds: tuple[Hold, ...] = ()
     if form == FORMAT:
+        items = fields["promotions"]
+        if not isinstance(items, list):
+            raise _malformed("promotions is not a list")
+        promotions = tuple(_promotion(item) for item in items)
+        if [p.purpose for p in promotions] != sorted({p.purpose for p in promotions}):
+            raise _malformed("promotions is not sorted by purpose without repeats")
+        items = fields["holds"]
+        if not isinstance(items, list):
+            raise _malformed("holds is not a list")
+        holds = tuple(_hold(item) for item in items)
+        if [h.purpose for h in holds] != sorted({h.purpose for h in holds}):
+            raise _malformed("holds is not sorted by purpose without repeats")
+    if form in (FORMAT, FORMAT_2):
         items = fields["replaced"]
         if not isinstance(items, list):
             raise _malformed("replaced is not a list")
@@ -375,7 +493,39 @@ def _state(document: object) -> FarmState:
         shredded=shredded,
         answered=answered,
         replaced=replaced,
+        promotions=promotions,
+        holds=holds,
         format=form,
+    )
+
+
+def _purpose(value: object, what: str) -> str:
+    if value not in PURPOSES:
+        raise _malformed(f"{what} has an unknown purpose")
+    assert isinstance(value, str)
+    return value
+
+
+def _promotion(item: object) -> Promotion:
+    fields = _read.fields(item, _PROMOTION_FIELDS, "a promotion")
+    if not isinstance(fields["urgent"], bool):
+        raise _malformed("a promotion's urgent is not a boolean")
+    previous = fields["previous"]
+    return Promotion(
+        purpose=_purpose(fields["purpose"], "a promotion"),
+        at=_read.integer(fields["at"], "a promotion's time"),
+        primary=_read.uuid(fields["primary"], "a promotion's primary"),
+        previous=None if previous is None else _read.uuid(previous, "a promotion's previous"),
+        urgent=fields["urgent"],
+    )
+
+
+def _hold(item: object) -> Hold:
+    fields = _read.fields(item, _HOLD_FIELDS, "a hold")
+    return Hold(
+        purpose=_purpose(fields["purpose"], "a hold"),
+        secondary=_read.uuid(fields["secondary"], "a hold's secondary"),
+        since=_read.integer(fields["since"], "a hold's time"),
     )
 
 

@@ -19,7 +19,10 @@ operator's ``--reason``), and per kind:
   (:func:`rows_digest`), the revoked thumbprints the operator keeps, whether
   the operator named them, and the lowest version the new record may take;
 - ``import``: the certificate id its row gets, its role, its source, and the
-  SHA-256 of the sealed blob in the row.
+  SHA-256 of the sealed blob in the row;
+- ``revert`` (`rollover --revert`): nothing more than its purpose (``signing`` or
+  ``decryption``, never ``all``) and ``urgent`` false; what it undoes is the leader's
+  to read from the authenticated farm state record, never the request's to name.
 
 The leader (:mod:`farmkeys.leader`) acts on the body alone, after
 :func:`verify`, and refuses a row whose columns say anything else, whose nonce
@@ -44,7 +47,7 @@ from typing import Any, Protocol
 
 from farmkeys.errors import RequestRefusedError
 from farmkeys.formats import _canonical, _mac
-from farmkeys.vocab import REQUEST_PURPOSES
+from farmkeys.vocab import PURPOSES, REQUEST_PURPOSES
 
 FORMAT = "farmkeys-request/2"
 FORMAT_1 = "farmkeys-request/1"  # before the requester (issue 22): still read
@@ -64,8 +67,9 @@ MAX_HOST = 255
 MAX_REASON = 200
 """The longest ``--reason``, in characters: a sentence or a ticket number."""
 
-KINDS = ("rollover", "master_key", "repair_state", "import")
+KINDS = ("rollover", "master_key", "repair_state", "import", "revert")
 IMPORT_ROLES = ("primary", "secondary")
+REVERT_PURPOSES = PURPOSES  # one purpose: a revert undoes one promotion
 _FIELDS_1 = {
     "created",
     "expires",
@@ -233,6 +237,8 @@ class Request:
             return "master-key roll" + (" (urgent)" if self.urgent else "")
         if self.kind == "import":
             return f"import of a {self.purpose} certificate"
+        if self.kind == "revert":
+            return f"revert of the last {self.purpose} promotion"
         return "repair-state"
 
 
@@ -323,6 +329,8 @@ class RequestColumns(Protocol):
     @property
     def repair_state(self) -> bool: ...
     @property
+    def revert(self) -> bool: ...
+    @property
     def import_certificate(self) -> uuid.UUID | None: ...
     @property
     def import_blob(self) -> bytes | None: ...
@@ -340,10 +348,13 @@ class RequestColumns(Protocol):
 
 def columns_differ(request: Request, row: RequestColumns) -> bool:
     """Whether a ``rollover_request`` row's columns say anything else than its signed body
-    (a DB writer flipped the kind, the purpose or urgency, swapped the import's blob, or
-    changed who asked or why; a format-1 body's row names no account, host or reason)."""
+    (a DB writer flipped the kind, a revert among them, the purpose or urgency, swapped the
+    import's blob, or changed who asked or why; a format-1 body's row names no account,
+    host or reason)."""
     kind = (
-        "master_key"
+        "revert"
+        if row.revert
+        else "master_key"
         if row.master_key
         else "repair_state"
         if row.repair_state
@@ -406,6 +417,8 @@ def _request(document: object) -> Request:
         raise _malformed("its purpose does not fit its kind")
     if not isinstance(fields["urgent"], bool) or not isinstance(fields["requested_by"], str):
         raise _malformed("urgent or requested_by has the wrong type")
+    if kind == "revert" and (purpose not in REVERT_PURPOSES or fields["urgent"]):
+        raise _malformed("a revert names one purpose and is never urgent")
     repair = None
     if (fields["repair"] is None) != (kind != "repair_state"):
         raise _malformed("repair terms do not fit its kind")

@@ -1,20 +1,26 @@
 """Certificate rollover: carrying out what :mod:`farmkeys.policy` decides is due
 (generate a secondary, promote it, retire and archive the replaced primary), and an
-operator's rollover request, each step in a fenced transaction and in the audit log."""
+operator's rollover request, each step in a fenced transaction and in the audit log.
+
+Every change of a primary is recorded in the farm state record the transaction writes
+(:class:`farmkeys.formats.farm_state.Promotion`), so that `rollover --revert` undoes
+exactly the last one; a revert puts a hold on the demoted primary's promotion into the
+same record, which the check honours and a plain `rollover` releases."""
 
 from __future__ import annotations
 
 import logging
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 
 from farmkeys import policy
 from farmkeys.config import Config
 from farmkeys.db import CHANGED_CHANNEL, CertificateRow, ConfigDB, Farm, FetchRow, NewCertificate
 from farmkeys.election import Election, Fence
-from farmkeys.errors import DirectoryError
-from farmkeys.formats import fetch_record
+from farmkeys.errors import CertificateError, DirectoryError, RevertRefusedError
+from farmkeys.formats import certificates, farm_state, fetch_record
 from farmkeys.leader.keys import CurrentKey
 from farmkeys.leader.sealing import NeedKey, Spares, sealed_certificate
 from farmkeys.leader.state import StateFence
@@ -35,6 +41,7 @@ class Applied:
     purpose: str
     thumbprint: str
     detail: str
+    certificate: uuid.UUID | None = None
 
     def __str__(self) -> str:
         return f"{self.action} {self.purpose} {self.thumbprint}: {self.detail}"
@@ -73,8 +80,13 @@ class CertificateRollover:
                 with self._state.fenced(farm) as fence:
                     rows = fence.tx.live_certificates()
                     unfetched = self._unfetched(farm, fence.tx.fetches, rows)
+                    before = self._state.round.before
                     actions = policy.decide(
-                        self._config.policy, fence.now, rows, unfetched=unfetched
+                        self._config.policy,
+                        fence.now,
+                        rows,
+                        unfetched=unfetched,
+                        held=frozenset() if before is None else before.held_secondaries(),
                     )
                     if not actions:
                         break
@@ -137,25 +149,48 @@ class CertificateRollover:
             return self.audit(fence, AuditAction.ARCHIVE, row, action.reason)
         if action.kind == "promote":
             assert action.certificate_id is not None
-            self.retire_primary(fence, rows, action.purpose, reason=action.reason)
+            retired = self.retire_primary(fence, rows, action.purpose, reason=action.reason)
             row = by_id[action.certificate_id]
             fence.tx.set_role(row.id, Role.PRIMARY)
+            self.promoted(fence, action.purpose, row.id, retired)
             return self.audit(fence, AuditAction.PROMOTE, row, action.reason)
         if action.kind == "generate":
             return self.generate(fence, farm, action.purpose, Role.SECONDARY, action.reason)
         if action.kind == "generate_and_promote":
-            self.retire_primary(fence, rows, action.purpose, reason=action.reason)
-            return self.generate(fence, farm, action.purpose, Role.PRIMARY, action.reason)
+            retired = self.retire_primary(fence, rows, action.purpose, reason=action.reason)
+            made = self.generate(fence, farm, action.purpose, Role.PRIMARY, action.reason)
+            assert made.certificate is not None
+            self.promoted(fence, action.purpose, made.certificate, retired)
+            return made
         raise AssertionError(f"unknown action {action.kind}")
 
     def retire_primary(
         self, fence: Fence, rows: Sequence[CertificateRow], purpose: str, *, reason: str
-    ) -> None:
-        """The primary of ``purpose`` becomes retired: still installed and published."""
+    ) -> uuid.UUID | None:
+        """The primary of ``purpose`` becomes retired: still installed and published; its
+        id (None: there was none)."""
         for row in rows:
             if row.purpose == purpose and row.role == Role.PRIMARY:
                 fence.tx.set_role(row.id, Role.RETIRED)
                 self.audit(fence, AuditAction.RETIRE, row, f"replaced: {reason}")
+                return row.id
+        return None
+
+    def promoted(
+        self,
+        fence: Fence,
+        purpose: str,
+        primary: uuid.UUID,
+        previous: uuid.UUID | None,
+        *,
+        urgent: bool = False,
+    ) -> None:
+        """Record in the next farm state record that ``primary`` replaced ``previous``:
+        what a revert may undo (after an urgent replacement: refuses to)."""
+        at = int(fence.now.timestamp())
+        self._state.round.promoting.append(
+            farm_state.Promotion(purpose, at, primary, previous, urgent)
+        )
 
     def generate(self, fence: Fence, farm: Farm, purpose: str, role: Role, reason: str) -> Applied:
         key_id, key = self._key.current()  # raising rolls the transaction back
@@ -197,7 +232,7 @@ class CertificateRollover:
             thumbprint=thumbprint,
             detail=detail,
         )
-        return Applied(action, purpose, thumbprint, detail)
+        return Applied(action, purpose, thumbprint, detail, certificate)
 
     def requested(
         self,
@@ -216,16 +251,98 @@ class CertificateRollover:
             # AD FS's -Urgent: the replaced primary, and any secondary made before it,
             # are archived at once, not kept installed.
             replaced = [r.thumbprint for r in mine if r.role in (Role.PRIMARY, Role.SECONDARY)]
+            previous = next((r.id for r in mine if r.role == Role.PRIMARY), None)
             for row in mine:
                 if row.role in (Role.PRIMARY, Role.SECONDARY):
                     fence.tx.set_role(row.id, Role.ARCHIVED)
                     self._state.round.revoking.add(row.thumbprint)  # no node installs it again
                     self.audit(fence, AuditAction.ARCHIVE, row, f"replaced: {reason}")
             made = self.generate(fence, farm, purpose, Role.PRIMARY, reason)
+            assert made.certificate is not None
+            self.promoted(fence, purpose, made.certificate, previous, urgent=True)
             archived = ", ".join(replaced) or "none"
             return f"{purpose}: new primary {made.thumbprint}; archived {archived}"
         secondary = next((r for r in mine if r.role == Role.SECONDARY), None)
+        before = self._state.round.before
+        hold = None if before is None else before.hold(purpose)
+        if secondary is not None and hold is not None and hold.secondary == secondary.id:
+            # The operator's word that the relying parties are ready: the schedule resumes.
+            self._state.round.releasing.add(purpose)
+            self.audit(
+                fence,
+                AuditAction.RELEASE,
+                secondary,
+                f"promotion released by the operator (held since the revert of {_at(hold.since)})",
+            )
+            return (
+                f"{purpose}: promotion of secondary {secondary.thumbprint} released (held since"
+                f" the revert of {_at(hold.since)}); the rollover check promotes it on its schedule"
+            )
         if secondary is not None:
             return f"{purpose}: already has secondary {secondary.thumbprint}; nothing done"
         made = self.generate(fence, farm, purpose, Role.SECONDARY, reason)
         return f"{purpose}: new secondary {made.thumbprint}"
+
+    def revert(self, fence: Fence, rows: Sequence[CertificateRow], purpose: str) -> str:
+        """`rollover --revert`: undo ``purpose``'s last promotion as the authenticated farm
+        state record tells it, and hold the demoted primary's promotion; the answer's line.
+        :class:`RevertRefusedError` (nothing changed) when :func:`policy.revert` refuses."""
+        before = self._state.round.before
+        mine = [certified(r) for r in rows if r.purpose == purpose]
+        hold = None if before is None else before.hold(purpose)
+        plan = policy.revert(
+            self._config.policy,
+            fence.now,
+            mine,
+            purpose,
+            promotion=None if before is None else before.promotion(purpose),
+            revoked=() if before is None else before.revoked,
+            held_since=None if hold is None else hold.since,
+        )
+        back, demoted = plan.primary, plan.secondary
+        by_id = {r.id: r for r in rows}
+        reason = "requested by the operator (revert)"
+        fence.tx.set_role(demoted.id, Role.SECONDARY)
+        fence.tx.set_role(back.id, Role.PRIMARY)
+        self._state.round.reverting.add(purpose)
+        since = int(fence.now.timestamp())
+        self._state.round.holding.append(farm_state.Hold(purpose, demoted.id, since))
+        self.audit(
+            fence,
+            AuditAction.REVERT,
+            by_id[back.id],
+            f"primary again, replacing {demoted.thumbprint}: {reason}",
+        )
+        self.audit(
+            fence,
+            AuditAction.REVERT,
+            by_id[demoted.id],
+            f"secondary again, its promotion held until `farmkeys rollover` or the critical"
+            f" threshold: {reason}",
+        )
+        return (
+            f"{purpose}: primary {back.thumbprint} (reverted), secondary {demoted.thumbprint}"
+            " (promotion held until `farmkeys rollover` or the critical threshold)"
+        )
+
+
+def _at(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat()
+
+
+def certified(row: CertificateRow) -> CertificateRow:
+    """``row`` with the dates its certificate itself carries, when its DER is the one the
+    thumbprint names (the farm state record authenticates the thumbprint, not the date
+    columns): a DB writer who moves ``not_after`` cannot make an expired one revertible.
+    A DER that does not match is refused."""
+    try:
+        cert = certificates.load_certificate_der(row.der)
+    except CertificateError:
+        cert = None
+    if cert is None or certificates.thumbprint(cert) != row.thumbprint:
+        raise RevertRefusedError(
+            f"{row.purpose}: the {row.role} {row.thumbprint}'s certificate in the config DB is"
+            " not the one its thumbprint names",
+            "someone who can write the config DB changed it; nothing was changed",
+        )
+    return replace(row, not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc)

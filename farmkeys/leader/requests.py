@@ -26,6 +26,7 @@ from farmkeys.errors import (
     InvalidBlobError,
     MasterKeyMissingError,
     RequestRefusedError,
+    RevertRefusedError,
 )
 from farmkeys.formats import blob as blob_format
 from farmkeys.formats import certificates, farm_state
@@ -196,6 +197,10 @@ class RequestAnswering:
                 self._answered(fence, row.id, [line], ok=ok, signed=request)
                 return [line]
             assert request.purpose is not None
+            if request.kind == "revert":
+                ok, line = self._revert(fence, request.purpose)
+                self._answered(fence, row.id, [line], ok=ok, signed=request)
+                return [line]
             purposes = PURPOSES if request.purpose == ALL_PURPOSES else (request.purpose,)
             rows = fence.tx.live_certificates()
             lines = [
@@ -204,6 +209,15 @@ class RequestAnswering:
             ]
             self._answered(fence, row.id, lines, signed=request)
             return lines
+
+    def _revert(self, fence: Fence, purpose: str) -> tuple[bool, str]:
+        """Carry out a `rollover --revert` request: (done, the answer's line). A refusal
+        (:func:`farmkeys.policy.revert` says why) changes nothing but the answer, whose
+        line is ``revert refused: <what> — <what to do>``."""
+        try:
+            return True, self._certificates.revert(fence, fence.tx.live_certificates(), purpose)
+        except RevertRefusedError as exc:
+            return False, f"revert refused: {exc.diagnostics()}"
 
     def _refuse(self, row: RequestRow, exc: RequestRefusedError) -> None:
         """Answer a request the leader will not act on, and audit why."""
@@ -274,9 +288,10 @@ class RequestAnswering:
             return False, f"import refused: {conflict}"
         key_id, key = self._key.current()  # raising rolls the transaction back
         reason = f"imported from {terms.source}"
+        retired = None
         if role == Role.PRIMARY:
             rows = fence.tx.live_certificates()
-            self._certificates.retire_primary(fence, rows, purpose, reason=reason)
+            retired = self._certificates.retire_primary(fence, rows, purpose, reason=reason)
         made = sealed_certificate(
             self._config,
             dkm_group=farm.dkm_group,
@@ -288,5 +303,7 @@ class RequestAnswering:
             master_key=key,
         )
         fence.tx.insert_certificate(made)
+        if role == Role.PRIMARY:
+            self._certificates.promoted(fence, purpose, made.id, retired)
         self._certificates.audit(fence, AuditAction.IMPORT, made, reason)
         return True, f"{purpose}: imported {thumb} as the {role}"

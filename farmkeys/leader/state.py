@@ -42,6 +42,22 @@ class Round:
     shredding: set[uuid.UUID] = field(default_factory=set)  # master keys deleted
     answering: list[farm_state.Answered] = field(default_factory=list)  # requests answered
     replacing: list[farm_state.Replaced] = field(default_factory=list)  # master keys replaced
+    promoting: list[farm_state.Promotion] = field(default_factory=list)  # primaries changed
+    reverting: set[str] = field(default_factory=set)  # purposes whose promotion was undone
+    holding: list[farm_state.Hold] = field(default_factory=list)  # holds a revert set
+    releasing: set[str] = field(default_factory=set)  # purposes whose hold `rollover` lifted
+
+    def promotions(self, before: farm_state.FarmState | None) -> list[farm_state.Promotion]:
+        """The promotions the next record carries: ``before``'s, less those reverted, then
+        this transaction's (the last for a purpose wins)."""
+        kept = [] if before is None else list(before.promotions)
+        return [p for p in kept if p.purpose not in self.reverting] + self.promoting
+
+    def holds(self, before: farm_state.FarmState | None) -> list[farm_state.Hold]:
+        """The holds the next record carries: ``before``'s, less those released, then this
+        transaction's."""
+        kept = [] if before is None else list(before.holds)
+        return [h for h in kept if h.purpose not in self.releasing] + self.holding
 
 
 def write_first_state(
@@ -159,6 +175,8 @@ class StateFence:
             # Expired requests are refused as stale anyway: a record keeps only the others.
             answered=[a for a in kept if a.expires >= now] + self.round.answering,
             replaced=lists.replaced,
+            promotions=self.round.promotions(before),
+            holds=self.round.holds(before),
         )
         body, mac = farm_state.seal(state, key_bytes)
         fence.tx.write_state(body=body, mac=mac, version=state.version, term=fence.term)
@@ -217,6 +235,8 @@ class StateFence:
             shredded=lists.shredded,
             answered=before.answered,
             replaced=lists.replaced,
+            promotions=self.round.promotions(before),
+            holds=self.round.holds(before),
         )
         return before.same_content(same) and (known is None or known[0] == before.master_key)
 

@@ -28,6 +28,7 @@ from farmkeys.status.document import (
     MasterKeyStatus,
     NextAction,
     NodeStatus,
+    PromotionHold,
     RelyingPartyStatus,
 )
 from farmkeys.status.local_store import check_local_store
@@ -49,6 +50,7 @@ __all__ = [
     "MasterKeyStatus",
     "NextAction",
     "NodeStatus",
+    "PromotionHold",
     "RelyingPartyStatus",
     "read_farm_status",
 ]
@@ -83,7 +85,7 @@ def read_farm_status(
     in_directory = keys_in_directory(directory, farm.dkm_group, problems)
     keys, schedule = master_keys(config, now, recorded, in_directory, rows, problems)
     current = rollover_policy.current_key(recorded)
-    state = farm_state_status(db, farm, live, nodes, current, directory, problems)
+    state = farm_state_status(db, farm, live, nodes, current, directory, problems, config.policy)
     parties, unfetched = relying_parties(
         config, db, live, now, problems, authentic=fetch_authenticator(directory, farm)
     )
@@ -101,7 +103,13 @@ def read_farm_status(
         problems=problems.texts,
         leader=_leader(lease),
         certificates=certificate_statuses(
-            config.policy, now, rows, current_key, schedule, unfetched
+            config.policy,
+            now,
+            rows,
+            current_key,
+            schedule,
+            unfetched,
+            held=frozenset(h.secondary for h in state.holds),
         ),
         master_keys=keys,
         farm_state=state,

@@ -55,11 +55,15 @@ def certificate_statuses(
     current_key: uuid.UUID | None,
     schedule: Schedule,
     unfetched: Unfetched,
+    *,
+    held: frozenset[uuid.UUID] = frozenset(),
 ) -> tuple[CertificateStatus, ...]:
-    """Every certificate row, live and archived, with its next action."""
+    """Every certificate row, live and archived, with its next action (``held``: the
+    secondaries a revert holds)."""
     live = [r for r in rows if r.role in LIVE_ROLES]
     return tuple(
-        _status(r, _next(policy, now, live, r, current_key, schedule, unfetched)) for r in rows
+        _status(r, _next(policy, now, live, r, current_key, schedule, unfetched, held))
+        for r in rows
     )
 
 
@@ -71,6 +75,7 @@ def _next(
     current_key: uuid.UUID | None,
     schedule: Schedule,
     unfetched: Unfetched,
+    held: frozenset[uuid.UUID],
 ) -> NextAction | None:
     """The next thing that happens to a certificate: a rollover step, a re-seal of its blob
     when the master key rolls, or, for an archived one, its shredding."""
@@ -79,7 +84,9 @@ def _next(
         if keys is None or keys.delete_at is None:
             return None
         return NextAction("shred", keys.delete_at)
-    scheduled = rollover_policy.next_action(policy, now, live, row.id, unfetched=unfetched)
+    scheduled = rollover_policy.next_action(
+        policy, now, live, row.id, unfetched=unfetched, held=held
+    )
     found = None if scheduled is None else NextAction(scheduled.action, scheduled.at)
     if current_key is not None and row.master_key != current_key:
         # a roll in progress or cut short: the next check re-seals it

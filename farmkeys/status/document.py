@@ -135,12 +135,33 @@ class FarmStateStatus:
     version: int | None = None
     master_key: uuid.UUID | None = None
     authentic: bool | None = None
+    holds: tuple[PromotionHold, ...] = ()  # what a record that is not refuted says
 
     def to_json(self) -> dict[str, Any]:
         return {
             "version": self.version,
             "master_key": None if self.master_key is None else str(self.master_key),
             "authentic": self.authentic,
+            "promotion_held": [h.to_json() for h in self.holds],
+        }
+
+
+@dataclass(frozen=True)
+class PromotionHold:
+    """A revert's hold on one purpose's promotion, as the farm state record keeps it:
+    the held secondary, since when, and when the critical threshold ends it."""
+
+    purpose: str
+    secondary: uuid.UUID
+    since: datetime
+    until: datetime | None  # the primary's critical threshold; None without a primary
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "purpose": self.purpose,
+            "secondary": str(self.secondary),
+            "since": iso(self.since),
+            "until": iso(self.until),
         }
 
 

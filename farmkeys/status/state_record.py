@@ -4,12 +4,14 @@ and agreeing with the master key table, the live rows and what the nodes install
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
+from farmkeys.config import PolicyConfig
 from farmkeys.db import CertificateRow, ConfigDB, Farm, MasterKeyRow, StoredState
 from farmkeys.directory import Directory
 from farmkeys.errors import DirectoryError, FarmStateError
 from farmkeys.formats import farm_state
-from farmkeys.status.document import FarmStateStatus, NodeStatus
+from farmkeys.status.document import FarmStateStatus, NodeStatus, PromotionHold
 from farmkeys.status.problems import Problems
 
 
@@ -21,10 +23,13 @@ def farm_state_status(
     table_current: MasterKeyRow | None,
     directory: Directory | None,
     problems: Problems,
+    policy: PolicyConfig,
 ) -> FarmStateStatus:
     """The farm state record: its version, the key its MAC is under, and whether it is
     authentic (None: it could not be checked) and matches the live rows; ``table_current``
-    is the key the ``master_key`` table calls current, which must be the record's."""
+    is the key the ``master_key`` table calls current, which must be the record's. The
+    promotions a revert holds (a warning each: the operator is to release them), as a
+    record that is not refuted says."""
     stored = db.stored_state()
     if stored is None:
         return _missing(_newest(nodes), problems)
@@ -53,7 +58,33 @@ def farm_state_status(
                 f"node {n.id} installed farm state version {n.state_version}, newer than the"
                 f" config DB's {state.version} (a restored backup?) — {farm_state.REPAIR}",
             )
-    return FarmStateStatus(state.version, state.master_key, authentic)
+    holds = () if authentic is False else _holds(state, live, policy, problems)
+    return FarmStateStatus(state.version, state.master_key, authentic, holds)
+
+
+def _holds(
+    state: farm_state.FarmState,
+    live: Sequence[CertificateRow],
+    policy: PolicyConfig,
+    problems: Problems,
+) -> tuple[PromotionHold, ...]:
+    """Each promotion a revert holds, with the warning that says until when."""
+    found = []
+    for hold in state.holds:
+        primary = next((r for r in live if r.purpose == hold.purpose and r.role == "primary"), None)
+        until = (
+            None if primary is None else primary.not_after - policy.units(policy.critical_threshold)
+        )
+        since = datetime.fromtimestamp(hold.since, UTC)
+        found.append(PromotionHold(hold.purpose, hold.secondary, since, until))
+        end = "" if until is None else f" at {until:%Y-%m-%dT%H:%M:%SZ}"
+        problems.add(
+            "warning",
+            f"{hold.purpose} promotion held since the revert of {since:%Y-%m-%dT%H:%M:%SZ}"
+            f" until `farmkeys rollover` or the critical threshold{end} — once the relying"
+            " parties have the new key, run `farmkeys rollover`",
+        )
+    return tuple(found)
 
 
 def _newest(nodes: Sequence[NodeStatus]) -> int | None:

@@ -149,6 +149,10 @@ def test_import_as_primary_replaces_the_primary_at_once_and_retires_it(
     assert (
         initialised_farm.store() / "signing/primary.key"
     ).read_bytes() == certificate_format.private_key_pem(made.key)
+    # A change of primary like a promotion: recorded, and so it can be reverted (issue 23).
+    revert = initialised_farm.run("rollover", "--revert", "--yes")
+    assert revert.code == 0, revert.err
+    assert f"signing: primary {before['primary']} (reverted), secondary {thumb}" in revert.out
 
 
 def test_an_rsa_decryption_certificate_imports_and_is_installed(

@@ -49,7 +49,7 @@ def test_init_creates_schema_directory_container_and_two_primaries(farm: TestFar
     ]
     (group,) = db_rows(farm.dsn, "SELECT dkm_group FROM farm")[0]
     versions = db_rows(farm.dsn, "SELECT version FROM farmkeys_migration ORDER BY 1")
-    assert versions == [(1,), (2,), (3,), (4,), (5,), (6,), (7,), (8,), (9,), (10,)]
+    assert versions == [(1,), (2,), (3,), (4,), (5,), (6,), (7,), (8,), (9,), (10,), (11,)]
 
     cfg = load(farm.config())
     with Directory(cfg.directory, cfg.retry) as directory:

@@ -92,6 +92,7 @@ def test_init_writes_version_1_and_every_node_records_it(two_node_farm: TestFarm
         "version": 1,
         "master_key": str(state.master_key),
         "authentic": True,
+        "promotion_held": [],
     }
     assert {n["state_version"] for n in status["nodes"]} == {1}
 

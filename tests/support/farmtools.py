@@ -259,6 +259,8 @@ def seal_state(farm: TestFarm) -> int:
                 revoked=before.revoked if before is not None else (),
                 shredded=before.shredded if before is not None else (),
                 answered=before.answered if before is not None else (),
+                promotions=before.promotions if before is not None else (),
+                holds=before.holds if before is not None else (),
             )
             body, mac = farm_state.seal(replace(state), dirx.master_key(found.dkm_group, key_id))
             tx.write_state(body=body, mac=mac, version=version, term=None)

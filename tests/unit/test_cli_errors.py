@@ -127,3 +127,26 @@ def test_status_json_prints_a_document_even_when_it_cannot_tell(
     (problem,) = doc["problems"]
     assert "does not exist" in problem
     assert "does not exist" in one_error_line(result)  # and the one line on stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        (("--master-key",), "--master-key does not go with it"),
+        (("--urgent",), "--urgent does not go with it"),
+        (("--purpose", "all"), "give --purpose signing or --purpose decryption"),
+    ],
+)
+def test_revert_refuses_what_cannot_be_reverted_as_a_usage_error(
+    capsys: pytest.CaptureFixture[str], extra: tuple[str, ...], said: str
+) -> None:
+    err = usage_error(capsys, "rollover", "--revert", *extra)
+    (line,) = [x for x in err.splitlines() if x.startswith("farmkeys: error: ")]
+    assert said in line and "--revert" in line
+
+
+def test_revert_takes_a_reason_and_defaults_to_signing() -> None:
+    from farmkeys.cli.parser import parse_args
+
+    args = parse_args(["rollover", "--revert", "--yes", "--reason", "CHG-7 SP pinned the key"])
+    assert args.revert and args.purpose is None and args.reason == "CHG-7 SP pinned the key"

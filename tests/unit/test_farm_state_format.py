@@ -146,7 +146,7 @@ def test_the_key_lookup_error_passes_through() -> None:
         (lambda d: d.update(version=0), "version is below 1"),
         (lambda d: d.update(version=True), "version"),
         (lambda d: d.update(version=1.5), "version"),
-        (lambda d: d.update(format="farmkeys-state/3"), "format"),
+        (lambda d: d.update(format="farmkeys-state/4"), "format"),
         (lambda d: d.pop("revoked"), "exactly the fields"),
         (lambda d: d.update(extra=1), "exactly the fields"),
         (lambda d: d.update(farm="not-a-uuid"), "farm is not a UUID"),
@@ -250,3 +250,125 @@ def test_tombstones_and_answered_requests_are_covered_by_the_mac() -> None:
     assert unlisted != body
     with pytest.raises(FarmStateError, match="fails authentication"):
         farm_state.verify(unlisted, mac, farm=FARM, key_for=keys)
+
+
+PROMOTION = farm_state.Promotion(
+    "signing", 1_700_000_000, uuid.UUID(int=3), uuid.UUID(int=9), False
+)
+HOLD = farm_state.Hold("signing", uuid.UUID(int=2), 1_700_000_500)
+
+
+def test_a_record_with_a_promotion_or_a_hold_is_format_3_and_without_stays_format_2() -> None:
+    assert state().format == "farmkeys-state/2"
+    assert "promotions" not in json.loads(state().encode())
+    record = farm_state.FarmState.build(
+        farm=FARM,
+        version=3,
+        term=1,
+        master_key=KEY_ID,
+        rows=rows(),
+        promotions=[PROMOTION],
+        holds=[HOLD],
+    )
+    document = json.loads(record.encode())
+    assert document["format"] == "farmkeys-state/3"
+    assert document["promotions"] == [
+        {
+            "at": 1_700_000_000,
+            "previous": str(uuid.UUID(int=9)),
+            "primary": str(uuid.UUID(int=3)),
+            "purpose": "signing",
+            "urgent": False,
+        }
+    ]
+    assert document["holds"] == [
+        {"purpose": "signing", "secondary": str(uuid.UUID(int=2)), "since": 1_700_000_500}
+    ]
+    body, mac = farm_state.seal(record, KEY)
+    got = farm_state.verify(body, mac, farm=FARM, key_for=keys)
+    assert got == record
+    assert got.promotion("signing") == PROMOTION and got.promotion("decryption") is None
+    assert got.held_secondaries() == {uuid.UUID(int=2)}
+
+
+def test_promotions_and_holds_are_kept_only_while_they_name_the_live_primary_and_secondary() -> (
+    None
+):
+    # The promotion names a primary that is not the signing primary; the hold a secondary
+    # that is not the signing secondary: both dropped, and the record is format 2 again.
+    stale = farm_state.FarmState.build(
+        farm=FARM,
+        version=3,
+        term=1,
+        master_key=KEY_ID,
+        rows=rows(),
+        promotions=[replace(PROMOTION, primary=uuid.UUID(int=2))],
+        holds=[replace(HOLD, secondary=uuid.UUID(int=3))],
+    )
+    assert stale.promotions == () and stale.holds == ()
+    assert stale.format == "farmkeys-state/2"
+
+
+def test_a_hold_forged_in_or_out_of_the_record_fails_authentication() -> None:
+    held = farm_state.FarmState.build(
+        farm=FARM, version=3, term=1, master_key=KEY_ID, rows=rows(), holds=[HOLD]
+    )
+    body, mac = farm_state.seal(held, KEY)
+    released = body.replace(
+        b'"holds":[{"purpose":"signing","secondary":"'
+        + str(HOLD.secondary).encode()
+        + b'","since":1700000500}]',
+        b'"holds":[]',
+    )
+    assert released != body
+    with pytest.raises(FarmStateError, match="fails authentication"):
+        farm_state.verify(released, mac, farm=FARM, key_for=keys)
+    plain = state(version=3)
+    body, mac = farm_state.seal(plain, KEY)
+    document = json.loads(body)
+    document.update(
+        format="farmkeys-state/3",
+        promotions=[],
+        holds=[{"purpose": "signing", "secondary": str(HOLD.secondary), "since": 1}],
+    )
+    forged = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+    farm_state.parse(forged)  # well formed, but not what the MAC covers
+    with pytest.raises(FarmStateError, match="fails authentication"):
+        farm_state.verify(forged, mac, farm=FARM, key_for=keys)
+
+
+@pytest.mark.parametrize(
+    ("edit", "why"),
+    [
+        (lambda d: d["promotions"][0].update(purpose="all"), "unknown purpose"),
+        (lambda d: d["promotions"][0].update(urgent=1), "urgent is not a boolean"),
+        (lambda d: d["promotions"].append(d["promotions"][0]), "promotions is not sorted"),
+        (lambda d: d["holds"][0].update(secondary="x"), "not a UUID"),
+        (lambda d: d["holds"][0].pop("since"), "exactly the fields"),
+        (lambda d: d.update(holds={}), "holds is not a list"),
+        (lambda d: d.pop("promotions"), "exactly the fields"),
+    ],
+)
+def test_malformed_promotions_and_holds_are_refused(edit: object, why: str) -> None:
+    record = farm_state.FarmState.build(
+        farm=FARM,
+        version=3,
+        term=1,
+        master_key=KEY_ID,
+        rows=rows(),
+        promotions=[PROMOTION],
+        holds=[HOLD],
+    )
+    document = json.loads(record.encode())
+    edit(document)  # type: ignore[operator]
+    body = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+    with pytest.raises(FarmStateError, match=why):
+        farm_state.parse(body)
+
+
+def test_a_format_2_record_still_reads_back_without_promotions_or_holds() -> None:
+    old = state()
+    body, mac = farm_state.seal(old, KEY)
+    assert json.loads(body)["format"] == "farmkeys-state/2"
+    got = farm_state.verify(body, mac, farm=FARM, key_for=keys)
+    assert got.promotions == () and got.holds == () and got.format == farm_state.FORMAT_2

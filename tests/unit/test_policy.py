@@ -746,3 +746,191 @@ def test_unfetched_by_names_who_has_not_fetched_each_signing_secondary() -> None
     fetched = {("rp1", "A" * 40), ("rp1", "B" * 40), ("rp2", "A" * 40), ("rp3", "C" * 40)}
     assert unfetched_by(["rp1", "rp2", "rp3"], fetched, rows) == {secondary.id: ("rp2", "rp3")}
     assert unfetched_by(["rp1"], fetched, rows) == {}
+
+
+# --- a revert's hold, and whether a promotion may be reverted (issue 23) ---------------------
+
+
+def reverted_case() -> tuple[Row, Row]:
+    """After a revert at ANCHOR: the old primary P (retired by a promotion 1 day before, so
+    it expires 14 days on) is primary again; the one that replaced it, S (made 6 days
+    before, past its 5-day promotion time), is the secondary again."""
+    primary = new_row(
+        "primary", created=ANCHOR - timedelta(days=351), not_after=ANCHOR + timedelta(days=14)
+    )
+    secondary = new_row(
+        "secondary", created=ANCHOR - timedelta(days=6), not_after=ANCHOR + timedelta(days=359)
+    )
+    return primary, secondary
+
+
+def test_a_held_secondary_is_not_promoted_at_its_promotion_time() -> None:
+    primary, secondary = reverted_case()
+    rows = [primary, secondary]
+    # Without the hold it is overdue: promoted at once.
+    (promote,) = only(decide(DAYS, ANCHOR, rows), "signing")
+    assert (promote.kind, promote.certificate_id) == ("promote", secondary.id)
+    # Held: nothing, at any time before the primary's critical threshold.
+    critical = primary.not_after - timedelta(days=2)
+    for now in (ANCHOR, ANCHOR + timedelta(days=5), critical - timedelta(seconds=1)):
+        assert only(decide(DAYS, now, rows, held={secondary.id}), "signing") == []
+
+
+def test_the_critical_threshold_of_the_primary_releases_a_held_promotion_to_the_second() -> None:
+    primary, secondary = reverted_case()
+    rows = [primary, secondary]
+    critical = primary.not_after - timedelta(days=2)
+    assert (
+        only(decide(DAYS, critical - timedelta(seconds=1), rows, held={secondary.id}), "signing")
+        == []
+    )
+    (promote,) = only(decide(DAYS, critical, rows, held={secondary.id}), "signing")
+    assert (promote.kind, promote.certificate_id) == ("promote", secondary.id)
+    assert promote.reason.endswith("(its promotion was held by a revert)")
+
+
+def test_a_released_hold_promotes_on_the_normal_schedule() -> None:
+    # A plain `rollover` takes the secondary out of the record's holds: the policy then
+    # promotes it as ever (overdue here, so at once).
+    primary, secondary = reverted_case()
+    (promote,) = only(decide(DAYS, ANCHOR, [primary, secondary], held=set()), "signing")
+    assert promote.kind == "promote"
+
+
+def test_a_hold_on_one_purpose_leaves_the_other_alone() -> None:
+    primary, secondary = reverted_case()
+    other_primary = dataclasses.replace(primary, id=uuid.uuid4(), purpose="decryption")
+    other_secondary = dataclasses.replace(secondary, id=uuid.uuid4(), purpose="decryption")
+    rows = [primary, secondary, other_primary, other_secondary]
+    actions = decide(DAYS, ANCHOR, rows, held={secondary.id})
+    assert [(a.kind, a.purpose) for a in actions] == [("promote", "decryption")]
+
+
+def test_status_schedules_a_held_promotion_at_the_critical_threshold() -> None:
+    primary, secondary = reverted_case()
+    rows = [primary, secondary]
+    critical = primary.not_after - timedelta(days=2)
+    held = {secondary.id}
+    assert next_action(DAYS, ANCHOR, rows, secondary.id, held=held) == Scheduled(
+        "promote", critical
+    )
+    assert next_action(DAYS, ANCHOR, rows, primary.id, held=held) == Scheduled("retire", critical)
+    assert next_action(DAYS, ANCHOR, rows, secondary.id) == Scheduled(
+        "promote", secondary.created_at + timedelta(days=5)
+    )
+
+
+@dataclass(frozen=True)
+class Certified(Row):
+    thumbprint: str = ""
+
+
+@dataclass(frozen=True)
+class Promoted:
+    at: int
+    primary: uuid.UUID
+    previous: uuid.UUID | None
+    urgent: bool = False
+
+
+def promoted_case() -> tuple[Certified, Certified, Promoted]:
+    """A promotion one day before ANCHOR: N (made 6 days before) replaced R, which is
+    retired and expires 14 days after ANCHOR."""
+    retired = Certified(
+        uuid.uuid4(),
+        "signing",
+        "retired",
+        ANCHOR - timedelta(days=351),
+        ANCHOR + timedelta(days=14),
+        ANCHOR - timedelta(days=351),
+        "R" * 40,
+    )
+    new = Certified(
+        uuid.uuid4(),
+        "signing",
+        "primary",
+        ANCHOR - timedelta(days=6),
+        ANCHOR + timedelta(days=359),
+        ANCHOR - timedelta(days=6),
+        "N" * 40,
+    )
+    at = int((ANCHOR - timedelta(days=1)).timestamp())
+    return retired, new, Promoted(at, new.id, retired.id)
+
+
+def test_revert_makes_the_retired_certificate_primary_and_the_primary_secondary() -> None:
+    from farmkeys.policy import revert
+
+    retired, new, promotion = promoted_case()
+    plan = revert(DAYS, ANCHOR, [retired, new], "signing", promotion=promotion, revoked=())
+    assert (plan.primary, plan.secondary) == (retired, new)
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ("no promotion", "records no promotion to revert"),
+        ("reverted", "already reverted"),
+        ("urgent", "urgent rollover"),
+        ("revoked", "urgent rollover"),
+        ("archived", "is archived"),
+        ("expired", "expired at"),
+        ("critical", "within critical_threshold"),
+        ("secondary", "there is a secondary"),
+        ("nothing replaced", "replaced no primary"),
+        ("another primary", "not the certificate the last promotion made"),
+    ],
+)
+def test_revert_is_refused_with_why(change: str, why: str) -> None:
+    from farmkeys.errors import RevertRefusedError
+    from farmkeys.policy import revert
+
+    retired, new, promotion = promoted_case()
+    rows: list[Certified] = [retired, new]
+    recorded: Promoted | None = promotion
+    revoked: tuple[str, ...] = ()
+    now = ANCHOR
+    held_since = None
+    if change == "no promotion":
+        recorded = None
+    elif change == "reverted":
+        recorded, held_since = None, promotion.at + 60
+    elif change == "urgent":
+        recorded = dataclasses.replace(promotion, urgent=True)
+    elif change == "revoked":
+        revoked = (retired.thumbprint,)
+    elif change == "archived":
+        rows = [new]
+    elif change == "expired":
+        now = retired.not_after
+    elif change == "critical":
+        now = retired.not_after - timedelta(days=2)
+    elif change == "secondary":
+        rows.append(
+            dataclasses.replace(new, id=uuid.uuid4(), role="secondary", thumbprint="S" * 40)
+        )
+    elif change == "nothing replaced":
+        recorded = dataclasses.replace(promotion, previous=None)
+    elif change == "another primary":
+        recorded = dataclasses.replace(promotion, primary=uuid.uuid4())
+    with pytest.raises(RevertRefusedError, match=why) as caught:
+        revert(
+            DAYS,
+            now,
+            rows,
+            "signing",
+            promotion=recorded,
+            revoked=revoked,
+            held_since=held_since,
+        )
+    assert "\n" not in caught.value.diagnostics()
+    assert caught.value.what.startswith("signing: ")
+
+
+def test_revert_is_allowed_to_the_second_before_the_critical_threshold() -> None:
+    from farmkeys.policy import revert
+
+    retired, new, promotion = promoted_case()
+    just_before = retired.not_after - timedelta(days=2, seconds=1)
+    plan = revert(DAYS, just_before, [retired, new], "signing", promotion=promotion, revoked=())
+    assert plan.primary == retired

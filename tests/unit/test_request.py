@@ -55,6 +55,7 @@ def row(signed: request_format.Request, **changes: Any) -> SimpleNamespace:
         "urgent": signed.urgent,
         "master_key": signed.kind == "master_key",
         "repair_state": signed.kind == "repair_state",
+        "revert": signed.kind == "revert",
         "import_blob": None,
         "import_certificate": None,
         "import_role": None,
@@ -208,6 +209,34 @@ def test_columns_that_say_something_else_than_the_body_are_caught() -> None:
     )
 
 
+def test_a_revert_request_round_trips_and_its_mac_covers_the_kind_and_purpose() -> None:
+    revert = request(kind="revert", purpose="decryption")
+    body, mac = request_format.sign(revert, KEY)
+    got = request_format.verify(body, mac, farm=FARM, row_id=42, key_for=keys)
+    assert got == revert and got.describe() == "revert of the last decryption promotion"
+    for old, new in ((b'"kind":"revert"', b'"kind":"rollover"'), (b"decryption", b"signing")):
+        edited = body.replace(old, new)
+        assert edited != body
+        with pytest.raises(RequestRefusedError, match="MAC does not verify"):
+            request_format.verify(edited, mac, farm=FARM, row_id=42, key_for=keys)
+
+
+def test_a_revert_names_one_purpose_and_is_never_urgent() -> None:
+    for changes in ({"purpose": "all"}, {"urgent": True}, {"purpose": None}):
+        body, _ = request_format.sign(request(kind="revert", **changes), KEY)
+        with pytest.raises(RequestRefusedError, match="malformed"):
+            request_format.parse(body)
+
+
+def test_columns_that_hide_or_fake_a_revert_are_caught() -> None:
+    revert = request(kind="revert")
+    assert not request_format.columns_differ(revert, row(revert))
+    # A revert row whose column says a plain rollover, and a rollover's row made a revert.
+    assert request_format.columns_differ(revert, row(revert, revert=False))
+    assert request_format.columns_differ(request(), row(request(), revert=True))
+    assert request_format.columns_differ(revert, row(revert, purpose="decryption"))
+
+
 def test_freshness_is_judged_by_the_time_passed_in() -> None:
     signed = request()
     request_format.check_fresh(signed, now=signed.created)
@@ -322,3 +351,17 @@ def test_columns_that_say_someone_else_asked_are_caught() -> None:
     old = request(requester=None)  # a format-1 body: its row names nobody
     assert not request_format.columns_differ(old, row(old))
     assert request_format.columns_differ(old, row(old, account="alice"))
+
+
+def test_a_leader_from_before_revert_is_recognised_by_its_refusal() -> None:
+    # An older leader parses a revert's body, finds its kind unknown and refuses it as
+    # malformed; the command then says to upgrade the leader rather than print the refusal.
+    from farmkeys import requesting
+
+    body, _ = request_format.sign(request(kind="revert"), KEY)
+    document = json.loads(body)
+    older_kinds = ("rollover", "master_key", "repair_state", "import")
+    assert document["kind"] not in older_kinds
+    refusal = "refused: the request is malformed: its kind is unknown"
+    assert requesting._refused_by_an_older_leader(refusal)
+    assert not requesting._refused_by_an_older_leader("refused: request 4 is not authentic")
