@@ -377,7 +377,13 @@ def test_healthz_is_503_while_an_installed_file_is_damaged_until_a_sync_repairs_
             f"the installed signing primary {thumbprint} no longer matches the store's manifest"
             " (a file removed or changed)"
         ]
-        assert get(url + publish.METADATA_PATH)[0] == 200  # certificates only: still published
+        assert get(url + publish.JWKS_PATH)[0] == 200  # certificates only: still published
+        # The signed metadata needs the key, read only as its manifest records it: refused,
+        # saying which file, never what it holds.
+        status, _, refused = get(url + publish.METADATA_PATH)
+        assert status == 503
+        assert f"{thumbprint}.key is not the file its manifest records" in refused.decode()
+        assert good.splitlines()[1][:24] not in refused
         db_query(quick_farm.dsn, "SELECT pg_notify(%s, 'test')", (CHANGED_CHANNEL,))
         wait_until(
             lambda: health(url)[:1] == (200,), 20.0, "the sync repaired it", detail=nodes.logs
@@ -385,6 +391,7 @@ def test_healthz_is_503_while_an_installed_file_is_damaged_until_a_sync_repairs_
         status, body = health(url)
         assert (status, body["status"], body["generation"]) == (200, "ok", 2), body
         assert key.read_bytes() == good
+        assert get(url + publish.METADATA_PATH)[0] == 200
 
 
 def test_a_port_in_use_is_one_clear_error(quick_farm: TestFarm) -> None:
