@@ -51,8 +51,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Final
 from xml.sax.saxutils import quoteattr
 
+from cryptography.exceptions import UnsupportedAlgorithm
+
 from farmkeys.config import PublishConfig
-from farmkeys.errors import ConfigError
+from farmkeys.errors import ConfigError, PublishError
 from farmkeys.formats import signed_xml
 from farmkeys.formats.signed_xml import SIGNATURE, Element, element
 from farmkeys.publish.keys import (
@@ -179,12 +181,20 @@ def signed_metadata(
     # The ID names this document's content: the digest of its canonical form without it.
     reference = "_" + hashlib.sha256(signed_xml.canonical(unnamed)).hexdigest()[:40]
     root = replace(unnamed, attributes=(("ID", reference), *unnamed.attributes))
-    signed = signed_xml.sign_enveloped(
-        root,
-        reference=reference,
-        key=primary.private_key,
-        certificate_der=primary.published.der,
-    )
+    try:
+        signed = signed_xml.sign_enveloped(
+            root,
+            reference=reference,
+            key=primary.private_key,
+            certificate_der=primary.published.der,
+        )
+    except UnsupportedAlgorithm:
+        raise PublishError(
+            "this node's cryptography cannot make deterministic ECDSA signatures (RFC 6979),"
+            " which sign an EC farm's metadata",
+            "install farmkeys with cryptography's own wheel (its OpenSSL has them from 3.2),"
+            " or set publish.sign_metadata = false",
+        ) from None
     return signed_xml.document(signed)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import xmlschema
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
@@ -386,3 +387,17 @@ def test_the_primary_key_must_be_the_certificates_and_never_shows_in_an_error(
     no_primary = Published(keys.signing[1:], keys.encryption)
     with pytest.raises(PublishError, match="has no signing primary"):
         primary_key(no_primary, other, store=STORE)
+
+
+def test_a_node_without_deterministic_ecdsa_says_so_in_one_line(
+    ec_set: tuple[Published, PrimaryKey], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys, primary = ec_set
+
+    def unsupported(*args: object, **kwargs: object) -> None:
+        raise UnsupportedAlgorithm("ECDSA deterministic signing is not supported")
+
+    monkeypatch.setattr(signed_xml, "sign_enveloped", unsupported)
+    with pytest.raises(PublishError, match="deterministic ECDSA") as refused:
+        sign(keys, primary)
+    assert "sign_metadata = false" in refused.value.todo
