@@ -243,6 +243,11 @@ def _write(
     return "".join(parts)
 
 
+def holds_xml(value: str) -> bool:
+    """Whether ``value`` is made of characters XML 1.0 allows (what the writer refuses)."""
+    return _NOT_XML.search(value) is None
+
+
 def _checked(value: str) -> str:
     if _NOT_XML.search(value):
         raise ValueError("the text holds a character XML 1.0 does not allow")

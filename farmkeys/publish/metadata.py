@@ -169,6 +169,16 @@ def signed_metadata(
         ),
         attributes=[("protocolSupportEnumeration", _PROTOCOL)],
     )
+    for name, value in (
+        ("entity ID", entity_id),
+        ("SSO URL", sso_url),
+        ("passive URL", passive_url),
+    ):
+        if not signed_xml.holds_xml(value):
+            raise ConfigError(
+                f"the {name} {value!r} holds a character XML cannot hold",
+                "correct it in [publish] or on the command line",
+            )
     valid_until = window.valid_until.strftime("%Y-%m-%dT%H:%M:%SZ")
     attributes = [
         ("entityID", entity_id),

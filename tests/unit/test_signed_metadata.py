@@ -22,7 +22,7 @@ from federation import NS, metadata_schema, one_byte_changed, signxml_verifies
 from lxml import etree
 
 from farmkeys.config import PublishConfig
-from farmkeys.errors import PublishError
+from farmkeys.errors import ConfigError, PublishError
 from farmkeys.formats import certificates, signed_xml
 from farmkeys.formats.signed_xml import SIGNATURE, element
 from farmkeys.publish import (
@@ -401,3 +401,12 @@ def test_a_node_without_deterministic_ecdsa_says_so_in_one_line(
     with pytest.raises(PublishError, match="deterministic ECDSA") as refused:
         sign(keys, primary)
     assert "sign_metadata = false" in refused.value.todo
+
+
+def test_an_entity_id_xml_cannot_hold_is_one_clear_error(
+    rsa_set: tuple[Published, PrimaryKey],
+) -> None:
+    keys, primary = rsa_set
+    with pytest.raises(ConfigError, match="holds a character XML cannot hold") as refused:
+        sign(keys, primary, entity_id="urn:x\x00y")
+    assert "\\x00" in refused.value.what  # shown escaped, never raw
