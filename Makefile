@@ -112,6 +112,28 @@ servers: lab-servers
 	  DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq --no-install-recommends \
 	    systemd >/dev/null; \
 	fi
+	@# The signed federation metadata is verified as relying parties verify it: xmlsec1
+	@# (tests/integration/test_publish_signed.py) and Shibboleth SP's own metadata loader,
+	@# mdquery and resolvertest (shibboleth-sp-utils; tests/system/test_shibboleth_sp.py). The
+	@# utilities need no shibd or web server; the package installs a shibd service of its own:
+	@# stop it and keep it from starting at boot, only right after installing it. Both
+	@# install in about ten seconds, here, not while the tests run.
+	@if ! command -v xmlsec1 >/dev/null; then \
+	  echo "installing xmlsec1 from Debian"; \
+	  apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    xmlsec1 >/dev/null; \
+	fi
+	@if ! command -v mdquery >/dev/null || ! command -v resolvertest >/dev/null; then \
+	  echo "installing shibboleth-sp-utils (mdquery, resolvertest) from Debian"; \
+	  apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq --no-install-recommends \
+	    shibboleth-sp-utils >/dev/null || exit 1; \
+	  if [ -d /run/systemd/system ]; then systemctl disable --now --quiet shibd 2>/dev/null; \
+	  else update-rc.d shibd disable >/dev/null 2>&1; fi; \
+	  if [ -f /run/shibboleth/shibd.pid ]; then kill "$$(cat /run/shibboleth/shibd.pid)" 2>/dev/null; fi; \
+	  true; \
+	fi
 	@# keytool opens the store's .p12 files as a Java keystore does (node.pkcs12_password_file,
 	@# tests/integration/test_pkcs12_password.py): a headless JRE, no browser plugin or GUI.
 	@if ! command -v keytool >/dev/null; then \

@@ -372,8 +372,7 @@ def _publish(config: Config, store: Store, now: datetime) -> Check | None:
     host, port = publish.address
     try:
         entity_id, sso_url = publishing.metadata_settings(publish)
-        keys = publishing.from_store(store, now=now)
-        document = publishing.metadata(keys, entity_id=entity_id, sso_url=sso_url)
+        document = publishing.metadata_of_store(publish, store, now=now)
     except PublishError as exc:
         return Check("publish", "warning", exc.what, exc.todo)
     except Error as exc:

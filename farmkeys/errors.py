@@ -38,7 +38,7 @@ certificates, master keys and endpoints by their ids, never by content.
     ├── StoreError               the node's local store cannot be read or written
     ├── EscrowError              an escrow file or its passphrase is unusable, or names another farm
     ├── ImportRefusedError       `import adfs` refused: exposed key file, no key, certificate known
-    ├── PublishError             the keys cannot be published (nothing installed, a key JWKS lacks)
+    ├── PublishError             the keys cannot be published: nothing installed, no JWK, no signing
     └── NodeInUseError           `nodes remove` refused: the node was heard from within the ttl
 """
 
@@ -174,7 +174,9 @@ class ImportRefusedError(Error):
 
 
 class PublishError(Error):
-    """The node cannot publish its keys: nothing is installed yet, or a key has no JWK form."""
+    """The node cannot publish its keys: nothing is installed yet, a key has no JWK form, or
+    the metadata cannot be signed (the signing primary's key unreadable or not its
+    certificate's, no deterministic ECDSA)."""
 
 
 class NodeInUseError(Error):

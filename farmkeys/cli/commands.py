@@ -175,11 +175,14 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
 def _metadata(args: argparse.Namespace, config: Config) -> int:
     from farmkeys import publish
 
-    entity_id, sso_url = publish.metadata_settings(
-        config.publish, entity_id=args.entity_id, sso_url=args.sso_url
+    document = publish.metadata_of_store(
+        config.publish,
+        node_store(config),
+        now=_now(),
+        entity_id=args.entity_id,
+        sso_url=args.sso_url,
     )
-    keys = publish.from_store(node_store(config), now=_now())
-    sys.stdout.write(publish.metadata(keys, entity_id=entity_id, sso_url=sso_url).decode())
+    sys.stdout.write(document.decode())
     return EXIT_OK
 
 

@@ -174,6 +174,13 @@ class PublishConfig:
 
     entity_id: str | None = None  # the IdP's entityID (AD FS: https://<fs>/adfs/services/trust)
     sso_url: str | None = None  # the SingleSignOnService location
+    # The WS-Federation passive requestor endpoint (AD FS: https://<fs>/adfs/ls/) in the
+    # metadata's fed:SecurityTokenServiceType role; sso_url when unset.
+    passive_url: str | None = None
+    # Sign the metadata with the installed signing primary (publish/metadata.py); false
+    # publishes the unsigned document farmkeys published before (no ID, validUntil,
+    # signature or WS-Federation role), byte for byte.
+    sign_metadata: bool = True
     listen: str | None = None  # "127.0.0.1:9464": serve answers HTTP there; off when unset
     # "name" or "name=https://rp.example/...": whose fetches are recorded (publish.py).
     relying_parties: list[str] | None = None

@@ -222,18 +222,27 @@ def _hooks(hooks: HooksConfig) -> None:
 
 
 def _publish(publish: PublishConfig) -> None:
-    for key in ("entity_id", "sso_url"):
+    for key in ("entity_id", "sso_url", "passive_url"):
         value = getattr(publish, key)
         _require(
-            value is None or (re.fullmatch(r"[a-zA-Z][a-zA-Z0-9+.-]*:\S+", value) is not None),
+            value is None
+            or (
+                re.fullmatch(r"[a-zA-Z][a-zA-Z0-9+.-]*:\S+", value) is not None
+                and value.isprintable()
+            ),
             f"publish.{key} must be an absolute URI without spaces, not {value!r}",
             "AD FS's entity ID looks like https://fs.example.com/adfs/services/trust",
         )
-    _require(
-        publish.sso_url is None or publish.sso_url.startswith(("https://", "http://")),
-        f"publish.sso_url must be an http(s) URL, not {publish.sso_url!r}",
-        "give the SingleSignOnService URL, for example https://fs.example.com/adfs/ls/",
-    )
+    for key, what in (
+        ("sso_url", "the SingleSignOnService URL"),
+        ("passive_url", "the WS-Federation passive endpoint"),
+    ):
+        value = getattr(publish, key)
+        _require(
+            value is None or value.startswith(("https://", "http://")),
+            f"publish.{key} must be an http(s) URL, not {value!r}",
+            f"give {what}, for example https://fs.example.com/adfs/ls/",
+        )
     if publish.listen is not None:
         host, sep, port = publish.listen.rpartition(":")
         _require(

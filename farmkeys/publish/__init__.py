@@ -22,7 +22,8 @@ The parts, each its own module:
 
 - :mod:`~farmkeys.publish.keys`: the keys an installed set publishes, the view the
   documents share;
-- :mod:`~farmkeys.publish.metadata`: the SAML metadata document;
+- :mod:`~farmkeys.publish.metadata`: the federation metadata document (SAML 2.0 and the
+  WS-Federation role), signed with the signing primary for a window of one day;
 - :mod:`~farmkeys.publish.jwks`: the JSON Web Key Set;
 - :mod:`~farmkeys.publish.cache`: the documents built once per installed set, and
   ``/metrics`` made at most once per :data:`METRICS_CACHE_SECONDS`;
@@ -46,25 +47,55 @@ from farmkeys.publish.http import (
     Publisher,
 )
 from farmkeys.publish.jwks import jwks
-from farmkeys.publish.keys import Published, PublishedKey, from_store, published
-from farmkeys.publish.metadata import metadata, metadata_settings
+from farmkeys.publish.keys import (
+    PrimaryKey,
+    Published,
+    PublishedKey,
+    from_store,
+    primary_key,
+    published,
+    signing_from_store,
+)
+from farmkeys.publish.metadata import (
+    CACHE_DURATION,
+    VALID_FOR,
+    WINDOW,
+    Window,
+    metadata,
+    metadata_of_store,
+    metadata_settings,
+    render,
+    signed_metadata,
+    window,
+)
 
 __all__ = [
+    "CACHE_DURATION",
     "HEALTH_PATH",
     "JWKS_PATH",
     "METADATA_PATH",
     "METRICS_CACHE_SECONDS",
     "METRICS_PATH",
     "RECORD_EVERY_SECONDS",
+    "VALID_FOR",
+    "WINDOW",
     "Answer",
     "Health",
+    "PrimaryKey",
     "Published",
     "PublishedKey",
     "Publisher",
+    "Window",
     "etag",
     "from_store",
     "jwks",
     "metadata",
+    "metadata_of_store",
     "metadata_settings",
+    "primary_key",
     "published",
+    "render",
+    "signed_metadata",
+    "signing_from_store",
+    "window",
 ]

@@ -4,7 +4,8 @@
   request reads the store's manifest (one small file) to learn which set is installed;
   the documents, their ETags and the thumbprints they list are built again only when
   what they would list changed: another generation, another certificate, or a retired
-  certificate past its NotAfter.
+  certificate past its NotAfter; the signed metadata also when its validity window turns
+  (once a day, :data:`~farmkeys.publish.metadata.WINDOW`).
 - :class:`Refreshed`: a value (the ``/metrics`` document) made at most once per period
   whatever the number of callers. While one caller makes it, the others are given the
   previous value at once, or, before there is one, wait for that caller's.
@@ -23,8 +24,8 @@ from typing import Final, Generic, TypeVar
 from farmkeys.config import PublishConfig
 from farmkeys.errors import PublishError
 from farmkeys.publish.jwks import jwks
-from farmkeys.publish.keys import Published, published
-from farmkeys.publish.metadata import metadata, metadata_settings
+from farmkeys.publish.keys import PrimaryKey, Published, primary_key, published
+from farmkeys.publish.metadata import metadata_settings, render, window
 from farmkeys.store import Manifest, Store
 
 METADATA: Final = "metadata"
@@ -47,15 +48,20 @@ class Document:
     thumbprints: tuple[str, ...]
 
 
-# What a document is built from: the generation and each certificate it publishes now.
-_SetKey = tuple[int, tuple[tuple[str, str, str, str | None], ...]]
+# What a document is built from: the generation, each certificate it publishes now, and
+# (the signed metadata) the start of its validity window.
+_SetKey = tuple[int, tuple[tuple[str, str, str, str | None], ...], datetime | None]
 
 
-def _set_key(manifest: Manifest, now: datetime) -> _SetKey:
-    return manifest.generation, tuple(
-        (e.purpose, e.role, e.thumbprint, (e.sha256 or {}).get("cert"))
-        for e in manifest.certificates
-        if e.role != "retired" or now < e.not_after
+def _set_key(manifest: Manifest, now: datetime, *, windowed: bool) -> _SetKey:
+    return (
+        manifest.generation,
+        tuple(
+            (e.purpose, e.role, e.thumbprint, (e.sha256 or {}).get("cert"))
+            for e in manifest.certificates
+            if e.role != "retired" or now < e.not_after
+        ),
+        window(now).start if windowed else None,
     )
 
 
@@ -75,12 +81,16 @@ class Documents:
         self._built: dict[str, tuple[_SetKey, Document]] = {}
         self.builds = 0
 
+    def _signs(self, name: str) -> bool:
+        return name == METADATA and self._config.sign_metadata
+
     def get(self, name: str, *, now: datetime) -> Document:
-        """The document ``name`` (:data:`METADATA` or :data:`JWKS`) of the set installed now."""
+        """The document ``name`` (:data:`METADATA` or :data:`JWKS`) of the set installed now
+        (and, the signed metadata, of the window ``now`` is in)."""
         manifest = self._store.manifest()
         if manifest is None:
             raise _nothing_installed(self._store)
-        key = _set_key(manifest, now)
+        key = _set_key(manifest, now, windowed=self._signs(name))
         found = self._built.get(name)
         if found is not None and found[0] == key:
             return found[1]
@@ -93,19 +103,33 @@ class Documents:
             return document
 
     def _build(self, name: str, now: datetime) -> tuple[_SetKey, Document]:
-        found = self._store.public_certificates()
-        if found is None:
-            raise _nothing_installed(self._store)
-        manifest, pems = found  # read from one generation, each checked against its digest
-        keys = published(manifest, pems, now=now)
-        body = self._render(name, keys)
-        self.builds += 1
-        return _set_key(manifest, now), Document(body, etag(body), keys.signing_thumbprints)
-
-    def _render(self, name: str, keys: Published) -> bytes:
+        signs = self._signs(name)
+        primary: PrimaryKey | None = None
         if name == METADATA:
-            entity_id, sso_url = metadata_settings(self._config)
-            return metadata(keys, entity_id=entity_id, sso_url=sso_url)
+            metadata_settings(self._config)  # no entity ID or SSO URL: say so, open no key
+        if signs:
+            found_with_key = self._store.certificates_and_signing_key()
+            if found_with_key is None:
+                raise _nothing_installed(self._store)
+            manifest, pems, key_pem = found_with_key  # one generation, each file checked
+            keys = published(manifest, pems, now=now)
+            primary = primary_key(keys, key_pem, store=self._store.path)
+        else:
+            found = self._store.public_certificates()
+            if found is None:
+                raise _nothing_installed(self._store)
+            manifest, pems = found  # read from one generation, each checked against its digest
+            keys = published(manifest, pems, now=now)
+        body = self._render(name, keys, primary, now)
+        self.builds += 1
+        key = _set_key(manifest, now, windowed=signs)
+        return key, Document(body, etag(body), keys.signing_thumbprints)
+
+    def _render(
+        self, name: str, keys: Published, primary: PrimaryKey | None, now: datetime
+    ) -> bytes:
+        if name == METADATA:
+            return render(self._config, keys, primary, now=now)
         if name == JWKS:
             return jwks(keys)
         raise ValueError(f"no document {name!r}")

@@ -4,6 +4,11 @@ The signing keys come in the order relying parties are told them: the primary,
 the secondary (so relying parties learn it before it signs), and every retired
 certificate until its NotAfter (newest first); the encryption key is the primary
 decryption certificate, the one relying parties encrypt tokens to.
+
+The metadata is signed with the signing primary's private key (:class:`PrimaryKey`), read
+from the same generation as the certificates and checked against its manifest's digest
+(:meth:`~farmkeys.store.Store.certificates_and_signing_key`): the only private key
+publishing opens, and never named by its bytes in an error, a log line or a repr.
 """
 
 from __future__ import annotations
@@ -11,13 +16,17 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Final
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
 
 from farmkeys.errors import PublishError
+from farmkeys.formats.certificates import key_matches
 from farmkeys.store import Manifest, Store
+from farmkeys.vocab import Role
 
 _SIGNING_ORDER: Final = {"primary": 0, "secondary": 1, "retired": 2}
 
@@ -89,9 +98,65 @@ def from_store(store: Store, *, now: datetime) -> Published:
     installed yet."""
     found = store.public_certificates()
     if found is None:
-        raise PublishError(
-            f"nothing is installed in the store {store.path} yet",
-            "run `farmkeys sync` on this node first",
-        )
+        raise _nothing_installed(store)
     manifest, pems = found
     return published(manifest, pems, now=now)
+
+
+@dataclass(frozen=True, repr=False)
+class PrimaryKey:
+    """The signing primary and its private key: what signs the metadata. Its repr names the
+    certificate, never the key."""
+
+    published: PublishedKey
+    private_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+
+    def __repr__(self) -> str:
+        return f"PrimaryKey({self.published.thumbprint})"
+
+
+def primary_key(keys: Published, key_pem: bytes, *, store: Path) -> PrimaryKey:
+    """The signing primary of ``keys`` with its private key ``key_pem`` (the verified file of
+    the store at ``store``); :class:`PublishError` when the key cannot be read or is not the
+    certificate's. The key's bytes are in no message."""
+    primary = keys.signing[0] if keys.signing else None
+    if primary is None or primary.role != Role.PRIMARY:
+        raise PublishError(
+            f"the certificate set installed in the store {store} has no signing primary",
+            "run `farmkeys sync` on this node",
+        )
+    where = f"the private key of the signing primary {primary.thumbprint} in the store {store}"
+    try:
+        # As a sync does (docs/security.md, "What a node re-checks"): the file is the one
+        # its manifest records and the key must be the certificate's, checked below;
+        # OpenSSL's RSA key check would cost a build some 75 ms (RSA 2048) to 270 ms (4096).
+        private = load_pem_private_key(key_pem, password=None, unsafe_skip_rsa_key_validation=True)
+    except (ValueError, TypeError):
+        raise PublishError(
+            f"{where} is not an unencrypted PKCS#8 key", "run `farmkeys sync` to install it again"
+        ) from None
+    if not isinstance(private, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise PublishError(f"{where} is neither RSA nor EC", "run `farmkeys sync`")
+    if not key_matches(primary.certificate, private):
+        raise PublishError(
+            f"{where} is not the key of its certificate", "run `farmkeys sync` to install it again"
+        )
+    return PrimaryKey(primary, private)
+
+
+def signing_from_store(store: Store, *, now: datetime) -> tuple[Manifest, Published, PrimaryKey]:
+    """What the node's installed store publishes, and its signing primary with the private
+    key, all from one generation; :class:`PublishError` when nothing is installed yet."""
+    found = store.certificates_and_signing_key()
+    if found is None:
+        raise _nothing_installed(store)
+    manifest, pems, key_pem = found
+    keys = published(manifest, pems, now=now)
+    return manifest, keys, primary_key(keys, key_pem, store=store.path)
+
+
+def _nothing_installed(store: Store) -> PublishError:
+    return PublishError(
+        f"nothing is installed in the store {store.path} yet",
+        "run `farmkeys sync` on this node first",
+    )

@@ -126,6 +126,14 @@ class Store:
         nothing is installed. What publishing reads: no private key is opened."""
         return self._reader.public_certificates()
 
+    def certificates_and_signing_key(self) -> tuple[Manifest, dict[str, bytes], bytes] | None:
+        """:meth:`public_certificates` and, read from the same generation and checked against
+        its manifest's digest the same way, the signing primary's private key (PKCS#8 PEM):
+        what signs the metadata ([publish] sign_metadata). None when nothing is installed;
+        :class:`StoreError` when the set has no signing primary or a file is not as
+        installed (see :meth:`Reader.certificates_and_signing_key`)."""
+        return self._reader.certificates_and_signing_key()
+
     def pkcs12_files(self) -> tuple[Manifest, dict[str, bytes]] | None:
         """The installed set's manifest and its .p12 files by thumbprint, read as
         :meth:`public_certificates` reads the certificates; None when nothing is installed.

@@ -28,7 +28,7 @@ from farmkeys.store.layout import (
     generation_named,
 )
 from farmkeys.store.manifest import MAX_MANIFEST_BYTES, Manifest
-from farmkeys.vocab import ALIASED_ROLES
+from farmkeys.vocab import ALIASED_ROLES, Purpose, Role
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,32 @@ class Reader:
         """The installed set's manifest and the file of each certificate of ``kind`` (cert,
         key, pkcs12) by thumbprint, all from one generation, each checked against its
         digest; None when nothing is installed."""
+        found = self._read_set(kind, key_of=None)
+        return None if found is None else (found[0], found[1])
+
+    def certificates_and_signing_key(self) -> tuple[Manifest, dict[str, bytes], bytes] | None:
+        """:meth:`public_certificates`, and from the same generation the signing primary's
+        private key (PKCS#8 PEM), checked against the digest its manifest records like the
+        certificates are; None when nothing is installed. :class:`StoreError` when the set
+        has no signing primary or a file is not as installed. What signs the metadata: the
+        only private key publishing opens. The key's bytes are never in an error."""
+        found = self._read_set("cert", key_of=(Purpose.SIGNING, Role.PRIMARY))
+        if found is None:
+            return None
+        manifest, certificates, key = found
+        if key is None:
+            raise StoreError(
+                f"the certificate set installed in the store {self.path} has no signing primary",
+                SYNC_AGAIN,
+            )
+        return manifest, certificates, key
+
+    def _read_set(
+        self, kind: str, *, key_of: tuple[str, str] | None
+    ) -> tuple[Manifest, dict[str, bytes], bytes | None] | None:
+        """The manifest, the ``kind`` file of every certificate by thumbprint, and the private
+        key of the certificate of ``key_of`` (purpose, role) when asked, all from one
+        generation, each checked against its digest; None when nothing is installed."""
         for _ in range(3):  # the generation read may be removed by two installs meanwhile
             generation = self.current_generation()
             if generation is None:
@@ -81,14 +107,18 @@ class Reader:
             manifest = self.read_manifest(generation)
             folder = generation_dir(self.path, generation)
             found: dict[str, bytes] = {}
+            key: bytes | None = None
             try:
                 for entry in manifest.certificates:
+                    digests = entry.sha256 or {}
                     found[entry.thumbprint] = read_checked(
-                        folder / entry.files[kind], (entry.sha256 or {}).get(kind)
+                        folder / entry.files[kind], digests.get(kind)
                     )
+                    if key_of == (entry.purpose, entry.role):
+                        key = read_checked(folder / entry.files["key"], digests.get("key"))
             except FileNotFoundError:
                 continue
-            return manifest, found
+            return manifest, found, key
         raise StoreError(
             f"the store {self.path} changed three times while its files were read",
             "try again",

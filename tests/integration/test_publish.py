@@ -13,16 +13,16 @@ from typing import Any
 
 import psycopg
 import pytest
+import xmlschema
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from farmtools import TestFarm, add_certificate, db_query, expect_ok, one_error_line
+from federation import metadata_schema
 from lxml import etree
 from saml2.attribute_converter import ac_factory
 from saml2.mdstore import InMemoryMetaData
-from saml2.xml.schema import XMLSchemaError
-from saml2.xml.schema import validate as validate_saml
 from signxml import XMLSigner, XMLVerifier
 from signxml.exceptions import InvalidSignature
 
@@ -71,12 +71,12 @@ def live(farm: TestFarm, purpose: str, role: str) -> str:
     return str(rows[0]["thumbprint"])
 
 
-def descriptors(xml: bytes) -> list[tuple[str, str]]:
-    """(use, thumbprint of the certificate) of every KeyDescriptor, in document order."""
+def descriptors(xml: bytes, role: str = "md:IDPSSODescriptor") -> list[tuple[str, str]]:
+    """(use, thumbprint of the certificate) of every KeyDescriptor of ``role``, in order."""
     found = []
     root = etree.fromstring(xml)
     ns = {"md": "urn:oasis:names:tc:SAML:2.0:metadata", "ds": "http://www.w3.org/2000/09/xmldsig#"}
-    for kd in root.iterfind(".//md:KeyDescriptor", ns):
+    for kd in root.iterfind(f"{role}/md:KeyDescriptor", ns):
         der = base64.b64decode(kd.findtext(".//ds:X509Certificate", namespaces=ns))
         found.append((kd.get("use"), hashlib.sha1(der).hexdigest().upper()))
     return found
@@ -106,13 +106,15 @@ def test_metadata_lists_primary_secondary_and_retired_signing_and_the_primary_de
     result = synced.run("metadata")
     expect_ok(result)
     xml = result.out.encode()
-    validate_saml(xml)  # the SAML 2.0 metadata schema, with xmldsig's
+    metadata_schema().validate(xml)  # SAML 2.0 metadata, xmldsig, WS-Federation 1.2
     assert descriptors(xml) == [
         ("signing", live(synced, "signing", "primary")),
         ("signing", secondary),
         ("signing", retired),
         ("encryption", live(synced, "decryption", "primary")),
     ]
+    # The WS-Federation role lists the same signing keys, as AD FS's does.
+    assert descriptors(xml, "md:RoleDescriptor") == descriptors(xml)[:3]
     # A relying party's library finds every signing certificate, and only the primary
     # decryption one as the encryption key.
     metadata = parsed_by_pysaml2(xml)
@@ -147,8 +149,8 @@ def test_metadata_is_refused_by_the_schema_when_tampered(synced: TestFarm) -> No
     """The schema check is real: the document without its SingleSignOnService fails it."""
     xml = synced.run("metadata").out
     broken = "\n".join(line for line in xml.splitlines() if "SingleSignOnService" not in line)
-    with pytest.raises(XMLSchemaError):
-        validate_saml(broken)
+    with pytest.raises(xmlschema.XMLSchemaValidationError):
+        metadata_schema().validate(broken)
 
 
 def test_metadata_arguments_override_the_config(synced: TestFarm) -> None:

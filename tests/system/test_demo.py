@@ -58,7 +58,7 @@ def test_the_demo_prints_whole_documents_or_their_summaries_and_says_its_servers
     assert re.fullmatch(r'HTTP 200, ETag "[0-9a-f]{32}"', lines[metadata - 1])
     assert re.fullmatch(
         r"SAML metadata of https://fs\.contoso\.example/adfs/services/trust: 2 signing keys,"
-        r" 1 encryption key, [0-9,]+ bytes",
+        r" 1 encryption key, [0-9,]+ bytes, signed",
         lines[metadata],
     )
     keys = [line.split() for line in lines[metadata + 1 : metadata + 4]]
@@ -122,6 +122,27 @@ def test_the_metadata_is_summarised_by_its_keys() -> None:
         f" {len(body)} bytes",
         "  signing     AA",
         "  encryption  BB",
+    ]
+
+
+def test_the_signed_metadata_is_summarised_by_its_idpsso_keys_once() -> None:
+    key = (
+        '<md:KeyDescriptor use="signing"><ds:KeyInfo xmlns:ds="http://www.w3.org/2000/09/xmldsig#">'
+        "<ds:KeyName>AA</ds:KeyName></ds:KeyInfo></md:KeyDescriptor>"
+    )
+    body = (
+        '<md:EntityDescriptor xmlns:md="urn:oasis:names:tc:SAML:2.0:metadata" ID="_1"'
+        ' entityID="https://fs.example/trust">'
+        '<ds:Signature xmlns:ds="http://www.w3.org/2000/09/xmldsig#"></ds:Signature>'
+        f"<md:RoleDescriptor>{key}</md:RoleDescriptor>"
+        f"<md:IDPSSODescriptor>{key}</md:IDPSSODescriptor></md:EntityDescriptor>"
+    ).encode()
+    path = "/FederationMetadata/2007-06/FederationMetadata.xml"
+    assert describe_answer(path, 200, None, body) == [
+        "HTTP 200",
+        f"SAML metadata of https://fs.example/trust: 1 signing key, 0 encryption keys,"
+        f" {len(body)} bytes, signed",
+        "  signing     AA",
     ]
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 from farmtools import REPO, TestFarm, add_certificate, clean_env, db_query, expect_ok, wait_until
+from federation import signxml_verifies, xmlsec1_verifies
 from prometheus_client.parser import text_string_to_metric_families
 from serving import ServeNodes
 
@@ -117,6 +118,21 @@ def test_every_node_answers_the_same_documents_with_caching_headers(
         assert (status, empty) == (304, b"")
         status, _, again = get(serving["node-a"] + path, {"If-None-Match": '"stale"'})
         assert (status, again) == (200, body)
+
+
+def test_the_metadata_serve_answers_verifies_with_xmlsec1_and_signxml_on_every_node(
+    quick_farm: TestFarm, serving: dict[str, str]
+) -> None:
+    """Real serve processes: each node's document is signed by the signing primary, with
+    its certificate in KeyInfo, and a relying party's verifiers accept it."""
+    for node, url in serving.items():
+        status, _, body = get(url + publish.METADATA_PATH)
+        assert status == 200
+        certificate = (quick_farm.store(node) / "signing" / "primary.pem").read_bytes()
+        assert xmlsec1_verifies(body, certificate), node
+        assert signxml_verifies(body, certificate), node
+        other = (quick_farm.store(node) / "decryption" / "primary.pem").read_bytes()
+        assert not xmlsec1_verifies(body, other)
 
 
 def test_a_fetch_naming_a_relying_party_is_recorded_with_the_keys_it_was_served(
@@ -372,7 +388,13 @@ def test_healthz_is_503_while_an_installed_file_is_damaged_until_a_sync_repairs_
             f"the installed signing primary {thumbprint} no longer matches the store's manifest"
             " (a file removed or changed)"
         ]
-        assert get(url + publish.METADATA_PATH)[0] == 200  # certificates only: still published
+        assert get(url + publish.JWKS_PATH)[0] == 200  # certificates only: still published
+        # The signed metadata needs the key, read only as its manifest records it: refused,
+        # saying which file, never what it holds.
+        status, _, refused = get(url + publish.METADATA_PATH)
+        assert status == 503
+        assert f"{thumbprint}.key is not the file its manifest records" in refused.decode()
+        assert good.splitlines()[1][:24] not in refused
         db_query(quick_farm.dsn, "SELECT pg_notify(%s, 'test')", (CHANGED_CHANNEL,))
         wait_until(
             lambda: health(url)[:1] == (200,), 20.0, "the sync repaired it", detail=nodes.logs
@@ -380,6 +402,7 @@ def test_healthz_is_503_while_an_installed_file_is_damaged_until_a_sync_repairs_
         status, body = health(url)
         assert (status, body["status"], body["generation"]) == (200, "ok", 2), body
         assert key.read_bytes() == good
+        assert get(url + publish.METADATA_PATH)[0] == 200
 
 
 def test_a_port_in_use_is_one_clear_error(quick_farm: TestFarm) -> None:

@@ -342,3 +342,29 @@ def test_the_http_limits_have_defaults_that_hold_a_crowd_and_can_be_set(tmp_path
 def test_bad_http_limits_are_one_clear_error(tmp_path: Path, line: str, complaint: str) -> None:
     with pytest.raises(ConfigError, match=complaint):
         config.load(write(tmp_path, MINIMAL + f"\n[publish]\n{line}\n"), environ={})
+
+
+def test_the_metadata_is_signed_by_default_and_its_passive_url_can_be_set(tmp_path: Path) -> None:
+    defaults = config.load(write(tmp_path, MINIMAL), environ={}).publish
+    assert (defaults.sign_metadata, defaults.passive_url) == (True, None)
+    text = MINIMAL + '\n[publish]\nsign_metadata = false\npassive_url = "https://fs.example/ls/"\n'
+    cfg = config.load(write(tmp_path, text), environ={})
+    assert (cfg.publish.sign_metadata, cfg.publish.passive_url) == (False, "https://fs.example/ls/")
+    env = {"FARMKEYS_PUBLISH_SIGN_METADATA": "true"}
+    assert config.load(write(tmp_path, text), environ=env).publish.sign_metadata is True
+
+
+@pytest.mark.parametrize(
+    ("line", "complaint"),
+    [
+        ('passive_url = "ftp://fs.example/ls/"', r"publish.passive_url must be an http\(s\) URL"),
+        ('passive_url = "https://fs.example/a b"', r"publish.passive_url must be an absolute URI"),
+        ('sso_url = "https://fs.example/\\u001b[8m"', r"publish.sso_url must be an absolute URI"),
+        ('sign_metadata = "yes"', r"must be true or false"),
+    ],
+)
+def test_bad_metadata_settings_are_one_clear_error(
+    tmp_path: Path, line: str, complaint: str
+) -> None:
+    with pytest.raises(ConfigError, match=complaint):
+        config.load(write(tmp_path, MINIMAL + f"\n[publish]\n{line}\n"), environ={})

@@ -143,16 +143,18 @@ def describe_answer(path: str, status: int, etag: str | None, body: bytes) -> li
 def _describe_metadata(body: bytes, size: str) -> list[str]:
     # Our own node's answer on loopback, and ElementTree expands no external entity.
     root = ElementTree.fromstring(body)  # noqa: S314
+    # The IDPSSODescriptor's keys: the WS-Federation role lists the same signing keys again.
     keys = [
         (descriptor.get("use", "any"), descriptor.findtext(f"{_DS}KeyInfo/{_DS}KeyName", "?"))
-        for descriptor in root.iter(f"{_MD}KeyDescriptor")
+        for descriptor in root.iterfind(f"{_MD}IDPSSODescriptor/{_MD}KeyDescriptor")
     ]
     signing = sum(use == "signing" for use, _ in keys)
     encryption = sum(use == "encryption" for use, _ in keys)
+    signed = ", signed" if root.find(f"{_DS}Signature") is not None else ""
     lines = [
         f"SAML metadata of {root.get('entityID', '(no entityID)')}:"
         f" {_count(signing, 'signing key')},"
-        f" {_count(encryption, 'encryption key')}, {size}"
+        f" {_count(encryption, 'encryption key')}, {size}{signed}"
     ]
     lines += [f"  {use:<10}  {name}" for use, name in keys]
     return lines
