@@ -301,10 +301,12 @@ def _add_serve(commands: _Commands) -> None:
 def _add_metadata(commands: _Commands) -> None:
     metadata = commands.add(
         "metadata",
-        help="print the SAML 2.0 IdP metadata of this node's installed keys",
-        description="Print SAML 2.0 IdP metadata built from this node's store: the primary, "
-        "the secondary and every unexpired retired token-signing certificate as signing "
-        "keys, the primary token-decryption certificate as the encryption key. The same "
+        help="print the federation metadata of this node's installed keys (signed)",
+        description="Print the federation metadata built from this node's store, as AD FS "
+        "publishes it: a WS-Federation SecurityTokenServiceType role and a SAML 2.0 IdP role, "
+        "with the primary, the secondary and every unexpired retired token-signing certificate "
+        "as signing keys and the primary token-decryption certificate as the encryption key, "
+        "signed with the signing primary unless [publish] sign_metadata is false. The same "
         "document `serve` answers at /FederationMetadata/2007-06/FederationMetadata.xml.",
     )
     metadata.add_argument("--entity-id", metavar="URI", help="the entityID (default: [publish])")
