@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
-from farmtools import TestFarm, add_certificate, db_query, expect_ok, one_error_line
+from farmtools import TestFarm, add_certificate, db_query, expect_ok, leader_check, one_error_line
 from federation import metadata_schema
 from lxml import etree
 from saml2.attribute_converter import ac_factory
@@ -30,8 +30,6 @@ from farmkeys import publish
 from farmkeys.config import load
 from farmkeys.db import ConfigDB
 from farmkeys.directory import Directory
-from farmkeys.election import Election
-from farmkeys.leader import Leader
 from farmkeys.store import Store
 
 ENTITY = "https://fs.contoso.example/adfs/services/trust"
@@ -316,23 +314,6 @@ def test_an_assertion_signed_with_the_store_verifies_with_the_published_metadata
 
 
 PARTIES = ["rp1=https://rp1.example/saml/metadata", "rp2"]
-
-
-def leader_check(farm: TestFarm) -> list[str]:
-    """One rollover check by a leader in this process; the actions' audit kinds."""
-    config = load(farm.config())
-    with (
-        ConfigDB(config.database, config.retry) as db,
-        Directory(config.directory, config.retry) as directory,
-    ):
-        election = Election(db, node_id="node-a", lease=config.lease)
-        assert election.try_acquire()
-        try:
-            return [
-                f"{a.action} {a.purpose}" for a in Leader(config, db, directory, election).check()
-            ]
-        finally:
-            election.release()
 
 
 def due_secondary(farm: TestFarm) -> str:

@@ -14,18 +14,14 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
-from farmtools import TestFarm, add_certificate, db_query, expect_ok
+from farmtools import TestFarm, add_certificate, db_query, expect_ok, leader_check
 from federation import NS, metadata_schema, one_byte_changed, signxml_verifies, xmlsec1_verifies
 from lxml import etree
 from test_publish_http import free_port
 
 from farmkeys import publish
 from farmkeys.config import PublishConfig, load
-from farmkeys.db import ConfigDB
-from farmkeys.directory import Directory
-from farmkeys.election import Election
 from farmkeys.errors import StoreError
-from farmkeys.leader import Leader
 from farmkeys.publish import Health, Publisher
 from farmkeys.store import Store
 
@@ -112,20 +108,7 @@ def promote_the_secondary(farm: TestFarm) -> str:
             "UPDATE certificate SET created_at = now() - interval '6 days' WHERE thumbprint = %s",
             (secondary,),
         )
-    config = load(farm.config())
-    with (
-        ConfigDB(config.database, config.retry) as db,
-        Directory(config.directory, config.retry) as directory,
-    ):
-        election = Election(db, node_id="node-a", lease=config.lease)
-        assert election.try_acquire()
-        try:
-            actions = [
-                f"{a.action} {a.purpose}" for a in Leader(config, db, directory, election).check()
-            ]
-        finally:
-            election.release()
-    assert actions == ["promote signing"]
+    assert leader_check(farm) == ["promote signing"]
     expect_ok(farm.run("sync"))
     return secondary
 

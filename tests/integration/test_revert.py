@@ -14,17 +14,23 @@ from typing import Any
 
 import psycopg
 import pytest
-from farmtools import TestFarm, db_query, expect_ok, lease_row, one_error_line, wait_until
+from farmtools import (
+    TestFarm,
+    db_query,
+    expect_ok,
+    leader_check,
+    lease_row,
+    one_error_line,
+    wait_until,
+)
 from serving import ServeNodes, manifest_identity
 
 from farmkeys import requesting
 from farmkeys.config import load
 from farmkeys.db import ConfigDB
 from farmkeys.directory import Directory
-from farmkeys.election import Election
 from farmkeys.errors import FarmStateError
 from farmkeys.formats import farm_state
-from farmkeys.leader import Leader
 
 
 def sql(farm: TestFarm, statement: str, params: Any = None) -> None:
@@ -45,23 +51,6 @@ def holder(farm: TestFarm, role: str, purpose: str = "signing") -> str:
 
 def record(farm: TestFarm) -> farm_state.FarmState:
     return farm_state.parse(bytes(db_query(farm.dsn, "SELECT body FROM farm_state")[0]["body"]))
-
-
-def leader_check(farm: TestFarm) -> list[str]:
-    """One rollover check by a leader in this process; what it did ("promote signing")."""
-    config = load(farm.config())
-    with (
-        ConfigDB(config.database, config.retry) as db,
-        Directory(config.directory, config.retry) as directory,
-    ):
-        election = Election(db, node_id="node-a", lease=config.lease)
-        assert election.try_acquire()
-        try:
-            return [
-                f"{a.action} {a.purpose}" for a in Leader(config, db, directory, election).check()
-            ]
-        finally:
-            election.release()
 
 
 def promote(farm: TestFarm) -> tuple[str, str]:
@@ -428,20 +417,7 @@ def test_records_stay_format_2_until_a_promotion_and_every_change_of_primary_is_
     # A generate-and-promote (the critical threshold of a policy that covers the primary's
     # whole life, and no secondary) replaces the signing primary: recorded, the old retired.
     wide = {"certificate_duration": 1000, "generation_threshold": 999, "critical_threshold": 999}
-    config = load(farm.config(policy=wide))
-    with (
-        ConfigDB(config.database, config.retry) as db,
-        Directory(config.directory, config.retry) as directory,
-    ):
-        election = Election(db, node_id="node-a", lease=config.lease)
-        assert election.try_acquire()
-        try:
-            done = [
-                f"{a.action} {a.purpose}" for a in Leader(config, db, directory, election).check()
-            ]
-        finally:
-            election.release()
-    assert "generate_and_promote signing" in done
+    assert "generate_and_promote signing" in leader_check(farm, policy=wide)
     state = record(farm)
     assert state.format == farm_state.FORMAT
     promotion = state.promotion("signing")

@@ -223,6 +223,30 @@ def add_certificate(farm: TestFarm, *, purpose: str, role: str) -> str:
     return row.thumbprint
 
 
+def leader_check(farm: TestFarm, **sections: dict[str, Any]) -> list[str]:
+    """One rollover check by a leader in this process (it takes the lease and gives it
+    back); what it did, as "<action> <purpose>" ("promote signing")."""
+    from farmkeys.config import load
+    from farmkeys.db import ConfigDB
+    from farmkeys.directory import Directory
+    from farmkeys.election import Election
+    from farmkeys.leader import Leader
+
+    config = load(farm.config(**sections))
+    with (
+        ConfigDB(config.database, config.retry) as db,
+        Directory(config.directory, config.retry) as directory,
+    ):
+        election = Election(db, node_id="node-a", lease=config.lease)
+        assert election.try_acquire()
+        try:
+            return [
+                f"{a.action} {a.purpose}" for a in Leader(config, db, directory, election).check()
+            ]
+        finally:
+            election.release()
+
+
 def seal_state(farm: TestFarm) -> int:
     """Write the farm state record for the config DB's live rows, as the leader does after
     a change, under the current master key, one version above any seen; the version.
