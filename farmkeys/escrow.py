@@ -53,6 +53,7 @@ from farmkeys.errors import (
 )
 from farmkeys.file_trust import read_private_file
 from farmkeys.formats import escrow_file, farm_state
+from farmkeys.formats.request import Requester
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +220,7 @@ def export_keys(
     passphrase: bytes,
     now: datetime,
     work_factor: int = escrow_file.DEFAULT_WORK_FACTOR,
+    by: Requester | None = None,
 ) -> ExportReport:
     """Write every master key the directory holds, sealed under ``passphrase``, to ``out``.
 
@@ -256,6 +258,7 @@ def export_keys(
                 term=None,
                 action="escrow_export",
                 detail=f"{len(keys)} master keys ({ids}) sealed under a passphrase into {out}",
+                by=by,
             )
             try:
                 os.link(partial, out)  # fails rather than replace a file made meanwhile
@@ -322,6 +325,7 @@ def import_keys(
     *,
     path: Path,
     passphrase: bytes,
+    by: Requester | None = None,
 ) -> ImportReport:
     """Put the master keys of an escrow file back into the directory.
 
@@ -356,7 +360,7 @@ def import_keys(
             group, escrowed.id, escrowed.key
         ):
             report.restored.append(escrowed.id)
-    _record_import(config, db, wanted, recorded, current, report, path)
+    _record_import(config, db, wanted, recorded, current, report, path, by)
     log.info("%s", _import_detail(report, path))
     return report
 
@@ -406,6 +410,7 @@ def _record_import(
     current: uuid.UUID,
     report: ImportReport,
     path: Path,
+    by: Requester | None,
 ) -> None:
     """Record the keys the farm did not know, and audit the import, in one transaction."""
     with db.transaction() as tx:
@@ -422,6 +427,7 @@ def _record_import(
             term=None,
             action="escrow_import",
             detail=_import_detail(report, path),
+            by=by,
         )
 
 

@@ -20,6 +20,7 @@ from farmkeys.errors import (
     Error,
     FarmConflictError,
 )
+from farmkeys.formats.request import Requester
 from farmkeys.leader import Leader, new_certificate, write_first_state
 from farmkeys.vocab import PURPOSES
 
@@ -45,7 +46,14 @@ class InitReport:
         return bool(self.migrations or self.created_farm or self.created_certificates)
 
 
-def init_farm(config: Config, db: ConfigDB, directory: Directory, *, now: datetime) -> InitReport:
+def init_farm(
+    config: Config,
+    db: ConfigDB,
+    directory: Directory,
+    *,
+    now: datetime,
+    by: Requester | None = None,
+) -> InitReport:
     """Create what a new farm needs; on a farm that has it all, change nothing.
 
     Order matters for "nothing lost": the directory is bound before anything is
@@ -74,6 +82,7 @@ def init_farm(config: Config, db: ConfigDB, directory: Directory, *, now: dateti
                         term=None,
                         action="init",
                         detail=f"created farm {config.farm.name} with DKM group {group}",
+                        by=by,
                     )
                     report.created_certificates = _add_primaries(
                         config, tx, group, key_id, key, now=now

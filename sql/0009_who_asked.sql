@@ -9,9 +9,11 @@ ALTER TABLE rollover_request
     ADD COLUMN reason  text;
 
 -- Each event the leader wrote while carrying out an authenticated request: the request, and
--- who asked as its verified body says (account and host NULL for a format-1 body). NULL
--- request: the leader's own schedule, `init`, or an escrow. Only ever copied from a body
--- whose MAC verified; a refused request's claimed requester stays in `detail`.
+-- who asked as its verified body says (account and host NULL for a format-1 body); the leader
+-- only ever copies them from a body whose MAC verified, and a refused request's claimed
+-- requester stays in `detail`. NULL request with an account: a command that changed the farm
+-- itself (`init`, `escrow`, `nodes remove`) naming who ran it. All NULL: the leader's own
+-- schedule.
 ALTER TABLE audit_event
     ADD COLUMN request bigint,
     ADD COLUMN account text,

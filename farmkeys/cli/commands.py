@@ -39,6 +39,7 @@ from farmkeys.errors import (
     RequestRefusedError,
     UnreachableError,
 )
+from farmkeys.operator import requester
 from farmkeys.terminal import escape
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ def _init(args: argparse.Namespace, config: Config) -> int:
         ConfigDB(config.database, config.retry) as db,
         Directory(config.directory, config.retry) as directory,
     ):
-        report = farm_init.init_farm(config, db, directory, now=_now())
+        report = farm_init.init_farm(config, db, directory, now=_now(), by=requester(args.reason))
     for warning in report.warnings:
         print(f"farmkeys: warning: {escape(warning)}", file=sys.stderr)
     if not report.changed:
@@ -482,7 +483,13 @@ def _escrow(args: argparse.Namespace, config: Config) -> int:
     ):
         if exporting:
             exported = escrow.export_keys(
-                config, db, directory, out=Path(args.out), passphrase=passphrase, now=_now()
+                config,
+                db,
+                directory,
+                out=Path(args.out),
+                passphrase=passphrase,
+                now=_now(),
+                by=requester(args.reason),
             )
             print(
                 f"wrote {len(exported.keys)} master keys of farm {exported.farm!r}"
@@ -493,7 +500,12 @@ def _escrow(args: argparse.Namespace, config: Config) -> int:
                 print(f"  {key_id}{'  current' if key_id == exported.current else ''}")
             return EXIT_OK
         report = escrow.import_keys(
-            config, db, directory, path=Path(args.file), passphrase=passphrase
+            config,
+            db,
+            directory,
+            path=Path(args.file),
+            passphrase=passphrase,
+            by=requester(args.reason),
         )
     if report.recreated_container:
         print(

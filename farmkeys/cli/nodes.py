@@ -43,7 +43,7 @@ def nodes_command(args: argparse.Namespace, config: Config) -> int:
 
 def _remove_node(args: argparse.Namespace, config: Config, db: ConfigDB) -> int:
     """`nodes remove NODE`: its row deleted and the deletion audited, in one transaction."""
-    from farmkeys.requesting import requester
+    from farmkeys.operator import requester
 
     node = args.node
     seen = db.node_seen(node)
@@ -59,20 +59,18 @@ def _remove_node(args: argparse.Namespace, config: Config, db: ConfigDB) -> int:
             f"stop farmkeys on {node} first, or give --force; nothing was changed",
         )
     who = requester(args.reason)
-    said = f"; reason: {who.reason}" if who.reason else ""
     with db.transaction() as tx:
         gone = tx.remove_node(node)
         if gone is None:
             raise NodeInUseError(f"node {node!r} went away meanwhile", "nothing was changed")
         last = gone["last_seen"]
+        when = "" if last is None else f" (last seen {last:%Y-%m-%dT%H:%M:%SZ})"
         tx.audit(
             node=config.node.id,
             term=None,
             action=AuditAction.NODE_REMOVE,
-            detail=f"removed node {node} (last seen {last:%Y-%m-%dT%H:%M:%SZ}) at the request"
-            f" of {who.account} on {who.host}{said}"
-            if last
-            else f"removed node {node} at the request of {who.account} on {who.host}{said}",
+            detail=f"removed node {node}{when}",
+            by=who,
         )
     print(f"removed node {escape(node)}; its store and services are untouched")
     return EXIT_OK

@@ -212,13 +212,14 @@ def _add_reason(
 
 
 def _add_init(commands: _Commands) -> None:
-    commands.add(
+    init = commands.add(
         "init",
         help="create the farm: schema, DKM container and master key, first certificates",
         description="Create everything a new farm needs: the config DB schema, the farm's DKM "
         "container and first master key in the directory, and the first token-signing and "
         "token-decryption certificates. Safe to run again: on a complete farm it changes nothing.",
     )
+    _add_reason(init, where="in the init audit event, shown by `farmkeys events`,")
 
 
 def _add_db(commands: _Commands) -> None:
@@ -420,6 +421,7 @@ def _add_escrow(commands: _Commands) -> None:
     import_ = escrow.add("import", help="put the master keys of an escrow file back")
     import_.add_argument("file", metavar="FILE", help="an escrow file of this farm")
     for sub in (export, import_):
+        _add_reason(sub, where="in its audit event, shown by `farmkeys events`,")
         sub.add_argument(
             "--passphrase-file",
             metavar="PATH",

@@ -248,7 +248,7 @@ def _event_json(event: AuditEvent) -> dict[str, Any]:
 def _requester_json(event: AuditEvent) -> dict[str, Any] | None:
     """Who asked for an event's request (None: nobody asked; account and host None: a
     farmkeys before request format 2 did not say)."""
-    if event.request is None:
+    if event.request is None and event.account is None:
         return None
     return {
         "request": event.request,
@@ -260,13 +260,14 @@ def _requester_json(event: AuditEvent) -> dict[str, Any] | None:
 
 def _asked(event: AuditEvent) -> str:
     """Who asked for an event, as its line says it (empty: nobody asked)."""
+    why = "" if event.reason is None else f": {event.reason!r}"
     if event.request is None:
-        return ""
+        # A command that changed the farm itself names who ran it; else nobody asked.
+        return "" if event.account is None else f"  [by {event.account} on {event.host}{why}]"
     if event.account is None:
         who = "a requester not recorded (an older farmkeys filed it)"
     else:
         who = f"{event.account} on {event.host}"
-    why = "" if event.reason is None else f": {event.reason!r}"
     return f"  [request {event.request} by {who}{why}]"
 
 

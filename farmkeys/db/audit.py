@@ -7,7 +7,9 @@ claims a change that did not commit; read by `farmkeys events`.
 Who asked comes from one place: while the leader carries out an authenticated request,
 it holds :func:`attributed_to` with what the request's verified body says, and every
 event written meanwhile (however deep in the leader's steps, across every transaction of
-a master-key roll) records it. Nothing else sets it, so an event's requester is never a
+a master-key roll) records it, with the request's id. A command that changes the farm itself
+(`init`, `escrow export` and `import`, `nodes remove`) records its own account, host and
+``--reason`` with no request id. Nothing else sets them, so an event's requester is never a
 column a DB writer filled in for the leader to copy.
 """
 
@@ -21,6 +23,7 @@ from datetime import datetime
 
 from farmkeys.db.connection import Connection, Statements
 from farmkeys.db.rows import Attribution, AuditEvent, audit_event_row
+from farmkeys.formats.request import Requester
 
 # Per thread (and task): a serving node's other threads never inherit a request's requester.
 _ASKED_BY: ContextVar[Attribution | None] = ContextVar("farmkeys_audit_asked_by", default=None)
@@ -62,14 +65,22 @@ class AuditWrites(Statements):
         thumbprint: str | None = None,
         master_key: uuid.UUID | None = None,
         detail: str = "",
+        by: Requester | None = None,
     ) -> None:
         """Record an event, with the request it carries out and who asked when the leader
-        holds :func:`attributed_to`."""
+        holds :func:`attributed_to`; or, for a command that changes the farm itself (`init`,
+        `escrow`, `nodes remove`: no request, no leader), ``by``, who ran it."""
         asked = _ASKED_BY.get()
-        by = (None, None, None, None) if asked is None else asked.columns()
+        columns: tuple[int | None, str | None, str | None, str | None]
+        if asked is not None:
+            columns = asked.columns()
+        elif by is not None:
+            columns = (None, by.account, by.host, by.reason)
+        else:
+            columns = (None, None, None, None)
         self.execute(
             "INSERT INTO audit_event (node, term, action, purpose, certificate, thumbprint,"
             " master_key, detail, request, account, host, reason)"
             " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            (node, term, action, purpose, certificate, thumbprint, master_key, detail, *by),
+            (node, term, action, purpose, certificate, thumbprint, master_key, detail, *columns),
         )

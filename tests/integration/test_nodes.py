@@ -12,7 +12,7 @@ from farmtools import TestFarm, db_query, expect_ok, one_error_line
 import farmkeys
 from farmkeys.config import load
 from farmkeys.db import ConfigDB
-from farmkeys.requesting import account
+from farmkeys.operator import account
 
 
 def nodes_of(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -88,14 +88,21 @@ def test_nodes_lists_every_node_and_remove_forgets_one_that_is_gone(
     expect_ok(farm.run("nodes", "remove", "node-c", "--force"))
 
     (event, forced) = db_query(
-        farm.dsn, "SELECT node, detail FROM audit_event WHERE action = 'node_remove' ORDER BY id"
+        farm.dsn,
+        "SELECT node, detail, request, account, host, reason FROM audit_event"
+        " WHERE action = 'node_remove' ORDER BY id",
     )
     assert event["node"] == "node-a"  # the node whose config the command ran with
     assert event["detail"].startswith("removed node node-b (last seen ")
-    assert "reason: decommissioned, CHG-7" in event["detail"]
-    assert f"at the request of {account()} on {socket.gethostname()}" in event["detail"]
-    assert forced["detail"].startswith("removed node node-c")
-    assert "node_remove" in farm.run("events").out
+    assert (event["request"], event["account"], event["host"], event["reason"]) == (
+        None,
+        account(),
+        socket.gethostname(),
+        "decommissioned, CHG-7",
+    )
+    assert forced["detail"].startswith("removed node node-c") and forced["reason"] is None
+    line = next(x for x in farm.run("events").out.splitlines() if "node-b" in x)
+    assert line.endswith(f"[by {account()} on {socket.gethostname()}: 'decommissioned, CHG-7']")
 
     unknown = farm.run("nodes", "remove", "node-z")
     assert unknown.code == 1

@@ -25,7 +25,7 @@ import pytest
 from adfs_encoder import encode
 from farmtools import TestFarm, db_query, expect_ok, one_error_line
 
-from farmkeys import requesting
+from farmkeys import operator, requesting
 from farmkeys.config import load
 from farmkeys.db import ConfigDB
 from farmkeys.directory import Directory
@@ -127,8 +127,10 @@ def test_a_rollover_with_a_reason_shows_account_host_and_reason_in_events(
             "host": HOST,
             "reason": reason,
         }
-    # What nobody asked for names nobody.
-    assert all(e["requester"] is None for e in events(synced_farm) if e["action"] == "init")
+    # init was no request: it names who ran it, with no request id.
+    assert all(
+        e["requester"]["request"] is None for e in events(synced_farm) if e["action"] == "init"
+    )
 
     text = expect_ok(synced_farm.run("events")).out.splitlines()
     asked = f"[request {request} by {alice} on {HOST}: {reason!r}]"
@@ -365,3 +367,42 @@ def test_a_leader_older_than_the_command_refuses_its_request_and_the_command_say
     row = request_row(synced_farm, last_request(synced_farm))
     assert row["ok"] is False and "does not have exactly the fields" in row["result"]
     assert signing_rows(synced_farm) == signing
+
+
+def test_init_and_escrow_name_who_ran_them(farm: TestFarm, tmp_path: Path) -> None:
+    """Commands that change the farm themselves (no request, no leader) record their own
+    account, host and --reason."""
+    me, host = operator.account(), socket.gethostname()
+    expect_ok(farm.run("init", "--reason", "new farm, CHG-1"))
+    passphrase = tmp_path / "passphrase"
+    passphrase.write_text("correct horse battery staple\n")
+    passphrase.chmod(0o600)
+    out = tmp_path / "keys.age"
+    expect_ok(
+        farm.run(
+            "escrow",
+            "export",
+            "--out",
+            str(out),
+            "--passphrase-file",
+            str(passphrase),
+            "--reason",
+            "yearly escrow",
+        )
+    )
+    events = {e["action"]: e for e in farm.run("events", "--json").json}
+    assert events["init"]["requester"] == {
+        "request": None,
+        "account": me,
+        "host": host,
+        "reason": "new farm, CHG-1",
+    }
+    assert events["escrow_export"]["requester"] == {
+        "request": None,
+        "account": me,
+        "host": host,
+        "reason": "yearly escrow",
+    }
+    assert "lead" not in events  # no leader was involved
+    text = farm.run("events").out
+    assert f"[by {me} on {host}: 'yearly escrow']" in text

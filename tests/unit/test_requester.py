@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from farmkeys import requesting
+from farmkeys import operator as requesting
 from farmkeys.cli import parser
 from farmkeys.cli.render import events_json, events_text
 from farmkeys.db.rows import AuditEvent
