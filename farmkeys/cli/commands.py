@@ -44,6 +44,7 @@ from farmkeys.terminal import escape
 
 if TYPE_CHECKING:
     from farmkeys.db import ConfigDB
+    from farmkeys.directory import Directory
     from farmkeys.requesting import RolloverOutcome
     from farmkeys.store import Store
 
@@ -204,13 +205,13 @@ def _rollover(args: argparse.Namespace, config: Config) -> int:
     return _request(args, config, "rollover", purpose=purpose, urgent=args.urgent, review=review)
 
 
-Review = Callable[["ConfigDB"], tuple[list[str], str]]
+Review = Callable[["ConfigDB", "Directory"], tuple[list[str], str]]
 
 
 def _certificates_archived(purpose: str | None) -> Review:
     """What `rollover --urgent` will do, as the config DB lists it, and the question."""
 
-    def review(db: ConfigDB) -> tuple[list[str], str]:
+    def review(db: ConfigDB, directory: Directory) -> tuple[list[str], str]:
         purposes = ("signing", "decryption") if purpose in (None, "all") else (purpose,)
         lines = []
         for row in db.certificates(include_archived=False):
@@ -226,7 +227,7 @@ def _certificates_archived(purpose: str | None) -> Review:
     return review
 
 
-def _master_key_shred(db: ConfigDB) -> tuple[list[str], str]:
+def _master_key_shred(db: ConfigDB, directory: Directory) -> tuple[list[str], str]:
     """What `rollover --master-key --urgent` will destroy, as the config DB lists it."""
     keys = db.master_keys()
     current = next((k for k in keys if k.stage == "current"), None)
@@ -252,14 +253,33 @@ def _revert(args: argparse.Namespace, config: Config, purpose: str) -> int:
     """`rollover --revert`: show what the revert will do, as the authenticated farm state
     record and the policy say (refused in one line, nothing asked, when they do not allow
     it), confirm, ask the leader, and print its answer, or its refusal as one line."""
-    from farmkeys import requesting
-    from farmkeys.db import ConfigDB
-    from farmkeys.directory import Directory
+    outcome = _filed(
+        args,
+        config,
+        what="rollover --revert",
+        purpose=purpose,
+        revert=True,
+        review=_reverted(config, purpose),
+    )
+    if outcome is None:
+        return EXIT_ERROR
+    if not outcome.ok:
+        answer = outcome.result.strip().replace("\n", "; ")
+        what, _, todo = answer.partition(" — ")
+        raise RequestRefusedError(
+            f"rollover request {outcome.request} was refused by {outcome.done_by} (term"
+            f" {outcome.term}): {what}",
+            todo or "nothing was changed",
+        )
+    return _answer("rollover", outcome)
 
-    with (
-        ConfigDB(config.database, config.retry) as db,
-        Directory(config.directory, config.retry) as directory,
-    ):
+
+def _reverted(config: Config, purpose: str) -> Review:
+    """What `rollover --revert` of ``purpose`` will do, and the question."""
+
+    def review(db: ConfigDB, directory: Directory) -> tuple[list[str], str]:
+        from farmkeys import requesting
+
         plan = requesting.preview_revert(config, db, directory, purpose)
         critical_at = plan.primary.not_after - config.policy.units(config.policy.critical_threshold)
         lines = [
@@ -279,35 +299,22 @@ def _revert(args: argparse.Namespace, config: Config, purpose: str) -> int:
                 "decrypt with the old key again; tokens encrypted to the new one still decrypt,"
                 " as it stays installed as the secondary"
             )
-        if not confirmed("rollover --revert", lines, "Revert now?", yes=args.yes):
-            return EXIT_ERROR
-        outcome = requesting.request_rollover(
-            config,
-            db,
-            directory,
-            purpose=purpose,
-            urgent=False,
-            timeout_seconds=args.wait,
-            reason=args.reason,
-            revert=True,
-        )
-    if not outcome.ok:
-        answer = outcome.result.strip().replace("\n", "; ")
-        what, _, todo = answer.partition(" — ")
-        raise RequestRefusedError(
-            f"rollover request {outcome.request} was refused by {outcome.done_by} (term"
-            f" {outcome.term}): {what}",
-            todo or "nothing was changed",
-        )
-    return _answer("rollover", outcome)
+        return lines, "Revert now?"
+
+    return review
 
 
 def confirmed(what: str, lines: Sequence[str], question: str, *, yes: bool) -> bool:
-    """Show what ``what`` will do and ask at a terminal; ``yes`` skips the question. Without
-    a terminal and without ``yes``, a :class:`RequestRefusedError`: nothing is done."""
+    """Show what ``what`` will do, then :func:`asked`."""
     print(f"{what} will:")
     for line in lines:
         print(f"  {escape(line)}")
+    return asked(what, question, yes=yes)
+
+
+def asked(what: str, question: str, *, yes: bool) -> bool:
+    """Ask ``question`` at a terminal; ``yes`` skips it. Without a terminal and without
+    ``yes``, a :class:`RequestRefusedError`: nothing is done."""
     if yes:
         return True
     if not sys.stdin.isatty():
@@ -353,15 +360,8 @@ def _repair_state(args: argparse.Namespace, config: Config) -> int:
             f" {review.terms.min_version} or above, keeping {len(review.terms.revoked)}"
             " thumbprints revoked."
         )
-        if not args.yes:
-            if not sys.stdin.isatty():
-                raise RequestRefusedError(
-                    "repair-state needs confirmation and there is no terminal to ask at",
-                    "review the lines above and run it again with --yes; nothing was changed",
-                )
-            if input("Authenticate them? [y/N] ").strip().lower() not in ("y", "yes"):
-                print("repair-state: nothing was changed")
-                return EXIT_ERROR
+        if not asked("repair-state", "Authenticate them?", yes=args.yes):
+            return EXIT_ERROR
         outcome = requesting.request_rollover(
             config,
             db,
@@ -386,6 +386,23 @@ def _request(
 ) -> int:
     """Ask the leader (or, when no node leads, act under the lease) and print its answer;
     with ``review``, first show what it will do and ask (:func:`confirmed`)."""
+    what = f"{kind} --urgent" + (" --master-key" if purpose is None else "")
+    outcome = _filed(args, config, what=what, purpose=purpose, urgent=urgent, review=review)
+    return EXIT_ERROR if outcome is None else _answer(kind, outcome)
+
+
+def _filed(
+    args: argparse.Namespace,
+    config: Config,
+    *,
+    what: str,
+    purpose: str | None,
+    urgent: bool = False,
+    revert: bool = False,
+    review: Review | None = None,
+) -> RolloverOutcome | None:
+    """A rollover request filed and answered (:func:`farmkeys.requesting.request_rollover`);
+    with ``review``, shown and confirmed first: None when the operator said no."""
     from farmkeys import requesting
     from farmkeys.db import ConfigDB
     from farmkeys.directory import Directory
@@ -395,11 +412,10 @@ def _request(
         Directory(config.directory, config.retry) as directory,
     ):
         if review is not None:
-            lines, question = review(db)
-            what = f"{kind} --urgent" + (" --master-key" if purpose is None else "")
+            lines, question = review(db, directory)
             if not confirmed(what, lines, question, yes=args.yes):
-                return EXIT_ERROR
-        outcome = requesting.request_rollover(
+                return None
+        return requesting.request_rollover(
             config,
             db,
             directory,
@@ -407,8 +423,8 @@ def _request(
             urgent=urgent,
             timeout_seconds=args.wait,
             reason=args.reason,
+            revert=revert,
         )
-    return _answer(kind, outcome)
 
 
 # An EncryptedPfx is a few kilobytes; adfs.parse refuses blobs over 1 MiB (1.4 MB of base64).
